@@ -1,0 +1,255 @@
+"""The Towhee operator ``image-embedding/isc``: images -> 256-d ISC21 copy-detection descriptors."""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from towhee.operator import NNOperator
+from towhee.types import Image as TowheeImage
+
+from .model import Checkpoint, IscNet, build_model, read_checkpoint, save_checkpoint, timm_name
+from .weights import DEFAULT_WEIGHTS, WEIGHTS, get_weights, load_published
+
+_EXPORT_SUFFIX = {'pytorch': '.pth', 'torchscript': '.pt', 'onnx': '.onnx'}
+# towhee.types.Image modes -> how to get RGB channels out of them.
+_CHANNEL_ORDER = {'RGB': [0, 1, 2], 'RGBA': [0, 1, 2], 'BGR': [2, 1, 0], 'BGRA': [2, 1, 0]}
+_GRAY_MODES = ('L', 'GRAY')
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` -> ``cuda`` when available, else ``cpu``; anything else must name an available device."""
+    if device is None:
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device must be a str or torch.device such as 'cpu' or 'cuda:0', got {type(device).__name__}")
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"unknown device {device!r}: use 'cpu', 'cuda' or 'cuda:N'") from e
+    if device.type == 'cuda':
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f'device {str(device)!r} requested but no CUDA device is available; use device=\'cpu\'')
+        if device.index is not None and device.index >= count:
+            raise ValueError(f'device {str(device)!r} requested but only {count} CUDA device(s) exist')
+    elif device.type != 'cpu':
+        raise ValueError(f"unsupported device {str(device)!r}: use 'cpu', 'cuda' or 'cuda:N'")
+    return device
+
+
+class Isc(NNOperator):
+    """ISC21 1st-place copy-detection descriptor (EfficientNetV2-M, GeM, 256-d, L2-normalised).
+
+    Args:
+        model_name: published weights to use when no ``checkpoint_path`` is given
+            (``'isc_ft_v107'``, the default, or ``'isc_selfsup_v98'``); downloaded once into
+            ``torch.hub.get_dir()/checkpoints``.
+        checkpoint_path: a local checkpoint in the official format, or a plain state dict.
+        timm_backbone: timm architecture; overrides the checkpoint's ``arch`` and is required for a
+            plain state dict.
+        img_size: square input side S; defaults to the checkpoint's ``args.input_size`` (512).
+        skip_preprocess: inputs are already preprocessed float (3, S, S) / (N, 3, S, S) arrays.
+        device: ``'cpu'``, ``'cuda'``, ``'cuda:N'`` or a ``torch.device``; None picks CUDA when available.
+        batch_size: images per forward pass when called with a list.
+
+    Calling it with one image returns a float32 ``np.ndarray`` of shape (256,) with L2 norm 1; with a
+    list (or an (N, 3, S, S) batch when ``skip_preprocess``) it returns a list of those, in order.
+    Images may be ``towhee.types.Image`` (its ``mode`` is honoured: BGR from ``ops.image_decode()``),
+    uint8 ``np.ndarray`` in RGB (HxWx3, HxW grey, HxWx4 with alpha dropped), ``PIL.Image`` of any mode,
+    or a file path.
+    """
+
+    supported_formats = tuple(_EXPORT_SUFFIX)
+
+    def __init__(self, model_name: str = DEFAULT_WEIGHTS, checkpoint_path: str | os.PathLike | None = None,
+                 timm_backbone: str | None = None, img_size: int | None = None,
+                 skip_preprocess: bool = False, device: str | torch.device | None = None,
+                 batch_size: int = 8):
+        super().__init__()
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f'batch_size must be a positive int, got {batch_size!r}')
+        if img_size is not None and (not isinstance(img_size, int) or img_size < 32):
+            raise ValueError(f'img_size must be an int of at least 32, got {img_size!r}')
+        self.device = resolve_device(device)
+        ckpt = self._checkpoint(model_name, checkpoint_path, timm_backbone)
+        self.model_name = model_name if checkpoint_path is None else Path(checkpoint_path).name.split('.')[0]
+        self.model: IscNet = build_model(ckpt, timm_backbone).to(self.device)
+        self.img_size: int = img_size or ckpt.input_size or 0
+        if not self.img_size:
+            raise ValueError(f'{ckpt.source!r} does not say its input size: pass img_size= (512 for the published models)')
+        self.transform = self.model.preprocess(self.img_size)
+        self.skip_preprocess = skip_preprocess
+        self.batch_size = batch_size
+
+    @staticmethod
+    def _checkpoint(model_name: str, checkpoint_path, timm_backbone: str | None) -> Checkpoint:
+        if checkpoint_path is not None:
+            return read_checkpoint(checkpoint_path)
+        weights = get_weights(model_name)
+        if timm_backbone is not None and timm_name(timm_backbone) != weights.arch:
+            raise ValueError(f'there are no published ISC weights for timm_backbone={timm_backbone!r} '
+                             f'({model_name!r} is {weights.arch}); pass checkpoint_path= with your own weights')
+        return load_published(model_name)
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.model.embedding_dim
+
+    def __call__(self, data: Any) -> np.ndarray | list[np.ndarray]:
+        batch, single = self._to_tensors(data)
+        vectors = self._embed(batch)
+        return vectors[0] if single else list(vectors)
+
+    # -- input conversion: the one place every input goes through ---------------------------------
+
+    def _to_tensors(self, data: Any) -> tuple[list[torch.Tensor], bool]:
+        """Turn ``data`` into preprocessed (3, S, S) float32 tensors, and say if it was one image."""
+        if data is None:
+            raise TypeError('expected an image or a list of images, got None')
+        if self.skip_preprocess:
+            return self._preprocessed(data)
+        if isinstance(data, (list, tuple)):
+            if not data:
+                raise ValueError('expected an image or a list of images, got an empty list')
+            return [self.transform(_to_pil_rgb(item, i)) for i, item in enumerate(data)], False
+        return [self.transform(_to_pil_rgb(data))], True
+
+    def _preprocessed(self, data: Any) -> tuple[list[torch.Tensor], bool]:
+        if isinstance(data, (list, tuple)):
+            if not data:
+                raise ValueError('expected a preprocessed array or a list of them, got an empty list')
+            return [self._check_preprocessed(item, batch_ok=False) for item in data], False
+        tensor = self._check_preprocessed(data, batch_ok=True)
+        return ([tensor], True) if tensor.ndim == 3 else (list(tensor.unbind(0)), False)
+
+    def _check_preprocessed(self, item: Any, batch_ok: bool) -> torch.Tensor:
+        size = (3, self.img_size, self.img_size)
+        shapes = f'{size} or (N, *{size})' if batch_ok else f'{size}'
+        if isinstance(item, np.ndarray):
+            item = torch.from_numpy(np.asarray(item))
+        if not isinstance(item, torch.Tensor):
+            raise TypeError(f'skip_preprocess=True takes float np.ndarray or torch.Tensor of shape {shapes}, '
+                            f'got {type(item).__name__}')
+        if not item.is_floating_point():
+            raise TypeError(f'skip_preprocess=True takes float arrays, got dtype {item.dtype}')
+        if tuple(item.shape[-3:]) != size or item.ndim not in ((3, 4) if batch_ok else (3,)) or item.numel() == 0:
+            raise ValueError(f'skip_preprocess=True takes arrays of shape {shapes}, got {tuple(item.shape)}')
+        if not torch.isfinite(item).all():
+            raise ValueError('the preprocessed input holds NaN or infinite values')
+        return item.float()
+
+    # -- inference ---------------------------------------------------------------------------------
+
+    def _embed(self, tensors: Sequence[torch.Tensor]) -> np.ndarray:
+        """(N, D) float32 embeddings of preprocessed tensors, ``batch_size`` at a time."""
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(tensors), self.batch_size):
+                batch = torch.stack(tensors[start:start + self.batch_size]).to(self.device)
+                out.append(self.model(batch).float().cpu().numpy())
+        return np.concatenate(out)
+
+    # -- export ------------------------------------------------------------------------------------
+
+    @staticmethod
+    def supported_model_names(format: str | None = None) -> list[str]:  # noqa: A002 (Towhee's name)
+        """Names of the published weights; every export format supports all of them."""
+        if format is not None and format not in _EXPORT_SUFFIX:
+            raise ValueError(f'unknown format {format!r}: supported formats are {list(_EXPORT_SUFFIX)}')
+        return sorted(WEIGHTS)
+
+    def save_model(self, format: str = 'pytorch', path: str | os.PathLike = 'default') -> str:  # noqa: A002
+        """Export the model; returns the written file's path.
+
+        ``'pytorch'`` writes an official-format checkpoint (``checkpoint_path=`` loads it back),
+        ``'torchscript'`` a traced module for ``torch.jit.load``, ``'onnx'`` an opset-17 model with a
+        dynamic batch axis. Exports take preprocessed (N, 3, S, S) float32 and return (N, D) float32.
+        ``path='default'`` writes ``saved/<format>/<model name><suffix>`` beside this file; a
+        directory gets that file name; anything else is the file to write.
+        """
+        if format not in _EXPORT_SUFFIX:
+            raise ValueError(f'unknown export format {format!r}: supported formats are {list(_EXPORT_SUFFIX)}')
+        file_name = self.model_name + _EXPORT_SUFFIX[format]
+        if str(path) == 'default':
+            path = Path(__file__).resolve().parent / 'saved' / format / file_name
+        path = Path(path)
+        if path.is_dir():
+            path = path / file_name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Export a CPU copy, so the live model (maybe serving other threads) is never touched.
+        model = copy.deepcopy(self.model).cpu().eval()
+        example = torch.zeros(1, 3, self.img_size, self.img_size)
+        if format == 'pytorch':
+            save_checkpoint(model, path, self.img_size)
+        elif format == 'torchscript':
+            with torch.no_grad():
+                torch.jit.trace(model, example).save(str(path))
+        else:
+            _export_onnx(model, example, path)
+        return str(path)
+
+
+def _export_onnx(model: IscNet, example: torch.Tensor, path: Path) -> None:
+    torch.onnx.export(model, (example,), str(path), input_names=['images'], output_names=['embeddings'],
+                      dynamic_axes={'images': {0: 'batch'}, 'embeddings': {0: 'batch'}},
+                      opset_version=17, dynamo=False)
+
+
+def _to_pil_rgb(item: Any, index: int | None = None) -> Image.Image:
+    """One image of any accepted kind -> an RGB ``PIL.Image`` (what the reference preprocessing takes)."""
+    where = '' if index is None else f' (list item {index})'
+    if isinstance(item, (str, os.PathLike)):
+        return _open_rgb(Path(item), where)
+    if isinstance(item, Image.Image):
+        if item.width == 0 or item.height == 0:
+            raise ValueError(f'zero-size image{where}: {item.size}')
+        try:
+            return item if item.mode == 'RGB' else item.convert('RGB')
+        except (ValueError, OSError) as e:
+            raise ValueError(f'cannot convert PIL image of mode {item.mode!r} to RGB{where}: {e}') from e
+    if isinstance(item, np.ndarray):
+        return _array_to_pil(item, where)
+    raise TypeError(f'unsupported input type {type(item).__name__}{where}: expected towhee.types.Image, '
+                    'np.ndarray (uint8, HxW or HxWxC), PIL.Image, a file path, or a list of these')
+
+
+def _array_to_pil(array: np.ndarray, where: str) -> Image.Image:
+    mode = getattr(array, 'mode', None) if isinstance(array, TowheeImage) else None
+    array = np.asarray(array)
+    if array.dtype != np.uint8:
+        raise TypeError(f'image arrays must be uint8, got {array.dtype}{where}; '
+                        'for preprocessed float tensors use skip_preprocess=True')
+    if array.size == 0:
+        raise ValueError(f'zero-size image{where}: shape {array.shape}')
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim == 2:
+        if mode not in (None, *_GRAY_MODES):
+            raise ValueError(f'a 2-d image array cannot have mode {mode!r}{where}')
+        return Image.fromarray(np.ascontiguousarray(array), 'L').convert('RGB')
+    if array.ndim != 3 or array.shape[2] not in (3, 4):
+        raise ValueError(f'image arrays must be HxW, HxWx1, HxWx3 or HxWx4, got shape {array.shape}{where}')
+    mode = (mode or ('RGB' if array.shape[2] == 3 else 'RGBA')).upper()
+    if mode not in _CHANNEL_ORDER or len(mode) != array.shape[2]:
+        raise ValueError(f'unsupported image mode {mode!r} for shape {array.shape}{where}: '
+                         f'supported modes are {sorted(_CHANNEL_ORDER)} and {list(_GRAY_MODES)}')
+    return Image.fromarray(np.ascontiguousarray(array[:, :, _CHANNEL_ORDER[mode]]), 'RGB')
+
+
+def _open_rgb(path: Path, where: str) -> Image.Image:
+    if not path.exists():
+        raise ValueError(f'image file not found: {str(path)!r}{where}')
+    try:
+        with Image.open(path) as image:
+            if image.width == 0 or image.height == 0:
+                raise ValueError(f'zero-size image in {str(path)!r}{where}')
+            return image.convert('RGB')
+    except UnidentifiedImageError as e:
+        raise ValueError(f'not an image file (or an unsupported format): {str(path)!r}{where}') from e
+    except OSError as e:
+        raise ValueError(f'cannot read image file {str(path)!r}{where}: {e}') from e

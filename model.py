@@ -1,0 +1,187 @@
+"""The ISC21 descriptor-track 1st-place network and its checkpoints, usable without Towhee.
+
+The network is a timm backbone (``features_only``, last feature map) -> GeM pooling -> linear ->
+BatchNorm -> L2 normalisation, exactly as in the winner's ``isc_feature_extractor``. Parameter
+names match that code (``backbone.*``, ``fc.weight``, ``bn.*``), so its checkpoints load as they are.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision import transforms
+
+# Names the published checkpoints use that current timm only knows under a new name.
+_TIMM_RENAMED = {'tf_efficientnetv2_m_in21ft1k': 'tf_efficientnetv2_m.in21k_ft_in1k'}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read, or whose weights do not fit the architecture."""
+
+
+class GeM(nn.Module):
+    """Generalised-mean pooling over H and W: (N, C, H, W) float -> (N, C).
+
+    Inputs are clamped to ``eps`` first, so the power is defined for any input. Written with
+    ``mean`` over the spatial axes (not ``avg_pool2d`` with a kernel taken from the tensor's size),
+    so it traces and exports to ONNX with any input size.
+    """
+
+    def __init__(self, p: float = 1.0, eps: float = 1e-6):
+        super().__init__()
+        self.p = p
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clamp(min=self.eps).pow(self.p).mean((-2, -1)).pow(1.0 / self.p)
+
+
+class IscNet(nn.Module):
+    """The ISC21 descriptor: (N, 3, S, S) float32 normalised images -> (N, D) L2-normalised embeddings.
+
+    Args:
+        arch: a timm model name (plain name, e.g. ``'tf_efficientnetv2_m.in21k_ft_in1k'`` or ``'resnet50'``).
+        embedding_dim: output size D (256 for the published weights).
+        gem_p: GeM power at inference (1.0 for the published weights).
+    """
+
+    def __init__(self, arch: str, embedding_dim: int = 256, gem_p: float = 1.0):
+        super().__init__()
+        self.arch = arch
+        self.backbone = create_backbone(arch)
+        self.pool = GeM(p=gem_p)
+        self.fc = nn.Linear(self.backbone.feature_info[-1]['num_chs'], embedding_dim, bias=False)
+        self.bn = nn.BatchNorm1d(embedding_dim)
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.fc.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.backbone(x)[-1])
+        return F.normalize(self.bn(self.fc(x)), dim=1)
+
+    def preprocess(self, input_size: int) -> transforms.Compose:
+        """The reference preprocessing: PIL RGB -> square bilinear resize -> tensor -> normalise.
+
+        Mean and std come from the backbone's own pretrained config, as in the reference code.
+        """
+        cfg = self.backbone.pretrained_cfg
+        return transforms.Compose([
+            transforms.Resize((input_size, input_size)),
+            transforms.ToTensor(),
+            transforms.Normalize(mean=cfg['mean'], std=cfg['std']),
+        ])
+
+
+def timm_name(arch: str) -> str:
+    """The name current timm knows ``arch`` by (the published checkpoints use a pre-1.0 name)."""
+    return _TIMM_RENAMED.get(arch, arch)
+
+
+def create_backbone(arch: str) -> nn.Module:
+    """``timm.create_model(arch, features_only=True)`` without pretrained weights, with a clear error."""
+    name = timm_name(arch)
+    if not timm.is_model(name):
+        raise ValueError(f'unknown timm backbone {arch!r}: give a plain timm model name such as '
+                         f"'resnet50' or 'tf_efficientnetv2_m.in21k_ft_in1k' (see timm.list_models())")
+    return timm.create_model(name, features_only=True, pretrained=False)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What an ISC checkpoint file holds.
+
+    ``arch`` and ``input_size`` are None for a plain state dict, which carries no metadata.
+    """
+    state_dict: Mapping[str, torch.Tensor]
+    arch: str | None
+    input_size: int | None
+    source: str
+
+
+def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read an ISC checkpoint: the official format (``arch``, ``args.input_size``, ``state_dict``
+    with ``module.`` prefixes) or a plain state dict, with or without the prefix.
+
+    Only tensors, containers and ``argparse.Namespace`` are unpickled (``weights_only=True``).
+
+    Raises:
+        CheckpointError: the file is missing, not a checkpoint, truncated, or holds other objects.
+    """
+    path = str(path)
+    fix = f'delete {path!r} and download it again, or pass a valid file as checkpoint_path'
+    if not os.path.isfile(path):
+        raise CheckpointError(f'checkpoint file not found: {path!r}')
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            raw = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # torch.load fails in many ways on a bad file (UnpicklingError, KeyError, ...)
+        unsafe = [line for line in str(e).splitlines() if 'GLOBAL' in line]
+        if unsafe:
+            raise CheckpointError(f'{path!r} is not a safe ISC checkpoint: it holds objects other than tensors '
+                                  f'and argparse.Namespace ({unsafe[0].strip()}); {fix}') from e
+        raise CheckpointError(f'{path!r} is not a readable PyTorch checkpoint (truncated, or not a checkpoint '
+                              f'at all: {type(e).__name__}); {fix}') from e
+
+    if isinstance(raw, dict) and 'state_dict' in raw:
+        args = raw.get('args')
+        input_size = getattr(args, 'input_size', None)
+        if isinstance(input_size, (tuple, list)):
+            input_size = input_size[-1]
+        ckpt = Checkpoint(raw['state_dict'], raw.get('arch'), input_size, path)
+    else:
+        ckpt = Checkpoint(raw, None, None, path)
+    if not isinstance(ckpt.state_dict, Mapping) or not ckpt.state_dict or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in ckpt.state_dict.items()):
+        raise CheckpointError(f'{path!r} holds no state dict of named tensors; {fix}')
+    return ckpt
+
+
+def strip_module_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the ``module.`` prefix that DataParallel training leaves on every key."""
+    return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
+
+
+def build_model(ckpt: Checkpoint, arch: str | None = None) -> IscNet:
+    """Build the network for ``ckpt`` (``arch`` overrides its metadata) and load its weights exactly.
+
+    Returns the model in eval mode on the CPU.
+
+    Raises:
+        CheckpointError: no architecture is known, or the weights do not fit it (names the keys).
+    """
+    arch = arch or ckpt.arch
+    if arch is None:
+        raise CheckpointError(f'{ckpt.source!r} is a plain state dict without metadata: '
+                              f"say its architecture with timm_backbone= (e.g. 'resnet50')")
+    state_dict = strip_module_prefix(ckpt.state_dict)
+    fc = state_dict.get('fc.weight')
+    if fc is None or fc.ndim != 2:
+        raise CheckpointError(f"{ckpt.source!r} has no 2-d 'fc.weight': not an ISC descriptor checkpoint")
+    model = IscNet(arch, embedding_dim=fc.shape[0])
+    expected = model.state_dict()
+    problems = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}'
+                for k, v in state_dict.items() if k in expected and v.shape != expected[k].shape]
+    problems += [f'missing {k}' for k in expected if k not in state_dict]
+    problems += [f'unexpected {k}' for k in state_dict if k not in expected]
+    if problems:
+        shown = '; '.join(problems[:8]) + (f'; ... ({len(problems)} in all)' if len(problems) > 8 else '')
+        raise CheckpointError(f'the weights in {ckpt.source!r} do not fit timm backbone {arch!r}: {shown}. '
+                              f'Pass the timm_backbone the checkpoint was trained with.')
+    model.load_state_dict(state_dict)
+    return model.eval()
+
+
+def save_checkpoint(model: IscNet, path: str | os.PathLike, input_size: int) -> None:
+    """Write ``model`` in the official format, which ``read_checkpoint`` and the reference code load."""
+    state_dict = {'module.' + k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({'arch': model.arch, 'args': argparse.Namespace(input_size=input_size),
+                'epoch': 0, 'state_dict': state_dict}, str(path))

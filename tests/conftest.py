@@ -1,0 +1,83 @@
+"""Shared fixtures: real photos, synthetic checkpoints in the official format, and an independent
+re-statement of the winner's reference pipeline to compare the operator against."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torchvision import transforms
+
+from towhee_isc.testing import make_synthetic_checkpoint, sample_photos
+
+warnings.filterwarnings('ignore', message='pkg_resources is deprecated')
+
+SMALL_ARCH, SMALL_SIZE = 'resnet18', 96          # where the architecture does not matter
+PUBLISHED_ARCH, PUBLISHED_SIZE = 'tf_efficientnetv2_m_in21ft1k', 512  # the published model's name and size
+
+
+@pytest.fixture(scope='session')
+def photos():
+    return sample_photos()
+
+
+@pytest.fixture(scope='session')
+def small_ckpt(tmp_path_factory, photos) -> Path:
+    path = tmp_path_factory.mktemp('ckpt') / 'small_isc.pth.tar'
+    make_synthetic_checkpoint(path, SMALL_ARCH, SMALL_SIZE, photos)
+    return path
+
+
+@pytest.fixture(scope='session')
+def effnet_ckpt(tmp_path_factory, photos) -> Path:
+    """The real EfficientNetV2-M at 512, synthetic weights, saved under the published model's arch name."""
+    path = tmp_path_factory.mktemp('ckpt') / 'effnet_isc.pth.tar'
+    make_synthetic_checkpoint(path, PUBLISHED_ARCH, PUBLISHED_SIZE, photos[:4])
+    return path
+
+
+@pytest.fixture(scope='session')
+def small_op(small_ckpt):
+    from towhee_isc import Isc
+    return Isc(checkpoint_path=small_ckpt, device='cpu')
+
+
+@pytest.fixture
+def hub_dir(tmp_path, monkeypatch) -> Path:
+    """A fresh torch hub directory; returns its ``checkpoints`` folder (where downloads go)."""
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
+    return tmp_path / 'torch' / 'hub' / 'checkpoints'
+
+
+def reference_embed(checkpoint_path, images) -> np.ndarray:
+    """The winner's ``isc_feature_extractor.create_model`` + preprocessing, restated independently:
+    PIL resize, ToTensor, Normalize, timm backbone, avg_pool2d GeM, fc, BatchNorm, L2."""
+    ckpt = torch.load(checkpoint_path, map_location='cpu', weights_only=False)  # our own test file
+    state = {k.replace('module.', '', 1): v for k, v in ckpt['state_dict'].items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # timm's note that the old arch name was renamed
+        backbone = timm.create_model(ckpt['arch'], features_only=True, pretrained=False)
+    backbone.load_state_dict({k[len('backbone.'):]: v for k, v in state.items() if k.startswith('backbone.')})
+    backbone.eval()
+    size = ckpt['args'].input_size
+    preprocess = transforms.Compose([
+        transforms.Resize((size, size)), transforms.ToTensor(),
+        transforms.Normalize(mean=backbone.default_cfg['mean'], std=backbone.default_cfg['std'])])
+    x = torch.stack([preprocess(image.convert('RGB')) for image in images])
+    with torch.no_grad():
+        feature = backbone(x)[-1]
+        p = 1.0
+        pooled = F.avg_pool2d(feature.clamp(min=1e-6).pow(p), (feature.size(-2), feature.size(-1))).pow(1.0 / p)
+        fc = F.linear(pooled.view(len(images), -1), state['fc.weight'])
+        bn = F.batch_norm(fc, state['bn.running_mean'], state['bn.running_var'], state['bn.weight'],
+                          state['bn.bias'], training=False, eps=1e-5)
+        return F.normalize(bn).numpy()
+
+
+@pytest.fixture(scope='session')
+def reference():
+    return reference_embed

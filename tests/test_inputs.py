@@ -1,0 +1,150 @@
+"""Every input a user passes, batching, threads, and clear errors for bad input."""
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from towhee.types import Image as TowheeImage
+
+
+@pytest.fixture(scope='module')
+def rgb(photos) -> np.ndarray:
+    return np.asarray(photos[1])  # chelsea, HxWx3 uint8
+
+
+def assert_embedding(vector, dim=256):
+    assert isinstance(vector, np.ndarray) and vector.dtype == np.float32 and vector.shape == (dim,)
+    assert abs(np.linalg.norm(vector) - 1) < 1e-5
+
+
+def test_numpy_rgb_gives_one_unit_float32_vector(small_op, rgb, photos, reference, small_ckpt):
+    vector = small_op(rgb)
+    assert_embedding(vector)
+    assert np.abs(vector - reference(small_ckpt, [photos[1]])[0]).max() < 1e-5
+
+
+def test_towhee_image_mode_is_honoured(small_op, rgb):
+    want = small_op(rgb)
+    assert np.abs(small_op(TowheeImage(rgb[:, :, ::-1].copy(), 'BGR')) - want).max() < 1e-6
+    assert np.abs(small_op(TowheeImage(rgb, 'RGB')) - want).max() < 1e-6
+    bgra = np.dstack([rgb[:, :, ::-1], np.full(rgb.shape[:2], 7, np.uint8)])
+    assert np.abs(small_op(TowheeImage(bgra, 'BGRA')) - want).max() < 1e-6
+
+
+def test_alpha_is_dropped_and_grey_is_replicated(small_op, rgb):
+    rgba = np.dstack([rgb, np.zeros(rgb.shape[:2], np.uint8)])
+    assert np.abs(small_op(rgba) - small_op(rgb)).max() < 1e-6
+    grey = rgb[:, :, 0]
+    assert np.abs(small_op(grey) - small_op(np.dstack([grey] * 3))).max() < 1e-6
+    assert np.abs(small_op(grey[:, :, None]) - small_op(grey)).max() < 1e-6
+
+
+@pytest.mark.parametrize('mode', ['RGB', 'RGBA', 'L', 'P', 'CMYK', 'LA', 'I;16'])
+def test_pil_image_of_any_mode(small_op, photos, mode):
+    image = photos[1].convert(mode) if mode != 'I;16' else photos[1].convert('L').convert('I;16')
+    vector = small_op(image)
+    assert_embedding(vector)
+    assert np.abs(vector - small_op(image.convert('RGB'))).max() < 1e-6
+
+
+def test_file_paths_str_and_pathlib(small_op, photos, tmp_path):
+    path = tmp_path / 'cat.png'
+    photos[1].save(path)
+    assert np.abs(small_op(str(path)) - small_op(photos[1])).max() < 1e-6
+    assert np.abs(small_op(path) - small_op(photos[1])).max() < 1e-6
+
+
+def test_list_gives_list_in_order_equal_to_single_calls(small_op, photos, rgb, tmp_path):
+    path = tmp_path / 'rocket.jpg'
+    photos[3].save(path)
+    inputs = [photos[0], rgb, path, TowheeImage(rgb[:, :, ::-1].copy(), 'BGR')] + photos[4:]
+    vectors = small_op(inputs)
+    assert isinstance(vectors, list) and len(vectors) == len(inputs)
+    for item, vector in zip(inputs, vectors):
+        assert_embedding(vector)
+        assert np.abs(vector - small_op(item)).max() < 1e-5
+    assert small_op(tuple(inputs[:2]))[1].shape == (256,)
+
+
+@pytest.mark.parametrize('batch_size', [1, 3, 16])
+def test_results_do_not_depend_on_batch_size(small_ckpt, photos, batch_size):
+    from towhee_isc import Isc
+    op = Isc(checkpoint_path=small_ckpt, device='cpu', batch_size=batch_size)
+    base = Isc(checkpoint_path=small_ckpt, device='cpu', batch_size=1)
+    assert np.abs(np.stack(op(photos)) - np.stack(base(photos))).max() < 1e-5
+
+
+def test_skip_preprocess_takes_chw_and_nchw(small_ckpt, small_op, photos):
+    from towhee_isc import Isc
+    op = Isc(checkpoint_path=small_ckpt, device='cpu', skip_preprocess=True)
+    x = torch.stack([small_op.transform(p) for p in photos[:3]])
+    want = np.stack(small_op(photos[:3]))
+    assert np.abs(op(x[0]) - want[0]).max() < 1e-6
+    assert np.abs(op(x.numpy()[1]) - want[1]).max() < 1e-6
+    batch = op(x)
+    assert isinstance(batch, list) and np.abs(np.stack(batch) - want).max() < 1e-5
+    assert np.abs(np.stack(op([x[0], x[2].double().numpy()])) - want[[0, 2]]).max() < 1e-5
+    with pytest.raises(ValueError, match=r'shape \(3, 96, 96\)'):
+        op(x[:, :, :64])
+    with pytest.raises(ValueError, match='NaN'):
+        op(torch.full((3, 96, 96), float('nan')))
+    with pytest.raises(TypeError, match='float'):
+        op(np.zeros((3, 96, 96), np.uint8))
+    with pytest.raises(ValueError):
+        op([x])  # a batch inside a list
+    assert_embedding(op(x[0]))  # still works
+
+
+def test_one_operator_from_many_threads(small_op, photos):
+    want = [small_op(p) for p in photos]
+    results, errors = {}, []
+
+    def work(i):
+        try:
+            for _ in range(3):
+                results[i] = small_op(photos[i % len(photos)])
+                assert np.abs(results[i] - want[i % len(photos)]).max() < 1e-5
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 6
+
+
+@pytest.mark.parametrize('bad, error, message', [
+    (None, TypeError, 'got None'),
+    ([], ValueError, 'empty list'),
+    (np.zeros((0, 5, 3), np.uint8), ValueError, 'zero-size'),
+    (np.zeros((8, 8, 3), np.float32), TypeError, 'uint8'),
+    (np.zeros((8, 8, 2), np.uint8), ValueError, 'HxWx3'),
+    (np.zeros((2, 8, 8, 3), np.uint8), ValueError, 'HxWx3'),
+    (TowheeImage(np.zeros((8, 8, 3), np.uint8), 'HSV'), ValueError, "mode 'HSV'"),
+    (Image.new('RGB', (0, 0)), ValueError, 'zero-size'),
+    (torch.zeros(3, 8, 8), TypeError, 'unsupported input type Tensor'),
+    (42, TypeError, 'unsupported input type int'),
+    ([np.zeros((8, 8, 3), np.uint8), 'nope'], ValueError, r'list item 1'),
+])
+def test_bad_input_is_a_clear_error_and_the_operator_keeps_working(small_op, photos, bad, error, message):
+    with pytest.raises(error, match=message):
+        small_op(bad)
+    assert_embedding(small_op(photos[0]))
+
+
+def test_bad_files_are_clear_errors(small_op, photos, tmp_path):
+    (tmp_path / 'notes.txt').write_text('not an image')
+    photos[0].save(tmp_path / 'whole.jpg')
+    (tmp_path / 'cut.jpg').write_bytes((tmp_path / 'whole.jpg').read_bytes()[:2000])
+    with pytest.raises(ValueError, match='image file not found'):
+        small_op(tmp_path / 'missing.jpg')
+    with pytest.raises(ValueError, match='not an image file'):
+        small_op(str(tmp_path / 'notes.txt'))
+    with pytest.raises(ValueError, match='cannot read image file'):
+        small_op(tmp_path / 'cut.jpg')
+    with pytest.raises(ValueError, match='cannot read image file|not an image'):
+        small_op(tmp_path)  # a directory
+    assert_embedding(small_op(tmp_path / 'whole.jpg'))

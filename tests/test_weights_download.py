@@ -1,0 +1,117 @@
+"""Published weights: downloaded once into torch hub's cache from a (local) server, atomically."""
+import http.server
+import threading
+
+import numpy as np
+import pytest
+
+from towhee_isc import Isc, WEIGHTS, WeightsDownloadError
+from towhee_isc.model import CheckpointError
+
+RELEASE_PATH = '/lyakaap/ISC21-Descriptor-Track-1st/releases/download/v1.0.1'
+
+
+class Server:
+    """A small HTTP server on 127.0.0.1: ``files`` maps a path to (bytes, claimed Content-Length)."""
+
+    def __init__(self):
+        self.files, self.requests = {}, []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (http.server's name)
+                server.requests.append(self.path)
+                if self.path not in server.files:
+                    self.send_error(404, 'Not Found')
+                    return
+                body, length = server.files[self.path]
+                self.send_response(200)
+                self.send_header('Content-Length', str(length))
+                self.end_headers()
+                self.wfile.write(body)
+                self.close_connection = True
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+        self.url = f'http://127.0.0.1:{self.httpd.server_port}'
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def serve(self, path, body, length=None):
+        self.files[path] = (body, len(body) if length is None else length)
+
+
+@pytest.fixture
+def server(monkeypatch):
+    s = Server()
+    monkeypatch.setenv('TOWHEE_ISC_WEIGHTS_URL', s.url + RELEASE_PATH)
+    yield s
+    s.httpd.shutdown()
+
+
+def test_default_url_is_the_winners_release(monkeypatch):
+    monkeypatch.delenv('TOWHEE_ISC_WEIGHTS_URL', raising=False)
+    assert WEIGHTS['isc_ft_v107'].url == ('https://github.com/lyakaap/ISC21-Descriptor-Track-1st/releases/'
+                                          'download/v1.0.1/isc_ft_v107.pth.tar')
+    assert WEIGHTS['isc_selfsup_v98'].url.endswith('/v1.0.1/isc_selfsup_v98.pth.tar')
+
+
+def test_download_once_into_torch_hub_checkpoints(server, hub_dir, small_ckpt, small_op, photos):
+    server.serve(RELEASE_PATH + '/isc_selfsup_v98.pth.tar', small_ckpt.read_bytes())
+    op = Isc(model_name='isc_selfsup_v98', device='cpu')
+    assert (hub_dir / 'isc_selfsup_v98.pth.tar').read_bytes() == small_ckpt.read_bytes()
+    assert sorted(p.name for p in hub_dir.iterdir()) == ['isc_selfsup_v98.pth.tar']  # no temporary left
+    assert np.abs(op(photos[0]) - small_op(photos[0])).max() < 1e-6
+    Isc(model_name='isc_selfsup_v98', device='cpu')
+    assert server.requests == [RELEASE_PATH + '/isc_selfsup_v98.pth.tar']  # the cache is reused
+
+
+def test_a_file_already_in_the_cache_needs_no_network(hub_dir, small_ckpt, monkeypatch):
+    monkeypatch.setenv('TOWHEE_ISC_WEIGHTS_URL', 'http://127.0.0.1:9/nothing-listens-here')
+    hub_dir.mkdir(parents=True)
+    (hub_dir / 'isc_ft_v107.pth.tar').write_bytes(small_ckpt.read_bytes())
+    assert Isc(device='cpu').model_name == 'isc_ft_v107'
+
+
+def test_404_says_which_url_and_how_to_fix(server, hub_dir):
+    with pytest.raises(WeightsDownloadError, match=r'isc_ft_v107\.pth\.tar failed: HTTP 404.*TOWHEE_ISC_WEIGHTS_URL'
+                                                   r'.*checkpoint_path='):
+        Isc(device='cpu')
+    assert not hub_dir.exists() or not any(hub_dir.iterdir())
+
+
+def test_truncated_download_leaves_nothing_in_the_cache(server, hub_dir, small_ckpt):
+    body = small_ckpt.read_bytes()
+    server.serve(RELEASE_PATH + '/isc_ft_v107.pth.tar', body[:len(body) // 2], length=len(body))
+    with pytest.raises(WeightsDownloadError, match='isc_ft_v107'):
+        Isc(device='cpu')
+    assert not any(hub_dir.iterdir())
+
+
+def test_corrupt_download_is_refused_and_not_cached(server, hub_dir):
+    server.serve(RELEASE_PATH + '/isc_ft_v107.pth.tar', b'<html>rate limited</html>')
+    with pytest.raises(CheckpointError, match='isc_ft_v107.pth.tar did not give a readable ISC checkpoint, so nothing was cached'):
+        Isc(device='cpu')
+    assert not any(hub_dir.iterdir())
+
+
+def test_corrupt_file_in_the_cache_says_delete_it(hub_dir):
+    hub_dir.mkdir(parents=True)
+    (hub_dir / 'isc_ft_v107.pth.tar').write_bytes(b'garbage')
+    with pytest.raises(CheckpointError, match=r"isc_ft_v107\.pth\.tar' is not a readable.*delete .*checkpoint_path"):
+        Isc(device='cpu')
+
+
+def test_mirror_override(server, hub_dir, small_ckpt, monkeypatch):
+    monkeypatch.setenv('TOWHEE_ISC_WEIGHTS_URL', server.url + '/mirror/isc/')
+    server.serve('/mirror/isc/isc_ft_v107.pth.tar', small_ckpt.read_bytes())
+    Isc(device='cpu')
+    assert server.requests == ['/mirror/isc/isc_ft_v107.pth.tar']
+    assert (hub_dir / 'isc_ft_v107.pth.tar').is_file()
+
+
+def test_unreachable_server(hub_dir, monkeypatch):
+    monkeypatch.setenv('TOWHEE_ISC_WEIGHTS_URL', 'http://127.0.0.1:9/isc')
+    with pytest.raises(WeightsDownloadError, match='127.0.0.1:9/isc/isc_ft_v107.pth.tar failed'):
+        Isc(device='cpu')

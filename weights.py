@@ -1,0 +1,107 @@
+"""The published ISC21 weights (data) and their download into torch hub's cache."""
+from __future__ import annotations
+
+import http.client
+import os
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .model import Checkpoint, CheckpointError, read_checkpoint
+
+# Overrides the release URL below (a mirror, or an internal server on an air-gapped site).
+WEIGHTS_URL_ENV = 'TOWHEE_ISC_WEIGHTS_URL'
+RELEASE_URL = 'https://github.com/lyakaap/ISC21-Descriptor-Track-1st/releases/download/v1.0.1'
+
+
+@dataclass(frozen=True)
+class Weights:
+    """One published checkpoint. Mean/std are not restated: they come from the backbone's timm config."""
+    file_name: str
+    arch: str          # timm name (the checkpoint itself says 'tf_efficientnetv2_m_in21ft1k')
+    input_size: int    # square input side S
+    embedding_dim: int
+    description: str
+    licence: str = 'MIT (lyakaap/ISC21-Descriptor-Track-1st)'
+
+    @property
+    def url(self) -> str:
+        return f"{os.environ.get(WEIGHTS_URL_ENV, RELEASE_URL).rstrip('/')}/{self.file_name}"
+
+    @property
+    def cache_path(self) -> Path:
+        """Where torch hub (and the winner's own package) keeps the file."""
+        return Path(torch.hub.get_dir()) / 'checkpoints' / self.file_name
+
+
+_EFFNETV2_M = dict(arch='tf_efficientnetv2_m.in21k_ft_in1k', input_size=512, embedding_dim=256)
+WEIGHTS: dict[str, Weights] = {
+    'isc_ft_v107': Weights('isc_ft_v107.pth.tar', **_EFFNETV2_M,
+                           description='fine-tuned on ISC ground truth; the 1st-place submission (default)'),
+    'isc_selfsup_v98': Weights('isc_selfsup_v98.pth.tar', **_EFFNETV2_M,
+                               description='self-supervised stage, before fine-tuning'),
+}
+DEFAULT_WEIGHTS = 'isc_ft_v107'
+
+
+class WeightsDownloadError(OSError):
+    """The published weights could not be downloaded."""
+
+
+def get_weights(name: str) -> Weights:
+    """The table entry for ``name``; a ValueError lists the known names."""
+    if name not in WEIGHTS:
+        raise ValueError(f'unknown model_name {name!r}: the published ISC weights are '
+                         f'{sorted(WEIGHTS)}; for other weights pass checkpoint_path=')
+    return WEIGHTS[name]
+
+
+def load_published(name: str) -> Checkpoint:
+    """The checkpoint of published weights ``name``, downloaded once into torch hub's cache.
+
+    The download goes to a temporary file beside the target and is renamed into place only once it
+    is complete and reads as a checkpoint, so the cache never holds a partial or corrupt file.
+    """
+    weights = get_weights(name)
+    target = weights.cache_path
+    if target.is_file():
+        return read_checkpoint(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name + '.', suffix='.partial')
+    try:
+        with os.fdopen(fd, 'wb') as out:
+            _download(weights.url, out, target)
+        try:
+            ckpt = read_checkpoint(tmp)
+        except CheckpointError as e:
+            raise CheckpointError(f'{weights.url} did not give a readable ISC checkpoint, so nothing was '
+                                  f'cached; check {WEIGHTS_URL_ENV} or pass checkpoint_path= ({e})') from e
+        os.replace(tmp, target)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return Checkpoint(ckpt.state_dict, ckpt.arch, ckpt.input_size, str(target))
+
+
+def _download(url: str, out, target: Path) -> None:
+    fix = (f'check the network or set {WEIGHTS_URL_ENV} to a mirror, or download it yourself to '
+           f'{str(target)!r} or pass checkpoint_path=')
+    print(f'Downloading {url} to {target}', file=sys.stderr)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            expected = response.headers.get('Content-Length')
+            received = 0
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+                received += len(chunk)
+    except urllib.error.HTTPError as e:
+        raise WeightsDownloadError(f'downloading {url} failed: HTTP {e.code} {e.reason}; {fix}') from e
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+        raise WeightsDownloadError(f'downloading {url} failed: {e}; {fix}') from e
+    if expected is not None and received != int(expected):
+        raise WeightsDownloadError(f'downloading {url} stopped after {received} of {expected} bytes; {fix}')
