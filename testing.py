@@ -55,3 +55,4 @@ def make_synthetic_checkpoint(path: str | os.PathLike, arch: str, input_size: in
     calibrate_batchnorm(model, batch)
     save_checkpoint(model, path, input_size)
     return model
+

@@ -1,0 +1,102 @@
+"""Towhee integration, offline: the registry route, the hub-directory route, pipelines and
+DataCollection on Towhee >= 1.0, and the seed examples verbatim on Towhee 0.9."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import towhee_isc
+from stand_ins import register_stand_in_image_decode  # tests/ is on pytest's pythonpath
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = REPO / 'tests'
+TOWHEE09_PYTHON = Path(os.environ.get('TOWHEE09_PYTHON', REPO / '.venv-towhee09' / 'bin' / 'python'))
+
+
+@pytest.fixture
+def published_cache(hub_dir, small_ckpt):
+    """The default weights 'downloaded' already: a synthetic file under the published name."""
+    hub_dir.mkdir(parents=True)
+    shutil.copy(small_ckpt, hub_dir / 'isc_ft_v107.pth.tar')
+    return hub_dir
+
+
+@pytest.fixture
+def jpeg(photos, tmp_path) -> Path:
+    path = tmp_path / 'towhee.jpeg'
+    photos[0].save(path, quality=90)
+    return path
+
+
+def test_import_registers_the_operator_with_towhee(published_cache, small_op, jpeg):
+    from towhee import ops
+    op = ops.image_embedding.isc().get_op()
+    assert isinstance(op, towhee_isc.Isc)
+    assert np.abs(op(str(jpeg)) - small_op(str(jpeg))).max() < 1e-6
+    keyword = ops.image_embedding.isc(checkpoint_path=str(published_cache / 'isc_ft_v107.pth.tar'),
+                                      timm_backbone='resnet18', img_size=96, skip_preprocess=False,
+                                      device='cpu').get_op()
+    assert keyword.img_size == 96
+
+
+def test_seed_pipeline_and_datacollection(published_cache, small_op, jpeg, capsys):
+    from towhee import DataCollection, ops, pipe
+    register_stand_in_image_decode()
+    p = (pipe.input('path')
+         .map('path', 'img', ops.image_decode())
+         .map('img', 'vec', ops.image_embedding.isc())
+         .output('img', 'vec'))
+    img, vec = p(str(jpeg)).get()
+    assert img.mode == 'BGR'
+    assert np.abs(vec - small_op(str(jpeg))).max() < 1e-6
+    DataCollection(p(str(jpeg))).show()
+    table = capsys.readouterr().out
+    assert 'img' in table and 'vec' in table and 'shape=(256,)' in table
+
+
+def test_checkout_works_as_a_hub_operator_directory(published_cache, small_op, jpeg, tmp_path):
+    """Towhee's cache route: the checkout copied to $TOWHEE_HOME/operators/image-embedding/isc/versions/main."""
+    home = tmp_path / 'towhee_home'
+    shutil.copytree(REPO, home / 'operators' / 'image-embedding' / 'isc' / 'versions' / 'main',
+                    ignore=shutil.ignore_patterns('.git', '.venv*', '__pycache__', 'saved', '*.egg-info'))
+    script = f'''
+import json, sys
+sys.path.insert(0, {str(TESTS)!r})
+from towhee import ops, pipe
+from stand_ins import register_stand_in_image_decode
+register_stand_in_image_decode()
+p = pipe.input('path').map('path', 'img', ops.image_decode()).map('img', 'vec', ops.image_embedding.isc()).output('vec')
+vec = p({str(jpeg)!r}).get()[0]
+op = ops.image_embedding.isc().get_op()
+print(json.dumps({{'module': type(op).__module__, 'vec': vec.tolist(), 'imported': 'towhee_isc' in sys.modules}}))
+'''
+    env = dict(os.environ, TOWHEE_HOME=str(home))
+    result = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out['module'].startswith('towhee.operator.image_embedding.isc.')  # loaded from the hub directory
+    assert not out['imported']
+    assert np.abs(np.array(out['vec']) - small_op(str(jpeg))).max() < 1e-6
+
+
+def test_seed_examples_verbatim_on_towhee_0_9(published_cache, small_op, photos, tmp_path):
+    assert TOWHEE09_PYTHON.is_file(), (
+        f'{TOWHEE09_PYTHON} is missing: scripts/setup.sh makes the Towhee 0.9 environment '
+        '(or point TOWHEE09_PYTHON at one with towhee==0.9.0 and towhee-isc installed)')
+    photos[0].save(tmp_path / 'towhee.jpeg', quality=90)
+    photos[0].save(tmp_path / 'towhee.jpg', quality=90)
+    env = dict(os.environ, PYTHONPATH='')
+    result = subprocess.run([str(TOWHEE09_PYTHON), str(REPO / 'tests' / 'seed_examples_towhee09.py')],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out['towhee'] == '0.9.0'
+    want = small_op(str(tmp_path / 'towhee.jpg'))
+    for name in ('dc2', 'chaining'):
+        assert np.abs(np.array(out[name]) - want).max() < 1e-5, name
+    assert out['dc2_table'] and out['chaining_table']
