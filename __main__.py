@@ -1,0 +1,42 @@
+"""``python -m towhee_isc IMAGE...``: print each image's ISC descriptor (summary, or full with --json)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+from .isc import Isc
+from .weights import DEFAULT_WEIGHTS, WEIGHTS
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog='python -m towhee_isc', description=__doc__)
+    parser.add_argument('images', nargs='+', help='image files')
+    parser.add_argument('--checkpoint', help='a local checkpoint instead of the published weights')
+    parser.add_argument('--model-name', default=DEFAULT_WEIGHTS, choices=sorted(WEIGHTS),
+                        help='published weights (downloaded once into torch hub\'s cache)')
+    parser.add_argument('--timm-backbone', help='architecture of a checkpoint without metadata')
+    parser.add_argument('--img-size', type=int, help='input size of a checkpoint without metadata')
+    parser.add_argument('--device', help="'cpu', 'cuda' or 'cuda:N' (default: CUDA when available)")
+    parser.add_argument('--json', action='store_true', help='print full vectors as JSON lines')
+    args = parser.parse_args(argv)
+    try:
+        op = Isc(model_name=args.model_name, checkpoint_path=args.checkpoint, timm_backbone=args.timm_backbone,
+                 img_size=args.img_size, device=args.device)
+        vectors = op(args.images)
+    except (ValueError, TypeError, OSError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    for path, vector in zip(args.images, vectors):
+        if args.json:
+            print(json.dumps({'path': path, 'embedding': vector.tolist()}))
+        else:
+            head = ' '.join(f'{v:+.4f}' for v in vector[:4])
+            print(f'{path}\tdim={vector.size} norm={np.linalg.norm(vector):.4f} [{head} ...]')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
