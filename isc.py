@@ -4,7 +4,8 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import torch
@@ -12,6 +13,8 @@ from PIL import Image, UnidentifiedImageError
 from towhee.operator import NNOperator
 from towhee.types import Image as TowheeImage
 
+from .backends import (DEFAULT_BATCH, OnnxRuntimeBackend, TorchBackend, cached_onnx, export_onnx,
+                       resolve_backend)
 from .model import Checkpoint, IscNet, build_model, read_checkpoint, save_checkpoint, timm_name
 from .weights import DEFAULT_WEIGHTS, WEIGHTS, get_weights, load_published
 
@@ -55,7 +58,13 @@ class Isc(NNOperator):
         img_size: square input side S; defaults to the checkpoint's ``args.input_size`` (512).
         skip_preprocess: inputs are already preprocessed float (3, S, S) / (N, 3, S, S) arrays.
         device: ``'cpu'``, ``'cuda'``, ``'cuda:N'`` or a ``torch.device``; None picks CUDA when available.
-        batch_size: images per forward pass when called with a list.
+        batch_size: images per forward pass when called with a list; None picks the measured best
+            for the backend (4 for ONNX Runtime, 1 for PyTorch on the CPU, 32 on CUDA).
+        backend: ``'auto'`` (ONNX Runtime for fp32 on the CPU when installed, else PyTorch),
+            ``'onnxruntime'`` or ``'torch'``. Both give the same embeddings within 1e-4.
+        precision: ``'fp32'`` (default, exact), ``'fp16'`` or ``'bf16'`` (PyTorch backend; for GPUs).
+        fast_decode: decode JPEG files at a reduced scale (DCT-domain, never below S) before resizing:
+            much faster for large photos, slightly different embeddings (see README).
 
     Calling it with one image returns a float32 ``np.ndarray`` of shape (256,) with L2 norm 1; with a
     list (or an (N, 3, S, S) batch when ``skip_preprocess``) it returns a list of those, in order.
@@ -69,22 +78,30 @@ class Isc(NNOperator):
     def __init__(self, model_name: str = DEFAULT_WEIGHTS, checkpoint_path: str | os.PathLike | None = None,
                  timm_backbone: str | None = None, img_size: int | None = None,
                  skip_preprocess: bool = False, device: str | torch.device | None = None,
-                 batch_size: int = 8):
+                 batch_size: int | None = None, backend: str = 'auto', precision: str = 'fp32',
+                 fast_decode: bool = False):
         super().__init__()
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f'batch_size must be a positive int, got {batch_size!r}')
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f'batch_size must be a positive int or None, got {batch_size!r}')
         if img_size is not None and (not isinstance(img_size, int) or img_size < 32):
             raise ValueError(f'img_size must be an int of at least 32, got {img_size!r}')
         self.device = resolve_device(device)
+        backend = resolve_backend(backend, self.device, precision)
         ckpt = self._checkpoint(model_name, checkpoint_path, timm_backbone)
         self.model_name = model_name if checkpoint_path is None else Path(checkpoint_path).name.split('.')[0]
-        self.model: IscNet = build_model(ckpt, timm_backbone).to(self.device)
+        self.model: IscNet = build_model(ckpt, timm_backbone)
         self.img_size: int = img_size or ckpt.input_size or 0
         if not self.img_size:
             raise ValueError(f'{ckpt.source!r} does not say its input size: pass img_size= (512 for the published models)')
         self.transform = self.model.preprocess(self.img_size)
         self.skip_preprocess = skip_preprocess
-        self.batch_size = batch_size
+        self.fast_decode = fast_decode
+        self.precision = precision
+        if backend == 'onnxruntime':
+            self.backend = OnnxRuntimeBackend(cached_onnx(self.model, self.img_size))
+        else:
+            self.backend = TorchBackend(self.model, self.device, precision)
+        self.batch_size: int = batch_size or DEFAULT_BATCH[(backend, self.device.type)]
 
     @staticmethod
     def _checkpoint(model_name: str, checkpoint_path, timm_backbone: str | None) -> Checkpoint:
@@ -101,35 +118,36 @@ class Isc(NNOperator):
         return self.model.embedding_dim
 
     def __call__(self, data: Any) -> np.ndarray | list[np.ndarray]:
-        batch, single = self._to_tensors(data)
-        vectors = self._embed(batch)
+        items, single = self._split(data)
+        vectors = self._embed(items, single)
         return vectors[0] if single else list(vectors)
 
-    # -- input conversion: the one place every input goes through ---------------------------------
+    # -- input conversion: every input goes through _split, then _prepare ----------------------------
 
-    def _to_tensors(self, data: Any) -> tuple[list[torch.Tensor], bool]:
-        """Turn ``data`` into preprocessed (3, S, S) float32 tensors, and say if it was one image."""
+    def _split(self, data: Any) -> tuple[list[Any], bool]:
+        """The single inputs in ``data``, and whether it was one image rather than a list or batch."""
         if data is None:
             raise TypeError('expected an image or a list of images, got None')
-        if self.skip_preprocess:
-            return self._preprocessed(data)
         if isinstance(data, (list, tuple)):
             if not data:
                 raise ValueError('expected an image or a list of images, got an empty list')
-            return [self.transform(_to_pil_rgb(item, i)) for i, item in enumerate(data)], False
-        return [self.transform(_to_pil_rgb(data))], True
+            return list(data), False
+        if self.skip_preprocess:
+            tensor = self._check_preprocessed(data, batch_ok=True)
+            return ([tensor], True) if tensor.ndim == 3 else (list(tensor.unbind(0)), False)
+        return [data], True
 
-    def _preprocessed(self, data: Any) -> tuple[list[torch.Tensor], bool]:
-        if isinstance(data, (list, tuple)):
-            if not data:
-                raise ValueError('expected a preprocessed array or a list of them, got an empty list')
-            return [self._check_preprocessed(item, batch_ok=False) for item in data], False
-        tensor = self._check_preprocessed(data, batch_ok=True)
-        return ([tensor], True) if tensor.ndim == 3 else (list(tensor.unbind(0)), False)
+    def _prepare(self, item: Any, index: int | None) -> torch.Tensor:
+        """One input -> the preprocessed (3, S, S) float32 tensor the network takes."""
+        if self.skip_preprocess:
+            return self._check_preprocessed(item, batch_ok=False, index=index)
+        draft = (self.img_size, self.img_size) if self.fast_decode else None
+        return self.transform(_to_pil_rgb(item, index, draft))
 
-    def _check_preprocessed(self, item: Any, batch_ok: bool) -> torch.Tensor:
+    def _check_preprocessed(self, item: Any, batch_ok: bool, index: int | None = None) -> torch.Tensor:
         size = (3, self.img_size, self.img_size)
-        shapes = f'{size} or (N, *{size})' if batch_ok else f'{size}'
+        shapes = (f'{size} or (N, *{size})' if batch_ok else f'{size}') + ('' if index is None else
+                                                                           f' (list item {index})')
         if isinstance(item, np.ndarray):
             item = torch.from_numpy(np.asarray(item))
         if not isinstance(item, torch.Tensor):
@@ -145,13 +163,24 @@ class Isc(NNOperator):
 
     # -- inference ---------------------------------------------------------------------------------
 
-    def _embed(self, tensors: Sequence[torch.Tensor]) -> np.ndarray:
-        """(N, D) float32 embeddings of preprocessed tensors, ``batch_size`` at a time."""
+    def _embed(self, items: list[Any], single: bool) -> np.ndarray:
+        """(N, D) float32 embeddings, ``batch_size`` images at a time. While the backend runs one
+        chunk, a worker thread decodes and resizes the next (PIL releases the GIL)."""
+        def prepare(start: int) -> torch.Tensor:
+            chunk = items[start:start + self.batch_size]
+            return torch.stack([self._prepare(item, None if single else start + i) for i, item in enumerate(chunk)])
+
+        starts = range(0, len(items), self.batch_size)
+        if len(starts) == 1:
+            return self.backend(prepare(0))
         out = []
-        with torch.inference_mode():
-            for start in range(0, len(tensors), self.batch_size):
-                batch = torch.stack(tensors[start:start + self.batch_size]).to(self.device)
-                out.append(self.model(batch).float().cpu().numpy())
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(prepare, 0)
+            for start in starts:
+                batch = pending.result()
+                if start + self.batch_size < len(items):
+                    pending = pool.submit(prepare, start + self.batch_size)
+                out.append(self.backend(batch))
         return np.concatenate(out)
 
     # -- export ------------------------------------------------------------------------------------
@@ -181,30 +210,26 @@ class Isc(NNOperator):
         if path.is_dir():
             path = path / file_name
         path.parent.mkdir(parents=True, exist_ok=True)
-        # Export a CPU copy, so the live model (maybe serving other threads) is never touched.
-        model = copy.deepcopy(self.model).cpu().eval()
-        example = torch.zeros(1, 3, self.img_size, self.img_size)
+        # Export a CPU fp32 copy, so the live model (maybe serving other threads) is never touched.
+        model = copy.deepcopy(self.model).cpu().float().eval()
         if format == 'pytorch':
             save_checkpoint(model, path, self.img_size)
         elif format == 'torchscript':
             with torch.no_grad():
-                torch.jit.trace(model, example).save(str(path))
+                torch.jit.trace(model, torch.zeros(1, 3, self.img_size, self.img_size)).save(str(path))
         else:
-            _export_onnx(model, example, path)
+            export_onnx(model, self.img_size, path)
         return str(path)
 
 
-def _export_onnx(model: IscNet, example: torch.Tensor, path: Path) -> None:
-    torch.onnx.export(model, (example,), str(path), input_names=['images'], output_names=['embeddings'],
-                      dynamic_axes={'images': {0: 'batch'}, 'embeddings': {0: 'batch'}},
-                      opset_version=17, dynamo=False)
+def _to_pil_rgb(item: Any, index: int | None = None, draft: tuple[int, int] | None = None) -> Image.Image:
+    """One image of any accepted kind -> an RGB ``PIL.Image`` (what the reference preprocessing takes).
 
-
-def _to_pil_rgb(item: Any, index: int | None = None) -> Image.Image:
-    """One image of any accepted kind -> an RGB ``PIL.Image`` (what the reference preprocessing takes)."""
+    ``draft``: let the JPEG decoder scale files down in the DCT domain, to no less than this size.
+    """
     where = '' if index is None else f' (list item {index})'
     if isinstance(item, (str, os.PathLike)):
-        return _open_rgb(Path(item), where)
+        return _open_rgb(Path(item), where, draft)
     if isinstance(item, Image.Image):
         if item.width == 0 or item.height == 0:
             raise ValueError(f'zero-size image{where}: {item.size}')
@@ -241,13 +266,15 @@ def _array_to_pil(array: np.ndarray, where: str) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(array[:, :, _CHANNEL_ORDER[mode]]), 'RGB')
 
 
-def _open_rgb(path: Path, where: str) -> Image.Image:
+def _open_rgb(path: Path, where: str, draft: tuple[int, int] | None) -> Image.Image:
     if not path.exists():
         raise ValueError(f'image file not found: {str(path)!r}{where}')
     try:
         with Image.open(path) as image:
             if image.width == 0 or image.height == 0:
                 raise ValueError(f'zero-size image in {str(path)!r}{where}')
+            if draft is not None:
+                image.draft('RGB', draft)  # JPEG only; other formats ignore it
             return image.convert('RGB')
     except UnidentifiedImageError as e:
         raise ValueError(f'not an image file (or an unsupported format): {str(path)!r}{where}') from e

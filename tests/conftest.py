@@ -20,6 +20,14 @@ SMALL_ARCH, SMALL_SIZE = 'resnet18', 96          # where the architecture does n
 PUBLISHED_ARCH, PUBLISHED_SIZE = 'tf_efficientnetv2_m_in21ft1k', 512  # the published model's name and size
 
 
+@pytest.fixture(scope='session', autouse=True)
+def private_torch_home(tmp_path_factory):
+    """Downloads and the ONNX cache go to a temporary torch hub, never the user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv('TORCH_HOME', str(tmp_path_factory.mktemp('torch_home')))
+        yield
+
+
 @pytest.fixture(scope='session')
 def photos():
     return sample_photos()

@@ -1,18 +1,25 @@
 """The operator equals the winner's reference pipeline for the same weights."""
 import numpy as np
+import pytest
 import torch
 
 from towhee_isc import Isc
 from towhee_isc.model import IscNet
 
 
-def test_published_architecture_matches_reference_to_1e5(effnet_ckpt, photos, reference):
-    op = Isc(checkpoint_path=effnet_ckpt, device='cpu')
+@pytest.fixture(scope='module')
+def effnet_reference(effnet_ckpt, photos, reference):
+    return reference(effnet_ckpt, photos[:3])
+
+
+# Eager PyTorch runs the reference's own kernels: equal to 1e-5. ONNX Runtime's fp32 kernels sum in
+# another order: equal to 1e-4 (we measure ~2e-5).
+@pytest.mark.parametrize('backend, tolerance', [('torch', 1e-5), ('onnxruntime', 1e-4)])
+def test_published_architecture_matches_reference(effnet_ckpt, photos, effnet_reference, backend, tolerance):
+    op = Isc(checkpoint_path=effnet_ckpt, device='cpu', backend=backend)
     assert op.img_size == 512 and op.embedding_dim == 256
     assert op.model.backbone.feature_info[-1]['num_chs'] == 512
-    got = np.stack(op(photos[:3]))
-    want = reference(effnet_ckpt, photos[:3])
-    assert np.abs(got - want).max() < 1e-5
+    assert np.abs(np.stack(op(photos[:3])) - effnet_reference).max() < tolerance
 
 
 def test_resnet50_backbone_matches_reference(tmp_path, photos, reference):

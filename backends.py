@@ -1,0 +1,139 @@
+"""Inference backends: eager PyTorch (any device, fp32/fp16/bf16) and ONNX Runtime (CPU, fp32).
+
+Both take a preprocessed (N, 3, S, S) float32 CPU tensor and return (N, D) float32 L2-normalised
+embeddings as a numpy array. ONNX Runtime runs the operator's own ONNX export, cached on disk
+under a key made from the weights, so the export happens once per checkpoint.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .model import IscNet
+
+BACKENDS = ('auto', 'torch', 'onnxruntime')
+PRECISIONS = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
+# Images per forward pass when the user does not say, measured with benchmarks/throughput.py:
+# eager PyTorch on the CPU is fastest one image at a time, ONNX Runtime at 4, a GPU wants many.
+DEFAULT_BATCH = {('torch', 'cpu'): 1, ('onnxruntime', 'cpu'): 4, ('torch', 'cuda'): 32}
+
+
+class TorchBackend:
+    """Eager PyTorch. On CUDA: channels_last, pinned host memory and non-blocking copies."""
+    name = 'torch'
+
+    def __init__(self, model: IscNet, device: torch.device, precision: str = 'fp32'):
+        self.device = device
+        self.dtype = PRECISIONS[precision]
+        self.memory_format = torch.channels_last if device.type == 'cuda' else torch.contiguous_format
+        if self.dtype != torch.float32:
+            model = copy.deepcopy(model)  # keep the caller's fp32 weights for export
+        self.model = model.to(device=device, dtype=self.dtype, memory_format=self.memory_format).eval()
+
+    def __call__(self, batch: torch.Tensor) -> np.ndarray:
+        if self.device.type == 'cuda':
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        batch = batch.to(dtype=self.dtype, memory_format=self.memory_format)
+        with torch.inference_mode():
+            out = self.model(batch)
+        # Reduced precision leaves the norm off 1 by ~1e-3: normalise again in fp32.
+        return (F.normalize(out.float(), dim=1) if self.dtype != torch.float32 else out).cpu().numpy()
+
+
+class OnnxRuntimeBackend:
+    """ONNX Runtime on the CPU, running an ONNX file of the model (fp32, so exact to ~1e-5)."""
+    name = 'onnxruntime'
+
+    def __init__(self, onnx_path: str | os.PathLike, threads: int | None = None):
+        ort = import_onnxruntime()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or cpu_count()
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(onnx_path), options, providers=['CPUExecutionProvider'])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, batch: torch.Tensor) -> np.ndarray:
+        return self.session.run(None, {self.input_name: batch.numpy()})[0]
+
+
+def import_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise ImportError("backend='onnxruntime' needs ONNX Runtime: pip install onnxruntime "
+                          "(or pip install 'towhee-isc[onnx]')") from e
+    return onnxruntime
+
+
+def cpu_count() -> int:
+    """Cores this process may use (a container's affinity, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+
+
+def resolve_backend(backend: str, device: torch.device, precision: str) -> str:
+    """The backend to use: 'auto' is ONNX Runtime for fp32 on the CPU when installed, else PyTorch."""
+    if backend not in BACKENDS:
+        raise ValueError(f'unknown backend {backend!r}: choose one of {list(BACKENDS)}')
+    if precision not in PRECISIONS:
+        raise ValueError(f'unknown precision {precision!r}: choose one of {list(PRECISIONS)}')
+    if backend == 'auto':
+        if device.type != 'cpu' or precision != 'fp32':
+            return 'torch'
+        try:
+            import_onnxruntime()
+        except ImportError:
+            return 'torch'
+        return 'onnxruntime'
+    if backend == 'onnxruntime':
+        if device.type != 'cpu':
+            raise ValueError(f"backend='onnxruntime' runs on the CPU; for {device} use backend='torch'")
+        if precision != 'fp32':
+            raise ValueError(f"backend='onnxruntime' runs fp32 only; precision={precision!r} needs backend='torch'")
+        import_onnxruntime()
+    return backend
+
+
+def export_onnx(model: IscNet, img_size: int, path: str | os.PathLike) -> None:
+    """Write ``model`` (on the CPU, fp32) as ONNX: opset 17, input 'images' (N, 3, S, S) with a
+    dynamic batch axis, output 'embeddings' (N, D)."""
+    example = torch.zeros(1, 3, img_size, img_size)
+    torch.onnx.export(model, (example,), str(path), input_names=['images'], output_names=['embeddings'],
+                      dynamic_axes={'images': {0: 'batch'}, 'embeddings': {0: 'batch'}},
+                      opset_version=17, dynamo=False)
+
+
+def weights_key(model: IscNet, img_size: int) -> str:
+    """A content key for the model: architecture, input size and every weight's bytes."""
+    digest = hashlib.sha256(f'{model.arch}|{img_size}'.encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(f'{name}|{tensor.dtype}|{tuple(tensor.shape)}'.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+def cached_onnx(model: IscNet, img_size: int, cache_dir: Path | None = None) -> Path:
+    """The ONNX export of ``model``, made once and kept in ``torch.hub.get_dir()/towhee_isc/onnx``.
+
+    Written to a temporary file and renamed, so concurrent processes never read a partial file.
+    """
+    cache_dir = cache_dir or Path(torch.hub.get_dir()) / 'towhee_isc' / 'onnx'
+    path = cache_dir / f'{model.arch.replace("/", "_")}-{img_size}-{weights_key(model, img_size)}.onnx'
+    if path.is_file():
+        return path
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix='.onnx.partial')
+    os.close(fd)
+    try:
+        export_onnx(model, img_size, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path

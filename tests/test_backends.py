@@ -1,0 +1,98 @@
+"""Backends (ONNX Runtime, PyTorch), precision and batch size: same embeddings, clear errors."""
+import builtins
+
+import numpy as np
+import pytest
+import torch
+
+from towhee_isc import Isc
+from towhee_isc import backends
+from towhee_isc.backends import OnnxRuntimeBackend, TorchBackend, resolve_backend
+
+
+def test_auto_is_onnxruntime_for_fp32_on_cpu_else_torch():
+    cpu, cuda = torch.device('cpu'), torch.device('cuda')
+    assert resolve_backend('auto', cpu, 'fp32') == 'onnxruntime'
+    assert resolve_backend('auto', cpu, 'bf16') == 'torch'
+    assert resolve_backend('auto', cuda, 'fp32') == 'torch'
+
+
+def test_backends_agree_within_1e4(small_ckpt, photos):
+    ort = Isc(checkpoint_path=small_ckpt, device='cpu', backend='onnxruntime')
+    eager = Isc(checkpoint_path=small_ckpt, device='cpu', backend='torch')
+    assert isinstance(ort.backend, OnnxRuntimeBackend) and isinstance(eager.backend, TorchBackend)
+    assert np.abs(np.stack(ort(photos)) - np.stack(eager(photos))).max() < 1e-4
+
+
+def test_default_batch_size_is_the_measured_one_per_backend(small_ckpt):
+    assert Isc(checkpoint_path=small_ckpt, device='cpu').batch_size == 4
+    assert Isc(checkpoint_path=small_ckpt, device='cpu', backend='torch').batch_size == 1
+    assert Isc(checkpoint_path=small_ckpt, device='cpu', batch_size=3).batch_size == 3
+    with pytest.raises(ValueError, match='batch_size must be a positive int'):
+        Isc(checkpoint_path=small_ckpt, device='cpu', batch_size=0)
+
+
+def test_onnx_export_is_cached_by_weights_content(small_ckpt, photos, tmp_path, monkeypatch):
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
+    exports = []
+    real_export = backends.export_onnx
+    monkeypatch.setattr(backends, 'export_onnx', lambda *a: exports.append(a) or real_export(*a))
+    Isc(checkpoint_path=small_ckpt, device='cpu')
+    Isc(checkpoint_path=small_ckpt, device='cpu')
+    assert len(exports) == 1
+    cache = tmp_path / 'torch' / 'hub' / 'towhee_isc' / 'onnx'
+    assert [p.suffix for p in cache.iterdir()] == ['.onnx']  # no temporary left
+    from towhee_isc.testing import make_synthetic_checkpoint
+    make_synthetic_checkpoint(tmp_path / 'other.pth.tar', 'resnet18', 96, photos, seed=1)
+    Isc(checkpoint_path=tmp_path / 'other.pth.tar', device='cpu')
+    assert len(exports) == 2 and len(list(cache.iterdir())) == 2
+    Isc(checkpoint_path=small_ckpt, img_size=64, device='cpu')  # same weights, other input size
+    assert len(exports) == 3
+
+
+def test_missing_onnxruntime(small_ckpt, monkeypatch):
+    real_import = builtins.__import__
+
+    def no_onnxruntime(name, *args, **kwargs):
+        if name == 'onnxruntime':
+            raise ImportError('No module named onnxruntime')
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, '__import__', no_onnxruntime)
+    with pytest.raises(ImportError, match=r"backend='onnxruntime' needs ONNX Runtime: pip install onnxruntime"):
+        Isc(checkpoint_path=small_ckpt, device='cpu', backend='onnxruntime')
+    assert isinstance(Isc(checkpoint_path=small_ckpt, device='cpu').backend, TorchBackend)  # auto falls back
+
+
+def test_bad_backend_and_precision_arguments(small_ckpt):
+    with pytest.raises(ValueError, match=r"unknown backend 'tensorrt'.*\['auto', 'torch', 'onnxruntime'\]"):
+        Isc(checkpoint_path=small_ckpt, device='cpu', backend='tensorrt')
+    with pytest.raises(ValueError, match=r"unknown precision 'int8'.*\['fp32', 'fp16', 'bf16'\]"):
+        Isc(checkpoint_path=small_ckpt, device='cpu', precision='int8')
+    with pytest.raises(ValueError, match="runs fp32 only; precision='fp16' needs backend='torch'"):
+        Isc(checkpoint_path=small_ckpt, device='cpu', backend='onnxruntime', precision='fp16')
+    with pytest.raises(ValueError, match="runs on the CPU; for cuda use backend='torch'"):
+        resolve_backend('onnxruntime', torch.device('cuda'), 'fp32')
+
+
+@pytest.mark.parametrize('precision', ['fp16', 'bf16'])
+def test_reduced_precision_gives_unit_float32_vectors_close_to_fp32(small_ckpt, small_op, photos, precision):
+    op = Isc(checkpoint_path=small_ckpt, device='cpu', precision=precision)
+    assert isinstance(op.backend, TorchBackend) and op.backend.dtype == backends.PRECISIONS[precision]
+    assert next(op.model.parameters()).dtype == torch.float32  # the fp32 master stays for export
+    vectors = np.stack(op(photos))
+    assert vectors.dtype == np.float32 and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+    cosine = (vectors * np.stack(small_op(photos))).sum(1)
+    assert cosine.min() > 0.99
+    assert np.abs(np.stack(op(photos[:3])) - vectors[:3]).max() < 1e-2  # batching does not change much
+
+
+def test_fast_decode_only_changes_large_jpegs_slightly(small_ckpt, small_op, photos, tmp_path):
+    big = photos[0].resize((2048, 2048))
+    big.save(tmp_path / 'big.jpg', quality=95)
+    big.save(tmp_path / 'big.png')
+    fast = Isc(checkpoint_path=small_ckpt, device='cpu', fast_decode=True)
+    exact = small_op(tmp_path / 'big.jpg')
+    approx = fast(tmp_path / 'big.jpg')
+    assert 0 < np.abs(approx - exact).max() and float(approx @ exact) > 0.98
+    assert np.abs(fast(tmp_path / 'big.png') - small_op(tmp_path / 'big.png')).max() < 1e-6  # PNG: no draft
