@@ -20,9 +20,10 @@ from .model import IscNet
 
 BACKENDS = ('auto', 'torch', 'onnxruntime')
 PRECISIONS = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
-# Images per forward pass when the user does not say, measured with benchmarks/throughput.py:
-# eager PyTorch on the CPU is fastest one image at a time, ONNX Runtime at 4, a GPU wants many.
-DEFAULT_BATCH = {('torch', 'cpu'): 1, ('onnxruntime', 'cpu'): 4, ('torch', 'cuda'): 32}
+# Images per forward pass when the user does not say, measured with benchmarks/throughput.py on
+# 2 cores: ONNX Runtime 6.6 images/s at batch 1 and 2, 6.0 at 4, 5.5 at 8; eager PyTorch 4.0 at 1,
+# 4.3 at 4. A GPU wants many (not measured here: no GPU was available).
+DEFAULT_BATCH = {('torch', 'cpu'): 1, ('onnxruntime', 'cpu'): 1, ('torch', 'cuda'): 32}
 
 
 class TorchBackend:

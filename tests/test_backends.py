@@ -25,7 +25,7 @@ def test_backends_agree_within_1e4(small_ckpt, photos):
 
 
 def test_default_batch_size_is_the_measured_one_per_backend(small_ckpt):
-    assert Isc(checkpoint_path=small_ckpt, device='cpu').batch_size == 4
+    assert Isc(checkpoint_path=small_ckpt, device='cpu').batch_size == backends.DEFAULT_BATCH['onnxruntime', 'cpu']
     assert Isc(checkpoint_path=small_ckpt, device='cpu', backend='torch').batch_size == 1
     assert Isc(checkpoint_path=small_ckpt, device='cpu', batch_size=3).batch_size == 3
     with pytest.raises(ValueError, match='batch_size must be a positive int'):
