@@ -39,7 +39,7 @@ class TorchBackend:
         self.model = model.to(device=device, dtype=self.dtype, memory_format=self.memory_format).eval()
 
     def __call__(self, batch: torch.Tensor) -> np.ndarray:
-        if self.device.type == 'cuda':
+        if batch.device.type == 'cpu' and self.device.type == 'cuda':  # from pinned memory, not blocking
             batch = batch.pin_memory().to(self.device, non_blocking=True)
         batch = batch.to(dtype=self.dtype, memory_format=self.memory_format)
         with torch.inference_mode():
@@ -68,8 +68,7 @@ def import_onnxruntime():
     try:
         import onnxruntime
     except ImportError as e:
-        raise ImportError("backend='onnxruntime' needs ONNX Runtime: pip install onnxruntime "
-                          "(or pip install 'towhee-isc[onnx]')") from e
+        raise ImportError("backend='onnxruntime' needs ONNX Runtime: pip install onnxruntime onnx") from e
     return onnxruntime
 
 

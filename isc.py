@@ -66,6 +66,9 @@ class Isc(NNOperator):
         fast_decode: decode JPEG files at a reduced scale (DCT domain, never below 2S) before resizing:
             much faster for large photos; changes the pixels about as much as re-encoding the JPEG at
             quality 90 does (see README).
+        decode_on_device: decode JPEG files with torchvision on ``device`` (nvJPEG on CUDA) and resize
+            there (bilinear, antialiased); not bit-exact with the PIL path (see README). Other files
+            and inputs take the usual path.
 
     Calling it with one image returns a float32 ``np.ndarray`` of shape (256,) with L2 norm 1; with a
     list (or an (N, 3, S, S) batch when ``skip_preprocess``) it returns a list of those, in order.
@@ -80,7 +83,7 @@ class Isc(NNOperator):
                  timm_backbone: str | None = None, img_size: int | None = None,
                  skip_preprocess: bool = False, device: str | torch.device | None = None,
                  batch_size: int | None = None, backend: str = 'auto', precision: str = 'fp32',
-                 fast_decode: bool = False):
+                 fast_decode: bool = False, decode_on_device: bool = False):
         super().__init__()
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f'batch_size must be a positive int or None, got {batch_size!r}')
@@ -97,6 +100,7 @@ class Isc(NNOperator):
         self.transform = self.model.preprocess(self.img_size)
         self.skip_preprocess = skip_preprocess
         self.fast_decode = fast_decode
+        self.decode_on_device = decode_on_device
         self.precision = precision
         if backend == 'onnxruntime':
             self.backend = OnnxRuntimeBackend(cached_onnx(self.model, self.img_size))
@@ -145,7 +149,22 @@ class Isc(NNOperator):
         # Decoding at no less than 2S keeps the change to the resized pixels about that of re-encoding
         # the JPEG at quality 90 (measured: mean 0.0005 of the 0-1 range); at S it doubles.
         draft = (2 * self.img_size, 2 * self.img_size) if self.fast_decode else None
+        if self.decode_on_device and isinstance(item, (str, os.PathLike)) and _is_jpeg(Path(item)):
+            return self._decode_jpeg_on_device(Path(item))
         return self.transform(_to_pil_rgb(item, index, draft))
+
+    def _decode_jpeg_on_device(self, path: Path) -> torch.Tensor:
+        """torchvision's JPEG decoder on the operator's device, then resize and normalise there."""
+        from torchvision.io import ImageReadMode, decode_jpeg, read_file
+        try:
+            image = decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB, device=self.device)
+        except RuntimeError as e:
+            raise ValueError(f'cannot decode JPEG file {str(path)!r}: {e}') from e
+        x = image.unsqueeze(0).float().div_(255)
+        x = torch.nn.functional.interpolate(x, size=(self.img_size, self.img_size), mode='bilinear',
+                                            antialias=True, align_corners=False)[0]
+        normalize = self.transform.transforms[-1]
+        return normalize(x)
 
     def _check_preprocessed(self, item: Any, batch_ok: bool, index: int | None = None) -> torch.Tensor:
         size = (3, self.img_size, self.img_size)
@@ -171,7 +190,10 @@ class Isc(NNOperator):
         chunk, a worker thread decodes and resizes the next (PIL releases the GIL)."""
         def prepare(start: int) -> torch.Tensor:
             chunk = items[start:start + self.batch_size]
-            return torch.stack([self._prepare(item, None if single else start + i) for i, item in enumerate(chunk)])
+            tensors = [self._prepare(item, None if single else start + i) for i, item in enumerate(chunk)]
+            if self.decode_on_device:  # some may be on the device already, others on the CPU
+                tensors = [t.to(self.device) for t in tensors]
+            return torch.stack(tensors)
 
         starts = range(0, len(items), self.batch_size)
         if len(starts) == 1:
@@ -267,6 +289,14 @@ def _array_to_pil(array: np.ndarray, where: str) -> Image.Image:
         raise ValueError(f'unsupported image mode {mode!r} for shape {array.shape}{where}: '
                          f'supported modes are {sorted(_CHANNEL_ORDER)} and {list(_GRAY_MODES)}')
     return Image.fromarray(np.ascontiguousarray(array[:, :, _CHANNEL_ORDER[mode]]), 'RGB')
+
+
+def _is_jpeg(path: Path) -> bool:
+    try:
+        with open(path, 'rb') as f:
+            return f.read(3) == b'\xff\xd8\xff'
+    except OSError:
+        return False  # the usual path reports it
 
 
 def _open_rgb(path: Path, where: str, draft: tuple[int, int] | None) -> Image.Image:

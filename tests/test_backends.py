@@ -96,3 +96,17 @@ def test_fast_decode_only_changes_large_jpegs_slightly(small_ckpt, small_op, pho
     approx = fast(tmp_path / 'big.jpg')
     assert 0 < np.abs(approx - exact).max() and float(approx @ exact) > 0.98
     assert np.abs(fast(tmp_path / 'big.png') - small_op(tmp_path / 'big.png')).max() < 1e-6  # PNG: no draft
+
+
+def test_decode_on_device_is_close_to_the_pil_path_and_only_takes_jpeg_files(small_ckpt, small_op, photos, tmp_path):
+    """The CUDA path's logic, run on the CPU (torchvision's decoder is libjpeg there, nvJPEG on CUDA)."""
+    photos[0].save(tmp_path / 'a.jpg', quality=95)
+    photos[1].save(tmp_path / 'b.png')
+    (tmp_path / 'fake.jpg').write_bytes(b'\xff\xd8\xff' + b'\x00' * 100)
+    op = Isc(checkpoint_path=small_ckpt, device='cpu', backend='torch', decode_on_device=True)
+    exact = np.stack(small_op([tmp_path / 'a.jpg', tmp_path / 'b.png', photos[2]]))
+    got = np.stack(op([tmp_path / 'a.jpg', tmp_path / 'b.png', photos[2]]))
+    assert float(got[0] @ exact[0]) > 0.98 and np.abs(got[0] - exact[0]).max() > 0  # resized differently
+    assert np.abs(got[1:] - exact[1:]).max() < 1e-4  # PNG and PIL inputs: the usual path
+    with pytest.raises(ValueError, match="cannot decode JPEG file .*fake.jpg"):
+        op(tmp_path / 'fake.jpg')

@@ -100,3 +100,27 @@ def test_seed_examples_verbatim_on_towhee_0_9(published_cache, small_op, photos,
     for name in ('dc2', 'chaining'):
         assert np.abs(np.array(out[name]) - want).max() < 1e-5, name
     assert out['dc2_table'] and out['chaining_table']
+
+
+def test_windows_of_paths_hand_the_operator_lists_and_keep_row_order(small_ckpt, small_op, photos, tmp_path,
+                                                                     monkeypatch):
+    """The README's batched pipeline: rows -> windows of paths -> one operator call per window -> rows."""
+    from towhee import ops, pipe
+    paths = []
+    for i in range(7):
+        paths.append(str(tmp_path / f'{i}.jpg'))
+        photos[i].save(paths[-1])
+    calls = []
+    real_call = towhee_isc.Isc.__call__
+    monkeypatch.setattr(towhee_isc.Isc, '__call__', lambda self, data: calls.append(len(data)) or real_call(self, data))
+    p = (pipe.input('paths')
+         .flat_map('paths', 'path', lambda paths: paths)
+         .window('path', 'batch', 3, 3, lambda batch: batch)
+         .map('batch', 'vecs', ops.image_embedding.isc(checkpoint_path=str(small_ckpt), device='cpu'))
+         .flat_map(('batch', 'vecs'), ('path', 'vec'), lambda batch, vecs: list(zip(batch, vecs)))
+         .output('path', 'vec'))
+    rows = list(iter(p(paths).get, None))
+    assert [path for path, _ in rows] == paths
+    assert calls == [3, 3, 1]
+    for path, vec in rows:
+        assert np.abs(vec - small_op(path)).max() < 1e-6
