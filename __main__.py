@@ -1,4 +1,7 @@
-"""``python -m towhee_isc IMAGE...``: print each image's ISC descriptor (summary, or full with --json)."""
+"""``python -m towhee_isc IMAGE...``: print each image's ISC descriptor (summary, or full with --json).
+
+``python -m towhee_isc embed|index|search|dedup|evaluate ...`` runs the ``towhee-isc`` commands.
+"""
 from __future__ import annotations
 
 import argparse
@@ -39,4 +42,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    from .cli import COMMANDS, main as command_main
+    sys.exit(command_main() if sys.argv[1:2] and sys.argv[1] in COMMANDS else main())

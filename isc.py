@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from towhee.operator import NNOperator
 from towhee.types import Image as TowheeImage
 
@@ -69,6 +69,8 @@ class Isc(NNOperator):
         decode_on_device: decode JPEG files with torchvision on ``device`` (nvJPEG on CUDA) and resize
             there (bilinear, antialiased); not bit-exact with the PIL path (see README). Other files
             and inputs take the usual path.
+        exif_transpose: turn image files upright by their EXIF orientation (phone photos). Off by
+            default, as in the reference code.
 
     Calling it with one image returns a float32 ``np.ndarray`` of shape (256,) with L2 norm 1; with a
     list (or an (N, 3, S, S) batch when ``skip_preprocess``) it returns a list of those, in order.
@@ -83,7 +85,7 @@ class Isc(NNOperator):
                  timm_backbone: str | None = None, img_size: int | None = None,
                  skip_preprocess: bool = False, device: str | torch.device | None = None,
                  batch_size: int | None = None, backend: str = 'auto', precision: str = 'fp32',
-                 fast_decode: bool = False, decode_on_device: bool = False):
+                 fast_decode: bool = False, decode_on_device: bool = False, exif_transpose: bool = False):
         super().__init__()
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f'batch_size must be a positive int or None, got {batch_size!r}')
@@ -101,6 +103,7 @@ class Isc(NNOperator):
         self.skip_preprocess = skip_preprocess
         self.fast_decode = fast_decode
         self.decode_on_device = decode_on_device
+        self.exif_transpose = exif_transpose
         self.precision = precision
         if backend == 'onnxruntime':
             self.backend = OnnxRuntimeBackend(cached_onnx(self.model, self.img_size))
@@ -151,7 +154,7 @@ class Isc(NNOperator):
         draft = (2 * self.img_size, 2 * self.img_size) if self.fast_decode else None
         if self.decode_on_device and isinstance(item, (str, os.PathLike)) and _is_jpeg(Path(item)):
             return self._decode_jpeg_on_device(Path(item))
-        return self.transform(_to_pil_rgb(item, index, draft))
+        return self.transform(_to_pil_rgb(item, index, draft, self.exif_transpose))
 
     def _decode_jpeg_on_device(self, path: Path) -> torch.Tensor:
         """torchvision's JPEG decoder on the operator's device, then resize and normalise there."""
@@ -247,14 +250,16 @@ class Isc(NNOperator):
         return str(path)
 
 
-def _to_pil_rgb(item: Any, index: int | None = None, draft: tuple[int, int] | None = None) -> Image.Image:
+def _to_pil_rgb(item: Any, index: int | None = None, draft: tuple[int, int] | None = None,
+                exif_transpose: bool = False) -> Image.Image:
     """One image of any accepted kind -> an RGB ``PIL.Image`` (what the reference preprocessing takes).
 
-    ``draft``: let the JPEG decoder scale files down in the DCT domain, to no less than this size.
+    For files: ``draft`` lets the JPEG decoder scale down in the DCT domain, to no less than this
+    size; ``exif_transpose`` turns the image upright as its EXIF orientation says.
     """
     where = '' if index is None else f' (list item {index})'
     if isinstance(item, (str, os.PathLike)):
-        return _open_rgb(Path(item), where, draft)
+        return _open_rgb(Path(item), where, draft, exif_transpose)
     if isinstance(item, Image.Image):
         if item.width == 0 or item.height == 0:
             raise ValueError(f'zero-size image{where}: {item.size}')
@@ -299,7 +304,7 @@ def _is_jpeg(path: Path) -> bool:
         return False  # the usual path reports it
 
 
-def _open_rgb(path: Path, where: str, draft: tuple[int, int] | None) -> Image.Image:
+def _open_rgb(path: Path, where: str, draft: tuple[int, int] | None, exif_transpose: bool) -> Image.Image:
     if not path.exists():
         raise ValueError(f'image file not found: {str(path)!r}{where}')
     try:
@@ -308,6 +313,8 @@ def _open_rgb(path: Path, where: str, draft: tuple[int, int] | None) -> Image.Im
                 raise ValueError(f'zero-size image in {str(path)!r}{where}')
             if draft is not None:
                 image.draft('RGB', draft)  # JPEG only; other formats ignore it
+            if exif_transpose:
+                image = ImageOps.exif_transpose(image)
             return image.convert('RGB')
     except UnidentifiedImageError as e:
         raise ValueError(f'not an image file (or an unsupported format): {str(path)!r}{where}') from e

@@ -124,3 +124,27 @@ def test_windows_of_paths_hand_the_operator_lists_and_keep_row_order(small_ckpt,
     assert calls == [3, 3, 1]
     for path, vec in rows:
         assert np.abs(vec - small_op(path)).max() < 1e-6
+
+
+def test_readme_pipeline_decode_embed_insert_into_milvus(small_ckpt, small_op, photos, tmp_path):
+    from pymilvus import MilvusClient
+    from towhee import ops, pipe
+    from towhee_isc.matching import MilvusIndex
+    register_stand_in_image_decode()
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f'R{i:06d}.jpg'))
+        photos[i].save(paths[-1])
+    MilvusIndex(str(tmp_path / 'isc.db'), 'isc').create(dim=256)
+    client = MilvusClient(str(tmp_path / 'isc.db'))
+    insert = (pipe.input('path')
+              .map('path', 'img', ops.image_decode())
+              .map('img', 'vec', ops.image_embedding.isc(checkpoint_path=str(small_ckpt)))
+              .map(('path', 'vec'), 'count',
+                   lambda path, vec: client.upsert('isc', [{'id': Path(path).stem, 'vector': vec.tolist()}])['upsert_count'])
+              .output('count'))
+    assert [insert(p).get()[0] for p in paths + paths[:1]] == [1, 1, 1, 1]
+    client.flush('isc')
+    assert client.query('isc', filter='', output_fields=['count(*)'])[0]['count(*)'] == 3  # no duplicate
+    hits = client.search('isc', data=[small_op(paths[1]).tolist()], limit=1, search_params={'metric_type': 'IP'})
+    assert hits[0][0]['id'] == 'R000001' and hits[0][0]['distance'] == pytest.approx(1, abs=1e-5)

@@ -1,0 +1,234 @@
+"""Finding copies: exact search between descriptor sets, a Milvus index, score normalisation,
+near-duplicate groups, and an HTML page to look at the matches."""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from .metrics import Match
+
+DEFAULT_MILVUS_URI = './isc.db'  # Milvus Lite: embedded, a file, nothing to start
+BLOCK = 256  # query rows per similarity block: BLOCK x N float32 at a time (100 MB for N = 100,000), never N x N
+
+
+def similarity_blocks(queries: np.ndarray, references: np.ndarray, block: int = BLOCK
+                      ) -> Iterator[tuple[int, np.ndarray]]:
+    """(first query row, block of inner products) for ``block`` query rows at a time."""
+    for start in range(0, len(queries), block):
+        yield start, queries[start:start + block] @ references.T
+
+
+def top_k(similarity: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and scores of each row's k largest values, best first."""
+    k = min(k, similarity.shape[1])
+    idx = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
+    scores = np.take_along_axis(similarity, idx, axis=1)
+    order = np.argsort(-scores, axis=1, kind='stable')
+    return np.take_along_axis(idx, order, axis=1), np.take_along_axis(scores, order, axis=1)
+
+
+def nth_neighbour_similarity(queries: np.ndarray, background: np.ndarray, nth: int) -> np.ndarray:
+    """Each query's similarity to its n-th nearest background descriptor (1-based)."""
+    if not 1 <= nth <= len(background):
+        raise ValueError(f'--nth must be between 1 and the {len(background)} background descriptors, got {nth}')
+    out = np.empty(len(queries), np.float32)
+    for start, sim in similarity_blocks(queries, background):
+        out[start:start + len(sim)] = -np.partition(-sim, nth - 1, axis=1)[:, nth - 1]
+    return out
+
+
+def search_exact(query_ids: Sequence[str], queries: np.ndarray, reference_ids: Sequence[str],
+                 references: np.ndarray, k: int, threshold: float | None = None,
+                 offsets: np.ndarray | None = None) -> list[Match]:
+    """Each query's k best references by inner product (cosine for unit vectors), minus the query's
+    offset (score normalisation), kept if at least ``threshold``."""
+    _check_dims(queries, references)
+    matches = []
+    for start, sim in similarity_blocks(queries, references):
+        idx, scores = top_k(sim, k)
+        if offsets is not None:
+            scores = scores - offsets[start:start + len(sim), None]
+        for row in range(len(sim)):
+            for j, score in zip(idx[row], scores[row]):
+                if threshold is None or score >= threshold:
+                    matches.append(Match(query_ids[start + row], reference_ids[j], float(score)))
+    return matches
+
+
+def _check_dims(a: np.ndarray, b: np.ndarray) -> None:
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f'descriptor sizes differ: {a.shape[1]} vs {b.shape[1]}')
+
+
+class MilvusIndex:
+    """A Milvus collection of descriptors: primary key = image id (indexing again updates), inner
+    product on L2-normalised vectors. A file URI is Milvus Lite; ``http://host:19530`` a server."""
+
+    def __init__(self, uri: str = DEFAULT_MILVUS_URI, collection: str = 'isc'):
+        try:
+            from pymilvus import MilvusClient
+        except ImportError as e:
+            raise ImportError('the Milvus commands need pymilvus (and milvus-lite for file URIs): '
+                              'pip install pymilvus milvus-lite') from e
+        self.uri, self.collection = uri, collection
+        try:
+            self.client = MilvusClient(uri=uri, timeout=10)
+        except Exception as e:  # pymilvus raises its own and grpc errors; say which URI failed
+            raise ConnectionError(f'cannot reach Milvus at {uri!r}: {e}') from e
+
+    def dim(self) -> int | None:
+        if not self.client.has_collection(self.collection):
+            return None
+        fields = self.client.describe_collection(self.collection)['fields']
+        return next(f['params']['dim'] for f in fields if f['name'] == 'vector')
+
+    def create(self, dim: int = 256) -> None:
+        """Make the collection if it is not there (``id`` VARCHAR primary key, ``vector``, inner
+        product); one of another size is an error."""
+        from pymilvus import DataType, MilvusClient
+        existing = self.dim()
+        if existing is None:
+            schema = MilvusClient.create_schema(auto_id=False)
+            schema.add_field('id', DataType.VARCHAR, is_primary=True, max_length=512)
+            schema.add_field('vector', DataType.FLOAT_VECTOR, dim=dim)
+            index = self.client.prepare_index_params()
+            index.add_index('vector', index_type='FLAT', metric_type='IP')
+            self.client.create_collection(self.collection, schema=schema, index_params=index)
+        elif existing != dim:
+            raise ValueError(f'collection {self.collection!r} holds {existing}-d vectors; these are {dim}-d')
+
+    def add(self, ids: Sequence[str], vectors: np.ndarray, batch: int = 1000) -> None:
+        """Insert or update by id, creating the collection on first use."""
+        self.create(vectors.shape[1])
+        for start in range(0, len(ids), batch):
+            rows = [{'id': i, 'vector': v.tolist()} for i, v in zip(ids[start:start + batch], vectors[start:start + batch])]
+            self.client.upsert(self.collection, rows)
+        self.client.flush(self.collection)
+
+    def count(self) -> int:
+        return int(self.client.query(self.collection, filter='', output_fields=['count(*)'])[0]['count(*)'])
+
+    def search(self, query_ids: Sequence[str], queries: np.ndarray, k: int, threshold: float | None = None,
+               offsets: np.ndarray | None = None, batch: int = 256) -> list[Match]:
+        dim = self.dim()
+        if dim is None:
+            raise ValueError(f'unknown collection {self.collection!r} at {self.uri!r}: index some descriptors first')
+        if dim != queries.shape[1]:
+            raise ValueError(f'collection {self.collection!r} holds {dim}-d vectors; the queries are {queries.shape[1]}-d')
+        matches = []
+        for start in range(0, len(queries), batch):
+            hits = self.client.search(self.collection, data=queries[start:start + batch].tolist(), limit=k,
+                                      output_fields=['id'], search_params={'metric_type': 'IP'})
+            for row, row_hits in enumerate(hits):
+                offset = 0.0 if offsets is None else float(offsets[start + row])
+                for hit in row_hits:
+                    score = float(hit['distance']) - offset
+                    if threshold is None or score >= threshold:
+                        matches.append(Match(query_ids[start + row], hit['id'], score))
+        return matches
+
+
+def milvus_duplicate_pairs(index: 'MilvusIndex', ids: Sequence[str], vectors: np.ndarray, threshold: float,
+                           k: int = 100) -> Iterator[tuple[int, int, float]]:
+    """Near-duplicate pairs through a Milvus collection holding ``ids``: each image's k nearest
+    neighbours above ``threshold``. Memory stays O(k x batch) whatever the collection's size."""
+    position = {image: i for i, image in enumerate(ids)}
+    for m in index.search(ids, vectors, k + 1, threshold):
+        i, j = position[m.query_id], position.get(m.reference_id)
+        if j is not None and i < j:
+            yield i, j, m.score
+
+
+@dataclass
+class DuplicateGroup:
+    members: list[str]
+    keep: str
+
+
+def near_duplicate_pairs(vectors: np.ndarray, threshold: float, block: int = BLOCK) -> Iterator[tuple[int, int, float]]:
+    """(i, j, similarity) for i < j above ``threshold``, block by block: memory O(block x N), not N x N."""
+    for start, sim in similarity_blocks(vectors, vectors, block):
+        rows, cols = np.nonzero(sim >= threshold)
+        for r, c in zip(rows, cols):
+            i = start + int(r)
+            if i < c:
+                yield i, int(c), float(sim[r, c])
+
+
+def duplicate_groups(ids: Sequence[str], pairs: Iterable[tuple[int, int, float]],
+                     paths: Sequence[str | None] | None = None) -> list[DuplicateGroup]:
+    """Connected components of the near-duplicate ``pairs`` (indices into ``ids``), each with a
+    suggested copy to keep: the largest resolution, then the largest file (needs ``paths``)."""
+    parent = list(range(len(ids)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j, _ in pairs:
+        a, b = root(i), root(j)
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    members: dict[int, list[int]] = {}
+    for i in range(len(ids)):
+        members.setdefault(root(i), []).append(i)
+    groups = []
+    for group in members.values():
+        if len(group) > 1:
+            best = max(group, key=lambda i: _keep_rank(paths[i] if paths else None))
+            groups.append(DuplicateGroup([ids[i] for i in group], ids[best]))
+    return sorted(groups, key=lambda g: (-len(g.members), g.members[0]))
+
+
+def _keep_rank(path: str | None) -> tuple[int, int]:
+    if path is None or not os.path.isfile(path):
+        return (0, 0)
+    from PIL import Image
+    try:
+        with Image.open(path) as image:
+            pixels = image.width * image.height
+    except OSError:
+        pixels = 0
+    return (pixels, os.path.getsize(path))
+
+
+def html_report(matches: Sequence[Match], query_paths: dict[str, str], reference_paths: dict[str, str],
+                output: str | os.PathLike, per_query: int = 5) -> None:
+    """A self-contained page (thumbnails embedded) with each query beside its best matches."""
+    by_query: dict[str, list[Match]] = {}
+    for m in sorted(matches, key=lambda m: -m.score):
+        by_query.setdefault(m.query_id, []).append(m)
+    parts = ['<!doctype html><meta charset="utf-8"><title>ISC matches</title>',
+             '<style>body{font-family:sans-serif}td{vertical-align:top;text-align:center;padding:4px}'
+             'img{max-width:160px;max-height:160px}</style><h1>Copy detection matches</h1><table>']
+    for query, found in by_query.items():
+        cells = [f'<td><b>{html.escape(query)}</b><br>{_thumbnail(query_paths.get(query))}</td>']
+        cells += [f'<td>{html.escape(m.reference_id)}<br>{m.score:.3f}<br>{_thumbnail(reference_paths.get(m.reference_id))}</td>'
+                  for m in found[:per_query]]
+        parts.append('<tr>' + ''.join(cells) + '</tr>')
+    parts.append('</table>')
+    Path(output).write_text('\n'.join(parts), encoding='utf-8')
+
+
+def _thumbnail(path: str | None) -> str:
+    if not path or not os.path.isfile(path):
+        return '<i>no image</i>'
+    from PIL import Image
+    try:
+        with Image.open(path) as image:
+            image = image.convert('RGB')
+            image.thumbnail((160, 160))
+            buffer = io.BytesIO()
+            image.save(buffer, 'JPEG', quality=80)
+    except OSError:
+        return '<i>unreadable</i>'
+    return f'<img src="data:image/jpeg;base64,{base64.b64encode(buffer.getvalue()).decode()}">'

@@ -1,0 +1,316 @@
+"""The copy-detection workflow end to end on a small set built from real photos: embed -> index
+(Milvus Lite, real) -> search -> evaluate, every figure checked against an independent computation."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageEnhance, ImageOps
+
+from towhee_isc.cli import main as cli
+from towhee_isc.descriptors import read_descriptors
+from towhee_isc.metrics import Match, evaluate
+
+
+@pytest.fixture(scope='module')
+def copy_set(tmp_path_factory, photos):
+    """6 references; 6 queries made from them (crop, resize, JPEG, colour, text, flip); 2 unmatched."""
+    root = tmp_path_factory.mktemp('copyset')
+    refs, queries = root / 'references', root / 'queries'
+    refs.mkdir()
+    (queries / 'sub').mkdir(parents=True)
+    small = [p.copy() for p in photos]
+    for p in small:
+        p.thumbnail((320, 320))
+    for i, image in enumerate(small[:6]):
+        image.save(refs / f'R{i:06d}.jpg', quality=92)
+    w, h = small[0].size
+    texted = small[4].copy()
+    ImageDraw.Draw(texted).text((10, 10), 'COPY', fill=(255, 0, 0))
+    made = [small[0].crop((w // 8, h // 8, w, h)), small[1].resize((160, 120)), small[2],
+            ImageEnhance.Color(small[3]).enhance(0.3), texted, ImageOps.mirror(small[5]), small[6], small[7]]
+    for i, image in enumerate(made):
+        folder = queries / 'sub' if i % 2 else queries  # recursive folders
+        image.save(folder / f'Q{i:05d}.{"png" if i == 7 else "jpg"}', **({} if i == 7 else {'quality': 30 if i == 2 else 90}))
+    truth = root / 'ground_truth.csv'
+    truth.write_text('query_id,reference_id\n' + ''.join(f'Q{i:05d},R{i:06d}\n' for i in range(6))
+                     + 'Q00006,\nQ00007,\n')
+    return root
+
+
+@pytest.fixture
+def cmd(small_ckpt, capsys):
+    """Run a towhee-isc command in-process; returns (exit code, stdout, stderr)."""
+    def run(*args):
+        code = cli([*map(str, args)] + (['--checkpoint', str(small_ckpt), '--device', 'cpu']
+                                         if args[0] in ('embed', 'index', 'search', 'dedup') else []))
+        out = capsys.readouterr()
+        return code, out.out, out.err
+    return run
+
+
+def plain_average_precision(matches, truth):
+    """μAP from its definition, written plainly: walk predictions from best to worst (false first
+    at equal scores), add precision x recall step at each true match."""
+    labelled = [m for m in matches if m.query_id in truth]
+    positives = sum(len(r) for r in truth.values())
+    labelled.sort(key=lambda m: (-m.score, m.reference_id in truth[m.query_id]))
+    ap, hits = 0.0, 0
+    for rank, m in enumerate(labelled, start=1):
+        if m.reference_id in truth[m.query_id]:
+            hits += 1
+            ap += (hits / rank) * (1 / positives)
+    return ap
+
+
+def test_embed_writes_the_challenge_descriptor_format(cmd, copy_set, small_op, tmp_path):
+    code, out, err = cmd('embed', copy_set / 'references', '-o', tmp_path / 'refs.h5', '--quiet')
+    assert code == 0, err
+    with h5py.File(tmp_path / 'refs.h5') as f:
+        assert f['vectors'].dtype == np.float32 and f['vectors'].shape == (6, 256)
+        names = [n.decode() for n in f['image_names'][:]]
+    assert names == [f'R{i:06d}' for i in range(6)]
+    ids, vectors = read_descriptors(tmp_path / 'refs.h5')
+    want = np.stack(small_op(sorted((copy_set / 'references').iterdir())))
+    assert np.abs(vectors - want).max() < 1e-5
+    assert 'wrote 6 descriptors' in out and 'images/s' in out
+    assert not (tmp_path / 'refs.h5.parts').exists()
+
+
+def test_embed_index_search_evaluate_with_milvus_lite(cmd, copy_set, tmp_path):
+    assert cmd('embed', copy_set / 'references', '-o', tmp_path / 'refs.h5', '--quiet')[0] == 0
+    assert cmd('embed', copy_set / 'queries', '-o', tmp_path / 'queries.h5', '--quiet')[0] == 0
+    db = tmp_path / 'isc.db'
+    code, out, err = cmd('index', tmp_path / 'refs.h5', '--milvus-uri', db, '--collection', 'refs')
+    assert code == 0, err
+    assert cmd('index', tmp_path / 'refs.h5', '--milvus-uri', db, '--collection', 'refs')[1].endswith('(6 in all)\n')
+    code, out, err = cmd('search', tmp_path / 'queries.h5', '--milvus-uri', db, '--collection', 'refs', '-k', 3,
+                         '-o', tmp_path / 'matches.csv')
+    assert code == 0, err
+    rows = list(csv.DictReader(open(tmp_path / 'matches.csv')))
+    assert len(rows) == 8 * 3 and [float(r['score']) for r in rows] == sorted((float(r['score']) for r in rows), reverse=True)
+
+    # Independent: brute-force inner products over the two descriptor files.
+    qids, q = read_descriptors(tmp_path / 'queries.h5')
+    rids, r = read_descriptors(tmp_path / 'refs.h5')
+    sim = q @ r.T
+    want = {(qids[i], rids[j]): sim[i, j] for i in range(len(qids)) for j in np.argsort(-sim[i])[:3]}
+    got = {(row['query_id'], row['reference_id']): float(row['score']) for row in rows}
+    assert got.keys() == want.keys()
+    assert max(abs(got[k] - want[k]) for k in got) < 1e-5
+
+    exact = tmp_path / 'exact.csv'
+    assert cmd('search', tmp_path / 'queries.h5', '--references', tmp_path / 'refs.h5', '-k', 3, '-o', exact)[0] == 0
+    assert {(r['query_id'], r['reference_id']) for r in csv.DictReader(open(exact))} == want.keys()
+
+    code, out, err = cmd('evaluate', tmp_path / 'matches.csv', copy_set / 'ground_truth.csv', '--json',
+                         '--plot', tmp_path / 'pr.png')
+    result = json.loads(out)
+    matches = [Match(k[0], k[1], v) for k, v in got.items()]
+    truth = {f'Q{i:05d}': {f'R{i:06d}'} for i in range(6)} | {'Q00006': set(), 'Q00007': set()}
+    assert abs(result['average_precision'] - plain_average_precision(matches, truth)) < 1e-12
+    ranked = {q: sorted((m for m in matches if m.query_id == q), key=lambda m: -m.score) for q in truth}
+    rank1 = sum(ranked[q][0].reference_id in truth[q] for q in truth) / 6
+    assert result['recall_at_rank1'] == pytest.approx(rank1)
+    assert set(result) == {'average_precision', 'recall_at_p90', 'threshold_at_p90', 'recall_at_rank1', 'recall_at_rank10'}
+    assert Image.open(tmp_path / 'pr.png').size[0] > 300
+
+
+def test_threshold_score_normalisation_and_report(cmd, copy_set, tmp_path):
+    cmd('embed', copy_set / 'references', '-o', tmp_path / 'refs.h5', '--quiet')
+    cmd('embed', copy_set / 'queries', '-o', tmp_path / 'queries.h5', '--quiet')
+    background = tmp_path / 'background.h5'
+    cmd('embed', copy_set / 'queries' / 'sub', '-o', background, '--quiet')
+    code, _, err = cmd('search', tmp_path / 'queries.h5', '--references', tmp_path / 'refs.h5', '-k', 2,
+                       '--score-norm', background, '--factor', 0.5, '--nth', 2, '--threshold', -0.2,
+                       '-o', tmp_path / 'norm.csv', '--report', tmp_path / 'report.html')
+    assert code == 0, err
+    qids, q = read_descriptors(tmp_path / 'queries.h5')
+    rids, r = read_descriptors(tmp_path / 'refs.h5')
+    _, b = read_descriptors(background)
+    offset = 0.5 * np.sort(q @ b.T, axis=1)[:, -2]
+    sim = q @ r.T - offset[:, None]
+    want = {(qids[i], rids[j]) for i in range(len(qids)) for j in np.argsort(-sim[i])[:2] if sim[i, j] >= -0.2}
+    rows = list(csv.DictReader(open(tmp_path / 'norm.csv')))
+    assert {(row['query_id'], row['reference_id']) for row in rows} == want
+    for row in rows:
+        i, j = qids.index(row['query_id']), rids.index(row['reference_id'])
+        assert float(row['score']) == pytest.approx(sim[i, j], abs=1e-5)
+    page = (tmp_path / 'report.html').read_text()
+    assert page.count('data:image/jpeg;base64,') >= len({row['query_id'] for row in rows})
+
+
+def test_dedup_groups_copies_and_keeps_the_largest(cmd, photos, tmp_path):
+    folder = tmp_path / 'photos'
+    folder.mkdir()
+    photos[0].save(folder / 'a_big.png')
+    photos[0].resize((256, 256)).save(folder / 'a_small.jpg', quality=95)
+    photos[0].resize((300, 300)).save(folder / 'a_mid.jpg', quality=95)
+    for i in (1, 2, 3):
+        photos[i].save(folder / f'other{i}.jpg')
+    code, out, err = cmd('dedup', folder, '--threshold', 0.9, '-o', tmp_path / 'groups.json')
+    assert code == 0, err
+    groups = json.loads((tmp_path / 'groups.json').read_text())
+    assert groups == [{'keep': 'a_big', 'members': ['a_big', 'a_mid', 'a_small']}]
+    assert 'group 1: keep a_big' in out
+    cmd('embed', folder, '-o', tmp_path / 'all.h5', '--quiet')
+    code, out, _ = cmd('dedup', tmp_path / 'all.h5', '--threshold', 0.9, '-o', tmp_path / 'groups.csv')
+    rows = list(csv.DictReader(open(tmp_path / 'groups.csv')))
+    assert [(r['image_id'], r['keep']) for r in rows] == [('a_big', 'True'), ('a_mid', 'False'), ('a_small', 'False')]
+    code, out, err = cmd('dedup', tmp_path / 'all.h5', '--threshold', 0.9, '--milvus-uri', tmp_path / 'd.db',
+                         '-o', tmp_path / 'milvus.json')
+    assert code == 0, err
+    assert json.loads((tmp_path / 'milvus.json').read_text()) == groups
+
+
+def test_images_people_really_have(cmd, photos, tmp_path, small_op):
+    """Mixed formats in nested folders, EXIF orientation, CMYK / palette / alpha, a GIF's first frame."""
+    folder = tmp_path / 'phone'
+    (folder / 'nested').mkdir(parents=True)
+    upright = photos[1]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: the viewer turns it 90 degrees clockwise
+    upright.transpose(Image.Transpose.ROTATE_90).save(folder / 'phone.jpg', exif=exif, quality=95)
+    upright.save(folder / 'upright.jpg', quality=95)
+    photos[2].convert('CMYK').save(folder / 'nested' / 'cmyk.tiff')
+    photos[3].convert('P').save(folder / 'nested' / 'palette.gif')
+    photos[4].convert('RGBA').save(folder / 'nested' / 'alpha.webp')
+    photos[5].save(folder / 'nested' / 'plain.bmp')
+    code, out, err = cmd('embed', folder, '-o', tmp_path / 'phone.h5', '--quiet')
+    assert code == 0 and 'wrote 6 descriptors' in out, err
+    ids, vectors = read_descriptors(tmp_path / 'phone.h5')
+    assert sorted(ids) == ['alpha', 'cmyk', 'palette', 'phone', 'plain', 'upright']
+    v = dict(zip(ids, vectors))
+    assert float(v['phone'] @ v['upright']) > 0.99  # turned upright before embedding
+    assert float(small_op(folder / 'phone.jpg') @ v['upright']) < 0.99  # the operator alone does not
+
+
+def test_dedup_never_builds_the_n_by_n_matrix():
+    from towhee_isc.matching import BLOCK, duplicate_groups, near_duplicate_pairs, similarity_blocks
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((BLOCK * 3 + 5, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    vectors[7] = vectors[700]
+    assert max(block.shape[0] for _, block in similarity_blocks(vectors, vectors)) == BLOCK
+    ids = [f'I{i}' for i in range(len(vectors))]
+    groups = duplicate_groups(ids, near_duplicate_pairs(vectors, 0.999))
+    assert [(g.members, g.keep) for g in groups] == [(['I7', 'I700'], 'I7')]
+
+
+def test_unreadable_files_are_skipped_counted_and_listed(cmd, copy_set, tmp_path):
+    folder = tmp_path / 'mixed'
+    folder.mkdir()
+    for f in (copy_set / 'references').iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    (folder / 'broken.jpg').write_bytes(b'not a jpeg')
+    code, out, err = cmd('embed', folder, '-o', tmp_path / 'mixed.h5', '--quiet', '--chunk-size', 4)
+    assert code == 0 and 'wrote 6 descriptors' in out
+    assert 'skipped 1 unreadable' in err and 'broken.jpg' in err
+    assert read_descriptors(tmp_path / 'mixed.h5')[0] == [f'R{i:06d}' for i in range(6)]
+    code, _, err = cmd('embed', folder, '-o', tmp_path / 'strict.h5', '--quiet', '--strict')
+    assert code == 2 and 'broken.jpg' in err and not (tmp_path / 'strict.h5').exists()
+
+
+def test_killed_embed_resumes_without_losing_or_duplicating_rows(small_ckpt, photos, tmp_path):
+    folder = tmp_path / 'many'
+    folder.mkdir()
+    for i in range(40):
+        photos[i % len(photos)].rotate(i * 9).save(folder / f'R{i:06d}.jpg', quality=90)
+    command = [sys.executable, '-m', 'towhee_isc', 'embed', str(folder), '--checkpoint', str(small_ckpt),
+               '--device', 'cpu', '--chunk-size', '2', '--quiet']
+    whole = subprocess.run(command + ['-o', str(tmp_path / 'whole.h5')], capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr
+    parts = tmp_path / 'resumed.h5.parts'
+    process = subprocess.Popen(command + ['-o', str(tmp_path / 'resumed.h5')], stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while len(list(parts.glob('*.npz'))) < 3 and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    saved = len(list(parts.glob('*.npz')))
+    assert 3 <= saved < 20 and not (tmp_path / 'resumed.h5').exists()
+    again = subprocess.run(command + ['-o', str(tmp_path / 'resumed.h5')], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    ids, vectors = read_descriptors(tmp_path / 'resumed.h5')
+    want_ids, want = read_descriptors(tmp_path / 'whole.h5')
+    assert ids == want_ids and len(ids) == 40 and np.array_equal(vectors, want)
+    assert not parts.exists()
+
+
+def test_bad_inputs_are_one_line_errors(cmd, copy_set, tmp_path):
+    (tmp_path / 'text.h5').write_text('no hdf5')
+    with h5py.File(tmp_path / 'f64.h5', 'w') as f:
+        f['vectors'] = np.zeros((2, 256))
+        f['image_names'] = np.array([b'a', b'b'])
+    with h5py.File(tmp_path / 'd128.h5', 'w') as f:
+        f['vectors'] = np.zeros((2, 128), np.float32)
+        f['image_names'] = np.array([b'a', b'b'])
+    db = tmp_path / 'isc.db'
+    cmd('embed', copy_set / 'references', '-o', tmp_path / 'refs.h5', '--quiet')
+    cmd('index', tmp_path / 'refs.h5', '--milvus-uri', db, '--collection', 'refs')
+    out = tmp_path / 'out.csv'
+    cases = [
+        (('index', tmp_path / 'missing.h5', '--milvus-uri', db), 'descriptor file not found'),
+        (('index', tmp_path / 'text.h5', '--milvus-uri', db), 'not a readable HDF5 file'),
+        (('index', tmp_path / 'f64.h5', '--milvus-uri', db), "'vectors' must be float32"),
+        (('index', tmp_path / 'd128.h5', '--milvus-uri', db, '--collection', 'refs'), 'holds 256-d vectors; these are 128-d'),
+        (('search', tmp_path / 'refs.h5', '--milvus-uri', db, '--collection', 'nope', '-o', out), "unknown collection 'nope'"),
+        (('search', tmp_path / 'refs.h5', '--milvus-uri', 'http://127.0.0.1:9', '-o', out), "cannot reach Milvus at 'http://127.0.0.1:9'"),
+        (('embed', tmp_path / 'nowhere', '-o', out), 'no such file, folder or pattern'),
+    ]
+    for args, message in cases:
+        code, _, err = cmd(*args)
+        assert code == 2 and message in err and 'Traceback' not in err, (args, err)
+        assert not out.exists()
+
+
+@pytest.mark.parametrize('content, message', [
+    ('query,reference,score\nQ1,R1,0.5\n', 'must start with the columns query_id,reference_id,score'),
+    ('query_id,reference_id,score\nQ1,R1,high\n', "line 2: score 'high' is not a number"),
+    ('query_id,reference_id,score\nQ1,R1,0.5\nQ1,R1,0.4\n', "line 3: the pair ('Q1', 'R1') is predicted twice"),
+])
+def test_malformed_prediction_csv(cmd, copy_set, tmp_path, content, message):
+    (tmp_path / 'bad.csv').write_text(content)
+    code, _, err = cmd('evaluate', tmp_path / 'bad.csv', copy_set / 'ground_truth.csv')
+    assert code == 2 and message in err
+
+
+def m(q, r, s):
+    return Match(q, r, s)
+
+
+TRUTH = {'Q1': {'R1'}, 'Q2': {'R2'}, 'Q3': set()}
+
+
+def test_metric_perfect_ranking():
+    result = evaluate([m('Q1', 'R1', 0.9), m('Q2', 'R2', 0.8), m('Q3', 'R9', 0.1)], TRUTH)
+    assert result['average_precision'] == 1.0 and result['recall_at_p90'] == 1.0
+    assert result['threshold_at_p90'] == 0.8 and result['recall_at_rank1'] == 1.0
+
+
+def test_metric_all_wrong_never_reaches_p90():
+    result = evaluate([m('Q1', 'R2', 0.9), m('Q2', 'R1', 0.8)], TRUTH)
+    assert result == {'average_precision': 0.0, 'recall_at_p90': 0.0, 'threshold_at_p90': None,
+                      'recall_at_rank1': 0.0, 'recall_at_rank10': 0.0}
+
+
+def test_metric_ties_rank_false_matches_first():
+    tied = [m('Q1', 'R1', 0.5), m('Q1', 'R7', 0.5), m('Q2', 'R2', 0.5), m('Q3', 'R9', 0.5)]
+    # worst case order: two false, then two true: precision 1/3 and 2/4 at the true ones
+    assert evaluate(tied, TRUTH)['average_precision'] == pytest.approx(0.5 * (1 / 3) + 0.5 * (2 / 4))
+    assert evaluate(tied, TRUTH)['average_precision'] == pytest.approx(plain_average_precision(tied, TRUTH))
+    assert evaluate(tied, TRUTH)['recall_at_rank1'] == 0.5  # Q1: R7 ties R1 and ranks first; Q2 found
+    assert evaluate(tied, TRUTH)['recall_at_rank10'] == 1.0
+
+
+def test_metric_without_positives_and_unlabelled_queries():
+    assert evaluate([m('Q3', 'R1', 0.9)], {'Q3': set()})['average_precision'] == 0.0
+    result = evaluate([m('QX', 'R1', 0.99), m('Q1', 'R1', 0.5)], TRUTH)  # QX is not labelled: ignored
+    assert result['average_precision'] == 0.5 and result['recall_at_p90'] == 0.5
