@@ -61,16 +61,17 @@ def embed_collection(inputs: Sequence[str], output: str, embedder: Embedder, chu
                      quiet: bool = False) -> tuple[int, list[Path], float]:
     """Embed images into a descriptor file, resumably. Returns (rows written, skipped files, images/s)."""
     images = find_images(inputs)
-    started, embedded = time.perf_counter(), 0
+    started, embedded, reached = time.perf_counter(), 0, 0
     bar = None
     if not quiet:
         from tqdm import tqdm
         bar = tqdm(total=len(images), unit='img', file=sys.stderr, smoothing=0.1)
 
-    def progress(done: int, skipped: bool) -> None:
-        nonlocal embedded
-        step = done - (bar.n if bar else 0)
-        if not skipped:
+    def progress(done: int, resumed: bool) -> None:
+        """``done`` images are finished; the last chunk was saved by an earlier run if ``resumed``."""
+        nonlocal embedded, reached
+        step, reached = done - reached, done
+        if not resumed:
             embedded += step
         if bar:
             bar.update(step)

@@ -134,7 +134,8 @@ def plot_precision_recall(matches: list[Match], truth: dict[str, set[str]], path
     fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
     ax.plot(recalls, precisions, color='tab:blue', label=f"μAP {result['average_precision']:.4f}")
     if result['threshold_at_p90'] is not None:
-        ax.plot([result['recall_at_p90']], [0.9], 'o', color='tab:red',
+        point = int(np.argmax(np.where(precisions >= 0.9, recalls, -1.0)))  # the operating point itself
+        ax.plot([recalls[point]], [precisions[point]], 'o', color='tab:red',
                 label=f"P90: recall {result['recall_at_p90']:.3f} at score {result['threshold_at_p90']:.3f}")
     ax.axhline(0.9, color='tab:red', linewidth=0.5, linestyle='--')
     ax.set(xlabel='recall', ylabel='precision', xlim=(0, 1), ylim=(0, 1.02), title='Copy detection: precision-recall')

@@ -9,6 +9,7 @@ get clearly different vectors.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -56,3 +57,34 @@ def make_synthetic_checkpoint(path: str | os.PathLike, arch: str, input_size: in
     save_checkpoint(model, path, input_size)
     return model
 
+
+
+def make_copy_detection_set(root: str | os.PathLike, photos: Sequence[Image.Image]) -> Path:
+    """A small copy-detection set in the challenge's layout under ``root``: ``references/`` (the first
+    6 photos), ``queries/`` (copies of them: crop, resize, JPEG quality 30, faded colour, overlaid
+    text, mirror; and 2 photos with no reference; some in a subfolder, one PNG) and
+    ``ground_truth.csv``. Needs at least 8 photos. Returns ``root``."""
+    from PIL import ImageDraw, ImageEnhance, ImageOps
+    root = Path(root)
+    refs, queries = root / 'references', root / 'queries'
+    refs.mkdir(parents=True)
+    (queries / 'sub').mkdir(parents=True)
+    small = [p.copy() for p in photos[:8]]
+    for p in small:
+        p.thumbnail((320, 320))
+    for i, image in enumerate(small[:6]):
+        image.save(refs / f'R{i:06d}.jpg', quality=92)
+    w, h = small[0].size
+    texted = small[4].copy()
+    ImageDraw.Draw(texted).text((10, 10), 'COPY', fill=(255, 0, 0))
+    made = [small[0].crop((w // 8, h // 8, w, h)), small[1].resize((160, 120)), small[2],
+            ImageEnhance.Color(small[3]).enhance(0.3), texted, ImageOps.mirror(small[5]), small[6], small[7]]
+    for i, image in enumerate(made):
+        folder = queries / 'sub' if i % 2 else queries
+        if i == 7:
+            image.save(folder / f'Q{i:05d}.png')
+        else:
+            image.save(folder / f'Q{i:05d}.jpg', quality=30 if i == 2 else 90)
+    (root / 'ground_truth.csv').write_text('query_id,reference_id\n' + ''.join(
+        f'Q{i:05d},R{i:06d}\n' for i in range(6)) + 'Q00006,\nQ00007,\n')
+    return root

@@ -2,47 +2,26 @@
 (Milvus Lite, real) -> search -> evaluate, every figure checked against an independent computation."""
 import csv
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw, ImageEnhance, ImageOps
+from PIL import Image
 
 from towhee_isc.cli import main as cli
 from towhee_isc.descriptors import read_descriptors
 from towhee_isc.metrics import Match, evaluate
+from towhee_isc.testing import make_copy_detection_set
 
 
 @pytest.fixture(scope='module')
 def copy_set(tmp_path_factory, photos):
     """6 references; 6 queries made from them (crop, resize, JPEG, colour, text, flip); 2 unmatched."""
-    root = tmp_path_factory.mktemp('copyset')
-    refs, queries = root / 'references', root / 'queries'
-    refs.mkdir()
-    (queries / 'sub').mkdir(parents=True)
-    small = [p.copy() for p in photos]
-    for p in small:
-        p.thumbnail((320, 320))
-    for i, image in enumerate(small[:6]):
-        image.save(refs / f'R{i:06d}.jpg', quality=92)
-    w, h = small[0].size
-    texted = small[4].copy()
-    ImageDraw.Draw(texted).text((10, 10), 'COPY', fill=(255, 0, 0))
-    made = [small[0].crop((w // 8, h // 8, w, h)), small[1].resize((160, 120)), small[2],
-            ImageEnhance.Color(small[3]).enhance(0.3), texted, ImageOps.mirror(small[5]), small[6], small[7]]
-    for i, image in enumerate(made):
-        folder = queries / 'sub' if i % 2 else queries  # recursive folders
-        image.save(folder / f'Q{i:05d}.{"png" if i == 7 else "jpg"}', **({} if i == 7 else {'quality': 30 if i == 2 else 90}))
-    truth = root / 'ground_truth.csv'
-    truth.write_text('query_id,reference_id\n' + ''.join(f'Q{i:05d},R{i:06d}\n' for i in range(6))
-                     + 'Q00006,\nQ00007,\n')
-    return root
+    return make_copy_detection_set(tmp_path_factory.mktemp('copyset'), photos)
 
 
 @pytest.fixture
@@ -71,8 +50,11 @@ def plain_average_precision(matches, truth):
 
 
 def test_embed_writes_the_challenge_descriptor_format(cmd, copy_set, small_op, tmp_path):
-    code, out, err = cmd('embed', copy_set / 'references', '-o', tmp_path / 'refs.h5', '--quiet')
+    started = time.perf_counter()
+    code, out, err = cmd('embed', copy_set / 'references', '-o', tmp_path / 'refs.h5', '--quiet', '--chunk-size', 2)
+    elapsed = time.perf_counter() - started
     assert code == 0, err
+    assert 0 < float(out.split('(')[-1].split()[0]) <= 6 / elapsed * 1.2  # the reported images/s is true
     with h5py.File(tmp_path / 'refs.h5') as f:
         assert f['vectors'].dtype == np.float32 and f['vectors'].shape == (6, 256)
         names = [n.decode() for n in f['image_names'][:]]
