@@ -1,111 +1,31 @@
 """``towhee-isc`` (also ``python -m towhee_isc``): embed, index, search, dedup, evaluate.
 
-Every command is a thin shell over the Python API (``embed_collection``, ``MilvusIndex``,
-``search_exact``, ``duplicate_groups``, ``evaluate``); errors are one line and exit code 2.
+Every command is a thin shell over the Python API (``workflow``, ``matching``, ``metrics``):
+it parses arguments and prints; errors are one line and exit code 2.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import os
 import sys
-import time
-from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-
-from .descriptors import embed_resumable, find_images, image_id, read_descriptors, read_image_paths
+from .descriptors import read_descriptors
 from .matching import (DEFAULT_MILVUS_URI, MilvusIndex, duplicate_groups, html_report, milvus_duplicate_pairs,
-                       near_duplicate_pairs, nth_neighbour_similarity, search_exact)
+                       near_duplicate_pairs, nth_neighbour_similarity, search_exact, write_groups)
 from .metrics import evaluate, plot_precision_recall, read_ground_truth, read_matches, write_matches
+from .workflow import Embedder, embed_collection, load_descriptors
 
 COMMANDS = ('embed', 'index', 'search', 'dedup', 'evaluate')
-DESCRIPTOR_SUFFIXES = ('.h5', '.hdf5')
 
 
-class Embedder:
-    """The operator, made on first use, with the command's options; skips unreadable images.
-    Photos are turned upright by their EXIF orientation, as people see them."""
-
-    def __init__(self, args: argparse.Namespace):
-        self.args = args
-        self._op = None
-
-    @property
-    def op(self):
-        if self._op is None:
-            from .isc import Isc
-            self._op = Isc(model_name=self.args.model_name, checkpoint_path=self.args.checkpoint,
-                           device=self.args.device, batch_size=self.args.batch_size, exif_transpose=True)
-        return self._op
-
-    def __call__(self, paths: list[Path]) -> tuple[list[np.ndarray], list[int]]:
-        """Vectors of the readable images, and the indices of the others (an error with --strict)."""
-        try:
-            return self.op(paths), []
-        except ValueError:
-            if self.args.strict:
-                raise
-        vectors, failed = [], []
-        for i, path in enumerate(paths):  # find which ones failed
-            try:
-                vectors.append(self.op(path))
-            except ValueError:
-                failed.append(i)
-        return vectors, failed
-
-
-def embed_collection(inputs: Sequence[str], output: str, embedder: Embedder, chunk_size: int = 64,
-                     quiet: bool = False) -> tuple[int, list[Path], float]:
-    """Embed images into a descriptor file, resumably. Returns (rows written, skipped files, images/s)."""
-    images = find_images(inputs)
-    started, embedded, reached = time.perf_counter(), 0, 0
-    bar = None
-    if not quiet:
-        from tqdm import tqdm
-        bar = tqdm(total=len(images), unit='img', file=sys.stderr, smoothing=0.1)
-
-    def progress(done: int, resumed: bool) -> None:
-        """``done`` images are finished; the last chunk was saved by an earlier run if ``resumed``."""
-        nonlocal embedded, reached
-        step, reached = done - reached, done
-        if not resumed:
-            embedded += step
-        if bar:
-            bar.update(step)
-
-    skipped = embed_resumable(images, output, embedder, chunk_size, progress)
-    if bar:
-        bar.close()
-    seconds = time.perf_counter() - started
-    return len(images) - len(skipped), [images[i] for i in skipped], embedded / seconds if seconds else 0.0
-
-
-def load_descriptors(inputs: Sequence[str], embedder: Embedder) -> tuple[list[str], np.ndarray, dict[str, str]]:
-    """Descriptor files as they are, or images embedded now: (ids, vectors, id -> image path)."""
-    if all(str(i).lower().endswith(DESCRIPTOR_SUFFIXES) for i in inputs):
-        ids, vectors, paths = [], [], {}
-        for path in inputs:
-            file_ids, file_vectors = read_descriptors(path)
-            ids += file_ids
-            vectors.append(file_vectors)
-            paths.update(zip(file_ids, read_image_paths(path) or []))
-        if len(set(ids)) != len(ids):
-            raise ValueError('the descriptor files repeat image ids')
-        return ids, np.concatenate(vectors), paths
-    images = find_images(inputs)
-    vectors, failed = embedder(images)
-    if failed:
-        print(f'skipped {len(failed)} unreadable file(s): ' + ', '.join(str(images[i]) for i in failed), file=sys.stderr)
-    kept = [p for i, p in enumerate(images) if i not in set(failed)]
-    ids = [image_id(p) for p in kept]
-    return ids, np.stack(vectors), dict(zip(ids, map(str, kept)))
+def embedder(args: argparse.Namespace) -> Embedder:
+    return Embedder(model_name=args.model_name, checkpoint_path=args.checkpoint, device=args.device,
+                    batch_size=args.batch_size, strict=args.strict)
 
 
 def cmd_embed(args) -> None:
-    written, skipped, rate = embed_collection(args.inputs, args.output, Embedder(args), args.chunk_size, args.quiet)
+    written, skipped, rate = embed_collection(args.inputs, args.output, embedder(args), args.chunk_size, args.quiet)
     print(f'wrote {written} descriptors to {args.output} ({rate:.2f} images/s)')
     if skipped:
         print(f'skipped {len(skipped)} unreadable or non-image file(s):', file=sys.stderr)
@@ -114,21 +34,21 @@ def cmd_embed(args) -> None:
 
 
 def cmd_index(args) -> None:
-    ids, vectors, _ = load_descriptors(args.inputs, Embedder(args))
+    ids, vectors, _ = load_descriptors(args.inputs, embedder(args))
     index = MilvusIndex(args.milvus_uri, args.collection)
     index.add(ids, vectors)
     print(f'indexed {len(ids)} descriptors into {args.collection!r} at {args.milvus_uri} ({index.count()} in all)')
 
 
 def cmd_search(args) -> None:
-    embedder = Embedder(args)
-    query_ids, queries, query_paths = load_descriptors(args.queries, embedder)
+    images = embedder(args)
+    query_ids, queries, query_paths = load_descriptors(args.queries, images)
     offsets = None
     if args.score_norm:
         _, background = read_descriptors(args.score_norm, dim=queries.shape[1])
         offsets = args.factor * nth_neighbour_similarity(queries, background, args.nth)
     if args.references:
-        reference_ids, references, reference_paths = load_descriptors(args.references, embedder)
+        reference_ids, references, reference_paths = load_descriptors(args.references, images)
         matches = search_exact(query_ids, queries, reference_ids, references, args.k, args.threshold, offsets)
     else:
         index = MilvusIndex(args.milvus_uri, args.collection)
@@ -142,7 +62,7 @@ def cmd_search(args) -> None:
 
 
 def cmd_dedup(args) -> None:
-    ids, vectors, paths = load_descriptors(args.inputs, Embedder(args))
+    ids, vectors, paths = load_descriptors(args.inputs, embedder(args))
     if args.milvus_uri:  # collections too large for this machine: let Milvus find the neighbours
         index = MilvusIndex(args.milvus_uri, args.collection)
         index.add(ids, vectors)
@@ -154,17 +74,7 @@ def cmd_dedup(args) -> None:
         print(f'group {n}: keep {group.keep}; copies: ' + ', '.join(m for m in group.members if m != group.keep))
     print(f'{len(groups)} group(s) of near-duplicates among {len(ids)} images (threshold {args.threshold})')
     if args.output:
-        rows = [{'group': n, 'image_id': m, 'path': paths.get(m, ''), 'keep': m == g.keep}
-                for n, g in enumerate(groups, start=1) for m in g.members]
-        tmp = args.output + '.tmp'
-        with open(tmp, 'w', newline='', encoding='utf-8') as f:
-            if args.output.lower().endswith('.json'):
-                json.dump([{'keep': g.keep, 'members': g.members} for g in groups], f, indent=1)
-            else:
-                writer = csv.DictWriter(f, fieldnames=['group', 'image_id', 'path', 'keep'])
-                writer.writeheader()
-                writer.writerows(rows)
-        os.replace(tmp, args.output)
+        write_groups(args.output, groups, paths)
         print(f'wrote {args.output}')
 
 

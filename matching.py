@@ -3,8 +3,10 @@ near-duplicate groups, and an HTML page to look at the matches."""
 from __future__ import annotations
 
 import base64
+import csv
 import html
 import io
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,6 +189,22 @@ def duplicate_groups(ids: Sequence[str], pairs: Iterable[tuple[int, int, float]]
             best = max(group, key=lambda i: _keep_rank(paths[i] if paths else None))
             groups.append(DuplicateGroup([ids[i] for i in group], ids[best]))
     return sorted(groups, key=lambda g: (-len(g.members), g.members[0]))
+
+
+def write_groups(path: str | os.PathLike, groups: Sequence[DuplicateGroup], paths: dict[str, str]) -> None:
+    """Groups as JSON (``[{keep, members}]``) if ``path`` ends in .json, else CSV
+    ``group,image_id,path,keep``; through a temporary file."""
+    path = str(path)
+    tmp = path + '.tmp'
+    with open(tmp, 'w', newline='', encoding='utf-8') as f:
+        if path.lower().endswith('.json'):
+            json.dump([{'keep': g.keep, 'members': g.members} for g in groups], f, indent=1)
+        else:
+            writer = csv.writer(f)
+            writer.writerow(['group', 'image_id', 'path', 'keep'])
+            for n, g in enumerate(groups, start=1):
+                writer.writerows([n, m, paths.get(m, ''), m == g.keep] for m in g.members)
+    os.replace(tmp, path)
 
 
 def _keep_rank(path: str | None) -> tuple[int, int]:
