@@ -148,3 +148,17 @@ def test_readme_pipeline_decode_embed_insert_into_milvus(small_ckpt, small_op, p
     assert client.query('isc', filter='', output_fields=['count(*)'])[0]['count(*)'] == 3  # no duplicate
     hits = client.search('isc', data=[small_op(paths[1]).tolist()], limit=1, search_params={'metric_type': 'IP'})
     assert hits[0][0]['id'] == 'R000001' and hits[0][0]['distance'] == pytest.approx(1, abs=1e-5)
+
+
+def test_hub_loader_finds_every_requirement_installed():
+    """Towhee's hub loader pip-installs each requirements.txt line whose name is not spelled exactly
+    as pkg_resources knows it (e.g. 'Pillow' for 'pillow'): offline that would fail."""
+    import re
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        import pkg_resources
+    installed = {d.project_name for d in pkg_resources.working_set}
+    names = [re.split(r'(~|>|<|=|!|\]|\[| )', line)[0].replace('_', '-')
+             for line in (REPO / 'requirements.txt').read_text().split('\n') if line]
+    assert names and [n for n in names if n not in installed] == []
