@@ -89,6 +89,7 @@ def load_descriptors(inputs: Sequence[str], embedder: Embedder) -> tuple[list[st
     vectors, failed = embedder(images)
     if failed:
         print(f'skipped {len(failed)} unreadable file(s): ' + ', '.join(str(images[i]) for i in failed), file=sys.stderr)
-    kept = [p for i, p in enumerate(images) if i not in set(failed)]
+    failed_set = set(failed)
+    kept = [p for i, p in enumerate(images) if i not in failed_set]
     ids = [image_id(p) for p in kept]
     return ids, np.stack(vectors), dict(zip(ids, map(str, kept)))
