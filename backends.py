@@ -132,6 +132,7 @@ def cached_onnx(model: IscNet, img_size: int, cache_dir: Path | None = None) -> 
     os.close(fd)
     try:
         export_onnx(model, img_size, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; others sharing the cache may read it
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

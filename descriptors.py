@@ -94,6 +94,7 @@ def write_descriptors(path: str | os.PathLike, ids: Sequence[str], vectors: np.n
             if paths is not None:
                 f.create_dataset('image_paths', data=np.array(list(paths), dtype=object),
                                  dtype=h5py.string_dtype('utf-8'))
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the result is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

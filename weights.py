@@ -81,6 +81,7 @@ def load_published(name: str) -> Checkpoint:
         except CheckpointError as e:
             raise CheckpointError(f'{weights.url} did not give a readable ISC checkpoint, so nothing was '
                                   f'cached; check {WEIGHTS_URL_ENV} or pass checkpoint_path= ({e})') from e
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache file is as readable as any download
         os.replace(tmp, target)
     except BaseException:
         os.unlink(tmp)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -147,59 +148,62 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     work = Path(tempfile.mkdtemp(prefix='isc-bench-'))
-    checkpoint = work / 'isc_synthetic.pth.tar'
-    images = load_images(args.images, args.count)
-    make_synthetic_checkpoint(checkpoint, ARCH, SIZE, sample_photos()[:4])
+    try:
+        checkpoint = work / 'isc_synthetic.pth.tar'
+        images = load_images(args.images, args.count)
+        make_synthetic_checkpoint(checkpoint, ARCH, SIZE, sample_photos()[:4])
 
-    reference = ReferencePath(checkpoint, device)
-    flops, peak = flops_per_image(reference.model, device), gemm_peak(device)
-    want = reference(images)
-    meta = {'device': str(device), 'cpu_threads': torch.get_num_threads(), 'torch': torch.__version__,
-            'python': platform.python_version(), 'machine': platform.machine(), 'images': len(images),
-            'gflop_per_image': flops / 1e9, 'gemm_peak_gflop_per_s': peak}
-    if device.type == 'cuda':
-        meta['gpu'] = torch.cuda.get_device_name(device)
-    print(json.dumps(meta))
-    print(f"{'path':<44} {'img/s':>8} {'GFLOP/s':>8} {'peak':>6} {'speed-up':>9} {'max|diff|':>9} {'min cos':>9}")
-    rows = [side_by_side('reference-style: PIL + eager torch, 1 by 1', reference, reference, images, want,
-                         args.rounds, flops, peak)]
+        reference = ReferencePath(checkpoint, device)
+        flops, peak = flops_per_image(reference.model, device), gemm_peak(device)
+        want = reference(images)
+        meta = {'device': str(device), 'cpu_threads': torch.get_num_threads(), 'torch': torch.__version__,
+                'python': platform.python_version(), 'machine': platform.machine(), 'images': len(images),
+                'gflop_per_image': flops / 1e9, 'gemm_peak_gflop_per_s': peak}
+        if device.type == 'cuda':
+            meta['gpu'] = torch.cuda.get_device_name(device)
+        print(json.dumps(meta))
+        print(f"{'path':<44} {'img/s':>8} {'GFLOP/s':>8} {'peak':>6} {'speed-up':>9} {'max|diff|':>9} {'min cos':>9}")
+        rows = [side_by_side('reference-style: PIL + eager torch, 1 by 1', reference, reference, images, want,
+                             args.rounds, flops, peak)]
 
-    def operator_row(name, **kwargs):
-        op = Isc(checkpoint_path=checkpoint, device=args.device, **kwargs)
-        rows.append(side_by_side(name, op, reference, images, want, args.rounds, flops, peak))
-
-    if device.type == 'cpu':
-        operator_row('operator default (auto)')
-        for batch in (1, 2, 4, 8):
-            operator_row(f'onnxruntime, batch {batch}', backend='onnxruntime', batch_size=batch)
-        for batch in (1, 4):
-            operator_row(f'torch, batch {batch}', backend='torch', batch_size=batch)
-        operator_row('torch bf16, batch 1 (inexact, opt-in)', precision='bf16', batch_size=1)
-    else:
-        for precision in ('fp32', 'bf16', 'fp16'):
-            for batch in (8, 32):
-                operator_row(f'torch {precision}, batch {batch}', precision=precision, batch_size=batch)
-
-    paths = []
-    for i, image in enumerate(images):
-        paths.append(str(work / f'{i}.jpg'))
-        image.save(paths[-1], quality=92)
-    rows += towhee_rows(checkpoint, paths, args.window, args, reference, reference(paths), flops, peak)
-
-    if args.large:
-        large = []
-        for i, image in enumerate(images):
-            large.append(str(work / f'large{i}.jpg'))
-            image.resize((4000, 3000), Image.BICUBIC).save(large[-1], quality=92)
-        want_large = reference(large)
-        rows.append(side_by_side('12 MP JPEG files: reference-style', reference, reference, large, want_large,
-                                 args.rounds, flops, peak))
-        for name, kwargs in (('12 MP JPEG files: operator default', {}),
-                             ('12 MP JPEG files: operator, fast_decode', {'fast_decode': True})):
+        def operator_row(name, **kwargs):
             op = Isc(checkpoint_path=checkpoint, device=args.device, **kwargs)
-            rows.append(side_by_side(name, op, reference, large, want_large, args.rounds, flops, peak))
-    Path(args.json).write_text(json.dumps({'meta': meta, 'rows': rows}, indent=1))
-    print(f'wrote {args.json}')
+            rows.append(side_by_side(name, op, reference, images, want, args.rounds, flops, peak))
+
+        if device.type == 'cpu':
+            operator_row('operator default (auto)')
+            for batch in (1, 2, 4, 8):
+                operator_row(f'onnxruntime, batch {batch}', backend='onnxruntime', batch_size=batch)
+            for batch in (1, 4):
+                operator_row(f'torch, batch {batch}', backend='torch', batch_size=batch)
+            operator_row('torch bf16, batch 1 (inexact, opt-in)', precision='bf16', batch_size=1)
+        else:
+            for precision in ('fp32', 'bf16', 'fp16'):
+                for batch in (8, 32):
+                    operator_row(f'torch {precision}, batch {batch}', precision=precision, batch_size=batch)
+
+        paths = []
+        for i, image in enumerate(images):
+            paths.append(str(work / f'{i}.jpg'))
+            image.save(paths[-1], quality=92)
+        rows += towhee_rows(checkpoint, paths, args.window, args, reference, reference(paths), flops, peak)
+
+        if args.large:
+            large = []
+            for i, image in enumerate(images):
+                large.append(str(work / f'large{i}.jpg'))
+                image.resize((4000, 3000), Image.BICUBIC).save(large[-1], quality=92)
+            want_large = reference(large)
+            rows.append(side_by_side('12 MP JPEG files: reference-style', reference, reference, large, want_large,
+                                     args.rounds, flops, peak))
+            for name, kwargs in (('12 MP JPEG files: operator default', {}),
+                                 ('12 MP JPEG files: operator, fast_decode', {'fast_decode': True})):
+                op = Isc(checkpoint_path=checkpoint, device=args.device, **kwargs)
+                rows.append(side_by_side(name, op, reference, large, want_large, args.rounds, flops, peak))
+        Path(args.json).write_text(json.dumps({'meta': meta, 'rows': rows}, indent=1))
+        print(f'wrote {args.json}')
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # images, checkpoints: hundreds of MB
 
 
 if __name__ == '__main__':

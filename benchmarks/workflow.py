@@ -5,13 +5,13 @@ throughput, and ``towhee-isc dedup`` on many descriptors (time and peak memory).
 
 Uses a synthetic checkpoint of the published architecture (EfficientNetV2-M, 512; speed does not
 depend on the weights) and JPEG files made from scikit-image's photos. Each command runs as a real
-subprocess; peak memory is the child's maximum resident set size.
+subprocess; peak memory is its maximum resident set size.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -39,18 +39,20 @@ def make_images(folder: Path, count: int) -> list[Path]:
     return paths
 
 
+# Runs the command and reports its peak memory. A small wrapper process starts it: a child started
+# straight from this (large) process would count pages shared with it before exec in its peak.
+_WRAPPER = ('import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); '
+            'print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(r.returncode)')
+
+
 def run_child(command: list[str]) -> tuple[float, float, str]:
     """(seconds, peak resident MiB, stdout) of a command run as a child process."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     start = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, '-c', _WRAPPER, *command], capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if result.returncode:
         sys.exit(f'{command} failed:\n{result.stderr[-3000:]}')
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if peak <= before:
-        print('(peak memory not measurable: an earlier child used more)', file=sys.stderr)
-    return seconds, peak / 1024, result.stdout
+    return seconds, int(result.stderr.strip().splitlines()[-1]) / 1024, result.stdout
 
 
 def main() -> None:
@@ -60,37 +62,38 @@ def main() -> None:
     parser.add_argument('--threshold', type=float, default=0.9)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix='isc-workflow-'))
-    report = {}
+    try:
+        report = {}
+        rng = np.random.default_rng(1)
+        vectors = rng.standard_normal((args.descriptors, 256)).astype(np.float32)
+        copies = rng.choice(args.descriptors, size=(args.descriptors // 100, 2), replace=False)
+        vectors[copies[:, 1]] = vectors[copies[:, 0]] + 0.05 * rng.standard_normal((len(copies), 256)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        write_descriptors(work / 'many.h5', [f'I{i:07d}' for i in range(args.descriptors)], vectors)
+        seconds, peak, out = run_child([sys.executable, '-m', 'towhee_isc', 'dedup', str(work / 'many.h5'),
+                                        '--threshold', str(args.threshold), '-o', str(work / 'groups.csv')])
+        report['dedup'] = {'descriptors': args.descriptors, 'planted_pairs': len(copies), 'seconds': seconds,
+                           'peak_mib': peak, 'summary': out.strip().splitlines()[-2]}
+        print(json.dumps(report['dedup']), flush=True)
 
-    # dedup first: its child's peak memory must not be hidden by the embedding child's.
-    rng = np.random.default_rng(1)
-    vectors = rng.standard_normal((args.descriptors, 256)).astype(np.float32)
-    copies = rng.choice(args.descriptors, size=(args.descriptors // 100, 2), replace=False)
-    vectors[copies[:, 1]] = vectors[copies[:, 0]] + 0.05 * rng.standard_normal((len(copies), 256)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    write_descriptors(work / 'many.h5', [f'I{i:07d}' for i in range(args.descriptors)], vectors)
-    seconds, peak, out = run_child([sys.executable, '-m', 'towhee_isc', 'dedup', str(work / 'many.h5'),
-                                    '--threshold', str(args.threshold), '-o', str(work / 'groups.csv')])
-    report['dedup'] = {'descriptors': args.descriptors, 'planted_pairs': len(copies), 'seconds': seconds,
-                       'peak_mib': peak, 'summary': out.strip().splitlines()[-2]}
-    print(json.dumps(report['dedup']), flush=True)
-
-    checkpoint = work / 'isc_synthetic.pth.tar'
-    make_synthetic_checkpoint(checkpoint, 'tf_efficientnetv2_m_in21ft1k', 512, sample_photos()[:4])
-    (work / 'images').mkdir()
-    images = make_images(work / 'images', args.images)
-    op = Isc(checkpoint_path=checkpoint, device='cpu')  # also fills the ONNX cache the command reuses
-    start = time.perf_counter()
-    op([str(p) for p in images])
-    operator_rate = len(images) / (time.perf_counter() - start)
-    seconds, peak, out = run_child([sys.executable, '-m', 'towhee_isc', 'embed', str(work / 'images'), '-o',
-                                    str(work / 'embedded.h5'), '--checkpoint', str(checkpoint), '--device', 'cpu',
-                                    '--quiet'])
-    command_rate = float(out.split('(')[-1].split()[0])
-    report['embed'] = {'images': len(images), 'operator_images_per_s': operator_rate,
-                       'command_images_per_s': command_rate, 'command_wall_s': seconds,
-                       'command_vs_operator': command_rate / operator_rate, 'peak_mib': peak}
-    print(json.dumps(report['embed']), flush=True)
+        checkpoint = work / 'isc_synthetic.pth.tar'
+        make_synthetic_checkpoint(checkpoint, 'tf_efficientnetv2_m_in21ft1k', 512, sample_photos()[:4])
+        (work / 'images').mkdir()
+        images = make_images(work / 'images', args.images)
+        op = Isc(checkpoint_path=checkpoint, device='cpu')  # also fills the ONNX cache the command reuses
+        start = time.perf_counter()
+        op([str(p) for p in images])
+        operator_rate = len(images) / (time.perf_counter() - start)
+        seconds, peak, out = run_child([sys.executable, '-m', 'towhee_isc', 'embed', str(work / 'images'), '-o',
+                                        str(work / 'embedded.h5'), '--checkpoint', str(checkpoint), '--device', 'cpu',
+                                        '--quiet'])
+        command_rate = float(out.split('(')[-1].split()[0])
+        report['embed'] = {'images': len(images), 'operator_images_per_s': operator_rate,
+                           'command_images_per_s': command_rate, 'command_wall_s': seconds,
+                           'command_vs_operator': command_rate / operator_rate, 'peak_mib': peak}
+        print(json.dumps(report['embed']), flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # images, checkpoints: hundreds of MB
 
 
 if __name__ == '__main__':

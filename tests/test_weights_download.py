@@ -62,6 +62,7 @@ def test_download_once_into_torch_hub_checkpoints(server, hub_dir, small_ckpt, s
     op = Isc(model_name='isc_selfsup_v98', device='cpu')
     assert (hub_dir / 'isc_selfsup_v98.pth.tar').read_bytes() == small_ckpt.read_bytes()
     assert sorted(p.name for p in hub_dir.iterdir()) == ['isc_selfsup_v98.pth.tar']  # no temporary left
+    assert (hub_dir / 'isc_selfsup_v98.pth.tar').stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
     assert np.abs(op(photos[0]) - small_op(photos[0])).max() < 1e-6
     Isc(model_name='isc_selfsup_v98', device='cpu')
     assert server.requests == [RELEASE_PATH + '/isc_selfsup_v98.pth.tar']  # the cache is reused
