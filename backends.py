@@ -9,13 +9,13 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .atomic import atomic_write
 from .model import IscNet
 
 BACKENDS = ('auto', 'torch', 'onnxruntime')
@@ -121,20 +121,11 @@ def weights_key(model: IscNet, img_size: int) -> str:
 def cached_onnx(model: IscNet, img_size: int, cache_dir: Path | None = None) -> Path:
     """The ONNX export of ``model``, made once and kept in ``torch.hub.get_dir()/towhee_isc/onnx``.
 
-    Written to a temporary file and renamed, so concurrent processes never read a partial file.
+    Written atomically, so concurrent processes never read a partial file.
     """
     cache_dir = cache_dir or Path(torch.hub.get_dir()) / 'towhee_isc' / 'onnx'
     path = cache_dir / f'{model.arch.replace("/", "_")}-{img_size}-{weights_key(model, img_size)}.onnx'
-    if path.is_file():
-        return path
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix='.onnx.partial')
-    os.close(fd)
-    try:
-        export_onnx(model, img_size, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; others sharing the cache may read it
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    if not path.is_file():
+        with atomic_write(path) as tmp:
+            export_onnx(model, img_size, tmp)
     return path

@@ -6,11 +6,12 @@ import glob
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
+
+from .atomic import atomic_write
 
 IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.webp', '.bmp', '.tif', '.tiff', '.gif'}
 
@@ -82,23 +83,12 @@ def write_descriptors(path: str | os.PathLike, ids: Sequence[str], vectors: np.n
     """Write a descriptor file through a temporary file, renamed when complete. ``paths`` (optional,
     an extra dataset) lets ``dedup`` look at the images again."""
     import h5py
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + '.', suffix='.tmp')
-    os.close(fd)
-    try:
-        with h5py.File(tmp, 'w') as f:
-            f.create_dataset('vectors', data=np.asarray(vectors, np.float32))
-            f.create_dataset('image_names', data=np.array(list(ids), dtype=object),
-                             dtype=h5py.string_dtype('ascii'))
-            if paths is not None:
-                f.create_dataset('image_paths', data=np.array(list(paths), dtype=object),
-                                 dtype=h5py.string_dtype('utf-8'))
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the result is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_write(path) as tmp, h5py.File(tmp, 'w') as f:
+        f.create_dataset('vectors', data=np.asarray(vectors, np.float32))
+        f.create_dataset('image_names', data=np.array(list(ids), dtype=object), dtype=h5py.string_dtype('ascii'))
+        if paths is not None:
+            f.create_dataset('image_paths', data=np.array(list(paths), dtype=object),
+                             dtype=h5py.string_dtype('utf-8'))
 
 
 def read_image_paths(path: str | os.PathLike) -> list[str] | None:
@@ -163,7 +153,5 @@ def embed_resumable(images: Sequence[Path], output: str | os.PathLike,
 def _save_part(parts: Path, start: int, vectors: Iterable[np.ndarray], failed: Sequence[int]) -> None:
     vectors = list(vectors)
     array = np.stack(vectors).astype(np.float32) if vectors else np.zeros((0, 0), np.float32)
-    fd, tmp = tempfile.mkstemp(dir=parts, suffix='.npz.tmp')
-    with os.fdopen(fd, 'wb') as f:
+    with atomic_write(parts / f'{start}.npz') as tmp, open(tmp, 'wb') as f:
         np.savez(f, vectors=array, failed=np.asarray(failed, dtype=np.int64))
-    os.replace(tmp, parts / f'{start}.npz')

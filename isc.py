@@ -104,7 +104,6 @@ class Isc(NNOperator):
         self.fast_decode = fast_decode
         self.decode_on_device = decode_on_device
         self.exif_transpose = exif_transpose
-        self.precision = precision
         if backend == 'onnxruntime':
             self.backend = OnnxRuntimeBackend(cached_onnx(self.model, self.img_size))
         else:

@@ -9,11 +9,11 @@ import io
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from .atomic import atomic_write
 from .metrics import Match
 
 DEFAULT_MILVUS_URI = './isc.db'  # Milvus Lite: embedded, a file, nothing to start
@@ -194,17 +194,14 @@ def duplicate_groups(ids: Sequence[str], pairs: Iterable[tuple[int, int, float]]
 def write_groups(path: str | os.PathLike, groups: Sequence[DuplicateGroup], paths: dict[str, str]) -> None:
     """Groups as JSON (``[{keep, members}]``) if ``path`` ends in .json, else CSV
     ``group,image_id,path,keep``; through a temporary file."""
-    path = str(path)
-    tmp = path + '.tmp'
-    with open(tmp, 'w', newline='', encoding='utf-8') as f:
-        if path.lower().endswith('.json'):
+    with atomic_write(path) as tmp, open(tmp, 'w', newline='', encoding='utf-8') as f:
+        if str(path).lower().endswith('.json'):
             json.dump([{'keep': g.keep, 'members': g.members} for g in groups], f, indent=1)
         else:
             writer = csv.writer(f)
             writer.writerow(['group', 'image_id', 'path', 'keep'])
             for n, g in enumerate(groups, start=1):
                 writer.writerows([n, m, paths.get(m, ''), m == g.keep] for m in g.members)
-    os.replace(tmp, path)
 
 
 def _keep_rank(path: str | None) -> tuple[int, int]:
@@ -234,7 +231,8 @@ def html_report(matches: Sequence[Match], query_paths: dict[str, str], reference
                   for m in found[:per_query]]
         parts.append('<tr>' + ''.join(cells) + '</tr>')
     parts.append('</table>')
-    Path(output).write_text('\n'.join(parts), encoding='utf-8')
+    with atomic_write(output) as tmp:
+        tmp.write_text('\n'.join(parts), encoding='utf-8')
 
 
 def _thumbnail(path: str | None) -> str:

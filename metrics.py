@@ -5,9 +5,10 @@ import csv
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
+
+from .atomic import atomic_write
 
 
 class CsvFormatError(ValueError):
@@ -63,14 +64,11 @@ def read_ground_truth(path: str | os.PathLike) -> dict[str, set[str]]:
 
 def write_matches(path: str | os.PathLike, matches: list[Match]) -> None:
     """The prediction CSV, best first, written through a temporary file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + '.tmp')
-    with open(tmp, 'w', newline='', encoding='utf-8') as f:
+    with atomic_write(path) as tmp, open(tmp, 'w', newline='', encoding='utf-8') as f:
         writer = csv.writer(f)
         writer.writerow(['query_id', 'reference_id', 'score'])
         for m in sorted(matches, key=lambda m: -m.score):
             writer.writerow([m.query_id, m.reference_id, f'{m.score:.6f}'])
-    os.replace(tmp, path)
 
 
 def precision_recall(matches: list[Match], truth: dict[str, set[str]]):
@@ -141,5 +139,6 @@ def plot_precision_recall(matches: list[Match], truth: dict[str, set[str]], path
     ax.set(xlabel='recall', ylabel='precision', xlim=(0, 1), ylim=(0, 1.02), title='Copy detection: precision-recall')
     ax.legend(loc='lower left')
     fig.tight_layout()
-    fig.savefig(str(path))
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format='png')
     plt.close(fig)

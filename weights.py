@@ -4,7 +4,6 @@ from __future__ import annotations
 import http.client
 import os
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic import atomic_write
 from .model import Checkpoint, CheckpointError, read_checkpoint
 
 # Overrides the release URL below (a mirror, or an internal server on an air-gapped site).
@@ -71,21 +71,14 @@ def load_published(name: str) -> Checkpoint:
     target = weights.cache_path
     if target.is_file():
         return read_checkpoint(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name + '.', suffix='.partial')
-    try:
-        with os.fdopen(fd, 'wb') as out:
+    with atomic_write(target) as tmp:
+        with open(tmp, 'wb') as out:
             _download(weights.url, out, target)
         try:
             ckpt = read_checkpoint(tmp)
         except CheckpointError as e:
             raise CheckpointError(f'{weights.url} did not give a readable ISC checkpoint, so nothing was '
                                   f'cached; check {WEIGHTS_URL_ENV} or pass checkpoint_path= ({e})') from e
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache file is as readable as any download
-        os.replace(tmp, target)
-    except BaseException:
-        os.unlink(tmp)
-        raise
     return Checkpoint(ckpt.state_dict, ckpt.arch, ckpt.input_size, str(target))
 
 
