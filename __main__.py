@@ -42,5 +42,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
-    from .cli import COMMANDS, main as command_main
+    from .workflow.cli import COMMANDS, main as command_main
     sys.exit(command_main() if sys.argv[1:2] and sys.argv[1] in COMMANDS else main())

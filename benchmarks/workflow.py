@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from towhee_isc import Isc
-from towhee_isc.descriptors import write_descriptors
+from towhee_isc.workflow.descriptors import write_descriptors
 from towhee_isc.testing import make_synthetic_checkpoint, sample_photos
 
 

@@ -129,7 +129,7 @@ def test_windows_of_paths_hand_the_operator_lists_and_keep_row_order(small_ckpt,
 def test_readme_pipeline_decode_embed_insert_into_milvus(small_ckpt, small_op, photos, tmp_path):
     from pymilvus import MilvusClient
     from towhee import ops, pipe
-    from towhee_isc.matching import MilvusIndex
+    from towhee_isc.workflow.milvus import MilvusIndex
     register_stand_in_image_decode()
     paths = []
     for i in range(3):

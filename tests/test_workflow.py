@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from towhee_isc.cli import main as cli
-from towhee_isc.descriptors import read_descriptors
-from towhee_isc.metrics import Match, evaluate
+from towhee_isc.workflow.cli import main as cli
+from towhee_isc.workflow.descriptors import read_descriptors
+from towhee_isc.workflow.metrics import Match, evaluate
 from towhee_isc.testing import make_copy_detection_set
 
 
@@ -175,7 +175,7 @@ def test_images_people_really_have(cmd, photos, tmp_path, small_op):
 
 
 def test_dedup_never_builds_the_n_by_n_matrix():
-    from towhee_isc.matching import BLOCK, duplicate_groups, near_duplicate_pairs, similarity_blocks
+    from towhee_isc.workflow.matching import BLOCK, duplicate_groups, near_duplicate_pairs, similarity_blocks
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((BLOCK * 3 + 5, 16)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)

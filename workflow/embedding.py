@@ -27,7 +27,7 @@ class Embedder:
     @property
     def op(self):
         if self._op is None:
-            from .isc import Isc
+            from ..isc import Isc
             self._op = Isc(**self.isc_kwargs)
         return self._op
 

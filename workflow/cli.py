@@ -11,10 +11,11 @@ import sys
 from typing import Sequence
 
 from .descriptors import read_descriptors
-from .matching import (DEFAULT_MILVUS_URI, MilvusIndex, duplicate_groups, html_report, milvus_duplicate_pairs,
-                       near_duplicate_pairs, nth_neighbour_similarity, search_exact, write_groups)
+from .embedding import Embedder, embed_collection, load_descriptors
+from .matching import (duplicate_groups, html_report, near_duplicate_pairs, nth_neighbour_similarity, search_exact,
+                       write_groups)
 from .metrics import evaluate, plot_precision_recall, read_ground_truth, read_matches, write_matches
-from .workflow import Embedder, embed_collection, load_descriptors
+from .milvus import DEFAULT_MILVUS_URI, MilvusIndex, milvus_duplicate_pairs
 
 COMMANDS = ('embed', 'index', 'search', 'dedup', 'evaluate')
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .atomic import atomic_write
+from ..atomic import atomic_write
 
 
 class CsvFormatError(ValueError):
