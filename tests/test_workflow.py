@@ -174,16 +174,17 @@ def test_images_people_really_have(cmd, photos, tmp_path, small_op):
     assert float(small_op(folder / 'phone.jpg') @ v['upright']) < 0.99  # the operator alone does not
 
 
-def test_dedup_never_builds_the_n_by_n_matrix():
-    from towhee_isc.workflow.matching import BLOCK, duplicate_groups, near_duplicate_pairs, similarity_blocks
+def test_dedup_finds_pairs_across_query_blocks_with_either_engine():
+    from towhee_isc.workflow.engines import BLOCK, Exact, Ivf
+    from towhee_isc.workflow.matching import duplicate_groups, near_duplicate_pairs
     rng = np.random.default_rng(0)
-    vectors = rng.standard_normal((BLOCK * 3 + 5, 16)).astype(np.float32)
+    vectors = rng.standard_normal((BLOCK + 5, 16)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    vectors[7] = vectors[700]
-    assert max(block.shape[0] for _, block in similarity_blocks(vectors, vectors)) == BLOCK
+    vectors[7] = vectors[BLOCK + 2]  # in the first and the second block of query rows
     ids = [f'I{i}' for i in range(len(vectors))]
-    groups = duplicate_groups(ids, near_duplicate_pairs(vectors, 0.999))
-    assert [(g.members, g.keep) for g in groups] == [(['I7', 'I700'], 'I7')]
+    for engine in (Exact(), Ivf(nlist=16, nprobe=2)):
+        groups = duplicate_groups(ids, near_duplicate_pairs(vectors, 0.999, engine))
+        assert [(g.members, g.keep) for g in groups] == [(['I7', f'I{BLOCK + 2}'], 'I7')]
 
 
 def test_unreadable_files_are_skipped_counted_and_listed(cmd, copy_set, tmp_path):

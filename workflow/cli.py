@@ -12,7 +12,8 @@ from typing import Sequence
 
 from .descriptors import read_descriptors
 from .embedding import Embedder, embed_collection, load_descriptors
-from .matching import (duplicate_groups, html_report, near_duplicate_pairs, nth_neighbour_similarity, search_exact,
+from .engines import choose_engine
+from .matching import (duplicate_groups, html_report, near_duplicate_pairs, nth_neighbour_similarity, search,
                        write_groups)
 from .metrics import evaluate, plot_precision_recall, read_ground_truth, read_matches, write_matches
 from .milvus import DEFAULT_MILVUS_URI, MilvusIndex, milvus_duplicate_pairs
@@ -47,10 +48,13 @@ def cmd_search(args) -> None:
     offsets = None
     if args.score_norm:
         _, background = read_descriptors(args.score_norm, dim=queries.shape[1])
-        offsets = args.factor * nth_neighbour_similarity(queries, background, args.nth)
+        offsets = args.factor * nth_neighbour_similarity(queries, background, args.nth,
+                                                         choose_engine(len(queries), len(background), args.exact))
     if args.references:
         reference_ids, references, reference_paths = load_descriptors(args.references, images)
-        matches = search_exact(query_ids, queries, reference_ids, references, args.k, args.threshold, offsets)
+        engine = choose_engine(len(queries), len(references), args.exact)
+        print(f'search engine: {engine.description}')
+        matches = search(query_ids, queries, reference_ids, references, args.k, args.threshold, offsets, engine)
     else:
         index = MilvusIndex(args.milvus_uri, args.collection)
         matches = index.search(query_ids, queries, args.k, args.threshold, offsets)
@@ -69,7 +73,9 @@ def cmd_dedup(args) -> None:
         index.add(ids, vectors)
         pairs = milvus_duplicate_pairs(index, ids, vectors, args.threshold, args.k)
     else:
-        pairs = near_duplicate_pairs(vectors, args.threshold)
+        engine = choose_engine(len(vectors), len(vectors), args.exact)
+        print(f'search engine: {engine.description}')
+        pairs = near_duplicate_pairs(vectors, args.threshold, engine)
     groups = duplicate_groups(ids, pairs, [paths.get(i) for i in ids])
     for n, group in enumerate(groups, start=1):
         print(f'group {n}: keep {group.keep}; copies: ' + ', '.join(m for m in group.members if m != group.keep))
@@ -133,6 +139,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument('--nth', type=int, default=1)
     p.add_argument('-o', '--output', required=True, help='prediction CSV: query_id,reference_id,score')
     p.add_argument('--report', help='also write an HTML page with thumbnails')
+    p.add_argument('--exact', action='store_true', help='with --references: exact search even for large sets')
     p.set_defaults(run=cmd_search)
 
     p = with_model(commands.add_parser('dedup', help='near-duplicate groups within one collection'))
@@ -142,6 +149,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument('--milvus-uri', help='find neighbours through this Milvus (for collections beyond one machine)')
     p.add_argument('--collection', default='isc_dedup')
     p.add_argument('-k', type=int, default=100, help='with --milvus-uri: neighbours looked at per image')
+    p.add_argument('--exact', action='store_true', help='exact search even for large collections (slow beyond ~100,000)')
     p.set_defaults(run=cmd_dedup)
 
     p = commands.add_parser('evaluate', help="the challenge's metrics for a prediction CSV")

@@ -1,4 +1,4 @@
-"""Finding copies: exact search between descriptor sets, score normalisation, near-duplicate groups,
+"""Finding copies: search between descriptor sets (engines in ``engines``), score normalisation, near-duplicate groups,
 and an HTML page to look at the matches. (Milvus is in ``milvus``.)"""
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import csv
 import html
 import io
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
@@ -14,53 +15,45 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from ..atomic import atomic_write
+from .engines import Engine, Exact, choose_engine
 from .metrics import Match
 
-BLOCK = 256  # query rows per similarity block: BLOCK x N float32 at a time (100 MB for N = 100,000), never N x N
-
-
-def similarity_blocks(queries: np.ndarray, references: np.ndarray, block: int = BLOCK
-                      ) -> Iterator[tuple[int, np.ndarray]]:
-    """(first query row, block of inner products) for ``block`` query rows at a time."""
-    for start in range(0, len(queries), block):
-        yield start, queries[start:start + block] @ references.T
-
-
-def top_k(similarity: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices and scores of each row's k largest values, best first."""
-    k = min(k, similarity.shape[1])
-    idx = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
-    scores = np.take_along_axis(similarity, idx, axis=1)
-    order = np.argsort(-scores, axis=1, kind='stable')
-    return np.take_along_axis(idx, order, axis=1), np.take_along_axis(scores, order, axis=1)
-
-
-def nth_neighbour_similarity(queries: np.ndarray, background: np.ndarray, nth: int) -> np.ndarray:
-    """Each query's similarity to its n-th nearest background descriptor (1-based)."""
-    if not 1 <= nth <= len(background):
+def nth_neighbour_similarity(queries: np.ndarray, background: np.ndarray, nth: int,
+                             engine: Engine | None = None) -> np.ndarray:
+    """Each query's similarity to its n-th nearest background descriptor (1-based), float32 Q."""
+    if isinstance(nth, bool) or not isinstance(nth, (int, np.integer)) or not 1 <= nth <= len(background):
         raise ValueError(f'--nth must be between 1 and the {len(background)} background descriptors, got {nth}')
-    out = np.empty(len(queries), np.float32)
-    for start, sim in similarity_blocks(queries, background):
-        out[start:start + len(sim)] = -np.partition(-sim, nth - 1, axis=1)[:, nth - 1]
-    return out
+    engine = engine or choose_engine(len(queries), len(background))
+    _, scores = engine.nearest(queries, background, nth)
+    return scores[:, nth - 1]
+
+
+def search(query_ids: Sequence[str], queries: np.ndarray, reference_ids: Sequence[str],
+           references: np.ndarray, k: int, threshold: float | None = None,
+           offsets: np.ndarray | None = None, engine: Engine | None = None) -> list[Match]:
+    """Each query's k best references by inner product (cosine for unit vectors), minus the query's
+    offset (score normalisation), kept if at least ``threshold``; best first within each query.
+    ``engine`` defaults to the one :func:`choose_engine` picks for the sizes."""
+    _check_dims(queries, references)
+    if threshold is not None and not math.isfinite(threshold):
+        raise ValueError(f'--threshold must be a finite number, got {threshold}')
+    engine = engine or choose_engine(len(queries), len(references))
+    indices, scores = engine.nearest(queries, references, k)
+    if offsets is not None:
+        scores = scores - offsets[:, None]
+    matches = []
+    for row in range(len(indices)):
+        for j, score in zip(indices[row], scores[row]):
+            if j >= 0 and (threshold is None or score >= threshold):
+                matches.append(Match(query_ids[row], reference_ids[j], float(score)))
+    return matches
 
 
 def search_exact(query_ids: Sequence[str], queries: np.ndarray, reference_ids: Sequence[str],
                  references: np.ndarray, k: int, threshold: float | None = None,
                  offsets: np.ndarray | None = None) -> list[Match]:
-    """Each query's k best references by inner product (cosine for unit vectors), minus the query's
-    offset (score normalisation), kept if at least ``threshold``."""
-    _check_dims(queries, references)
-    matches = []
-    for start, sim in similarity_blocks(queries, references):
-        idx, scores = top_k(sim, k)
-        if offsets is not None:
-            scores = scores - offsets[start:start + len(sim), None]
-        for row in range(len(sim)):
-            for j, score in zip(idx[row], scores[row]):
-                if threshold is None or score >= threshold:
-                    matches.append(Match(query_ids[start + row], reference_ids[j], float(score)))
-    return matches
+    """:func:`search` with exact search whatever the sizes."""
+    return search(query_ids, queries, reference_ids, references, k, threshold, offsets, Exact())
 
 
 def _check_dims(a: np.ndarray, b: np.ndarray) -> None:
@@ -74,14 +67,13 @@ class DuplicateGroup:
     keep: str
 
 
-def near_duplicate_pairs(vectors: np.ndarray, threshold: float, block: int = BLOCK) -> Iterator[tuple[int, int, float]]:
-    """(i, j, similarity) for i < j above ``threshold``, block by block: memory O(block x N), not N x N."""
-    for start, sim in similarity_blocks(vectors, vectors, block):
-        rows, cols = np.nonzero(sim >= threshold)
-        for r, c in zip(rows, cols):
-            i = start + int(r)
-            if i < c:
-                yield i, int(c), float(sim[r, c])
+def near_duplicate_pairs(vectors: np.ndarray, threshold: float,
+                         engine: Engine | None = None) -> Iterator[tuple[int, int, float]]:
+    """(i, j, similarity) for i < j at or above ``threshold``. ``engine`` defaults to the one
+    :func:`choose_engine` picks for the size; none builds the N x N matrix."""
+    engine = engine or choose_engine(len(vectors), len(vectors))
+    for i, j, similarity in zip(*engine.pairs(vectors, threshold)):
+        yield int(i), int(j), float(similarity)
 
 
 def duplicate_groups(ids: Sequence[str], pairs: Iterable[tuple[int, int, float]],
