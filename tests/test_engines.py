@@ -81,14 +81,14 @@ def test_small_jobs_are_exact_and_exact_can_be_forced():
     assert isinstance(choose_engine(10, 10 ** 9), Exact)  # few queries: exact search is cheap
     assert isinstance(choose_engine(10 ** 6, 10 ** 6), Ivf)
     assert isinstance(choose_engine(10 ** 6, 10 ** 6, exact=True), Exact)
-    assert Ivf.for_size(10 ** 6).nlist == 4000  # 4 sqrt(N)
+    assert Ivf.for_size(10 ** 6) == Ivf(nlist=4000, nprobe=127, pair_nprobe=51)  # 4 sqrt(N) cells
 
 
 @pytest.mark.parametrize('bad, message', [
     (lambda x: Exact().nearest(x, x, 0), 'k (matches per query) must be a positive integer, got 0'),
-    (lambda x: Ivf(4, 2).nearest(x, x, -1), 'positive integer, got -1'),
+    (lambda x: Ivf(4, 2, 2).nearest(x, x, -1), 'positive integer, got -1'),
     (lambda x: Exact().pairs(x, float('nan')), 'threshold must be a finite number, got nan'),
-    (lambda x: Ivf(4, 2).pairs(x, float('inf')), 'threshold must be a finite number, got inf'),
+    (lambda x: Ivf(4, 2, 2).pairs(x, float('inf')), 'threshold must be a finite number, got inf'),
     (lambda x: Exact().nearest(x, x[:, :8], 1), 'descriptor sizes differ: 16 vs 8'),
 ])
 def test_bad_arguments_are_clear_errors(bad, message):

@@ -182,7 +182,7 @@ def test_dedup_finds_pairs_across_query_blocks_with_either_engine():
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     vectors[7] = vectors[BLOCK + 2]  # in the first and the second block of query rows
     ids = [f'I{i}' for i in range(len(vectors))]
-    for engine in (Exact(), Ivf(nlist=16, nprobe=2)):
+    for engine in (Exact(), Ivf(nlist=16, nprobe=2, pair_nprobe=2)):
         groups = duplicate_groups(ids, near_duplicate_pairs(vectors, 0.999, engine))
         assert [(g.members, g.keep) for g in groups] == [(['I7', f'I{BLOCK + 2}'], 'I7')]
 
