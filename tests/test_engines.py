@@ -84,6 +84,16 @@ def test_small_jobs_are_exact_and_exact_can_be_forced():
     assert Ivf.for_size(10 ** 6) == Ivf(nlist=4000, nprobe=127, pair_nprobe=51)  # 4 sqrt(N) cells
 
 
+def test_score_normalisation_offsets_stay_finite_with_the_approximate_engine():
+    from towhee_isc.workflow.matching import nth_neighbour_similarity
+    rng = np.random.default_rng(5)
+    queries, background = unit(rng, 50, 16), unit(rng, 1000, 16)
+    want = np.sort(queries @ background.T, axis=1)[:, -3]
+    got = nth_neighbour_similarity(queries, background, 3, Ivf(nlist=400, nprobe=1, pair_nprobe=1))  # ~2.5 a cell
+    assert np.isfinite(got).all() and (got <= want + 1e-5).all()  # a row short of 3 is looked up exactly
+    assert np.abs(nth_neighbour_similarity(queries, background, 3, Exact()) - want).max() < 1e-5
+
+
 @pytest.mark.parametrize('bad, message', [
     (lambda x: Exact().nearest(x, x, 0), 'k (matches per query) must be a positive integer, got 0'),
     (lambda x: Ivf(4, 2, 2).nearest(x, x, -1), 'positive integer, got -1'),

@@ -106,6 +106,8 @@ class Ivf:
     def _centroids(self, vectors: np.ndarray):
         """A flat inner-product index over the cell centres."""
         faiss = _faiss()
+        if len(vectors) < self.nlist:
+            raise ValueError(f'{len(vectors)} vectors cannot fill {self.nlist} cells: use fewer cells or exact search')
         kmeans = faiss.Kmeans(vectors.shape[1], self.nlist, niter=10, spherical=True, seed=self.seed,
                               max_points_per_centroid=40, verbose=False)  # trains on a sample of 40 per cell
         kmeans.train(vectors)

@@ -24,8 +24,11 @@ def nth_neighbour_similarity(queries: np.ndarray, background: np.ndarray, nth: i
     if isinstance(nth, bool) or not isinstance(nth, (int, np.integer)) or not 1 <= nth <= len(background):
         raise ValueError(f'--nth must be between 1 and the {len(background)} background descriptors, got {nth}')
     engine = engine or choose_engine(len(queries), len(background))
-    _, scores = engine.nearest(queries, background, nth)
-    return scores[:, nth - 1]
+    nth_scores = engine.nearest(queries, background, nth)[1][:, nth - 1]
+    short = ~np.isfinite(nth_scores)  # an approximate engine found fewer than nth: look again, exactly
+    if short.any():
+        nth_scores[short] = Exact().nearest(queries[short], background, nth)[1][:, nth - 1]
+    return nth_scores
 
 
 def search(query_ids: Sequence[str], queries: np.ndarray, reference_ids: Sequence[str],
