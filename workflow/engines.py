@@ -145,8 +145,9 @@ class Ivf:
               ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """For each cell: (the queries that search it, its references, their similarities float32).
 
-        One matrix product per cell: BLAS does in seconds what scanning the cells vector by vector
-        (faiss's IndexIVFFlat) does in minutes, and the references are not copied into an index.
+        One matrix product per cell (BLAS) rather than faiss's IndexIVFFlat, which scans a cell vector
+        by vector and holds a copy of the references: all pairs at 0.8 among 200,000, 32 of 1,788 cells
+        searched, took 28 s this way against 49 s with IndexIVFFlat.range_search here, and no copy.
         ``same``: the queries are the references (dedup), whose nearest cell is then known already.
         """
         centroids = self._centroids(references)
@@ -178,9 +179,9 @@ def _by_cell(cells: np.ndarray, nlist: int) -> list[np.ndarray]:
 
 
 def _joined(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    if not parts:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    return tuple(np.concatenate([p[n] for p in parts]).astype(t) for n, t in enumerate((np.int64, np.int64, np.float32)))
+    """The (i int64, j int64, similarity float32) parts as three arrays."""
+    types = (np.int64, np.int64, np.float32)
+    return tuple(np.concatenate([np.zeros(0, t)] + [p[n] for p in parts]).astype(t) for n, t in enumerate(types))
 
 
 def _faiss():
