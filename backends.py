@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -118,14 +119,47 @@ def weights_key(model: IscNet, img_size: int) -> str:
     return digest.hexdigest()[:24]
 
 
-def cached_onnx(model: IscNet, img_size: int, cache_dir: Path | None = None) -> Path:
-    """The ONNX export of ``model``, made once and kept in ``torch.hub.get_dir()/towhee_isc/onnx``.
+def onnx_cache_dir() -> Path:
+    return Path(torch.hub.get_dir()) / 'towhee_isc' / 'onnx'
 
-    Written atomically, so concurrent processes never read a partial file.
+
+def cached_onnx(model: IscNet, img_size: int, key: str | None = None, cache_dir: Path | None = None) -> Path:
+    """The ONNX export of ``model``, made once and kept in ``torch.hub.get_dir()/towhee_isc/onnx``
+    under its weights' content ``key``, with a SHA-256 of the file beside it.
+
+    Written atomically, so concurrent processes never read a partial file. A cached file that no
+    longer matches its checksum (damaged on disk, truncated, edited) is exported again.
     """
-    cache_dir = cache_dir or Path(torch.hub.get_dir()) / 'towhee_isc' / 'onnx'
-    path = cache_dir / f'{model.arch.replace("/", "_")}-{img_size}-{weights_key(model, img_size)}.onnx'
-    if not path.is_file():
-        with atomic_write(path) as tmp:
-            export_onnx(model, img_size, tmp)
+    key = key or weights_key(model, img_size)
+    cache_dir = cache_dir or onnx_cache_dir()
+    path = cache_dir / f'{model.arch.replace("/", "_")}-{img_size}-{key}.onnx'
+    checksum = path.with_suffix('.sha256')
+    if path.is_file() and checksum.is_file() and checksum.read_text().strip() == file_sha256(path):
+        return path
+    if path.exists():
+        warnings.warn(f'the cached ONNX export {str(path)!r} is damaged or unverified: exporting it again')
+    with atomic_write(path) as tmp:
+        export_onnx(model, img_size, tmp)
+        digest = file_sha256(tmp)
+    with atomic_write(checksum) as tmp:
+        tmp.write_text(digest + '\n')
     return path
+
+
+def onnx_backend(model: IscNet, img_size: int, key: str, threads: int | None = None) -> OnnxRuntimeBackend | None:
+    """ONNX Runtime on the cached export; None (with a warning) when the cache folder cannot be
+    written or the cached model cannot be loaded, so the caller falls back to PyTorch."""
+    try:
+        return OnnxRuntimeBackend(cached_onnx(model, img_size, key), threads)
+    except OSError as e:
+        warnings.warn(f'cannot use the ONNX cache ({e}); running PyTorch instead (slower on the CPU). '
+                      'Set TORCH_HOME to a writable folder to get ONNX Runtime back.')
+    return None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
