@@ -29,8 +29,8 @@ def main(argv: list[str] | None = None) -> int:
         op = Isc(model_name=args.model_name, checkpoint_path=args.checkpoint, timm_backbone=args.timm_backbone,
                  img_size=args.img_size, device=args.device)
         vectors = op(args.images)
-    except (ValueError, TypeError, OSError) as e:
-        print(f'error: {e}', file=sys.stderr)
+    except (ValueError, TypeError, OSError, ImportError) as e:
+        print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
         return 2
     for path, vector in zip(args.images, vectors):
         if args.json:

@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from typing import Sequence
+
+from ..atomic import check_writable
 
 from .descriptors import read_descriptors
 from .embedding import Embedder, embed_collection, load_descriptors
@@ -30,8 +34,8 @@ def cmd_embed(args) -> None:
     print(f'wrote {written} descriptors to {args.output} ({rate:.2f} images/s)')
     if skipped:
         print(f'skipped {len(skipped)} unreadable or non-image file(s):', file=sys.stderr)
-        for path in skipped:
-            print(f'  {path}', file=sys.stderr)
+        for path, reason in skipped.items():
+            print(f'  {path}: {reason}', file=sys.stderr)
 
 
 def cmd_index(args) -> None:
@@ -42,14 +46,14 @@ def cmd_index(args) -> None:
 
 
 def cmd_search(args) -> None:
-    images = embedder(args)
-    query_ids, queries, query_paths = load_descriptors(args.queries, images)
+    images, models = embedder(args), {}
+    query_ids, queries, query_paths = load_descriptors(args.queries, images, models)
     offsets = None
     if args.score_norm:
         _, background = read_descriptors(args.score_norm, dim=queries.shape[1])
         offsets = args.factor * nth_neighbour_similarity(queries, background, args.nth)
     if args.references:
-        reference_ids, references, reference_paths = load_descriptors(args.references, images)
+        reference_ids, references, reference_paths = load_descriptors(args.references, images, models)
         matches = search_exact(query_ids, queries, reference_ids, references, args.k, args.threshold, offsets)
     else:
         index = MilvusIndex(args.milvus_uri, args.collection)
@@ -102,7 +106,7 @@ def parser() -> argparse.ArgumentParser:
         group.add_argument('--checkpoint', help='a local checkpoint instead of the published weights')
         group.add_argument('--model-name', default='isc_ft_v107')
         group.add_argument('--device', help="'cpu', 'cuda', 'cuda:N' (default: CUDA when available)")
-        group.add_argument('--batch-size', type=int)
+        group.add_argument('--batch-size', type=positive_int)
         group.add_argument('--strict', action='store_true', help='an unreadable image is an error, not skipped')
         return p
 
@@ -115,7 +119,7 @@ def parser() -> argparse.ArgumentParser:
     p = with_model(commands.add_parser('embed', help='images -> descriptor file (resumable)'))
     p.add_argument('inputs', nargs='+', help='folders (recursive), globs, .txt file lists, image files')
     p.add_argument('-o', '--output', required=True, help='descriptor file (.h5)')
-    p.add_argument('--chunk-size', type=int, default=64, help='images per saved chunk')
+    p.add_argument('--chunk-size', type=positive_int, default=64, help='images per saved chunk')
     p.add_argument('--quiet', action='store_true', help='no progress bar')
     p.set_defaults(run=cmd_embed)
 
@@ -126,22 +130,23 @@ def parser() -> argparse.ArgumentParser:
     p = with_milvus(with_model(commands.add_parser('search', help='queries -> prediction CSV')))
     p.add_argument('queries', nargs='+', help='descriptor files or images')
     p.add_argument('--references', nargs='+', help='search these (descriptor files or images) exactly, no database')
-    p.add_argument('-k', type=int, default=10, help='matches per query')
-    p.add_argument('--threshold', type=float, help='keep matches scoring at least this')
+    p.add_argument('-k', type=positive_int, default=10, help='matches per query')
+    p.add_argument('--threshold', type=finite_float, help='keep matches scoring at least this')
     p.add_argument('--score-norm', help='background descriptor file for score normalisation')
-    p.add_argument('--factor', type=float, default=1.0, help='score -= factor x similarity to the nth background neighbour')
-    p.add_argument('--nth', type=int, default=1)
+    p.add_argument('--factor', type=finite_float, default=1.0,
+                   help='score -= factor x similarity to the nth background neighbour')
+    p.add_argument('--nth', type=positive_int, default=1)
     p.add_argument('-o', '--output', required=True, help='prediction CSV: query_id,reference_id,score')
     p.add_argument('--report', help='also write an HTML page with thumbnails')
     p.set_defaults(run=cmd_search)
 
     p = with_model(commands.add_parser('dedup', help='near-duplicate groups within one collection'))
     p.add_argument('inputs', nargs='+', help='descriptor files or images')
-    p.add_argument('--threshold', type=float, default=0.8, help='similarity that makes two images copies')
+    p.add_argument('--threshold', type=finite_float, default=0.8, help='similarity that makes two images copies')
     p.add_argument('-o', '--output', help='groups as CSV, or JSON if it ends in .json')
     p.add_argument('--milvus-uri', help='find neighbours through this Milvus (for collections beyond one machine)')
     p.add_argument('--collection', default='isc_dedup')
-    p.add_argument('-k', type=int, default=100, help='with --milvus-uri: neighbours looked at per image')
+    p.add_argument('-k', type=positive_int, default=100, help='with --milvus-uri: neighbours looked at per image')
     p.set_defaults(run=cmd_dedup)
 
     p = commands.add_parser('evaluate', help="the challenge's metrics for a prediction CSV")
@@ -153,14 +158,56 @@ def parser() -> argparse.ArgumentParser:
     return main
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a whole number') from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'must be at least 1, got {value}')
+    return value
+
+
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f'must be a finite number, got {text!r}')
+    return value
+
+
+# Files each command writes, checked before any work so a long run does not fail at its end.
+OUTPUTS = {'output': 'output', 'report': '--report', 'plot': '--plot'}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. Any failure is one line on stderr and exit code 2 (argparse's own usage
+    errors too); set TOWHEE_ISC_DEBUG=1 to see the traceback of an unexpected one."""
     args = parser().parse_args(argv)
     try:
+        for name, what in OUTPUTS.items():
+            if getattr(args, name, None):
+                check_writable(getattr(args, name), what)
         args.run(args)
+    except KeyboardInterrupt:
+        print('interrupted' + ('; run the same command again to continue' if args.command == 'embed' else ''),
+              file=sys.stderr)
+        return 130
     except (ValueError, TypeError, OSError, ImportError) as e:
-        print(f'error: {e}', file=sys.stderr)
+        print(f'error: {one_line(e)}', file=sys.stderr)
+        return 2
+    except Exception as e:  # a library's own exception: still one line, never a traceback
+        if os.environ.get('TOWHEE_ISC_DEBUG'):
+            raise
+        print(f'error: {type(e).__name__}: {one_line(e)} (set TOWHEE_ISC_DEBUG=1 for the traceback)', file=sys.stderr)
         return 2
     return 0
+
+
+def one_line(error: BaseException) -> str:
+    return ' '.join(str(error).split()) or type(error).__name__
 
 
 if __name__ == '__main__':
