@@ -26,6 +26,10 @@ class ImageError(ValueError):
     """
 
 
+_OVER_LIMIT = ('over the pixel limit of {:,} (a decompression bomb, or a very large scan: raise '
+               'PIL.Image.MAX_IMAGE_PIXELS to allow it)')
+
+
 def max_pixels() -> int | None:
     """The largest image (width x height) that is decoded: PIL's ``Image.MAX_IMAGE_PIXELS`` (89.5 MP
     unless the user changed it; None disables the check), for every decoding path alike."""
@@ -37,8 +41,7 @@ def check_pixels(width: int, height: int, what: str) -> None:
     if width <= 0 or height <= 0:
         raise ImageError(f'zero-size image {what}: {width}x{height}')
     if limit is not None and width * height > limit:
-        raise ImageError(f'{what} is {width}x{height} = {width * height:,} pixels, over the limit of {limit:,} '
-                         '(a decompression bomb, or a very large scan: raise PIL.Image.MAX_IMAGE_PIXELS to allow it)')
+        raise ImageError(f'{what} is {width}x{height} = {width * height:,} pixels, {_OVER_LIMIT.format(limit)}')
 
 
 def regular_file(path: Path, where: str = '') -> Path:
@@ -119,8 +122,8 @@ def _image_error(e: Exception, what: str) -> ImageError:
         return e
     if isinstance(e, UnidentifiedImageError):
         return ImageError(f'{what} is not an image (or an unsupported format)')
-    if isinstance(e, Image.DecompressionBombError):
-        return ImageError(f'{what} is too large to decode safely: {e}')
+    if isinstance(e, Image.DecompressionBombError):  # PIL's own check, at twice the limit
+        return ImageError(f'{what} is {_OVER_LIMIT.format(max_pixels())}')
     return ImageError(f'cannot read {what}: {e}')
 
 

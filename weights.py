@@ -82,8 +82,11 @@ def load_published(name: str) -> Checkpoint:
             try:
                 ckpt = read_checkpoint(tmp)
             except CheckpointError as e:
-                raise CheckpointError(f'{weights.url} did not give a readable ISC checkpoint, so nothing was '
-                                      f'cached; check {WEIGHTS_URL_ENV} or pass checkpoint_path= ({e})') from e
+                with open(tmp, 'rb') as f:
+                    start = f.read(32)
+                raise CheckpointError(f'{weights.url} did not give a readable ISC checkpoint (it sent '
+                                      f'{tmp.stat().st_size} bytes starting {start!r}), so nothing was cached; '
+                                      f'check {WEIGHTS_URL_ENV} or pass checkpoint_path=') from e
     return Checkpoint(ckpt.state_dict, ckpt.arch, ckpt.input_size, str(target))
 
 

@@ -97,8 +97,15 @@ def cmd_evaluate(args) -> None:
               f"recall at rank 1 / 10    {result['recall_at_rank1']:.4f} / {result['recall_at_rank10']:.4f}")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``error: ...``, exit 2) like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f'error: {self.prog}: {message} (see {self.prog} --help)\n')
+
+
 def parser() -> argparse.ArgumentParser:
-    main = argparse.ArgumentParser(prog='towhee-isc', description='Find image copies with the ISC21 descriptor.')
+    main = OneLineParser(prog='towhee-isc', description='Find image copies with the ISC21 descriptor.')
     commands = main.add_subparsers(dest='command', required=True)
 
     def with_model(p):
