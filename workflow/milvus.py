@@ -26,8 +26,9 @@ class MilvusError(ValueError):
 
 
 def ivf_nlist(n: int) -> int:
-    """IVF cells for a collection of ``n`` vectors: about 4 sqrt(n), the usual rule, within [16, 65536]."""
-    return int(min(65536, max(16, round(4 * math.sqrt(max(n, 1))))))
+    """IVF cells for a collection of ``n`` vectors: about 4 sqrt(n), the usual rule, but at most n/39
+    (k-means wants 39 points a cell; faiss warns on stderr below that) and within [1, 65536]."""
+    return int(max(1, min(65536, round(4 * math.sqrt(max(n, 1))), n // 39)))
 
 
 def index_params(index_type: str, n: int) -> dict:
@@ -44,7 +45,7 @@ def search_params(index_type: str, k: int, nlist: int, nprobe: int | None = None
     HNSW explores ``ef`` candidates (default 64; never below k, which Milvus requires)."""
     params: dict = {}
     if index_type == 'IVF_FLAT':
-        params['nprobe'] = min(nlist, nprobe or max(16, nlist // 16))
+        params['nprobe'] = min(nlist, nprobe or max(16, nlist // 16))  # never more cells than there are
     elif index_type == 'HNSW':
         params['ef'] = max(k, ef or 64)
     return {'metric_type': 'IP', 'params': params}
@@ -137,7 +138,8 @@ class MilvusIndex:
             if _is_lite(self.uri):
                 raise
             reason = getattr(e.__cause__, 'message', e.__cause__)
-            raise ConnectionError(f'cannot reach Milvus at {self.uri!r}: {reason}') from e
+            hint = '' if token else ' (a server with authentication also refuses this without --token)'
+            raise ConnectionError(f'cannot reach Milvus at {self.uri!r}: {reason}{hint}') from e
         except Exception as e:  # grpc and others; say which URI failed
             raise ConnectionError(f'cannot reach Milvus at {self.uri!r}: {e}') from e
 
@@ -186,7 +188,11 @@ class MilvusIndex:
             schema.add_field('vector', DataType.FLOAT_VECTOR, dim=dim)
             self.client.create_collection(self.collection, schema=schema)
             index = self.client.prepare_index_params()
-            index.add_index('vector', index_type=index_type, metric_type='IP', params=index_params(index_type, size))
+            build = index_params(index_type, size)
+            # pymilvus 3 sends build parameters as separate keys, which servers read; Milvus Lite 3 reads only
+            # a JSON 'params' key (the older wire format, which servers read too) and would silently use its
+            # defaults (nlist 128 on any size). Send both.
+            index.add_index('vector', index_type=index_type, metric_type='IP', params={**build, 'params': build})
             # sync=False: waiting for the build asks for a timestamp (AllocTimestamp), which Milvus Lite
             # does not implement: its gRPC server logs a NotImplementedError traceback although all works.
             # An empty collection has nothing to build; a server indexes each segment as it seals.
@@ -202,6 +208,8 @@ class MilvusIndex:
                 rows = [{'id': i, 'vector': v.tolist()}
                         for i, v in zip(ids[start:start + batch], vectors[start:start + batch])]
                 self.client.upsert(self.collection, rows)
+            # Milvus Lite then builds the new segments' index in a background thread that it waits for when the
+            # process ends (searching them exactly until then); reloading here would race that thread.
             self.client.flush(self.collection)
         return kind
 
@@ -234,7 +242,8 @@ class MilvusIndex:
         if dim != queries.shape[1]:
             raise ValueError(f'collection {self.collection!r} holds {dim}-d vectors; the queries are {queries.shape[1]}-d')
         kind, info = self.index_type()
-        nlist = int(info.get('nlist') or ivf_nlist(self.count() if kind == 'IVF_FLAT' else 1))
+        built = info.get('params') if isinstance(info.get('params'), dict) else info  # Lite nests them
+        nlist = int(built.get('nlist') or ivf_nlist(self.count() if kind == 'IVF_FLAT' else 1))
         params = search_params(kind, k, nlist, nprobe, ef)
         self.load()
         matches = []
