@@ -25,7 +25,7 @@ import numpy as np
 
 from towhee_isc.workflow.milvus import MilvusIndex, index_params, ivf_nlist
 
-WIDTHS = {'FLAT': [None], 'IVF_FLAT': [16, 32, 64, 128], 'HNSW': [16, 32, 64, 128, 256]}
+WIDTHS = {'FLAT': [None], 'IVF_FLAT': [16, 32, 64, 128, 256], 'HNSW': [32, 64, 128, 256, 512]}
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -91,6 +91,10 @@ def main() -> None:
             if server is not None:
                 index.load()
                 wait_indexed(index)
+                # Until the query node takes over the sealed, indexed segments it serves the growing ones
+                # with a temporary index of its own (fixed nprobe): reload to measure the index asked for.
+                index.client.release_collection(index.collection)
+                index.load()
             else:
                 # Milvus Lite builds the index in a background thread that closing the database waits for
                 # (as the end of `towhee-isc index` does); searching before that would scan exactly.
@@ -120,6 +124,9 @@ def main() -> None:
     finally:
         if server is not None:
             server.stop()
+        else:  # Milvus Lite runs in this process: close it first, or it writes into the folder again at exit
+            from milvus_lite.server_manager import server_manager_instance
+            server_manager_instance.release_all()
         shutil.rmtree(folder, ignore_errors=True)
 
 

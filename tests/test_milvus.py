@@ -137,8 +137,8 @@ def test_approximate_index_types(milvus, planted, tmp_path):
         collection = [*milvus[:-1], milvus[-1] + '_' + index_type]
         done = towhee_isc('index', refs, *collection, '--index-type', index_type.lower())
         assert f'({index_type} index)' in done.stdout
-        # More neighbours than HNSW's default ef (64): the search must raise ef to k or Milvus refuses it.
-        towhee_isc('search', queries, *collection, '-k', 80, '-o', tmp_path / 'milvus.csv')
+        # More neighbours than --ef: the search must raise ef to k or Milvus refuses it.
+        towhee_isc('search', queries, *collection, '-k', 80, '--ef', 16, '--nprobe', 7, '-o', tmp_path / 'milvus.csv')
         got = read_csv(tmp_path / 'milvus.csv')
         assert len(got) == len(want) == 20 * 80
         assert best(got) == best(want)
@@ -151,10 +151,11 @@ def test_approximate_index_types(milvus, planted, tmp_path):
 
 def test_search_parameters_follow_the_index():
     assert search_params('FLAT', 10, 1) == {'metric_type': 'IP', 'params': {}}
-    assert search_params('HNSW', 10, 1)['params'] == {'ef': 64}
-    assert search_params('HNSW', 101, 1)['params'] == {'ef': 101}  # Milvus requires ef >= k
-    assert search_params('HNSW', 10, 1, ef=200)['params'] == {'ef': 200}
-    assert search_params('IVF_FLAT', 10, 1265)['params'] == {'nprobe': 79}
+    assert search_params('HNSW', 10, 1)['params'] == {'ef': 256}
+    assert search_params('HNSW', 301, 1)['params'] == {'ef': 301}  # Milvus requires ef >= k
+    assert search_params('HNSW', 10, 1, ef=32)['params'] == {'ef': 32}
+    assert search_params('HNSW', 100, 1, ef=32)['params'] == {'ef': 100}
+    assert search_params('IVF_FLAT', 10, 1265)['params'] == {'nprobe': 158}
     assert search_params('IVF_FLAT', 10, 7)['params'] == {'nprobe': 7}  # never more cells than there are
     assert search_params('IVF_FLAT', 10, 1265, nprobe=32)['params'] == {'nprobe': 32}
     assert ivf_nlist(100_000) == 1265 and ivf_nlist(300) == 7 and ivf_nlist(5) == 1

@@ -134,8 +134,8 @@ def parser() -> argparse.ArgumentParser:
         return p
 
     def with_search_width(p):
-        p.add_argument('--nprobe', type=positive_int, help='IVF_FLAT: cells searched (default nlist/16, at least 16)')
-        p.add_argument('--ef', type=positive_int, help='HNSW: candidates explored (default 64, at least k)')
+        p.add_argument('--nprobe', type=positive_int, help='IVF_FLAT: cells searched (default nlist/8, at least 16)')
+        p.add_argument('--ef', type=positive_int, help='HNSW: candidates explored (default 256, at least k)')
         return p
 
     p = with_model(commands.add_parser('embed', help='images -> descriptor file (resumable)'))
