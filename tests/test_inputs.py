@@ -144,12 +144,12 @@ def test_one_operator_from_many_threads(small_op, photos):
         except Exception as e:  # noqa: BLE001 (reported below)
             errors.append(e)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert not errors and len(results) == 6
+    assert not errors and len(results) == 8
 
 
 @pytest.mark.parametrize('bad, error, message', [

@@ -19,7 +19,7 @@ from .embedding import Embedder, embed_collection, load_descriptors
 from .matching import (duplicate_groups, html_report, near_duplicate_pairs, nth_neighbour_similarity, search_exact,
                        write_groups)
 from .metrics import evaluate, plot_precision_recall, read_ground_truth, read_matches, write_matches
-from .milvus import DEFAULT_MILVUS_URI, MilvusIndex, milvus_duplicate_pairs
+from .milvus import DEFAULT_MILVUS_URI, INDEX_TYPES, MilvusIndex, milvus_duplicate_pairs
 
 COMMANDS = ('embed', 'index', 'search', 'dedup', 'evaluate')
 
@@ -40,9 +40,10 @@ def cmd_embed(args) -> None:
 
 def cmd_index(args) -> None:
     ids, vectors, _ = load_descriptors(args.inputs, embedder(args))
-    index = MilvusIndex(args.milvus_uri, args.collection)
-    index.add(ids, vectors)
-    print(f'indexed {len(ids)} descriptors into {args.collection!r} at {args.milvus_uri} ({index.count()} in all)')
+    index = MilvusIndex(args.milvus_uri, args.collection, args.token)
+    kind = index.add(ids, vectors, index_type=args.index_type)
+    print(f'indexed {len(ids)} descriptors into {args.collection!r} ({kind} index) at {args.milvus_uri} '
+          f'({index.count()} in all)')
 
 
 def cmd_search(args) -> None:
@@ -56,8 +57,8 @@ def cmd_search(args) -> None:
         reference_ids, references, reference_paths = load_descriptors(args.references, images, models)
         matches = search_exact(query_ids, queries, reference_ids, references, args.k, args.threshold, offsets)
     else:
-        index = MilvusIndex(args.milvus_uri, args.collection)
-        matches = index.search(query_ids, queries, args.k, args.threshold, offsets)
+        index = MilvusIndex(args.milvus_uri, args.collection, args.token, existing=True)
+        matches = index.search(query_ids, queries, args.k, args.threshold, offsets, nprobe=args.nprobe, ef=args.ef)
         reference_paths = {}
     write_matches(args.output, matches)
     print(f'wrote {len(matches)} matches for {len(query_ids)} queries to {args.output}')
@@ -69,9 +70,11 @@ def cmd_search(args) -> None:
 def cmd_dedup(args) -> None:
     ids, vectors, paths = load_descriptors(args.inputs, embedder(args))
     if args.milvus_uri:  # collections too large for this machine: let Milvus find the neighbours
-        index = MilvusIndex(args.milvus_uri, args.collection)
-        index.add(ids, vectors)
-        pairs = milvus_duplicate_pairs(index, ids, vectors, args.threshold, args.k)
+        index = MilvusIndex(args.milvus_uri, args.collection, args.token)
+        index.add(ids, vectors, index_type=args.index_type)
+        if index.count() > len(ids):  # others' neighbours can crowd ours out of the k looked at
+            print(f'warning: collection {args.collection!r} also holds images not given here', file=sys.stderr)
+        pairs = milvus_duplicate_pairs(index, ids, vectors, args.threshold, args.k, args.nprobe, args.ef)
     else:
         pairs = near_duplicate_pairs(vectors, args.threshold)
     groups = duplicate_groups(ids, pairs, [paths.get(i) for i in ids])
@@ -121,6 +124,18 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument('--milvus-uri', default=DEFAULT_MILVUS_URI,
                        help='a Milvus Lite file (default ./isc.db) or http://host:19530 for a server')
         p.add_argument('--collection', default='isc')
+        p.add_argument('--token', help="a Milvus server's 'user:password' or API key, where it requires one")
+        return p
+
+    def with_index_type(p):
+        p.add_argument('--index-type', choices=INDEX_TYPES, type=str.upper,
+                       help="a new collection's index: FLAT (exact, the default), IVF_FLAT or HNSW (approximate, "
+                            'for large collections); an existing collection keeps its own')
+        return p
+
+    def with_search_width(p):
+        p.add_argument('--nprobe', type=positive_int, help='IVF_FLAT: cells searched (default nlist/8, at least 16)')
+        p.add_argument('--ef', type=positive_int, help='HNSW: candidates explored (default 256, at least k)')
         return p
 
     p = with_model(commands.add_parser('embed', help='images -> descriptor file (resumable)'))
@@ -130,11 +145,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument('--quiet', action='store_true', help='no progress bar')
     p.set_defaults(run=cmd_embed)
 
-    p = with_milvus(with_model(commands.add_parser('index', help='descriptors or images -> Milvus')))
+    p = with_index_type(with_milvus(with_model(commands.add_parser('index', help='descriptors or images -> Milvus'))))
     p.add_argument('inputs', nargs='+')
     p.set_defaults(run=cmd_index)
 
-    p = with_milvus(with_model(commands.add_parser('search', help='queries -> prediction CSV')))
+    p = with_search_width(with_milvus(with_model(commands.add_parser('search', help='queries -> prediction CSV'))))
     p.add_argument('queries', nargs='+', help='descriptor files or images')
     p.add_argument('--references', nargs='+', help='search these (descriptor files or images) exactly, no database')
     p.add_argument('-k', type=positive_int, default=10, help='matches per query')
@@ -147,12 +162,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument('--report', help='also write an HTML page with thumbnails')
     p.set_defaults(run=cmd_search)
 
-    p = with_model(commands.add_parser('dedup', help='near-duplicate groups within one collection'))
+    p = with_search_width(with_index_type(with_model(commands.add_parser('dedup', help='near-duplicate groups within one collection'))))
     p.add_argument('inputs', nargs='+', help='descriptor files or images')
     p.add_argument('--threshold', type=finite_float, default=0.8, help='similarity that makes two images copies')
     p.add_argument('-o', '--output', help='groups as CSV, or JSON if it ends in .json')
     p.add_argument('--milvus-uri', help='find neighbours through this Milvus (for collections beyond one machine)')
     p.add_argument('--collection', default='isc_dedup')
+    p.add_argument('--token', help="a Milvus server's 'user:password' or API key, where it requires one")
     p.add_argument('-k', type=positive_int, default=100, help='with --milvus-uri: neighbours looked at per image')
     p.set_defaults(run=cmd_dedup)
 
