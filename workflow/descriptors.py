@@ -13,6 +13,7 @@ import numpy as np
 
 from ..atomic import atomic_write
 
+POSTPROCESSING = 'postprocessing'  # the descriptor file attribute saying how vectors were post-processed
 IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.webp', '.bmp', '.tif', '.tiff', '.gif'}
 
 
@@ -79,16 +80,63 @@ def read_descriptors(path: str | os.PathLike, dim: int | None = None) -> tuple[l
 
 
 def write_descriptors(path: str | os.PathLike, ids: Sequence[str], vectors: np.ndarray,
-                      paths: Sequence[str] | None = None) -> None:
+                      paths: Sequence[str] | None = None, postprocessing: dict | None = None) -> None:
     """Write a descriptor file through a temporary file, renamed when complete. ``paths`` (optional,
-    an extra dataset) lets ``dedup`` look at the images again."""
+    an extra dataset) lets ``dedup`` look at the images again; ``postprocessing`` (the record of
+    ``NegativeEmbeddings.record``) is kept as the JSON attribute ``postprocessing``."""
     import h5py
     with atomic_write(path) as tmp, h5py.File(tmp, 'w') as f:
+        if postprocessing is not None:
+            f.attrs[POSTPROCESSING] = json.dumps(postprocessing, sort_keys=True)
         f.create_dataset('vectors', data=np.asarray(vectors, np.float32))
         f.create_dataset('image_names', data=np.array(list(ids), dtype=object), dtype=h5py.string_dtype('ascii'))
         if paths is not None:
             f.create_dataset('image_paths', data=np.array(list(paths), dtype=object),
                              dtype=h5py.string_dtype('utf-8'))
+
+
+def read_postprocessing(path: str | os.PathLike) -> dict | None:
+    """How a descriptor file's vectors were post-processed (its ``postprocessing`` attribute), or
+    None for the network's raw output."""
+    import h5py
+    if not os.path.isfile(path):
+        raise DescriptorFileError(f'descriptor file not found: {str(path)!r}')
+    try:
+        with h5py.File(str(path), 'r') as f:
+            text = f.attrs.get(POSTPROCESSING)
+    except OSError as e:
+        raise DescriptorFileError(f'{str(path)!r} is not a readable HDF5 file: {e}') from e
+    if text is None:
+        return None
+    try:
+        record = json.loads(text.decode() if isinstance(text, bytes) else str(text))
+    except ValueError as e:
+        raise DescriptorFileError(f"{str(path)!r}: malformed 'postprocessing' attribute: {e}") from e
+    if not isinstance(record, dict):
+        raise DescriptorFileError(f"{str(path)!r}: malformed 'postprocessing' attribute: {text!r}")
+    return record
+
+
+def describe_postprocessing(record: dict | None) -> str:
+    """A short description of a post-processing record, for messages."""
+    if record is None:
+        return 'raw, not post-processed'
+    settings = ', '.join(f'{name}={record.get(name)}' for name in ('k', 'beta', 'iterations', 'dba_k', 'alpha'))
+    return (f"post-processed with {record.get('negatives_count')} negatives "
+            f"(content {str(record.get('negatives'))[:8]}), {settings}")
+
+
+def check_same_postprocessing(sources: dict[str, dict | None]) -> dict | None:
+    """The common post-processing of ``sources`` (name -> record); a clear error if they differ, as
+    raw and post-processed vectors (or two post-processings) must never be compared."""
+    records = list(sources.items())
+    for name, record in records[1:]:
+        if record != records[0][1]:
+            raise ValueError(f'cannot mix descriptors post-processed differently: {records[0][0]} '
+                             f'({describe_postprocessing(records[0][1])}) and {name} '
+                             f'({describe_postprocessing(record)}); make them alike with the same --negatives '
+                             'and settings (towhee-isc nes post-processes a descriptor file)')
+    return records[0][1] if records else None
 
 
 def read_image_paths(path: str | os.PathLike) -> list[str] | None:
@@ -101,13 +149,14 @@ def read_image_paths(path: str | os.PathLike) -> list[str] | None:
 
 def embed_resumable(images: Sequence[Path], output: str | os.PathLike,
                     embed: Callable[[list[Path]], tuple[list[np.ndarray], list[int]]],
-                    chunk_size: int = 64, progress: Callable[[int, int], None] | None = None) -> list[int]:
+                    chunk_size: int = 64, progress: Callable[[int, int], None] | None = None,
+                    postprocessing: dict | None = None) -> list[int]:
     """Embed ``images`` into the descriptor file ``output``, resumably.
 
     Each finished chunk is saved at once as ``<output>.parts/<first index>.npz`` (temporary file,
     then rename), so an interruption loses at most the chunk in flight and a rerun skips what is
     saved. When all chunks are there, the descriptor file is written (temporary file, rename) and
-    the parts are removed. ``embed`` returns the vectors of the images it could read and the
+    the parts are removed (``postprocessing`` is recorded in the file). ``embed`` returns the vectors of the images it could read and the
     indices (within its list) of those it could not. Returns the indices of unreadable images.
     """
     output = Path(output)
@@ -119,9 +168,12 @@ def embed_resumable(images: Sequence[Path], output: str | os.PathLike,
         clash = next((p, seen[i]) for p, i in zip(images, ids) if seen.setdefault(i, p) != p)
         raise ValueError(f'two images have the same id {image_id(clash[0])!r}: {clash[1]} and {clash[0]}')
     manifest = parts / 'manifest.json'
-    plan = json.dumps({'images': [str(p) for p in images], 'chunk_size': chunk_size})
+    plan = {'images': [str(p) for p in images], 'chunk_size': chunk_size}
+    if postprocessing is not None:  # parts made with other negatives or settings must not be reused
+        plan['postprocessing'] = postprocessing
+    plan = json.dumps(plan)
     if manifest.is_file() and manifest.read_text() != plan:
-        raise ValueError(f'{str(parts)!r} holds an interrupted run over other images or chunk size: '
+        raise ValueError(f'{str(parts)!r} holds an interrupted run over other images, chunk size or post-processing: '
                          'rerun with the same inputs, or delete that folder to start again')
     manifest.write_text(plan)
     done = {int(p.stem) for p in parts.glob('*.npz')}
@@ -145,7 +197,7 @@ def embed_resumable(images: Sequence[Path], output: str | os.PathLike,
                 kept_ids.append(ids[i])
                 kept_paths.append(str(images[i]))
     write_descriptors(output, kept_ids, np.concatenate(vectors) if vectors else np.zeros((0, 256), np.float32),
-                      kept_paths)
+                      kept_paths, postprocessing)
     shutil.rmtree(parts)
     return skipped
 

@@ -10,19 +10,35 @@ from typing import Sequence
 
 import numpy as np
 
-from .descriptors import embed_resumable, find_images, image_id, read_descriptors, read_image_paths
+from .descriptors import embed_resumable, find_images, image_id, read_descriptors, read_image_paths, read_postprocessing
 
 DESCRIPTOR_SUFFIXES = ('.h5', '.hdf5')
 
 
 class Embedder:
     """The operator, made on first use (``Isc`` arguments), that skips unreadable images unless
-    ``strict``. Photos are turned upright by their EXIF orientation, as people see them."""
+    ``strict``. Photos are turned upright by their EXIF orientation, as people see them. With
+    ``negatives=`` (and the ``nes_*`` settings) the vectors are post-processed as the operator does."""
 
     def __init__(self, strict: bool = False, **isc_kwargs):
         self.strict = strict
         self.isc_kwargs = {'exif_transpose': True, **isc_kwargs}
         self._op = None
+        if isc_kwargs.get('negatives') is not None:  # read once here: its record is needed before the operator
+            from ..postprocess import ALPHA, DBA_K, NegativeEmbeddings
+            if not isinstance(isc_kwargs['negatives'], NegativeEmbeddings):
+                self.isc_kwargs['negatives'] = NegativeEmbeddings(
+                    isc_kwargs['negatives'], isc_kwargs.get('nes_dba_k', DBA_K), isc_kwargs.get('nes_alpha', ALPHA))
+
+    @property
+    def postprocessing(self) -> dict | None:
+        """How the vectors it makes are post-processed (the record descriptor files keep), None if raw."""
+        negatives = self.isc_kwargs.get('negatives')
+        if negatives is None:
+            return None
+        from ..postprocess import BETA, ITERATIONS, K
+        return negatives.record(self.isc_kwargs.get('nes_k', K), self.isc_kwargs.get('nes_beta', BETA),
+                                self.isc_kwargs.get('nes_iterations', ITERATIONS))
 
     @property
     def op(self):
@@ -66,11 +82,19 @@ def embed_collection(inputs: Sequence[str], output: str, embedder: Embedder, chu
         if bar:
             bar.update(step)
 
-    skipped = embed_resumable(images, output, embedder, chunk_size, progress)
+    skipped = embed_resumable(images, output, embedder, chunk_size, progress, getattr(embedder, 'postprocessing', None))
     if bar:
         bar.close()
     seconds = time.perf_counter() - started
     return len(images) - len(skipped), [images[i] for i in skipped], embedded / seconds if seconds else 0.0
+
+
+def inputs_postprocessing(inputs: Sequence[str], embedder: Embedder, label: str = 'inputs') -> dict[str, dict | None]:
+    """How each input's vectors are post-processed (name -> record, None for raw): descriptor files
+    say it in their attribute; images embedded now get the embedder's."""
+    if all(str(i).lower().endswith(DESCRIPTOR_SUFFIXES) for i in inputs):
+        return {str(path): read_postprocessing(path) for path in inputs if Path(path).is_file()}
+    return {f'the {label} embedded now': embedder.postprocessing}
 
 
 def load_descriptors(inputs: Sequence[str], embedder: Embedder) -> tuple[list[str], np.ndarray, dict[str, str]]:

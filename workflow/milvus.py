@@ -1,13 +1,16 @@
 """A Milvus collection of descriptors (Milvus Lite file or a server) and near-duplicate pairs through it."""
 from __future__ import annotations
 
+import json
 from typing import Iterator, Sequence
 
 import numpy as np
 
+from .descriptors import check_same_postprocessing
 from .metrics import Match
 
 DEFAULT_MILVUS_URI = './isc.db'  # Milvus Lite: embedded, a file, nothing to start
+POSTPROCESSING = 'towhee_isc.postprocessing'  # collection property: how its vectors were post-processed
 
 
 class MilvusIndex:
@@ -32,9 +35,16 @@ class MilvusIndex:
         fields = self.client.describe_collection(self.collection)['fields']
         return next(f['params']['dim'] for f in fields if f['name'] == 'vector')
 
-    def create(self, dim: int = 256) -> None:
+    def postprocessing(self) -> dict | None:
+        """How the collection's vectors were post-processed (None: raw, or made before we recorded it)."""
+        if not self.client.has_collection(self.collection):
+            return None
+        text = (self.client.describe_collection(self.collection).get('properties') or {}).get(POSTPROCESSING)
+        return json.loads(text) if text else None
+
+    def create(self, dim: int = 256, postprocessing: dict | None = None) -> None:
         """Make the collection if it is not there (``id`` VARCHAR primary key, ``vector``, inner
-        product); one of another size is an error."""
+        product, ``postprocessing`` kept as a property); one of another size is an error."""
         from pymilvus import DataType, MilvusClient
         existing = self.dim()
         if existing is None:
@@ -43,13 +53,19 @@ class MilvusIndex:
             schema.add_field('vector', DataType.FLOAT_VECTOR, dim=dim)
             index = self.client.prepare_index_params()
             index.add_index('vector', index_type='FLAT', metric_type='IP')
-            self.client.create_collection(self.collection, schema=schema, index_params=index)
+            properties = {} if postprocessing is None else {POSTPROCESSING: json.dumps(postprocessing, sort_keys=True)}
+            self.client.create_collection(self.collection, schema=schema, index_params=index, properties=properties)
         elif existing != dim:
             raise ValueError(f'collection {self.collection!r} holds {existing}-d vectors; these are {dim}-d')
 
-    def add(self, ids: Sequence[str], vectors: np.ndarray, batch: int = 1000) -> None:
-        """Insert or update by id, creating the collection on first use."""
-        self.create(vectors.shape[1])
+    def add(self, ids: Sequence[str], vectors: np.ndarray, batch: int = 1000, postprocessing: dict | None = None) -> None:
+        """Insert or update by id, creating the collection on first use. Vectors post-processed
+        otherwise than the collection's (``postprocessing``, None for raw) are refused."""
+        existed = self.client.has_collection(self.collection)
+        self.create(vectors.shape[1], postprocessing)
+        if existed:
+            check_same_postprocessing({f'collection {self.collection!r}': self.postprocessing(),
+                                       'the descriptors to add': postprocessing})
         for start in range(0, len(ids), batch):
             rows = [{'id': i, 'vector': v.tolist()} for i, v in zip(ids[start:start + batch], vectors[start:start + batch])]
             self.client.upsert(self.collection, rows)
