@@ -32,7 +32,10 @@ from .atomic import atomic_write
 K, BETA, ITERATIONS, DBA_K, ALPHA = 10, 0.35, 1, 10, 3.0
 METHOD = 'negative embedding subtraction (arXiv 2112.04323)'
 NORM_TOLERANCE = 1e-3  # descriptors must be L2-normalised; fp16 ones are within ~1e-3
-BLOCK_VALUES = 1 << 25  # similarity block: at most 32M float32 (128 MB), never N x M
+# Similarity blocks of ROWS x COLUMNS float32 (128 MB), never N x M. Chunking the negatives too keeps
+# the product fed from the cache: with 1,000,000 negatives, 512 rows x 65,536 columns ran 1.7x faster
+# than 33 rows x all columns (the same memory).
+ROWS, COLUMNS = 512, 65_536
 GROUP = 32  # columns per group in the top-k pre-selection (measured fastest of 16..256 for k = 10)
 PROGRESS_FROM = 20_000  # augmentations of at least this many negatives show a progress bar
 _CACHE_VERSION = 1  # bump when the augmentation's arithmetic changes
@@ -173,26 +176,35 @@ def nearest(queries: np.ndarray, database: np.ndarray, k: int, each_block=None, 
     """Exact k nearest rows of ``database`` (M, D) by inner product for each of ``queries`` (N, D):
     (similarities (N, k) float32, indices (N, k) int64), in no particular order within a row.
 
-    Blocked: a block of query rows times the whole database (BLAS), at most ``BLOCK_VALUES`` values
-    at a time. With ``each_block(start, sims, idx)`` the results go to it block by block and the
-    returned arrays are empty. ``progress`` names a progress bar (tqdm, if installed).
+    Blocked: ``ROWS`` query rows times ``COLUMNS`` database rows at a time (BLAS), each block's best
+    k merged with those of the blocks before. With ``each_block(start, sims, idx)`` the results go to
+    it block by block and the returned arrays are empty. ``progress`` names a progress bar (tqdm, if
+    installed).
     """
     n, m = len(queries), len(database)
-    rows = max(1, min(n, BLOCK_VALUES // max(m, 1)))
     keep = each_block is None
     sims_out = np.empty((n if keep else 0, k), np.float32)
     idx_out = np.empty((n if keep else 0, k), np.int64)
     bar = _progress_bar(n, progress)
-    for start in range(0, n, rows):
-        sim = queries[start:start + rows] @ database.T
-        idx = _top_k_columns(sim, k)
-        sims = np.take_along_axis(sim, idx, axis=1)
+    for start in range(0, n, ROWS):
+        block = queries[start:start + ROWS]
+        sims = idx = None
+        for first in range(0, m, COLUMNS):
+            sim = block @ database[first:first + COLUMNS].T
+            chunk_idx = _top_k_columns(sim, min(k, sim.shape[1]))
+            chunk_sims = np.take_along_axis(sim, chunk_idx, axis=1)
+            if sims is None:
+                sims, idx = chunk_sims, chunk_idx + first
+            else:  # merge with the best so far
+                sims, idx = np.concatenate([sims, chunk_sims], axis=1), np.concatenate([idx, chunk_idx + first], axis=1)
+                best = np.argpartition(sims, sims.shape[1] - k, axis=1)[:, sims.shape[1] - k:]
+                sims, idx = np.take_along_axis(sims, best, axis=1), np.take_along_axis(idx, best, axis=1)
         if keep:
-            sims_out[start:start + len(sim)], idx_out[start:start + len(sim)] = sims, idx
+            sims_out[start:start + len(block)], idx_out[start:start + len(block)] = sims, idx
         else:
             each_block(start, sims, idx)
         if bar is not None:
-            bar.update(len(sim))
+            bar.update(len(block))
     if bar is not None:
         bar.close()
     return sims_out, idx_out

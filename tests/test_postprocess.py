@@ -94,6 +94,19 @@ def test_api_equals_the_restated_method(tmp_path, count, settings):
     assert np.abs(got - vectors).max() > 0.05  # it did change them
 
 
+@pytest.mark.parametrize('count, rows, columns, settings', [
+    (2000, 64, 1300, dict(k=5, beta=0.35, iterations=2, dba_k=5, alpha=3.0)),  # grouped top-k in both chunks
+    (300, 7, 296, WINNER),  # the last chunk holds fewer negatives than k
+])
+def test_blocks_of_rows_and_chunks_of_negatives_merge_exactly(tmp_path, monkeypatch, count, rows, columns, settings):
+    monkeypatch.setattr(postprocess, 'ROWS', rows)
+    monkeypatch.setattr(postprocess, 'COLUMNS', columns)
+    negatives, vectors = clustered(count, seed=9), clustered(30, seed=10)
+    nes = NegativeEmbeddings(negatives, dba_k=settings['dba_k'], alpha=settings['alpha'], cache=False)
+    got = nes.subtract(vectors, settings['k'], settings['beta'], settings['iterations'])
+    assert np.abs(got - restated(vectors, negatives, **settings)).max() < TOLERANCE
+
+
 def test_winner_defaults_and_rows_independent_of_order_and_batch(tmp_path, negatives):
     vectors = clustered(30, seed=4)
     nes = NegativeEmbeddings(negatives, cache_dir=tmp_path)
@@ -225,7 +238,8 @@ def test_operator_refuses_bad_negatives_and_settings(small_ckpt, negatives):
     cases = [(dict(negatives=clustered(50, dim=128)), 'the negatives are 128-d but this model makes 256-d vectors'),
              (dict(negatives=negatives, nes_beta=float('nan')), 'beta must be a finite number'),
              (dict(negatives=negatives, nes_iterations=0), 'iterations must be an integer of at least 1'),
-             (dict(negatives=negatives, nes_k=301), 'k=301 needs at least 301 negatives')]
+             (dict(negatives=negatives, nes_k=301), 'k=301 needs at least 301 negatives'),
+             (dict(negatives=NegativeEmbeddings(negatives), nes_alpha=2.0), 'differ from the given NegativeEmbeddings')]
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message.replace('(', r'\(')):
             Isc(checkpoint_path=small_ckpt, device='cpu', **kwargs)
