@@ -380,7 +380,7 @@ def test_a_milvus_collection_keeps_its_post_processing(cmd, tmp_path, negatives_
     assert cmd('index', tmp_path / 'post.h5', *db)[0] == 0
     code, _, err = cmd('index', tmp_path / 'raw.h5', *db)
     assert code == 2 and "collection 'refs' (post-processed with 300 negatives" in err
-    assert 'the descriptors to add (raw, not post-processed)' in err
+    assert f'{tmp_path / "raw.h5"} (raw, not post-processed)' in err
     code, _, err = cmd('search', tmp_path / 'raw.h5', *db, '-o', tmp_path / 'm.csv')
     assert code == 2 and 'cannot mix' in err and not (tmp_path / 'm.csv').exists()
     code, _, err = cmd('search', tmp_path / 'post.h5', *db, '-k', 1, '-o', tmp_path / 'm.csv')

@@ -50,9 +50,10 @@ def cmd_embed(args) -> None:
 
 def cmd_index(args) -> None:
     images = embedder(args)
-    postprocessing = same_postprocessing(args, images, inputs_postprocessing(args.inputs, images))
-    ids, vectors, _ = load_descriptors(args.inputs, images)
     index = MilvusIndex(args.milvus_uri, args.collection)
+    postprocessing = same_postprocessing(args, images, inputs_postprocessing(args.inputs, images),
+                                         {f'collection {args.collection!r}': index.postprocessing()} if index.dim() else {})
+    ids, vectors, _ = load_descriptors(args.inputs, images)
     index.add(ids, vectors, postprocessing=postprocessing)
     print(f'indexed {len(ids)} descriptors into {args.collection!r} at {args.milvus_uri} ({index.count()} in all)')
 
