@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -41,14 +42,17 @@ def unit_vectors(count: int, seed: int, dim: int = 256) -> np.ndarray:
     return out
 
 
-def median_seconds(call, repeats: int) -> float:
+def median_seconds(call, repeats: int) -> tuple[float, float]:
+    """Median (wall, CPU) seconds of ``call``. CPU time summed over threads, divided by the cores,
+    says what the wall time would be on idle cores when other work shares the machine."""
     call()  # warm up
-    times = []
+    walls, cpus = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         call()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+        walls.append(time.perf_counter() - start)
+        cpus.append(time.process_time() - cpu)
+    return float(np.median(walls)), float(np.median(cpus))
 
 
 def knn_engines(database: np.ndarray, rows: int, k: int = 10) -> dict:
@@ -65,10 +69,11 @@ def knn_engines(database: np.ndarray, rows: int, k: int = 10) -> dict:
         pass
     out = {}
     for name, call in engines.items():
-        seconds = median_seconds(call, 1)
-        out[name] = {'s_per_1000_rows': seconds / rows * 1000, 'all_rows_s': seconds / rows * len(database)}
+        seconds, cpu = median_seconds(call, 1)
+        out[name] = {'s_per_1000_rows': seconds / rows * 1000, 'all_rows_s': seconds / rows * len(database),
+                     'all_rows_cpu_s': cpu / rows * len(database)}
         print(f'  {name}: {seconds / rows * 1000:.3f} s per 1,000 rows -> {seconds / rows * len(database):.0f} s '
-              f'for all {len(database):,}', flush=True)
+              f'for all {len(database):,} (CPU {cpu / rows * len(database):.0f} s)', flush=True)
     return out
 
 
@@ -81,11 +86,13 @@ def _plain_numpy(queries, database, k):
 
 def per_image(nes: NegativeEmbeddings, batch: int) -> dict:
     queries = unit_vectors(batch, seed=7)
-    batch_s = median_seconds(lambda: nes.subtract(queries), 3)
-    single_s = median_seconds(lambda: nes.subtract(queries[:1]), 50)
-    result = {'batch': batch, 'batch_ms_per_image': batch_s / batch * 1000, 'single_image_ms': single_s * 1000}
+    (batch_s, batch_cpu), (single_s, single_cpu) = (median_seconds(lambda: nes.subtract(queries), 3),
+                                                    median_seconds(lambda: nes.subtract(queries[:1]), 50))
+    result = {'batch': batch, 'batch_ms_per_image': batch_s / batch * 1000, 'single_image_ms': single_s * 1000,
+              'batch_cpu_ms_per_image': batch_cpu / batch * 1000, 'single_image_cpu_ms': single_cpu * 1000}
     print(f'  subtraction with {len(nes.negatives):,} negatives: {result["batch_ms_per_image"]:.3f} ms/image in a '
-          f'batch of {batch}, {result["single_image_ms"]:.2f} ms for one image alone', flush=True)
+          f'batch of {batch} (CPU {result["batch_cpu_ms_per_image"]:.3f}), {result["single_image_ms"]:.2f} ms for '
+          f'one image alone (CPU {result["single_image_cpu_ms"]:.2f})', flush=True)
     return result
 
 
@@ -103,14 +110,16 @@ def augment_command(work: Path, count: int) -> dict:
     if result.returncode:
         sys.exit(f'{command} failed:\n{result.stderr[-3000:]}')
     peak_mib = int(result.stderr.strip().splitlines()[-1]) / 1024
+    cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = cpu.ru_utime + cpu.ru_stime  # the wrapper and the command: nothing else has been waited for
     bar = [line for line in result.stderr.replace('\r', '\n').splitlines() if 'augmenting negatives: 100%' in line]
     start = time.perf_counter()
     subprocess.run(command, capture_output=True, env=env, check=True)  # again: the cache is used
     cached_s = time.perf_counter() - start
-    out = {'negatives': count, 'command_s': seconds, 'peak_mib': peak_mib, 'progress_bar': bar[-1].strip() if bar else None,
+    out = {'negatives': count, 'command_s': seconds, 'command_cpu_s': cpu_s, 'peak_mib': peak_mib, 'progress_bar': bar[-1].strip() if bar else None,
            'command_again_cached_s': cached_s}
     print(f'  towhee-isc nes, {count:,} negatives, 1,000 queries: {seconds:.1f} s wall (augmentation, import, '
-          f'files), peak {peak_mib:.0f} MiB; again with the cache: {cached_s:.1f} s\n  last bar: {out["progress_bar"]}',
+          f'files; CPU {cpu_s:.0f} s), peak {peak_mib:.0f} MiB; again with the cache: {cached_s:.1f} s\n  last bar: {out["progress_bar"]}',
           flush=True)
     return out
 
@@ -123,7 +132,7 @@ def main() -> None:
     parser.add_argument('--skip-large', action='store_true')
     parser.add_argument('--json', help='write the report here')
     args = parser.parse_args()
-    report = {'cores': len(os.sched_getaffinity(0))}
+    report = {'cores': len(os.sched_getaffinity(0)), 'load_average_before': os.getloadavg()}
     work = Path(tempfile.mkdtemp(prefix='isc-nes-'))
     try:
         print(f'augmentation of {args.negatives:,} negatives (the command, end to end):', flush=True)
@@ -132,10 +141,12 @@ def main() -> None:
         print(f'exact 10 nearest neighbours among {args.negatives:,} (the augmentation\'s search):', flush=True)
         report['knn'] = knn_engines(negatives, 5000)
         nes = NegativeEmbeddings(negatives, cache_dir=work / 'cache', progress=False)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         nes.augmented  # noqa: B018
         report['augment_in_process_s'] = time.perf_counter() - start
-        print(f'  augmentation in this process: {report["augment_in_process_s"]:.1f} s', flush=True)
+        report['augment_in_process_cpu_s'] = time.process_time() - cpu
+        print(f'  augmentation in this process: {report["augment_in_process_s"]:.1f} s '
+              f'(CPU {report["augment_in_process_cpu_s"]:.1f} s)', flush=True)
         report['per_image'] = per_image(nes, 1000)
         del nes, negatives
         if not args.skip_large:
@@ -147,6 +158,9 @@ def main() -> None:
             report['large_per_image'] = per_image(nes, 1000)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    report['load_average_after'] = os.getloadavg()
+    print(f'load average (1, 5, 15 min) before {report["load_average_before"]}, after {report["load_average_after"]}: '
+          f'above {report["cores"]} other work shared the cores, and wall times grow with it')
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     print(json.dumps(report))
