@@ -19,6 +19,7 @@ with warnings.catch_warnings():  # Towhee's own imports warn about pkg_resources
 from .backends import DEFAULT_BATCH, TorchBackend, export_onnx, onnx_backend, resolve_backend, weights_key
 from .images import ImageError, image_size, is_jpeg, to_pil_rgb
 from .model import Checkpoint, IscNet, build_model, read_checkpoint, save_checkpoint, timm_name
+from .postprocess import ALPHA, BETA, DBA_K, ITERATIONS, K, NegativeEmbeddings
 from .weights import DEFAULT_WEIGHTS, WEIGHTS, get_weights, load_published
 
 _EXPORT_SUFFIX = {'pytorch': '.pth', 'torchscript': '.pt', 'onnx': '.onnx'}
@@ -71,6 +72,12 @@ class Isc(NNOperator):
             and inputs take the usual path.
         exif_transpose: turn image files upright by their EXIF orientation (phone photos). Off by
             default, as in the reference code.
+        negatives: post-process every returned vector as the winner did (negative embedding
+            subtraction, see ``postprocess.py``) with these negatives: a descriptor file (HDF5
+            ``vectors``/``image_names``), an (M, D) float32 array of unit rows, or a
+            ``NegativeEmbeddings``. None (default): the network's raw output.
+        nes_k, nes_beta, nes_iterations: the subtraction's neighbours, weight and repeats (10, 0.35, 1).
+        nes_dba_k, nes_alpha: the negatives' augmentation (10, 3.0); a ``NegativeEmbeddings`` brings its own.
 
     Calling it with one image returns a float32 ``np.ndarray`` of shape (256,) with L2 norm 1; with a
     list (or an (N, 3, S, S) batch when ``skip_preprocess``) it returns a list of those, in order.
@@ -88,7 +95,10 @@ class Isc(NNOperator):
                  timm_backbone: str | None = None, img_size: int | None = None,
                  skip_preprocess: bool = False, device: str | torch.device | None = None,
                  batch_size: int | None = None, backend: str = 'auto', precision: str = 'fp32',
-                 fast_decode: bool = False, decode_on_device: bool = False, exif_transpose: bool = False):
+                 fast_decode: bool = False, decode_on_device: bool = False, exif_transpose: bool = False,
+                 negatives: str | os.PathLike | np.ndarray | NegativeEmbeddings | None = None,
+                 nes_k: int = K, nes_beta: float = BETA, nes_iterations: int = ITERATIONS,
+                 nes_dba_k: int = DBA_K, nes_alpha: float = ALPHA):
         super().__init__()
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f'batch_size must be a positive int or None, got {batch_size!r}')
@@ -114,6 +124,23 @@ class Isc(NNOperator):
             backend = 'torch'
             self.backend = TorchBackend(self.model, self.device, precision)
         self.batch_size: int = batch_size or DEFAULT_BATCH[(backend, self.device.type)]
+        self.nes, self.postprocessing = self._negatives(negatives, nes_k, nes_beta, nes_iterations, nes_dba_k, nes_alpha)
+
+    def _negatives(self, negatives, k: int, beta: float, iterations: int, dba_k: int, alpha: float
+                   ) -> tuple[NegativeEmbeddings | None, dict | None]:
+        """The post-processing's negatives (augmented now, or read from the cache) and its record."""
+        if negatives is None:
+            return None, None
+        if not isinstance(negatives, NegativeEmbeddings):
+            negatives = NegativeEmbeddings(negatives, dba_k, alpha)
+        elif (dba_k, alpha) != (DBA_K, ALPHA) and (dba_k, alpha) != (negatives.dba_k, negatives.alpha):
+            raise ValueError(f'nes_dba_k/nes_alpha ({dba_k}, {alpha}) differ from the given NegativeEmbeddings\' '
+                             f'({negatives.dba_k}, {negatives.alpha}): set them when building it')
+        if negatives.dim != self.embedding_dim:
+            raise ValueError(f'the negatives are {negatives.dim}-d but this model makes {self.embedding_dim}-d vectors')
+        record = negatives.record(k, beta, iterations)  # checks the settings
+        negatives.augmented  # noqa: B018 (augment now, so that the first call is not slow)
+        return negatives, record
 
     @staticmethod
     def _checkpoint(model_name: str, checkpoint_path, timm_backbone: str | None) -> Checkpoint:
@@ -141,6 +168,9 @@ class Isc(NNOperator):
     def __call__(self, data: Any) -> np.ndarray | list[np.ndarray]:
         items, single = self._split(data)
         vectors = self._embed(items, single)
+        if self.nes is not None:  # the winner's post-processing (negative embedding subtraction)
+            vectors = self.nes.subtract(vectors, self.postprocessing['k'], self.postprocessing['beta'],
+                                        self.postprocessing['iterations'])
         return vectors[0] if single else list(vectors)
 
     # -- input conversion: every input goes through _split, then _prepare ----------------------------

@@ -1,4 +1,4 @@
-"""``towhee-isc`` (also ``python -m towhee_isc``): embed, index, search, dedup, evaluate.
+"""``towhee-isc`` (also ``python -m towhee_isc``): embed, index, search, dedup, evaluate, nes.
 
 Every command is a thin shell over the Python API (``workflow``, ``matching``, ``metrics``):
 it parses arguments and prints; errors are one line and exit code 2.
@@ -13,20 +13,32 @@ import sys
 from typing import Sequence
 
 from ..atomic import check_writable
-
-from .descriptors import read_descriptors
-from .embedding import Embedder, embed_collection, load_descriptors
+from ..postprocess import ALPHA, BETA, DBA_K, ITERATIONS, K, NegativeEmbeddings
+from .descriptors import (check_same_postprocessing, describe_postprocessing, read_descriptors, read_image_paths,
+                          read_postprocessing, write_descriptors)
+from .embedding import Embedder, embed_collection, inputs_postprocessing, load_descriptors
 from .matching import (duplicate_groups, html_report, near_duplicate_pairs, nth_neighbour_similarity, search_exact,
                        write_groups)
 from .metrics import evaluate, plot_precision_recall, read_ground_truth, read_matches, write_matches
 from .milvus import DEFAULT_MILVUS_URI, INDEX_TYPES, MilvusIndex, milvus_duplicate_pairs
 
-COMMANDS = ('embed', 'index', 'search', 'dedup', 'evaluate')
+COMMANDS = ('embed', 'index', 'search', 'dedup', 'evaluate', 'nes')
 
 
 def embedder(args: argparse.Namespace) -> Embedder:
+    nes = {} if args.negatives is None else dict(  # the winner's post-processing of every vector made
+        negatives=args.negatives, nes_k=args.nes_k, nes_beta=args.nes_beta, nes_iterations=args.nes_iterations,
+        nes_dba_k=args.nes_dba_k, nes_alpha=args.nes_alpha)
     return Embedder(model_name=args.model_name, checkpoint_path=args.checkpoint, device=args.device,
-                    batch_size=args.batch_size, strict=args.strict)
+                    batch_size=args.batch_size, strict=args.strict, **nes)
+
+
+def same_postprocessing(args: argparse.Namespace, images: Embedder, *sources: dict[str, dict | None]) -> dict | None:
+    """All inputs of one command (and ``--negatives``, if given) must be post-processed alike."""
+    named = {f'--negatives {args.negatives}': images.postprocessing} if args.negatives else {}
+    for source in sources:
+        named.update(source)
+    return check_same_postprocessing(named)
 
 
 def cmd_embed(args) -> None:
@@ -39,15 +51,23 @@ def cmd_embed(args) -> None:
 
 
 def cmd_index(args) -> None:
-    ids, vectors, _ = load_descriptors(args.inputs, embedder(args))
+    images = embedder(args)
     index = MilvusIndex(args.milvus_uri, args.collection, args.token)
-    kind = index.add(ids, vectors, index_type=args.index_type)
+    postprocessing = same_postprocessing(args, images, inputs_postprocessing(args.inputs, images),
+                                         {f'collection {args.collection!r}': index.postprocessing()} if index.dim() else {})
+    ids, vectors, _ = load_descriptors(args.inputs, images)
+    kind = index.add(ids, vectors, index_type=args.index_type, postprocessing=postprocessing)
     print(f'indexed {len(ids)} descriptors into {args.collection!r} ({kind} index) at {args.milvus_uri} '
           f'({index.count()} in all)')
 
 
 def cmd_search(args) -> None:
     images, models = embedder(args), {}
+    index = None if args.references else MilvusIndex(args.milvus_uri, args.collection, args.token, existing=True)
+    same_postprocessing(args, images, inputs_postprocessing(args.queries, images, 'queries'),
+                        inputs_postprocessing(args.references or [], images, 'references') if args.references else {},
+                        {args.score_norm: read_postprocessing(args.score_norm)} if args.score_norm else {},
+                        {f'collection {args.collection!r}': index.postprocessing()} if index and index.dim() else {})
     query_ids, queries, query_paths = load_descriptors(args.queries, images, models)
     offsets = None
     if args.score_norm:
@@ -57,7 +77,6 @@ def cmd_search(args) -> None:
         reference_ids, references, reference_paths = load_descriptors(args.references, images, models)
         matches = search_exact(query_ids, queries, reference_ids, references, args.k, args.threshold, offsets)
     else:
-        index = MilvusIndex(args.milvus_uri, args.collection, args.token, existing=True)
         matches = index.search(query_ids, queries, args.k, args.threshold, offsets, nprobe=args.nprobe, ef=args.ef)
         reference_paths = {}
     write_matches(args.output, matches)
@@ -68,10 +87,12 @@ def cmd_search(args) -> None:
 
 
 def cmd_dedup(args) -> None:
-    ids, vectors, paths = load_descriptors(args.inputs, embedder(args))
+    images = embedder(args)
+    postprocessing = same_postprocessing(args, images, inputs_postprocessing(args.inputs, images))
+    ids, vectors, paths = load_descriptors(args.inputs, images)
     if args.milvus_uri:  # collections too large for this machine: let Milvus find the neighbours
         index = MilvusIndex(args.milvus_uri, args.collection, args.token)
-        index.add(ids, vectors, index_type=args.index_type)
+        index.add(ids, vectors, index_type=args.index_type, postprocessing=postprocessing)
         if index.count() > len(ids):  # others' neighbours can crowd ours out of the k looked at
             print(f'warning: collection {args.collection!r} also holds images not given here', file=sys.stderr)
         pairs = milvus_duplicate_pairs(index, ids, vectors, args.threshold, args.k, args.nprobe, args.ef)
@@ -100,6 +121,19 @@ def cmd_evaluate(args) -> None:
               f"recall at rank 1 / 10    {result['recall_at_rank1']:.4f} / {result['recall_at_rank10']:.4f}")
 
 
+def cmd_nes(args) -> None:
+    ids, vectors = read_descriptors(args.descriptors)
+    done = read_postprocessing(args.descriptors)
+    if done is not None:
+        raise ValueError(f'{args.descriptors} is already {describe_postprocessing(done)}; post-process raw descriptors')
+    negatives = NegativeEmbeddings(args.negatives, args.dba_k, args.alpha)
+    out = negatives.subtract(vectors, args.k, args.beta, args.iterations)
+    write_descriptors(args.output, ids, out, read_image_paths(args.descriptors),
+                      negatives.record(args.k, args.beta, args.iterations))
+    print(f'wrote {len(ids)} post-processed descriptors to {args.output} '
+          f'({len(negatives.negatives)} negatives, k={args.k}, beta={args.beta}, iterations={args.iterations})')
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (``error: ...``, exit 2) like every other error."""
 
@@ -118,6 +152,16 @@ def parser() -> argparse.ArgumentParser:
         group.add_argument('--device', help="'cpu', 'cuda', 'cuda:N' (default: CUDA when available)")
         group.add_argument('--batch-size', type=positive_int)
         group.add_argument('--strict', action='store_true', help='an unreadable image is an error, not skipped')
+        group = p.add_argument_group('post-processing (negative embedding subtraction, as the winner submitted)')
+        group.add_argument('--negatives', metavar='FILE', help='post-process every vector made from images with '
+                           'these negatives (a descriptor file); descriptor files must be post-processed alike')
+        group.add_argument('--nes-k', type=positive_int, default=K, help=f'nearest negatives subtracted ({K})')
+        group.add_argument('--nes-beta', type=finite_float, default=BETA, help=f'weight of the subtraction ({BETA})')
+        group.add_argument('--nes-iterations', type=positive_int, default=ITERATIONS, help=f'repeats ({ITERATIONS})')
+        group.add_argument('--nes-dba-k', type=positive_int, default=DBA_K,
+                           help=f'neighbours in the augmentation of the negatives ({DBA_K})')
+        group.add_argument('--nes-alpha', type=finite_float, default=ALPHA,
+                           help=f'similarity exponent of the augmentation ({ALPHA})')
         return p
 
     def with_milvus(p):
@@ -178,6 +222,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument('--plot', help='precision-recall curve (PNG)')
     p.add_argument('--json', action='store_true')
     p.set_defaults(run=cmd_evaluate)
+
+    p = commands.add_parser('nes', help="the winner's post-processing of a descriptor file (negative embedding subtraction)")
+    p.add_argument('descriptors', help='raw descriptor file (.h5)')
+    p.add_argument('--negatives', required=True, metavar='FILE', help='descriptor file of images with no copies of the references')
+    p.add_argument('-o', '--output', required=True, help='post-processed descriptor file (.h5): the same ids, in order')
+    p.add_argument('--k', type=positive_int, default=K, help=f'nearest augmented negatives subtracted (default {K})')
+    p.add_argument('--beta', type=finite_float, default=BETA, help=f'weight of the subtraction (default {BETA})')
+    p.add_argument('--iterations', type=positive_int, default=ITERATIONS, help=f'repeats (default {ITERATIONS})')
+    p.add_argument('--dba-k', type=positive_int, default=DBA_K, help=f'neighbours in the augmentation (default {DBA_K})')
+    p.add_argument('--alpha', type=finite_float, default=ALPHA, help=f'similarity exponent of the augmentation (default {ALPHA})')
+    p.set_defaults(run=cmd_nes)
     return main
 
 

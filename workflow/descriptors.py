@@ -13,6 +13,7 @@ import numpy as np
 
 from ..atomic import atomic_write
 
+POSTPROCESSING = 'postprocessing'  # the descriptor file attribute saying how vectors were post-processed
 IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.webp', '.bmp', '.tif', '.tiff', '.gif'}
 
 
@@ -120,10 +121,12 @@ def read_model(path: str | os.PathLike) -> dict | None:
 
 
 def write_descriptors(path: str | os.PathLike, ids: Sequence[str], vectors: np.ndarray,
-                      paths: Sequence[str] | None = None, model: dict | None = None) -> None:
+                      paths: Sequence[str] | None = None, model: dict | None = None,
+                      postprocessing: dict | None = None) -> None:
     """Write a descriptor file through a temporary file, renamed when complete. ``paths`` (optional,
     an extra dataset) lets ``dedup`` look at the images again; ``model`` (the operator's
-    fingerprint, an attribute) lets later commands refuse to mix vectors of two models."""
+    fingerprint) and ``postprocessing`` (``NegativeEmbeddings.record``), JSON attributes, let later
+    commands refuse to mix vectors of two models or post-processings."""
     import h5py
     with atomic_write(path) as tmp, h5py.File(tmp, 'w') as f:
         f.create_dataset('vectors', data=np.asarray(vectors, np.float32))
@@ -133,6 +136,52 @@ def write_descriptors(path: str | os.PathLike, ids: Sequence[str], vectors: np.n
                              dtype=h5py.string_dtype('utf-8'))
         if model is not None:
             f.attrs['model'] = json.dumps(model, sort_keys=True)
+        if postprocessing is not None:
+            f.attrs[POSTPROCESSING] = json.dumps(postprocessing, sort_keys=True)
+
+
+def read_postprocessing(path: str | os.PathLike) -> dict | None:
+    """How a descriptor file's vectors were post-processed (its ``postprocessing`` attribute), or
+    None for the network's raw output."""
+    import h5py
+    if not os.path.isfile(path):
+        raise DescriptorFileError(f'descriptor file not found: {str(path)!r}')
+    try:
+        with h5py.File(str(path), 'r') as f:
+            text = f.attrs.get(POSTPROCESSING)
+    except OSError as e:
+        raise DescriptorFileError(f'{str(path)!r} is not a readable HDF5 file: {e}') from e
+    if text is None:
+        return None
+    try:
+        record = json.loads(text.decode() if isinstance(text, bytes) else str(text))
+    except ValueError as e:
+        raise DescriptorFileError(f"{str(path)!r}: malformed 'postprocessing' attribute: {e}") from e
+    if not isinstance(record, dict):
+        raise DescriptorFileError(f"{str(path)!r}: malformed 'postprocessing' attribute: {text!r}")
+    return record
+
+
+def describe_postprocessing(record: dict | None) -> str:
+    """A short description of a post-processing record, for messages."""
+    if record is None:
+        return 'raw, not post-processed'
+    settings = ', '.join(f'{name}={record.get(name)}' for name in ('k', 'beta', 'iterations', 'dba_k', 'alpha'))
+    return (f"post-processed with {record.get('negatives_count')} negatives "
+            f"(content {str(record.get('negatives'))[:8]}), {settings}")
+
+
+def check_same_postprocessing(sources: dict[str, dict | None]) -> dict | None:
+    """The common post-processing of ``sources`` (name -> record); a clear error if they differ, as
+    raw and post-processed vectors (or two post-processings) must never be compared."""
+    records = list(sources.items())
+    for name, record in records[1:]:
+        if record != records[0][1]:
+            raise ValueError(f'cannot mix descriptors post-processed differently: {records[0][0]} '
+                             f'({describe_postprocessing(records[0][1])}) and {name} '
+                             f'({describe_postprocessing(record)}); make them alike with the same --negatives '
+                             'and settings (towhee-isc nes post-processes a descriptor file)')
+    return records[0][1] if records else None
 
 
 def read_image_paths(path: str | os.PathLike) -> list[str] | None:
@@ -146,14 +195,15 @@ def read_image_paths(path: str | os.PathLike) -> list[str] | None:
 def embed_resumable(images: Sequence[Path], output: str | os.PathLike,
                     embed: Callable[[list[Path]], tuple[list[np.ndarray], dict[int, str]]],
                     chunk_size: int = 64, progress: Callable[[int, bool], None] | None = None,
-                    model: dict | None = None) -> dict[int, str]:
+                    model: dict | None = None, postprocessing: dict | None = None) -> dict[int, str]:
     """Embed ``images`` into the descriptor file ``output``, resumably.
 
     Each finished chunk is saved at once as ``<output>.parts/<first index>.npz`` (temporary file,
     then rename), so an interruption loses at most the chunk in flight and a rerun skips what is
-    saved. The parts folder's manifest records the images, the chunk size and ``model`` (what makes
-    the vectors, e.g. ``Isc.fingerprint``): a rerun with other images or another model is refused,
-    so vectors of two models never mix. When all chunks are there, the descriptor file is written
+    saved. The parts folder's manifest records the images, the chunk size, ``model`` (what makes
+    the vectors, e.g. ``Isc.fingerprint``) and ``postprocessing``: a rerun with other images, another
+    model or other post-processing is refused, so different vectors never mix; both are recorded in
+    the descriptor file. When all chunks are there, the descriptor file is written
     (temporary file, rename) and the parts are removed. ``embed`` returns the vectors of the images
     it could read and {index within its list: reason} for those it could not. Returns
     {image index: reason} of the unreadable images. If no image could be read, nothing is written.
@@ -161,7 +211,8 @@ def embed_resumable(images: Sequence[Path], output: str | os.PathLike,
     output = Path(output)
     parts = output.with_name(output.name + '.parts')
     ids = image_ids(images)
-    plan = {'images': [str(p) for p in images], 'chunk_size': chunk_size, 'model': model}
+    plan = {'images': [str(p) for p in images], 'chunk_size': chunk_size, 'model': model,
+            'postprocessing': postprocessing}
     done = _resume(parts, plan)
     for start in range(0, len(images), chunk_size):
         if start not in done:
@@ -186,7 +237,7 @@ def embed_resumable(images: Sequence[Path], output: str | os.PathLike,
         first = next(iter(skipped.items()))
         raise ValueError(f'none of the {len(images)} images could be read (the first, {images[first[0]]}: '
                          f'{first[1]}); nothing was written')
-    write_descriptors(output, kept_ids, np.concatenate(vectors), kept_paths, model)
+    write_descriptors(output, kept_ids, np.concatenate(vectors), kept_paths, model, postprocessing)
     shutil.rmtree(parts)
     return skipped
 
@@ -207,6 +258,10 @@ def _resume(parts: Path, plan: dict) -> set[int]:
         raise ValueError(f'{str(parts)!r} holds an interrupted run made with another model or settings '
                          f"({_differences(saved.get('model'), plan['model'])}): rerun with the same --checkpoint, "
                          '--model-name and options, or delete that folder to start again')
+    if saved.get('postprocessing') != plan['postprocessing']:
+        raise ValueError(f'{str(parts)!r} holds an interrupted run with other post-processing '
+                         f"({describe_postprocessing(saved.get('postprocessing'))}): rerun with the same --negatives "
+                         'and settings, or delete that folder to start again')
     return {int(p.stem) for p in parts.glob('*.npz') if p.stem.isdigit()}
 
 

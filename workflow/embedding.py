@@ -13,7 +13,7 @@ import numpy as np
 
 from ..images import ImageError
 from .descriptors import (embed_resumable, find_images, image_ids, read_descriptors, read_image_paths,
-                          read_model)
+                          read_model, read_postprocessing)
 
 DESCRIPTOR_SUFFIXES = ('.h5', '.hdf5')
 
@@ -23,13 +23,29 @@ class Embedder:
     ``strict``. Photos are turned upright by their EXIF orientation, as people see them.
 
     Only ``ImageError`` (one image cannot be used) skips an image; any other error (a missing
-    checkpoint, a bad device, broken weights) concerns every image and propagates at once.
+    checkpoint, a bad device, broken weights) concerns every image and propagates at once. With
+    ``negatives=`` (and the ``nes_*`` settings) the vectors are post-processed as the operator does.
     """
 
     def __init__(self, strict: bool = False, **isc_kwargs):
         self.strict = strict
         self.isc_kwargs = {'exif_transpose': True, **isc_kwargs}
         self._op = None
+        if isc_kwargs.get('negatives') is not None:  # read once here: its record is needed before the operator
+            from ..postprocess import ALPHA, DBA_K, NegativeEmbeddings
+            if not isinstance(isc_kwargs['negatives'], NegativeEmbeddings):
+                self.isc_kwargs['negatives'] = NegativeEmbeddings(
+                    isc_kwargs['negatives'], isc_kwargs.get('nes_dba_k', DBA_K), isc_kwargs.get('nes_alpha', ALPHA))
+
+    @property
+    def postprocessing(self) -> dict | None:
+        """How the vectors it makes are post-processed (the record descriptor files keep), None if raw."""
+        negatives = self.isc_kwargs.get('negatives')
+        if negatives is None:
+            return None
+        from ..postprocess import BETA, ITERATIONS, K
+        return negatives.record(self.isc_kwargs.get('nes_k', K), self.isc_kwargs.get('nes_beta', BETA),
+                                self.isc_kwargs.get('nes_iterations', ITERATIONS))
 
     @property
     def op(self):
@@ -79,13 +95,23 @@ def embed_collection(inputs: Sequence[str], output: str, embedder: Embedder, chu
             bar.update(step)
 
     try:
-        skipped = embed_resumable(images, output, embedder, chunk_size, progress, model)
+        skipped = embed_resumable(images, output, embedder, chunk_size, progress, model, embedder.postprocessing)
     finally:
         if bar:
             bar.close()
     seconds = time.perf_counter() - started
     return len(images) - len(skipped), {images[i]: reason for i, reason in skipped.items()}, \
         embedded / seconds if seconds else 0.0
+
+
+def inputs_postprocessing(inputs: Sequence[str], embedder: Embedder, label: str = 'inputs') -> dict[str, dict | None]:
+    """How each input's vectors are post-processed (name -> record, None for raw): descriptor files
+    say it in their attribute; images embedded now get the embedder's."""
+    records = {str(path): read_postprocessing(path) for path in inputs
+               if str(path).lower().endswith(DESCRIPTOR_SUFFIXES) and Path(path).is_file()}
+    if any(not str(i).lower().endswith(DESCRIPTOR_SUFFIXES) for i in inputs):
+        records[f'the {label} embedded now'] = embedder.postprocessing
+    return records
 
 
 def load_descriptors(inputs: Sequence[str], embedder: Embedder, models: dict[str, dict | None] | None = None

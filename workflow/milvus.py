@@ -7,6 +7,7 @@ Lite runs inside ours). Milvus's own errors become :class:`MilvusError`, one lin
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -14,9 +15,11 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from .descriptors import check_same_postprocessing
 from .metrics import Match
 
 DEFAULT_MILVUS_URI = './isc.db'  # Milvus Lite: embedded, a folder, nothing to start
+POSTPROCESSING = 'towhee_isc.postprocessing'  # collection property: how its vectors were post-processed
 INDEX_TYPES = ('FLAT', 'IVF_FLAT', 'HNSW')
 HNSW_M, HNSW_EF_CONSTRUCTION = 16, 200  # Milvus's usual starting point
 # Default search widths: on 100,000 random 256-d vectors these found >= 99.4 % of copies at rank 1
@@ -167,11 +170,20 @@ class MilvusIndex:
         kind = str(info.get('index_type', 'FLAT')).upper()
         return ('FLAT' if kind == 'BRUTE_FORCE' else kind), info  # Milvus Lite's name for FLAT
 
-    def create(self, dim: int = 256, index_type: str | None = None, size: int = 0) -> str:
+    def postprocessing(self) -> dict | None:
+        """How the collection's vectors were post-processed (None: raw, or made before we recorded it)."""
+        if self.dim() is None:
+            return None
+        with self._errors(f'describing collection {self.collection!r}'):
+            text = (self.client.describe_collection(self.collection).get('properties') or {}).get(POSTPROCESSING)
+        return json.loads(text) if text else None
+
+    def create(self, dim: int = 256, index_type: str | None = None, size: int = 0,
+               postprocessing: dict | None = None) -> str:
         """Make the collection if it is not there (``id`` VARCHAR primary key, ``vector``, inner
-        product, an ``index_type`` index sized for about ``size`` vectors; default FLAT). One of
-        another vector size is an error; one with another index type too, when ``index_type`` is
-        given. Returns the index type the collection has."""
+        product, an ``index_type`` index sized for about ``size`` vectors, default FLAT;
+        ``postprocessing`` kept as a property). One of another vector size is an error; one with
+        another index type too, when ``index_type`` is given. Returns the index type the collection has."""
         from pymilvus import DataType, MilvusClient
         if index_type is not None and index_type not in INDEX_TYPES:
             raise ValueError(f'unknown index type {index_type!r}; choose one of {", ".join(INDEX_TYPES)}')
@@ -189,7 +201,9 @@ class MilvusIndex:
             schema = MilvusClient.create_schema(auto_id=False)
             schema.add_field('id', DataType.VARCHAR, is_primary=True, max_length=512)
             schema.add_field('vector', DataType.FLOAT_VECTOR, dim=dim)
-            self.client.create_collection(self.collection, schema=schema)
+            extra = {} if postprocessing is None else {
+                'properties': {POSTPROCESSING: json.dumps(postprocessing, sort_keys=True)}}
+            self.client.create_collection(self.collection, schema=schema, **extra)
             index = self.client.prepare_index_params()
             build = index_params(index_type, size)
             # pymilvus 3 sends build parameters as separate keys, which servers read; Milvus Lite 3 reads only
@@ -202,10 +216,15 @@ class MilvusIndex:
             self.client.create_index(self.collection, index, sync=False)
         return index_type
 
-    def add(self, ids: Sequence[str], vectors: np.ndarray, batch: int = 1000, index_type: str | None = None) -> str:
+    def add(self, ids: Sequence[str], vectors: np.ndarray, batch: int = 1000, index_type: str | None = None,
+            postprocessing: dict | None = None) -> str:
         """Insert or update by id (``vectors`` float32 N x D), creating the collection on first use
-        with an ``index_type`` index. Returns the index type the collection has."""
-        kind = self.create(vectors.shape[1], index_type, len(ids))
+        with an ``index_type`` index. Vectors post-processed otherwise than the collection's
+        (``postprocessing``, None for raw) are refused. Returns the index type the collection has."""
+        if self.dim() is not None:
+            check_same_postprocessing({f'collection {self.collection!r}': self.postprocessing(),
+                                       'the descriptors to add': postprocessing})
+        kind = self.create(vectors.shape[1], index_type, len(ids), postprocessing)
         with self._errors(f'writing to {self.collection!r}'):
             for start in range(0, len(ids), batch):
                 rows = [{'id': i, 'vector': v.tolist()}
