@@ -38,6 +38,17 @@ def towhee_isc(*args, check: bool = True) -> subprocess.CompletedProcess:
     return done
 
 
+def towhee_isc_together(*commands: tuple) -> list[subprocess.CompletedProcess]:
+    """Several commands, each in a fresh process, run at the same time (they must not share files)."""
+    running = [subprocess.Popen([sys.executable, '-m', 'towhee_isc', *map(str, c)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for c in commands]
+    done = []
+    for command, process in zip(commands, running):
+        out, err = process.communicate(timeout=300)
+        done.append(subprocess.CompletedProcess(command, process.returncode, out, err))
+    return done
+
+
 def one_line_error(done: subprocess.CompletedProcess, *words: str) -> str:
     """The command failed as ours do: exit code 2, one `error:` line naming the problem, no traceback."""
     assert done.returncode == 2, (done.stdout, done.stderr)
@@ -173,35 +184,30 @@ def test_broken_milvus_lite_databases_are_one_line_errors(planted, tmp_path):
     refs, queries = planted / 'refs.h5', planted / 'queries.h5'
     garbage = tmp_path / 'garbage.db'
     garbage.write_bytes(b'not a database\n' * 100)
-    one_line_error(towhee_isc('index', refs, '--milvus-uri', garbage, check=False), 'is not a Milvus Lite database')
-    assert garbage.read_bytes() == b'not a database\n' * 100
-
     photos = tmp_path / 'photos.db'  # a folder of someone's files: Milvus Lite would write its own into it
     photos.mkdir()
     (photos / 'holiday.jpg').write_bytes(b'jpeg')
-    one_line_error(towhee_isc('index', refs, '--milvus-uri', photos, check=False), 'not a Milvus Lite database')
-    assert [p.name for p in photos.iterdir()] == ['holiday.jpg']
-
-    # A real database whose collection's files were damaged afterwards.
-    db = tmp_path / 'damaged.db'
-    towhee_isc('index', refs, '--milvus-uri', db, '--collection', 'refs')
-    shutil.copytree(db, tmp_path / 'damaged_data.db')
-    (next(db.rglob('schema.json'))).write_text('{not json')
-    one_line_error(towhee_isc('search', queries, '--milvus-uri', db, '--collection', 'refs', '-o', tmp_path / 'm.csv',
-                              check=False), f"Milvus at '{db}'", 'schema')
-    db = tmp_path / 'damaged_data.db'
-    for part in db.rglob('*.parquet'):
+    # Real databases whose collection's files were damaged afterwards.
+    schema, data = tmp_path / 'damaged_schema.db', tmp_path / 'damaged_data.db'
+    towhee_isc('index', refs, '--milvus-uri', schema, '--collection', 'refs')
+    shutil.copytree(schema, data)
+    next(schema.rglob('schema.json')).write_text('{not json')
+    for part in data.rglob('*.parquet'):
         part.write_bytes(b'junk')
-    one_line_error(towhee_isc('search', queries, '--milvus-uri', db, '--collection', 'refs', '-o', tmp_path / 'm.csv',
-                              check=False), f"Milvus at '{db}'", 'Parquet')
-    assert not (tmp_path / 'm.csv').exists()
-
-    # Searching a database that is not there says so and leaves no empty one behind.
-    one_line_error(towhee_isc('search', queries, '--milvus-uri', tmp_path / 'none.db', '-o', tmp_path / 'm.csv',
-                              check=False), 'no Milvus Lite database')
-    assert not (tmp_path / 'none.db').exists()
-    one_line_error(towhee_isc('index', refs, '--milvus-uri', tmp_path / 'no' / 'such' / 'x.db', check=False),
-                   'not exists')
+    out = tmp_path / 'm.csv'
+    cases = {  # each its own process; run side by side, since each spends seconds importing
+        ('index', refs, '--milvus-uri', garbage): ['is not a Milvus Lite database'],
+        ('index', refs, '--milvus-uri', photos): ['is a folder but not a Milvus Lite database'],
+        ('search', queries, '--milvus-uri', schema, '--collection', 'refs', '-o', out): [f"Milvus at '{schema}'", 'schema'],
+        ('search', queries, '--milvus-uri', data, '--collection', 'refs', '-o', out): [f"Milvus at '{data}'", 'Parquet'],
+        ('search', queries, '--milvus-uri', tmp_path / 'none.db', '-o', out): ['no Milvus Lite database'],
+        ('index', refs, '--milvus-uri', tmp_path / 'no' / 'such' / 'x.db'): ['not exists'],
+    }
+    for done, words in zip(towhee_isc_together(*cases), cases.values()):
+        one_line_error(done, *words)
+    assert garbage.read_bytes() == b'not a database\n' * 100
+    assert [p.name for p in photos.iterdir()] == ['holiday.jpg']
+    assert not out.exists() and not (tmp_path / 'none.db').exists()  # a search leaves no empty database behind
 
 
 def test_a_database_in_use_by_another_process_is_a_one_line_error(planted, tmp_path):
@@ -218,10 +224,11 @@ def test_a_database_in_use_by_another_process_is_a_one_line_error(planted, tmp_p
         holder.wait(timeout=60)
 
 
-@pytest.mark.parametrize('command, k', [('search', '0'), ('search', '-1'), ('dedup', '0')])
-def test_k_below_one_is_refused_before_milvus_is_asked(planted, tmp_path, command, k):
+def test_k_below_one_is_refused_before_milvus_is_asked(planted, tmp_path):
     db, out = tmp_path / 'isc.db', tmp_path / 'm.csv'
-    inputs = planted / ('queries.h5' if command == 'search' else 'all.h5')
-    one_line_error(towhee_isc(command, inputs, '--milvus-uri', db, '-k', k, '-o', out, check=False),
-                   'argument -k: must be at least 1')
+    commands = [('search', planted / 'queries.h5', '--milvus-uri', db, '-k', '0', '-o', out),
+                ('search', planted / 'queries.h5', '--milvus-uri', db, '-k', '-1', '-o', out),
+                ('dedup', planted / 'all.h5', '--milvus-uri', db, '-k', '0', '-o', out)]
+    for done in towhee_isc_together(*commands):
+        one_line_error(done, 'argument -k: must be at least 1')
     assert not db.exists() and not out.exists()
