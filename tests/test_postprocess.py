@@ -275,7 +275,7 @@ def test_nes_command_keeps_ids_in_order_and_records_the_settings(tmp_path, negat
     assert np.abs(read_descriptors(tmp_path / 'default.h5')[1] - restated(vectors, negatives)).max() < TOLERANCE
     bad = run('nes', tmp_path / 'queries.h5', '--negatives', negatives_file, '-o', tmp_path / 'bad.h5', '--beta', 'nan')
     assert bad.returncode == 2 and not (tmp_path / 'bad.h5').exists()
-    assert bad.stderr.strip().splitlines()[-1] == "error: argument --beta: expected a finite number, got 'nan' (see towhee-isc nes --help)"
+    assert bad.stderr.strip().splitlines()[-1] == "error: towhee-isc nes: argument --beta: must be a finite number, got 'nan' (see towhee-isc nes --help)"
 
 
 @pytest.fixture
@@ -307,16 +307,16 @@ def test_nes_command_errors(cmd, tmp_path, negatives, negatives_file):
         ((tmp_path / 'q128.h5', '--negatives', negatives_file, '-o', out), 'descriptors are 128-d but the negatives are 256-d'),
         ((*ok, '--k', 400), 'k=400 needs at least 400 negatives, got 300'),
         ((queries, '--negatives', tmp_path / 'few.h5', '-o', out), 'dba_k=10 needs at least 10 negatives, got 2'),
-        ((queries, '--negatives', tmp_path / 'nan.h5', '-o', out), 'negatives hold NaN or infinite values (row 3)'),
+        ((queries, '--negatives', tmp_path / 'nan.h5', '-o', out), "nan.h5' holds NaN or infinite vectors"),
         ((queries, '--negatives', tmp_path / 'offnorm.h5', '-o', out), 'negatives must be L2-normalised'),
         ((queries, '--negatives', tmp_path / 'missing.h5', '-o', out), 'descriptor file not found'),
         ((queries, '--negatives', tmp_path / 'text.h5', '-o', out), 'not a readable HDF5 file'),
         ((tmp_path / 'missing.h5', '--negatives', negatives_file, '-o', out), 'descriptor file not found'),
-        ((*ok, '--beta', 'inf'), "argument --beta: expected a finite number, got 'inf'"),
-        ((*ok, '--alpha', 'nan'), "argument --alpha: expected a finite number, got 'nan'"),
-        ((*ok, '--k', 0), "argument --k: expected an integer of at least 1, got '0'"),
-        ((*ok, '--iterations', '0'), "argument --iterations: expected an integer of at least 1, got '0'"),
-        ((*ok, '--dba-k', 'x'), "argument --dba-k: expected an integer of at least 1, got 'x'"),
+        ((*ok, '--beta', 'inf'), "argument --beta: must be a finite number, got 'inf'"),
+        ((*ok, '--alpha', 'nan'), "argument --alpha: must be a finite number, got 'nan'"),
+        ((*ok, '--k', 0), "argument --k: must be at least 1, got 0"),
+        ((*ok, '--iterations', '0'), "argument --iterations: must be at least 1, got 0"),
+        ((*ok, '--dba-k', 'x'), "argument --dba-k: 'x' is not a whole number"),
     ]
     for args, message in cases:
         code, _, err = cmd('nes', *args)

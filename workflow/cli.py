@@ -15,7 +15,7 @@ from typing import Sequence
 from ..atomic import check_writable
 from ..postprocess import ALPHA, BETA, DBA_K, ITERATIONS, K, NegativeEmbeddings
 from .descriptors import (check_same_postprocessing, describe_postprocessing, read_descriptors, read_image_paths,
-                          read_postprocessing, write_descriptors)
+                          read_model, read_postprocessing, write_descriptors)
 from .embedding import Embedder, embed_collection, inputs_postprocessing, load_descriptors
 from .matching import (duplicate_groups, html_report, near_duplicate_pairs, nth_neighbour_similarity, search_exact,
                        write_groups)
@@ -128,8 +128,8 @@ def cmd_nes(args) -> None:
         raise ValueError(f'{args.descriptors} is already {describe_postprocessing(done)}; post-process raw descriptors')
     negatives = NegativeEmbeddings(args.negatives, args.dba_k, args.alpha)
     out = negatives.subtract(vectors, args.k, args.beta, args.iterations)
-    write_descriptors(args.output, ids, out, read_image_paths(args.descriptors),
-                      negatives.record(args.k, args.beta, args.iterations))
+    write_descriptors(args.output, ids, out, read_image_paths(args.descriptors), model=read_model(args.descriptors),
+                      postprocessing=negatives.record(args.k, args.beta, args.iterations))
     print(f'wrote {len(ids)} post-processed descriptors to {args.output} '
           f'({len(negatives.negatives)} negatives, k={args.k}, beta={args.beta}, iterations={args.iterations})')
 
