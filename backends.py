@@ -103,11 +103,19 @@ def resolve_backend(backend: str, device: torch.device, precision: str) -> str:
 
 def export_onnx(model: IscNet, img_size: int, path: str | os.PathLike) -> None:
     """Write ``model`` (on the CPU, fp32) as ONNX: opset 17, input 'images' (N, 3, S, S) with a
-    dynamic batch axis, output 'embeddings' (N, D)."""
+    dynamic batch axis, output 'embeddings' (N, D) with D fixed in the graph."""
     example = torch.zeros(1, 3, img_size, img_size)
     torch.onnx.export(model, (example,), str(path), input_names=['images'], output_names=['embeddings'],
                       dynamic_axes={'images': {0: 'batch'}, 'embeddings': {0: 'batch'}},
                       opset_version=17, dynamo=False)
+    # The exporter cannot infer the vector size through the L2 division and leaves it symbolic; Triton
+    # (Towhee's model repository) reads the output shape from the graph, so state it.
+    import onnx
+    graph = onnx.load(str(path))
+    size = graph.graph.output[0].type.tensor_type.shape.dim[1]
+    size.Clear()
+    size.dim_value = model.embedding_dim
+    onnx.save(graph, str(path))
 
 
 def weights_key(model: IscNet, img_size: int) -> str:

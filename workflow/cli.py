@@ -22,15 +22,20 @@ from .matching import (duplicate_groups, html_report, near_duplicate_pairs, nth_
 from .metrics import evaluate, plot_precision_recall, read_ground_truth, read_matches, write_matches
 from .milvus import DEFAULT_MILVUS_URI, INDEX_TYPES, MilvusIndex, milvus_duplicate_pairs
 
-COMMANDS = ('embed', 'index', 'search', 'dedup', 'evaluate', 'nes')
+COMMANDS = ('embed', 'index', 'search', 'dedup', 'evaluate', 'nes', 'serve')
+
+
+def nes_settings(args: argparse.Namespace) -> dict:
+    """The operator's post-processing arguments from --negatives and --nes-*; none without --negatives."""
+    if args.negatives is None:
+        return {}
+    return dict(negatives=os.path.abspath(args.negatives), nes_k=args.nes_k, nes_beta=args.nes_beta,
+                nes_iterations=args.nes_iterations, nes_dba_k=args.nes_dba_k, nes_alpha=args.nes_alpha)
 
 
 def embedder(args: argparse.Namespace) -> Embedder:
-    nes = {} if args.negatives is None else dict(  # the winner's post-processing of every vector made
-        negatives=args.negatives, nes_k=args.nes_k, nes_beta=args.nes_beta, nes_iterations=args.nes_iterations,
-        nes_dba_k=args.nes_dba_k, nes_alpha=args.nes_alpha)
     return Embedder(model_name=args.model_name, checkpoint_path=args.checkpoint, device=args.device,
-                    batch_size=args.batch_size, strict=args.strict, **nes)
+                    batch_size=args.batch_size, strict=args.strict, **nes_settings(args))
 
 
 def same_postprocessing(args: argparse.Namespace, images: Embedder, *sources: dict[str, dict | None]) -> dict | None:
@@ -134,6 +139,23 @@ def cmd_nes(args) -> None:
           f'({len(negatives.negatives)} negatives, k={args.k}, beta={args.beta}, iterations={args.iterations})')
 
 
+def cmd_serve(args) -> None:
+    if not args.ray_address:  # a local Ray on 127.0.0.1 only; read when ray is imported, so set it first
+        os.environ['RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER'] = '0'
+    try:
+        from .serve import ServiceSettings, run_service
+    except ImportError as e:
+        raise ImportError(f'towhee-isc serve needs Ray Serve: pip install "towhee-isc[serve]" ({e})') from e
+    # The operator's settings for each replica, post-processing included.
+    isc = {'model_name': args.model_name, 'checkpoint_path': args.checkpoint, 'device': args.device,
+           'batch_size': args.batch_size, **nes_settings(args)}
+    settings = ServiceSettings(isc=isc, references=args.references, milvus_uri=args.milvus_uri,
+                               collection=None if args.references else args.collection, threshold=args.threshold,
+                               max_batch_size=args.max_batch_size, max_body_bytes=args.max_body_mb * 2**20)
+    gpus = 1 if args.device and args.device.startswith('cuda') else 0
+    run_service(settings, args.host, args.port, args.replicas, args.ray_address, gpus)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (``error: ...``, exit 2) like every other error."""
 
@@ -215,6 +237,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument('--token', help="a Milvus server's 'user:password' or API key, where it requires one")
     p.add_argument('-k', type=positive_int, default=100, help='with --milvus-uri: neighbours looked at per image')
     p.set_defaults(run=cmd_dedup)
+
+    p = with_milvus(with_model(commands.add_parser('serve', help='an HTTP copy-detection service (Ray Serve)')))
+    p.add_argument('--references', help='a descriptor file to search exactly instead of a Milvus collection')
+    p.add_argument('--host', default='127.0.0.1', help='address to listen on (default 127.0.0.1: this machine only)')
+    p.add_argument('--port', type=positive_int, default=8000)
+    p.add_argument('--replicas', type=positive_int, default=1, help='replicas, each holding one operator')
+    p.add_argument('--max-batch-size', type=positive_int, default=8, help='concurrent uploads embedded together')
+    p.add_argument('--threshold', type=finite_float, default=0.8, help="score that makes a match (requests' default)")
+    p.add_argument('--max-body-mb', type=positive_int, default=32, help='largest upload accepted, in MB')
+    p.add_argument('--ray-address', help='a Ray cluster to deploy on (default: a local Ray on 127.0.0.1)')
+    p.set_defaults(run=cmd_serve)
 
     p = commands.add_parser('evaluate', help="the challenge's metrics for a prediction CSV")
     p.add_argument('matches')
