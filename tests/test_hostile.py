@@ -489,19 +489,19 @@ def test_csv_with_a_byte_order_mark_and_broken_files_name_the_file(tmp_path):
 def test_ctrl_c_is_one_line_and_the_run_resumes(model_args, photos, tmp_path):
     many = tmp_path / 'many'
     many.mkdir()
-    for i in range(24):
+    for i in range(40):
         photos[i % len(photos)].rotate(i * 7).save(many / f'M{i:03d}.jpg')
     command = [sys.executable, '-m', 'towhee_isc', 'embed', str(many), '-o', str(tmp_path / 'out.h5'), '--quiet',
-               '--chunk-size', '2', *map(str, model_args)]
+               '--chunk-size', '1', *map(str, model_args)]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while len(list((tmp_path / 'out.h5.parts').glob('*.npz'))) < 2 and time.time() < deadline:
-        time.sleep(0.05)
+    while not list((tmp_path / 'out.h5.parts').glob('*.npz')) and time.time() < deadline:
+        time.sleep(0.01)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130 and err.strip() == 'interrupted; run the same command again to continue', err
     assert subprocess.run(command, capture_output=True, timeout=300).returncode == 0
-    assert len(read_descriptors(tmp_path / 'out.h5')[0]) == 24
+    assert len(read_descriptors(tmp_path / 'out.h5')[0]) == 40
 
 
 def test_no_foreign_warnings_on_success(folder, model_args, tmp_path):
