@@ -16,7 +16,8 @@ with warnings.catch_warnings():  # Towhee's own imports warn about pkg_resources
     warnings.filterwarnings('ignore', category=DeprecationWarning)
     from towhee.operator import NNOperator
 
-from .backends import DEFAULT_BATCH, TorchBackend, export_onnx, onnx_backend, resolve_backend, weights_key
+from .backends import (DEFAULT_BATCH, OnnxRuntimeBackend, TorchBackend, export_onnx, onnx_backend, resolve_backend,
+                       weights_key)
 from .images import ImageError, image_size, is_jpeg, to_pil_rgb
 from .model import Checkpoint, IscNet, build_model, read_checkpoint, save_checkpoint, timm_name
 from .weights import DEFAULT_WEIGHTS, WEIGHTS, get_weights, load_published
@@ -71,6 +72,9 @@ class Isc(NNOperator):
             and inputs take the usual path.
         exif_transpose: turn image files upright by their EXIF orientation (phone photos). Off by
             default, as in the reference code.
+        num_threads: CPU threads for inference (ONNX Runtime's intra-op threads; when given, also
+            PyTorch's, which is process-wide); None uses every core this process may use. A Ray
+            actor passes the CPUs reserved for it.
 
     Calling it with one image returns a float32 ``np.ndarray`` of shape (256,) with L2 norm 1; with a
     list (or an (N, 3, S, S) batch when ``skip_preprocess``) it returns a list of those, in order.
@@ -80,6 +84,9 @@ class Isc(NNOperator):
 
     Raises ``images.ImageError`` (a ValueError) for an image that cannot be used, naming it; other
     ValueError/TypeError for bad settings or input types. The operator keeps working afterwards.
+
+    It pickles (for Ray and multiprocessing): the ONNX Runtime session is left out and rebuilt from
+    the cached export on unpickling.
     """
 
     supported_formats = tuple(_EXPORT_SUFFIX)
@@ -88,10 +95,13 @@ class Isc(NNOperator):
                  timm_backbone: str | None = None, img_size: int | None = None,
                  skip_preprocess: bool = False, device: str | torch.device | None = None,
                  batch_size: int | None = None, backend: str = 'auto', precision: str = 'fp32',
-                 fast_decode: bool = False, decode_on_device: bool = False, exif_transpose: bool = False):
+                 fast_decode: bool = False, decode_on_device: bool = False, exif_transpose: bool = False,
+                 num_threads: int | None = None):
         super().__init__()
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f'batch_size must be a positive int or None, got {batch_size!r}')
+        if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
+            raise ValueError(f'num_threads must be a positive int or None (every core), got {num_threads!r}')
         if img_size is not None and (not isinstance(img_size, int) or img_size < 32):
             raise ValueError(f'img_size must be an int of at least 32, got {img_size!r}')
         self.device = resolve_device(device)
@@ -109,11 +119,34 @@ class Isc(NNOperator):
         self.exif_transpose = exif_transpose
         self.precision = precision
         self.weights_key = weights_key(self.model, self.img_size)
-        self.backend = onnx_backend(self.model, self.img_size, self.weights_key) if backend == 'onnxruntime' else None
-        if self.backend is None:  # asked for, or ONNX Runtime could not be set up (it warned why)
-            backend = 'torch'
-            self.backend = TorchBackend(self.model, self.device, precision)
-        self.batch_size: int = batch_size or DEFAULT_BATCH[(backend, self.device.type)]
+        self.num_threads = num_threads
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+        self.backend = self._make_backend(backend)
+        self.batch_size: int = batch_size or DEFAULT_BATCH[(self.backend.name, self.device.type)]
+
+    def _make_backend(self, backend: str) -> TorchBackend | OnnxRuntimeBackend:
+        if backend == 'onnxruntime':
+            session = onnx_backend(self.model, self.img_size, self.weights_key, self.num_threads)
+            if session is not None:
+                return session
+        # asked for, or ONNX Runtime could not be set up (it warned why)
+        return TorchBackend(self.model, self.device, self.precision)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything but an ONNX Runtime session, which cannot be pickled; ``__setstate__`` rebuilds it
+        from the export cache (made once per machine or shared cache folder)."""
+        state = self.__dict__.copy()
+        if isinstance(state['backend'], OnnxRuntimeBackend):
+            state['backend'] = 'onnxruntime'
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self.num_threads is not None:  # process-wide: the new process must honour it too
+            torch.set_num_threads(self.num_threads)
+        if self.backend == 'onnxruntime':
+            self.backend = self._make_backend('onnxruntime')
 
     @staticmethod
     def _checkpoint(model_name: str, checkpoint_path, timm_backbone: str | None) -> Checkpoint:
