@@ -156,7 +156,7 @@ class RayChunks:
             batch = self._next_batch()
             for i, vector, error in zip(batch['index'].tolist(), batch['vector'], batch['error']):
                 self._results[i] = (vector, str(error))
-        vectors, failed = [], []
+        vectors, failed = [], {}
         for k, i in enumerate(wanted):
             vector, error = self._results.pop(i)
             if not error:
@@ -164,8 +164,8 @@ class RayChunks:
             elif self.strict:
                 raise ImageError(error)
             else:
-                failed.append(k)
-        return vectors, failed
+                failed[k] = error
+        return vectors, list(failed)  # the indices, as embed_resumable takes them (the reasons are in `failed`)
 
     def close(self) -> None:
         """Stop the stream (and so its actors), e.g. when every chunk needed is saved."""
