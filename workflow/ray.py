@@ -49,7 +49,8 @@ def import_ray(quiet: bool = False):
 
 class IscEmbedder:
     """Embeds batches of images on Ray actors, for
-    ``ds.map_batches(IscEmbedder, fn_constructor_kwargs={...}, concurrency=N, num_cpus=C, num_gpus=G)``.
+    ``ds.map_batches(IscEmbedder, fn_constructor_kwargs={...}, compute=ray.data.ActorPoolStrategy(size=N),
+    num_cpus=C, num_gpus=G)`` (``concurrency=N`` in Ray before 2.51).
 
     Args:
         column: the input column, holding image file paths (str) or image bytes. By default
