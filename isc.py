@@ -16,7 +16,8 @@ with warnings.catch_warnings():  # Towhee's own imports warn about pkg_resources
     warnings.filterwarnings('ignore', category=DeprecationWarning)
     from towhee.operator import NNOperator
 
-from .backends import DEFAULT_BATCH, TorchBackend, export_onnx, onnx_backend, resolve_backend, weights_key
+from .backends import (DEFAULT_BATCH, OnnxRuntimeBackend, TorchBackend, export_onnx, onnx_backend, resolve_backend,
+                       weights_key)
 from .images import ImageError, image_size, is_jpeg, to_pil_rgb
 from .model import Checkpoint, IscNet, build_model, read_checkpoint, save_checkpoint, timm_name
 from .postprocess import ALPHA, BETA, DBA_K, ITERATIONS, K, NegativeEmbeddings
@@ -78,6 +79,9 @@ class Isc(NNOperator):
             ``NegativeEmbeddings``. None (default): the network's raw output.
         nes_k, nes_beta, nes_iterations: the subtraction's neighbours, weight and repeats (10, 0.35, 1).
         nes_dba_k, nes_alpha: the negatives' augmentation (10, 3.0); a ``NegativeEmbeddings`` brings its own.
+        num_threads: CPU threads for inference (ONNX Runtime's intra-op threads; when given, also
+            PyTorch's, which is process-wide); None uses every core this process may use. A Ray
+            actor passes the CPUs reserved for it.
 
     Calling it with one image returns a float32 ``np.ndarray`` of shape (256,) with L2 norm 1; with a
     list (or an (N, 3, S, S) batch when ``skip_preprocess``) it returns a list of those, in order.
@@ -87,6 +91,9 @@ class Isc(NNOperator):
 
     Raises ``images.ImageError`` (a ValueError) for an image that cannot be used, naming it; other
     ValueError/TypeError for bad settings or input types. The operator keeps working afterwards.
+
+    It pickles (for Ray and multiprocessing): the ONNX Runtime session is left out and rebuilt from
+    the cached export on unpickling.
     """
 
     supported_formats = tuple(_EXPORT_SUFFIX)
@@ -98,10 +105,13 @@ class Isc(NNOperator):
                  fast_decode: bool = False, decode_on_device: bool = False, exif_transpose: bool = False,
                  negatives: str | os.PathLike | np.ndarray | NegativeEmbeddings | None = None,
                  nes_k: int = K, nes_beta: float = BETA, nes_iterations: int = ITERATIONS,
-                 nes_dba_k: int = DBA_K, nes_alpha: float = ALPHA):
+                 nes_dba_k: int = DBA_K, nes_alpha: float = ALPHA,
+                 num_threads: int | None = None):
         super().__init__()
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f'batch_size must be a positive int or None, got {batch_size!r}')
+        if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
+            raise ValueError(f'num_threads must be a positive int or None (every core), got {num_threads!r}')
         if img_size is not None and (not isinstance(img_size, int) or img_size < 32):
             raise ValueError(f'img_size must be an int of at least 32, got {img_size!r}')
         self.device = resolve_device(device)
@@ -119,11 +129,11 @@ class Isc(NNOperator):
         self.exif_transpose = exif_transpose
         self.precision = precision
         self.weights_key = weights_key(self.model, self.img_size)
-        self.backend = onnx_backend(self.model, self.img_size, self.weights_key) if backend == 'onnxruntime' else None
-        if self.backend is None:  # asked for, or ONNX Runtime could not be set up (it warned why)
-            backend = 'torch'
-            self.backend = TorchBackend(self.model, self.device, precision)
-        self.batch_size: int = batch_size or DEFAULT_BATCH[(backend, self.device.type)]
+        self.num_threads = num_threads
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+        self.backend = self._make_backend(backend)
+        self.batch_size: int = batch_size or DEFAULT_BATCH[(self.backend.name, self.device.type)]
         self.nes, self.postprocessing = self._negatives(negatives, nes_k, nes_beta, nes_iterations, nes_dba_k, nes_alpha)
 
     def _negatives(self, negatives, k: int, beta: float, iterations: int, dba_k: int, alpha: float
@@ -141,6 +151,29 @@ class Isc(NNOperator):
         record = negatives.record(k, beta, iterations)  # checks the settings
         negatives.augmented  # noqa: B018 (augment now, so that the first call is not slow)
         return negatives, record
+
+    def _make_backend(self, backend: str) -> TorchBackend | OnnxRuntimeBackend:
+        if backend == 'onnxruntime':
+            session = onnx_backend(self.model, self.img_size, self.weights_key, self.num_threads)
+            if session is not None:
+                return session
+        # asked for, or ONNX Runtime could not be set up (it warned why)
+        return TorchBackend(self.model, self.device, self.precision)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything but an ONNX Runtime session, which cannot be pickled; ``__setstate__`` rebuilds it
+        from the export cache (made once per machine or shared cache folder)."""
+        state = self.__dict__.copy()
+        if isinstance(state['backend'], OnnxRuntimeBackend):
+            state['backend'] = 'onnxruntime'
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self.num_threads is not None:  # process-wide: the new process must honour it too
+            torch.set_num_threads(self.num_threads)
+        if self.backend == 'onnxruntime':
+            self.backend = self._make_backend('onnxruntime')
 
     @staticmethod
     def _checkpoint(model_name: str, checkpoint_path, timm_backbone: str | None) -> Checkpoint:

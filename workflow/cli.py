@@ -47,7 +47,17 @@ def same_postprocessing(args: argparse.Namespace, images: Embedder, *sources: di
 
 
 def cmd_embed(args) -> None:
-    written, skipped, rate = embed_collection(args.inputs, args.output, embedder(args), args.chunk_size, args.quiet)
+    if args.ray_address:  # the same embed, its chunks spread over a Ray cluster's actors
+        from .ray import embed_on_ray
+        isc_kwargs = dict(model_name=args.model_name, checkpoint_path=args.checkpoint, device=args.device,
+                          batch_size=args.batch_size, **nes_settings(args))
+        written, skipped, rate = embed_on_ray(args.inputs, args.output, args.ray_address, isc_kwargs, args.actors,
+                                              args.cpus_per_actor, args.gpus_per_actor, args.chunk_size, args.strict,
+                                              args.quiet)
+    elif (args.actors, args.cpus_per_actor, args.gpus_per_actor) != (None, 1, 0):
+        raise ValueError('--actors, --cpus-per-actor and --gpus-per-actor need --ray-address')
+    else:
+        written, skipped, rate = embed_collection(args.inputs, args.output, embedder(args), args.chunk_size, args.quiet)
     print(f'wrote {written} descriptors to {args.output} ({rate:.2f} images/s)')
     if skipped:
         print(f'skipped {len(skipped)} unreadable or non-image file(s):', file=sys.stderr)
@@ -209,6 +219,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument('-o', '--output', required=True, help='descriptor file (.h5)')
     p.add_argument('--chunk-size', type=positive_int, default=64, help='images per saved chunk')
     p.add_argument('--quiet', action='store_true', help='no progress bar')
+    group = p.add_argument_group('on a Ray cluster (pip install \'towhee-isc[ray]\')')
+    group.add_argument('--ray-address', help="embed on the Ray cluster at 'auto' or HOST:PORT; images, checkpoint "
+                                             'and output folder must be on storage every node shares')
+    group.add_argument('--actors', type=positive_int, help='embedding processes (default: as many as the cluster holds)')
+    group.add_argument('--cpus-per-actor', type=finite_float, default=1, help='CPUs each reserves, and its threads (default 1)')
+    group.add_argument('--gpus-per-actor', type=finite_float, default=0, help='GPUs each reserves (default 0)')
     p.set_defaults(run=cmd_embed)
 
     p = with_index_type(with_milvus(with_model(commands.add_parser('index', help='descriptors or images -> Milvus'))))
