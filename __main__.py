@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import numpy as np
@@ -29,8 +30,8 @@ def main(argv: list[str] | None = None) -> int:
         op = Isc(model_name=args.model_name, checkpoint_path=args.checkpoint, timm_backbone=args.timm_backbone,
                  img_size=args.img_size, device=args.device)
         vectors = op(args.images)
-    except (ValueError, TypeError, OSError) as e:
-        print(f'error: {e}', file=sys.stderr)
+    except (ValueError, TypeError, OSError, ImportError) as e:
+        print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
         return 2
     for path, vector in zip(args.images, vectors):
         if args.json:
@@ -41,6 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def is_command(first: str) -> bool:
+    """A workflow command (or a mistyped one: a word that is no file), rather than an image path."""
+    from .workflow.cli import COMMANDS
+    return first in COMMANDS or (first.isidentifier() and not os.path.exists(first))
+
+
 if __name__ == '__main__':
-    from .workflow.cli import COMMANDS, main as command_main
-    sys.exit(command_main() if sys.argv[1:2] and sys.argv[1] in COMMANDS else main())
+    from .workflow.cli import main as command_main
+    sys.exit(command_main() if sys.argv[1:2] and is_command(sys.argv[1]) else main())

@@ -1,7 +1,9 @@
-"""Files that appear whole or not at all: weights, ONNX exports, descriptor files, CSVs, reports."""
+"""Files that appear whole or not at all (weights, ONNX exports, descriptor files, CSVs, reports), and the
+checks and locks around writing them."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import tempfile
 from pathlib import Path
@@ -25,3 +27,45 @@ def atomic_write(target: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def check_writable(target: str | os.PathLike, what: str = 'output') -> Path:
+    """Fail before any work if ``target`` cannot be written: it is a folder, or the nearest existing
+    folder above it is not writable. A long job must not discover that only at the end."""
+    target = Path(target)
+    if target.is_dir():
+        raise ValueError(f'{what} {str(target)!r} is a folder: give a file name')
+    folder = target.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f'cannot write {what} {str(target)!r}: {str(folder)!r} is not a writable folder')
+    return target
+
+
+@contextlib.contextmanager
+def exclusive(folder: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (created if needed) across processes, e.g. while one
+    process downloads or exports into it; others wait. No lock where ``fcntl`` is missing (Windows)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def remove_partials(target: str | os.PathLike) -> None:
+    """Remove the temporary files an interrupted ``atomic_write(target)`` left (a killed process cannot
+    clean up). Call it only while holding ``exclusive`` on the folder, so no live writer loses its file."""
+    target = Path(target)
+    for stale in target.parent.glob(glob.escape(target.name) + '.*.partial'):
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()

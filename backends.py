@@ -6,10 +6,13 @@ under a key made from the weights, so the export happens once per checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import os
+import warnings
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -102,11 +105,19 @@ def resolve_backend(backend: str, device: torch.device, precision: str) -> str:
 
 def export_onnx(model: IscNet, img_size: int, path: str | os.PathLike) -> None:
     """Write ``model`` (on the CPU, fp32) as ONNX: opset 17, input 'images' (N, 3, S, S) with a
-    dynamic batch axis, output 'embeddings' (N, D)."""
+    dynamic batch axis, output 'embeddings' (N, D) with D fixed in the graph."""
     example = torch.zeros(1, 3, img_size, img_size)
     torch.onnx.export(model, (example,), str(path), input_names=['images'], output_names=['embeddings'],
                       dynamic_axes={'images': {0: 'batch'}, 'embeddings': {0: 'batch'}},
                       opset_version=17, dynamo=False)
+    # The exporter cannot infer the vector size through the L2 division and leaves it symbolic; Triton
+    # (Towhee's model repository) reads the output shape from the graph, so state it.
+    import onnx
+    graph = onnx.load(str(path))
+    size = graph.graph.output[0].type.tensor_type.shape.dim[1]
+    size.Clear()
+    size.dim_value = model.embedding_dim
+    onnx.save(graph, str(path))
 
 
 def weights_key(model: IscNet, img_size: int) -> str:
@@ -118,14 +129,75 @@ def weights_key(model: IscNet, img_size: int) -> str:
     return digest.hexdigest()[:24]
 
 
-def cached_onnx(model: IscNet, img_size: int, cache_dir: Path | None = None) -> Path:
-    """The ONNX export of ``model``, made once and kept in ``torch.hub.get_dir()/towhee_isc/onnx``.
+def onnx_cache_dir() -> Path:
+    return Path(torch.hub.get_dir()) / 'towhee_isc' / 'onnx'
 
-    Written atomically, so concurrent processes never read a partial file.
+
+def cached_onnx(model: IscNet, img_size: int, key: str | None = None, cache_dir: Path | None = None) -> Path:
+    """The ONNX export of ``model``, made once and kept in ``torch.hub.get_dir()/towhee_isc/onnx``
+    under its weights' content ``key``, with a SHA-256 of the file beside it.
+
+    Written atomically, so concurrent processes never read a partial file, and under a lock file
+    beside it, so processes starting together (Ray actors, workers) export once: the others wait and
+    use that export. A cached file that no longer matches its checksum (damaged on disk, truncated,
+    edited) is exported again.
     """
-    cache_dir = cache_dir or Path(torch.hub.get_dir()) / 'towhee_isc' / 'onnx'
-    path = cache_dir / f'{model.arch.replace("/", "_")}-{img_size}-{weights_key(model, img_size)}.onnx'
-    if not path.is_file():
+    key = key or weights_key(model, img_size)
+    cache_dir = cache_dir or onnx_cache_dir()
+    path = cache_dir / f'{model.arch.replace("/", "_")}-{img_size}-{key}.onnx'
+    checksum = path.with_suffix('.sha256')
+    if _verified(path, checksum):
+        return path
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with _exclusive(path.with_suffix('.lock')):
+        if _verified(path, checksum):  # another process exported it while this one waited
+            return path
+        if path.exists():
+            warnings.warn(f'the cached ONNX export {str(path)!r} is damaged or unverified: exporting it again')
         with atomic_write(path) as tmp:
             export_onnx(model, img_size, tmp)
+            digest = file_sha256(tmp)
+        with atomic_write(checksum) as tmp:
+            tmp.write_text(digest + '\n')
     return path
+
+
+def _verified(path: Path, checksum: Path) -> bool:
+    return path.is_file() and checksum.is_file() and checksum.read_text().strip() == file_sha256(path)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_path`` (``flock``: released by the system if the holder dies;
+    on Linux NFS mounts a lock across machines too). Where ``fcntl`` is missing (Windows) there is no lock:
+    concurrent processes then export the same file each, which the atomic write keeps correct."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(lock_path, 'a') as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def onnx_backend(model: IscNet, img_size: int, key: str, threads: int | None = None) -> OnnxRuntimeBackend | None:
+    """ONNX Runtime on the cached export; None (with a warning) when the cache folder cannot be
+    written or the cached model cannot be loaded, so the caller falls back to PyTorch."""
+    try:
+        return OnnxRuntimeBackend(cached_onnx(model, img_size, key), threads)
+    except OSError as e:
+        warnings.warn(f'cannot use the ONNX cache ({e}); running PyTorch instead (slower on the CPU). '
+                      'Set TORCH_HOME to a writable folder to get ONNX Runtime back.')
+    return None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -3,25 +3,27 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
-from towhee.operator import NNOperator
-from towhee.types import Image as TowheeImage
 
-from .backends import (DEFAULT_BATCH, OnnxRuntimeBackend, TorchBackend, cached_onnx, export_onnx,
-                       resolve_backend)
+with warnings.catch_warnings():  # Towhee's own imports warn about pkg_resources and pydantic: not ours to fix
+    warnings.filterwarnings('ignore', message='pkg_resources is deprecated')
+    warnings.filterwarnings('ignore', category=DeprecationWarning)
+    from towhee.operator import NNOperator
+
+from .backends import (DEFAULT_BATCH, OnnxRuntimeBackend, TorchBackend, export_onnx, onnx_backend, resolve_backend,
+                       weights_key)
+from .images import ImageError, image_size, is_jpeg, to_pil_rgb
 from .model import Checkpoint, IscNet, build_model, read_checkpoint, save_checkpoint, timm_name
+from .postprocess import ALPHA, BETA, DBA_K, ITERATIONS, K, NegativeEmbeddings
 from .weights import DEFAULT_WEIGHTS, WEIGHTS, get_weights, load_published
 
 _EXPORT_SUFFIX = {'pytorch': '.pth', 'torchscript': '.pt', 'onnx': '.onnx'}
-# towhee.types.Image modes -> how to get RGB channels out of them.
-_CHANNEL_ORDER = {'RGB': [0, 1, 2], 'RGBA': [0, 1, 2], 'BGR': [2, 1, 0], 'BGRA': [2, 1, 0]}
-_GRAY_MODES = ('L', 'GRAY')
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -71,12 +73,27 @@ class Isc(NNOperator):
             and inputs take the usual path.
         exif_transpose: turn image files upright by their EXIF orientation (phone photos). Off by
             default, as in the reference code.
+        negatives: post-process every returned vector as the winner did (negative embedding
+            subtraction, see ``postprocess.py``) with these negatives: a descriptor file (HDF5
+            ``vectors``/``image_names``), an (M, D) float32 array of unit rows, or a
+            ``NegativeEmbeddings``. None (default): the network's raw output.
+        nes_k, nes_beta, nes_iterations: the subtraction's neighbours, weight and repeats (10, 0.35, 1).
+        nes_dba_k, nes_alpha: the negatives' augmentation (10, 3.0); a ``NegativeEmbeddings`` brings its own.
+        num_threads: CPU threads for inference (ONNX Runtime's intra-op threads; when given, also
+            PyTorch's, which is process-wide); None uses every core this process may use. A Ray
+            actor passes the CPUs reserved for it.
 
     Calling it with one image returns a float32 ``np.ndarray`` of shape (256,) with L2 norm 1; with a
     list (or an (N, 3, S, S) batch when ``skip_preprocess``) it returns a list of those, in order.
     Images may be ``towhee.types.Image`` (its ``mode`` is honoured: BGR from ``ops.image_decode()``),
-    uint8 ``np.ndarray`` in RGB (HxWx3, HxW grey, HxWx4 with alpha dropped), ``PIL.Image`` of any mode,
-    or a file path.
+    uint8 ``np.ndarray`` in RGB (HxWx3, HxW grey, HxWx4 with alpha dropped), ``PIL.Image`` of any mode
+    (16-bit and float modes scaled to 8 bits), a file path, or the bytes of an image file.
+
+    Raises ``images.ImageError`` (a ValueError) for an image that cannot be used, naming it; other
+    ValueError/TypeError for bad settings or input types. The operator keeps working afterwards.
+
+    It pickles (for Ray and multiprocessing): the ONNX Runtime session is left out and rebuilt from
+    the cached export on unpickling.
     """
 
     supported_formats = tuple(_EXPORT_SUFFIX)
@@ -85,10 +102,16 @@ class Isc(NNOperator):
                  timm_backbone: str | None = None, img_size: int | None = None,
                  skip_preprocess: bool = False, device: str | torch.device | None = None,
                  batch_size: int | None = None, backend: str = 'auto', precision: str = 'fp32',
-                 fast_decode: bool = False, decode_on_device: bool = False, exif_transpose: bool = False):
+                 fast_decode: bool = False, decode_on_device: bool = False, exif_transpose: bool = False,
+                 negatives: str | os.PathLike | np.ndarray | NegativeEmbeddings | None = None,
+                 nes_k: int = K, nes_beta: float = BETA, nes_iterations: int = ITERATIONS,
+                 nes_dba_k: int = DBA_K, nes_alpha: float = ALPHA,
+                 num_threads: int | None = None):
         super().__init__()
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f'batch_size must be a positive int or None, got {batch_size!r}')
+        if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
+            raise ValueError(f'num_threads must be a positive int or None (every core), got {num_threads!r}')
         if img_size is not None and (not isinstance(img_size, int) or img_size < 32):
             raise ValueError(f'img_size must be an int of at least 32, got {img_size!r}')
         self.device = resolve_device(device)
@@ -104,11 +127,53 @@ class Isc(NNOperator):
         self.fast_decode = fast_decode
         self.decode_on_device = decode_on_device
         self.exif_transpose = exif_transpose
+        self.precision = precision
+        self.weights_key = weights_key(self.model, self.img_size)
+        self.num_threads = num_threads
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+        self.backend = self._make_backend(backend)
+        self.batch_size: int = batch_size or DEFAULT_BATCH[(self.backend.name, self.device.type)]
+        self.nes, self.postprocessing = self._negatives(negatives, nes_k, nes_beta, nes_iterations, nes_dba_k, nes_alpha)
+
+    def _negatives(self, negatives, k: int, beta: float, iterations: int, dba_k: int, alpha: float
+                   ) -> tuple[NegativeEmbeddings | None, dict | None]:
+        """The post-processing's negatives (augmented now, or read from the cache) and its record."""
+        if negatives is None:
+            return None, None
+        if not isinstance(negatives, NegativeEmbeddings):
+            negatives = NegativeEmbeddings(negatives, dba_k, alpha)
+        elif (dba_k, alpha) != (DBA_K, ALPHA) and (dba_k, alpha) != (negatives.dba_k, negatives.alpha):
+            raise ValueError(f'nes_dba_k/nes_alpha ({dba_k}, {alpha}) differ from the given NegativeEmbeddings\' '
+                             f'({negatives.dba_k}, {negatives.alpha}): set them when building it')
+        if negatives.dim != self.embedding_dim:
+            raise ValueError(f'the negatives are {negatives.dim}-d but this model makes {self.embedding_dim}-d vectors')
+        record = negatives.record(k, beta, iterations)  # checks the settings
+        negatives.augmented  # noqa: B018 (augment now, so that the first call is not slow)
+        return negatives, record
+
+    def _make_backend(self, backend: str) -> TorchBackend | OnnxRuntimeBackend:
         if backend == 'onnxruntime':
-            self.backend = OnnxRuntimeBackend(cached_onnx(self.model, self.img_size))
-        else:
-            self.backend = TorchBackend(self.model, self.device, precision)
-        self.batch_size: int = batch_size or DEFAULT_BATCH[(backend, self.device.type)]
+            session = onnx_backend(self.model, self.img_size, self.weights_key, self.num_threads)
+            if session is not None:
+                return session
+        # asked for, or ONNX Runtime could not be set up (it warned why)
+        return TorchBackend(self.model, self.device, self.precision)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything but an ONNX Runtime session, which cannot be pickled; ``__setstate__`` rebuilds it
+        from the export cache (made once per machine or shared cache folder)."""
+        state = self.__dict__.copy()
+        if isinstance(state['backend'], OnnxRuntimeBackend):
+            state['backend'] = 'onnxruntime'
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self.num_threads is not None:  # process-wide: the new process must honour it too
+            torch.set_num_threads(self.num_threads)
+        if self.backend == 'onnxruntime':
+            self.backend = self._make_backend('onnxruntime')
 
     @staticmethod
     def _checkpoint(model_name: str, checkpoint_path, timm_backbone: str | None) -> Checkpoint:
@@ -124,9 +189,21 @@ class Isc(NNOperator):
     def embedding_dim(self) -> int:
         return self.model.embedding_dim
 
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        """What makes the vectors, whatever the backend or batch size: the weights' content key, the
+        input size and every setting that changes pixels or numbers. Equal fingerprints give
+        interchangeable vectors (to ~1e-5); a workflow records it to refuse mixing two models."""
+        return {'weights': self.weights_key, 'img_size': self.img_size, 'precision': self.precision,
+                'exif_transpose': self.exif_transpose, 'fast_decode': self.fast_decode,
+                'decode_on_device': self.decode_on_device, 'skip_preprocess': self.skip_preprocess}
+
     def __call__(self, data: Any) -> np.ndarray | list[np.ndarray]:
         items, single = self._split(data)
         vectors = self._embed(items, single)
+        if self.nes is not None:  # the winner's post-processing (negative embedding subtraction)
+            vectors = self.nes.subtract(vectors, self.postprocessing['k'], self.postprocessing['beta'],
+                                        self.postprocessing['iterations'])
         return vectors[0] if single else list(vectors)
 
     # -- input conversion: every input goes through _split, then _prepare ----------------------------
@@ -148,20 +225,25 @@ class Isc(NNOperator):
         """One input -> the preprocessed (3, S, S) float32 tensor the network takes."""
         if self.skip_preprocess:
             return self._check_preprocessed(item, batch_ok=False, index=index)
+        where = '' if index is None else f' (list item {index})'
         # Decoding at no less than 2S keeps the change to the resized pixels about that of re-encoding
         # the JPEG at quality 90 (measured: mean 0.0005 of the 0-1 range); at S it doubles.
         draft = (2 * self.img_size, 2 * self.img_size) if self.fast_decode else None
-        if self.decode_on_device and isinstance(item, (str, os.PathLike)) and _is_jpeg(Path(item)):
-            return self._decode_jpeg_on_device(Path(item))
-        return self.transform(_to_pil_rgb(item, index, draft, self.exif_transpose))
+        if self.decode_on_device and isinstance(item, (str, os.PathLike)) and is_jpeg(Path(item)):
+            return self._decode_jpeg_on_device(Path(item), where)
+        return self.transform(to_pil_rgb(item, where, draft, self.exif_transpose))
 
-    def _decode_jpeg_on_device(self, path: Path) -> torch.Tensor:
-        """torchvision's JPEG decoder on the operator's device, then resize and normalise there."""
-        from torchvision.io import ImageReadMode, decode_jpeg, read_file
+    def _decode_jpeg_on_device(self, path: Path, where: str) -> torch.Tensor:
+        """torchvision's JPEG decoder on the operator's device, then resize and normalise there.
+        The header is read first, so the pixel limit holds here as on the PIL path."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+        what = f'JPEG file {str(path)!r}{where}'
+        image_size(path, what)
         try:
-            image = decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB, device=self.device)
-        except RuntimeError as e:
-            raise ValueError(f'cannot decode JPEG file {str(path)!r}: {e}') from e
+            data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+            image = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+        except (RuntimeError, OSError) as e:
+            raise ImageError(f'cannot decode {what}: {e}') from e
         x = image.unsqueeze(0).float().div_(255)
         x = torch.nn.functional.interpolate(x, size=(self.img_size, self.img_size), mode='bilinear',
                                             antialias=True, align_corners=False)[0]
@@ -174,6 +256,8 @@ class Isc(NNOperator):
                                                                            f' (list item {index})')
         if isinstance(item, np.ndarray):
             item = torch.from_numpy(np.asarray(item))
+        if isinstance(item, torch.Tensor):
+            item = item.detach()  # a tensor that requires grad cannot become numpy for ONNX Runtime
         if not isinstance(item, torch.Tensor):
             raise TypeError(f'skip_preprocess=True takes float np.ndarray or torch.Tensor of shape {shapes}, '
                             f'got {type(item).__name__}')
@@ -199,7 +283,7 @@ class Isc(NNOperator):
 
         starts = range(0, len(items), self.batch_size)
         if len(starts) == 1:
-            return self.backend(prepare(0))
+            return self._checked(self.backend(prepare(0)), 0)
         out = []
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending = pool.submit(prepare, 0)
@@ -207,8 +291,18 @@ class Isc(NNOperator):
                 batch = pending.result()
                 if start + self.batch_size < len(items):
                     pending = pool.submit(prepare, start + self.batch_size)
-                out.append(self.backend(batch))
+                out.append(self._checked(self.backend(batch), start))
         return np.concatenate(out)
+
+    def _checked(self, vectors: np.ndarray, start: int) -> np.ndarray:
+        """The backend's vectors, refused if any is not a finite unit vector: broken weights must never
+        give silent NaN or zero descriptors (finite weights and inputs cannot produce them)."""
+        norms = np.linalg.norm(vectors, axis=1)
+        bad = ~(np.isfinite(vectors).all(axis=1) & (np.abs(norms - 1) < 1e-3))
+        if bad.any():
+            raise ValueError(f'the network gave a non-finite or zero vector (item {start + int(np.argmax(bad))}): '
+                             f'the weights of {self.model_name!r} are broken; use another checkpoint')
+        return vectors
 
     # -- export ------------------------------------------------------------------------------------
 
@@ -247,75 +341,3 @@ class Isc(NNOperator):
         else:
             export_onnx(model, self.img_size, path)
         return str(path)
-
-
-def _to_pil_rgb(item: Any, index: int | None = None, draft: tuple[int, int] | None = None,
-                exif_transpose: bool = False) -> Image.Image:
-    """One image of any accepted kind -> an RGB ``PIL.Image`` (what the reference preprocessing takes).
-
-    For files: ``draft`` lets the JPEG decoder scale down in the DCT domain, to no less than this
-    size; ``exif_transpose`` turns the image upright as its EXIF orientation says.
-    """
-    where = '' if index is None else f' (list item {index})'
-    if isinstance(item, (str, os.PathLike)):
-        return _open_rgb(Path(item), where, draft, exif_transpose)
-    if isinstance(item, Image.Image):
-        if item.width == 0 or item.height == 0:
-            raise ValueError(f'zero-size image{where}: {item.size}')
-        try:
-            return item if item.mode == 'RGB' else item.convert('RGB')
-        except (ValueError, OSError) as e:
-            raise ValueError(f'cannot convert PIL image of mode {item.mode!r} to RGB{where}: {e}') from e
-    if isinstance(item, np.ndarray):
-        return _array_to_pil(item, where)
-    raise TypeError(f'unsupported input type {type(item).__name__}{where}: expected towhee.types.Image, '
-                    'np.ndarray (uint8, HxW or HxWxC), PIL.Image, a file path, or a list of these')
-
-
-def _array_to_pil(array: np.ndarray, where: str) -> Image.Image:
-    mode = getattr(array, 'mode', None) if isinstance(array, TowheeImage) else None
-    array = np.asarray(array)
-    if array.dtype != np.uint8:
-        raise TypeError(f'image arrays must be uint8, got {array.dtype}{where}; '
-                        'for preprocessed float tensors use skip_preprocess=True')
-    if array.size == 0:
-        raise ValueError(f'zero-size image{where}: shape {array.shape}')
-    if array.ndim == 3 and array.shape[2] == 1:
-        array = array[:, :, 0]
-    if array.ndim == 2:
-        if mode not in (None, *_GRAY_MODES):
-            raise ValueError(f'a 2-d image array cannot have mode {mode!r}{where}')
-        return Image.fromarray(np.ascontiguousarray(array), 'L').convert('RGB')
-    if array.ndim != 3 or array.shape[2] not in (3, 4):
-        raise ValueError(f'image arrays must be HxW, HxWx1, HxWx3 or HxWx4, got shape {array.shape}{where}')
-    mode = (mode or ('RGB' if array.shape[2] == 3 else 'RGBA')).upper()
-    if mode not in _CHANNEL_ORDER or len(mode) != array.shape[2]:
-        raise ValueError(f'unsupported image mode {mode!r} for shape {array.shape}{where}: '
-                         f'supported modes are {sorted(_CHANNEL_ORDER)} and {list(_GRAY_MODES)}')
-    return Image.fromarray(np.ascontiguousarray(array[:, :, _CHANNEL_ORDER[mode]]), 'RGB')
-
-
-def _is_jpeg(path: Path) -> bool:
-    try:
-        with open(path, 'rb') as f:
-            return f.read(3) == b'\xff\xd8\xff'
-    except OSError:
-        return False  # the usual path reports it
-
-
-def _open_rgb(path: Path, where: str, draft: tuple[int, int] | None, exif_transpose: bool) -> Image.Image:
-    if not path.exists():
-        raise ValueError(f'image file not found: {str(path)!r}{where}')
-    try:
-        with Image.open(path) as image:
-            if image.width == 0 or image.height == 0:
-                raise ValueError(f'zero-size image in {str(path)!r}{where}')
-            if draft is not None:
-                image.draft('RGB', draft)  # JPEG only; other formats ignore it
-            if exif_transpose:
-                image = ImageOps.exif_transpose(image)
-            return image.convert('RGB')
-    except UnidentifiedImageError as e:
-        raise ValueError(f'not an image file (or an unsupported format): {str(path)!r}{where}') from e
-    except OSError as e:
-        raise ValueError(f'cannot read image file {str(path)!r}{where}: {e}') from e

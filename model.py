@@ -131,17 +131,32 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
                               f'at all: {type(e).__name__}); {fix}') from e
 
     if isinstance(raw, dict) and 'state_dict' in raw:
-        args = raw.get('args')
-        input_size = getattr(args, 'input_size', None)
-        if isinstance(input_size, (tuple, list)):
-            input_size = input_size[-1]
-        ckpt = Checkpoint(raw['state_dict'], raw.get('arch'), input_size, path)
+        ckpt = Checkpoint(raw['state_dict'], _arch(raw.get('arch'), path), _input_size(raw.get('args'), path), path)
     else:
         ckpt = Checkpoint(raw, None, None, path)
     if not isinstance(ckpt.state_dict, Mapping) or not ckpt.state_dict or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in ckpt.state_dict.items()):
         raise CheckpointError(f'{path!r} holds no state dict of named tensors; {fix}')
     return ckpt
+
+
+def _arch(arch: object, path: str) -> str | None:
+    if arch is not None and (not isinstance(arch, str) or not arch):
+        raise CheckpointError(f"{path!r} has an invalid 'arch' {arch!r}: expected a timm model name")
+    return arch
+
+
+def _input_size(args: object, path: str) -> int | None:
+    """``args.input_size``: an int, or a (C,) H, W sequence whose last item is the side."""
+    size = getattr(args, 'input_size', None)
+    if isinstance(size, (tuple, list)) and size:
+        size = size[-1]
+    if size is None:
+        return None
+    if isinstance(size, bool) or not isinstance(size, int) or not 32 <= size <= 4096:
+        raise CheckpointError(f"{path!r} has an invalid 'args.input_size' {size!r}: expected an int "
+                              'between 32 and 4096')
+    return size
 
 
 def strip_module_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -172,11 +187,21 @@ def build_model(ckpt: Checkpoint, arch: str | None = None) -> IscNet:
     problems += [f'missing {k}' for k in expected if k not in state_dict]
     problems += [f'unexpected {k}' for k in state_dict if k not in expected]
     if problems:
-        shown = '; '.join(problems[:8]) + (f'; ... ({len(problems)} in all)' if len(problems) > 8 else '')
-        raise CheckpointError(f'the weights in {ckpt.source!r} do not fit timm backbone {arch!r}: {shown}. '
+        raise CheckpointError(f'the weights in {ckpt.source!r} do not fit timm backbone {arch!r}: {_listed(problems)}. '
                               f'Pass the timm_backbone the checkpoint was trained with.')
+    # load_state_dict would quietly cast integer weights, and NaN or inf give NaN or zero vectors later.
+    broken = [f'{k} is {v.dtype}, not floating point' for k, v in state_dict.items()
+              if expected[k].is_floating_point() and not v.is_floating_point()]
+    broken += [f'{k} holds NaN or infinite values' for k, v in state_dict.items()
+               if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise CheckpointError(f'the weights in {ckpt.source!r} are broken: {_listed(broken)}')
     model.load_state_dict(state_dict)
     return model.eval()
+
+
+def _listed(problems: list[str], shown: int = 8) -> str:
+    return '; '.join(problems[:shown]) + (f'; ... ({len(problems)} in all)' if len(problems) > shown else '')
 
 
 def save_checkpoint(model: IscNet, path: str | os.PathLike, input_size: int) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import http.client
 import os
 import sys
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_write
+from .atomic import atomic_write, exclusive, remove_partials
 from .model import Checkpoint, CheckpointError, read_checkpoint
 
 # Overrides the release URL below (a mirror, or an internal server on an air-gapped site).
@@ -71,28 +72,65 @@ def load_published(name: str) -> Checkpoint:
     target = weights.cache_path
     if target.is_file():
         return read_checkpoint(target)
-    with atomic_write(target) as tmp:
-        with open(tmp, 'wb') as out:
-            _download(weights.url, out, target)
-        try:
-            ckpt = read_checkpoint(tmp)
-        except CheckpointError as e:
-            raise CheckpointError(f'{weights.url} did not give a readable ISC checkpoint, so nothing was '
-                                  f'cached; check {WEIGHTS_URL_ENV} or pass checkpoint_path= ({e})') from e
+    with exclusive(target.parent):  # one download of the cache at a time; the others then find the file
+        if target.is_file():
+            return read_checkpoint(target)
+        remove_partials(target)  # left by a download that was killed
+        with atomic_write(target) as tmp:
+            with open(tmp, 'wb') as out:
+                _download(weights.url, out, target)
+            try:
+                ckpt = read_checkpoint(tmp)
+            except CheckpointError as e:
+                with open(tmp, 'rb') as f:
+                    start = f.read(32)
+                raise CheckpointError(f'{weights.url} did not give a readable ISC checkpoint (it sent '
+                                      f'{tmp.stat().st_size} bytes starting {start!r}), so nothing was cached; '
+                                      f'check {WEIGHTS_URL_ENV} or pass checkpoint_path=') from e
     return Checkpoint(ckpt.state_dict, ckpt.arch, ckpt.input_size, str(target))
+
+
+# A download gives up when it takes longer than this in all (seconds; TOWHEE_ISC_DOWNLOAD_TIMEOUT), or
+# when fewer than STALL_BYTES arrive in STALL_SECONDS: a server that drips bytes never trips a socket timeout.
+STALL_SECONDS, STALL_BYTES = 60.0, 64 * 1024
+
+
+def download_timeout() -> float:
+    value = os.environ.get('TOWHEE_ISC_DOWNLOAD_TIMEOUT', '3600')
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float('nan')
+    if not seconds > 0 or seconds == float('inf'):
+        raise ValueError(f'TOWHEE_ISC_DOWNLOAD_TIMEOUT must be a positive number of seconds, got {value!r}')
+    return seconds
 
 
 def _download(url: str, out, target: Path) -> None:
     fix = (f'check the network or set {WEIGHTS_URL_ENV} to a mirror, or download it yourself to '
            f'{str(target)!r} or pass checkpoint_path=')
+    deadline = download_timeout()
     print(f'Downloading {url} to {target}', file=sys.stderr)
+    started = window_start = time.monotonic()
+    received = window_bytes = 0
     try:
-        with urllib.request.urlopen(url, timeout=60) as response:
+        with urllib.request.urlopen(url, timeout=STALL_SECONDS) as response:
             expected = response.headers.get('Content-Length')
-            received = 0
-            while chunk := response.read(1 << 20):
+            while chunk := response.read1(1 << 20):  # returns what has arrived, so the clocks below run
                 out.write(chunk)
                 received += len(chunk)
+                window_bytes += len(chunk)
+                now = time.monotonic()
+                if now - started > deadline:
+                    raise WeightsDownloadError(f'downloading {url} took over {deadline:g} s ({received} '
+                                               f'bytes so far; TOWHEE_ISC_DOWNLOAD_TIMEOUT); {fix}')
+                if now - window_start >= STALL_SECONDS:
+                    if window_bytes < STALL_BYTES:
+                        raise WeightsDownloadError(f'downloading {url} stalled: {window_bytes} bytes in the last '
+                                                   f'{now - window_start:.0f} s; {fix}')
+                    window_start, window_bytes = now, 0
+    except WeightsDownloadError:
+        raise
     except urllib.error.HTTPError as e:
         raise WeightsDownloadError(f'downloading {url} failed: HTTP {e.code} {e.reason}; {fix}') from e
     except (urllib.error.URLError, http.client.HTTPException, OSError) as e:

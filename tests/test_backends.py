@@ -1,5 +1,6 @@
 """Backends (ONNX Runtime, PyTorch), precision and batch size: same embeddings, clear errors."""
 import builtins
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -41,11 +42,11 @@ def test_onnx_export_is_cached_by_weights_content(small_ckpt, photos, tmp_path, 
     Isc(checkpoint_path=small_ckpt, device='cpu')
     assert len(exports) == 1
     cache = tmp_path / 'torch' / 'hub' / 'towhee_isc' / 'onnx'
-    assert [p.suffix for p in cache.iterdir()] == ['.onnx']  # no temporary left
+    assert sorted(p.suffix for p in cache.iterdir()) == ['.lock', '.onnx', '.sha256']  # no temporary left
     from towhee_isc.testing import make_synthetic_checkpoint
     make_synthetic_checkpoint(tmp_path / 'other.pth.tar', 'resnet18', 96, photos, seed=1)
     Isc(checkpoint_path=tmp_path / 'other.pth.tar', device='cpu')
-    assert len(exports) == 2 and len(list(cache.iterdir())) == 2
+    assert len(exports) == 2 and len(list(cache.glob('*.onnx'))) == 2
     Isc(checkpoint_path=small_ckpt, img_size=64, device='cpu')  # same weights, other input size
     assert len(exports) == 3
 
@@ -108,5 +109,71 @@ def test_decode_on_device_is_close_to_the_pil_path_and_only_takes_jpeg_files(sma
     got = np.stack(op([tmp_path / 'a.jpg', tmp_path / 'b.png', photos[2]]))
     assert float(got[0] @ exact[0]) > 0.98 and np.abs(got[0] - exact[0]).max() > 0  # resized differently
     assert np.abs(got[1:] - exact[1:]).max() < 1e-4  # PNG and PIL inputs: the usual path
-    with pytest.raises(ValueError, match="cannot decode JPEG file .*fake.jpg"):
+    with pytest.raises(ValueError, match="JPEG file .*fake.jpg. is not an image"):
         op(tmp_path / 'fake.jpg')
+
+
+@pytest.mark.parametrize('backend', ['onnxruntime', 'torch'])
+def test_operator_pickles_and_gives_identical_vectors_after(small_ckpt, photos, backend, monkeypatch):
+    """Ray and multiprocessing ship operators by pickle; the ONNX Runtime session is rebuilt from the cache."""
+    import pickle
+    op = Isc(checkpoint_path=small_ckpt, device='cpu', backend=backend, num_threads=1)
+    monkeypatch.setattr(backends, 'export_onnx', lambda *a: pytest.fail('unpickling exported the model again'))
+    try:
+        copy = pickle.loads(pickle.dumps(op))
+        assert type(copy.backend) is type(op.backend) and copy.backend is not op.backend
+        assert np.array_equal(np.stack(copy(photos)), np.stack(op(photos)))
+        assert copy.fingerprint == op.fingerprint and copy.num_threads == 1
+    finally:
+        torch.set_num_threads(backends.cpu_count())
+
+
+def test_num_threads_sets_onnxruntime_and_torch_threads(small_ckpt):
+    before = torch.get_num_threads()
+    try:
+        op = Isc(checkpoint_path=small_ckpt, device='cpu', num_threads=1)
+        assert op.backend.session.get_session_options().intra_op_num_threads == 1
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    every = Isc(checkpoint_path=small_ckpt, device='cpu')  # None: every core this process may use
+    assert every.backend.session.get_session_options().intra_op_num_threads == backends.cpu_count()
+    assert torch.get_num_threads() == before
+    for bad in (0, 1.5, '2'):
+        with pytest.raises(ValueError, match='num_threads must be a positive int or None'):
+            Isc(checkpoint_path=small_ckpt, device='cpu', num_threads=bad)
+
+
+EXPORT_ONCE = '''
+import os, sys, time
+from pathlib import Path
+from towhee_isc import backends
+from towhee_isc.model import build_model, read_checkpoint
+ckpt, folder = sys.argv[1], Path(sys.argv[2])
+model = build_model(read_checkpoint(ckpt), None)
+real_export = backends.export_onnx
+def export(*args):
+    with open(folder / 'exports.log', 'a') as log:
+        log.write(f'{os.getpid()}\\n')
+    time.sleep(1)  # export slowly, so the other process surely arrives while this one holds the lock
+    real_export(*args)
+backends.export_onnx = export
+(folder / f'ready-{os.getpid()}').touch()
+deadline = time.time() + 120
+while len(list(folder.glob('ready-*'))) < 2 and time.time() < deadline:  # start together
+    time.sleep(0.01)
+print(backends.cached_onnx(model, 96, cache_dir=folder / 'cache'))
+'''
+
+
+def test_processes_starting_together_export_the_model_once(small_ckpt, tmp_path):
+    """Ray actors start at once on a machine: one exports, the others wait for that export."""
+    import subprocess
+    import sys
+    runs = [subprocess.Popen([sys.executable, '-c', EXPORT_ONCE, str(small_ckpt), str(tmp_path)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [run.communicate(timeout=300) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    assert len((tmp_path / 'exports.log').read_text().split()) == 1
+    paths = {out.strip().splitlines()[-1] for out, _ in outputs}
+    assert len(paths) == 1 and backends._verified(Path(paths.pop()), next((tmp_path / 'cache').glob('*.sha256')))

@@ -41,6 +41,8 @@ def test_onnx_export_runs_in_onnxruntime_with_any_batch(small_op, tmp_path, batc
     model = onnx.load(path)
     onnx.checker.check_model(model)
     assert max(o.version for o in model.opset_import if o.domain in ('', 'ai.onnx')) >= 17
+    (output,) = model.graph.output  # a fixed vector size (Triton reads it), a free batch axis
+    assert [d.dim_value or d.dim_param for d in output.type.tensor_type.shape.dim] == ['batch', 256]
     session = onnxruntime.InferenceSession(path, providers=['CPUExecutionProvider'])
     (name,) = [i.name for i in session.get_inputs()]
     for n in (1, 3):

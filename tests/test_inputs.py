@@ -40,12 +40,48 @@ def test_alpha_is_dropped_and_grey_is_replicated(small_op, rgb):
     assert np.abs(small_op(grey[:, :, None]) - small_op(grey)).max() < 1e-6
 
 
-@pytest.mark.parametrize('mode', ['RGB', 'RGBA', 'L', 'P', 'CMYK', 'LA', 'I;16'])
+@pytest.mark.parametrize('mode', ['RGB', 'RGBA', 'L', 'P', 'CMYK', 'LA'])
 def test_pil_image_of_any_mode(small_op, photos, mode):
-    image = photos[1].convert(mode) if mode != 'I;16' else photos[1].convert('L').convert('I;16')
+    image = photos[1].convert(mode)
     vector = small_op(image)
     assert_embedding(vector)
     assert np.abs(vector - small_op(image.convert('RGB'))).max() < 1e-6
+
+
+def wide_images(grey: np.ndarray) -> dict[str, Image.Image]:
+    """The same grey picture in PIL's modes wider than 8 bits, each at its usual scale."""
+    wide = grey.astype(np.uint16) * 257  # 0-255 -> 0-65535, as a 16-bit scan or PNG holds it
+    return {
+        'I;16 (16-bit PNG)': Image.fromarray(wide),
+        'I;16B': Image.fromarray(wide).convert('I').convert('I;16B'),
+        'I (16-bit values)': Image.fromarray(wide.astype(np.int32), 'I'),
+        'I (8-bit values)': Image.fromarray(grey).convert('I'),
+        'F (0-1)': Image.fromarray(grey.astype(np.float32) / 255, 'F'),
+        'F (0-255)': Image.fromarray(grey).convert('F'),
+    }
+
+
+def test_pixels_wider_than_8_bits_are_scaled_not_clipped(small_op, photos, tmp_path):
+    grey = np.asarray(photos[1].convert('L'))
+    want = small_op(Image.fromarray(grey))
+    for name, image in wide_images(grey).items():
+        assert np.abs(small_op(image) - want).max() < 1e-5, name
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / 'sixteen.png')
+    assert Image.open(tmp_path / 'sixteen.png').mode.startswith('I')
+    assert np.abs(small_op(tmp_path / 'sixteen.png') - want).max() < 1e-5
+
+
+@pytest.mark.parametrize('values, message', [
+    (np.full((8, 8), -3, np.int32), 'negative values'),
+    (np.full((8, 8), 1 << 20, np.int32), 'no known scale'),
+    (np.full((8, 8), np.nan, np.float32), 'NaN or infinite'),
+    (np.full((8, 8), 300.0, np.float32), 'no known scale'),
+])
+def test_wide_pixels_without_a_known_scale_are_refused(small_op, photos, values, message):
+    from towhee_isc.images import ImageError
+    with pytest.raises(ImageError, match=message):
+        small_op(Image.fromarray(values))
+    assert_embedding(small_op(photos[0]))
 
 
 def test_file_paths_str_and_pathlib(small_op, photos, tmp_path):
@@ -108,12 +144,12 @@ def test_one_operator_from_many_threads(small_op, photos):
         except Exception as e:  # noqa: BLE001 (reported below)
             errors.append(e)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert not errors and len(results) == 6
+    assert not errors and len(results) == 8
 
 
 @pytest.mark.parametrize('bad, error, message', [
@@ -141,7 +177,7 @@ def test_bad_files_are_clear_errors(small_op, photos, tmp_path):
     (tmp_path / 'cut.jpg').write_bytes((tmp_path / 'whole.jpg').read_bytes()[:2000])
     with pytest.raises(ValueError, match='image file not found'):
         small_op(tmp_path / 'missing.jpg')
-    with pytest.raises(ValueError, match='not an image file'):
+    with pytest.raises(ValueError, match='notes.txt. is not an image'):
         small_op(str(tmp_path / 'notes.txt'))
     with pytest.raises(ValueError, match='cannot read image file'):
         small_op(tmp_path / 'cut.jpg')

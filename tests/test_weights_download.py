@@ -92,7 +92,7 @@ def test_truncated_download_leaves_nothing_in_the_cache(server, hub_dir, small_c
 
 def test_corrupt_download_is_refused_and_not_cached(server, hub_dir):
     server.serve(RELEASE_PATH + '/isc_ft_v107.pth.tar', b'<html>rate limited</html>')
-    with pytest.raises(CheckpointError, match='isc_ft_v107.pth.tar did not give a readable ISC checkpoint, so nothing was cached'):
+    with pytest.raises(CheckpointError, match=r'isc_ft_v107.pth.tar did not give a readable ISC checkpoint \(it sent 25 bytes starting b.<html>rate.*\), so nothing was cached'):
         Isc(device='cpu')
     assert not any(hub_dir.iterdir())
 

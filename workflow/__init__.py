@@ -2,7 +2,8 @@
 
 ``embedding`` (embed images to arrays or to a resumable descriptor file), ``descriptors`` (finding
 images; descriptor files), ``matching`` (exact search, score normalisation, duplicate groups, report),
-``milvus`` (a Milvus collection), ``metrics`` (the challenge's scorer), ``cli`` (the command).
+``milvus`` (a Milvus collection), ``metrics`` (the challenge's scorer), ``cli`` (the command),
+``ray`` (embedding on a Ray cluster: the optional extra ``towhee-isc[ray]``).
 """
 from .embedding import Embedder, embed_collection, load_descriptors
 

@@ -1,4 +1,4 @@
-"""``towhee-isc`` (also ``python -m towhee_isc``): embed, index, search, dedup, evaluate.
+"""``towhee-isc`` (also ``python -m towhee_isc``): embed, index, search, dedup, evaluate, nes.
 
 Every command is a thin shell over the Python API (``workflow``, ``matching``, ``metrics``):
 it parses arguments and prints; errors are one line and exit code 2.
@@ -7,57 +7,96 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from typing import Sequence
 
-from .descriptors import read_descriptors
-from .embedding import Embedder, embed_collection, load_descriptors
+from ..atomic import check_writable
+from ..postprocess import ALPHA, BETA, DBA_K, ITERATIONS, K, NegativeEmbeddings
+from .descriptors import (check_same_postprocessing, describe_postprocessing, read_descriptors, read_image_paths,
+                          read_model, read_postprocessing, write_descriptors)
+from .embedding import Embedder, embed_collection, inputs_postprocessing, load_descriptors
 from .engines import choose_engine
 from .matching import (duplicate_groups, html_report, near_duplicate_pairs, nth_neighbour_similarity, search,
                        write_groups)
 from .metrics import evaluate, plot_precision_recall, read_ground_truth, read_matches, write_matches
-from .milvus import DEFAULT_MILVUS_URI, MilvusIndex, milvus_duplicate_pairs
+from .milvus import DEFAULT_MILVUS_URI, INDEX_TYPES, MilvusIndex, milvus_duplicate_pairs
 
-COMMANDS = ('embed', 'index', 'search', 'dedup', 'evaluate')
+COMMANDS = ('embed', 'index', 'search', 'dedup', 'evaluate', 'nes', 'serve')
+
+
+def nes_settings(args: argparse.Namespace) -> dict:
+    """The operator's post-processing arguments from --negatives and --nes-*; none without --negatives."""
+    if args.negatives is None:
+        return {}
+    return dict(negatives=os.path.abspath(args.negatives), nes_k=args.nes_k, nes_beta=args.nes_beta,
+                nes_iterations=args.nes_iterations, nes_dba_k=args.nes_dba_k, nes_alpha=args.nes_alpha)
 
 
 def embedder(args: argparse.Namespace) -> Embedder:
     return Embedder(model_name=args.model_name, checkpoint_path=args.checkpoint, device=args.device,
-                    batch_size=args.batch_size, strict=args.strict)
+                    batch_size=args.batch_size, strict=args.strict, **nes_settings(args))
+
+
+def same_postprocessing(args: argparse.Namespace, images: Embedder, *sources: dict[str, dict | None]) -> dict | None:
+    """All inputs of one command (and ``--negatives``, if given) must be post-processed alike."""
+    named = {f'--negatives {args.negatives}': images.postprocessing} if args.negatives else {}
+    for source in sources:
+        named.update(source)
+    return check_same_postprocessing(named)
 
 
 def cmd_embed(args) -> None:
-    written, skipped, rate = embed_collection(args.inputs, args.output, embedder(args), args.chunk_size, args.quiet)
+    if args.ray_address:  # the same embed, its chunks spread over a Ray cluster's actors
+        from .ray import embed_on_ray
+        isc_kwargs = dict(model_name=args.model_name, checkpoint_path=args.checkpoint, device=args.device,
+                          batch_size=args.batch_size, **nes_settings(args))
+        written, skipped, rate = embed_on_ray(args.inputs, args.output, args.ray_address, isc_kwargs, args.actors,
+                                              args.cpus_per_actor, args.gpus_per_actor, args.chunk_size, args.strict,
+                                              args.quiet)
+    elif (args.actors, args.cpus_per_actor, args.gpus_per_actor) != (None, 1, 0):
+        raise ValueError('--actors, --cpus-per-actor and --gpus-per-actor need --ray-address')
+    else:
+        written, skipped, rate = embed_collection(args.inputs, args.output, embedder(args), args.chunk_size, args.quiet)
     print(f'wrote {written} descriptors to {args.output} ({rate:.2f} images/s)')
     if skipped:
         print(f'skipped {len(skipped)} unreadable or non-image file(s):', file=sys.stderr)
-        for path in skipped:
-            print(f'  {path}', file=sys.stderr)
+        for path, reason in skipped.items():
+            print(f'  {path}: {reason}', file=sys.stderr)
 
 
 def cmd_index(args) -> None:
-    ids, vectors, _ = load_descriptors(args.inputs, embedder(args))
-    index = MilvusIndex(args.milvus_uri, args.collection)
-    index.add(ids, vectors)
-    print(f'indexed {len(ids)} descriptors into {args.collection!r} at {args.milvus_uri} ({index.count()} in all)')
+    images = embedder(args)
+    index = MilvusIndex(args.milvus_uri, args.collection, args.token)
+    postprocessing = same_postprocessing(args, images, inputs_postprocessing(args.inputs, images),
+                                         {f'collection {args.collection!r}': index.postprocessing()} if index.dim() else {})
+    ids, vectors, _ = load_descriptors(args.inputs, images)
+    kind = index.add(ids, vectors, index_type=args.index_type, postprocessing=postprocessing)
+    print(f'indexed {len(ids)} descriptors into {args.collection!r} ({kind} index) at {args.milvus_uri} '
+          f'({index.count()} in all)')
 
 
 def cmd_search(args) -> None:
-    images = embedder(args)
-    query_ids, queries, query_paths = load_descriptors(args.queries, images)
+    images, models = embedder(args), {}
+    index = None if args.references else MilvusIndex(args.milvus_uri, args.collection, args.token, existing=True)
+    same_postprocessing(args, images, inputs_postprocessing(args.queries, images, 'queries'),
+                        inputs_postprocessing(args.references or [], images, 'references') if args.references else {},
+                        {args.score_norm: read_postprocessing(args.score_norm)} if args.score_norm else {},
+                        {f'collection {args.collection!r}': index.postprocessing()} if index and index.dim() else {})
+    query_ids, queries, query_paths = load_descriptors(args.queries, images, models)
     offsets = None
     if args.score_norm:
         _, background = read_descriptors(args.score_norm, dim=queries.shape[1])
         offsets = args.factor * nth_neighbour_similarity(queries, background, args.nth,
                                                          choose_engine(len(queries), len(background), args.exact))
     if args.references:
-        reference_ids, references, reference_paths = load_descriptors(args.references, images)
+        reference_ids, references, reference_paths = load_descriptors(args.references, images, models)
         engine = choose_engine(len(queries), len(references), args.exact)
         print(f'search engine: {engine.description}')
         matches = search(query_ids, queries, reference_ids, references, args.k, args.threshold, offsets, engine)
     else:
-        index = MilvusIndex(args.milvus_uri, args.collection)
-        matches = index.search(query_ids, queries, args.k, args.threshold, offsets)
+        matches = index.search(query_ids, queries, args.k, args.threshold, offsets, nprobe=args.nprobe, ef=args.ef)
         reference_paths = {}
     write_matches(args.output, matches)
     print(f'wrote {len(matches)} matches for {len(query_ids)} queries to {args.output}')
@@ -67,11 +106,15 @@ def cmd_search(args) -> None:
 
 
 def cmd_dedup(args) -> None:
-    ids, vectors, paths = load_descriptors(args.inputs, embedder(args))
+    images = embedder(args)
+    postprocessing = same_postprocessing(args, images, inputs_postprocessing(args.inputs, images))
+    ids, vectors, paths = load_descriptors(args.inputs, images)
     if args.milvus_uri:  # collections too large for this machine: let Milvus find the neighbours
-        index = MilvusIndex(args.milvus_uri, args.collection)
-        index.add(ids, vectors)
-        pairs = milvus_duplicate_pairs(index, ids, vectors, args.threshold, args.k)
+        index = MilvusIndex(args.milvus_uri, args.collection, args.token)
+        index.add(ids, vectors, index_type=args.index_type, postprocessing=postprocessing)
+        if index.count() > len(ids):  # others' neighbours can crowd ours out of the k looked at
+            print(f'warning: collection {args.collection!r} also holds images not given here', file=sys.stderr)
+        pairs = milvus_duplicate_pairs(index, ids, vectors, args.threshold, args.k, args.nprobe, args.ef)
     else:
         engine = choose_engine(len(vectors), len(vectors), args.exact)
         print(f'search engine: {engine.description}')
@@ -99,8 +142,45 @@ def cmd_evaluate(args) -> None:
               f"recall at rank 1 / 10    {result['recall_at_rank1']:.4f} / {result['recall_at_rank10']:.4f}")
 
 
+def cmd_nes(args) -> None:
+    ids, vectors = read_descriptors(args.descriptors)
+    done = read_postprocessing(args.descriptors)
+    if done is not None:
+        raise ValueError(f'{args.descriptors} is already {describe_postprocessing(done)}; post-process raw descriptors')
+    negatives = NegativeEmbeddings(args.negatives, args.dba_k, args.alpha)
+    out = negatives.subtract(vectors, args.k, args.beta, args.iterations)
+    write_descriptors(args.output, ids, out, read_image_paths(args.descriptors), model=read_model(args.descriptors),
+                      postprocessing=negatives.record(args.k, args.beta, args.iterations))
+    print(f'wrote {len(ids)} post-processed descriptors to {args.output} '
+          f'({len(negatives.negatives)} negatives, k={args.k}, beta={args.beta}, iterations={args.iterations})')
+
+
+def cmd_serve(args) -> None:
+    if not args.ray_address:  # a local Ray on 127.0.0.1 only; read when ray is imported, so set it first
+        os.environ['RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER'] = '0'
+    try:
+        from .serve import ServiceSettings, run_service
+    except ImportError as e:
+        raise ImportError(f'towhee-isc serve needs Ray Serve: pip install "towhee-isc[serve]" ({e})') from e
+    # The operator's settings for each replica, post-processing included.
+    isc = {'model_name': args.model_name, 'checkpoint_path': args.checkpoint, 'device': args.device,
+           'batch_size': args.batch_size, **nes_settings(args)}
+    settings = ServiceSettings(isc=isc, references=args.references, milvus_uri=args.milvus_uri,
+                               collection=None if args.references else args.collection, threshold=args.threshold,
+                               max_batch_size=args.max_batch_size, max_body_bytes=args.max_body_mb * 2**20)
+    gpus = 1 if args.device and args.device.startswith('cuda') else 0
+    run_service(settings, args.host, args.port, args.replicas, args.ray_address, gpus)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``error: ...``, exit 2) like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f'error: {self.prog}: {message} (see {self.prog} --help)\n')
+
+
 def parser() -> argparse.ArgumentParser:
-    main = argparse.ArgumentParser(prog='towhee-isc', description='Find image copies with the ISC21 descriptor.')
+    main = OneLineParser(prog='towhee-isc', description='Find image copies with the ISC21 descriptor.')
     commands = main.add_subparsers(dest='command', required=True)
 
     def with_model(p):
@@ -108,49 +188,90 @@ def parser() -> argparse.ArgumentParser:
         group.add_argument('--checkpoint', help='a local checkpoint instead of the published weights')
         group.add_argument('--model-name', default='isc_ft_v107')
         group.add_argument('--device', help="'cpu', 'cuda', 'cuda:N' (default: CUDA when available)")
-        group.add_argument('--batch-size', type=int)
+        group.add_argument('--batch-size', type=positive_int)
         group.add_argument('--strict', action='store_true', help='an unreadable image is an error, not skipped')
+        group = p.add_argument_group('post-processing (negative embedding subtraction, as the winner submitted)')
+        group.add_argument('--negatives', metavar='FILE', help='post-process every vector made from images with '
+                           'these negatives (a descriptor file); descriptor files must be post-processed alike')
+        group.add_argument('--nes-k', type=positive_int, default=K, help=f'nearest negatives subtracted ({K})')
+        group.add_argument('--nes-beta', type=finite_float, default=BETA, help=f'weight of the subtraction ({BETA})')
+        group.add_argument('--nes-iterations', type=positive_int, default=ITERATIONS, help=f'repeats ({ITERATIONS})')
+        group.add_argument('--nes-dba-k', type=positive_int, default=DBA_K,
+                           help=f'neighbours in the augmentation of the negatives ({DBA_K})')
+        group.add_argument('--nes-alpha', type=finite_float, default=ALPHA,
+                           help=f'similarity exponent of the augmentation ({ALPHA})')
         return p
 
     def with_milvus(p):
         p.add_argument('--milvus-uri', default=DEFAULT_MILVUS_URI,
                        help='a Milvus Lite file (default ./isc.db) or http://host:19530 for a server')
         p.add_argument('--collection', default='isc')
+        p.add_argument('--token', help="a Milvus server's 'user:password' or API key, where it requires one")
+        return p
+
+    def with_index_type(p):
+        p.add_argument('--index-type', choices=INDEX_TYPES, type=str.upper,
+                       help="a new collection's index: FLAT (exact, the default), IVF_FLAT or HNSW (approximate, "
+                            'for large collections); an existing collection keeps its own')
+        return p
+
+    def with_search_width(p):
+        p.add_argument('--nprobe', type=positive_int, help='IVF_FLAT: cells searched (default nlist/8, at least 16)')
+        p.add_argument('--ef', type=positive_int, help='HNSW: candidates explored (default 256, at least k)')
         return p
 
     p = with_model(commands.add_parser('embed', help='images -> descriptor file (resumable)'))
     p.add_argument('inputs', nargs='+', help='folders (recursive), globs, .txt file lists, image files')
     p.add_argument('-o', '--output', required=True, help='descriptor file (.h5)')
-    p.add_argument('--chunk-size', type=int, default=64, help='images per saved chunk')
+    p.add_argument('--chunk-size', type=positive_int, default=64, help='images per saved chunk')
     p.add_argument('--quiet', action='store_true', help='no progress bar')
+    group = p.add_argument_group('on a Ray cluster (pip install \'towhee-isc[ray]\')')
+    group.add_argument('--ray-address', help="embed on the Ray cluster at 'auto' or HOST:PORT; images, checkpoint "
+                                             'and output folder must be on storage every node shares')
+    group.add_argument('--actors', type=positive_int, help='embedding processes (default: as many as the cluster holds)')
+    group.add_argument('--cpus-per-actor', type=finite_float, default=1, help='CPUs each reserves, and its threads (default 1)')
+    group.add_argument('--gpus-per-actor', type=finite_float, default=0, help='GPUs each reserves (default 0)')
     p.set_defaults(run=cmd_embed)
 
-    p = with_milvus(with_model(commands.add_parser('index', help='descriptors or images -> Milvus')))
+    p = with_index_type(with_milvus(with_model(commands.add_parser('index', help='descriptors or images -> Milvus'))))
     p.add_argument('inputs', nargs='+')
     p.set_defaults(run=cmd_index)
 
-    p = with_milvus(with_model(commands.add_parser('search', help='queries -> prediction CSV')))
+    p = with_search_width(with_milvus(with_model(commands.add_parser('search', help='queries -> prediction CSV'))))
     p.add_argument('queries', nargs='+', help='descriptor files or images')
     p.add_argument('--references', nargs='+', help='search these (descriptor files or images) exactly, no database')
-    p.add_argument('-k', type=int, default=10, help='matches per query')
-    p.add_argument('--threshold', type=float, help='keep matches scoring at least this')
+    p.add_argument('-k', type=positive_int, default=10, help='matches per query')
+    p.add_argument('--threshold', type=finite_float, help='keep matches scoring at least this')
     p.add_argument('--score-norm', help='background descriptor file for score normalisation')
-    p.add_argument('--factor', type=float, default=1.0, help='score -= factor x similarity to the nth background neighbour')
-    p.add_argument('--nth', type=int, default=1)
+    p.add_argument('--factor', type=finite_float, default=1.0,
+                   help='score -= factor x similarity to the nth background neighbour')
+    p.add_argument('--nth', type=positive_int, default=1)
     p.add_argument('-o', '--output', required=True, help='prediction CSV: query_id,reference_id,score')
     p.add_argument('--report', help='also write an HTML page with thumbnails')
     p.add_argument('--exact', action='store_true', help='with --references: exact search even for large sets')
     p.set_defaults(run=cmd_search)
 
-    p = with_model(commands.add_parser('dedup', help='near-duplicate groups within one collection'))
+    p = with_search_width(with_index_type(with_model(commands.add_parser('dedup', help='near-duplicate groups within one collection'))))
     p.add_argument('inputs', nargs='+', help='descriptor files or images')
-    p.add_argument('--threshold', type=float, default=0.8, help='similarity that makes two images copies')
+    p.add_argument('--threshold', type=finite_float, default=0.8, help='similarity that makes two images copies')
     p.add_argument('-o', '--output', help='groups as CSV, or JSON if it ends in .json')
     p.add_argument('--milvus-uri', help='find neighbours through this Milvus (for collections beyond one machine)')
     p.add_argument('--collection', default='isc_dedup')
-    p.add_argument('-k', type=int, default=100, help='with --milvus-uri: neighbours looked at per image')
+    p.add_argument('--token', help="a Milvus server's 'user:password' or API key, where it requires one")
+    p.add_argument('-k', type=positive_int, default=100, help='with --milvus-uri: neighbours looked at per image')
     p.add_argument('--exact', action='store_true', help='exact search even for large collections (slow beyond ~100,000)')
     p.set_defaults(run=cmd_dedup)
+
+    p = with_milvus(with_model(commands.add_parser('serve', help='an HTTP copy-detection service (Ray Serve)')))
+    p.add_argument('--references', help='a descriptor file to search exactly instead of a Milvus collection')
+    p.add_argument('--host', default='127.0.0.1', help='address to listen on (default 127.0.0.1: this machine only)')
+    p.add_argument('--port', type=positive_int, default=8000)
+    p.add_argument('--replicas', type=positive_int, default=1, help='replicas, each holding one operator')
+    p.add_argument('--max-batch-size', type=positive_int, default=8, help='concurrent uploads embedded together')
+    p.add_argument('--threshold', type=finite_float, default=0.8, help="score that makes a match (requests' default)")
+    p.add_argument('--max-body-mb', type=positive_int, default=32, help='largest upload accepted, in MB')
+    p.add_argument('--ray-address', help='a Ray cluster to deploy on (default: a local Ray on 127.0.0.1)')
+    p.set_defaults(run=cmd_serve)
 
     p = commands.add_parser('evaluate', help="the challenge's metrics for a prediction CSV")
     p.add_argument('matches')
@@ -158,17 +279,70 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument('--plot', help='precision-recall curve (PNG)')
     p.add_argument('--json', action='store_true')
     p.set_defaults(run=cmd_evaluate)
+
+    p = commands.add_parser('nes', help="the winner's post-processing of a descriptor file (negative embedding subtraction)")
+    p.add_argument('descriptors', help='raw descriptor file (.h5)')
+    p.add_argument('--negatives', required=True, metavar='FILE', help='descriptor file of images with no copies of the references')
+    p.add_argument('-o', '--output', required=True, help='post-processed descriptor file (.h5): the same ids, in order')
+    p.add_argument('--k', type=positive_int, default=K, help=f'nearest augmented negatives subtracted (default {K})')
+    p.add_argument('--beta', type=finite_float, default=BETA, help=f'weight of the subtraction (default {BETA})')
+    p.add_argument('--iterations', type=positive_int, default=ITERATIONS, help=f'repeats (default {ITERATIONS})')
+    p.add_argument('--dba-k', type=positive_int, default=DBA_K, help=f'neighbours in the augmentation (default {DBA_K})')
+    p.add_argument('--alpha', type=finite_float, default=ALPHA, help=f'similarity exponent of the augmentation (default {ALPHA})')
+    p.set_defaults(run=cmd_nes)
     return main
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a whole number') from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'must be at least 1, got {value}')
+    return value
+
+
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f'must be a finite number, got {text!r}')
+    return value
+
+
+# Files each command writes, checked before any work so a long run does not fail at its end.
+OUTPUTS = {'output': 'output', 'report': '--report', 'plot': '--plot'}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. Any failure is one line on stderr and exit code 2 (argparse's own usage
+    errors too); set TOWHEE_ISC_DEBUG=1 to see the traceback of an unexpected one."""
     args = parser().parse_args(argv)
     try:
+        for name, what in OUTPUTS.items():
+            if getattr(args, name, None):
+                check_writable(getattr(args, name), what)
         args.run(args)
+    except KeyboardInterrupt:
+        print('interrupted' + ('; run the same command again to continue' if args.command == 'embed' else ''),
+              file=sys.stderr)
+        return 130
     except (ValueError, TypeError, OSError, ImportError) as e:
-        print(f'error: {e}', file=sys.stderr)
+        print(f'error: {one_line(e)}', file=sys.stderr)
+        return 2
+    except Exception as e:  # a library's own exception: still one line, never a traceback
+        if os.environ.get('TOWHEE_ISC_DEBUG'):
+            raise
+        print(f'error: {type(e).__name__}: {one_line(e)} (set TOWHEE_ISC_DEBUG=1 for the traceback)', file=sys.stderr)
         return 2
     return 0
+
+
+def one_line(error: BaseException) -> str:
+    return ' '.join(str(error).split()) or type(error).__name__
 
 
 if __name__ == '__main__':

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..atomic import atomic_write
 
+POSTPROCESSING = 'postprocessing'  # the descriptor file attribute saying how vectors were post-processed
 IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.webp', '.bmp', '.tif', '.tiff', '.gif'}
 
 
@@ -22,17 +23,16 @@ class DescriptorFileError(ValueError):
 
 def find_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     """Image files from folders (recursive), glob patterns, ``.txt`` lists (one path a line) and
-    plain files, in a stable order, without repeats."""
+    plain files, in a stable order, without repeats. Paths named explicitly (on the command line or
+    in a list) are kept even if they are not images: embedding then skips and lists them."""
     found: list[Path] = []
     for item in map(str, inputs):
         path = Path(item)
         if path.is_dir():
             found += sorted(p for p in path.rglob('*') if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         elif path.is_file() and path.suffix.lower() == '.txt':
-            base = path.parent
-            lines = [line.strip() for line in path.read_text().splitlines()]
-            found += [Path(line) if Path(line).is_absolute() else base / line for line in lines if line]
-        elif path.is_file():
+            found += _listed_paths(path)
+        elif path.exists() or path.is_symlink():  # a file, or a pipe or device that embedding will refuse
             found.append(path)
         elif glob.has_magic(item):
             found += sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
@@ -44,6 +44,27 @@ def find_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     return unique
 
 
+def _listed_paths(path: Path) -> list[Path]:
+    """The paths in a ``.txt`` list, relative ones taken from the list's folder."""
+    try:
+        lines = [line.strip() for line in path.read_text(encoding='utf-8-sig').splitlines()]
+    except UnicodeDecodeError as e:
+        raise ValueError(f'{str(path)!r} is not a UTF-8 text list of image paths ({e.reason} at byte {e.start})') from None
+    return [Path(line) if Path(line).is_absolute() else path.parent / line for line in lines if line]
+
+
+def image_ids(paths: Sequence[Path]) -> list[str]:
+    """The ids of ``paths``; two images with the same id (same file name in two folders) are an error,
+    since every output (descriptor file, Milvus, matches) is keyed by id."""
+    seen: dict[str, Path] = {}
+    for path in paths:
+        other = seen.setdefault(image_id(path), path)
+        if other != path:
+            raise ValueError(f'two images have the same id {image_id(path)!r}: {other} and {path}; '
+                             'ids are file names without extension, so rename one')
+    return list(seen)
+
+
 def image_id(path: Path) -> str:
     """The challenge's id of an image: its file name without extension (Q00000, R000000)."""
     name = path.stem
@@ -53,35 +74,59 @@ def image_id(path: Path) -> str:
 
 
 def read_descriptors(path: str | os.PathLike, dim: int | None = None) -> tuple[list[str], np.ndarray]:
-    """(ids, vectors float32 N x D) from a descriptor file, checked."""
+    """(ids, vectors float32 N x D) from a descriptor file, checked: any problem is a
+    ``DescriptorFileError`` that names the file."""
     import h5py
     path = str(path)
     if not os.path.isfile(path):
         raise DescriptorFileError(f'descriptor file not found: {path!r}')
     try:
         with h5py.File(path, 'r') as f:
-            if 'vectors' not in f or 'image_names' not in f:
+            if not isinstance(f.get('vectors'), h5py.Dataset) or not isinstance(f.get('image_names'), h5py.Dataset):
                 raise DescriptorFileError(f"{path!r} has no 'vectors' and 'image_names' datasets "
                                           f'(it has {sorted(f.keys())})')
-            vectors, names = f['vectors'][:], f['image_names'][:]
-    except OSError as e:
+            vectors, names = f['vectors'][()], f['image_names'][()]
+    except DescriptorFileError:
+        raise
+    except (OSError, TypeError, ValueError, KeyError) as e:  # h5py's ways of saying the file is damaged
         raise DescriptorFileError(f'{path!r} is not a readable HDF5 file: {e}') from e
-    if vectors.ndim != 2 or vectors.dtype != np.float32:
-        raise DescriptorFileError(f"{path!r}: 'vectors' must be float32 N x D, got {vectors.dtype} {vectors.shape}")
-    ids = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+    if not isinstance(vectors, np.ndarray) or vectors.ndim != 2 or vectors.dtype != np.float32:
+        raise DescriptorFileError(f"{path!r}: 'vectors' must be float32 N x D, got "
+                                  f'{getattr(vectors, "dtype", type(vectors).__name__)} {np.shape(vectors)}')
+    if not isinstance(names, np.ndarray) or names.ndim != 1 or names.dtype.kind not in 'OSU':
+        raise DescriptorFileError(f"{path!r}: 'image_names' must be a list of strings, got "
+                                  f'{getattr(names, "dtype", type(names).__name__)} {np.shape(names)}')
+    try:
+        ids = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+    except UnicodeDecodeError:
+        raise DescriptorFileError(f"{path!r}: 'image_names' are not text") from None
     if len(ids) != len(vectors):
         raise DescriptorFileError(f"{path!r}: {len(ids)} image_names for {len(vectors)} vectors")
     if dim is not None and vectors.shape[1] != dim:
         raise DescriptorFileError(f'{path!r} holds {vectors.shape[1]}-d vectors, expected {dim}')
     if len(set(ids)) != len(ids):
         raise DescriptorFileError(f'{path!r} repeats image ids')
+    if not np.isfinite(vectors).all():
+        raise DescriptorFileError(f'{path!r} holds NaN or infinite vectors')
     return ids, vectors
 
 
+def read_model(path: str | os.PathLike) -> dict | None:
+    """The operator fingerprint a descriptor file records (``Isc.fingerprint``), or None (a file made
+    elsewhere, or before files recorded it)."""
+    import h5py
+    with h5py.File(str(path), 'r') as f:
+        model = f.attrs.get('model')
+    return json.loads(model) if isinstance(model, str) else None
+
+
 def write_descriptors(path: str | os.PathLike, ids: Sequence[str], vectors: np.ndarray,
-                      paths: Sequence[str] | None = None) -> None:
+                      paths: Sequence[str] | None = None, model: dict | None = None,
+                      postprocessing: dict | None = None) -> None:
     """Write a descriptor file through a temporary file, renamed when complete. ``paths`` (optional,
-    an extra dataset) lets ``dedup`` look at the images again."""
+    an extra dataset) lets ``dedup`` look at the images again; ``model`` (the operator's
+    fingerprint) and ``postprocessing`` (``NegativeEmbeddings.record``), JSON attributes, let later
+    commands refuse to mix vectors of two models or post-processings."""
     import h5py
     with atomic_write(path) as tmp, h5py.File(tmp, 'w') as f:
         f.create_dataset('vectors', data=np.asarray(vectors, np.float32))
@@ -89,69 +134,152 @@ def write_descriptors(path: str | os.PathLike, ids: Sequence[str], vectors: np.n
         if paths is not None:
             f.create_dataset('image_paths', data=np.array(list(paths), dtype=object),
                              dtype=h5py.string_dtype('utf-8'))
+        if model is not None:
+            f.attrs['model'] = json.dumps(model, sort_keys=True)
+        if postprocessing is not None:
+            f.attrs[POSTPROCESSING] = json.dumps(postprocessing, sort_keys=True)
+
+
+def read_postprocessing(path: str | os.PathLike) -> dict | None:
+    """How a descriptor file's vectors were post-processed (its ``postprocessing`` attribute), or
+    None for the network's raw output."""
+    import h5py
+    if not os.path.isfile(path):
+        raise DescriptorFileError(f'descriptor file not found: {str(path)!r}')
+    try:
+        with h5py.File(str(path), 'r') as f:
+            text = f.attrs.get(POSTPROCESSING)
+    except OSError as e:
+        raise DescriptorFileError(f'{str(path)!r} is not a readable HDF5 file: {e}') from e
+    if text is None:
+        return None
+    try:
+        record = json.loads(text.decode() if isinstance(text, bytes) else str(text))
+    except ValueError as e:
+        raise DescriptorFileError(f"{str(path)!r}: malformed 'postprocessing' attribute: {e}") from e
+    if not isinstance(record, dict):
+        raise DescriptorFileError(f"{str(path)!r}: malformed 'postprocessing' attribute: {text!r}")
+    return record
+
+
+def describe_postprocessing(record: dict | None) -> str:
+    """A short description of a post-processing record, for messages."""
+    if record is None:
+        return 'raw, not post-processed'
+    settings = ', '.join(f'{name}={record.get(name)}' for name in ('k', 'beta', 'iterations', 'dba_k', 'alpha'))
+    return (f"post-processed with {record.get('negatives_count')} negatives "
+            f"(content {str(record.get('negatives'))[:8]}), {settings}")
+
+
+def check_same_postprocessing(sources: dict[str, dict | None]) -> dict | None:
+    """The common post-processing of ``sources`` (name -> record); a clear error if they differ, as
+    raw and post-processed vectors (or two post-processings) must never be compared."""
+    records = list(sources.items())
+    for name, record in records[1:]:
+        if record != records[0][1]:
+            raise ValueError(f'cannot mix descriptors post-processed differently: {records[0][0]} '
+                             f'({describe_postprocessing(records[0][1])}) and {name} '
+                             f'({describe_postprocessing(record)}); make them alike with the same --negatives '
+                             'and settings (towhee-isc nes post-processes a descriptor file)')
+    return records[0][1] if records else None
 
 
 def read_image_paths(path: str | os.PathLike) -> list[str] | None:
     import h5py
     with h5py.File(str(path), 'r') as f:
-        if 'image_paths' not in f:
+        if not isinstance(f.get('image_paths'), h5py.Dataset):
             return None
-        return [p.decode() if isinstance(p, bytes) else str(p) for p in f['image_paths'][:]]
+        return [p.decode() if isinstance(p, bytes) else str(p) for p in f['image_paths'][()]]
 
 
 def embed_resumable(images: Sequence[Path], output: str | os.PathLike,
-                    embed: Callable[[list[Path]], tuple[list[np.ndarray], list[int]]],
-                    chunk_size: int = 64, progress: Callable[[int, int], None] | None = None) -> list[int]:
+                    embed: Callable[[list[Path]], tuple[list[np.ndarray], dict[int, str]]],
+                    chunk_size: int = 64, progress: Callable[[int, bool], None] | None = None,
+                    model: dict | None = None, postprocessing: dict | None = None) -> dict[int, str]:
     """Embed ``images`` into the descriptor file ``output``, resumably.
 
     Each finished chunk is saved at once as ``<output>.parts/<first index>.npz`` (temporary file,
     then rename), so an interruption loses at most the chunk in flight and a rerun skips what is
-    saved. When all chunks are there, the descriptor file is written (temporary file, rename) and
-    the parts are removed. ``embed`` returns the vectors of the images it could read and the
-    indices (within its list) of those it could not. Returns the indices of unreadable images.
+    saved. The parts folder's manifest records the images, the chunk size, ``model`` (what makes
+    the vectors, e.g. ``Isc.fingerprint``) and ``postprocessing``: a rerun with other images, another
+    model or other post-processing is refused, so different vectors never mix; both are recorded in
+    the descriptor file. When all chunks are there, the descriptor file is written
+    (temporary file, rename) and the parts are removed. ``embed`` returns the vectors of the images
+    it could read and {index within its list: reason} for those it could not. Returns
+    {image index: reason} of the unreadable images. If no image could be read, nothing is written.
     """
     output = Path(output)
     parts = output.with_name(output.name + '.parts')
-    parts.mkdir(parents=True, exist_ok=True)
-    ids = [image_id(p) for p in images]
-    if len(set(ids)) != len(ids):
-        seen: dict[str, Path] = {}
-        clash = next((p, seen[i]) for p, i in zip(images, ids) if seen.setdefault(i, p) != p)
-        raise ValueError(f'two images have the same id {image_id(clash[0])!r}: {clash[1]} and {clash[0]}')
-    manifest = parts / 'manifest.json'
-    plan = json.dumps({'images': [str(p) for p in images], 'chunk_size': chunk_size})
-    if manifest.is_file() and manifest.read_text() != plan:
-        raise ValueError(f'{str(parts)!r} holds an interrupted run over other images or chunk size: '
-                         'rerun with the same inputs, or delete that folder to start again')
-    manifest.write_text(plan)
-    done = {int(p.stem) for p in parts.glob('*.npz')}
+    ids = image_ids(images)
+    plan = {'images': [str(p) for p in images], 'chunk_size': chunk_size, 'model': model,
+            'postprocessing': postprocessing}
+    done = _resume(parts, plan)
     for start in range(0, len(images), chunk_size):
         if start not in done:
-            chunk = list(images[start:start + chunk_size])
-            vectors, failed = embed(chunk)
-            _save_part(parts, start, vectors, failed)
+            vectors, failed = embed(list(images[start:start + chunk_size]))
+            _save_part(parts, plan, start, vectors, failed)
         if progress:
             progress(min(start + chunk_size, len(images)), start in done)
-    kept_ids, kept_paths, vectors, skipped = [], [], [], []
+    kept_ids, kept_paths, vectors, skipped = [], [], [], {}
     for start in range(0, len(images), chunk_size):
         with np.load(parts / f'{start}.npz') as part:
-            failed = set((part['failed'] + start).tolist())
+            failed = dict(zip((part['failed'] + start).tolist(), part['reasons'].tolist()))
             if len(part['vectors']):
                 vectors.append(part['vectors'])
         for i in range(start, min(start + chunk_size, len(images))):
             if i in failed:
-                skipped.append(i)
+                skipped[i] = failed[i]
             else:
                 kept_ids.append(ids[i])
                 kept_paths.append(str(images[i]))
-    write_descriptors(output, kept_ids, np.concatenate(vectors) if vectors else np.zeros((0, 256), np.float32),
-                      kept_paths)
+    if not kept_ids:
+        shutil.rmtree(parts)
+        first = next(iter(skipped.items()))
+        raise ValueError(f'none of the {len(images)} images could be read (the first, {images[first[0]]}: '
+                         f'{first[1]}); nothing was written')
+    write_descriptors(output, kept_ids, np.concatenate(vectors), kept_paths, model, postprocessing)
     shutil.rmtree(parts)
     return skipped
 
 
-def _save_part(parts: Path, start: int, vectors: Iterable[np.ndarray], failed: Sequence[int]) -> None:
+def _resume(parts: Path, plan: dict) -> set[int]:
+    """The chunks an interrupted run with the same ``plan`` saved in ``parts``; another plan is refused."""
+    if not parts.exists():
+        return set()
+    manifest = parts / 'manifest.json'
+    try:
+        saved = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        saved = None
+    if not isinstance(saved, dict) or saved.get('images') != plan['images'] or saved.get('chunk_size') != plan['chunk_size']:
+        raise ValueError(f'{str(parts)!r} holds an interrupted run over other images or chunk size: '
+                         'rerun with the same inputs, or delete that folder to start again')
+    if saved.get('model') != plan['model']:
+        raise ValueError(f'{str(parts)!r} holds an interrupted run made with another model or settings '
+                         f"({_differences(saved.get('model'), plan['model'])}): rerun with the same --checkpoint, "
+                         '--model-name and options, or delete that folder to start again')
+    if saved.get('postprocessing') != plan['postprocessing']:
+        raise ValueError(f'{str(parts)!r} holds an interrupted run with other post-processing '
+                         f"({describe_postprocessing(saved.get('postprocessing'))}): rerun with the same --negatives "
+                         'and settings, or delete that folder to start again')
+    return {int(p.stem) for p in parts.glob('*.npz') if p.stem.isdigit()}
+
+
+def _differences(before: dict | None, now: dict | None) -> str:
+    before, now = before or {}, now or {}
+    keys = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    return ', '.join(f'{k}: {before.get(k)!r} then, {now.get(k)!r} now' for k in keys) or 'unknown'
+
+
+def _save_part(parts: Path, plan: dict, start: int, vectors: Iterable[np.ndarray], failed: dict[int, str]) -> None:
+    """Save one chunk; the parts folder and its manifest appear with the first chunk, so a run that
+    fails before any image is embedded leaves nothing behind."""
+    if not parts.exists():
+        parts.mkdir(parents=True)
+        with atomic_write(parts / 'manifest.json') as tmp:
+            tmp.write_text(json.dumps(plan))
     vectors = list(vectors)
     array = np.stack(vectors).astype(np.float32) if vectors else np.zeros((0, 0), np.float32)
     with atomic_write(parts / f'{start}.npz') as tmp, open(tmp, 'wb') as f:
-        np.savez(f, vectors=array, failed=np.asarray(failed, dtype=np.int64))
+        np.savez(f, vectors=array, failed=np.asarray(list(failed), dtype=np.int64),
+                 reasons=np.asarray(list(failed.values()), dtype=str))

@@ -1,28 +1,51 @@
 """The copy-detection workflow as functions: embed images to arrays or to a descriptor file, load
-descriptors from files or images. Search, indexing and dedup live in ``matching``, metrics in
-``metrics``; the ``towhee-isc`` command only calls these."""
+descriptors from files or images. Search, indexing and dedup live in ``matching`` and ``milvus``,
+metrics in ``metrics``; the ``towhee-isc`` command only calls these."""
 from __future__ import annotations
 
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from .descriptors import embed_resumable, find_images, image_id, read_descriptors, read_image_paths
+from ..images import ImageError
+from .descriptors import (embed_resumable, find_images, image_ids, read_descriptors, read_image_paths,
+                          read_model, read_postprocessing)
 
 DESCRIPTOR_SUFFIXES = ('.h5', '.hdf5')
 
 
 class Embedder:
-    """The operator, made on first use (``Isc`` arguments), that skips unreadable images unless
-    ``strict``. Photos are turned upright by their EXIF orientation, as people see them."""
+    """The operator (``Isc`` arguments), made on first use, that skips unreadable images unless
+    ``strict``. Photos are turned upright by their EXIF orientation, as people see them.
+
+    Only ``ImageError`` (one image cannot be used) skips an image; any other error (a missing
+    checkpoint, a bad device, broken weights) concerns every image and propagates at once. With
+    ``negatives=`` (and the ``nes_*`` settings) the vectors are post-processed as the operator does.
+    """
 
     def __init__(self, strict: bool = False, **isc_kwargs):
         self.strict = strict
         self.isc_kwargs = {'exif_transpose': True, **isc_kwargs}
         self._op = None
+        if isc_kwargs.get('negatives') is not None:  # read once here: its record is needed before the operator
+            from ..postprocess import ALPHA, DBA_K, NegativeEmbeddings
+            if not isinstance(isc_kwargs['negatives'], NegativeEmbeddings):
+                self.isc_kwargs['negatives'] = NegativeEmbeddings(
+                    isc_kwargs['negatives'], isc_kwargs.get('nes_dba_k', DBA_K), isc_kwargs.get('nes_alpha', ALPHA))
+
+    @property
+    def postprocessing(self) -> dict | None:
+        """How the vectors it makes are post-processed (the record descriptor files keep), None if raw."""
+        negatives = self.isc_kwargs.get('negatives')
+        if negatives is None:
+            return None
+        from ..postprocess import BETA, ITERATIONS, K
+        return negatives.record(self.isc_kwargs.get('nes_k', K), self.isc_kwargs.get('nes_beta', BETA),
+                                self.isc_kwargs.get('nes_iterations', ITERATIONS))
 
     @property
     def op(self):
@@ -31,27 +54,32 @@ class Embedder:
             self._op = Isc(**self.isc_kwargs)
         return self._op
 
-    def __call__(self, paths: list[Path]) -> tuple[list[np.ndarray], list[int]]:
-        """Vectors of the readable images, and the indices of the others (an error with --strict)."""
+    def __call__(self, paths: list[Path]) -> tuple[list[np.ndarray], dict[int, str]]:
+        """Vectors of the readable images, and {index: reason} for the others (an error if ``strict``)."""
+        op = self.op  # settings errors surface here, before any image is judged
         try:
-            return self.op(paths), []
-        except ValueError:
+            return op(paths), {}
+        except ImageError:
             if self.strict:
                 raise
-        vectors, failed = [], []
+        vectors, failed = [], {}
         for i, path in enumerate(paths):  # find which ones failed
             try:
-                vectors.append(self.op(path))
-            except ValueError:
-                failed.append(i)
+                vectors.append(op(path))
+            except ImageError as e:
+                failed[i] = str(e)
         return vectors, failed
 
 
 def embed_collection(inputs: Sequence[str], output: str, embedder: Embedder, chunk_size: int = 64,
-                     quiet: bool = False) -> tuple[int, list[Path], float]:
-    """Embed images into a descriptor file, resumably. Returns (rows written, skipped files, images/s)."""
-    images = find_images(inputs)
+                     quiet: bool = False) -> tuple[int, dict[Path, str], float]:
+    """Embed images into a descriptor file, resumably.
+
+    Returns (rows written, {skipped file: reason}, images/s).
+    """
     started, embedded, reached = time.perf_counter(), 0, 0
+    images = find_images(inputs)
+    model = embedder.op.fingerprint  # builds the operator: a settings error stops here, before any output
     bar = None
     if not quiet:
         from tqdm import tqdm
@@ -66,30 +94,74 @@ def embed_collection(inputs: Sequence[str], output: str, embedder: Embedder, chu
         if bar:
             bar.update(step)
 
-    skipped = embed_resumable(images, output, embedder, chunk_size, progress)
-    if bar:
-        bar.close()
+    try:
+        skipped = embed_resumable(images, output, embedder, chunk_size, progress, model, embedder.postprocessing)
+    finally:
+        if bar:
+            bar.close()
     seconds = time.perf_counter() - started
-    return len(images) - len(skipped), [images[i] for i in skipped], embedded / seconds if seconds else 0.0
+    return len(images) - len(skipped), {images[i]: reason for i, reason in skipped.items()}, \
+        embedded / seconds if seconds else 0.0
 
 
-def load_descriptors(inputs: Sequence[str], embedder: Embedder) -> tuple[list[str], np.ndarray, dict[str, str]]:
-    """Descriptor files as they are, or images embedded now: (ids, vectors, id -> image path)."""
-    if all(str(i).lower().endswith(DESCRIPTOR_SUFFIXES) for i in inputs):
-        ids, vectors, paths = [], [], {}
-        for path in inputs:
-            file_ids, file_vectors = read_descriptors(path)
-            ids += file_ids
-            vectors.append(file_vectors)
-            paths.update(zip(file_ids, read_image_paths(path) or []))
-        if len(set(ids)) != len(ids):
-            raise ValueError('the descriptor files repeat image ids')
-        return ids, np.concatenate(vectors), paths
-    images = find_images(inputs)
-    vectors, failed = embedder(images)
-    if failed:
-        print(f'skipped {len(failed)} unreadable file(s): ' + ', '.join(str(images[i]) for i in failed), file=sys.stderr)
-    failed_set = set(failed)
-    kept = [p for i, p in enumerate(images) if i not in failed_set]
-    ids = [image_id(p) for p in kept]
-    return ids, np.stack(vectors), dict(zip(ids, map(str, kept)))
+def inputs_postprocessing(inputs: Sequence[str], embedder: Embedder, label: str = 'inputs') -> dict[str, dict | None]:
+    """How each input's vectors are post-processed (name -> record, None for raw): descriptor files
+    say it in their attribute; images embedded now get the embedder's."""
+    records = {str(path): read_postprocessing(path) for path in inputs
+               if str(path).lower().endswith(DESCRIPTOR_SUFFIXES) and Path(path).is_file()}
+    if any(not str(i).lower().endswith(DESCRIPTOR_SUFFIXES) for i in inputs):
+        records[f'the {label} embedded now'] = embedder.postprocessing
+    return records
+
+
+def load_descriptors(inputs: Sequence[str], embedder: Embedder, models: dict[str, dict | None] | None = None
+                     ) -> tuple[list[str], np.ndarray, dict[str, str]]:
+    """Descriptor files as they are and images embedded now, in one set: (ids, vectors, id -> image path).
+
+    Ids must be unique across everything, and every part must come from the same model (descriptor
+    files record it): mixing two models' vectors is refused. Pass the same ``models`` dict to
+    several calls (queries, then references) to check across them too.
+    """
+    models = {} if models is None else models
+    files = [str(i) for i in inputs if str(i).lower().endswith(DESCRIPTOR_SUFFIXES)]
+    others = [i for i in inputs if not str(i).lower().endswith(DESCRIPTOR_SUFFIXES)]
+    ids, vectors, paths = [], [], {}
+    for path in files:
+        file_ids, file_vectors = read_descriptors(path)
+        ids += file_ids
+        vectors.append(file_vectors)
+        paths.update(zip(file_ids, read_image_paths(path) or []))
+        models[path] = read_model(path)
+    if others:
+        images = find_images(others)
+        image_ids(images)  # clashing names are an error before anything is embedded
+        models['the images embedded now'] = embedder.op.fingerprint
+        check_same_model(models)
+        embedded, failed = embedder(images)
+        if failed:
+            print(f'skipped {len(failed)} unreadable file(s):', file=sys.stderr)
+            for i, reason in failed.items():
+                print(f'  {images[i]}: {reason}', file=sys.stderr)
+        kept = [p for i, p in enumerate(images) if i not in failed]
+        ids += image_ids(kept)
+        paths.update(zip(image_ids(kept), map(str, kept)))
+        if embedded:
+            vectors.append(np.stack(embedded))
+    check_same_model(models)
+    if len(set(ids)) != len(ids):
+        repeated = sorted(i for i, n in Counter(ids).items() if n > 1)[:5]
+        raise ValueError(f'the inputs repeat image ids ({", ".join(repeated)}): every image needs its own id')
+    if not ids:
+        raise ValueError(f'no descriptors in {list(map(str, inputs))}')
+    return ids, np.concatenate(vectors), paths
+
+
+def check_same_model(models: dict[str, dict | None]) -> None:
+    """Refuse vectors of different models (weights or input size) in one comparison; sources that do
+    not record their model (None) are taken on trust."""
+    known = [(source, (m.get('weights'), m.get('img_size'))) for source, m in models.items() if m]
+    for source, key in known[1:]:
+        if key != known[0][1]:
+            raise ValueError(f'{known[0][0]} and {source} were made by different models (weights {known[0][1][0]} '
+                             f'at {known[0][1][1]} px vs {key[0]} at {key[1]} px): their vectors cannot be compared; '
+                             'embed both with the same model')

@@ -26,12 +26,21 @@ def _rows(path: str | os.PathLike, columns: tuple[str, ...]) -> list[dict[str, s
     path = str(path)
     if not os.path.isfile(path):
         raise CsvFormatError(f'CSV file not found: {path!r}')
-    with open(path, newline='', encoding='utf-8') as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames or []
-        if tuple(header[:len(columns)]) != columns:
-            raise CsvFormatError(f'{path!r} must start with the columns {",".join(columns)}; it has {",".join(header)}')
-        return list(reader)
+    try:  # utf-8-sig: a byte-order mark, as Excel writes it, is not part of the first column's name
+        with open(path, newline='', encoding='utf-8-sig') as f:
+            reader = csv.DictReader(f)
+            header = reader.fieldnames or []
+            if tuple(header[:len(columns)]) != columns:
+                raise CsvFormatError(f'{path!r} must start with the columns {",".join(columns)}; it has {",".join(header)}')
+            rows = list(reader)
+    except UnicodeDecodeError as e:
+        raise CsvFormatError(f'{path!r} is not UTF-8 text ({e.reason} at byte {e.start}): save it as UTF-8 CSV') from None
+    except csv.Error as e:
+        raise CsvFormatError(f'{path!r} is not a readable CSV file: {e}') from None
+    for line, row in enumerate(rows, start=2):
+        if any(row.get(c) is None for c in columns):
+            raise CsvFormatError(f'{path!r} line {line}: expected {len(columns)} columns ({",".join(columns)})')
+    return rows
 
 
 def read_matches(path: str | os.PathLike) -> list[Match]:

@@ -1,89 +1,294 @@
-"""A Milvus collection of descriptors (Milvus Lite file or a server) and near-duplicate pairs through it."""
+"""A Milvus collection of descriptors (Milvus Lite file or a server) and near-duplicate pairs through it.
+
+Every public call works in a fresh process: the collection is loaded before it is searched or
+counted (Milvus keeps a collection loaded only while the process that loaded it runs, and Milvus
+Lite runs inside ours). Milvus's own errors become :class:`MilvusError`, one line that names the URI.
+"""
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
+import math
+import os
 from typing import Iterator, Sequence
 
 import numpy as np
 
+from .descriptors import check_same_postprocessing
 from .metrics import Match
 
-DEFAULT_MILVUS_URI = './isc.db'  # Milvus Lite: embedded, a file, nothing to start
+DEFAULT_MILVUS_URI = './isc.db'  # Milvus Lite: embedded, a folder, nothing to start
+POSTPROCESSING = 'towhee_isc.postprocessing'  # collection property: how its vectors were post-processed
+INDEX_TYPES = ('FLAT', 'IVF_FLAT', 'HNSW')
+HNSW_M, HNSW_EF_CONSTRUCTION = 16, 200  # Milvus's usual starting point
+# Default search widths: on 100,000 random 256-d vectors these found >= 99 % of copies at rank 1
+# (benchmarks/milvus_index.py; at nlist/16 cells or ef 64, only 98 % and 84 %).
+IVF_NPROBE_SHARE, HNSW_EF = 8, 256
+
+
+class MilvusError(ValueError):
+    """Milvus refused a request, failed it, or its Lite database cannot be opened."""
+
+
+def ivf_nlist(n: int) -> int:
+    """IVF cells for a collection of ``n`` vectors: about 4 sqrt(n), the usual rule, but at most n/39
+    (k-means wants 39 points a cell; faiss warns on stderr below that) and within [1, 65536]."""
+    return int(max(1, min(65536, round(4 * math.sqrt(max(n, 1))), n // 39)))
+
+
+def index_params(index_type: str, n: int) -> dict:
+    """Build parameters of ``index_type`` for a collection of about ``n`` vectors."""
+    if index_type == 'IVF_FLAT':
+        return {'nlist': ivf_nlist(n)}
+    if index_type == 'HNSW':
+        return {'M': HNSW_M, 'efConstruction': HNSW_EF_CONSTRUCTION}
+    return {}
+
+
+def search_params(index_type: str, k: int, nlist: int, nprobe: int | None = None, ef: int | None = None) -> dict:
+    """Search parameters for ``k`` neighbours: IVF probes ``nprobe`` cells (default nlist/8, at least 16),
+    HNSW explores ``ef`` candidates (default 256; never below k, which Milvus requires)."""
+    params: dict = {}
+    if index_type == 'IVF_FLAT':
+        params['nprobe'] = min(nlist, nprobe or max(16, nlist // IVF_NPROBE_SHARE))  # never more cells than there are
+    elif index_type == 'HNSW':
+        params['ef'] = max(k, ef or HNSW_EF)
+    return {'metric_type': 'IP', 'params': params}
+
+
+class _MilvusLogs(logging.Filter):
+    """Holds back the error records pymilvus and Milvus Lite log (a traceback each) while one of our
+    calls runs: dropped when the call fails, since we raise the failure as one line, and logged as
+    usual when it succeeds. Keeps the last exception logged: Milvus Lite says only there why it could
+    not open its folder."""
+
+    LOGGERS = ('pymilvus.decorators', 'milvus_lite.server_manager', 'milvus_lite.adapter.grpc.servicer')
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[logging.LogRecord] = []
+        self.cause: BaseException | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        self.held.append(record)
+        if record.exc_info and record.exc_info[1] is not None:
+            self.cause = record.exc_info[1]
+        return False
+
+
+@contextlib.contextmanager
+def _milvus_errors(uri: str, what: str) -> Iterator[None]:
+    """Milvus's exceptions and error logs during ``what`` → one :class:`MilvusError` naming ``uri``."""
+    from pymilvus.exceptions import MilvusException
+    logs = _MilvusLogs()
+    loggers = [logging.getLogger(name) for name in _MilvusLogs.LOGGERS]
+    for logger in loggers:
+        logger.addFilter(logs)
+    try:
+        yield
+    except MilvusException as e:
+        # Milvus Lite logs why it could not open its folder and raises only 'Open local milvus failed'
+        reason = f'{type(logs.cause).__name__}: {logs.cause}' if logs.cause is not None else e.message
+        raise MilvusError(f'Milvus at {uri!r}: {what} failed: {reason}') from e
+    finally:
+        for logger in loggers:
+            logger.removeFilter(logs)
+    for record in logs.held:  # the call succeeded: what Milvus logged meanwhile is not ours to hide
+        logging.getLogger(record.name).handle(record)
+
+
+def _is_lite(uri: str) -> bool:
+    return uri.endswith('.db')
+
+
+def _check_lite_folder(path: str, existing: bool) -> None:
+    """Refuse what Milvus Lite would choke on or silently write into: a file, or a folder of other
+    things (it would add its own files to it); with ``existing``, a database that is not there (a
+    search would leave an empty one behind)."""
+    if not os.path.exists(path):
+        if existing:
+            raise MilvusError(f'no Milvus Lite database at {path!r}: index some descriptors first')
+        return
+    if not os.path.isdir(path):
+        raise MilvusError(f'{path!r} is not a Milvus Lite database: Milvus Lite keeps a folder there, and this is '
+                          'a file (from an older milvus-lite, or something else): move it away or pass another '
+                          '--milvus-uri')
+    if os.listdir(path) and not os.path.isdir(os.path.join(path, 'collections')):
+        raise MilvusError(f'{path!r} is a folder but not a Milvus Lite database (no collections/ in it): '
+                          'pass another --milvus-uri')
 
 
 class MilvusIndex:
     """A Milvus collection of descriptors: primary key = image id (indexing again updates), inner
-    product on L2-normalised vectors. A file URI is Milvus Lite; ``http://host:19530`` a server."""
+    product on L2-normalised vectors. A ``.db`` URI is Milvus Lite (a folder); ``http://host:19530``
+    a server, with ``token`` (``user:password`` or an API key) where it requires authentication.
+    ``existing``: a Milvus Lite database must already be there (for reading)."""
 
-    def __init__(self, uri: str = DEFAULT_MILVUS_URI, collection: str = 'isc'):
+    def __init__(self, uri: str = DEFAULT_MILVUS_URI, collection: str = 'isc', token: str | None = None,
+                 existing: bool = False):
         try:
             from pymilvus import MilvusClient
         except ImportError as e:
             raise ImportError('the Milvus commands need pymilvus (and milvus-lite for file URIs): '
                               'pip install pymilvus milvus-lite') from e
-        self.uri, self.collection = uri, collection
+        self.uri, self.collection = str(uri), collection
+        if _is_lite(self.uri):
+            _check_lite_folder(self.uri, existing)
         try:
-            self.client = MilvusClient(uri=uri, timeout=10)
-        except Exception as e:  # pymilvus raises its own and grpc errors; say which URI failed
-            raise ConnectionError(f'cannot reach Milvus at {uri!r}: {e}') from e
+            with _milvus_errors(self.uri, 'opening the Milvus Lite database'):
+                self.client = MilvusClient(uri=self.uri, token=token or '', timeout=10)
+        except MilvusError as e:
+            if _is_lite(self.uri):
+                raise
+            reason = getattr(e.__cause__, 'message', e.__cause__)
+            hint = '' if token else ' (a server with authentication also refuses this without --token)'
+            raise ConnectionError(f'cannot reach Milvus at {self.uri!r}: {reason}{hint}') from e
+        except Exception as e:  # grpc and others; say which URI failed
+            raise ConnectionError(f'cannot reach Milvus at {self.uri!r}: {e}') from e
+
+    def _errors(self, what: str):
+        return _milvus_errors(self.uri, what)
 
     def dim(self) -> int | None:
-        if not self.client.has_collection(self.collection):
-            return None
-        fields = self.client.describe_collection(self.collection)['fields']
-        return next(f['params']['dim'] for f in fields if f['name'] == 'vector')
+        """The collection's vector size, or None when there is no such collection."""
+        with self._errors(f'describing collection {self.collection!r}'):
+            if not self.client.has_collection(self.collection):
+                return None
+            fields = self.client.describe_collection(self.collection)['fields']
+        return int(next(f['params']['dim'] for f in fields if f['name'] == 'vector'))
 
-    def create(self, dim: int = 256) -> None:
+    def index_type(self) -> tuple[str, dict]:
+        """(index type, its build parameters) of the collection's vector index; ('FLAT', {}) without one."""
+        with self._errors(f'describing the index of {self.collection!r}'):
+            names = self.client.list_indexes(self.collection, field_name='vector')
+            if not names:
+                return 'FLAT', {}
+            info = self.client.describe_index(self.collection, names[0])
+        kind = str(info.get('index_type', 'FLAT')).upper()
+        return ('FLAT' if kind == 'BRUTE_FORCE' else kind), info  # Milvus Lite's name for FLAT
+
+    def postprocessing(self) -> dict | None:
+        """How the collection's vectors were post-processed (None: raw, or made before we recorded it)."""
+        if self.dim() is None:
+            return None
+        with self._errors(f'describing collection {self.collection!r}'):
+            text = (self.client.describe_collection(self.collection).get('properties') or {}).get(POSTPROCESSING)
+        return json.loads(text) if text else None
+
+    def create(self, dim: int = 256, index_type: str | None = None, size: int = 0,
+               postprocessing: dict | None = None) -> str:
         """Make the collection if it is not there (``id`` VARCHAR primary key, ``vector``, inner
-        product); one of another size is an error."""
+        product, an ``index_type`` index sized for about ``size`` vectors, default FLAT;
+        ``postprocessing`` kept as a property). One of another vector size is an error; one with
+        another index type too, when ``index_type`` is given. Returns the index type the collection has."""
         from pymilvus import DataType, MilvusClient
+        if index_type is not None and index_type not in INDEX_TYPES:
+            raise ValueError(f'unknown index type {index_type!r}; choose one of {", ".join(INDEX_TYPES)}')
         existing = self.dim()
-        if existing is None:
+        if existing is not None:
+            if existing != dim:
+                raise ValueError(f'collection {self.collection!r} holds {existing}-d vectors; these are {dim}-d')
+            has = self.index_type()[0]
+            if index_type is not None and has != index_type:
+                raise ValueError(f'collection {self.collection!r} at {self.uri!r} already has a {has} index, '
+                                 f'not {index_type}: drop --index-type (to use its {has}) or pick another --collection')
+            return has
+        index_type = index_type or 'FLAT'
+        with self._errors(f'creating collection {self.collection!r}'):
             schema = MilvusClient.create_schema(auto_id=False)
             schema.add_field('id', DataType.VARCHAR, is_primary=True, max_length=512)
             schema.add_field('vector', DataType.FLOAT_VECTOR, dim=dim)
+            extra = {} if postprocessing is None else {
+                'properties': {POSTPROCESSING: json.dumps(postprocessing, sort_keys=True)}}
+            self.client.create_collection(self.collection, schema=schema, **extra)
             index = self.client.prepare_index_params()
-            index.add_index('vector', index_type='FLAT', metric_type='IP')
-            self.client.create_collection(self.collection, schema=schema, index_params=index)
-        elif existing != dim:
-            raise ValueError(f'collection {self.collection!r} holds {existing}-d vectors; these are {dim}-d')
+            build = index_params(index_type, size)
+            # pymilvus 3 sends build parameters as separate keys, which servers read; Milvus Lite 3 reads only
+            # a JSON 'params' key (the older wire format, which servers read too) and would silently use its
+            # defaults (nlist 128 on any size). Send both.
+            index.add_index('vector', index_type=index_type, metric_type='IP', params={**build, 'params': build})
+            # sync=False: waiting for the build asks for a timestamp (AllocTimestamp), which Milvus Lite
+            # does not implement: its gRPC server logs a NotImplementedError traceback although all works.
+            # An empty collection has nothing to build; a server indexes each segment as it seals.
+            self.client.create_index(self.collection, index, sync=False)
+        return index_type
 
-    def add(self, ids: Sequence[str], vectors: np.ndarray, batch: int = 1000) -> None:
-        """Insert or update by id, creating the collection on first use."""
-        self.create(vectors.shape[1])
-        for start in range(0, len(ids), batch):
-            rows = [{'id': i, 'vector': v.tolist()} for i, v in zip(ids[start:start + batch], vectors[start:start + batch])]
-            self.client.upsert(self.collection, rows)
-        self.client.flush(self.collection)
+    def add(self, ids: Sequence[str], vectors: np.ndarray, batch: int = 1000, index_type: str | None = None,
+            postprocessing: dict | None = None) -> str:
+        """Insert or update by id (``vectors`` float32 N x D), creating the collection on first use
+        with an ``index_type`` index. Vectors post-processed otherwise than the collection's
+        (``postprocessing``, None for raw) are refused. Returns the index type the collection has."""
+        if self.dim() is not None:
+            check_same_postprocessing({f'collection {self.collection!r}': self.postprocessing(),
+                                       'the descriptors to add': postprocessing})
+        kind = self.create(vectors.shape[1], index_type, len(ids), postprocessing)
+        with self._errors(f'writing to {self.collection!r}'):
+            for start in range(0, len(ids), batch):
+                rows = [{'id': i, 'vector': v.tolist()}
+                        for i, v in zip(ids[start:start + batch], vectors[start:start + batch])]
+                self.client.upsert(self.collection, rows)
+            # Milvus Lite then builds the new segments' index in a background thread that it waits for when the
+            # process ends (searching them exactly until then); reloading here would race that thread.
+            self.client.flush(self.collection)
+        return kind
+
+    def load(self) -> None:
+        """Load the collection for search and query if it is not (each new process finds it released)."""
+        from pymilvus.client.types import LoadState
+        with self._errors(f'loading {self.collection!r}'):
+            if self.client.get_load_state(self.collection)['state'] != LoadState.Loaded:
+                self.client.load_collection(self.collection)
 
     def count(self) -> int:
-        return int(self.client.query(self.collection, filter='', output_fields=['count(*)'])[0]['count(*)'])
+        """Vectors in the collection."""
+        self.load()
+        with self._errors(f'counting {self.collection!r}'):
+            rows = self.client.query(self.collection, filter='', output_fields=['count(*)'],
+                                     consistency_level='Strong')
+        return int(rows[0]['count(*)'])
 
     def search(self, query_ids: Sequence[str], queries: np.ndarray, k: int, threshold: float | None = None,
-               offsets: np.ndarray | None = None, batch: int = 256) -> list[Match]:
+               offsets: np.ndarray | None = None, batch: int = 256, nprobe: int | None = None,
+               ef: int | None = None) -> list[Match]:
+        """The ``k`` best references of each query (``queries`` float32 N x D), best first; scores
+        minus ``offsets`` (N,) when given, kept at or above ``threshold``. ``nprobe`` (IVF_FLAT) and
+        ``ef`` (HNSW) trade speed for recall; see :func:`search_params`."""
+        if k < 1:
+            raise ValueError(f'k must be at least 1, got {k}')
         dim = self.dim()
         if dim is None:
             raise ValueError(f'unknown collection {self.collection!r} at {self.uri!r}: index some descriptors first')
         if dim != queries.shape[1]:
             raise ValueError(f'collection {self.collection!r} holds {dim}-d vectors; the queries are {queries.shape[1]}-d')
+        kind, info = self.index_type()
+        built = info.get('params') if isinstance(info.get('params'), dict) else info  # Lite nests them
+        nlist = int(built.get('nlist') or ivf_nlist(self.count() if kind == 'IVF_FLAT' else 1))
+        params = search_params(kind, k, nlist, nprobe, ef)
+        self.load()
         matches = []
-        for start in range(0, len(queries), batch):
-            hits = self.client.search(self.collection, data=queries[start:start + batch].tolist(), limit=k,
-                                      output_fields=['id'], search_params={'metric_type': 'IP'})
-            for row, row_hits in enumerate(hits):
-                offset = 0.0 if offsets is None else float(offsets[start + row])
-                for hit in row_hits:
-                    score = float(hit['distance']) - offset
-                    if threshold is None or score >= threshold:
-                        matches.append(Match(query_ids[start + row], hit['id'], score))
+        with self._errors(f'searching {self.collection!r}'):
+            for start in range(0, len(queries), batch):
+                hits = self.client.search(self.collection, data=queries[start:start + batch].tolist(), limit=k,
+                                          output_fields=['id'], search_params=params, consistency_level='Strong')
+                for row, row_hits in enumerate(hits):
+                    offset = 0.0 if offsets is None else float(offsets[start + row])
+                    for hit in row_hits:
+                        score = float(hit['distance']) - offset
+                        if threshold is None or score >= threshold:
+                            matches.append(Match(query_ids[start + row], hit['id'], score))
         return matches
 
 
 def milvus_duplicate_pairs(index: MilvusIndex, ids: Sequence[str], vectors: np.ndarray, threshold: float,
-                           k: int = 100) -> Iterator[tuple[int, int, float]]:
+                           k: int = 100, nprobe: int | None = None,
+                           ef: int | None = None) -> Iterator[tuple[int, int, float]]:
     """Near-duplicate pairs through a Milvus collection holding ``ids``: each image's k nearest
     neighbours above ``threshold``. Memory stays O(k x batch) whatever the collection's size."""
     position = {image: i for i, image in enumerate(ids)}
-    for m in index.search(ids, vectors, k + 1, threshold):
+    for m in index.search(ids, vectors, k + 1, threshold, nprobe=nprobe, ef=ef):
         i, j = position[m.query_id], position.get(m.reference_id)
         if j is not None and i < j:
             yield i, j, m.score

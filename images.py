@@ -1,0 +1,204 @@
+"""Image reading and conversion: every accepted kind of input -> an RGB ``PIL.Image``, the one thing the
+reference preprocessing takes. All checks on one image live here (file kinds, pixel limit, modes, dtypes),
+so every entry point of the operator behaves the same.
+"""
+from __future__ import annotations
+
+import io
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# towhee.types.Image modes -> how to get RGB channels out of them.
+CHANNEL_ORDER = {'RGB': [0, 1, 2], 'RGBA': [0, 1, 2], 'BGR': [2, 1, 0], 'BGRA': [2, 1, 0]}
+GRAY_MODES = ('L', 'GRAY')
+
+
+class ImageError(ValueError):
+    """One image cannot be used (missing, not an image, damaged, too large, an unusable mode).
+
+    Only this error is about the image itself: a workflow may skip that image and go on. Any other
+    error (settings, weights, devices) concerns every image.
+    """
+
+
+_OVER_LIMIT = ('over the pixel limit of {:,} (a decompression bomb, or a very large scan: raise '
+               'PIL.Image.MAX_IMAGE_PIXELS to allow it)')
+
+
+def max_pixels() -> int | None:
+    """The largest image (width x height) that is decoded: PIL's ``Image.MAX_IMAGE_PIXELS`` (89.5 MP
+    unless the user changed it; None disables the check), for every decoding path alike."""
+    return Image.MAX_IMAGE_PIXELS
+
+
+def check_pixels(width: int, height: int, what: str) -> None:
+    limit = max_pixels()
+    if width <= 0 or height <= 0:
+        raise ImageError(f'zero-size image {what}: {width}x{height}')
+    if limit is not None and width * height > limit:
+        raise ImageError(f'{what} is {width}x{height} = {width * height:,} pixels, {_OVER_LIMIT.format(limit)}')
+
+
+def regular_file(path: Path, where: str = '') -> Path:
+    """``path`` if it is an existing regular file; a FIFO, device or folder would block or fail when
+    read, so only regular files are ever opened."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ImageError(f'image file not found: {str(path)!r}{where}') from None
+    except OSError as e:
+        raise ImageError(f'cannot read image file {str(path)!r}{where}: {e.strerror}') from None
+    if not stat.S_ISREG(mode):
+        kind = 'a folder' if stat.S_ISDIR(mode) else 'not a regular file (a pipe, socket or device)'
+        raise ImageError(f'{str(path)!r} is {kind}, not an image file{where}')
+    return path
+
+
+def to_pil_rgb(item: Any, where: str = '', draft: tuple[int, int] | None = None,
+               exif_transpose: bool = False) -> Image.Image:
+    """One image of any accepted kind -> an RGB ``PIL.Image``.
+
+    Accepted: a file path (``str``/``os.PathLike``), the bytes of an image file (``bytes``,
+    ``bytearray``, ``memoryview``), a ``PIL.Image`` of any mode, a ``towhee.types.Image`` (its mode
+    honoured) or a uint8 ``np.ndarray`` (HxW, HxWx1, HxWx3 RGB, HxWx4 RGBA). For files and bytes:
+    ``draft`` lets the JPEG decoder scale down in the DCT domain, to no less than this size;
+    ``exif_transpose`` turns the image upright as its EXIF orientation says. ``where`` is appended to
+    messages (e.g. ' (list item 3)').
+
+    Raises:
+        ImageError: the image cannot be used; TypeError: not a kind of image we take.
+    """
+    if isinstance(item, (str, os.PathLike)):
+        path = regular_file(Path(item), where)
+        return _decode(path, f'image file {str(path)!r}{where}', draft, exif_transpose)
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        if not len(item):
+            raise ImageError(f'empty image bytes{where}')
+        return _decode(io.BytesIO(item), f'image bytes{where}', draft, exif_transpose)
+    if isinstance(item, Image.Image):
+        check_pixels(item.width, item.height, f'PIL image{where}')
+        return pil_to_rgb(item, f'PIL image{where}')
+    if isinstance(item, np.ndarray):
+        return _array_to_pil(item, where)
+    raise TypeError(f'unsupported input type {type(item).__name__}{where}: expected towhee.types.Image, '
+                    'np.ndarray (uint8, HxW or HxWxC), PIL.Image, a file path, image bytes, or a list of these')
+
+
+def image_size(source: Path | io.BytesIO, what: str) -> tuple[int, int]:
+    """Width and height from the header alone (nothing decoded), checked against the pixel limit."""
+    try:
+        with Image.open(source) as image:
+            check_pixels(image.width, image.height, what)
+            return image.size
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
+        raise _image_error(e, what) from e
+
+
+def _decode(source: Path | io.BytesIO, what: str, draft: tuple[int, int] | None,
+            exif_transpose: bool) -> Image.Image:
+    try:
+        with Image.open(source) as image:
+            check_pixels(image.width, image.height, what)
+            if draft is not None:
+                image.draft('RGB', draft)  # JPEG only; other formats ignore it
+            if exif_transpose:
+                image = ImageOps.exif_transpose(image)
+            image.load()
+            return pil_to_rgb(image, what)
+    except ImageError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError,
+            EOFError) as e:  # PIL reports damaged files in all of these
+        raise _image_error(e, what) from e
+
+
+def _image_error(e: Exception, what: str) -> ImageError:
+    if isinstance(e, ImageError):
+        return e
+    if isinstance(e, UnidentifiedImageError):
+        return ImageError(f'{what} is not an image (or an unsupported format)')
+    if isinstance(e, Image.DecompressionBombError):  # PIL's own check, at twice the limit
+        return ImageError(f'{what} is {_OVER_LIMIT.format(max_pixels())}')
+    return ImageError(f'cannot read {what}: {e}')
+
+
+def pil_to_rgb(image: Image.Image, what: str) -> Image.Image:
+    """Any PIL mode -> RGB. Integer and float modes wider than 8 bits are scaled to 0-255 first:
+    PIL's own ``convert('RGB')`` clips them, which turns a 16-bit photo nearly white.
+
+    - ``I;16*`` (16-bit grey, e.g. 16-bit PNG): v / 257 (65535 -> 255).
+    - ``I`` (32-bit integers): values within 0-255 are taken as they are, within 0-65535 as 16-bit;
+      anything else (negative, or over 16 bits) has no known scale and is refused.
+    - ``F`` (32-bit float): values within 0-1 are scaled by 255, within 0-255 taken as they are;
+      NaN, infinite or other ranges are refused.
+    """
+    if image.mode == 'RGB':
+        return image
+    if image.mode.startswith('I;16') or image.mode in ('I', 'F'):
+        return Image.fromarray(_wide_to_uint8(image, what), 'L').convert('RGB')
+    try:
+        return image.convert('RGB')
+    except (ValueError, OSError) as e:
+        raise ImageError(f'cannot convert {what} of mode {image.mode!r} to RGB: {e}') from e
+
+
+def _wide_to_uint8(image: Image.Image, what: str) -> np.ndarray:
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode.startswith('I;16'):
+        scale = 257.0
+    else:
+        if not np.isfinite(values).all():
+            raise ImageError(f'{what} of mode {image.mode!r} holds NaN or infinite values')
+        low, high = (values.min(), values.max()) if values.size else (0.0, 0.0)
+        if low < 0:
+            raise ImageError(f'{what} of mode {image.mode!r} holds negative values ({low:g}): no known scale to 8 bits')
+        if image.mode == 'F' and high <= 1.0:
+            scale = 1 / 255
+        elif high <= 255:
+            scale = 1.0
+        elif image.mode == 'I' and high <= 65535:
+            scale = 257.0
+        else:
+            raise ImageError(f'{what} of mode {image.mode!r} holds values up to {high:g}: no known scale to 8 bits '
+                             '(convert it to 8 or 16 bits first)')
+    return np.clip(np.rint(values / scale), 0, 255).astype(np.uint8)
+
+
+def _array_to_pil(array: np.ndarray, where: str) -> Image.Image:
+    from towhee.types import Image as TowheeImage
+    mode = getattr(array, 'mode', None) if isinstance(array, TowheeImage) else None
+    array = np.asarray(array)
+    if array.dtype != np.uint8:
+        raise TypeError(f'image arrays must be uint8, got {array.dtype}{where}; '
+                        'for preprocessed float tensors use skip_preprocess=True')
+    if array.size == 0:
+        raise ImageError(f'zero-size image{where}: shape {array.shape}')
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim == 2:
+        if mode not in (None, *GRAY_MODES):
+            raise ImageError(f'a 2-d image array cannot have mode {mode!r}{where}')
+        return Image.fromarray(np.ascontiguousarray(array), 'L').convert('RGB')
+    if array.ndim != 3 or array.shape[2] not in (3, 4):
+        raise ImageError(f'image arrays must be HxW, HxWx1, HxWx3 or HxWx4, got shape {array.shape}{where}')
+    mode = (mode or ('RGB' if array.shape[2] == 3 else 'RGBA')).upper()
+    if mode not in CHANNEL_ORDER or len(mode) != array.shape[2]:
+        raise ImageError(f'unsupported image mode {mode!r} for shape {array.shape}{where}: '
+                         f'supported modes are {sorted(CHANNEL_ORDER)} and {list(GRAY_MODES)}')
+    return Image.fromarray(np.ascontiguousarray(array[:, :, CHANNEL_ORDER[mode]]), 'RGB')
+
+
+def is_jpeg(path: Path) -> bool:
+    """Whether a regular file starts with the JPEG signature (anything else goes the usual way)."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
+        with open(path, 'rb') as f:
+            return f.read(3) == b'\xff\xd8\xff'
+    except OSError:
+        return False  # the usual path reports it

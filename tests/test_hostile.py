@@ -1,0 +1,509 @@
+"""Hostile and careless input, the way users meet it: odd files, odd pixels, broken weights, damaged
+caches, wrong options, interrupted runs. The operator answers with a vector or an error of ours (and
+keeps working); every command either does its job or prints one line and exits 2, writing nothing."""
+from __future__ import annotations
+
+import csv
+import http.server
+import io
+import os
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+from PIL import Image
+
+from commands import assert_one_line_error, towhee_isc
+from towhee_isc import CheckpointError, Isc, WeightsDownloadError
+from towhee_isc.images import ImageError
+from towhee_isc.model import read_checkpoint
+from towhee_isc.workflow.descriptors import embed_resumable, read_descriptors, write_descriptors
+
+
+def assert_unit(vector):
+    assert vector.dtype == np.float32 and vector.shape == (256,) and abs(np.linalg.norm(vector) - 1) < 1e-4
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny valid PNG whose header claims ``width`` x ``height`` (a decompression bomb's calling card)."""
+    buffer = io.BytesIO()
+    Image.new('L', (8, 8)).save(buffer, 'PNG')
+    data = bytearray(buffer.getvalue())
+    ihdr = 8 + 8  # signature, then the IHDR chunk's length and type
+    data[ihdr:ihdr + 8] = struct.pack('>II', width, height)
+    data[ihdr + 13:ihdr + 17] = struct.pack('>I', zlib.crc32(bytes(data[ihdr - 4:ihdr + 13])))
+    return bytes(data)
+
+
+def jpeg_claiming(photo: Image.Image, width: int, height: int) -> bytes:
+    """A real JPEG whose frame header claims ``width`` x ``height``."""
+    buffer = io.BytesIO()
+    photo.resize((64, 64)).save(buffer, 'JPEG')
+    data = bytearray(buffer.getvalue())
+    sof = data.index(b'\xff\xc0')
+    data[sof + 5:sof + 9] = struct.pack('>HH', height, width)
+    return bytes(data)
+
+
+# -- the operator --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('size', [(30000, 30000), (10000, 10000)])  # beyond PIL's own bomb error, and below it
+def test_decompression_bombs_are_image_errors_on_every_path(small_ckpt, small_op, photos, tmp_path, size):
+    bomb = tmp_path / 'bomb.png'
+    bomb.write_bytes(png_claiming(*size))
+    with pytest.raises(ImageError, match='pixels, over the pixel limit|is over the pixel limit'):
+        small_op(bomb)
+    with pytest.raises(ImageError, match='over the pixel limit'):
+        small_op(bomb.read_bytes())
+    (tmp_path / 'bomb.jpg').write_bytes(jpeg_claiming(photos[0], *size))
+    on_device = Isc(checkpoint_path=small_ckpt, device='cpu', backend='torch', decode_on_device=True)
+    with pytest.raises(ImageError, match='over the pixel limit'):
+        on_device(tmp_path / 'bomb.jpg')
+    assert_unit(small_op(photos[0]))
+
+
+def test_non_regular_files_are_refused_without_hanging(small_op, photos, tmp_path):
+    fifo = tmp_path / 'pipe.jpg'
+    os.mkfifo(fifo)
+    outcome = []
+    worker = threading.Thread(target=lambda: outcome.append(pytest.raises(ImageError, small_op, fifo)), daemon=True)
+    worker.start()
+    worker.join(20)
+    assert outcome and 'not a regular file' in str(outcome[0].value)
+    with pytest.raises(ImageError, match='not a regular file'):
+        small_op('/dev/zero')
+    with pytest.raises(ImageError, match='is a folder'):
+        small_op(tmp_path)
+    assert_unit(small_op(photos[0]))
+
+
+def test_image_bytes_are_accepted_and_bad_bytes_refused(small_op, photos):
+    buffer = io.BytesIO()
+    photos[2].save(buffer, 'PNG')
+    assert np.abs(small_op(buffer.getvalue()) - small_op(photos[2])).max() < 1e-6
+    assert np.abs(small_op(bytearray(buffer.getvalue())) - small_op(photos[2])).max() < 1e-6
+    with pytest.raises(ImageError, match='empty image bytes'):
+        small_op(b'')
+    with pytest.raises(ImageError, match='is not an image'):
+        small_op(b'<html>not an image</html>')
+    with pytest.raises(ImageError, match='cannot read image bytes'):
+        small_op(buffer.getvalue()[:200])
+
+
+def test_a_tensor_that_requires_grad_is_fine(small_ckpt, small_op, photos):
+    op = Isc(checkpoint_path=small_ckpt, device='cpu', skip_preprocess=True)
+    x = small_op.transform(photos[0]).requires_grad_()
+    assert np.abs(op(x) - small_op(photos[0])).max() < 1e-5
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(shape=st.lists(st.integers(0, 9), min_size=0, max_size=4),
+       dtype=st.sampled_from([np.uint8, np.uint16, np.int32, np.float32, np.float64, np.bool_]),
+       fill=st.integers(0, 255))
+def test_any_array_gives_a_vector_or_our_error(small_op, shape, dtype, fill):
+    array = np.full(shape, fill).astype(dtype)
+    try:
+        vector = small_op(array)
+    except (ImageError, TypeError, ValueError) as e:
+        assert type(e).__module__.startswith(('towhee_isc', 'builtins')), type(e)
+        assert str(e)
+    else:
+        assert_unit(vector)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(mode=st.sampled_from(['1', 'L', 'P', 'RGB', 'RGBA', 'CMYK', 'YCbCr', 'LAB', 'HSV', 'I', 'F', 'I;16', 'LA',
+                             'PA', 'RGBX', 'La', 'RGBa']),
+       size=st.tuples(st.integers(1, 40), st.integers(1, 40)), value=st.integers(0, 255))
+def test_any_pil_mode_gives_a_vector_or_our_error(small_op, mode, size, value):
+    bands = len(Image.new(mode, (1, 1)).getbands())
+    image = Image.new(mode, size, value if bands == 1 else (value,) * bands)
+    try:
+        vector = small_op(image)
+    except ImageError as e:
+        assert str(e)
+    else:
+        assert_unit(vector)
+
+
+@pytest.mark.parametrize('damage, message', [
+    (lambda sd: sd['module.fc.weight'].__setitem__((0, 0), float('nan')), 'fc.weight holds NaN or infinite'),
+    (lambda sd: sd['module.bn.running_var'].__setitem__(0, float('inf')), 'bn.running_var holds NaN or infinite'),
+    (lambda sd: sd.__setitem__('module.fc.weight', sd['module.fc.weight'].round().int()), 'fc.weight is torch.int32'),
+])
+def test_broken_weights_are_refused_at_load(small_ckpt, tmp_path, damage, message):
+    raw = torch.load(small_ckpt, weights_only=False)
+    damage(raw['state_dict'])
+    torch.save(raw, tmp_path / 'broken.pth')
+    with pytest.raises(CheckpointError, match=message):
+        Isc(checkpoint_path=tmp_path / 'broken.pth', device='cpu')
+
+
+def test_a_vector_that_is_not_finite_is_never_returned(small_op, photos, monkeypatch):
+    monkeypatch.setattr(small_op, 'backend', lambda batch: np.full((len(batch), 256), np.nan, np.float32))
+    with pytest.raises(ValueError, match='non-finite or zero vector'):
+        small_op(photos[0])
+    monkeypatch.setattr(small_op, 'backend', lambda batch: np.zeros((len(batch), 256), np.float32))
+    with pytest.raises(ValueError, match='non-finite or zero vector'):
+        small_op(photos[:2])
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('input_size', '512', "invalid 'args.input_size' '512'"),
+    ('input_size', -3, "invalid 'args.input_size' -3"),
+    ('input_size', True, "invalid 'args.input_size' True"),
+    ('arch', 123, "invalid 'arch' 123"),
+])
+def test_crafted_checkpoint_metadata(small_ckpt, tmp_path, field, value, message):
+    raw = torch.load(small_ckpt, weights_only=False)
+    if field == 'arch':
+        raw['arch'] = value
+    else:
+        raw['args'].input_size = value
+    torch.save(raw, tmp_path / 'crafted.pth')
+    with pytest.raises(CheckpointError, match=message):
+        read_checkpoint(tmp_path / 'crafted.pth')
+
+
+def test_a_damaged_onnx_cache_is_exported_again(small_ckpt, small_op, photos, tmp_path, monkeypatch):
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
+    want = Isc(checkpoint_path=small_ckpt, device='cpu')(photos[0])
+    (onnx_file,) = (tmp_path / 'torch' / 'hub' / 'towhee_isc' / 'onnx').glob('*.onnx')
+    data = bytearray(onnx_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte in the weights: loads fine, computes garbage
+    onnx_file.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match='damaged or unverified'):
+        again = Isc(checkpoint_path=small_ckpt, device='cpu')
+    assert np.abs(again(photos[0]) - want).max() < 1e-6
+
+
+def test_an_unusable_cache_folder_falls_back_to_pytorch(small_ckpt, small_op, photos, tmp_path, monkeypatch):
+    (tmp_path / 'file').write_text('a file where the cache folder should be')
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'file' / 'torch'))
+    with pytest.warns(UserWarning, match='running PyTorch instead'):
+        op = Isc(checkpoint_path=small_ckpt, device='cpu')
+    assert op.backend.name == 'torch'
+    assert np.abs(op(photos[0]) - small_op(photos[0])).max() < 1e-4
+
+
+# -- downloads -----------------------------------------------------------------------------------
+
+class DripServer:
+    """Serves ``body`` at any path, ``step`` bytes every ``pause`` seconds (a server that never stops
+    sending, but barely sends)."""
+
+    def __init__(self, body: bytes, step: int, pause: float):
+        server = self
+        self.requests = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                server.requests += 1
+                self.send_response(200)
+                self.send_header('Content-Length', str(len(body)))
+                self.end_headers()
+                try:
+                    for i in range(0, len(body), step):
+                        self.wfile.write(body[i:i + step])
+                        self.wfile.flush()
+                        time.sleep(pause)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f'http://127.0.0.1:{self.httpd.server_port}/isc'
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+def test_a_dripping_server_is_given_up_on(hub_dir, small_ckpt, monkeypatch):
+    from towhee_isc import weights
+    server = DripServer(small_ckpt.read_bytes(), step=100, pause=0.05)
+    monkeypatch.setenv('TOWHEE_ISC_WEIGHTS_URL', server.url)
+    monkeypatch.setattr(weights, 'STALL_SECONDS', 1.0)
+    monkeypatch.setattr(weights, 'STALL_BYTES', 100_000)
+    started = time.monotonic()
+    with pytest.raises(WeightsDownloadError, match='stalled'):
+        Isc(device='cpu')
+    assert time.monotonic() - started < 10
+    monkeypatch.setattr(weights, 'STALL_BYTES', 1)
+    monkeypatch.setenv('TOWHEE_ISC_DOWNLOAD_TIMEOUT', '1.5')
+    with pytest.raises(WeightsDownloadError, match='took over 1.5 s'):
+        Isc(device='cpu')
+    assert not any(hub_dir.iterdir())
+    server.httpd.shutdown()
+
+
+def test_a_killed_download_leaves_nothing_that_lasts(hub_dir, small_ckpt, tmp_path):
+    server = DripServer(small_ckpt.read_bytes(), step=1 << 16, pause=0.05)
+    script = 'from towhee_isc import Isc; Isc(device="cpu")'
+    env = {**os.environ, 'TOWHEE_ISC_WEIGHTS_URL': server.url, 'TORCH_HOME': str(hub_dir.parent.parent)}
+    process = subprocess.Popen([sys.executable, '-c', script], env=env, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not list(hub_dir.glob('*.partial')) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert list(hub_dir.glob('*.partial')), 'the download had not started'
+    fast = DripServer(small_ckpt.read_bytes(), step=1 << 20, pause=0)
+    env['TOWHEE_ISC_WEIGHTS_URL'] = fast.url
+    subprocess.run([sys.executable, '-c', script], env=env, check=True, capture_output=True, timeout=300)
+    assert sorted(p.name for p in hub_dir.iterdir()) == ['isc_ft_v107.pth.tar']
+    server.httpd.shutdown()
+    fast.httpd.shutdown()
+
+
+# -- commands --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def folder(tmp_path_factory, photos) -> Path:
+    root = tmp_path_factory.mktemp('hostile')
+    for i in range(4):
+        photos[i].save(root / f'P{i}.jpg', quality=90)
+    return root
+
+
+@pytest.fixture
+def model_args(small_ckpt):
+    return ['--checkpoint', small_ckpt, '--device', 'cpu']
+
+
+def unsafe_checkpoint(small_ckpt, path):
+    raw = torch.load(small_ckpt, weights_only=False)
+    raw['hook'] = print  # any global that is not a tensor or a Namespace
+    torch.save(raw, path)
+    return path
+
+
+def test_settings_errors_stop_at_once_and_write_nothing(folder, small_ckpt, tmp_path):
+    out = tmp_path / 'out.h5'
+    cases = [
+        (['--checkpoint', tmp_path / 'missing.pth'], 'checkpoint file not found'),
+        (['--checkpoint', small_ckpt, '--device', 'tpu'], "unknown device 'tpu'"),
+        (['--checkpoint', small_ckpt, '--device', 'cuda'], 'no CUDA device is available'),
+        (['--checkpoint', small_ckpt, '--batch-size', '0'], 'argument --batch-size: must be at least 1'),
+        (['--checkpoint', unsafe_checkpoint(small_ckpt, tmp_path / 'evil.pth')], 'not a safe ISC checkpoint'),
+    ]
+    for args, message in cases:
+        result = towhee_isc('embed', folder, '-o', out, '--quiet', *args)
+        assert_one_line_error(result, message)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ['evil.pth'] or not out.exists()
+        assert not out.exists() and not (tmp_path / 'out.h5.parts').exists()
+
+
+def test_a_mirror_serving_html_is_asked_once(folder, tmp_path):
+    class Html(http.server.BaseHTTPRequestHandler):
+        requests = 0
+
+        def do_GET(self):  # noqa: N802
+            Html.requests += 1
+            body = b'<html>login first</html>'
+            self.send_response(200)
+            self.send_header('Content-Length', str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Html)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    result = towhee_isc('embed', folder, '-o', tmp_path / 'out.h5', '--quiet', '--device', 'cpu',
+                        env={'TOWHEE_ISC_WEIGHTS_URL': f'http://127.0.0.1:{httpd.server_port}/w',
+                             'TORCH_HOME': str(tmp_path / 'torch')})
+    httpd.shutdown()
+    assert_one_line_error(result, 'did not give a readable ISC checkpoint')
+    assert Html.requests == 1 and not (tmp_path / 'out.h5').exists()
+
+
+@pytest.mark.parametrize('args, message', [
+    (['search', 'q.h5', '--references', 'r.h5', '-k', '-1', '-o', 'm.csv'], 'argument -k: must be at least 1'),
+    (['search', 'q.h5', '--references', 'r.h5', '-k', '0', '-o', 'm.csv'], 'argument -k: must be at least 1'),
+    (['search', 'q.h5', '--references', 'r.h5', '--threshold', 'nan', '-o', 'm.csv'], 'must be a finite number'),
+    (['search', 'q.h5', '--references', 'r.h5', '--factor', 'inf', '-o', 'm.csv'], 'must be a finite number'),
+    (['search', 'q.h5', '--references', 'r.h5', '--nth', '0', '-o', 'm.csv'], 'argument --nth: must be at least 1'),
+    (['dedup', 'q.h5', '--threshold', 'nan'], 'argument --threshold: must be a finite number'),
+    (['embed', 'imgs', '-o', 'x.h5', '--chunk-size', '-1'], 'argument --chunk-size: must be at least 1'),
+    (['embed', 'imgs', '-o', 'x.h5', '--chunk-size', '0'], 'argument --chunk-size: must be at least 1'),
+    (['embed', 'imgs', '-o', 'x.h5', '--chunk-size', 'many'], "'many' is not a whole number"),
+    (['frobnicate'], 'invalid choice'),
+])
+def test_numeric_options_are_validated_before_anything_runs(tmp_path, capsys, monkeypatch, args, message):
+    """In-process (argparse alone decides; the next test shows the same as a separate process)."""
+    from towhee_isc.workflow.cli import main
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count('\n') == 1 and err.startswith('error: ') and message in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_option_error_is_one_line_from_the_command_too(tmp_path):
+    result = towhee_isc('search', 'q.h5', '--references', 'r.h5', '-k', '0', '-o', 'm.csv', cwd=tmp_path)
+    assert_one_line_error(result, 'argument -k: must be at least 1')
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_that_is_a_folder_fails_before_any_work(folder, model_args, tmp_path):
+    (tmp_path / 'taken.h5').mkdir()
+    started = time.monotonic()
+    result = towhee_isc('embed', folder, '-o', tmp_path / 'taken.h5', '--quiet', *model_args)
+    assert_one_line_error(result, "is a folder: give a file name")
+    assert not (tmp_path / 'taken.h5.parts').exists()
+    write_descriptors(tmp_path / 'd.h5', ['a'], np.eye(1, 256, dtype=np.float32))
+    result = towhee_isc('search', tmp_path / 'd.h5', '--references', tmp_path / 'd.h5', '-o', tmp_path / 'taken.h5')
+    assert_one_line_error(result, 'is a folder')
+    assert time.monotonic() - started < 120
+
+
+def test_bad_images_are_skipped_and_listed_with_the_reason(folder, model_args, photos, tmp_path):
+    mixed = tmp_path / 'mixed'
+    mixed.mkdir()
+    for p in folder.iterdir():
+        (mixed / p.name).write_bytes(p.read_bytes())
+    (mixed / 'bomb.png').write_bytes(png_claiming(30000, 30000))
+    (mixed / 'cut.jpg').write_bytes((folder / 'P0.jpg').read_bytes()[:300])
+    wide = (np.asarray(photos[1].convert('L')).astype(np.uint16) * 257)
+    Image.fromarray(wide).save(mixed / 'sixteen.png')
+    photos[1].convert('L').save(mixed / 'eight.png')
+    os.mkfifo(tmp_path / 'pipe.jpg')
+    (tmp_path / 'list.txt').write_text(f'{mixed}/P0.jpg\n{tmp_path}/pipe.jpg\n')
+    for _ in range(2):  # a second run does not crash on the same files either
+        result = towhee_isc('embed', mixed, tmp_path / 'list.txt', '-o', tmp_path / 'out.h5', '--quiet',
+                            *model_args, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert 'skipped 3 unreadable' in result.stderr
+        for name, reason in [('bomb.png', 'over the pixel limit'), ('cut.jpg', 'cannot read'),
+                             ('pipe.jpg', 'not a regular file')]:
+            assert any(name in line and reason in line for line in result.stderr.splitlines()), (name, result.stderr)
+    ids, vectors = read_descriptors(tmp_path / 'out.h5')
+    assert sorted(ids) == ['P0', 'P1', 'P2', 'P3', 'eight', 'sixteen']
+    v = dict(zip(ids, vectors))
+    assert float(v['sixteen'] @ v['eight']) > 0.9999  # 16-bit scaled, not clipped to white
+    strict = towhee_isc('embed', mixed, '-o', tmp_path / 'strict.h5', '--quiet', '--strict', *model_args)
+    assert_one_line_error(strict, 'bomb.png')
+    assert not (tmp_path / 'strict.h5').exists()
+
+
+def test_nothing_readable_is_an_error_not_an_empty_file(model_args, tmp_path):
+    (tmp_path / 'junk').mkdir()
+    (tmp_path / 'junk' / 'a.jpg').write_bytes(b'no')
+    result = towhee_isc('embed', tmp_path / 'junk', '-o', tmp_path / 'out.h5', '--quiet', *model_args)
+    assert_one_line_error(result, 'none of the 1 images could be read')
+    assert not (tmp_path / 'out.h5').exists() and not (tmp_path / 'out.h5.parts').exists()
+
+
+def test_resuming_with_another_model_is_refused(folder, small_ckpt, photos, tmp_path):
+    from towhee_isc.testing import make_synthetic_checkpoint
+    from towhee_isc.workflow.embedding import Embedder
+    from towhee_isc.workflow.descriptors import find_images
+    other = tmp_path / 'other.pth.tar'
+    make_synthetic_checkpoint(other, 'resnet18', 96, photos, seed=5)
+    first = Embedder(checkpoint_path=small_ckpt, device='cpu')
+    calls = []
+
+    def interrupted(chunk):  # the first chunk is saved, then the run dies
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(chunk)
+        return first(chunk)
+
+    with pytest.raises(KeyboardInterrupt):
+        embed_resumable(find_images([folder]), tmp_path / 'out.h5', interrupted, 2, model=first.op.fingerprint)
+    assert (tmp_path / 'out.h5.parts' / '0.npz').is_file()
+    for args, message in [(['--checkpoint', other], 'another model or settings (weights:'),
+                          (['--checkpoint', small_ckpt, '--chunk-size', '3'], 'other images or chunk size')]:
+        result = towhee_isc('embed', folder, '-o', tmp_path / 'out.h5', '--quiet', '--device', 'cpu',
+                            '--chunk-size', '2', *args)
+        assert_one_line_error(result, message)
+    result = towhee_isc('embed', folder, '-o', tmp_path / 'out.h5', '--quiet', '--device', 'cpu', '--chunk-size', '2',
+                        '--checkpoint', small_ckpt)
+    assert result.returncode == 0, result.stderr
+    ids, vectors = read_descriptors(tmp_path / 'out.h5')
+    assert np.abs(vectors - np.stack(first.op(find_images([folder])))).max() < 1e-5
+    result = towhee_isc('search', tmp_path / 'out.h5', folder / 'P0.jpg', '--references', tmp_path / 'out.h5',
+                        '--checkpoint', other, '--device', 'cpu', '-o', tmp_path / 'm.csv')
+    assert_one_line_error(result, 'were made by different models')
+
+
+def test_descriptor_files_and_images_mix_and_repeated_names_are_refused(folder, model_args, photos, tmp_path):
+    assert towhee_isc('embed', folder / 'P0.jpg', folder / 'P1.jpg', '-o', tmp_path / 'a.h5', '--quiet',
+                      *model_args).returncode == 0
+    result = towhee_isc('search', tmp_path / 'a.h5', folder / 'P2.jpg', '--references', folder, '-k', '1',
+                        '-o', tmp_path / 'm.csv', *model_args)
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(open(tmp_path / 'm.csv')))
+    assert {(r['query_id'], r['reference_id']) for r in rows} == {('P0', 'P0'), ('P1', 'P1'), ('P2', 'P2')}
+    (tmp_path / 'x').mkdir()
+    (tmp_path / 'y').mkdir()
+    photos[0].save(tmp_path / 'x' / 'same.jpg')
+    photos[1].save(tmp_path / 'y' / 'same.jpg')
+    for command in (['dedup', tmp_path / 'x', tmp_path / 'y'],
+                    ['search', tmp_path / 'x', tmp_path / 'y', '--references', folder, '-o', tmp_path / 'n.csv'],
+                    ['index', tmp_path / 'x', tmp_path / 'y', '--milvus-uri', tmp_path / 'i.db']):
+        result = towhee_isc(*command, *model_args)
+        assert_one_line_error(result, "two images have the same id 'same'")
+    assert not (tmp_path / 'n.csv').exists()
+
+
+def test_csv_with_a_byte_order_mark_and_broken_files_name_the_file(tmp_path):
+    (tmp_path / 'm.csv').write_text('query_id,reference_id,score\nQ1,R1,0.9\n', encoding='utf-8-sig')
+    (tmp_path / 'gt.csv').write_text('query_id,reference_id\nQ1,R1\n', encoding='utf-8-sig')
+    result = towhee_isc('evaluate', tmp_path / 'm.csv', tmp_path / 'gt.csv', '--json')
+    assert result.returncode == 0 and '"average_precision": 1.0' in result.stdout, result.stderr
+    (tmp_path / 'latin.csv').write_bytes('query_id,reference_id,score\nQ\xe9,R1,0.9\n'.encode('latin-1'))
+    assert_one_line_error(towhee_isc('evaluate', tmp_path / 'latin.csv', tmp_path / 'gt.csv'),
+                          "latin.csv' is not UTF-8 text")
+    with h5py.File(tmp_path / 'group.h5', 'w') as f:
+        f.create_group('vectors')
+        f['image_names'] = np.array([b'a'])
+    with h5py.File(tmp_path / 'ints.h5', 'w') as f:
+        f['vectors'] = np.zeros((2, 256), np.float32)
+        f['image_names'] = np.array([1, 2])
+    with h5py.File(tmp_path / 'nan.h5', 'w') as f:
+        f['vectors'] = np.full((1, 256), np.nan, np.float32)
+        f['image_names'] = np.array([b'a'])
+    for name, message in [('group.h5', "has no 'vectors' and 'image_names' datasets"),
+                          ('ints.h5', "'image_names' must be a list of strings"),
+                          ('nan.h5', 'holds NaN or infinite vectors')]:
+        result = towhee_isc('dedup', tmp_path / name)
+        assert_one_line_error(result, message)
+        assert name in result.stderr
+
+
+def test_ctrl_c_is_one_line_and_the_run_resumes(model_args, photos, tmp_path):
+    many = tmp_path / 'many'
+    many.mkdir()
+    for i in range(40):
+        photos[i % len(photos)].rotate(i * 7).save(many / f'M{i:03d}.jpg')
+    command = [sys.executable, '-m', 'towhee_isc', 'embed', str(many), '-o', str(tmp_path / 'out.h5'), '--quiet',
+               '--chunk-size', '1', *map(str, model_args)]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list((tmp_path / 'out.h5.parts').glob('*.npz')) and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and err.strip() == 'interrupted; run the same command again to continue', err
+    assert subprocess.run(command, capture_output=True, timeout=300).returncode == 0
+    assert len(read_descriptors(tmp_path / 'out.h5')[0]) == 40
+
+
+def test_no_foreign_warnings_on_success(folder, model_args, tmp_path):
+    result = towhee_isc('embed', folder, '-o', tmp_path / 'out.h5', '--quiet', *model_args)
+    assert result.returncode == 0 and result.stderr == '', result.stderr

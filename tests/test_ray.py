@@ -1,0 +1,207 @@
+"""Embedding on Ray Data: the ``IscEmbedder`` API on an in-process Ray, and ``towhee-isc embed
+--ray-address`` against a cluster started apart (``ray start --head``), both on loopback only, with two
+actors. Results must equal the single-process embed. One Ray of each kind per module: Ray starts slowly."""
+import builtins
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from towhee_isc.workflow.cli import main as cli
+from towhee_isc.workflow.descriptors import read_descriptors
+from towhee_isc.workflow.ray import RayClusterError, plan_actors
+
+
+# Every Ray process binds to 127.0.0.1 (with this variable Ray takes --node-ip-address for all its
+# servers); token authentication as Ray 2.60 turns on by default, with a token of our own, so nothing
+# is written to ~/.ray; no usage statistics are sent.
+RAY_ENV = {'RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER': '0', 'RAY_AUTH_MODE': 'token', 'RAY_AUTH_TOKEN': secrets.token_hex(16),
+           'RAY_USAGE_STATS_ENABLED': '0'}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope='module')
+def ray_env():
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in RAY_ENV.items():
+            patch.setenv(name, value)
+        yield
+
+
+@pytest.fixture(scope='module')
+def ray_temp():
+    """A short folder for Ray's sessions: its socket paths must stay under 108 bytes."""
+    folder = tempfile.mkdtemp(prefix='ray', dir='/tmp')
+    yield Path(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope='module')
+def images(tmp_path_factory, photos) -> Path:
+    """12 photos (sizes and orientations vary) and one file that is not an image."""
+    folder = tmp_path_factory.mktemp('ray_images')
+    for i in range(12):
+        photo = photos[i % len(photos)].rotate(30 * i, expand=True)
+        photo.save(folder / f'img{i:02d}.jpg', quality=90)
+    (folder / 'broken.jpg').write_bytes(b'this is not a JPEG')
+    return folder
+
+
+@pytest.fixture(scope='module')
+def single_process(images, small_ckpt, tmp_path_factory):
+    """The single-process embed of ``images``: (ids, vectors), the reference for every Ray result."""
+    out = tmp_path_factory.mktemp('single') / 'single.h5'
+    assert cli(['embed', str(images), '-o', str(out), '--checkpoint', str(small_ckpt), '--device', 'cpu', '--quiet']) == 0
+    return read_descriptors(out)
+
+
+@pytest.fixture(scope='module')
+def cluster(ray_env, ray_temp):
+    """A one-node Ray cluster of 2 CPUs started apart, as a user starts one; its address. Stopped by
+    its PID (``ray start --block`` stops every process it started when it is terminated)."""
+    port, temp = free_port(), ray_temp / 'cluster'
+    temp.mkdir()
+    log = open(temp / 'ray_start.log', 'w')
+    head = subprocess.Popen(
+        [sys.executable, '-m', 'ray.scripts.scripts', 'start', '--head', '--block', '--node-ip-address=127.0.0.1',
+         f'--port={port}', '--num-cpus=2', '--num-gpus=0', '--include-dashboard=false', '--disable-usage-stats',
+         f'--dashboard-port={free_port()}', f'--ray-client-server-port={free_port()}', f'--temp-dir={temp}'],
+        stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 180
+        while 'will now block' not in (temp / 'ray_start.log').read_text():
+            assert head.poll() is None and time.time() < deadline, (temp / 'ray_start.log').read_text()[-3000:]
+            time.sleep(0.5)
+        yield f'127.0.0.1:{port}'
+    finally:
+        head.terminate()
+        try:
+            head.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            head.kill()
+        log.close()
+
+
+def embed_command(address, images, out, ckpt, *extra) -> list[str]:
+    return [sys.executable, '-m', 'towhee_isc', 'embed', str(images), '-o', str(out), '--checkpoint', str(ckpt),
+            '--device', 'cpu', '--ray-address', address, *map(str, extra)]
+
+
+def embed_on_cluster(address, images, out, ckpt, *extra) -> subprocess.CompletedProcess:
+    return subprocess.run(embed_command(address, images, out, ckpt, *extra), capture_output=True, text=True, timeout=600)
+
+
+def test_isc_embedder_maps_ray_data_batches_of_bytes_or_paths(ray_env, ray_temp, images, small_ckpt, single_process):
+    ids, want = single_process
+    import ray  # here, after ray_env: Ray reads the authentication settings when it is imported
+    import ray.data
+    ray.init(address='local', num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=str(ray_temp / 'local'))
+    try:
+        from towhee_isc.workflow.ray import IscEmbedder
+        ray.data.DataContext.get_current().execution_no_progress_timeout_s = 300  # fail, never hang
+        settings = {'checkpoint_path': str(small_ckpt), 'device': 'cpu'}
+        # Two actors of half a CPU each leave one CPU for the read tasks: with whole CPUs they would
+        # take both and Ray Data would wait forever for a CPU to read files with.
+        files = ray.data.read_binary_files(str(images), include_paths=True)  # 'bytes' and 'path' columns
+        from_bytes = files.map_batches(IscEmbedder, fn_constructor_kwargs=settings, batch_size=4,
+                                       compute=ray.data.ActorPoolStrategy(size=2), num_cpus=0.5).take_all()
+        paths = ray.data.from_items([{'path': str(p)} for p in sorted(images.iterdir())])
+        from_paths = paths.map_batches(IscEmbedder, fn_constructor_kwargs=settings, batch_size=3,
+                                       compute=ray.data.ActorPoolStrategy(size=2), num_cpus=0.5).take_all()
+    finally:
+        ray.shutdown()
+    for rows in (from_bytes, from_paths):
+        assert sorted(rows[0]) == ['error', 'id', 'path', 'vector']  # image bytes are not carried along
+        by_id = {row['id']: row for row in rows}
+        assert sorted(by_id) == sorted(ids + ['broken'])
+        assert 'broken.jpg' in by_id['broken']['error'] and np.isnan(by_id['broken']['vector']).all()
+        got = np.stack([by_id[i]['vector'] for i in ids])
+        assert all(by_id[i]['error'] == '' for i in ids) and np.abs(got - want).max() < 1e-5
+
+
+def test_embed_on_a_ray_cluster_equals_the_single_process_embed(cluster, images, small_ckpt, single_process, tmp_path):
+    run = embed_on_cluster(cluster, images, tmp_path / 'ray.h5', small_ckpt, '--actors', 2, '--chunk-size', 3)
+    assert run.returncode == 0, run.stderr
+    ids, vectors = read_descriptors(tmp_path / 'ray.h5')
+    assert ids == single_process[0] and np.abs(vectors - single_process[1]).max() < 1e-5
+    assert 'wrote 12 descriptors' in run.stdout
+    assert 'skipped 1 unreadable' in run.stderr and str(images / 'broken.jpg') in run.stderr
+    assert '%' in run.stderr  # the progress bar
+    assert not (tmp_path / 'ray.h5.parts').exists()
+
+
+def test_embed_on_ray_continues_after_the_driver_is_killed(cluster, images, small_ckpt, single_process, tmp_path):
+    out, parts = tmp_path / 'ray.h5', tmp_path / 'ray.h5.parts'
+    driver = subprocess.Popen(embed_command(cluster, images, out, small_ckpt, '--actors', 1, '--chunk-size', 1, '--quiet'),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not list(parts.glob('*.npz')) and driver.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    driver.send_signal(signal.SIGKILL)  # the driver dies mid-run, with no chance to clean up
+    driver.communicate()
+    saved = sorted(int(p.stem) for p in parts.glob('*.npz'))
+    assert saved and len(saved) < 13 and not out.exists(), 'the run must be cut short to test resuming'
+    run = embed_on_cluster(cluster, images, out, small_ckpt, '--actors', 2, '--chunk-size', 1, '--quiet')
+    assert run.returncode == 0, run.stderr
+    ids, vectors = read_descriptors(out)
+    assert ids == single_process[0] and np.abs(vectors - single_process[1]).max() < 1e-5
+    assert str(images / 'broken.jpg') in run.stderr and not parts.exists()
+
+
+def test_actors_that_do_not_fit_the_cluster_are_refused_not_waited_for(cluster, images, small_ckpt, tmp_path):
+    run = embed_on_cluster(cluster, images, tmp_path / 'x.h5', small_ckpt, '--actors', 3)
+    assert run.returncode == 2 and run.stderr.count('\n') == 1, run.stderr
+    assert '3 actors of 1 CPU(s) and 0 GPU(s) do not fit in the Ray cluster (2 CPU(s), 0 GPU(s))' in run.stderr
+    assert not (tmp_path / 'x.h5').exists() and not (tmp_path / 'x.h5.parts').exists()
+
+
+def test_plan_actors_fills_the_cluster_by_default():
+    assert plan_actors({'CPU': 16.0}, None, 4, 0) == 4
+    assert plan_actors({'CPU': 16.0, 'GPU': 2.0}, None, 2, 1) == 2
+    assert plan_actors({'CPU': 2.0}, None, 0.5, 0) == 4
+    with pytest.raises(RayClusterError, match='use --actors 2 or less'):
+        plan_actors({'CPU': 2.0}, 3, 1, 0)
+    with pytest.raises(RayClusterError, match='not enough for one actor of 3 CPU'):
+        plan_actors({'CPU': 2.0}, None, 3, 0)
+    with pytest.raises(RayClusterError, match='not enough for one actor of 1 CPU.* and 1 GPU'):
+        plan_actors({'CPU': 2.0}, None, 1, 1)
+    with pytest.raises(ValueError, match='--cpus-per-actor above 0'):
+        plan_actors({'CPU': 2.0}, None, 0, 0)
+
+
+def test_an_unreachable_cluster_is_one_line(ray_env, images, small_ckpt, tmp_path):
+    run = embed_on_cluster(f'127.0.0.1:{free_port()}', images, tmp_path / 'x.h5', small_ckpt)
+    assert run.returncode == 2 and run.stderr.startswith('error: ') and run.stderr.count('\n') == 1, run.stderr
+
+
+def test_without_ray_the_command_says_what_to_install(images, small_ckpt, tmp_path, monkeypatch, capsys):
+    real_import = builtins.__import__
+
+    def no_ray(name, globals=None, locals=None, fromlist=(), level=0):
+        if level == 0 and (name == 'ray' or name.startswith('ray.')):  # not our own workflow.ray
+            raise ImportError(f'No module named {name!r}')
+        return real_import(name, globals, locals, fromlist, level)
+
+    monkeypatch.setattr(builtins, '__import__', no_ray)
+    code = cli(['embed', str(images), '-o', str(tmp_path / 'x.h5'), '--checkpoint', str(small_ckpt),
+                '--ray-address', 'auto'])
+    err = capsys.readouterr().err
+    assert code == 2 and err == "error: embedding on Ray needs Ray Data: pip install 'towhee-isc[ray]'\n"
+
+
+def test_ray_options_need_ray_address(images, small_ckpt, tmp_path, capsys):
+    assert cli(['embed', str(images), '-o', str(tmp_path / 'x.h5'), '--checkpoint', str(small_ckpt), '--actors', '2']) == 2
+    assert '--actors, --cpus-per-actor and --gpus-per-actor need --ray-address' in capsys.readouterr().err

@@ -1,0 +1,85 @@
+"""README's workflow, exactly as written there: each `towhee-isc` line of its "Find copies" block run in
+order, each in its own shell process, in a folder laid out as the block assumes (references/,
+queries/, ground_truth.csv, ~/Pictures). When README changes, this test runs the new text."""
+from __future__ import annotations
+
+import csv
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from commands import BIN
+from towhee_isc.testing import make_copy_detection_set
+from towhee_isc.workflow.descriptors import read_descriptors
+
+README = Path(__file__).resolve().parents[1] / 'README.md'
+
+
+def readme_workflow_lines() -> list[str]:
+    """The command lines of README's first ```bash block after '## Find copies', as a user would
+    type them: comments dropped, optional ``[...]`` parts left out."""
+    text = README.read_text()
+    section = text[text.index('## Find copies'):]
+    block = section[section.index('```bash') + len('```bash'):]
+    block = block[:block.index('```')]
+    lines = [re.sub(r'\s\[[^]]*\]', '', line.split('#')[0]).strip() for line in block.splitlines()]
+    return [line for line in lines if line]
+
+
+@pytest.fixture(scope='module')
+def workspace(tmp_path_factory, photos, small_ckpt):
+    """The copy-detection set, a ~/Pictures with a few copies, and the 'published' weights already in
+    the torch hub cache (a synthetic checkpoint under the published file name: no network here)."""
+    root = make_copy_detection_set(tmp_path_factory.mktemp('readme'), photos)
+    pictures = root / 'home' / 'Pictures'
+    pictures.mkdir(parents=True)
+    for name in ('R000000', 'R000001'):
+        shutil.copy(root / 'references' / f'{name}.jpg', pictures / f'{name}.jpg')
+    photos[0].resize((300, 240)).save(pictures / 'astronaut_small.jpg', quality=85)
+    photos[1].crop((10, 10, 400, 300)).save(pictures / 'cat_crop.png')
+    torch_home = root / 'torch'
+    (torch_home / 'hub' / 'checkpoints').mkdir(parents=True)
+    shutil.copy(small_ckpt, torch_home / 'hub' / 'checkpoints' / 'isc_ft_v107.pth.tar')
+    env = {**os.environ, 'HOME': str(root / 'home'), 'TORCH_HOME': str(torch_home),
+           'PATH': f'{BIN}{os.pathsep}{os.environ["PATH"]}', 'TOWHEE_ISC_WEIGHTS_URL': 'http://127.0.0.1:9/offline'}
+    return root, env
+
+
+def test_readme_block_is_what_this_test_expects():
+    commands = [line.split()[1] for line in readme_workflow_lines()]
+    assert all(line.startswith('towhee-isc ') for line in readme_workflow_lines())
+    assert {'embed', 'index', 'search', 'evaluate', 'dedup'} <= set(commands)
+    assert commands.index('embed') < commands.index('index') < commands.index('search') < commands.index('evaluate')
+
+
+def test_readme_workflow_runs_as_written(workspace):
+    root, env = workspace
+    milvus_matches = None
+    for line in readme_workflow_lines():
+        result = subprocess.run(['bash', '-c', line], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, (line, result.stderr[-3000:])
+        assert 'Traceback' not in result.stderr and 'Warning' not in result.stderr, (line, result.stderr[-3000:])
+        command, outputs = line.split()[1], re.findall(r'(?:-o|--report|--plot) (\S+)', line)
+        for output in outputs:
+            assert (root / output).is_file(), (line, output)
+        if command == 'embed':
+            ids, vectors = read_descriptors(root / outputs[0])
+            assert len(ids) == len(list((root / line.split()[2]).rglob('*.*'))) and vectors.shape[1] == 256
+        elif command == 'search':
+            rows = list(csv.DictReader(open(root / outputs[0])))
+            assert rows and {r['query_id'] for r in rows} == {f'Q{i:05d}' for i in range(8)}
+            found = {(r['query_id'], r['reference_id']): float(r['score']) for r in rows}
+            if milvus_matches is None:
+                milvus_matches = found  # the Milvus search comes first; the exact one must agree with it
+            else:
+                assert found.keys() == milvus_matches.keys()
+                assert max(abs(found[k] - milvus_matches[k]) for k in found) < 1e-5
+        elif command == 'evaluate':
+            assert 'micro average precision' in result.stdout
+        elif command == 'dedup':
+            assert 'group(s) of near-duplicates' in result.stdout
+    assert milvus_matches is not None

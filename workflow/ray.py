@@ -1,0 +1,300 @@
+"""Embedding on Ray Data: many processes, machines and GPUs, the same vectors as one process.
+
+``IscEmbedder`` is the callable class for ``ds.map_batches`` (Ray Data's convention for models: the
+constructor builds the operator once per actor, ``__call__`` maps a batch of columns to a batch; only
+its arguments are pickled). ``embed_on_ray`` is ``towhee-isc embed --ray-address``: it hands
+``embedding.embed_collection`` (and so ``descriptors.embed_resumable``) another way of embedding a
+chunk, a pool of Ray actors, so the descriptor file, its ids, the skipped images and the resumability
+are those of the single-process embed.
+
+Ray is an optional extra (``pip install 'towhee-isc[ray]'``), imported only when used.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from ..images import ImageError
+
+RAY_EXTRA = "pip install 'towhee-isc[ray]'"
+# How long Ray Data may go without finishing a batch, or without starting the actors, before the
+# embed fails with a message instead of waiting forever (a published-model actor starts in ~30 s).
+STALL_TIMEOUT_S = 600
+
+
+class RayClusterError(ConnectionError):
+    """The Ray cluster could not be used: unreachable, too small for the actors asked for, or an
+    actor or node died. Chunks saved before it happened are kept; the same command continues."""
+
+
+def import_ray(quiet: bool = False):
+    """The ``ray`` package with Ray Data, or an ImportError that says how to install it. ``quiet``:
+    Ray Data logs errors only (read when it is first imported; a user's RAY_DATA_LOG_LEVEL wins), so
+    its notices do not drown the command's progress bar; failures still arrive as exceptions."""
+    if quiet:
+        os.environ.setdefault('RAY_DATA_LOG_LEVEL', 'ERROR')
+    try:
+        import ray
+        import ray.data  # noqa: F401 (the extra, not only Ray Core)
+    except ImportError:
+        raise ImportError(f'embedding on Ray needs Ray Data: {RAY_EXTRA}') from None
+    return ray
+
+
+class IscEmbedder:
+    """Embeds batches of images on Ray actors, for
+    ``ds.map_batches(IscEmbedder, fn_constructor_kwargs={...}, compute=ray.data.ActorPoolStrategy(size=N),
+    num_cpus=C, num_gpus=G)`` (``concurrency=N`` in Ray before 2.51).
+
+    Args:
+        column: the input column, holding image file paths (str) or image bytes. By default
+            ``'bytes'`` when a batch has it (``ray.data.read_binary_files(..., include_paths=True)``),
+            else ``'path'``.
+        **isc_kwargs: ``Isc`` arguments (``checkpoint_path=``, ``model_name=``, ``device=``...). As in
+            ``towhee-isc embed``, photos are turned upright by their EXIF orientation unless
+            ``exif_transpose=False``; ``num_threads`` defaults to the CPUs Ray reserved for the actor.
+
+    A batch (a dict of columns) maps to a batch with every input column but the image bytes, plus
+    ``id`` (str: the file name without extension from ``path``, or the batch's own ``id`` column),
+    ``vector`` (float32, (N, D); a row of NaN for an image that could not be used) and ``error``
+    (str: empty, or why that image could not be used). Any other error (settings, weights, device)
+    concerns every image and propagates.
+    """
+
+    def __init__(self, column: str | None = None, **isc_kwargs: Any):
+        from ..isc import Isc
+        self.column = column
+        kwargs = {'exif_transpose': True, **isc_kwargs}
+        if kwargs.get('num_threads') is None:
+            kwargs['num_threads'] = reserved_cpus()
+        self.op = Isc(**kwargs)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        column = self.column or ('bytes' if 'bytes' in batch else 'path')
+        if column not in batch:
+            raise ValueError(f'IscEmbedder needs a {column!r} column of image paths or bytes; the batch has '
+                             f'{sorted(batch)} (pass column= to name another)')
+        items = [_image_item(x) for x in batch[column]]
+        if 'id' in batch:
+            ids = np.asarray(batch['id'])
+        elif 'path' in batch:
+            ids = np.array([Path(str(p)).stem for p in batch['path']], dtype=object)
+        else:
+            raise ValueError("IscEmbedder names each vector by an 'id' or 'path' column; the batch has neither")
+        vectors = np.full((len(items), self.op.embedding_dim), np.nan, np.float32)
+        errors = np.full(len(items), '', dtype=object)
+        if items:
+            try:
+                vectors[:] = np.stack(self.op(items))
+            except ImageError:  # find which ones cannot be used; the others are embedded one by one
+                for i, item in enumerate(items):
+                    try:
+                        vectors[i] = self.op(item)
+                    except ImageError as e:  # bytes do not say where they came from: the path does
+                        errors[i] = f'{batch["path"][i]}: {e}' if isinstance(item, bytes) and 'path' in batch else str(e)
+        holds_bytes = bool(items) and isinstance(items[0], bytes)
+        kept = {name: values for name, values in batch.items() if not (name == column and holds_bytes)}
+        return {**kept, 'id': ids, 'vector': vectors, 'error': errors}
+
+
+def _image_item(value: Any) -> str | bytes:
+    """A column value as the operator takes it: numpy hands over str_ / bytes_ / object values."""
+    if isinstance(value, (bytes, bytearray, memoryview, np.bytes_)):
+        return bytes(value)
+    return str(value)
+
+
+def reserved_cpus() -> int | None:
+    """The CPUs Ray reserved for this worker (at least 1), or None outside a Ray worker."""
+    try:
+        import ray
+    except ImportError:
+        return None
+    if not ray.is_initialized():
+        return None
+    cpus = ray.get_runtime_context().get_assigned_resources().get('CPU')
+    return max(1, int(cpus)) if cpus else None
+
+
+class RayChunks:
+    """``embed(chunk) -> (vectors, {failed index: reason})`` for ``descriptors.embed_resumable``, with the
+    images embedded by a pool of Ray actors.
+
+    ``embed_resumable`` asks for the chunks it has not saved in order. At the first call this starts
+    one Ray Data stream over that chunk and every image after it, and answers each call as soon as
+    all of that chunk's images are back; images of later chunks that come back first wait in memory
+    (a vector is 1 KB). So the actors never wait for the driver, and a chunk is saved as soon as it
+    and the chunks before it are done.
+
+    ``images`` must be the list ``embed_resumable`` is given; ``isc_kwargs`` as for ``IscEmbedder``.
+    """
+
+    def __init__(self, images: Sequence[Path], isc_kwargs: dict[str, Any], actors: int, cpus_per_actor: float,
+                 gpus_per_actor: float = 0, batch_size: int = 16, strict: bool = False):
+        self.images = list(images)
+        self.position = {path: i for i, path in enumerate(self.images)}
+        self.isc_kwargs, self.strict = isc_kwargs, strict
+        self.actors, self.cpus, self.gpus, self.batch_size = actors, cpus_per_actor, gpus_per_actor, batch_size
+        self.op = None  # the driver's own operator, for its fingerprint (set by embed_on_ray)
+        self.postprocessing: dict | None = None  # what the actors' operators post-process with (the same)
+        self._stream: Iterator[dict[str, np.ndarray]] | None = None
+        self._stream_start = 0
+        self._results: dict[int, tuple[np.ndarray, str]] = {}
+
+    def __call__(self, chunk: list[Path]) -> tuple[list[np.ndarray], dict[int, str]]:
+        start = self.position[chunk[0]]
+        if self.images[start:start + len(chunk)] != list(chunk):
+            raise ValueError('RayChunks was given another list of images than the one being embedded')
+        if self._stream is None or start < self._stream_start:
+            self._start_stream(start)
+        wanted = range(start, start + len(chunk))
+        while any(i not in self._results for i in wanted):
+            batch = self._next_batch()
+            for i, vector, error in zip(batch['index'].tolist(), batch['vector'], batch['error']):
+                self._results[i] = (vector, str(error))
+        vectors, failed = [], {}
+        for k, i in enumerate(wanted):
+            vector, error = self._results.pop(i)
+            if not error:
+                vectors.append(vector)
+            elif self.strict:
+                raise ImageError(error)
+            else:
+                failed[k] = error
+        return vectors, failed
+
+    def close(self) -> None:
+        """Stop the stream (and so its actors), e.g. when every chunk needed is saved."""
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+
+    def _start_stream(self, start: int) -> None:
+        self.close()
+        ray = import_ray()
+        rows = [{'index': i, 'path': str(p)} for i, p in enumerate(self.images[start:], start)]
+        # Blocks of one actor batch each, so the pool shares the work evenly (at most ~10,000 blocks).
+        rows_per_block = max(self.batch_size, math.ceil(len(rows) / 10_000))
+        dataset = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / rows_per_block))
+        dataset = dataset.map_batches(
+            IscEmbedder, fn_constructor_kwargs={'column': 'path', **self.isc_kwargs}, batch_size=self.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=self.actors), num_cpus=self.cpus, num_gpus=self.gpus or None)
+        self._stream = (batch for batch in dataset.iter_batches(batch_size=None, batch_format='numpy'))
+        self._stream_start = start
+        self._results.clear()
+
+    def _next_batch(self) -> dict[str, np.ndarray]:
+        try:
+            return next(self._stream)
+        except StopIteration:
+            raise RuntimeError('the Ray stream ended before every image came back (a bug)') from None
+        except (ValueError, TypeError, OSError, ImportError):  # the operator's own errors, raised as they are
+            raise
+        except Exception as e:
+            self._stream = None
+            raise RayClusterError(f'the Ray job failed: {_one_line(e)}. The chunks saved so far are kept: '
+                                  'run the same command again to continue') from e
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f'{type(error).__name__}: {text[0] if text else ""}'
+
+
+def connect(address: str) -> tuple[Any, bool]:
+    """Join the Ray cluster at ``address`` (``auto``, ``HOST:PORT``), quietly: the command's progress
+    bar is the only progress shown, and actors' logs stay in the cluster's log folder. Returns
+    (``ray``, whether this call joined: False if this process was connected already)."""
+    ray = import_ray()
+    joined = not ray.is_initialized()
+    if joined:
+        _probe(address)
+        try:
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, include_dashboard=False)
+        except ConnectionError as e:
+            raise RayClusterError(f'cannot reach a Ray cluster at {address!r}: {_one_line(e)} '
+                                  '(start one with `ray start --head`)') from e
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    context.raise_original_map_exception = True  # an ImageError stays an ImageError, not a wrapper
+    context.execution_no_progress_timeout_s = STALL_TIMEOUT_S
+    context.wait_for_min_actors_s = STALL_TIMEOUT_S
+    return ray, joined
+
+
+def _probe(address: str) -> None:
+    """Fail at once if nothing listens at a HOST:PORT address: Ray itself retries without end."""
+    host, _, port = address.removeprefix('ray://').rpartition(':')
+    if not host or not port.isdigit():
+        return  # 'auto', or a form Ray will judge
+    try:
+        socket.create_connection((host.strip('[]'), int(port)), timeout=10).close()
+    except OSError as e:
+        raise RayClusterError(f'cannot reach a Ray cluster at {address!r}: {e.strerror or e} '
+                              '(start one with `ray start --head`, or check the address)') from None
+
+
+def plan_actors(resources: dict[str, float], actors: int | None, cpus_per_actor: float,
+                gpus_per_actor: float) -> int:
+    """The number of actors to start: ``actors``, or as many as the cluster holds. Refuses what the
+    cluster cannot hold at once, which Ray would otherwise wait for without a word."""
+    if cpus_per_actor <= 0 or gpus_per_actor < 0 or (actors is not None and actors < 1):
+        raise ValueError(f'--actors must be at least 1, --cpus-per-actor above 0 and --gpus-per-actor at least 0; '
+                         f'got {actors}, {cpus_per_actor}, {gpus_per_actor}')
+    cpus, gpus = resources.get('CPU', 0.0), resources.get('GPU', 0.0)
+    fit = math.floor(cpus / cpus_per_actor + 1e-9)
+    if gpus_per_actor:
+        fit = min(fit, math.floor(gpus / gpus_per_actor + 1e-9))
+    if fit < 1:
+        raise RayClusterError(f'the Ray cluster has {cpus:g} CPU(s) and {gpus:g} GPU(s): not enough for one actor of '
+                              f'{cpus_per_actor:g} CPU(s) and {gpus_per_actor:g} GPU(s); ask for less per actor')
+    if actors is None:
+        return fit
+    if actors > fit:
+        raise RayClusterError(f'{actors} actors of {cpus_per_actor:g} CPU(s) and {gpus_per_actor:g} GPU(s) do not fit '
+                              f'in the Ray cluster ({cpus:g} CPU(s), {gpus:g} GPU(s)); Ray would wait for them '
+                              f'forever: use --actors {fit} or less, or add nodes')
+    return actors
+
+
+def embed_on_ray(inputs: Sequence[str], output: str, address: str, isc_kwargs: dict[str, Any],
+                 actors: int | None = None, cpus_per_actor: float = 1, gpus_per_actor: float = 0,
+                 chunk_size: int = 64, strict: bool = False, quiet: bool = False) -> tuple[int, dict[Path, str], float]:
+    """``embed_collection`` with the chunks embedded by ``actors`` Ray actors (default: as many as the
+    cluster holds), each reserving ``cpus_per_actor`` CPUs (its threads) and ``gpus_per_actor`` GPUs.
+
+    Images, the checkpoint and ``output``'s folder (where the parts of an unfinished run are saved)
+    must be at the same paths on every node: shared storage. Returns (rows written, skipped files,
+    images/s), as ``embed_collection`` does.
+    """
+    import_ray(quiet=True)  # first, so that a missing extra is said at once
+    from ..isc import Isc
+    from .descriptors import find_images
+    from .embedding import embed_collection
+    isc_kwargs = {'exif_transpose': True, **isc_kwargs}
+    images = find_images(inputs)
+    # The driver's own operator: settings and checkpoint errors stop here, before the cluster is
+    # used; it also gives the fingerprint of what the actors compute (the same on every backend).
+    driver_op = Isc(**{**isc_kwargs, 'device': 'cpu', 'backend': 'torch'})
+    ray, joined = connect(address)
+    chunks = None
+    try:
+        actors = plan_actors(ray.cluster_resources(), actors, cpus_per_actor, gpus_per_actor)
+        # Each actor call takes a share of a chunk (at most 16 images), so a chunk spreads over the pool.
+        batch_size = max(1, min(16, chunk_size // actors))
+        chunks = RayChunks(images, isc_kwargs, actors, cpus_per_actor, gpus_per_actor, batch_size, strict)
+        chunks.op, chunks.postprocessing = driver_op, driver_op.postprocessing
+        # The same list again: embed_collection finds these exact files, in this order.
+        return embed_collection([str(p) for p in images], output, chunks, chunk_size, quiet)
+    finally:
+        if chunks is not None:
+            chunks.close()
+        if joined:
+            ray.shutdown()
