@@ -140,7 +140,7 @@ def test_commands_say_which_engine_and_exact_forces_exact(tmp_path):
     assert result.returncode == 0 and 'search engine: exact' in result.stdout  # 3 queries: exact is cheap
     result = run('search', tmp_path / 'queries.h5', '--references', tmp_path / 'many.h5', '-k', 0,
                  '-o', tmp_path / 'bad.csv')
-    assert result.returncode == 2 and 'error: k (matches per query) must be a positive integer, got 0' in result.stderr
+    assert result.returncode == 2 and 'argument -k: must be at least 1, got 0' in result.stderr  # refused by the parser
     assert not (tmp_path / 'bad.csv').exists()
     result = run('dedup', tmp_path / 'queries.h5', '--threshold', 'nan')
-    assert result.returncode == 2 and 'threshold must be a finite number, got nan' in result.stderr
+    assert result.returncode == 2 and "argument --threshold: must be a finite number, got 'nan'" in result.stderr
