@@ -6,19 +6,17 @@ under a key made from the weights, so the export happens once per checkpoint.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import os
 import warnings
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .atomic import atomic_write
+from .atomic import atomic_write, exclusive
 from .model import IscNet
 
 BACKENDS = ('auto', 'torch', 'onnxruntime')
@@ -137,9 +135,9 @@ def cached_onnx(model: IscNet, img_size: int, key: str | None = None, cache_dir:
     """The ONNX export of ``model``, made once and kept in ``torch.hub.get_dir()/towhee_isc/onnx``
     under its weights' content ``key``, with a SHA-256 of the file beside it.
 
-    Written atomically, so concurrent processes never read a partial file, and under a lock file
-    beside it, so processes starting together (Ray actors, workers) export once: the others wait and
-    use that export. A cached file that no longer matches its checksum (damaged on disk, truncated,
+    Written atomically, so concurrent processes never read a partial file, and under a lock on the
+    cache folder, so processes starting together (Ray actors, workers) export once: the others wait
+    and use that export. A cached file that no longer matches its checksum (damaged on disk, truncated,
     edited) is exported again.
     """
     key = key or weights_key(model, img_size)
@@ -148,8 +146,7 @@ def cached_onnx(model: IscNet, img_size: int, key: str | None = None, cache_dir:
     checksum = path.with_suffix('.sha256')
     if _verified(path, checksum):
         return path
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with _exclusive(path.with_suffix('.lock')):
+    with exclusive(cache_dir):
         if _verified(path, checksum):  # another process exported it while this one waited
             return path
         if path.exists():
@@ -164,24 +161,6 @@ def cached_onnx(model: IscNet, img_size: int, key: str | None = None, cache_dir:
 
 def _verified(path: Path, checksum: Path) -> bool:
     return path.is_file() and checksum.is_file() and checksum.read_text().strip() == file_sha256(path)
-
-
-@contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``lock_path`` (``flock``: released by the system if the holder dies;
-    on Linux NFS mounts a lock across machines too). Where ``fcntl`` is missing (Windows) there is no lock:
-    concurrent processes then export the same file each, which the atomic write keeps correct."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    with open(lock_path, 'a') as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def onnx_backend(model: IscNet, img_size: int, key: str, threads: int | None = None) -> OnnxRuntimeBackend | None:

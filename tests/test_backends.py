@@ -42,7 +42,7 @@ def test_onnx_export_is_cached_by_weights_content(small_ckpt, photos, tmp_path, 
     Isc(checkpoint_path=small_ckpt, device='cpu')
     assert len(exports) == 1
     cache = tmp_path / 'torch' / 'hub' / 'towhee_isc' / 'onnx'
-    assert sorted(p.suffix for p in cache.iterdir()) == ['.lock', '.onnx', '.sha256']  # no temporary left
+    assert sorted(p.suffix for p in cache.iterdir()) == ['.onnx', '.sha256']  # no temporary left
     from towhee_isc.testing import make_synthetic_checkpoint
     make_synthetic_checkpoint(tmp_path / 'other.pth.tar', 'resnet18', 96, photos, seed=1)
     Isc(checkpoint_path=tmp_path / 'other.pth.tar', device='cpu')
