@@ -108,12 +108,13 @@ class Isc(NNOperator):
                  nes_dba_k: int = DBA_K, nes_alpha: float = ALPHA,
                  num_threads: int | None = None):
         super().__init__()
-        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f'batch_size must be a positive int or None, got {batch_size!r}')
         if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
             raise ValueError(f'num_threads must be a positive int or None (every core), got {num_threads!r}')
-        if img_size is not None and (not isinstance(img_size, int) or img_size < 32):
-            raise ValueError(f'img_size must be an int of at least 32, got {img_size!r}')
+        if img_size is not None and (isinstance(img_size, bool) or not isinstance(img_size, int)
+                                     or not 32 <= img_size <= 4096):
+            raise ValueError(f'img_size must be an int between 32 and 4096, got {img_size!r}')
         self.device = resolve_device(device)
         backend = resolve_backend(backend, self.device, precision)
         ckpt = self._checkpoint(model_name, checkpoint_path, timm_backbone)

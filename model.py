@@ -116,7 +116,8 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
         CheckpointError: the file is missing, not a checkpoint, truncated, or holds other objects.
     """
     path = str(path)
-    fix = f'delete {path!r} and download it again, or pass a valid file as checkpoint_path'
+    fix = ('if it is a download in the cache, delete it to download it again; otherwise pass a valid ISC '
+           'checkpoint as checkpoint_path')
     if not os.path.isfile(path):
         raise CheckpointError(f'checkpoint file not found: {path!r}')
     try:

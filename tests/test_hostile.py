@@ -507,3 +507,47 @@ def test_ctrl_c_is_one_line_and_the_run_resumes(model_args, photos, tmp_path):
 def test_no_foreign_warnings_on_success(folder, model_args, tmp_path):
     result = towhee_isc('embed', folder, '-o', tmp_path / 'out.h5', '--quiet', *model_args)
     assert result.returncode == 0 and result.stderr == '', result.stderr
+
+
+def test_what_a_careless_trial_found(model_args, photos, tmp_path):
+    """A newcomer's trial: non-unit vectors, a non-ASCII name, a pipe in a scanned folder, a damaged
+    resume chunk, a system file as checkpoint."""
+    vectors = np.eye(2, 256, dtype=np.float32) * 2
+    write_descriptors(tmp_path / 'twice.h5', ['a', 'b'], vectors)
+    assert_one_line_error(towhee_isc('dedup', tmp_path / 'twice.h5'), 'not L2-normalised (row 0 has norm 2')
+    folder = tmp_path / 'odd'
+    folder.mkdir()
+    photos[0].save(folder / 'ünï cødé.jpg')
+    os.mkfifo(folder / 'pipe.jpg')
+    result = towhee_isc('embed', folder, '-o', tmp_path / 'odd.h5', '--quiet', *model_args, timeout=120)
+    assert result.returncode == 0 and 'pipe.jpg' in result.stderr and 'not a regular file' in result.stderr
+    assert read_descriptors(tmp_path / 'odd.h5')[0] == ['ünï cødé']
+    result = towhee_isc('embed', '/dev/null', '-o', tmp_path / 'x.h5', '--checkpoint', '/etc/hostname')
+    assert_one_line_error(result, 'not a readable PyTorch checkpoint')
+    assert "delete '/etc/hostname'" not in result.stderr
+
+
+def test_a_damaged_resume_chunk_is_embedded_again(small_ckpt, photos, tmp_path):
+    from towhee_isc.workflow.embedding import Embedder
+    from towhee_isc.workflow.descriptors import find_images
+    folder = tmp_path / 'imgs'
+    folder.mkdir()
+    for i in range(4):
+        photos[i].save(folder / f'I{i}.jpg')
+    embedder = Embedder(checkpoint_path=small_ckpt, device='cpu')
+    images = find_images([folder])
+    calls = []
+
+    def interrupted(chunk):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(chunk)
+        return embedder(chunk)
+
+    with pytest.raises(KeyboardInterrupt):
+        embed_resumable(images, tmp_path / 'out.h5', interrupted, 1, model=embedder.op.fingerprint)
+    (tmp_path / 'out.h5.parts' / '1.npz').write_bytes(b'PK\x03\x04 truncated')
+    with pytest.warns(UserWarning, match="1.npz' is damaged: embedding that chunk again"):
+        embed_resumable(images, tmp_path / 'out.h5', embedder, 1, model=embedder.op.fingerprint)
+    ids, vectors = read_descriptors(tmp_path / 'out.h5')
+    assert ids == ['I0', 'I1', 'I2', 'I3'] and np.abs(vectors - np.stack(embedder.op(images))).max() < 1e-5

@@ -308,7 +308,7 @@ def test_nes_command_errors(cmd, tmp_path, negatives, negatives_file):
         ((*ok, '--k', 400), 'k=400 needs at least 400 negatives, got 300'),
         ((queries, '--negatives', tmp_path / 'few.h5', '-o', out), 'dba_k=10 needs at least 10 negatives, got 2'),
         ((queries, '--negatives', tmp_path / 'nan.h5', '-o', out), "nan.h5' holds NaN or infinite vectors"),
-        ((queries, '--negatives', tmp_path / 'offnorm.h5', '-o', out), 'negatives must be L2-normalised'),
+        ((queries, '--negatives', tmp_path / 'offnorm.h5', '-o', out), "offnorm.h5' holds vectors that are not L2-normalised"),
         ((queries, '--negatives', tmp_path / 'missing.h5', '-o', out), 'descriptor file not found'),
         ((queries, '--negatives', tmp_path / 'text.h5', '-o', out), 'not a readable HDF5 file'),
         ((tmp_path / 'missing.h5', '--negatives', negatives_file, '-o', out), 'descriptor file not found'),

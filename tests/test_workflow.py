@@ -233,7 +233,7 @@ def test_bad_inputs_are_one_line_errors(cmd, copy_set, tmp_path):
         f['vectors'] = np.zeros((2, 256))
         f['image_names'] = np.array([b'a', b'b'])
     with h5py.File(tmp_path / 'd128.h5', 'w') as f:
-        f['vectors'] = np.zeros((2, 128), np.float32)
+        f['vectors'] = np.eye(2, 128, dtype=np.float32)
         f['image_names'] = np.array([b'a', b'b'])
     db = tmp_path / 'isc.db'
     cmd('embed', copy_set / 'references', '-o', tmp_path / 'refs.h5', '--quiet')

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from typing import Sequence
 
 from ..atomic import check_writable
@@ -321,6 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command. Any failure is one line on stderr and exit code 2 (argparse's own usage
     errors too); set TOWHEE_ISC_DEBUG=1 to see the traceback of an unexpected one."""
     args = parser().parse_args(argv)
+    warnings.showwarning = one_line_warning
     try:
         for name, what in OUTPUTS.items():
             if getattr(args, name, None):
@@ -339,6 +341,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f'error: {type(e).__name__}: {one_line(e)} (set TOWHEE_ISC_DEBUG=1 for the traceback)', file=sys.stderr)
         return 2
     return 0
+
+
+def one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as the command's own lines (``warning: ...``), not Python's file:line and source."""
+    print(f'warning: {one_line(message)}', file=sys.stderr if file is None else file)
 
 
 def one_line(error: BaseException) -> str:

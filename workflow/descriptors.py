@@ -1,11 +1,12 @@
 """Image collections and descriptor files in the challenge's format (HDF5: ``vectors`` float32 N x D,
-``image_names`` ASCII ids), written resumably and never half-written."""
+``image_names`` ids, UTF-8), written resumably and never half-written."""
 from __future__ import annotations
 
 import glob
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -29,7 +30,8 @@ def find_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     for item in map(str, inputs):
         path = Path(item)
         if path.is_dir():
-            found += sorted(p for p in path.rglob('*') if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            # Anything with an image's name but a folder: a pipe or a broken link is then skipped and listed.
+            found += sorted(p for p in path.rglob('*') if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
         elif path.is_file() and path.suffix.lower() == '.txt':
             found += _listed_paths(path)
         elif path.exists() or path.is_symlink():  # a file, or a pipe or device that embedding will refuse
@@ -67,10 +69,7 @@ def image_ids(paths: Sequence[Path]) -> list[str]:
 
 def image_id(path: Path) -> str:
     """The challenge's id of an image: its file name without extension (Q00000, R000000)."""
-    name = path.stem
-    if not name.isascii():
-        raise ValueError(f'image ids must be ASCII (the challenge format): {str(path)!r}')
-    return name
+    return path.stem
 
 
 def read_descriptors(path: str | os.PathLike, dim: int | None = None) -> tuple[list[str], np.ndarray]:
@@ -108,6 +107,11 @@ def read_descriptors(path: str | os.PathLike, dim: int | None = None) -> tuple[l
         raise DescriptorFileError(f'{path!r} repeats image ids')
     if not np.isfinite(vectors).all():
         raise DescriptorFileError(f'{path!r} holds NaN or infinite vectors')
+    norms = np.linalg.norm(vectors, axis=1)
+    off = np.flatnonzero(np.abs(norms - 1) > 1e-3)
+    if off.size:  # inner products of such vectors are not cosines: every score would be off
+        raise DescriptorFileError(f'{path!r} holds vectors that are not L2-normalised (row {off[0]} has norm '
+                                  f'{norms[off[0]]:.4g}); normalise them, as the operator does')
     return ids, vectors
 
 
@@ -130,7 +134,8 @@ def write_descriptors(path: str | os.PathLike, ids: Sequence[str], vectors: np.n
     import h5py
     with atomic_write(path) as tmp, h5py.File(tmp, 'w') as f:
         f.create_dataset('vectors', data=np.asarray(vectors, np.float32))
-        f.create_dataset('image_names', data=np.array(list(ids), dtype=object), dtype=h5py.string_dtype('ascii'))
+        # UTF-8 (the challenge's ids are ASCII, a subset): a photo named in any language keeps its name.
+        f.create_dataset('image_names', data=np.array(list(ids), dtype=object), dtype=h5py.string_dtype('utf-8'))
         if paths is not None:
             f.create_dataset('image_paths', data=np.array(list(paths), dtype=object),
                              dtype=h5py.string_dtype('utf-8'))
@@ -262,7 +267,20 @@ def _resume(parts: Path, plan: dict) -> set[int]:
         raise ValueError(f'{str(parts)!r} holds an interrupted run with other post-processing '
                          f"({describe_postprocessing(saved.get('postprocessing'))}): rerun with the same --negatives "
                          'and settings, or delete that folder to start again')
-    return {int(p.stem) for p in parts.glob('*.npz') if p.stem.isdigit()}
+    return {int(p.stem) for p in parts.glob('*.npz') if p.stem.isdigit() and _readable_part(p)}
+
+
+def _readable_part(part: Path) -> bool:
+    """Whether a saved chunk reads back whole; a damaged one is removed, so it is embedded again."""
+    try:
+        with np.load(part) as data:
+            ok = {'vectors', 'failed', 'reasons'} <= set(data.files) and np.isfinite(data['vectors']).all()
+    except Exception:  # noqa: BLE001 (numpy and zipfile fail in many ways on a damaged file)
+        ok = False
+    if not ok:
+        warnings.warn(f'{str(part)!r} is damaged: embedding that chunk again')
+        part.unlink()
+    return ok
 
 
 def _differences(before: dict | None, now: dict | None) -> str:

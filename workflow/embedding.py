@@ -79,6 +79,7 @@ def embed_collection(inputs: Sequence[str], output: str, embedder: Embedder, chu
     """
     started, embedded, reached = time.perf_counter(), 0, 0
     images = find_images(inputs)
+    image_ids(images)  # two images with one id: refused before anything starts
     model = embedder.op.fingerprint  # builds the operator: a settings error stops here, before any output
     bar = None
     if not quiet:
