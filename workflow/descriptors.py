@@ -60,9 +60,9 @@ def image_ids(paths: Sequence[Path]) -> list[str]:
     since every output (descriptor file, Milvus, matches) is keyed by id."""
     seen: dict[str, Path] = {}
     for path in paths:
-        other = seen.setdefault(image_id(path), path)
+        other = seen.setdefault(name := image_id(path), path)
         if other != path:
-            raise ValueError(f'two images have the same id {image_id(path)!r}: {other} and {path}; '
+            raise ValueError(f'two images have the same id {name!r}: {other} and {path}; '
                              'ids are file names without extension, so rename one')
     return list(seen)
 
@@ -118,10 +118,7 @@ def read_descriptors(path: str | os.PathLike, dim: int | None = None) -> tuple[l
 def read_model(path: str | os.PathLike) -> dict | None:
     """The operator fingerprint a descriptor file records (``Isc.fingerprint``), or None (a file made
     elsewhere, or before files recorded it)."""
-    import h5py
-    with h5py.File(str(path), 'r') as f:
-        model = f.attrs.get('model')
-    return json.loads(model) if isinstance(model, str) else None
+    return _json_attribute(path, 'model')
 
 
 def write_descriptors(path: str | os.PathLike, ids: Sequence[str], vectors: np.ndarray,
@@ -148,12 +145,17 @@ def write_descriptors(path: str | os.PathLike, ids: Sequence[str], vectors: np.n
 def read_postprocessing(path: str | os.PathLike) -> dict | None:
     """How a descriptor file's vectors were post-processed (its ``postprocessing`` attribute), or
     None for the network's raw output."""
+    return _json_attribute(path, POSTPROCESSING)
+
+
+def _json_attribute(path: str | os.PathLike, name: str) -> dict | None:
+    """A descriptor file's JSON attribute ``name`` as a dict, None if absent; a malformed one names the file."""
     import h5py
     if not os.path.isfile(path):
         raise DescriptorFileError(f'descriptor file not found: {str(path)!r}')
     try:
         with h5py.File(str(path), 'r') as f:
-            text = f.attrs.get(POSTPROCESSING)
+            text = f.attrs.get(name)
     except OSError as e:
         raise DescriptorFileError(f'{str(path)!r} is not a readable HDF5 file: {e}') from e
     if text is None:
@@ -161,9 +163,9 @@ def read_postprocessing(path: str | os.PathLike) -> dict | None:
     try:
         record = json.loads(text.decode() if isinstance(text, bytes) else str(text))
     except ValueError as e:
-        raise DescriptorFileError(f"{str(path)!r}: malformed 'postprocessing' attribute: {e}") from e
+        raise DescriptorFileError(f"{str(path)!r}: malformed {name!r} attribute: {e}") from e
     if not isinstance(record, dict):
-        raise DescriptorFileError(f"{str(path)!r}: malformed 'postprocessing' attribute: {text!r}")
+        raise DescriptorFileError(f"{str(path)!r}: malformed {name!r} attribute: {text!r}")
     return record
 
 

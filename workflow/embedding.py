@@ -144,8 +144,9 @@ def load_descriptors(inputs: Sequence[str], embedder: Embedder, models: dict[str
             for i, reason in failed.items():
                 print(f'  {images[i]}: {reason}', file=sys.stderr)
         kept = [p for i, p in enumerate(images) if i not in failed]
-        ids += image_ids(kept)
-        paths.update(zip(image_ids(kept), map(str, kept)))
+        kept_ids = image_ids(kept)
+        ids += kept_ids
+        paths.update(zip(kept_ids, map(str, kept)))
         if embedded:
             vectors.append(np.stack(embedded))
     check_same_model(models)
