@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Mapping
 
 import timm
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import get_pretrained_cfg
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -68,16 +70,24 @@ class IscNet(nn.Module):
         return F.normalize(self.bn(self.fc(x)), dim=1)
 
     def preprocess(self, input_size: int) -> transforms.Compose:
-        """The reference preprocessing: PIL RGB -> square bilinear resize -> tensor -> normalise.
+        """The reference preprocessing for this network's backbone (see ``preprocess``)."""
+        return preprocess(self.arch, input_size)
 
-        Mean and std come from the backbone's own pretrained config, as in the reference code.
-        """
-        cfg = self.backbone.pretrained_cfg
-        return transforms.Compose([
-            transforms.Resize((input_size, input_size)),
-            transforms.ToTensor(),
-            transforms.Normalize(mean=cfg['mean'], std=cfg['std']),
-        ])
+
+def preprocess(arch: str, input_size: int) -> transforms.Compose:
+    """The reference preprocessing: PIL RGB -> square bilinear resize -> tensor -> normalise.
+
+    Mean and std are the backbone's own, from its timm pretrained config, as in the reference code;
+    read from timm's table, so no network is built for them.
+    """
+    name = check_arch(arch)
+    cfg = get_pretrained_cfg(name)
+    mean, std = (cfg.mean, cfg.std) if cfg is not None else (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    return transforms.Compose([
+        transforms.Resize((input_size, input_size)),
+        transforms.ToTensor(),
+        transforms.Normalize(mean=mean, std=std),
+    ])
 
 
 def timm_name(arch: str) -> str:
@@ -85,13 +95,18 @@ def timm_name(arch: str) -> str:
     return _TIMM_RENAMED.get(arch, arch)
 
 
-def create_backbone(arch: str) -> nn.Module:
-    """``timm.create_model(arch, features_only=True)`` without pretrained weights, with a clear error."""
+def check_arch(arch: str) -> str:
+    """The timm name of ``arch``; a ValueError when timm does not know it."""
     name = timm_name(arch)
     if not timm.is_model(name):
         raise ValueError(f'unknown timm backbone {arch!r}: give a plain timm model name such as '
                          f"'resnet50' or 'tf_efficientnetv2_m.in21k_ft_in1k' (see timm.list_models())")
-    return timm.create_model(name, features_only=True, pretrained=False)
+    return name
+
+
+def create_backbone(arch: str) -> nn.Module:
+    """``timm.create_model(arch, features_only=True)`` without pretrained weights, with a clear error."""
+    return timm.create_model(check_arch(arch), features_only=True, pretrained=False)
 
 
 @dataclass(frozen=True)
@@ -106,11 +121,13 @@ class Checkpoint:
     source: str
 
 
-def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> Checkpoint:
     """Read an ISC checkpoint: the official format (``arch``, ``args.input_size``, ``state_dict``
     with ``module.`` prefixes) or a plain state dict, with or without the prefix.
 
     Only tensors, containers and ``argparse.Namespace`` are unpickled (``weights_only=True``).
+    ``mmap=True`` maps the weights instead of reading them (cheap: for the metadata and shapes); files
+    in the pre-1.6 format cannot be mapped and are read.
 
     Raises:
         CheckpointError: the file is missing, not a checkpoint, truncated, or holds other objects.
@@ -122,7 +139,7 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise CheckpointError(f'checkpoint file not found: {path!r}')
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            raw = torch.load(path, map_location='cpu', weights_only=True)
+            raw = _load(path, mmap)
     except Exception as e:  # torch.load fails in many ways on a bad file (UnpicklingError, KeyError, ...)
         unsafe = [line for line in str(e).splitlines() if 'GLOBAL' in line]
         if unsafe:
@@ -139,6 +156,16 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in ckpt.state_dict.items()):
         raise CheckpointError(f'{path!r} holds no state dict of named tensors; {fix}')
     return ckpt
+
+
+def _load(path: str, mmap: bool) -> object:
+    if mmap:
+        try:
+            return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if 'mmap can only be used' not in str(e):
+                raise
+    return torch.load(path, map_location='cpu', weights_only=True)
 
 
 def _arch(arch: object, path: str) -> str | None:
