@@ -25,6 +25,10 @@ PRECISIONS = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat
 # 2 cores: ONNX Runtime 6.6 images/s at batch 1 and 2, 6.0 at 4, 5.5 at 8; eager PyTorch 4.0 at 1,
 # 4.3 at 4. A GPU wants many (not measured here: no GPU was available).
 DEFAULT_BATCH = {('torch', 'cpu'): 1, ('onnxruntime', 'cpu'): 1, ('torch', 'cuda'): 32}
+# In Triton, Towhee's pipeline calls the operator with one image at a time, and Triton's dynamic batching
+# groups the calls; for a list, the operator sends this many per request: Triton's default max_batch_size
+# for an ONNX model whose config does not say one (TritonGPUConfig(max_batch_size=...) raises it).
+TRITON_BATCH = 4
 
 
 class TorchBackend:

@@ -65,7 +65,8 @@ def to_pil_rgb(item: Any, where: str = '', draft: tuple[int, int] | None = None,
 
     Accepted: a file path (``str``/``os.PathLike``), the bytes of an image file (``bytes``,
     ``bytearray``, ``memoryview``), a ``PIL.Image`` of any mode, a ``towhee.types.Image`` (its mode
-    honoured) or a uint8 ``np.ndarray`` (HxW, HxWx1, HxWx3 RGB, HxWx4 RGBA). For files and bytes:
+    honoured) or a uint8 ``np.ndarray`` (HxW, HxWx1, HxWx3 RGB, HxWx4 RGBA; 1-d: an image file's
+    bytes, the form Towhee's Triton client can send, as it serialises arrays but not bytes). For files and bytes:
     ``draft`` lets the JPEG decoder scale down in the DCT domain, to no less than this size;
     ``exif_transpose`` turns the image upright as its EXIF orientation says. ``where`` is appended to
     messages (e.g. ' (list item 3)').
@@ -76,6 +77,8 @@ def to_pil_rgb(item: Any, where: str = '', draft: tuple[int, int] | None = None,
     if isinstance(item, (str, os.PathLike)):
         path = regular_file(Path(item), where)
         return _decode(path, f'image file {str(path)!r}{where}', draft, exif_transpose)
+    if isinstance(item, np.ndarray) and item.ndim == 1 and item.dtype == np.uint8:
+        item = item.tobytes()
     if isinstance(item, (bytes, bytearray, memoryview)):
         if not len(item):
             raise ImageError(f'empty image bytes{where}')

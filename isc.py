@@ -16,12 +16,12 @@ with warnings.catch_warnings():  # Towhee's own imports warn about pkg_resources
     warnings.filterwarnings('ignore', category=DeprecationWarning)
     from towhee.operator import NNOperator
 
-from .backends import (DEFAULT_BATCH, OnnxRuntimeBackend, TorchBackend, export_onnx, onnx_backend, resolve_backend,
-                       weights_key)
+from .backends import DEFAULT_BATCH, TRITON_BATCH, export_onnx, resolve_backend
 from .images import ImageError, image_size, is_jpeg, to_pil_rgb
-from .model import Checkpoint, IscNet, build_model, read_checkpoint, save_checkpoint, timm_name
+from .model import IscNet, preprocess, save_checkpoint
+from .network import IscModel, ModelSpec, accelerated_model
 from .postprocess import ALPHA, BETA, DBA_K, ITERATIONS, K, NegativeEmbeddings
-from .weights import DEFAULT_WEIGHTS, WEIGHTS, get_weights, load_published
+from .weights import DEFAULT_WEIGHTS, WEIGHTS
 
 _EXPORT_SUFFIX = {'pytorch': '.pth', 'torchscript': '.pt', 'onnx': '.onnx'}
 
@@ -61,7 +61,7 @@ class Isc(NNOperator):
         skip_preprocess: inputs are already preprocessed float (3, S, S) / (N, 3, S, S) arrays.
         device: ``'cpu'``, ``'cuda'``, ``'cuda:N'`` or a ``torch.device``; None picks CUDA when available.
         batch_size: images per forward pass when called with a list; None picks the measured best
-            for the backend (1 on the CPU, 32 on CUDA).
+            for the backend (1 on the CPU, 32 on CUDA; 4 per request when the network runs in Triton).
         backend: ``'auto'`` (ONNX Runtime for fp32 on the CPU when installed, else PyTorch),
             ``'onnxruntime'`` or ``'torch'``. Both give the same embeddings within 1e-4.
         precision: ``'fp32'`` (default, exact), ``'fp16'`` or ``'bf16'`` (PyTorch backend; for GPUs).
@@ -87,10 +87,16 @@ class Isc(NNOperator):
     list (or an (N, 3, S, S) batch when ``skip_preprocess``) it returns a list of those, in order.
     Images may be ``towhee.types.Image`` (its ``mode`` is honoured: BGR from ``ops.image_decode()``),
     uint8 ``np.ndarray`` in RGB (HxWx3, HxW grey, HxWx4 with alpha dropped), ``PIL.Image`` of any mode
-    (16-bit and float modes scaled to 8 bits), a file path, or the bytes of an image file.
+    (16-bit and float modes scaled to 8 bits), a file path, or the bytes of an image file (``bytes``, or
+    a 1-d uint8 array of them: what Towhee's Triton client can send).
 
     Raises ``images.ImageError`` (a ValueError) for an image that cannot be used, naming it; other
     ValueError/TypeError for bad settings or input types. The operator keeps working afterwards.
+
+    The network with its weights is ``self.model``, a ``network.IscModel`` (``self.net`` is its
+    ``IscNet``), made through Towhee's ``accelerate``: in a Triton model repository built by
+    ``towhee.build_pipeline_model`` it is a client of the repository's ONNX model instead, and the
+    operator there only preprocesses (see README, "Serve it with Triton").
 
     It pickles (for Ray and multiprocessing): the ONNX Runtime session is left out and rebuilt from
     the cached export on unpickling.
@@ -117,24 +123,24 @@ class Isc(NNOperator):
             raise ValueError(f'img_size must be an int between 32 and 4096, got {img_size!r}')
         self.device = resolve_device(device)
         backend = resolve_backend(backend, self.device, precision)
-        ckpt = self._checkpoint(model_name, checkpoint_path, timm_backbone)
-        self.model_name = model_name if checkpoint_path is None else Path(checkpoint_path).name.split('.')[0]
-        self.model: IscNet = build_model(ckpt, timm_backbone)
-        self.img_size: int = img_size or ckpt.input_size or 0
-        if not self.img_size:
-            raise ValueError(f'{ckpt.source!r} does not say its input size: pass img_size= (512 for the published models)')
-        self.transform = self.model.preprocess(self.img_size)
+        self.spec = ModelSpec.resolve(model_name, checkpoint_path, timm_backbone, img_size)
+        self.model_name = self.spec.name
+        self.img_size: int = self.spec.img_size
+        self.transform = preprocess(self.spec.arch, self.img_size)
         self.skip_preprocess = skip_preprocess
         self.fast_decode = fast_decode
         self.decode_on_device = decode_on_device
         self.exif_transpose = exif_transpose
         self.precision = precision
-        self.weights_key = weights_key(self.model, self.img_size)
         self.num_threads = num_threads
         if num_threads is not None:
             torch.set_num_threads(num_threads)
-        self.backend = self._make_backend(backend)
-        self.batch_size: int = batch_size or DEFAULT_BATCH[(self.backend.name, self.device.type)]
+        # The network and its weights: an IscModel, or inside a Triton repository built by
+        # towhee.build_pipeline_model a client of its ONNX model (see network.py).
+        self.model = accelerated_model(self.spec, self.device, backend, precision, num_threads)
+        default_batch = (DEFAULT_BATCH[(self.model.backend.name, self.device.type)]
+                         if isinstance(self.model, IscModel) else TRITON_BATCH)
+        self.batch_size: int = batch_size or default_batch
         self.nes, self.postprocessing = self._negatives(negatives, nes_k, nes_beta, nes_iterations, nes_dba_k, nes_alpha)
 
     def _negatives(self, negatives, k: int, beta: float, iterations: int, dba_k: int, alpha: float
@@ -153,49 +159,33 @@ class Isc(NNOperator):
         negatives.augmented  # noqa: B018 (augment now, so that the first call is not slow)
         return negatives, record
 
-    def _make_backend(self, backend: str) -> TorchBackend | OnnxRuntimeBackend:
-        if backend == 'onnxruntime':
-            session = onnx_backend(self.model, self.img_size, self.weights_key, self.num_threads)
-            if session is not None:
-                return session
-        # asked for, or ONNX Runtime could not be set up (it warned why)
-        return TorchBackend(self.model, self.device, self.precision)
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Everything but an ONNX Runtime session, which cannot be pickled; ``__setstate__`` rebuilds it
-        from the export cache (made once per machine or shared cache folder)."""
-        state = self.__dict__.copy()
-        if isinstance(state['backend'], OnnxRuntimeBackend):
-            state['backend'] = 'onnxruntime'
-        return state
-
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         if self.num_threads is not None:  # process-wide: the new process must honour it too
             torch.set_num_threads(self.num_threads)
-        if self.backend == 'onnxruntime':
-            self.backend = self._make_backend('onnxruntime')
-
-    @staticmethod
-    def _checkpoint(model_name: str, checkpoint_path, timm_backbone: str | None) -> Checkpoint:
-        if checkpoint_path is not None:
-            return read_checkpoint(checkpoint_path)
-        weights = get_weights(model_name)
-        if timm_backbone is not None and timm_name(timm_backbone) != weights.arch:
-            raise ValueError(f'there are no published ISC weights for timm_backbone={timm_backbone!r} '
-                             f'({model_name!r} is {weights.arch}); pass checkpoint_path= with your own weights')
-        return load_published(model_name)
 
     @property
     def embedding_dim(self) -> int:
-        return self.model.embedding_dim
+        return self.spec.embedding_dim
+
+    @property
+    def net(self) -> IscNet:
+        """The PyTorch network with its weights."""
+        return self._local_model().net
+
+    def _local_model(self) -> IscModel:
+        """The IscModel; an operator whose network runs in Triton holds no weights."""
+        if not isinstance(self.model, IscModel):
+            raise ValueError(f'the network of {self.model_name!r} runs in Triton ({type(self.model).__name__}): '
+                             'its weights are not loaded in this process')
+        return self.model
 
     @property
     def fingerprint(self) -> dict[str, Any]:
         """What makes the vectors, whatever the backend or batch size: the weights' content key, the
         input size and every setting that changes pixels or numbers. Equal fingerprints give
         interchangeable vectors (to ~1e-5); a workflow records it to refuse mixing two models."""
-        return {'weights': self.weights_key, 'img_size': self.img_size, 'precision': self.precision,
+        return {'weights': self._local_model().weights_key, 'img_size': self.img_size, 'precision': self.precision,
                 'exif_transpose': self.exif_transpose, 'fast_decode': self.fast_decode,
                 'decode_on_device': self.decode_on_device, 'skip_preprocess': self.skip_preprocess}
 
@@ -284,7 +274,7 @@ class Isc(NNOperator):
 
         starts = range(0, len(items), self.batch_size)
         if len(starts) == 1:
-            return self._checked(self.backend(prepare(0)), 0)
+            return self._checked(self._run(prepare(0)), 0)
         out = []
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending = pool.submit(prepare, 0)
@@ -292,8 +282,12 @@ class Isc(NNOperator):
                 batch = pending.result()
                 if start + self.batch_size < len(items):
                     pending = pool.submit(prepare, start + self.batch_size)
-                out.append(self._checked(self.backend(batch), start))
+                out.append(self._checked(self._run(batch), start))
         return np.concatenate(out)
+
+    def _run(self, batch: torch.Tensor) -> np.ndarray:
+        """The network on one batch: an IscModel here, or the ONNX model in Triton (a torch tensor either way)."""
+        return self.model(batch).cpu().numpy()
 
     def _checked(self, vectors: np.ndarray, start: int) -> np.ndarray:
         """The backend's vectors, refused if any is not a finite unit vector: broken weights must never
@@ -333,7 +327,7 @@ class Isc(NNOperator):
             path = path / file_name
         path.parent.mkdir(parents=True, exist_ok=True)
         # Export a CPU fp32 copy, so the live model (maybe serving other threads) is never touched.
-        model = copy.deepcopy(self.model).cpu().float().eval()
+        model = copy.deepcopy(self.net).cpu().float().eval()
         if format == 'pytorch':
             save_checkpoint(model, path, self.img_size)
         elif format == 'torchscript':

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_write, exclusive, remove_partials
-from .model import Checkpoint, CheckpointError, read_checkpoint
+from .model import Checkpoint, CheckpointError, read_checkpoint, strip_module_prefix, timm_name
 
 # Overrides the release URL below (a mirror, or an internal server on an air-gapped site).
 WEIGHTS_URL_ENV = 'TOWHEE_ISC_WEIGHTS_URL'
@@ -66,7 +66,9 @@ def load_published(name: str) -> Checkpoint:
     """The checkpoint of published weights ``name``, downloaded once into torch hub's cache.
 
     The download goes to a temporary file beside the target and is renamed into place only once it
-    is complete and reads as a checkpoint, so the cache never holds a partial or corrupt file.
+    is complete and reads as a checkpoint of the network the table describes, so the cache never
+    holds a partial or corrupt file, nor another network (an operator describes published weights by
+    the table until they are downloaded, and by the cached file after).
     """
     weights = get_weights(name)
     target = weights.cache_path
@@ -87,7 +89,17 @@ def load_published(name: str) -> Checkpoint:
                 raise CheckpointError(f'{weights.url} did not give a readable ISC checkpoint (it sent '
                                       f'{tmp.stat().st_size} bytes starting {start!r}), so nothing was cached; '
                                       f'check {WEIGHTS_URL_ENV} or pass checkpoint_path=') from e
+            _check_is_published(ckpt, weights)
     return Checkpoint(ckpt.state_dict, ckpt.arch, ckpt.input_size, str(target))
+
+
+def _check_is_published(ckpt: Checkpoint, weights: Weights) -> None:
+    fc = strip_module_prefix(ckpt.state_dict).get('fc.weight')
+    found = (timm_name(ckpt.arch or '?'), None if fc is None else fc.shape[0])
+    if found != (weights.arch, weights.embedding_dim):
+        raise CheckpointError(f'{weights.url} gave a checkpoint of {found[0]} with {found[1]}-d vectors, not the '
+                              f'published {weights.arch} with {weights.embedding_dim}-d vectors, so nothing was '
+                              f'cached; check {WEIGHTS_URL_ENV} or pass checkpoint_path=')
 
 
 # A download gives up when it takes longer than this in all (seconds; TOWHEE_ISC_DOWNLOAD_TIMEOUT), or

@@ -21,7 +21,7 @@ def test_auto_is_onnxruntime_for_fp32_on_cpu_else_torch():
 def test_backends_agree_within_1e4(small_ckpt, photos):
     ort = Isc(checkpoint_path=small_ckpt, device='cpu', backend='onnxruntime')
     eager = Isc(checkpoint_path=small_ckpt, device='cpu', backend='torch')
-    assert isinstance(ort.backend, OnnxRuntimeBackend) and isinstance(eager.backend, TorchBackend)
+    assert isinstance(ort.model.backend, OnnxRuntimeBackend) and isinstance(eager.model.backend, TorchBackend)
     assert np.abs(np.stack(ort(photos)) - np.stack(eager(photos))).max() < 1e-4
 
 
@@ -62,7 +62,7 @@ def test_missing_onnxruntime(small_ckpt, monkeypatch):
     monkeypatch.setattr(builtins, '__import__', no_onnxruntime)
     with pytest.raises(ImportError, match=r"backend='onnxruntime' needs ONNX Runtime: pip install onnxruntime"):
         Isc(checkpoint_path=small_ckpt, device='cpu', backend='onnxruntime')
-    assert isinstance(Isc(checkpoint_path=small_ckpt, device='cpu').backend, TorchBackend)  # auto falls back
+    assert isinstance(Isc(checkpoint_path=small_ckpt, device='cpu').model.backend, TorchBackend)  # auto falls back
 
 
 def test_bad_backend_and_precision_arguments(small_ckpt):
@@ -79,8 +79,8 @@ def test_bad_backend_and_precision_arguments(small_ckpt):
 @pytest.mark.parametrize('precision', ['fp16', 'bf16'])
 def test_reduced_precision_gives_unit_float32_vectors_close_to_fp32(small_ckpt, small_op, photos, precision):
     op = Isc(checkpoint_path=small_ckpt, device='cpu', precision=precision)
-    assert isinstance(op.backend, TorchBackend) and op.backend.dtype == backends.PRECISIONS[precision]
-    assert next(op.model.parameters()).dtype == torch.float32  # the fp32 master stays for export
+    assert isinstance(op.model.backend, TorchBackend) and op.model.backend.dtype == backends.PRECISIONS[precision]
+    assert next(op.net.parameters()).dtype == torch.float32  # the fp32 master stays for export
     vectors = np.stack(op(photos))
     assert vectors.dtype == np.float32 and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
     cosine = (vectors * np.stack(small_op(photos))).sum(1)
@@ -121,7 +121,7 @@ def test_operator_pickles_and_gives_identical_vectors_after(small_ckpt, photos, 
     monkeypatch.setattr(backends, 'export_onnx', lambda *a: pytest.fail('unpickling exported the model again'))
     try:
         copy = pickle.loads(pickle.dumps(op))
-        assert type(copy.backend) is type(op.backend) and copy.backend is not op.backend
+        assert type(copy.model.backend) is type(op.model.backend) and copy.model.backend is not op.model.backend
         assert np.array_equal(np.stack(copy(photos)), np.stack(op(photos)))
         assert copy.fingerprint == op.fingerprint and copy.num_threads == 1
     finally:
@@ -132,12 +132,12 @@ def test_num_threads_sets_onnxruntime_and_torch_threads(small_ckpt):
     before = torch.get_num_threads()
     try:
         op = Isc(checkpoint_path=small_ckpt, device='cpu', num_threads=1)
-        assert op.backend.session.get_session_options().intra_op_num_threads == 1
+        assert op.model.backend.session.get_session_options().intra_op_num_threads == 1
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
     every = Isc(checkpoint_path=small_ckpt, device='cpu')  # None: every core this process may use
-    assert every.backend.session.get_session_options().intra_op_num_threads == backends.cpu_count()
+    assert every.model.backend.session.get_session_options().intra_op_num_threads == backends.cpu_count()
     assert torch.get_num_threads() == before
     for bad in (0, 1.5, '2'):
         with pytest.raises(ValueError, match='num_threads must be a positive int or None'):

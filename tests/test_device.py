@@ -36,4 +36,4 @@ def test_unavailable_or_unknown_devices_are_clear_errors(monkeypatch):
 def test_operator_runs_on_the_chosen_device(small_ckpt):
     from towhee_isc import Isc
     op = Isc(checkpoint_path=small_ckpt, device=torch.device('cpu'))
-    assert op.device == torch.device('cpu') and next(op.model.parameters()).device.type == 'cpu'
+    assert op.device == torch.device('cpu') and next(op.net.parameters()).device.type == 'cpu'

@@ -63,7 +63,7 @@ def test_default_path_is_saved_format_beside_the_operator(small_op):
 
 def test_export_leaves_the_live_model_alone(small_op, photos, tmp_path, want):
     small_op.save_model('torchscript', tmp_path)
-    assert not small_op.model.training
+    assert not small_op.net.training
     assert np.abs(np.stack(small_op(photos[:3])) - want).max() == 0
 
 

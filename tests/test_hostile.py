@@ -98,6 +98,13 @@ def test_image_bytes_are_accepted_and_bad_bytes_refused(small_op, photos):
         small_op(b'<html>not an image</html>')
     with pytest.raises(ImageError, match='cannot read image bytes'):
         small_op(buffer.getvalue()[:200])
+    # The same bytes in a 1-d uint8 array (what Towhee's Triton client sends), and the same refusals.
+    as_array = np.frombuffer(buffer.getvalue(), dtype=np.uint8)
+    assert np.abs(small_op(as_array) - small_op(photos[2])).max() < 1e-6
+    with pytest.raises(ImageError, match='empty image bytes'):
+        small_op(np.zeros(0, np.uint8))
+    with pytest.raises(ImageError, match='is not an image'):
+        small_op(np.frombuffer(b'<html>not an image</html>', dtype=np.uint8))
 
 
 def test_a_tensor_that_requires_grad_is_fine(small_ckpt, small_op, photos):
@@ -150,10 +157,11 @@ def test_broken_weights_are_refused_at_load(small_ckpt, tmp_path, damage, messag
 
 
 def test_a_vector_that_is_not_finite_is_never_returned(small_op, photos, monkeypatch):
-    monkeypatch.setattr(small_op, 'backend', lambda batch: np.full((len(batch), 256), np.nan, np.float32))
+    # The model here stands for whatever computes the vectors: the local network, or Triton's ONNX model.
+    monkeypatch.setattr(small_op, 'model', lambda batch: torch.full((len(batch), 256), float('nan')))
     with pytest.raises(ValueError, match='non-finite or zero vector'):
         small_op(photos[0])
-    monkeypatch.setattr(small_op, 'backend', lambda batch: np.zeros((len(batch), 256), np.float32))
+    monkeypatch.setattr(small_op, 'model', lambda batch: torch.zeros((len(batch), 256)))
     with pytest.raises(ValueError, match='non-finite or zero vector'):
         small_op(photos[:2])
 
@@ -192,7 +200,7 @@ def test_an_unusable_cache_folder_falls_back_to_pytorch(small_ckpt, small_op, ph
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'file' / 'torch'))
     with pytest.warns(UserWarning, match='running PyTorch instead'):
         op = Isc(checkpoint_path=small_ckpt, device='cpu')
-    assert op.backend.name == 'torch'
+    assert op.model.backend.name == 'torch'
     assert np.abs(op(photos[0]) - small_op(photos[0])).max() < 1e-4
 
 
@@ -247,9 +255,10 @@ def test_a_dripping_server_is_given_up_on(hub_dir, small_ckpt, monkeypatch):
     server.httpd.shutdown()
 
 
-def test_a_killed_download_leaves_nothing_that_lasts(hub_dir, small_ckpt, tmp_path):
-    server = DripServer(small_ckpt.read_bytes(), step=1 << 16, pause=0.05)
-    script = 'from towhee_isc import Isc; Isc(device="cpu")'
+def test_a_killed_download_leaves_nothing_that_lasts(hub_dir, effnet_ckpt, tmp_path):
+    published = effnet_ckpt.read_bytes()  # a synthetic checkpoint of the published network
+    server = DripServer(published, step=1 << 16, pause=0.05)
+    script = 'from towhee_isc import Isc; Isc(device="cpu", backend="torch")'
     env = {**os.environ, 'TOWHEE_ISC_WEIGHTS_URL': server.url, 'TORCH_HOME': str(hub_dir.parent.parent)}
     process = subprocess.Popen([sys.executable, '-c', script], env=env, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
@@ -259,7 +268,7 @@ def test_a_killed_download_leaves_nothing_that_lasts(hub_dir, small_ckpt, tmp_pa
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert list(hub_dir.glob('*.partial')), 'the download had not started'
-    fast = DripServer(small_ckpt.read_bytes(), step=1 << 20, pause=0)
+    fast = DripServer(published, step=1 << 20, pause=0)
     env['TOWHEE_ISC_WEIGHTS_URL'] = fast.url
     subprocess.run([sys.executable, '-c', script], env=env, check=True, capture_output=True, timeout=300)
     assert sorted(p.name for p in hub_dir.iterdir()) == ['isc_ft_v107.pth.tar']

@@ -18,7 +18,7 @@ def effnet_reference(effnet_ckpt, photos, reference):
 def test_published_architecture_matches_reference(effnet_ckpt, photos, effnet_reference, backend, tolerance):
     op = Isc(checkpoint_path=effnet_ckpt, device='cpu', backend=backend)
     assert op.img_size == 512 and op.embedding_dim == 256
-    assert op.model.backbone.feature_info[-1]['num_chs'] == 512
+    assert op.net.backbone.feature_info[-1]['num_chs'] == 512
     assert np.abs(np.stack(op(photos[:3])) - effnet_reference).max() < tolerance
 
 
@@ -27,7 +27,7 @@ def test_resnet50_backbone_matches_reference(tmp_path, photos, reference):
     path = tmp_path / 'r50.pth.tar'
     make_synthetic_checkpoint(path, 'resnet50', 128, photos)
     op = Isc(checkpoint_path=path, timm_backbone='resnet50', device='cpu')
-    assert op.model.backbone.feature_info[-1]['num_chs'] == 2048
+    assert op.net.backbone.feature_info[-1]['num_chs'] == 2048
     assert op.transform.transforms[-1].mean == (0.485, 0.456, 0.406)  # resnet50's own mean/std
     assert np.abs(np.stack(op(photos[:4])) - reference(path, photos[:4])).max() < 1e-5
 
@@ -35,10 +35,10 @@ def test_resnet50_backbone_matches_reference(tmp_path, photos, reference):
 def test_synthetic_checkpoint_is_numerically_sane(small_op, photos):
     """Calibrated BatchNorm: fp32 agrees with fp64, and different photos get different vectors."""
     x = torch.stack([small_op.transform(p) for p in photos])
-    model64 = IscNet(small_op.model.arch).double().eval()
-    model64.load_state_dict(small_op.model.state_dict())
+    model64 = IscNet(small_op.net.arch).double().eval()
+    model64.load_state_dict(small_op.net.state_dict())
     with torch.no_grad():
-        diff = (small_op.model(x).double() - model64(x.double())).abs().max().item()
+        diff = (small_op.net(x).double() - model64(x.double())).abs().max().item()
     assert diff < 1e-4
     vectors = np.stack(small_op(photos))
     similarity = vectors @ vectors.T
@@ -54,7 +54,7 @@ def test_gem_with_mean_equals_avg_pool_and_general_power():
 
 
 def test_state_dict_names_match_the_reference_checkpoint_layout(small_op):
-    keys = list(small_op.model.state_dict())
+    keys = list(small_op.net.state_dict())
     assert keys[-6:] == ['fc.weight', 'bn.weight', 'bn.bias', 'bn.running_mean', 'bn.running_var',
                          'bn.num_batches_tracked']
     assert all(k.startswith(('backbone.', 'fc.', 'bn.')) for k in keys)

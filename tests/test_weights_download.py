@@ -57,15 +57,27 @@ def test_default_url_is_the_winners_release(monkeypatch):
     assert WEIGHTS['isc_selfsup_v98'].url.endswith('/v1.0.1/isc_selfsup_v98.pth.tar')
 
 
-def test_download_once_into_torch_hub_checkpoints(server, hub_dir, small_ckpt, small_op, photos):
-    server.serve(RELEASE_PATH + '/isc_selfsup_v98.pth.tar', small_ckpt.read_bytes())
-    op = Isc(model_name='isc_selfsup_v98', device='cpu')
-    assert (hub_dir / 'isc_selfsup_v98.pth.tar').read_bytes() == small_ckpt.read_bytes()
+def test_download_once_into_torch_hub_checkpoints(server, hub_dir, effnet_ckpt, photos):
+    # A synthetic checkpoint of the published network stands for the published file.
+    server.serve(RELEASE_PATH + '/isc_selfsup_v98.pth.tar', effnet_ckpt.read_bytes())
+    op = Isc(model_name='isc_selfsup_v98', device='cpu', backend='torch')
+    assert (hub_dir / 'isc_selfsup_v98.pth.tar').read_bytes() == effnet_ckpt.read_bytes()
     assert sorted(p.name for p in hub_dir.iterdir()) == ['isc_selfsup_v98.pth.tar']  # no temporary left
     assert (hub_dir / 'isc_selfsup_v98.pth.tar').stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
-    assert np.abs(op(photos[0]) - small_op(photos[0])).max() < 1e-6
-    Isc(model_name='isc_selfsup_v98', device='cpu')
+    local = Isc(checkpoint_path=effnet_ckpt, device='cpu', backend='torch')
+    assert np.abs(op(photos[0]) - local(photos[0])).max() < 1e-6
+    Isc(model_name='isc_selfsup_v98', device='cpu', backend='torch')
     assert server.requests == [RELEASE_PATH + '/isc_selfsup_v98.pth.tar']  # the cache is reused
+
+
+def test_a_download_of_another_network_is_refused_and_not_cached(server, hub_dir, small_ckpt):
+    # A mirror serving some other ISC checkpoint under the published name: the operator was described
+    # by the weights table (EfficientNetV2-M), so these weights must not be used, now or later.
+    server.serve(RELEASE_PATH + '/isc_ft_v107.pth.tar', small_ckpt.read_bytes())
+    with pytest.raises(CheckpointError, match=r'gave a checkpoint of resnet18 with 256-d vectors, not the published '
+                                              r'tf_efficientnetv2_m.in21k_ft_in1k.*nothing was cached'):
+        Isc(device='cpu')
+    assert not any(hub_dir.iterdir())
 
 
 def test_a_file_already_in_the_cache_needs_no_network(hub_dir, small_ckpt, monkeypatch):
@@ -104,10 +116,10 @@ def test_corrupt_file_in_the_cache_says_delete_it(hub_dir):
         Isc(device='cpu')
 
 
-def test_mirror_override(server, hub_dir, small_ckpt, monkeypatch):
+def test_mirror_override(server, hub_dir, effnet_ckpt, monkeypatch):
     monkeypatch.setenv('TOWHEE_ISC_WEIGHTS_URL', server.url + '/mirror/isc/')
-    server.serve('/mirror/isc/isc_ft_v107.pth.tar', small_ckpt.read_bytes())
-    Isc(device='cpu')
+    server.serve('/mirror/isc/isc_ft_v107.pth.tar', effnet_ckpt.read_bytes())
+    Isc(device='cpu', backend='torch')
     assert server.requests == ['/mirror/isc/isc_ft_v107.pth.tar']
     assert (hub_dir / 'isc_ft_v107.pth.tar').is_file()
 

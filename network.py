@@ -1,0 +1,139 @@
+"""The network the operator calls, behind Towhee's ``accelerate``.
+
+``ModelSpec`` is what the operator knows about its weights before reading them (architecture, input
+size, embedding size), enough to preprocess images and check results. ``IscModel`` reads the weights,
+builds the network and runs it with a backend. The operator makes it through ``accelerated_model``: in
+a Triton model repository built by ``towhee.build_pipeline_model``, that returns a client of the
+repository's ONNX model instead, so a Triton-side operator only preprocesses, and never reads or
+holds the weights.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+with warnings.catch_warnings():  # Towhee's own imports warn about pkg_resources and pydantic: not ours to fix
+    warnings.filterwarnings('ignore', message='pkg_resources is deprecated')
+    warnings.filterwarnings('ignore', category=DeprecationWarning)
+    try:
+        from towhee import accelerate
+    except ImportError:  # Towhee 0.9: its draft of accelerate fails outside its runtime, and it has no Triton route
+        def accelerate(model):
+            return model
+
+from .backends import OnnxRuntimeBackend, TorchBackend, onnx_backend, weights_key
+from .model import Checkpoint, CheckpointError, IscNet, build_model, check_arch, read_checkpoint, strip_module_prefix
+from .weights import WEIGHTS_URL_ENV, get_weights, load_published
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The weights an operator uses, as known before reading them.
+
+    A checkpoint file, or published weights already downloaded, is described by its metadata and
+    the shape of its ``fc.weight`` (the file is mapped, its weights not read); published weights
+    not downloaded (yet, or ever: a Triton server) by the weights table alone.
+    """
+    name: str                    # the published name, or the checkpoint file's name without suffixes
+    arch: str                    # timm name of the backbone (mean/std, and checked against the weights)
+    img_size: int                # square input side S
+    embedding_dim: int           # D
+    checkpoint_path: str | None  # None: the published weights ``name``
+    timm_backbone: str | None    # the user's override of the checkpoint's architecture
+
+    @classmethod
+    def resolve(cls, model_name: str, checkpoint_path: Any, timm_backbone: str | None,
+                img_size: int | None) -> ModelSpec:
+        if timm_backbone is not None:
+            check_arch(timm_backbone)
+        if checkpoint_path is None:
+            weights = get_weights(model_name)
+            if timm_backbone is not None and check_arch(timm_backbone) != weights.arch:
+                raise ValueError(f'there are no published ISC weights for timm_backbone={timm_backbone!r} '
+                                 f'({model_name!r} is {weights.arch}); pass checkpoint_path= with your own weights')
+            if not weights.cache_path.is_file():
+                return cls(model_name, weights.arch, img_size or weights.input_size, weights.embedding_dim,
+                           None, None)
+            file, name = weights.cache_path, model_name
+        else:
+            # Kept as given, not made absolute: an operator rebuilt elsewhere (a Triton server) reads it there.
+            checkpoint_path = str(checkpoint_path)
+            file, name = checkpoint_path, Path(checkpoint_path).name.split('.')[0]
+        header = read_checkpoint(file, mmap=True)
+        arch = timm_backbone or header.arch
+        if arch is None:
+            raise CheckpointError(f'{header.source!r} is a plain state dict without metadata: '
+                                  f"say its architecture with timm_backbone= (e.g. 'resnet50')")
+        fc = strip_module_prefix(header.state_dict).get('fc.weight')
+        if fc is None or fc.ndim != 2:
+            raise CheckpointError(f"{header.source!r} has no 2-d 'fc.weight': not an ISC descriptor checkpoint")
+        size = img_size or header.input_size
+        if not size:
+            raise ValueError(f'{header.source!r} does not say its input size: pass img_size= '
+                             '(512 for the published models)')
+        return cls(name, check_arch(arch), size, fc.shape[0], checkpoint_path, timm_backbone)
+
+    def load(self) -> Checkpoint:
+        """The checkpoint, read in full (published weights downloaded once into torch hub's cache)."""
+        return load_published(self.name) if self.checkpoint_path is None else read_checkpoint(self.checkpoint_path)
+
+
+class IscModel:
+    """The ISC network with its weights, run by one backend.
+
+    Called with a preprocessed (N, 3, S, S) float32 tensor, it returns the (N, D) float32 embeddings
+    as a CPU tensor, rows L2-normalised. It pickles (Ray): an ONNX Runtime session is left out and
+    rebuilt from the export cache.
+
+    Args:
+        spec: the weights to read.
+        device: where PyTorch runs.
+        backend: ``'torch'`` or ``'onnxruntime'`` (resolved by ``backends.resolve_backend``).
+        precision: ``'fp32'``, ``'fp16'`` or ``'bf16'`` (PyTorch backend).
+        num_threads: ONNX Runtime's intra-op threads; None: every core.
+    """
+
+    def __init__(self, spec: ModelSpec, device: torch.device, backend: str, precision: str,
+                 num_threads: int | None):
+        self.net: IscNet = build_model(spec.load(), spec.timm_backbone)
+        if check_arch(self.net.arch) != spec.arch or self.net.embedding_dim != spec.embedding_dim:
+            raise CheckpointError(f'the weights of {spec.name!r} are a {self.net.arch} network giving '
+                                  f'{self.net.embedding_dim}-d vectors, not the {spec.arch} giving '
+                                  f'{spec.embedding_dim}-d vectors expected: not the published file '
+                                  f'(check {WEIGHTS_URL_ENV}), or changed while the operator was built')
+        self.img_size = spec.img_size
+        self.weights_key = weights_key(self.net, spec.img_size)
+        self.device, self.precision, self.num_threads = device, precision, num_threads
+        self.backend = self._make_backend(backend)
+
+    def _make_backend(self, backend: str) -> TorchBackend | OnnxRuntimeBackend:
+        if backend == 'onnxruntime':
+            session = onnx_backend(self.net, self.img_size, self.weights_key, self.num_threads)
+            if session is not None:
+                return session
+        # asked for, or ONNX Runtime could not be set up (it warned why)
+        return TorchBackend(self.net, self.device, self.precision)
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.backend(batch))
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        if isinstance(state['backend'], OnnxRuntimeBackend):
+            state['backend'] = 'onnxruntime'
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self.backend == 'onnxruntime':
+            self.backend = self._make_backend('onnxruntime')
+
+
+# Towhee's accelerate decorator, applied by call so that IscModel stays a plain class that pickles.
+# Outside Triton this builds an IscModel; in a Triton repository it gives a towhee TritonClient that
+# sends the batch to the repository's ONNX model and returns its (N, D) output as a torch tensor.
+accelerated_model = accelerate(IscModel)
