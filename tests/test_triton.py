@@ -1,0 +1,149 @@
+"""Towhee's route to Triton: README's build block makes a model repository in one process; another
+process plays Triton's Python backend (``triton_side.py``: Towhee's mock Triton utilities, the
+repository's ONNX model in ONNX Runtime as the model the pipeline calls). That process finds the
+operator only through Towhee's hub folder, and has no weights and no network."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import dill
+import numpy as np
+import pytest
+
+from towhee_isc import Isc
+from towhee_isc.weights import WEIGHTS, WEIGHTS_URL_ENV
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+README = REPO / 'README.md'
+NO_NETWORK = 'http://127.0.0.1:9/'  # the discard port: nothing listens, so a download fails at once
+
+
+def readme_build_block() -> str:
+    """README's Triton build script, as written."""
+    match = re.search(r'```python\n(# build_triton\.py\n.*?)```', README.read_text(), re.S)
+    assert match, 'README has no ```python block starting with "# build_triton.py"'
+    return match.group(1)
+
+
+def run(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, cwd=cwd, env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+@pytest.fixture
+def server(tmp_path) -> tuple[Path, dict[str, str]]:
+    """The Triton side: a working folder, and an environment whose Towhee hub folder holds this
+    checkout, with an empty torch hub (no weights) and no reachable weights server."""
+    home = tmp_path / 'towhee_home'
+    shutil.copytree(REPO, home / 'operators' / 'image-embedding' / 'isc' / 'versions' / 'main',
+                    ignore=shutil.ignore_patterns('.git', '.venv*', '__pycache__', 'saved', '*.egg-info'))
+    folder = tmp_path / 'server'
+    folder.mkdir()
+    return folder, {'TOWHEE_HOME': str(home), 'TORCH_HOME': str(tmp_path / 'server_torch'), WEIGHTS_URL_ENV: NO_NETWORK}
+
+
+def serve(repository: Path, images: list[Path], server: tuple[Path, dict[str, str]]) -> dict:
+    folder, env = server
+    result = run([sys.executable, str(TESTS / 'triton_side.py'), str(repository), *map(str, images)], folder, env)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def operator_vectors(op: Isc, images: list[Path]) -> np.ndarray:
+    """What the operator gives for the images as triton_side.py sends them: the file's bytes, then
+    the decoded RGB array."""
+    from PIL import Image
+    return np.stack([v for image in images
+                     for v in (op(image.read_bytes()), op(np.asarray(Image.open(image).convert('RGB'))))])
+
+
+@pytest.fixture
+def images(tmp_path, photos) -> list[Path]:
+    paths = []
+    for i, photo in enumerate(photos[:2]):
+        paths.append(tmp_path / f'photo{i}.jpg')
+        photo.convert('RGB').save(paths[-1], quality=90)
+    return paths
+
+
+def test_readme_recipe_runs_the_network_as_the_repositorys_onnx_model(effnet_ckpt, images, server, tmp_path,
+                                                                    monkeypatch):
+    # The build machine: the published weights in its torch hub (a synthetic checkpoint of the
+    # published architecture under the published file name), README's block run as written.
+    build_torch = tmp_path / 'build_torch'
+    (build_torch / 'hub' / 'checkpoints').mkdir(parents=True)
+    shutil.copy(effnet_ckpt, build_torch / 'hub' / 'checkpoints' / WEIGHTS['isc_ft_v107'].file_name)
+    build = tmp_path / 'build'
+    build.mkdir()
+    (build / 'build_triton.py').write_text(readme_build_block())
+    run([sys.executable, 'build_triton.py'], build, {'TORCH_HOME': str(build_torch), WEIGHTS_URL_ENV: NO_NETWORK})
+    repository = build / 'model_repository'
+    onnx_model = repository / 'image-embedding.isc-0' / '1' / 'model.onnx'
+    assert onnx_model.is_file() and (repository / 'pipeline' / '1' / 'pipe.pickle').is_file()
+    assert 'KIND_GPU' in (repository / 'image-embedding.isc-0' / 'config.pbtxt').read_text()
+
+    result = serve(repository, images, server)
+
+    # The network ran as the ONNX model, once per image, on the preprocessed tensor ...
+    assert result['onnx_calls'] == [[1, 3, 512, 512]] * (2 * len(images))
+    # ... the operator came from the hub folder, and read no weights there (none exist, none downloadable).
+    assert 'towhee.operator.image_embedding.isc.main.isc' in result['operator_modules']
+    assert not result['towhee_isc_imported']
+    assert result['torch_loads'] == []
+    monkeypatch.setenv('TORCH_HOME', str(build_torch))
+    expected = operator_vectors(Isc(model_name='isc_ft_v107', device='cpu'), images)
+    assert np.abs(np.array(result['vectors']) - expected).max() < 1e-5
+
+
+def test_a_checkpoint_path_is_kept_as_written_and_only_its_header_is_read_on_the_server(small_ckpt, images, server,
+                                                                                          tmp_path):
+    build = tmp_path / 'build'
+    (build / 'weights').mkdir(parents=True)
+    shutil.copy(small_ckpt, build / 'weights' / 'small.pth.tar')
+    code = '''
+import towhee
+from towhee import AutoConfig, ops, pipe
+import towhee_isc
+p = (pipe.input('image')
+     .map('image', 'vec', ops.image_embedding.isc(checkpoint_path='weights/small.pth.tar', device='cpu'),
+          config=AutoConfig.TritonCPUConfig())
+     .output('vec'))
+assert towhee.build_pipeline_model(dc_pipeline=p, model_root='repo', format_priority=['onnx'], parallelism=1)
+'''
+    run([sys.executable, '-c', code], build, {})
+    with open(build / 'repo' / 'pipeline' / '1' / 'pipe.pickle', 'rb') as f:
+        dag = dill.load(f)
+    [node] = [n for n in dag.nodes.values() if n.op_info.operator == 'image-embedding/isc']
+    assert node.op_info.init_kws['checkpoint_path'] == 'weights/small.pth.tar'  # not the build machine's absolute path
+
+    folder, _ = server
+    (folder / 'weights').mkdir()
+    shutil.copy(small_ckpt, folder / 'weights' / 'small.pth.tar')
+    shutil.rmtree(build / 'weights')  # the build machine's copy is not what the server reads
+    result = serve(build / 'repo', images, server)
+
+    assert len(result['onnx_calls']) == 2 * len(images)
+    assert result['torch_loads'] == [{'file': 'weights/small.pth.tar', 'mmap': True}]  # the header, mapped
+    expected = operator_vectors(Isc(checkpoint_path=small_ckpt, device='cpu'), images)
+    assert np.abs(np.array(result['vectors']) - expected).max() < 1e-5
+
+
+def test_an_operator_whose_network_runs_in_triton_says_so_where_weights_are_needed(small_ckpt):
+    from towhee.runtime.node_config import NodeConfig
+    from towhee.runtime.runtime_conf import set_runtime_config
+
+    config = NodeConfig(name='isc', acc_info={'type': 'triton', 'params': {
+        'model_name': 'image-embedding.isc-0', 'inputs': ['images'], 'outputs': ['embeddings']}})
+    with set_runtime_config(config):
+        op = Isc(checkpoint_path=small_ckpt, device='cpu')
+    assert type(op.model).__name__ == 'TritonClient' and op.embedding_dim == 256
+    for needs_weights in (lambda: op.fingerprint, lambda: op.net, lambda: op.save_model('onnx', 'x.onnx')):
+        with pytest.raises(ValueError, match='runs in Triton'):
+            needs_weights()
