@@ -51,6 +51,8 @@ def regular_file(path: Path, where: str = '') -> Path:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
         raise ImageError(f'image file not found: {str(path)!r}{where}') from None
+    except ValueError:  # a NUL character: no file can have that name
+        raise ImageError(f'{str(path)!r} is not a file name (it holds a NUL character){where}') from None
     except OSError as e:
         raise ImageError(f'cannot read image file {str(path)!r}{where}: {e.strerror}') from None
     if not stat.S_ISREG(mode):
@@ -184,11 +186,13 @@ def _array_to_pil(array: np.ndarray, where: str) -> Image.Image:
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
     if array.ndim == 2:
+        check_pixels(array.shape[1], array.shape[0], f'image array{where}')
         if mode not in (None, *GRAY_MODES):
             raise ImageError(f'a 2-d image array cannot have mode {mode!r}{where}')
         return Image.fromarray(np.ascontiguousarray(array), 'L').convert('RGB')
     if array.ndim != 3 or array.shape[2] not in (3, 4):
         raise ImageError(f'image arrays must be HxW, HxWx1, HxWx3 or HxWx4, got shape {array.shape}{where}')
+    check_pixels(array.shape[1], array.shape[0], f'image array{where}')
     mode = (mode or ('RGB' if array.shape[2] == 3 else 'RGBA')).upper()
     if mode not in CHANNEL_ORDER or len(mode) != array.shape[2]:
         raise ImageError(f'unsupported image mode {mode!r} for shape {array.shape}{where}: '

@@ -116,7 +116,8 @@ class Isc(NNOperator):
         super().__init__()
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f'batch_size must be a positive int or None, got {batch_size!r}')
-        if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
+        if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
+                                        or num_threads < 1):
             raise ValueError(f'num_threads must be a positive int or None (every core), got {num_threads!r}')
         if img_size is not None and (isinstance(img_size, bool) or not isinstance(img_size, int)
                                      or not 32 <= img_size <= 4096):
@@ -287,7 +288,22 @@ class Isc(NNOperator):
 
     def _run(self, batch: torch.Tensor) -> np.ndarray:
         """The network on one batch: an IscModel here, or the ONNX model in Triton (a torch tensor either way)."""
-        return self.model(batch).cpu().numpy()
+        if isinstance(self.model, IscModel):
+            return self.model(batch).cpu().numpy()
+        # In Triton: the repository's ONNX model was exported on the build machine; with checkpoint_path=
+        # the server describes the weights by its own file at that path, which must be the same file.
+        fix = ('was the repository built with these settings? With checkpoint_path=, the server needs the '
+               'same checkpoint file at that path')
+        try:
+            vectors = self.model(batch).cpu().numpy()
+        except Exception as e:  # Triton's errors (pb_utils.TritonModelException and others) say what, not why
+            message = e.message() if callable(getattr(e, 'message', None)) else e
+            raise ValueError(f'the ONNX model in Triton refused a {tuple(batch.shape)} batch ({message}): '
+                             f'{fix}') from e
+        if vectors.shape != (len(batch), self.embedding_dim):
+            raise ValueError(f'the ONNX model in Triton gave {vectors.shape} vectors for {len(batch)} images, '
+                             f'not {self.embedding_dim}-d ones: {fix}')
+        return vectors
 
     def _checked(self, vectors: np.ndarray, start: int) -> np.ndarray:
         """The backend's vectors, refused if any is not a finite unit vector: broken weights must never
@@ -319,6 +335,7 @@ class Isc(NNOperator):
         """
         if format not in _EXPORT_SUFFIX:
             raise ValueError(f'unknown export format {format!r}: supported formats are {list(_EXPORT_SUFFIX)}')
+        net = self.net  # before any folder is made: an operator whose network runs in Triton has none
         file_name = self.model_name + _EXPORT_SUFFIX[format]
         if str(path) == 'default':
             path = Path(__file__).resolve().parent / 'saved' / format / file_name
@@ -327,7 +344,7 @@ class Isc(NNOperator):
             path = path / file_name
         path.parent.mkdir(parents=True, exist_ok=True)
         # Export a CPU fp32 copy, so the live model (maybe serving other threads) is never touched.
-        model = copy.deepcopy(self.net).cpu().float().eval()
+        model = copy.deepcopy(net).cpu().float().eval()
         if format == 'pytorch':
             save_checkpoint(model, path, self.img_size)
         elif format == 'torchscript':

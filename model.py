@@ -97,6 +97,8 @@ def timm_name(arch: str) -> str:
 
 def check_arch(arch: str) -> str:
     """The timm name of ``arch``; a ValueError when timm does not know it."""
+    if not isinstance(arch, str):
+        raise TypeError(f'a timm backbone is named by a str, got {type(arch).__name__} {arch!r}')
     name = timm_name(arch)
     if not timm.is_model(name):
         raise ValueError(f'unknown timm backbone {arch!r}: give a plain timm model name such as '
@@ -136,7 +138,9 @@ def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> Checkpoint:
     fix = ('if it is a download in the cache, delete it to download it again; otherwise pass a valid ISC '
            'checkpoint as checkpoint_path')
     if not os.path.isfile(path):
-        raise CheckpointError(f'checkpoint file not found: {path!r}')
+        where = '' if os.path.isabs(path) else f' (relative to the working folder {os.getcwd()!r})'
+        what = 'is not a regular file' if os.path.exists(path) else 'not found'
+        raise CheckpointError(f'checkpoint file {path!r} {what}{where}')
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             raw = _load(path, mmap)

@@ -9,6 +9,7 @@ holds the weights.
 """
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,16 +28,17 @@ with warnings.catch_warnings():  # Towhee's own imports warn about pkg_resources
 
 from .backends import OnnxRuntimeBackend, TorchBackend, onnx_backend, weights_key
 from .model import Checkpoint, CheckpointError, IscNet, build_model, check_arch, read_checkpoint, strip_module_prefix
-from .weights import WEIGHTS_URL_ENV, get_weights, load_published
+from .weights import WEIGHTS_URL_ENV, check_cached, get_weights, load_published
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     """The weights an operator uses, as known before reading them.
 
-    A checkpoint file, or published weights already downloaded, is described by its metadata and
-    the shape of its ``fc.weight`` (the file is mapped, its weights not read); published weights
-    not downloaded (yet, or ever: a Triton server) by the weights table alone.
+    Published weights are described by the weights table, downloaded or not (a Triton server needs
+    no weights; a cached file must be the network the table describes). A checkpoint file is
+    described by its metadata and the shape of its ``fc.weight``: the file is mapped, its weights
+    not read.
     """
     name: str                    # the published name, or the checkpoint file's name without suffixes
     arch: str                    # timm name of the backbone (mean/std, and checked against the weights)
@@ -55,15 +57,13 @@ class ModelSpec:
             if timm_backbone is not None and check_arch(timm_backbone) != weights.arch:
                 raise ValueError(f'there are no published ISC weights for timm_backbone={timm_backbone!r} '
                                  f'({model_name!r} is {weights.arch}); pass checkpoint_path= with your own weights')
-            if not weights.cache_path.is_file():
-                return cls(model_name, weights.arch, img_size or weights.input_size, weights.embedding_dim,
-                           None, None)
-            file, name = weights.cache_path, model_name
-        else:
-            # Kept as given, not made absolute: an operator rebuilt elsewhere (a Triton server) reads it there.
-            checkpoint_path = str(checkpoint_path)
-            file, name = checkpoint_path, Path(checkpoint_path).name.split('.')[0]
-        header = read_checkpoint(file, mmap=True)
+            check_cached(model_name)  # a file put in the cache by hand must be the published network
+            return cls(model_name, weights.arch, img_size or weights.input_size, weights.embedding_dim, None, None)
+        if not isinstance(checkpoint_path, (str, os.PathLike)):
+            raise TypeError(f'checkpoint_path must be a str or os.PathLike, got {type(checkpoint_path).__name__}')
+        # Kept as given, not made absolute: an operator rebuilt elsewhere (a Triton server) reads it there.
+        checkpoint_path = str(checkpoint_path)
+        header = read_checkpoint(checkpoint_path, mmap=True)
         arch = timm_backbone or header.arch
         if arch is None:
             raise CheckpointError(f'{header.source!r} is a plain state dict without metadata: '
@@ -75,7 +75,11 @@ class ModelSpec:
         if not size:
             raise ValueError(f'{header.source!r} does not say its input size: pass img_size= '
                              '(512 for the published models)')
-        return cls(name, check_arch(arch), size, fc.shape[0], checkpoint_path, timm_backbone)
+        try:
+            arch = check_arch(arch)
+        except ValueError as e:  # the checkpoint's own arch: name the file
+            raise CheckpointError(f'{header.source!r}: {e}; pass timm_backbone= if it was trained with another') from e
+        return cls(Path(checkpoint_path).name.split('.')[0], arch, size, fc.shape[0], checkpoint_path, timm_backbone)
 
     def load(self) -> Checkpoint:
         """The checkpoint, read in full (published weights downloaded once into torch hub's cache)."""
@@ -101,10 +105,11 @@ class IscModel:
                  num_threads: int | None):
         self.net: IscNet = build_model(spec.load(), spec.timm_backbone)
         if check_arch(self.net.arch) != spec.arch or self.net.embedding_dim != spec.embedding_dim:
+            fix = (f'it is not the published file (check {WEIGHTS_URL_ENV})' if spec.checkpoint_path is None else
+                   f'{spec.checkpoint_path!r} changed while the operator was built')
             raise CheckpointError(f'the weights of {spec.name!r} are a {self.net.arch} network giving '
                                   f'{self.net.embedding_dim}-d vectors, not the {spec.arch} giving '
-                                  f'{spec.embedding_dim}-d vectors expected: not the published file '
-                                  f'(check {WEIGHTS_URL_ENV}), or changed while the operator was built')
+                                  f'{spec.embedding_dim}-d vectors expected: {fix}')
         self.img_size = spec.img_size
         self.weights_key = weights_key(self.net, spec.img_size)
         self.device, self.precision, self.num_threads = device, precision, num_threads

@@ -56,6 +56,8 @@ class WeightsDownloadError(OSError):
 
 def get_weights(name: str) -> Weights:
     """The table entry for ``name``; a ValueError lists the known names."""
+    if not isinstance(name, str):
+        raise TypeError(f'model_name must be a str such as {DEFAULT_WEIGHTS!r}, got {type(name).__name__}')
     if name not in WEIGHTS:
         raise ValueError(f'unknown model_name {name!r}: the published ISC weights are '
                          f'{sorted(WEIGHTS)}; for other weights pass checkpoint_path=')
@@ -67,16 +69,16 @@ def load_published(name: str) -> Checkpoint:
 
     The download goes to a temporary file beside the target and is renamed into place only once it
     is complete and reads as a checkpoint of the network the table describes, so the cache never
-    holds a partial or corrupt file, nor another network (an operator describes published weights by
-    the table until they are downloaded, and by the cached file after).
+    holds a partial or corrupt file; a cached file that is another network is refused (see
+    ``check_cached``).
     """
     weights = get_weights(name)
     target = weights.cache_path
     if target.is_file():
-        return read_checkpoint(target)
+        return _checked_cache(read_checkpoint(target), weights)
     with exclusive(target.parent):  # one download of the cache at a time; the others then find the file
         if target.is_file():
-            return read_checkpoint(target)
+            return _checked_cache(read_checkpoint(target), weights)
         remove_partials(target)  # left by a download that was killed
         with atomic_write(target) as tmp:
             with open(tmp, 'wb') as out:
@@ -89,17 +91,40 @@ def load_published(name: str) -> Checkpoint:
                 raise CheckpointError(f'{weights.url} did not give a readable ISC checkpoint (it sent '
                                       f'{tmp.stat().st_size} bytes starting {start!r}), so nothing was cached; '
                                       f'check {WEIGHTS_URL_ENV} or pass checkpoint_path=') from e
-            _check_is_published(ckpt, weights)
+            found = _other_network(ckpt, weights)
+            if found:
+                raise CheckpointError(f'{weights.url} gave {found}, so nothing was cached; check {WEIGHTS_URL_ENV} '
+                                      'or pass checkpoint_path=')
     return Checkpoint(ckpt.state_dict, ckpt.arch, ckpt.input_size, str(target))
 
 
-def _check_is_published(ckpt: Checkpoint, weights: Weights) -> None:
+def check_cached(name: str) -> None:
+    """Refuse a file in the cache under published name ``name`` that is not the network the table
+    describes (architecture, vector size, input size), reading only its header. An operator is
+    described by the table, downloaded or not (a Triton server has no weights), so a file put there by
+    hand must not change what it computes."""
+    weights = get_weights(name)
+    if weights.cache_path.is_file():
+        _checked_cache(read_checkpoint(weights.cache_path, mmap=True), weights)
+
+
+def _checked_cache(ckpt: Checkpoint, weights: Weights) -> Checkpoint:
+    found = _other_network(ckpt, weights)
+    if found:
+        raise CheckpointError(f'{str(weights.cache_path)!r} holds {found}: delete it to download the published '
+                              'file again, or pass it as checkpoint_path=')
+    return ckpt
+
+
+def _other_network(ckpt: Checkpoint, weights: Weights) -> str | None:
+    """How ``ckpt`` differs from the network ``weights`` describes, or None."""
     fc = strip_module_prefix(ckpt.state_dict).get('fc.weight')
-    found = (timm_name(ckpt.arch or '?'), None if fc is None else fc.shape[0])
-    if found != (weights.arch, weights.embedding_dim):
-        raise CheckpointError(f'{weights.url} gave a checkpoint of {found[0]} with {found[1]}-d vectors, not the '
-                              f'published {weights.arch} with {weights.embedding_dim}-d vectors, so nothing was '
-                              f'cached; check {WEIGHTS_URL_ENV} or pass checkpoint_path=')
+    found = (timm_name(ckpt.arch) if ckpt.arch else None, None if fc is None or fc.ndim != 2 else fc.shape[0],
+             ckpt.input_size)
+    if found == (weights.arch, weights.embedding_dim, weights.input_size):
+        return None
+    return (f'a checkpoint of {found[0] or "an unnamed architecture"} with {found[1]}-d vectors at {found[2]} px, '
+            f'not the published {weights.arch} with {weights.embedding_dim}-d vectors at {weights.input_size} px')
 
 
 # A download gives up when it takes longer than this in all (seconds; TOWHEE_ISC_DOWNLOAD_TIMEOUT), or

@@ -49,6 +49,13 @@ def effnet_ckpt(tmp_path_factory, photos) -> Path:
 
 
 @pytest.fixture(scope='session')
+def effnet_op(effnet_ckpt):
+    """The operator on the published architecture's synthetic weights, given as a checkpoint file."""
+    from towhee_isc import Isc
+    return Isc(checkpoint_path=effnet_ckpt, device='cpu')
+
+
+@pytest.fixture(scope='session')
 def small_op(small_ckpt):
     from towhee_isc import Isc
     return Isc(checkpoint_path=small_ckpt, device='cpu')

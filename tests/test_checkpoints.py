@@ -95,3 +95,24 @@ def test_unknown_backbone_and_model_name(small_ckpt, hub_dir):
         Isc(model_name='isc_v1', device='cpu')
     with pytest.raises(ValueError, match="no published ISC weights for timm_backbone='resnet50'"):
         Isc(timm_backbone='resnet50', device='cpu')
+
+
+@pytest.mark.parametrize('kwargs, error, message', [
+    ({'timm_backbone': 123}, TypeError, 'a timm backbone is named by a str, got int'),
+    ({'model_name': ['isc_ft_v107']}, TypeError, 'model_name must be a str'),
+    ({'checkpoint_path': 123}, TypeError, 'checkpoint_path must be a str or os.PathLike, got int'),
+    ({'num_threads': True}, ValueError, 'num_threads must be a positive int'),
+    ({'checkpoint_path': '.'}, CheckpointError, "checkpoint file '.' is not a regular file"),
+    ({'checkpoint_path': 'no/such.pth'}, CheckpointError, r"'no/such.pth' not found \(relative to the working folder"),
+])
+def test_arguments_of_the_wrong_kind_are_named(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        Isc(device='cpu', **kwargs)
+
+
+def test_a_checkpoint_of_an_architecture_timm_does_not_know_is_named(small_ckpt, tmp_path):
+    raw = torch.load(small_ckpt, weights_only=False)
+    raw['arch'] = 'foo_net'
+    torch.save(raw, tmp_path / 'foo.pth')
+    with pytest.raises(CheckpointError, match=r"foo.pth': unknown timm backbone 'foo_net'.*pass timm_backbone="):
+        Isc(checkpoint_path=tmp_path / 'foo.pth', device='cpu')

@@ -84,7 +84,17 @@ def test_non_regular_files_are_refused_without_hanging(small_op, photos, tmp_pat
         small_op('/dev/zero')
     with pytest.raises(ImageError, match='is a folder'):
         small_op(tmp_path)
+    with pytest.raises(ImageError, match='holds a NUL character'):
+        small_op('photo\x00.jpg')
     assert_unit(small_op(photos[0]))
+
+
+def test_arrays_over_the_pixel_limit_are_refused_like_files(small_op, photos, monkeypatch):
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 100 * 100)  # the same limit, small enough to test cheaply
+    for array in (np.zeros((101, 100, 3), np.uint8), np.zeros((101, 100), np.uint8)):
+        with pytest.raises(ImageError, match='image array is 100x101 = 10,100 pixels'):
+            small_op(array)
+    assert_unit(small_op(np.zeros((100, 100, 3), np.uint8)))
 
 
 def test_image_bytes_are_accepted_and_bad_bytes_refused(small_op, photos):
@@ -301,7 +311,7 @@ def unsafe_checkpoint(small_ckpt, path):
 def test_settings_errors_stop_at_once_and_write_nothing(folder, small_ckpt, tmp_path):
     out = tmp_path / 'out.h5'
     cases = [
-        (['--checkpoint', tmp_path / 'missing.pth'], 'checkpoint file not found'),
+        (['--checkpoint', tmp_path / 'missing.pth'], 'missing.pth' + "' not found"),
         (['--checkpoint', small_ckpt, '--device', 'tpu'], "unknown device 'tpu'"),
         (['--checkpoint', small_ckpt, '--device', 'cuda'], 'no CUDA device is available'),
         (['--checkpoint', small_ckpt, '--batch-size', '0'], 'argument --batch-size: must be at least 1'),

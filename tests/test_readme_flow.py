@@ -31,9 +31,9 @@ def readme_workflow_lines() -> list[str]:
 
 
 @pytest.fixture(scope='module')
-def workspace(tmp_path_factory, photos, small_ckpt):
+def workspace(tmp_path_factory, photos, effnet_ckpt):
     """The copy-detection set, a ~/Pictures with a few copies, and the 'published' weights already in
-    the torch hub cache (a synthetic checkpoint under the published file name: no network here)."""
+    the torch hub cache (synthetic weights of the published network under its file name: no network here)."""
     root = make_copy_detection_set(tmp_path_factory.mktemp('readme'), photos)
     pictures = root / 'home' / 'Pictures'
     pictures.mkdir(parents=True)
@@ -43,7 +43,7 @@ def workspace(tmp_path_factory, photos, small_ckpt):
     photos[1].crop((10, 10, 400, 300)).save(pictures / 'cat_crop.png')
     torch_home = root / 'torch'
     (torch_home / 'hub' / 'checkpoints').mkdir(parents=True)
-    shutil.copy(small_ckpt, torch_home / 'hub' / 'checkpoints' / 'isc_ft_v107.pth.tar')
+    shutil.copy(effnet_ckpt, torch_home / 'hub' / 'checkpoints' / 'isc_ft_v107.pth.tar')
     env = {**os.environ, 'HOME': str(root / 'home'), 'TORCH_HOME': str(torch_home),
            'PATH': f'{BIN}{os.pathsep}{os.environ["PATH"]}', 'TOWHEE_ISC_WEIGHTS_URL': 'http://127.0.0.1:9/offline'}
     return root, env

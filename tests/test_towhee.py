@@ -19,10 +19,11 @@ TOWHEE09_PYTHON = Path(os.environ.get('TOWHEE09_PYTHON', REPO / '.venv-towhee09'
 
 
 @pytest.fixture
-def published_cache(hub_dir, small_ckpt):
-    """The default weights 'downloaded' already: a synthetic file under the published name."""
+def published_cache(hub_dir, effnet_ckpt):
+    """The default weights 'downloaded' already: synthetic weights of the published network under the
+    published file name."""
     hub_dir.mkdir(parents=True)
-    shutil.copy(small_ckpt, hub_dir / 'isc_ft_v107.pth.tar')
+    shutil.copy(effnet_ckpt, hub_dir / 'isc_ft_v107.pth.tar')
     return hub_dir
 
 
@@ -33,18 +34,18 @@ def jpeg(photos, tmp_path) -> Path:
     return path
 
 
-def test_import_registers_the_operator_with_towhee(published_cache, small_op, jpeg):
+def test_import_registers_the_operator_with_towhee(published_cache, effnet_op, jpeg):
     from towhee import ops
     op = ops.image_embedding.isc().get_op()
     assert isinstance(op, towhee_isc.Isc)
-    assert np.abs(op(str(jpeg)) - small_op(str(jpeg))).max() < 1e-6
+    assert np.abs(op(str(jpeg)) - effnet_op(str(jpeg))).max() < 1e-6
     keyword = ops.image_embedding.isc(checkpoint_path=str(published_cache / 'isc_ft_v107.pth.tar'),
-                                      timm_backbone='resnet18', img_size=96, skip_preprocess=False,
-                                      device='cpu').get_op()
-    assert keyword.img_size == 96
+                                      timm_backbone='tf_efficientnetv2_m.in21k_ft_in1k', img_size=128,
+                                      skip_preprocess=False, device='cpu', backend='torch').get_op()
+    assert keyword.img_size == 128
 
 
-def test_seed_pipeline_and_datacollection(published_cache, small_op, jpeg, capsys):
+def test_seed_pipeline_and_datacollection(published_cache, effnet_op, jpeg, capsys):
     from towhee import DataCollection, ops, pipe
     register_stand_in_image_decode()
     p = (pipe.input('path')
@@ -53,13 +54,13 @@ def test_seed_pipeline_and_datacollection(published_cache, small_op, jpeg, capsy
          .output('img', 'vec'))
     img, vec = p(str(jpeg)).get()
     assert img.mode == 'BGR'
-    assert np.abs(vec - small_op(str(jpeg))).max() < 1e-6
+    assert np.abs(vec - effnet_op(str(jpeg))).max() < 1e-6
     DataCollection(p(str(jpeg))).show()
     table = capsys.readouterr().out
     assert 'img' in table and 'vec' in table and 'shape=(256,)' in table
 
 
-def test_checkout_works_as_a_hub_operator_directory(published_cache, small_op, jpeg, tmp_path):
+def test_checkout_works_as_a_hub_operator_directory(published_cache, effnet_op, jpeg, tmp_path):
     """Towhee's cache route: the checkout copied to $TOWHEE_HOME/operators/image-embedding/isc/versions/main."""
     home = tmp_path / 'towhee_home'
     shutil.copytree(REPO, home / 'operators' / 'image-embedding' / 'isc' / 'versions' / 'main',
@@ -81,10 +82,10 @@ print(json.dumps({{'module': type(op).__module__, 'vec': vec.tolist(), 'imported
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out['module'].startswith('towhee.operator.image_embedding.isc.')  # loaded from the hub directory
     assert not out['imported']
-    assert np.abs(np.array(out['vec']) - small_op(str(jpeg))).max() < 1e-6
+    assert np.abs(np.array(out['vec']) - effnet_op(str(jpeg))).max() < 1e-6
 
 
-def test_seed_examples_verbatim_on_towhee_0_9(published_cache, small_op, photos, tmp_path):
+def test_seed_examples_verbatim_on_towhee_0_9(published_cache, effnet_op, photos, tmp_path):
     assert TOWHEE09_PYTHON.is_file(), (
         f'{TOWHEE09_PYTHON} is missing: scripts/setup.sh makes the Towhee 0.9 environment '
         '(or point TOWHEE09_PYTHON at one with towhee==0.9.0 and towhee-isc installed)')
@@ -96,7 +97,7 @@ def test_seed_examples_verbatim_on_towhee_0_9(published_cache, small_op, photos,
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out['towhee'] == '0.9.0'
-    want = small_op(str(tmp_path / 'towhee.jpg'))
+    want = effnet_op(str(tmp_path / 'towhee.jpg'))
     for name in ('dc2', 'chaining'):
         assert np.abs(np.array(out[name]) - want).max() < 1e-5, name
     assert out['dc2_table'] and out['chaining_table']

@@ -32,9 +32,9 @@ def readme_build_block() -> str:
     return match.group(1)
 
 
-def run(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
-    result = subprocess.run(args, cwd=cwd, env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stderr[-4000:]
+def run(args: list[str], cwd: Path, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, cwd=cwd, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 or not check, result.stderr[-4000:]
     return result
 
 
@@ -50,10 +50,12 @@ def server(tmp_path) -> tuple[Path, dict[str, str]]:
     return folder, {'TOWHEE_HOME': str(home), 'TORCH_HOME': str(tmp_path / 'server_torch'), WEIGHTS_URL_ENV: NO_NETWORK}
 
 
-def serve(repository: Path, images: list[Path], server: tuple[Path, dict[str, str]]) -> dict:
+def serve(repository: Path, images: list[Path], server: tuple[Path, dict[str, str]], check: bool = True):
+    """triton_side.py's JSON, or (check=False) the finished process."""
     folder, env = server
-    result = run([sys.executable, str(TESTS / 'triton_side.py'), str(repository), *map(str, images)], folder, env)
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    result = run([sys.executable, str(TESTS / 'triton_side.py'), str(repository), *map(str, images)], folder, env,
+                 check)
+    return json.loads(result.stdout.strip().splitlines()[-1]) if check else result
 
 
 def operator_vectors(op: Isc, images: list[Path]) -> np.ndarray:
@@ -133,6 +135,29 @@ assert towhee.build_pipeline_model(dc_pipeline=p, model_root='repo', format_prio
     assert result['torch_loads'] == [{'file': 'weights/small.pth.tar', 'mmap': True}]  # the header, mapped
     expected = operator_vectors(Isc(checkpoint_path=small_ckpt, device='cpu'), images)
     assert np.abs(np.array(result['vectors']) - expected).max() < 1e-5
+
+
+def test_a_different_checkpoint_on_the_server_is_named_not_silently_used(small_ckpt, images, server, tmp_path,
+                                                                          photos):
+    from towhee_isc.testing import make_synthetic_checkpoint
+    build = tmp_path / 'build'
+    (build / 'weights').mkdir(parents=True)
+    shutil.copy(small_ckpt, build / 'weights' / 'w.pth.tar')
+    code = """
+import towhee, towhee_isc
+from towhee import AutoConfig, ops, pipe
+p = pipe.input('image').map('image', 'vec', ops.image_embedding.isc(checkpoint_path='weights/w.pth.tar'),
+                             config=AutoConfig.TritonCPUConfig()).output('vec')
+assert towhee.build_pipeline_model(dc_pipeline=p, model_root='repo', format_priority=['onnx'], parallelism=1)
+"""
+    run([sys.executable, '-c', code], build, {})
+    folder, _ = server
+    (folder / 'weights').mkdir()
+    make_synthetic_checkpoint(folder / 'weights' / 'w.pth.tar', 'resnet18', 128, photos[:2])  # trained at 128 px
+    result = serve(build / 'repo', images, server, check=False)
+    assert result.returncode != 0
+    assert 'the ONNX model in Triton refused a (1, 3, 128, 128) batch' in result.stderr
+    assert 'the server needs the same checkpoint file at that path' in result.stderr
 
 
 def test_an_operator_whose_network_runs_in_triton_says_so_where_weights_are_needed(small_ckpt):

@@ -4,6 +4,7 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 
 from towhee_isc import Isc, WEIGHTS, WeightsDownloadError
 from towhee_isc.model import CheckpointError
@@ -74,17 +75,37 @@ def test_a_download_of_another_network_is_refused_and_not_cached(server, hub_dir
     # A mirror serving some other ISC checkpoint under the published name: the operator was described
     # by the weights table (EfficientNetV2-M), so these weights must not be used, now or later.
     server.serve(RELEASE_PATH + '/isc_ft_v107.pth.tar', small_ckpt.read_bytes())
-    with pytest.raises(CheckpointError, match=r'gave a checkpoint of resnet18 with 256-d vectors, not the published '
+    with pytest.raises(CheckpointError, match=r'gave a checkpoint of resnet18 with 256-d vectors at 96 px, not the published '
                                               r'tf_efficientnetv2_m.in21k_ft_in1k.*nothing was cached'):
         Isc(device='cpu')
     assert not any(hub_dir.iterdir())
 
 
-def test_a_file_already_in_the_cache_needs_no_network(hub_dir, small_ckpt, monkeypatch):
+def test_a_file_already_in_the_cache_needs_no_network(hub_dir, effnet_ckpt, monkeypatch):
     monkeypatch.setenv('TOWHEE_ISC_WEIGHTS_URL', 'http://127.0.0.1:9/nothing-listens-here')
     hub_dir.mkdir(parents=True)
-    (hub_dir / 'isc_ft_v107.pth.tar').write_bytes(small_ckpt.read_bytes())
-    assert Isc(device='cpu').model_name == 'isc_ft_v107'
+    (hub_dir / 'isc_ft_v107.pth.tar').write_bytes(effnet_ckpt.read_bytes())
+    assert Isc(device='cpu', backend='torch').model_name == 'isc_ft_v107'
+
+
+def test_a_cached_file_of_another_network_is_refused(hub_dir, small_ckpt, effnet_ckpt, tmp_path, monkeypatch):
+    # The operator is described by the weights table, downloaded or not (a Triton server has no weights),
+    # so a file put under the published name by hand must not change what model_name= computes.
+    monkeypatch.setenv('TOWHEE_ISC_WEIGHTS_URL', 'http://127.0.0.1:9/nothing-listens-here')
+    hub_dir.mkdir(parents=True)
+    cached = hub_dir / 'isc_ft_v107.pth.tar'
+    cached.write_bytes(small_ckpt.read_bytes())
+    with pytest.raises(CheckpointError, match=r'holds a checkpoint of resnet18 with 256-d vectors at 96 px, not the '
+                                              r'published tf_efficientnetv2_m.in21k_ft_in1k.*at 512 px: delete it'):
+        Isc(device='cpu')
+    raw = torch.load(effnet_ckpt, weights_only=False)
+    raw['args'].input_size = 384  # the published network, trained at another size
+    torch.save(raw, cached)
+    with pytest.raises(CheckpointError, match='at 384 px, not the published'):
+        Isc(device='cpu')
+    torch.save(raw['state_dict'], cached)  # a plain state dict: no architecture
+    with pytest.raises(CheckpointError, match='an unnamed architecture.*delete it'):
+        Isc(device='cpu')
 
 
 def test_404_says_which_url_and_how_to_fix(server, hub_dir):
