@@ -74,6 +74,7 @@ def load_published(name: str) -> Checkpoint:
     """
     weights = get_weights(name)
     target = weights.cache_path
+    _check_regular(target)
     if target.is_file():
         return _checked_cache(read_checkpoint(target), weights)
     with exclusive(target.parent):  # one download of the cache at a time; the others then find the file
@@ -104,8 +105,16 @@ def check_cached(name: str) -> None:
     described by the table, downloaded or not (a Triton server has no weights), so a file put there by
     hand must not change what it computes."""
     weights = get_weights(name)
+    _check_regular(weights.cache_path)
     if weights.cache_path.is_file():
         _checked_cache(read_checkpoint(weights.cache_path, mmap=True), weights)
+
+
+def _check_regular(path: Path) -> None:
+    """A folder (or pipe) where the download belongs would only fail after the whole download."""
+    if path.exists() and not path.is_file():
+        raise CheckpointError(f'{str(path)!r} is not a regular file: remove it, so that the published weights '
+                              'can be downloaded there')
 
 
 def _checked_cache(ckpt: Checkpoint, weights: Weights) -> Checkpoint:
@@ -123,7 +132,8 @@ def _other_network(ckpt: Checkpoint, weights: Weights) -> str | None:
              ckpt.input_size)
     if found == (weights.arch, weights.embedding_dim, weights.input_size):
         return None
-    return (f'a checkpoint of {found[0] or "an unnamed architecture"} with {found[1]}-d vectors at {found[2]} px, '
+    size = f'at {found[2]} px' if found[2] else 'with no input size'
+    return (f'a checkpoint of {found[0] or "an unnamed architecture"} with {found[1]}-d vectors {size}, '
             f'not the published {weights.arch} with {weights.embedding_dim}-d vectors at {weights.input_size} px')
 
 

@@ -104,7 +104,11 @@ def test_a_cached_file_of_another_network_is_refused(hub_dir, small_ckpt, effnet
     with pytest.raises(CheckpointError, match='at 384 px, not the published'):
         Isc(device='cpu')
     torch.save(raw['state_dict'], cached)  # a plain state dict: no architecture
-    with pytest.raises(CheckpointError, match='an unnamed architecture.*delete it'):
+    with pytest.raises(CheckpointError, match='an unnamed architecture with 256-d vectors with no input size.*delete it'):
+        Isc(device='cpu')
+    cached.unlink()
+    cached.mkdir()  # a folder where the file belongs: refused before any download
+    with pytest.raises(CheckpointError, match='is not a regular file: remove it'):
         Isc(device='cpu')
 
 
