@@ -2,6 +2,8 @@
 --ray-address`` against a cluster started apart (``ray start --head``), both on loopback only, with two
 actors. Results must equal the single-process embed. One Ray of each kind per module: Ray starts slowly."""
 import builtins
+import json
+import os
 import secrets
 import shutil
 import signal
@@ -104,30 +106,43 @@ def embed_on_cluster(address, images, out, ckpt, *extra) -> subprocess.Completed
     return subprocess.run(embed_command(address, images, out, ckpt, *extra), capture_output=True, text=True, timeout=600)
 
 
-def test_isc_embedder_maps_ray_data_batches_of_bytes_or_paths(ray_env, ray_temp, images, small_ckpt, single_process):
+RAY_DATA_SCRIPT = """
+import json, sys
+import numpy as np
+import ray, ray.data
+from towhee_isc.workflow.ray import IscEmbedder
+
+images, checkpoint, temp = sys.argv[1:4]
+ray.init(address='local', num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp)
+try:
+    ray.data.DataContext.get_current().execution_no_progress_timeout_s = 300  # fail, never hang
+    settings = {'checkpoint_path': checkpoint, 'device': 'cpu'}
+    # Two actors of half a CPU each leave one CPU for the read tasks: with whole CPUs they would
+    # take both and Ray Data would wait forever for a CPU to read files with.
+    files = ray.data.read_binary_files(images, include_paths=True)  # 'bytes' and 'path' columns
+    from_bytes = files.map_batches(IscEmbedder, fn_constructor_kwargs=settings, batch_size=4,
+                                   compute=ray.data.ActorPoolStrategy(size=2), num_cpus=0.5).take_all()
+    paths = ray.data.from_items([{'path': f'{images}/{name}'} for name in sorted(__import__('os').listdir(images))])
+    from_paths = paths.map_batches(IscEmbedder, fn_constructor_kwargs=settings, batch_size=3,
+                                   compute=ray.data.ActorPoolStrategy(size=2), num_cpus=0.5).take_all()
+finally:
+    ray.shutdown()
+print(json.dumps([[{**row, 'vector': np.asarray(row['vector']).tolist()} for row in rows]
+                  for rows in (from_bytes, from_paths)]))
+"""
+
+
+def test_isc_embedder_maps_ray_data_batches_of_bytes_or_paths(ray_temp, images, small_ckpt, single_process):
+    """A user's own Ray Data script, in its own process: read files or paths, map_batches(IscEmbedder)."""
     ids, want = single_process
-    import ray  # here, after ray_env: Ray reads the authentication settings when it is imported
-    import ray.data
-    ray.init(address='local', num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=str(ray_temp / 'local'))
-    try:
-        from towhee_isc.workflow.ray import IscEmbedder
-        ray.data.DataContext.get_current().execution_no_progress_timeout_s = 300  # fail, never hang
-        settings = {'checkpoint_path': str(small_ckpt), 'device': 'cpu'}
-        # Two actors of half a CPU each leave one CPU for the read tasks: with whole CPUs they would
-        # take both and Ray Data would wait forever for a CPU to read files with.
-        files = ray.data.read_binary_files(str(images), include_paths=True)  # 'bytes' and 'path' columns
-        from_bytes = files.map_batches(IscEmbedder, fn_constructor_kwargs=settings, batch_size=4,
-                                       compute=ray.data.ActorPoolStrategy(size=2), num_cpus=0.5).take_all()
-        paths = ray.data.from_items([{'path': str(p)} for p in sorted(images.iterdir())])
-        from_paths = paths.map_batches(IscEmbedder, fn_constructor_kwargs=settings, batch_size=3,
-                                       compute=ray.data.ActorPoolStrategy(size=2), num_cpus=0.5).take_all()
-    finally:
-        ray.shutdown()
-    for rows in (from_bytes, from_paths):
+    result = subprocess.run([sys.executable, '-c', RAY_DATA_SCRIPT, str(images), str(small_ckpt), str(ray_temp / 'local')],
+                            env={**os.environ, **RAY_ENV}, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    for rows in json.loads(result.stdout.strip().splitlines()[-1]):
         assert sorted(rows[0]) == ['error', 'id', 'path', 'vector']  # image bytes are not carried along
         by_id = {row['id']: row for row in rows}
         assert sorted(by_id) == sorted(ids + ['broken'])
-        assert 'broken.jpg' in by_id['broken']['error'] and np.isnan(by_id['broken']['vector']).all()
+        assert 'broken.jpg' in by_id['broken']['error'] and np.isnan(np.array(by_id['broken']['vector'], float)).all()
         got = np.stack([by_id[i]['vector'] for i in ids])
         assert all(by_id[i]['error'] == '' for i in ids) and np.abs(got - want).max() < 1e-5
 
