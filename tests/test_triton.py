@@ -1,7 +1,8 @@
-"""Towhee's route to Triton: README's build block makes a model repository in one process; another
-process plays Triton's Python backend (``triton_side.py``: Towhee's mock Triton utilities, the
-repository's ONNX model in ONNX Runtime as the model the pipeline calls). That process finds the
-operator only through Towhee's hub folder, and has no weights and no network."""
+"""Towhee's route to Triton: README's build block makes a model repository in one process; README's
+server lines put the operator in Towhee's hub folder; another process plays Triton's Python backend
+(``triton_side.py``: Towhee's mock Triton utilities, the repository's ONNX model in ONNX Runtime as
+the model the pipeline calls). That process finds the operator only through the hub folder, and has no
+weights and no network."""
 from __future__ import annotations
 
 import json
@@ -16,6 +17,7 @@ import dill
 import numpy as np
 import pytest
 
+from commands import BIN
 from towhee_isc import Isc
 from towhee_isc.weights import WEIGHTS, WEIGHTS_URL_ENV
 
@@ -32,22 +34,45 @@ def readme_build_block() -> str:
     return match.group(1)
 
 
-def run(args: list[str], cwd: Path, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(args, cwd=cwd, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+def run(args: list[str], cwd: Path, env: dict[str, str | None], check: bool = True) -> subprocess.CompletedProcess:
+    """``args`` in a fresh process, with ``env`` over this one's (None removes a variable)."""
+    merged = {k: v for k, v in {**os.environ, **env}.items() if v is not None}
+    result = subprocess.run(args, cwd=cwd, env=merged, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 or not check, result.stderr[-4000:]
     return result
 
 
+def readme_server_lines() -> list[str]:
+    """README's server-side shell lines, as written (comments dropped)."""
+    section = README.read_text().split('**2. On the Triton server**', 1)[1]
+    block = section[section.index('```bash') + len('```bash'):]
+    block = block[:block.index('```')]
+    return [line.split('  #')[0].strip() for line in block.splitlines() if line.strip()]
+
+
+@pytest.fixture(scope='module')
+def server_home(tmp_path_factory) -> Path:
+    """A Triton server's home after README's set-up lines, each run in its own shell process: the
+    operator cloned into ~/.towhee's hub folder (git clone: the committed checkout), the pip line
+    checked with --dry-run (it must not change this environment), tritonserver not run (not here)."""
+    home = tmp_path_factory.mktemp('server_home')
+    lines = readme_server_lines()
+    assert [line.split()[0] for line in lines] == ['git', 'pip', 'tritonserver']
+    for line in lines[:2]:
+        line = line.replace('path/to/this/checkout', str(REPO)) + (' --dry-run' if line.startswith('pip ') else '')
+        run(['bash', '-c', line], home, {'HOME': str(home), 'PATH': f'{BIN}{os.pathsep}{os.environ["PATH"]}'})
+    assert (home / '.towhee' / 'operators' / 'image-embedding' / 'isc' / 'versions' / 'main' / '__init__.py').is_file()
+    return home
+
+
 @pytest.fixture
-def server(tmp_path) -> tuple[Path, dict[str, str]]:
-    """The Triton side: a working folder, and an environment whose Towhee hub folder holds this
-    checkout, with an empty torch hub (no weights) and no reachable weights server."""
-    home = tmp_path / 'towhee_home'
-    shutil.copytree(REPO, home / 'operators' / 'image-embedding' / 'isc' / 'versions' / 'main',
-                    ignore=shutil.ignore_patterns('.git', '.venv*', '__pycache__', 'saved', '*.egg-info'))
+def server(server_home, tmp_path) -> tuple[Path, dict[str, str]]:
+    """The Triton side: a working folder, and an environment whose home holds the operator in Towhee's
+    default hub folder (~/.towhee, no TOWHEE_HOME), an empty torch hub (no weights), no reachable weights server."""
     folder = tmp_path / 'server'
     folder.mkdir()
-    return folder, {'TOWHEE_HOME': str(home), 'TORCH_HOME': str(tmp_path / 'server_torch'), WEIGHTS_URL_ENV: NO_NETWORK}
+    return folder, {'HOME': str(server_home), 'TOWHEE_HOME': None, 'TORCH_HOME': str(tmp_path / 'server_torch'),
+                    WEIGHTS_URL_ENV: NO_NETWORK}
 
 
 def serve(repository: Path, images: list[Path], server: tuple[Path, dict[str, str]], check: bool = True):
