@@ -196,6 +196,23 @@ def strip_module_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tor
     return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
 
 
+def architecture(ckpt: Checkpoint, arch: str | None = None) -> tuple[str, int]:
+    """The architecture (``arch`` overrides the checkpoint's) and vector size D of ``ckpt``, from its
+    metadata and the shape of ``fc.weight`` (no weight is read).
+
+    Raises:
+        CheckpointError: a plain state dict without ``arch``, or no 2-d ``fc.weight``.
+    """
+    arch = arch or ckpt.arch
+    if arch is None:
+        raise CheckpointError(f'{ckpt.source!r} is a plain state dict without metadata: '
+                              f"say its architecture with timm_backbone= (e.g. 'resnet50')")
+    fc = strip_module_prefix(ckpt.state_dict).get('fc.weight')
+    if fc is None or fc.ndim != 2:
+        raise CheckpointError(f"{ckpt.source!r} has no 2-d 'fc.weight': not an ISC descriptor checkpoint")
+    return arch, fc.shape[0]
+
+
 def build_model(ckpt: Checkpoint, arch: str | None = None) -> IscNet:
     """Build the network for ``ckpt`` (``arch`` overrides its metadata) and load its weights exactly.
 
@@ -204,15 +221,9 @@ def build_model(ckpt: Checkpoint, arch: str | None = None) -> IscNet:
     Raises:
         CheckpointError: no architecture is known, or the weights do not fit it (names the keys).
     """
-    arch = arch or ckpt.arch
-    if arch is None:
-        raise CheckpointError(f'{ckpt.source!r} is a plain state dict without metadata: '
-                              f"say its architecture with timm_backbone= (e.g. 'resnet50')")
+    arch, dim = architecture(ckpt, arch)
     state_dict = strip_module_prefix(ckpt.state_dict)
-    fc = state_dict.get('fc.weight')
-    if fc is None or fc.ndim != 2:
-        raise CheckpointError(f"{ckpt.source!r} has no 2-d 'fc.weight': not an ISC descriptor checkpoint")
-    model = IscNet(arch, embedding_dim=fc.shape[0])
+    model = IscNet(arch, embedding_dim=dim)
     expected = model.state_dict()
     problems = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}'
                 for k, v in state_dict.items() if k in expected and v.shape != expected[k].shape]

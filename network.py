@@ -27,7 +27,7 @@ with warnings.catch_warnings():  # Towhee's own imports warn about pkg_resources
             return model
 
 from .backends import OnnxRuntimeBackend, TorchBackend, onnx_backend, weights_key
-from .model import Checkpoint, CheckpointError, IscNet, build_model, check_arch, read_checkpoint, strip_module_prefix
+from .model import Checkpoint, CheckpointError, IscNet, architecture, build_model, check_arch, read_checkpoint
 from .weights import WEIGHTS_URL_ENV, check_cached, get_weights, load_published
 
 
@@ -50,11 +50,10 @@ class ModelSpec:
     @classmethod
     def resolve(cls, model_name: str, checkpoint_path: Any, timm_backbone: str | None,
                 img_size: int | None) -> ModelSpec:
-        if timm_backbone is not None:
-            check_arch(timm_backbone)
+        backbone = None if timm_backbone is None else check_arch(timm_backbone)
         if checkpoint_path is None:
             weights = get_weights(model_name)
-            if timm_backbone is not None and check_arch(timm_backbone) != weights.arch:
+            if backbone is not None and backbone != weights.arch:
                 raise ValueError(f'there are no published ISC weights for timm_backbone={timm_backbone!r} '
                                  f'({model_name!r} is {weights.arch}); pass checkpoint_path= with your own weights')
             check_cached(model_name)  # a file put in the cache by hand must be the published network
@@ -64,13 +63,7 @@ class ModelSpec:
         # Kept as given, not made absolute: an operator rebuilt elsewhere (a Triton server) reads it there.
         checkpoint_path = str(checkpoint_path)
         header = read_checkpoint(checkpoint_path, mmap=True)
-        arch = timm_backbone or header.arch
-        if arch is None:
-            raise CheckpointError(f'{header.source!r} is a plain state dict without metadata: '
-                                  f"say its architecture with timm_backbone= (e.g. 'resnet50')")
-        fc = strip_module_prefix(header.state_dict).get('fc.weight')
-        if fc is None or fc.ndim != 2:
-            raise CheckpointError(f"{header.source!r} has no 2-d 'fc.weight': not an ISC descriptor checkpoint")
+        arch, dim = architecture(header, backbone)
         size = img_size or header.input_size
         if not size:
             raise ValueError(f'{header.source!r} does not say its input size: pass img_size= '
@@ -79,7 +72,7 @@ class ModelSpec:
             arch = check_arch(arch)
         except ValueError as e:  # the checkpoint's own arch: name the file
             raise CheckpointError(f'{header.source!r}: {e}; pass timm_backbone= if it was trained with another') from e
-        return cls(Path(checkpoint_path).name.split('.')[0], arch, size, fc.shape[0], checkpoint_path, timm_backbone)
+        return cls(Path(checkpoint_path).name.split('.')[0], arch, size, dim, checkpoint_path, timm_backbone)
 
     def load(self) -> Checkpoint:
         """The checkpoint, read in full (published weights downloaded once into torch hub's cache)."""
