@@ -198,6 +198,22 @@ class Isc(NNOperator):
                                         self.postprocessing['iterations'])
         return vectors[0] if single else list(vectors)
 
+    def embed_each(self, items: list[Any]) -> list[np.ndarray | ImageError]:
+        """For each image of ``items``: its vector, or the ``ImageError`` saying why it cannot be used.
+        The list runs as one batch; only when an image in it fails are they run again one by one, so
+        one bad image (an upload, a file in a folder) never fails the others."""
+        try:
+            return list(self(items))
+        except ImageError:
+            pass
+        out: list[np.ndarray | ImageError] = []
+        for item in items:
+            try:
+                out.append(self(item))
+            except ImageError as e:
+                out.append(e)
+        return out
+
     # -- input conversion: every input goes through _split, then _prepare ----------------------------
 
     def _split(self, data: Any) -> tuple[list[Any], bool]:

@@ -57,18 +57,11 @@ class Embedder:
     def __call__(self, paths: list[Path]) -> tuple[list[np.ndarray], dict[int, str]]:
         """Vectors of the readable images, and {index: reason} for the others (an error if ``strict``)."""
         op = self.op  # settings errors surface here, before any image is judged
-        try:
+        if self.strict:
             return op(paths), {}
-        except ImageError:
-            if self.strict:
-                raise
-        vectors, failed = [], {}
-        for i, path in enumerate(paths):  # find which ones failed
-            try:
-                vectors.append(op(path))
-            except ImageError as e:
-                failed[i] = str(e)
-        return vectors, failed
+        results = op.embed_each(paths)
+        return ([r for r in results if not isinstance(r, ImageError)],
+                {i: str(r) for i, r in enumerate(results) if isinstance(r, ImageError)})
 
 
 def embed_collection(inputs: Sequence[str], output: str, embedder: Embedder, chunk_size: int = 64,

@@ -89,15 +89,12 @@ class IscEmbedder:
             raise ValueError("IscEmbedder names each vector by an 'id' or 'path' column; the batch has neither")
         vectors = np.full((len(items), self.op.embedding_dim), np.nan, np.float32)
         errors = np.full(len(items), '', dtype=object)
-        if items:
-            try:
-                vectors[:] = np.stack(self.op(items))
-            except ImageError:  # find which ones cannot be used; the others are embedded one by one
-                for i, item in enumerate(items):
-                    try:
-                        vectors[i] = self.op(item)
-                    except ImageError as e:  # bytes do not say where they came from: the path does
-                        errors[i] = f'{batch["path"][i]}: {e}' if isinstance(item, bytes) and 'path' in batch else str(e)
+        for i, result in enumerate(self.op.embed_each(items) if items else []):
+            if not isinstance(result, ImageError):
+                vectors[i] = result
+            else:  # bytes do not say where they came from: the path does
+                errors[i] = (f'{batch["path"][i]}: {result}' if isinstance(items[i], bytes) and 'path' in batch
+                             else str(result))
         holds_bytes = bool(items) and isinstance(items[0], bytes)
         kept = {name: values for name, values in batch.items() if not (name == column and holds_bytes)}
         return {**kept, 'id': ids, 'vector': vectors, 'error': errors}

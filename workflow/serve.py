@@ -267,20 +267,9 @@ class IscService:
         return await asyncio.to_thread(self._embed_batch, images)
 
     def _embed_batch(self, images: list[bytes]) -> list[Union[np.ndarray, ImageError]]:
-        """(D,) float32 vectors, or the ImageError of an upload that cannot be used: one bad upload
-        must not fail the others, so a batch holding one is embedded again image by image."""
+        """(D,) float32 vectors, or the ImageError of an upload that cannot be used (it fails alone)."""
         self.batch_sizes[len(images)] += 1
-        try:
-            return list(self.op(images))
-        except ImageError:
-            pass
-        out: list[Union[np.ndarray, ImageError]] = []
-        for image in images:
-            try:
-                out.append(self.op(image))
-            except ImageError as e:
-                out.append(e)
-        return out
+        return self.op.embed_each(images)
 
     def __del__(self):
         references = getattr(self, 'references', None)
