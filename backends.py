@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .atomic import atomic_write, exclusive
+from .atomic import atomic_write, exclusive, remove_partials
 from .model import IscNet
 
 BACKENDS = ('auto', 'torch', 'onnxruntime')
@@ -153,6 +153,8 @@ def cached_onnx(model: IscNet, img_size: int, key: str | None = None, cache_dir:
     with exclusive(cache_dir):
         if _verified(path, checksum):  # another process exported it while this one waited
             return path
+        remove_partials(path)  # left by an export that was killed
+        remove_partials(checksum)
         if path.exists():
             warnings.warn(f'the cached ONNX export {str(path)!r} is damaged or unverified: exporting it again')
         with atomic_write(path) as tmp:

@@ -9,6 +9,7 @@ holds the weights.
 """
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ with warnings.catch_warnings():  # Towhee's own imports warn about pkg_resources
 
 from .backends import OnnxRuntimeBackend, TorchBackend, onnx_backend, weights_key
 from .model import Checkpoint, CheckpointError, IscNet, architecture, build_model, check_arch, read_checkpoint
-from .weights import WEIGHTS_URL_ENV, check_cached, get_weights, load_published
+from .weights import check_cached, get_weights, load_published
 
 
 @dataclass(frozen=True)
@@ -68,10 +69,12 @@ class ModelSpec:
         if not size:
             raise ValueError(f'{header.source!r} does not say its input size: pass img_size= '
                              '(512 for the published models)')
-        try:
-            arch = check_arch(arch)
-        except ValueError as e:  # the checkpoint's own arch: name the file
-            raise CheckpointError(f'{header.source!r}: {e}; pass timm_backbone= if it was trained with another') from e
+        if backbone is None:  # the checkpoint's own arch: an unknown one names the file
+            try:
+                arch = check_arch(arch)
+            except ValueError as e:
+                raise CheckpointError(f'{header.source!r}: {e}; pass timm_backbone= if it was trained with another'
+                                      ) from e
         return cls(Path(checkpoint_path).name.split('.')[0], arch, size, dim, checkpoint_path, timm_backbone)
 
     def load(self) -> Checkpoint:
@@ -97,16 +100,22 @@ class IscModel:
     def __init__(self, spec: ModelSpec, device: torch.device, backend: str, precision: str,
                  num_threads: int | None):
         self.net: IscNet = build_model(spec.load(), spec.timm_backbone)
+        # Published weights were checked against the table as they were read; a checkpoint file is
+        # described by its header, which can only disagree if the file changed in between.
         if check_arch(self.net.arch) != spec.arch or self.net.embedding_dim != spec.embedding_dim:
-            fix = (f'it is not the published file (check {WEIGHTS_URL_ENV})' if spec.checkpoint_path is None else
-                   f'{spec.checkpoint_path!r} changed while the operator was built')
             raise CheckpointError(f'the weights of {spec.name!r} are a {self.net.arch} network giving '
                                   f'{self.net.embedding_dim}-d vectors, not the {spec.arch} giving '
-                                  f'{spec.embedding_dim}-d vectors expected: {fix}')
+                                  f'{spec.embedding_dim}-d vectors expected: {spec.checkpoint_path!r} changed '
+                                  'while the operator was built')
         self.img_size = spec.img_size
-        self.weights_key = weights_key(self.net, spec.img_size)
         self.device, self.precision, self.num_threads = device, precision, num_threads
         self.backend = self._make_backend(backend)
+
+    @functools.cached_property
+    def weights_key(self) -> str:
+        """The weights' content key (a hash of every weight): for the ONNX cache and ``Isc.fingerprint``,
+        computed when first needed, so an operator that needs neither does not hash 200 MB at start."""
+        return weights_key(self.net, self.img_size)
 
     def _make_backend(self, backend: str) -> TorchBackend | OnnxRuntimeBackend:
         if backend == 'onnxruntime':
