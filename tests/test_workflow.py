@@ -6,12 +6,14 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 from PIL import Image
 
+import html_pages
 from towhee_isc.workflow.cli import main as cli
 from towhee_isc.workflow.descriptors import read_descriptors
 from towhee_isc.workflow.metrics import Match, evaluate
@@ -74,10 +76,14 @@ def test_embed_index_search_evaluate_with_milvus_lite(cmd, copy_set, tmp_path):
     assert code == 0, err
     assert cmd('index', tmp_path / 'refs.h5', '--milvus-uri', db, '--collection', 'refs')[1].endswith('(6 in all)\n')
     code, out, err = cmd('search', tmp_path / 'queries.h5', '--milvus-uri', db, '--collection', 'refs', '-k', 3,
-                         '-o', tmp_path / 'matches.csv')
+                         '-o', tmp_path / 'matches.csv', '--report', tmp_path / 'report.html')
     assert code == 0, err
     rows = list(csv.DictReader(open(tmp_path / 'matches.csv')))
     assert len(rows) == 8 * 3 and [float(r['score']) for r in rows] == sorted((float(r['score']) for r in rows), reverse=True)
+    # The collection keeps each image's path: the report shows every reference as a thumbnail.
+    headers, table = html_pages.table(html_pages.parse((tmp_path / 'report.html').read_text()))
+    assert headers == ['query', 'match 1', 'match 2', 'match 3'] and len(table) == 8
+    assert all(len(cell.thumbnails) == 1 for cells in table for cell in cells)
 
     # Independent: brute-force inner products over the two descriptor files.
     qids, q = read_descriptors(tmp_path / 'queries.h5')
@@ -110,23 +116,65 @@ def test_threshold_score_normalisation_and_report(cmd, copy_set, tmp_path):
     cmd('embed', copy_set / 'queries', '-o', tmp_path / 'queries.h5', '--quiet')
     background = tmp_path / 'background.h5'
     cmd('embed', copy_set / 'queries' / 'sub', '-o', background, '--quiet')
-    code, _, err = cmd('search', tmp_path / 'queries.h5', '--references', tmp_path / 'refs.h5', '-k', 2,
-                       '--score-norm', background, '--factor', 0.5, '--nth', 2, '--threshold', -0.2,
-                       '-o', tmp_path / 'norm.csv', '--report', tmp_path / 'report.html')
-    assert code == 0, err
     qids, q = read_descriptors(tmp_path / 'queries.h5')
     rids, r = read_descriptors(tmp_path / 'refs.h5')
     _, b = read_descriptors(background)
     offset = 0.5 * np.sort(q @ b.T, axis=1)[:, -2]
     sim = q @ r.T - offset[:, None]
-    want = {(qids[i], rids[j]) for i in range(len(qids)) for j in np.argsort(-sim[i])[:2] if sim[i, j] >= -0.2}
+    # A threshold between the two weakest queries' best scores: exactly one query has no match.
+    weakest = np.argsort(sim.max(axis=1))
+    threshold = float(sim.max(axis=1)[weakest[:2]].mean())
+    lonely, found, clean = qids[weakest[0]], qids[weakest[-1]], qids[weakest[-2]]
+    top2 = {qids[i]: [rids[j] for j in np.argsort(-sim[i])[:2]] for i in range(len(qids))}
+    # Ground truth: `found`'s best is true and another reference, not in its 2 best, is missed; `lonely`'s best is
+    # true but under the threshold; `clean` has no copy; the other queries are not labelled.
+    missed = next(ref for ref in rids if ref not in top2[found])
+    truth = {found: {top2[found][0], missed}, lonely: {top2[lonely][0]}, clean: set()}
+    (tmp_path / 'gt.csv').write_text('query_id,reference_id\n' + ''.join(
+        f'{query},{ref}\n' for query, refs in truth.items() for ref in sorted(refs) or ['']))
+    code, _, err = cmd('search', tmp_path / 'queries.h5', '--references', tmp_path / 'refs.h5', '-k', 2,
+                       '--score-norm', background, '--factor', 0.5, '--nth', 2, '--threshold', threshold,
+                       '-o', tmp_path / 'norm.csv', '--report', tmp_path / 'report.html', '--ground-truth', tmp_path / 'gt.csv')
+    assert code == 0, err
+    want = {(qids[i], rids[j]) for i in range(len(qids)) for j in np.argsort(-sim[i])[:2] if sim[i, j] >= threshold}
     rows = list(csv.DictReader(open(tmp_path / 'norm.csv')))
     assert {(row['query_id'], row['reference_id']) for row in rows} == want
     for row in rows:
         i, j = qids.index(row['query_id']), rids.index(row['reference_id'])
         assert float(row['score']) == pytest.approx(sim[i, j], abs=1e-5)
-    page = (tmp_path / 'report.html').read_text()
-    assert page.count('data:image/jpeg;base64,') >= len({row['query_id'] for row in rows})
+
+    page = html_pages.parse((tmp_path / 'report.html').read_text())
+    kept = [Match(row['query_id'], row['reference_id'], float(row['score'])) for row in rows]
+    assert html_pages.summary(page) == {
+        'queries': '8', 'matches per query (k)': '2', 'threshold': f'{threshold:g}',
+        'matches at or above the threshold': str(len(rows)), 'queries with a match': '7',
+        'μAP (ground truth)': f'{plain_average_precision(kept, truth):.4f}',
+        'recall at precision 0.9': f"{evaluate(kept, truth)['recall_at_p90']:.4f}",
+        'true matches kept': f'{sum(m.reference_id in truth.get(m.query_id, ()) for m in kept)} of 3'}
+    headers, table = html_pages.table(page)
+    assert headers == ['query', 'match 1', 'match 2', 'missed (ground truth)']
+    assert [cells[0].all(cls='id')[0].text for cells in table] == sorted(qids)  # every query, by id
+    for cells in table:
+        query = cells[0].all(cls='id')[0].text
+        i = qids.index(query)
+        assert len(cells[0].thumbnails) == 1
+        tags = {t.text for t in cells[0].all(cls='tag')}
+        assert ('no match' in tags) == (query == lonely)
+        assert ('not in ground truth' in tags) == (query not in truth)
+        for cell, ref in zip(cells[1:3], top2[query]):  # both candidates, best first, whatever their score
+            above = sim[i, rids.index(ref)] >= threshold
+            assert cell.all(cls='id')[0].text == ref and len(cell.thumbnails) == 1
+            assert cell.all(cls='score')[0].text == f'{sim[i, rids.index(ref)]:.4f}'
+            marks = {t.text for t in cell.all(cls='tag')}
+            assert ('pass' in cell.classes) == above and ('≥ T' in marks) == above
+            assert marks - {'≥ T'} == (set() if query not in truth else {'✓ true'} if ref in truth[query] else {'✗ false'})
+        missed_cell = cells[3].text
+        if query == found:
+            assert missed_cell == f'{missed} not among the 2 found' and len(cells[3].thumbnails) == 1
+        elif query == lonely:
+            assert missed_cell.startswith(f'{top2[lonely][0]} rank 1, ') and missed_cell.endswith('below the threshold')
+        else:
+            assert missed_cell == ('no copy to find' if query == clean else '' if query not in truth else '—')
 
 
 def test_dedup_groups_copies_and_keeps_the_largest(cmd, photos, tmp_path):
@@ -143,9 +191,31 @@ def test_dedup_groups_copies_and_keeps_the_largest(cmd, photos, tmp_path):
     assert groups == [{'keep': 'a_big', 'members': ['a_big', 'a_mid', 'a_small']}]
     assert 'group 1: keep a_big' in out
     cmd('embed', folder, '-o', tmp_path / 'all.h5', '--quiet')
-    code, out, _ = cmd('dedup', tmp_path / 'all.h5', '--threshold', 0.9, '-o', tmp_path / 'groups.csv')
+    code, out, err = cmd('dedup', tmp_path / 'all.h5', '--threshold', 0.9, '-o', tmp_path / 'groups.csv',
+                         '--report', tmp_path / 'groups.html')
+    assert code == 0, err
     rows = list(csv.DictReader(open(tmp_path / 'groups.csv')))
-    assert [(r['image_id'], r['keep']) for r in rows] == [('a_big', 'True'), ('a_mid', 'False'), ('a_small', 'False')]
+    # The kept image first, then the others by their score to it: the similarity of their descriptors.
+    ids, vectors = read_descriptors(tmp_path / 'all.h5')
+    v = dict(zip(ids, vectors))
+    score = {m: float(v[m] @ v['a_big']) for m in ('a_mid', 'a_small')}
+    assert [(r['image_id'], r['keep']) for r in rows] == [('a_big', 'True')] + [
+        (m, 'False') for m in sorted(score, key=score.get, reverse=True)]
+    assert rows[0]['score_to_kept'] == '' and all(float(r['score_to_kept']) == pytest.approx(score[r['image_id']], abs=1e-6)
+                                                  for r in rows[1:])
+    for r in rows:  # each image's resolution and file size, from the file itself
+        path = folder / Path(r['path']).name
+        assert r['path'] == str(path.resolve())
+        assert (int(r['width']), int(r['height']), int(r['bytes'])) == (*Image.open(path).size, path.stat().st_size)
+    page = html_pages.parse((tmp_path / 'groups.html').read_text())
+    members = page.all(cls='member')
+    assert [m.all(cls='id')[0].text for m in members] == [r['image_id'] for r in rows]
+    assert 'keep' in members[0].classes and [t.text for t in members[0].all(cls='tag')] == ['keep']
+    for member, row in zip(members[1:], rows[1:]):  # under each copy: its score to the kept image, size and file size
+        assert 'keep' not in member.classes and not member.all(cls='tag')
+        assert member.all(cls='score')[0].text == f"score {float(row['score_to_kept']):.4f}"
+        assert f"{row['width']}×{row['height']}" in member.text
+    assert all(len(m.thumbnails) == 1 for m in members)
     code, out, err = cmd('dedup', tmp_path / 'all.h5', '--threshold', 0.9, '--milvus-uri', tmp_path / 'd.db',
                          '-o', tmp_path / 'milvus.json')
     assert code == 0, err

@@ -19,10 +19,10 @@ from .descriptors import (check_same_postprocessing, describe_postprocessing, re
                           read_model, read_postprocessing, write_descriptors)
 from .embedding import Embedder, embed_collection, inputs_postprocessing, load_descriptors
 from .engines import choose_engine
-from .matching import (duplicate_groups, html_report, near_duplicate_pairs, nth_neighbour_similarity, search,
-                       write_groups)
+from .matching import duplicate_groups, near_duplicate_pairs, nth_neighbour_similarity, search
 from .metrics import evaluate, plot_precision_recall, read_ground_truth, read_matches, write_matches
 from .milvus import DEFAULT_MILVUS_URI, INDEX_TYPES, MilvusIndex, milvus_duplicate_pairs
+from .reports import DEFAULT_REPORT_QUERIES
 
 COMMANDS = ('embed', 'index', 'search', 'dedup', 'evaluate', 'nes', 'serve')
 
@@ -72,13 +72,17 @@ def cmd_index(args) -> None:
     index = MilvusIndex(args.milvus_uri, args.collection, args.token)
     postprocessing = same_postprocessing(args, images, inputs_postprocessing(args.inputs, images),
                                          {f'collection {args.collection!r}': index.postprocessing()} if index.dim() else {})
-    ids, vectors, _ = load_descriptors(args.inputs, images)
-    kind = index.add(ids, vectors, index_type=args.index_type, postprocessing=postprocessing)
+    ids, vectors, paths = load_descriptors(args.inputs, images)
+    kind = index.add(ids, vectors, index_type=args.index_type, postprocessing=postprocessing, paths=paths)
     print(f'indexed {len(ids)} descriptors into {args.collection!r} ({kind} index) at {args.milvus_uri} '
           f'({index.count()} in all)')
 
 
 def cmd_search(args) -> None:
+    if args.ground_truth and not args.report:
+        raise ValueError('--ground-truth marks the matches of the --report page: give --report too '
+                         '(towhee-isc evaluate scores the prediction CSV)')
+    truth = read_ground_truth(args.ground_truth) if args.ground_truth else None  # a bad file stops us before any work
     images, models = embedder(args), {}
     index = None if args.references else MilvusIndex(args.milvus_uri, args.collection, args.token, existing=True)
     same_postprocessing(args, images, inputs_postprocessing(args.queries, images, 'queries'),
@@ -95,14 +99,23 @@ def cmd_search(args) -> None:
         reference_ids, references, reference_paths = load_descriptors(args.references, images, models)
         engine = choose_engine(len(queries), len(references), args.exact)
         print(f'search engine: {engine.description}')
-        matches = search(query_ids, queries, reference_ids, references, args.k, args.threshold, offsets, engine)
+        candidates = search(query_ids, queries, reference_ids, references, args.k, None, offsets, engine)
+        missing = 'no image path in the descriptor file'
     else:
-        matches = index.search(query_ids, queries, args.k, args.threshold, offsets, nprobe=args.nprobe, ef=args.ef)
-        reference_paths = {}
+        candidates = index.search(query_ids, queries, args.k, None, offsets, nprobe=args.nprobe, ef=args.ef)
+    # All k candidates go to the report, which marks those at or above the threshold: the CSV's.
+    matches = [m for m in candidates if args.threshold is None or m.score >= args.threshold]
     write_matches(args.output, matches)
     print(f'wrote {len(matches)} matches for {len(query_ids)} queries to {args.output}')
     if args.report:
-        html_report(matches, query_paths, reference_paths, args.report)
+        from .reports import search_report
+        if index is not None:  # the collection keeps each image's path, as descriptor files do
+            wanted = {m.reference_id for m in candidates} | set().union(*(truth or {}).values())
+            reference_paths = index.paths(sorted(wanted))
+            missing = ('no image path stored' if index.stores_paths() else
+                       'the collection keeps no image paths (indexed by an older towhee-isc)')
+        search_report(args.report, query_ids, candidates, args.k, query_paths, reference_paths, args.threshold,
+                      truth, args.report_queries, missing)
         print(f'wrote {args.report}')
 
 
@@ -112,7 +125,7 @@ def cmd_dedup(args) -> None:
     ids, vectors, paths = load_descriptors(args.inputs, images)
     if args.milvus_uri:  # collections too large for this machine: let Milvus find the neighbours
         index = MilvusIndex(args.milvus_uri, args.collection, args.token)
-        index.add(ids, vectors, index_type=args.index_type, postprocessing=postprocessing)
+        index.add(ids, vectors, index_type=args.index_type, postprocessing=postprocessing, paths=paths)
         if index.count() > len(ids):  # others' neighbours can crowd ours out of the k looked at
             print(f'warning: collection {args.collection!r} also holds images not given here', file=sys.stderr)
         pairs = milvus_duplicate_pairs(index, ids, vectors, args.threshold, args.k, args.nprobe, args.ef)
@@ -124,9 +137,15 @@ def cmd_dedup(args) -> None:
     for n, group in enumerate(groups, start=1):
         print(f'group {n}: keep {group.keep}; copies: ' + ', '.join(m for m in group.members if m != group.keep))
     print(f'{len(groups)} group(s) of near-duplicates among {len(ids)} images (threshold {args.threshold})')
-    if args.output:
-        write_groups(args.output, groups, paths)
-        print(f'wrote {args.output}')
+    if args.output or args.report:
+        from .reports import describe_groups, groups_report, write_groups
+        described = describe_groups(groups, ids, vectors, paths)
+        if args.output:
+            write_groups(args.output, described)
+            print(f'wrote {args.output}')
+        if args.report:
+            groups_report(args.report, described, len(ids), args.threshold)
+            print(f'wrote {args.report}')
 
 
 def cmd_evaluate(args) -> None:
@@ -248,14 +267,20 @@ def parser() -> argparse.ArgumentParser:
                    help='score -= factor x similarity to the nth background neighbour')
     p.add_argument('--nth', type=positive_int, default=1)
     p.add_argument('-o', '--output', required=True, help='prediction CSV: query_id,reference_id,score')
-    p.add_argument('--report', help='also write an HTML page with thumbnails')
+    p.add_argument('--report', help='also write an HTML page: each query beside its k matches, with thumbnails')
+    p.add_argument('--report-queries', type=positive_int, default=DEFAULT_REPORT_QUERIES, metavar='N',
+                   help=f'queries shown in the report, the first by id ({DEFAULT_REPORT_QUERIES}); its summary counts all')
+    p.add_argument('--ground-truth', metavar='CSV', help='with --report: mark each match true or false and list '
+                   "each query's missed references (query_id,reference_id, as evaluate reads it)")
     p.add_argument('--exact', action='store_true', help='with --references: exact search even for large sets')
     p.set_defaults(run=cmd_search)
 
     p = with_search_width(with_index_type(with_model(commands.add_parser('dedup', help='near-duplicate groups within one collection'))))
     p.add_argument('inputs', nargs='+', help='descriptor files or images')
     p.add_argument('--threshold', type=finite_float, default=0.8, help='similarity that makes two images copies')
-    p.add_argument('-o', '--output', help='groups as CSV, or JSON if it ends in .json')
+    p.add_argument('-o', '--output', help='groups as CSV (with scores, resolutions and file sizes), or JSON if '
+                   'it ends in .json')
+    p.add_argument('--report', help='also write an HTML page: every group as a row of thumbnails, the kept one marked')
     p.add_argument('--milvus-uri', help='find neighbours through this Milvus (for collections beyond one machine)')
     p.add_argument('--collection', default='isc_dedup')
     p.add_argument('--token', help="a Milvus server's 'user:password' or API key, where it requires one")

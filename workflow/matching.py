@@ -1,12 +1,7 @@
-"""Finding copies: search between descriptor sets (engines in ``engines``), score normalisation, near-duplicate groups,
-and an HTML page to look at the matches. (Milvus is in ``milvus``.)"""
+"""Finding copies: search between descriptor sets (engines in ``engines``), score normalisation, near-duplicate groups.
+(Milvus is in ``milvus``; what people read of the results, in ``reports``.)"""
 from __future__ import annotations
 
-import base64
-import csv
-import html
-import io
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -14,7 +9,6 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from ..atomic import atomic_write
 from .engines import Engine, Exact, choose_engine
 from .metrics import Match
 
@@ -106,19 +100,6 @@ def duplicate_groups(ids: Sequence[str], pairs: Iterable[tuple[int, int, float]]
     return sorted(groups, key=lambda g: (-len(g.members), g.members[0]))
 
 
-def write_groups(path: str | os.PathLike, groups: Sequence[DuplicateGroup], paths: dict[str, str]) -> None:
-    """Groups as JSON (``[{keep, members}]``) if ``path`` ends in .json, else CSV
-    ``group,image_id,path,keep``; through a temporary file."""
-    with atomic_write(path) as tmp, open(tmp, 'w', newline='', encoding='utf-8') as f:
-        if str(path).lower().endswith('.json'):
-            json.dump([{'keep': g.keep, 'members': g.members} for g in groups], f, indent=1)
-        else:
-            writer = csv.writer(f)
-            writer.writerow(['group', 'image_id', 'path', 'keep'])
-            for n, g in enumerate(groups, start=1):
-                writer.writerows([n, m, paths.get(m, ''), m == g.keep] for m in g.members)
-
-
 def _keep_rank(path: str | None) -> tuple[int, int]:
     if path is None or not os.path.isfile(path):
         return (0, 0)
@@ -129,37 +110,3 @@ def _keep_rank(path: str | None) -> tuple[int, int]:
     except OSError:
         pixels = 0
     return (pixels, os.path.getsize(path))
-
-
-def html_report(matches: Sequence[Match], query_paths: dict[str, str], reference_paths: dict[str, str],
-                output: str | os.PathLike, per_query: int = 5) -> None:
-    """A self-contained page (thumbnails embedded) with each query beside its best matches."""
-    by_query: dict[str, list[Match]] = {}
-    for m in sorted(matches, key=lambda m: -m.score):
-        by_query.setdefault(m.query_id, []).append(m)
-    parts = ['<!doctype html><meta charset="utf-8"><title>ISC matches</title>',
-             '<style>body{font-family:sans-serif}td{vertical-align:top;text-align:center;padding:4px}'
-             'img{max-width:160px;max-height:160px}</style><h1>Copy detection matches</h1><table>']
-    for query, found in by_query.items():
-        cells = [f'<td><b>{html.escape(query)}</b><br>{_thumbnail(query_paths.get(query))}</td>']
-        cells += [f'<td>{html.escape(m.reference_id)}<br>{m.score:.3f}<br>{_thumbnail(reference_paths.get(m.reference_id))}</td>'
-                  for m in found[:per_query]]
-        parts.append('<tr>' + ''.join(cells) + '</tr>')
-    parts.append('</table>')
-    with atomic_write(output) as tmp:
-        tmp.write_text('\n'.join(parts), encoding='utf-8')
-
-
-def _thumbnail(path: str | None) -> str:
-    if not path or not os.path.isfile(path):
-        return '<i>no image</i>'
-    from PIL import Image
-    try:
-        with Image.open(path) as image:
-            image = image.convert('RGB')
-            image.thumbnail((160, 160))
-            buffer = io.BytesIO()
-            image.save(buffer, 'JPEG', quality=80)
-    except OSError:
-        return '<i>unreadable</i>'
-    return f'<img src="data:image/jpeg;base64,{base64.b64encode(buffer.getvalue()).decode()}">'

@@ -20,6 +20,7 @@ from .metrics import Match
 
 DEFAULT_MILVUS_URI = './isc.db'  # Milvus Lite: embedded, a folder, nothing to start
 POSTPROCESSING = 'towhee_isc.postprocessing'  # collection property: how its vectors were post-processed
+PATH, PATH_BYTES = 'path', 65535  # each image's path ('' if unknown), as descriptor files keep it; Milvus's longest
 INDEX_TYPES = ('FLAT', 'IVF_FLAT', 'HNSW')
 HNSW_M, HNSW_EF_CONSTRUCTION = 16, 200  # Milvus's usual starting point
 # Default search widths: on 100,000 random 256-d vectors these found >= 99 % of copies at rank 1
@@ -201,6 +202,7 @@ class MilvusIndex:
             schema = MilvusClient.create_schema(auto_id=False)
             schema.add_field('id', DataType.VARCHAR, is_primary=True, max_length=512)
             schema.add_field('vector', DataType.FLOAT_VECTOR, dim=dim)
+            schema.add_field(PATH, DataType.VARCHAR, max_length=PATH_BYTES)  # for the reports' thumbnails
             extra = {} if postprocessing is None else {
                 'properties': {POSTPROCESSING: json.dumps(postprocessing, sort_keys=True)}}
             self.client.create_collection(self.collection, schema=schema, **extra)
@@ -217,23 +219,47 @@ class MilvusIndex:
         return index_type
 
     def add(self, ids: Sequence[str], vectors: np.ndarray, batch: int = 1000, index_type: str | None = None,
-            postprocessing: dict | None = None) -> str:
+            postprocessing: dict | None = None, paths: dict[str, str] | None = None) -> str:
         """Insert or update by id (``vectors`` float32 N x D), creating the collection on first use
         with an ``index_type`` index. Vectors post-processed otherwise than the collection's
-        (``postprocessing``, None for raw) are refused. Returns the index type the collection has."""
+        (``postprocessing``, None for raw) are refused. ``paths`` (id -> image path) are stored beside
+        the vectors, for reports. Returns the index type the collection has."""
         if self.dim() is not None:
             check_same_postprocessing({f'collection {self.collection!r}': self.postprocessing(),
                                        'the descriptors to add': postprocessing})
         kind = self.create(vectors.shape[1], index_type, len(ids), postprocessing)
+        paths = paths or {}
+        with_paths = self.stores_paths()
         with self._errors(f'writing to {self.collection!r}'):
             for start in range(0, len(ids), batch):
-                rows = [{'id': i, 'vector': v.tolist()}
+                rows = [{'id': i, 'vector': v.tolist(), **({PATH: paths.get(i, '')} if with_paths else {})}
                         for i, v in zip(ids[start:start + batch], vectors[start:start + batch])]
                 self.client.upsert(self.collection, rows)
             # Milvus Lite then builds the new segments' index in a background thread that it waits for when the
             # process ends (searching them exactly until then); reloading here would race that thread.
             self.client.flush(self.collection)
         return kind
+
+    def stores_paths(self) -> bool:
+        """Whether the collection keeps image paths (collections made before they were kept do not)."""
+        with self._errors(f'describing collection {self.collection!r}'):
+            fields = self.client.describe_collection(self.collection)['fields']
+        return any(f['name'] == PATH for f in fields)
+
+    def paths(self, ids: Sequence[str], batch: int = 1000) -> dict[str, str]:
+        """The stored image path of each of ``ids`` that has one (none for a collection that keeps no paths)."""
+        if not ids or not self.stores_paths():
+            return {}
+        self.load()
+        found = {}
+        with self._errors(f'reading image paths from {self.collection!r}'):
+            for start in range(0, len(ids), batch):
+                # Ids are user data: each a JSON string literal (escaped quotes), which Milvus's expressions read.
+                listed = ', '.join(json.dumps(i, ensure_ascii=False) for i in ids[start:start + batch])
+                rows = self.client.query(self.collection, filter=f'id in [{listed}]', output_fields=['id', PATH],
+                                         consistency_level='Strong')
+                found.update((row['id'], row[PATH]) for row in rows if row[PATH])
+        return found
 
     def load(self) -> None:
         """Load the collection for search and query if it is not (each new process finds it released)."""
