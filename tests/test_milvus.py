@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import html_pages
 from milvus_server import MilvusServerProcess
 from towhee_isc.testing import make_copy_detection_set
 from towhee_isc.workflow.descriptors import write_descriptors
@@ -127,10 +128,18 @@ def test_readme_flow_each_command_in_its_own_process_equals_exact(milvus, embedd
     done = towhee_isc('index', refs, *milvus)
     assert 'indexed 6 descriptors' in done.stdout and '(FLAT index)' in done.stdout and '(6 in all)' in done.stdout
     assert towhee_isc('index', refs, *milvus).stdout.endswith('(6 in all)\n')  # again: updated, not doubled
-    towhee_isc('search', queries, *milvus, '-k', 3, '-o', tmp_path / 'milvus.csv')
+    towhee_isc('search', queries, *milvus, '-k', 3, '-o', tmp_path / 'milvus.csv', '--report', tmp_path / 'report.html',
+               '--ground-truth', embedded / 'ground_truth.csv')
     want = read_csv(embedded / 'exact.csv')
     assert len(want) == 8 * 3
     assert_same_matches(read_csv(tmp_path / 'milvus.csv'), want)
+    # The collection keeps each image's path: every query, match and missed reference is a thumbnail.
+    headers, table = html_pages.table(html_pages.parse((tmp_path / 'report.html').read_text()))
+    assert headers == ['query', 'match 1', 'match 2', 'match 3', 'missed (ground truth)'] and len(table) == 8
+    assert all(len(cell.thumbnails) == 1 for cells in table for cell in cells[:4])
+    found = {(r['query_id'], r['reference_id']) for r in want}
+    missed = [f'Q{i:05d}' for i in range(6) if (f'Q{i:05d}', f'R{i:06d}') not in found]
+    assert [len(cells[4].thumbnails) for cells in table] == [int(f'Q{i:05d}' in missed) for i in range(8)]
 
 
 def test_dedup_run_twice_equals_exact(milvus, planted, tmp_path):
@@ -158,6 +167,38 @@ def test_approximate_index_types(milvus, planted, tmp_path):
     # A collection keeps its index: asking for another one is refused, saying which it has.
     one_line_error(towhee_isc('index', refs, *collection, '--index-type', 'ivf_flat', check=False),
                    'already has a HNSW index, not IVF_FLAT')
+
+
+@pytest.mark.parametrize('route', ['lite', 'server'])
+def test_image_paths_are_stored_and_read_back_whatever_the_ids(route, tmp_path, request):
+    from towhee_isc.workflow.milvus import MilvusIndex
+    if route == 'lite':
+        uri, token = str(tmp_path / 'isc.db'), None
+    else:
+        server = request.getfixturevalue('milvus_server')
+        uri, token = server.uri, server.token
+    ids = ["it's", 'say "hi"', 'back\\slash', 'été', 'no path']  # ids are user data: quotes must not break a query
+    paths = {i: f'/photos/{i}.jpg' for i in ids[:-1]}
+    index = MilvusIndex(uri, f'paths_{route}', token)
+    index.add(ids, np.eye(len(ids), 8, dtype=np.float32), paths=paths)
+    assert index.stores_paths() and index.paths(ids + ['unknown']) == paths
+
+
+def test_a_collection_made_before_paths_were_kept_still_takes_descriptors(tmp_path):
+    from pymilvus import DataType, MilvusClient
+    from towhee_isc.workflow.milvus import MilvusIndex
+    db = tmp_path / 'old.db'
+    client = MilvusClient(str(db))
+    schema = MilvusClient.create_schema(auto_id=False)
+    schema.add_field('id', DataType.VARCHAR, is_primary=True, max_length=512)
+    schema.add_field('vector', DataType.FLOAT_VECTOR, dim=8)
+    index = client.prepare_index_params()
+    index.add_index('vector', index_type='FLAT', metric_type='IP')
+    client.create_collection('old', schema=schema, index_params=index)
+    client.close()
+    old = MilvusIndex(db, 'old')
+    old.add(['a', 'b'], np.eye(2, 8, dtype=np.float32), paths={'a': '/photos/a.jpg'})
+    assert old.count() == 2 and not old.stores_paths() and old.paths(['a', 'b']) == {}
 
 
 def test_search_parameters_follow_the_index():

@@ -222,6 +222,37 @@ def test_dedup_groups_copies_and_keeps_the_largest(cmd, photos, tmp_path):
     assert json.loads((tmp_path / 'milvus.json').read_text()) == groups
 
 
+def test_reports_escape_ids_and_say_why_a_thumbnail_is_missing(photos, tmp_path):
+    from towhee_isc.workflow.reports import GroupMember, groups_report, search_report
+    photos[0].save(tmp_path / 'a.jpg')
+    (tmp_path / 'broken.jpg').write_bytes(b'not a jpeg')
+    hostile = ['<script>alert(1)</script>', 'R"><img src=x onerror=alert(1)>', "R'&amp;"]  # ids are user data
+    paths = {hostile[1]: str(tmp_path / 'gone.jpg'), hostile[2]: str(tmp_path / 'broken.jpg')}
+    search_report(tmp_path / 'report.html', ['Q2', hostile[0]], [Match(hostile[0], r, 0.9 - n / 10)
+                  for n, r in enumerate([hostile[1], hostile[2], 'R3'])], 3, {hostile[0]: str(tmp_path / 'a.jpg')}, paths,
+                  reference_missing='the collection keeps no image paths')
+    page = html_pages.parse((tmp_path / 'report.html').read_text())
+    assert not page.all('script') and all(img.attrs['src'].startswith('data:image/jpeg;base64,') for img in page.all('img'))
+    _, table = html_pages.table(page)
+    assert [cells[0].all(cls='id')[0].text for cells in table] == [hostile[0], 'Q2']  # sorted by id
+    assert table[1][0].all(cls='tag')[0].text == 'no match' and len(table[1]) == 4  # no candidates: still a row
+    cells = table[0]
+    assert len(cells[0].thumbnails) == 1 and [c.all(cls='id')[0].text for c in cells[1:]] == [*hostile[1:], 'R3']
+    assert cells[1].all('i')[0].text == f"image gone: {tmp_path / 'gone.jpg'}"
+    assert 'is not an image' in cells[2].all('i')[0].text
+    assert cells[3].all('i')[0].text == 'the collection keeps no image paths'
+
+    def group(*members):
+        return [GroupMember(m, paths.get(m, str(tmp_path / 'a.jpg')), n == 0, None if n == 0 else 0.95, 512, 512, 9000)
+                for n, m in enumerate(members)]
+    groups_report(tmp_path / 'groups.html', [group('K1', 'C1'), group(hostile[0], hostile[1], hostile[2])], 9, 0.9)
+    page = html_pages.parse((tmp_path / 'groups.html').read_text())
+    assert not page.all('script') and [h.text for h in page.all('h2')] == ['Group 1: 3 images', 'Group 2: 2 images']
+    assert [m.all(cls='id')[0].text for m in page.all(cls='member')] == [*hostile, 'K1', 'C1']
+    assert html_pages.summary(page) == {'images': '9', 'groups': '2', 'images in groups': '5',
+                                        'copies that could go': '3', 'threshold': '0.9'}
+
+
 def test_images_people_really_have(cmd, photos, tmp_path, small_op):
     """Mixed formats in nested folders, EXIF orientation, CMYK / palette / alpha, a GIF's first frame."""
     folder = tmp_path / 'phone'
