@@ -110,8 +110,7 @@ def cmd_search(args) -> None:
     if args.report:
         from .reports import search_report
         if index is not None:  # the collection keeps each image's path, as descriptor files do
-            wanted = {m.reference_id for m in candidates} | set().union(*(truth or {}).values())
-            reference_paths = index.paths(sorted(wanted))
+            reference_paths = index.paths
             missing = ('no image path stored' if index.stores_paths() else
                        'the collection keeps no image paths (indexed by an older towhee-isc)')
         search_report(args.report, query_ids, candidates, args.k, query_paths, reference_paths, args.threshold,

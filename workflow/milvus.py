@@ -20,7 +20,7 @@ from .metrics import Match
 
 DEFAULT_MILVUS_URI = './isc.db'  # Milvus Lite: embedded, a folder, nothing to start
 POSTPROCESSING = 'towhee_isc.postprocessing'  # collection property: how its vectors were post-processed
-PATH, PATH_BYTES = 'path', 65535  # each image's path ('' if unknown), as descriptor files keep it; Milvus's longest
+PATH = 'path'  # each image's path, as descriptor files keep it, in the collection's dynamic field (for reports)
 INDEX_TYPES = ('FLAT', 'IVF_FLAT', 'HNSW')
 HNSW_M, HNSW_EF_CONSTRUCTION = 16, 200  # Milvus's usual starting point
 # Default search widths: on 100,000 random 256-d vectors these found >= 99 % of copies at rank 1
@@ -199,10 +199,11 @@ class MilvusIndex:
             return has
         index_type = index_type or 'FLAT'
         with self._errors(f'creating collection {self.collection!r}'):
-            schema = MilvusClient.create_schema(auto_id=False)
+            # The dynamic field holds each image's path where it is known: rows written by others without one
+            # (README's Towhee pipeline) still fit, which a declared field would refuse (Milvus 2.3 has no defaults).
+            schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=True)
             schema.add_field('id', DataType.VARCHAR, is_primary=True, max_length=512)
             schema.add_field('vector', DataType.FLOAT_VECTOR, dim=dim)
-            schema.add_field(PATH, DataType.VARCHAR, max_length=PATH_BYTES)  # for the reports' thumbnails
             extra = {} if postprocessing is None else {
                 'properties': {POSTPROCESSING: json.dumps(postprocessing, sort_keys=True)}}
             self.client.create_collection(self.collection, schema=schema, **extra)
@@ -232,7 +233,7 @@ class MilvusIndex:
         with_paths = self.stores_paths()
         with self._errors(f'writing to {self.collection!r}'):
             for start in range(0, len(ids), batch):
-                rows = [{'id': i, 'vector': v.tolist(), **({PATH: paths.get(i, '')} if with_paths else {})}
+                rows = [{'id': i, 'vector': v.tolist(), **({PATH: paths[i]} if with_paths and i in paths else {})}
                         for i, v in zip(ids[start:start + batch], vectors[start:start + batch])]
                 self.client.upsert(self.collection, rows)
             # Milvus Lite then builds the new segments' index in a background thread that it waits for when the
@@ -241,10 +242,9 @@ class MilvusIndex:
         return kind
 
     def stores_paths(self) -> bool:
-        """Whether the collection keeps image paths (collections made before they were kept do not)."""
+        """Whether the collection can keep image paths (one made before they were kept has no dynamic field)."""
         with self._errors(f'describing collection {self.collection!r}'):
-            fields = self.client.describe_collection(self.collection)['fields']
-        return any(f['name'] == PATH for f in fields)
+            return bool(self.client.describe_collection(self.collection).get('enable_dynamic_field'))
 
     def paths(self, ids: Sequence[str], batch: int = 1000) -> dict[str, str]:
         """The stored image path of each of ``ids`` that has one (none for a collection that keeps no paths)."""
@@ -258,7 +258,7 @@ class MilvusIndex:
                 listed = ', '.join(json.dumps(i, ensure_ascii=False) for i in ids[start:start + batch])
                 rows = self.client.query(self.collection, filter=f'id in [{listed}]', output_fields=['id', PATH],
                                          consistency_level='Strong')
-                found.update((row['id'], row[PATH]) for row in rows if row[PATH])
+                found.update((row['id'], row[PATH]) for row in rows if row.get(PATH))
         return found
 
     def load(self) -> None:

@@ -10,7 +10,7 @@ import io
 import json
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from ..atomic import atomic_write
 
@@ -45,7 +45,8 @@ th:first-child{left:0;z-index:2}
 .tag.pass{background:#2a9d4a}.tag.true{background:#1f6fd1}.tag.false{background:#c0392b}
 .tag.none{background:#777}.tag.keep{background:#2a9d4a}
 .missed{font-size:11px}
-.group{background:#fff;border:1px solid #ddd;border-radius:6px;padding:8px;margin:0 0 10px}
+.groups{display:flex;flex-wrap:wrap;gap:10px;align-items:flex-start}
+.group{background:#fff;border:1px solid #ddd;border-radius:6px;padding:8px}
 .group h2{font-size:14px;margin:0 0 6px}
 .members{display:flex;flex-wrap:wrap;gap:6px}
 .member{width:140px;text-align:center;font-size:12px}
@@ -98,7 +99,8 @@ def _summary(items: list[tuple[str, str]]) -> str:
 
 
 def search_report(output: str | os.PathLike, query_ids: Sequence[str], candidates: Sequence[Match], k: int,
-                  query_paths: dict[str, str], reference_paths: dict[str, str], threshold: float | None = None,
+                  query_paths: dict[str, str], reference_paths: dict[str, str] | Callable[[list[str]], dict[str, str]],
+                  threshold: float | None = None,
                   truth: dict[str, set[str]] | None = None, max_queries: int = DEFAULT_REPORT_QUERIES,
                   reference_missing: str = 'no image path stored') -> None:
     """A page with each query (sorted by id, the first ``max_queries``) beside its ``k`` best
@@ -108,7 +110,8 @@ def search_report(output: str | os.PathLike, query_ids: Sequence[str], candidate
     marked, and a query with none says so. With ``truth`` (query -> true references, as
     :func:`metrics.read_ground_truth` reads them), each match of a labelled query is marked true or
     false, the references it missed are listed, and the summary gives the CSV's μAP.
-    ``reference_missing``: what a reference cell says when its path is unknown.
+    ``reference_paths``: id -> image path, or a function giving them for a list of ids (asked only
+    for the references shown); ``reference_missing``: what a cell says where a path is unknown.
     """
     from .metrics import evaluate
     by_query: dict[str, list[Match]] = {q: [] for q in query_ids}
@@ -123,6 +126,10 @@ def search_report(output: str | os.PathLike, query_ids: Sequence[str], candidate
     kept = [m for m in candidates if passes(m)]
     queries = sorted(by_query)
     shown = queries[:max_queries]
+    if callable(reference_paths):  # e.g. a Milvus collection's: ask only for the references on the page
+        wanted = {m.reference_id for q in shown for m in by_query[q]}
+        wanted.update(ref for q in shown for ref in (truth or {}).get(q, ()))
+        reference_paths = reference_paths(sorted(wanted))
     thumbs = Thumbnails()
     stated = 'none (all kept)' if threshold is None else f'{threshold:g}'
     summary = [('queries', f'{len(queries):,}'), ('matches per query (k)', str(k)), ('threshold', stated),
@@ -155,7 +162,7 @@ def search_report(output: str | os.PathLike, query_ids: Sequence[str], candidate
         if truth is not None and not labelled:
             tags += '<span class="tag none">not in ground truth</span>'
         cells = [f'<td class="query">{thumbs(query_paths.get(query))}<div class="id">{html.escape(query)}</div>{tags}</td>']
-        for rank, m in enumerate(found, start=1):
+        for m in found:
             marks = '<b class="tag pass">&#8805; T</b>' if passes(m) and threshold is not None else ''
             if labelled:
                 marks += ('<b class="tag true">&#10003; true</b>' if m.reference_id in refs
@@ -264,6 +271,7 @@ def groups_report(output: str | os.PathLike, groups: Sequence[Sequence[GroupMemb
             'then the largest file</span><span>score: cosine similarity to the kept image</span></p>']
     if not groups:
         body.append('<p>No near-duplicates at this threshold.</p>')
+    body.append('<div class="groups">')
     for n, group in enumerate(ordered, start=1):
         cards = []
         for m in kept_first(group):
@@ -275,6 +283,7 @@ def groups_report(output: str | os.PathLike, groups: Sequence[Sequence[GroupMemb
                          f'<div class="id">{html.escape(m.image_id)}</div>{label}<div>{size}</div></div>')
         body.append(f'<div class="group"><h2>Group {n}: {len(group)} images</h2>'
                     f'<div class="members">{"".join(cards)}</div></div>')
+    body.append('</div>')
     _write(output, _page('Near-duplicate groups', body))
 
 
