@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import html_pages
 from commands import BIN
 from towhee_isc.testing import make_copy_detection_set
 from towhee_isc.workflow.descriptors import read_descriptors
@@ -66,6 +67,10 @@ def test_readme_workflow_runs_as_written(workspace):
         command, outputs = line.split()[1], re.findall(r'(?:-o|--report|--plot) (\S+)', line)
         for output in outputs:
             assert (root / output).is_file(), (line, output)
+            if output.endswith('.html'):  # every image on the page is there to see, whatever the route
+                page = html_pages.parse((root / output).read_text())
+                cells = page.all('td') + page.all(cls='member')
+                assert cells and all(len(cell.thumbnails) == 1 for cell in cells), (line, output)
         if command == 'embed':
             ids, vectors = read_descriptors(root / outputs[0])
             assert len(ids) == len(list((root / line.split()[2]).rglob('*.*'))) and vectors.shape[1] == 256

@@ -151,7 +151,7 @@ def search_report(output: str | os.PathLike, query_ids: Sequence[str], candidate
     if len(shown) < len(queries):
         body.append(f'<p class="legend">Showing the first {len(shown):,} of {len(queries):,} queries, sorted by id '
                     '(--report-queries shows more).</p>')
-    columns = max([k] + [len(by_query[q]) for q in shown])
+    columns = max((len(by_query[q]) for q in shown), default=0)  # k, or fewer where there are fewer references
     header = ['query'] + [f'match {n}' for n in range(1, columns + 1)] + (['missed (ground truth)'] if truth is not None else [])
     body.append('<table><thead><tr>' + ''.join(f'<th>{h}</th>' for h in header) + '</tr></thead><tbody>')
     for query in shown:
