@@ -136,6 +136,12 @@ def test_threshold_score_normalisation_and_report(cmd, copy_set, tmp_path):
                        '--score-norm', background, '--factor', 0.5, '--nth', 2, '--threshold', threshold,
                        '-o', tmp_path / 'norm.csv', '--report', tmp_path / 'report.html', '--ground-truth', tmp_path / 'gt.csv')
     assert code == 0, err
+    (tmp_path / 'bad_gt.csv').write_text('query,reference\nQ00000,R000000\n')
+    for extra, message in ((['--ground-truth', tmp_path / 'gt.csv'], '--ground-truth marks the matches of the --report'),
+                           (['--report', tmp_path / 'r.html', '--ground-truth', tmp_path / 'bad_gt.csv'],
+                            'must start with the columns query_id,reference_id')):
+        code, _, err = cmd('search', tmp_path / 'queries.h5', '--references', tmp_path / 'refs.h5', '-o', tmp_path / 'x.csv', *extra)
+        assert code == 2 and message in err and not (tmp_path / 'x.csv').exists(), err
     want = {(qids[i], rids[j]) for i in range(len(qids)) for j in np.argsort(-sim[i])[:2] if sim[i, j] >= threshold}
     rows = list(csv.DictReader(open(tmp_path / 'norm.csv')))
     assert {(row['query_id'], row['reference_id']) for row in rows} == want
