@@ -24,6 +24,7 @@ from ..images import ImageError, image_size, regular_file
 from ..model import IscNet, build_model, preprocess, read_checkpoint
 from .augment import recipe
 from .config import TrainConfig
+from .distributed import sync_batchnorm
 from .data import EpochBatches, ViewsDataset, collate
 from .loop import Interrupted, Step, fit, no_decay_groups
 from .loss import CrossBatchMemory
@@ -187,7 +188,7 @@ def _run(items, net: IscNet, img_size: int, config: TrainConfig, resume: dict | 
     net.pool.p = config.gem_p
     model: nn.Module = net.to(device)
     if world > 1:
-        model = nn.parallel.DistributedDataParallel(nn.SyncBatchNorm.convert_sync_batchnorm(net),
+        model = nn.parallel.DistributedDataParallel(sync_batchnorm(net, device),
                                                     device_ids=[device.index] if device.type == 'cuda' else None)
     memory = CrossBatchMemory(net.embedding_dim, config.memory_size, config.pos_margin, config.neg_margin).to(device)
     optimizer = torch.optim.SGD(no_decay_groups(net, config.weight_decay), lr=config.init_lr,
