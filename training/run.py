@@ -144,7 +144,8 @@ def _read_resume(config: TrainConfig, net: IscNet) -> dict:
     """A checkpoint this training wrote, with its optimizer and memory; the run continues after it."""
     path = str(config.resume)
     ckpt = read_checkpoint(path)  # readable, official format, tensors only
-    raw = torch.load(path, map_location='cpu', weights_only=True)
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        raw = torch.load(path, map_location='cpu', weights_only=True)
     if not isinstance(raw, dict) or 'optimizer' not in raw or 'memory' not in raw:
         raise ValueError(f'{path!r} is not a checkpoint of this training (no optimizer or memory state): '
                          'start from its weights with --checkpoint instead of --resume')
