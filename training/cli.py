@@ -81,7 +81,8 @@ def run_command(args: argparse.Namespace) -> None:
     try:
         result = train(images, net, img_size, config)
     except TrainingInterrupted as e:
-        print(f'interrupted: {e}'.replace('resume=', '--resume ') if e.checkpoint else 'interrupted', file=sys.stderr)
+        print(f'interrupted; saved {e.checkpoint}: run the same command with --resume {e.checkpoint} to continue'
+              if e.checkpoint else 'interrupted', file=sys.stderr)
         raise SystemExit(130) from None
     if result.skipped:
         print(f'skipped {len(result.skipped)} unreadable or non-image file(s):', file=sys.stderr)
