@@ -81,6 +81,9 @@ def resolve_train_device(config: TrainConfig, local_rank: int | None = None) -> 
         if local_rank is not None and device.type == 'cuda':
             device = torch.device('cuda', local_rank)
     elif torch.cuda.is_available():
+        if local_rank is None and config.gpu >= torch.cuda.device_count():
+            raise ValueError(f'gpu={config.gpu} but this machine has {torch.cuda.device_count()} GPU(s) '
+                             f'(0 to {torch.cuda.device_count() - 1})')
         device = torch.device('cuda', config.gpu if local_rank is None else local_rank)
     else:
         if local_rank in (None, 0):
