@@ -331,6 +331,20 @@ class Isc(NNOperator):
                              f'the weights of {self.model_name!r} are broken; use another checkpoint')
         return vectors
 
+    # -- fine-tuning (training/) ---------------------------------------------------------------------
+
+    def train(self, training_args: dict[str, Any] | None = None, train_dataset: Any = None, eval_dataset: Any = None,
+              resume_checkpoint_path: str | None = None, **kwargs: Any) -> list[str]:
+        """Fine-tune this operator's network with the winner's self-supervised recipe, as Towhee's tutorial
+        calls it: ``op.train(training_args={'train_data_dir': './images', 'output_dir': './output', ...})``
+        (keys: ``training.config.TRAINING_ARGS``; also accepted as keyword arguments). Towhee's own
+        ``train(training_config, train_dataset, ...)`` works too: a ``TrainingConfig``'s epochs, batch size,
+        lr and output folder, and a dataset of images. Writes ``output_dir/checkpoint_epoch%04d.pth.tar``
+        after each epoch; afterwards this operator embeds with the last one. Returns the checkpoints written."""
+        from .training.operator import train_operator
+        result = train_operator(self, training_args, train_dataset, eval_dataset, resume_checkpoint_path, **kwargs)
+        return [str(path) for path in result.checkpoints]
+
     # -- export ------------------------------------------------------------------------------------
 
     @staticmethod

@@ -24,7 +24,7 @@ from .metrics import evaluate, plot_precision_recall, read_ground_truth, read_ma
 from .milvus import DEFAULT_MILVUS_URI, INDEX_TYPES, MilvusIndex, milvus_duplicate_pairs
 from .reports import DEFAULT_REPORT_QUERIES
 
-COMMANDS = ('embed', 'index', 'search', 'dedup', 'evaluate', 'nes', 'serve')
+COMMANDS = ('embed', 'index', 'search', 'dedup', 'evaluate', 'nes', 'serve', 'train')
 
 
 def nes_settings(args: argparse.Namespace) -> dict:
@@ -315,6 +315,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument('--dba-k', type=positive_int, default=DBA_K, help=f'neighbours in the augmentation (default {DBA_K})')
     p.add_argument('--alpha', type=finite_float, default=ALPHA, help=f'similarity exponent of the augmentation (default {ALPHA})')
     p.set_defaults(run=cmd_nes)
+
+    from ..training.cli import add_parser as add_train_parser  # light: nothing heavy until it runs
+    add_train_parser(commands)
     return main
 
 

@@ -1,0 +1,92 @@
+"""``towhee-isc train IMAGES... -o OUTPUT_DIR``: the parser (light: nothing heavy is imported to build it)
+and the command, a thin shell over ``training.run.train``."""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+from .config import PRECISIONS, TrainConfig
+
+DEFAULTS = TrainConfig()
+
+
+def _whole(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'{text!r} is not a whole number') from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f'must be at least {low}, got {value}')
+        return value
+    return parse
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f'must be a finite number, got {text!r}')
+    return value
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser('train', help="fine-tune the network on your images (the winner's self-supervised recipe)",
+                              description='Fine-tune the ISC network on unlabelled images: every image gives ncrops '
+                                          'augmented views that must stay close, while other images are pushed apart.')
+    p.add_argument('inputs', nargs='+', help='folders (recursive), globs, .txt file lists, image files')
+    p.add_argument('-o', '--output-dir', required=True, help='checkpoint_epoch%%04d.pth.tar and train_log.jsonl go here')
+    start = p.add_argument_group('the network to start from (default: the published isc_ft_v107)')
+    start.add_argument('--checkpoint', help='a checkpoint in the official format')
+    start.add_argument('--model-name', default='isc_ft_v107', help='published weights (isc_ft_v107, isc_selfsup_v98)')
+    start.add_argument('--timm-backbone', help='a timm architecture: with --checkpoint, its architecture; alone, a new '
+                                               'network (timm pretrained weights if cached locally, else random)')
+    start.add_argument('--img-size', type=_whole(32), help='input size recorded for inference (default: the '
+                                                          "checkpoint's; 224 for a new network)")
+    run = p.add_argument_group('training')
+    run.add_argument('--epochs', type=_whole(1), default=DEFAULTS.epochs)
+    run.add_argument('--batch-size', type=_whole(2), default=DEFAULTS.batch_size, help='images per step, all processes')
+    run.add_argument('--lr', type=_number, default=DEFAULTS.init_lr, help='initial SGD learning rate, decayed linearly to 0')
+    run.add_argument('--weight-decay', type=_number, default=DEFAULTS.weight_decay)
+    run.add_argument('--memory-size', type=_whole(0), default=DEFAULTS.memory_size, help='cross-batch memory (embeddings)')
+    run.add_argument('--ncrops', type=_whole(2), default=DEFAULTS.ncrops, help='views per image')
+    run.add_argument('--gem-p', type=_number, default=DEFAULTS.gem_p, help='GeM power while training')
+    run.add_argument('--input-size', type=_whole(32), help='training crop size (default: --img-size)')
+    run.add_argument('--seed', type=_whole(0), default=DEFAULTS.seed)
+    run.add_argument('--workers', type=_whole(0), default=DEFAULTS.workers, help='image loading processes')
+    run.add_argument('--resume', metavar='CHECKPOINT', help='continue a run from one of its checkpoints')
+    run.add_argument('--device', help="'cpu', 'cuda', 'cuda:N' (default: CUDA when available)")
+    run.add_argument('--precision', choices=PRECISIONS, default='fp32', help='autocast on GPUs')
+    run.add_argument('--distributed', action='store_true', help='every local GPU (DistributedDataParallel); '
+                                                                'under torchrun, every process it starts')
+    run.add_argument('--quiet', action='store_true', help='no progress bar')
+    p.set_defaults(run=run_command)
+    return p
+
+
+def run_command(args: argparse.Namespace) -> None:
+    from ..workflow.descriptors import find_images
+    from .run import TrainingInterrupted, initial_net, train
+    config = TrainConfig(output_dir=args.output_dir, epochs=args.epochs, batch_size=args.batch_size, init_lr=args.lr,
+                         weight_decay=args.weight_decay, memory_size=args.memory_size, ncrops=args.ncrops,
+                         gem_p=args.gem_p, input_size=args.input_size, seed=args.seed, workers=args.workers,
+                         device=args.device, precision=args.precision, distributed=args.distributed,
+                         resume=args.resume, quiet=args.quiet,
+                         extra_args={'start': args.checkpoint or args.timm_backbone or args.model_name}).check()
+    images = find_images(args.inputs)
+    net, img_size = initial_net(args.model_name, args.checkpoint, args.timm_backbone, args.img_size)
+    try:
+        result = train(images, net, img_size, config)
+    except TrainingInterrupted as e:
+        print(f'interrupted; saved {e.checkpoint}: run the same command with --resume {e.checkpoint} to continue'
+              if e.checkpoint else 'interrupted', file=sys.stderr)
+        raise SystemExit(130) from None
+    if result.skipped:
+        print(f'skipped {len(result.skipped)} unreadable or non-image file(s):', file=sys.stderr)
+        for path, reason in result.skipped.items():
+            print(f'  {path}: {reason}', file=sys.stderr)
+    if result.checkpoints:
+        print(f'wrote {len(result.checkpoints)} checkpoint(s) to {args.output_dir}; the last: {result.last}')
