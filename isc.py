@@ -14,6 +14,7 @@ import torch
 with warnings.catch_warnings():  # Towhee's own imports warn about pkg_resources and pydantic: not ours to fix
     warnings.filterwarnings('ignore', message='pkg_resources is deprecated')
     warnings.filterwarnings('ignore', category=DeprecationWarning)
+    from towhee import register
     from towhee.operator import NNOperator
 
 from .backends import DEFAULT_BATCH, TRITON_BATCH, export_onnx, resolve_backend
@@ -369,3 +370,8 @@ class Isc(NNOperator):
         else:
             export_onnx(model, self.img_size, path)
         return str(path)
+
+
+# Towhee's registry: ``ops.image_embedding.isc()`` finds the operator offline. Here, where ``Isc`` is
+# defined, so that the package's ``__init__`` need not import Towhee (it imports this module once Towhee is loaded).
+register(name='image-embedding/isc')(Isc)

@@ -27,9 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_write
-
-# The winner's settings.
-K, BETA, ITERATIONS, DBA_K, ALPHA = 10, 0.35, 1, 10, 3.0
+from .defaults import ALPHA, BETA, DBA_K, ITERATIONS, K  # noqa: F401 (the winner's settings; imported from here)
 METHOD = 'negative embedding subtraction (arXiv 2112.04323)'
 NORM_TOLERANCE = 1e-3  # descriptors must be L2-normalised; fp16 ones are within ~1e-3
 # Similarity blocks of ROWS x COLUMNS float32 (128 MB), never N x M. Chunking the negatives too keeps

@@ -11,18 +11,16 @@ import math
 import os
 import sys
 import warnings
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from ..atomic import check_writable
-from ..postprocess import ALPHA, BETA, DBA_K, ITERATIONS, K, NegativeEmbeddings
-from .descriptors import (check_same_postprocessing, describe_postprocessing, read_descriptors, read_image_paths,
-                          read_model, read_postprocessing, write_descriptors)
-from .embedding import Embedder, embed_collection, inputs_postprocessing, load_descriptors
-from .engines import choose_engine
-from .matching import (duplicate_groups, html_report, near_duplicate_pairs, nth_neighbour_similarity, search,
-                       write_groups)
-from .metrics import evaluate, plot_precision_recall, read_ground_truth, read_matches, write_matches
-from .milvus import DEFAULT_MILVUS_URI, INDEX_TYPES, MilvusIndex, milvus_duplicate_pairs
+from ..defaults import ALPHA, BETA, DBA_K, DEFAULT_MILVUS_URI, INDEX_TYPES, ITERATIONS, K
+
+if TYPE_CHECKING:
+    from .embedding import Embedder
+
+# Building the parser imports nothing heavy (``towhee-isc --help`` and usage errors answer at once):
+# each command imports what it needs (numpy, faiss, Milvus, torch) when it runs.
 
 COMMANDS = ('embed', 'index', 'search', 'dedup', 'evaluate', 'nes', 'serve')
 
@@ -36,12 +34,14 @@ def nes_settings(args: argparse.Namespace) -> dict:
 
 
 def embedder(args: argparse.Namespace) -> Embedder:
+    from .embedding import Embedder
     return Embedder(model_name=args.model_name, checkpoint_path=args.checkpoint, device=args.device,
                     batch_size=args.batch_size, strict=args.strict, **nes_settings(args))
 
 
 def same_postprocessing(args: argparse.Namespace, images: Embedder, *sources: dict[str, dict | None]) -> dict | None:
     """All inputs of one command (and ``--negatives``, if given) must be post-processed alike."""
+    from .descriptors import check_same_postprocessing
     named = {f'--negatives {args.negatives}': images.postprocessing} if args.negatives else {}
     for source in sources:
         named.update(source)
@@ -59,6 +59,7 @@ def cmd_embed(args) -> None:
     elif (args.actors, args.cpus_per_actor, args.gpus_per_actor) != (None, 1, 0):
         raise ValueError('--actors, --cpus-per-actor and --gpus-per-actor need --ray-address')
     else:
+        from .embedding import embed_collection
         written, skipped, rate = embed_collection(args.inputs, args.output, embedder(args), args.chunk_size, args.quiet)
     print(f'wrote {written} descriptors to {args.output} ({rate:.2f} images/s)')
     if skipped:
@@ -68,6 +69,8 @@ def cmd_embed(args) -> None:
 
 
 def cmd_index(args) -> None:
+    from .embedding import inputs_postprocessing, load_descriptors
+    from .milvus import MilvusIndex
     images = embedder(args)
     index = MilvusIndex(args.milvus_uri, args.collection, args.token)
     postprocessing = same_postprocessing(args, images, inputs_postprocessing(args.inputs, images),
@@ -79,6 +82,12 @@ def cmd_index(args) -> None:
 
 
 def cmd_search(args) -> None:
+    from .descriptors import read_descriptors, read_postprocessing
+    from .embedding import inputs_postprocessing, load_descriptors
+    from .engines import choose_engine
+    from .matching import html_report, nth_neighbour_similarity, search
+    from .metrics import write_matches
+    from .milvus import MilvusIndex
     images, models = embedder(args), {}
     index = None if args.references else MilvusIndex(args.milvus_uri, args.collection, args.token, existing=True)
     same_postprocessing(args, images, inputs_postprocessing(args.queries, images, 'queries'),
@@ -107,6 +116,10 @@ def cmd_search(args) -> None:
 
 
 def cmd_dedup(args) -> None:
+    from .embedding import inputs_postprocessing, load_descriptors
+    from .engines import choose_engine
+    from .matching import duplicate_groups, near_duplicate_pairs, write_groups
+    from .milvus import MilvusIndex, milvus_duplicate_pairs
     images = embedder(args)
     postprocessing = same_postprocessing(args, images, inputs_postprocessing(args.inputs, images))
     ids, vectors, paths = load_descriptors(args.inputs, images)
@@ -130,6 +143,7 @@ def cmd_dedup(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
+    from .metrics import evaluate, plot_precision_recall, read_ground_truth, read_matches
     matches, truth = read_matches(args.matches), read_ground_truth(args.ground_truth)
     result = evaluate(matches, truth)
     if args.plot:
@@ -144,6 +158,9 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_nes(args) -> None:
+    from ..postprocess import NegativeEmbeddings
+    from .descriptors import (describe_postprocessing, read_descriptors, read_image_paths, read_model,
+                              read_postprocessing, write_descriptors)
     ids, vectors = read_descriptors(args.descriptors)
     done = read_postprocessing(args.descriptors)
     if done is not None:
@@ -294,6 +311,13 @@ def parser() -> argparse.ArgumentParser:
     return main
 
 
+def command_list() -> str:
+    """One line per command with its help, as ``python -m towhee_isc --help`` lists them."""
+    commands = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
+    width = max(map(len, commands.choices))
+    return '\n'.join(f'  {a.dest:<{width}}  {a.help}' for a in commands._choices_actions)
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -348,8 +372,16 @@ def one_line_warning(message, category, filename, lineno, file=None, line=None) 
     print(f'warning: {one_line(message)}', file=sys.stderr if file is None else file)
 
 
-def one_line(error: BaseException) -> str:
-    return ' '.join(str(error).split()) or type(error).__name__
+# The Python API's argument names in messages, as a command-line user writes them.
+FLAGS = {'checkpoint_path=': '--checkpoint FILE'}
+
+
+def one_line(error: BaseException | Warning | str) -> str:
+    """A message on one line, naming command-line flags rather than the Python arguments they set."""
+    text = ' '.join(str(error).split())
+    for argument, flag in FLAGS.items():
+        text = text.replace(argument, flag)
+    return text or type(error).__name__
 
 
 if __name__ == '__main__':

@@ -15,12 +15,11 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from ..defaults import DEFAULT_MILVUS_URI, INDEX_TYPES  # noqa: F401 (imported from here too)
 from .descriptors import check_same_postprocessing
 from .metrics import Match
 
-DEFAULT_MILVUS_URI = './isc.db'  # Milvus Lite: embedded, a folder, nothing to start
 POSTPROCESSING = 'towhee_isc.postprocessing'  # collection property: how its vectors were post-processed
-INDEX_TYPES = ('FLAT', 'IVF_FLAT', 'HNSW')
 HNSW_M, HNSW_EF_CONSTRUCTION = 16, 200  # Milvus's usual starting point
 # Default search widths: on 100,000 random 256-d vectors these found >= 99 % of copies at rank 1
 # (benchmarks/milvus_index.py; at nlist/16 cells or ef 64, only 98 % and 84 %).
