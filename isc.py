@@ -347,15 +347,16 @@ class Isc(NNOperator):
         ``'pytorch'`` writes an official-format checkpoint (``checkpoint_path=`` loads it back),
         ``'torchscript'`` a traced module for ``torch.jit.load``, ``'onnx'`` an opset-17 model with a
         dynamic batch axis. Exports take preprocessed (N, 3, S, S) float32 and return (N, D) float32.
-        ``path='default'`` writes ``saved/<format>/<model name><suffix>`` beside this file; a
-        directory gets that file name; anything else is the file to write.
+        ``path='default'`` writes ``<torch hub dir>/towhee_isc/saved/<format>/<model name><suffix>``
+        (``torch.hub.get_dir()``, beside the downloaded weights; never inside the package, which may be
+        a read-only site-packages); a directory gets that file name; anything else is the file to write.
         """
         if format not in _EXPORT_SUFFIX:
             raise ValueError(f'unknown export format {format!r}: supported formats are {list(_EXPORT_SUFFIX)}')
         net = self.net  # before any folder is made: an operator whose network runs in Triton has none
         file_name = self.model_name + _EXPORT_SUFFIX[format]
         if str(path) == 'default':
-            path = Path(__file__).resolve().parent / 'saved' / format / file_name
+            path = Path(torch.hub.get_dir()) / 'towhee_isc' / 'saved' / format / file_name
         path = Path(path)
         if path.is_dir():
             path = path / file_name

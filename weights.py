@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .atomic import atomic_write, exclusive, remove_partials
+from .progress import Progress
 
 # The table is read to build the command line's --help: torch, the model (timm) and urllib are imported
 # only by the functions that read or download weights.
@@ -166,25 +166,28 @@ def _download(url: str, out, target: Path) -> None:
     fix = (f'check the network or set {WEIGHTS_URL_ENV} to a mirror, or download it yourself to '
            f'{str(target)!r} or pass checkpoint_path=')
     deadline = download_timeout()
-    print(f'Downloading {url} to {target}', file=sys.stderr)
     started = window_start = time.monotonic()
     received = window_bytes = 0
     try:
         with urllib.request.urlopen(url, timeout=STALL_SECONDS) as response:
             expected = response.headers.get('Content-Length')
-            while chunk := response.read1(1 << 20):  # returns what has arrived, so the clocks below run
-                out.write(chunk)
-                received += len(chunk)
-                window_bytes += len(chunk)
-                now = time.monotonic()
-                if now - started > deadline:
-                    raise WeightsDownloadError(f'downloading {url} took over {deadline:g} s ({received} '
-                                               f'bytes so far; TOWHEE_ISC_DOWNLOAD_TIMEOUT); {fix}')
-                if now - window_start >= STALL_SECONDS:
-                    if window_bytes < STALL_BYTES:
-                        raise WeightsDownloadError(f'downloading {url} stalled: {window_bytes} bytes in the last '
-                                                   f'{now - window_start:.0f} s; {fix}')
-                    window_start, window_bytes = now, 0
+            # The progress line starts once the server answers: offline, the error line is all there is.
+            with Progress(int(expected) if expected else None, f'downloading {target.name}', unit='B', delay=0,
+                          scale=True) as progress:
+                while chunk := response.read1(1 << 20):  # returns what has arrived, so the clocks below run
+                    out.write(chunk)
+                    progress.advance(len(chunk))
+                    received += len(chunk)
+                    window_bytes += len(chunk)
+                    now = time.monotonic()
+                    if now - started > deadline:
+                        raise WeightsDownloadError(f'downloading {url} took over {deadline:g} s ({received} '
+                                                   f'bytes so far; TOWHEE_ISC_DOWNLOAD_TIMEOUT); {fix}')
+                    if now - window_start >= STALL_SECONDS:
+                        if window_bytes < STALL_BYTES:
+                            raise WeightsDownloadError(f'downloading {url} stalled: {window_bytes} bytes in the last '
+                                                       f'{now - window_start:.0f} s; {fix}')
+                        window_start, window_bytes = now, 0
     except WeightsDownloadError:
         raise
     except urllib.error.HTTPError as e:

@@ -516,7 +516,13 @@ def test_ctrl_c_is_one_line_and_the_run_resumes(model_args, photos, tmp_path):
     deadline = time.time() + 120
     while not list((tmp_path / 'out.h5.parts').glob('*.npz')) and time.time() < deadline:
         time.sleep(0.01)
+    # Frozen, the run cannot finish between our look at its work and the SIGINT: work remains, and the
+    # signal, pending until it resumes, interrupts that work.
+    process.send_signal(signal.SIGSTOP)
+    saved = len(list((tmp_path / 'out.h5.parts').glob('*.npz')))
+    assert 1 <= saved < 40 and not (tmp_path / 'out.h5').exists(), (saved, 'the run must be stopped mid-way')
     process.send_signal(signal.SIGINT)
+    process.send_signal(signal.SIGCONT)
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130 and err.strip() == 'interrupted; run the same command again to continue', err
     assert subprocess.run(command, capture_output=True, timeout=300).returncode == 0

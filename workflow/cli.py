@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from ..atomic import check_writable
 from ..defaults import ALPHA, BETA, DBA_K, DEFAULT_MILVUS_URI, INDEX_TYPES, ITERATIONS, K
+from ..progress import set_quiet
 
 if TYPE_CHECKING:
     from .embedding import Embedder
@@ -61,7 +62,7 @@ def cmd_embed(args) -> None:
     else:
         from .embedding import embed_collection
         written, skipped, rate = embed_collection(args.inputs, args.output, embedder(args), args.chunk_size, args.quiet)
-    print(f'wrote {written} descriptors to {args.output} ({rate:.2f} images/s)')
+    print(f'wrote {plural(written, "descriptor")} to {args.output} ({rate:.2f} images/s)')
     if skipped:
         print(f'skipped {len(skipped)} unreadable or non-image file(s):', file=sys.stderr)
         for path, reason in skipped.items():
@@ -77,7 +78,7 @@ def cmd_index(args) -> None:
                                          {f'collection {args.collection!r}': index.postprocessing()} if index.dim() else {})
     ids, vectors, _ = load_descriptors(args.inputs, images)
     kind = index.add(ids, vectors, index_type=args.index_type, postprocessing=postprocessing)
-    print(f'indexed {len(ids)} descriptors into {args.collection!r} ({kind} index) at {args.milvus_uri} '
+    print(f'indexed {plural(len(ids), "descriptor")} into {args.collection!r} ({kind} index) at {args.milvus_uri} '
           f'({index.count()} in all)')
 
 
@@ -161,6 +162,10 @@ def cmd_nes(args) -> None:
     from ..postprocess import NegativeEmbeddings
     from .descriptors import (describe_postprocessing, read_descriptors, read_image_paths, read_model,
                               read_postprocessing, write_descriptors)
+    for given, name in ((args.descriptors, 'input'), (args.negatives, '--negatives file')):
+        if os.path.exists(args.output) and os.path.exists(given) and os.path.samefile(args.output, given):
+            raise ValueError(f'-o {args.output} is the {name} {given}: nes writes its result to a new file and '
+                             'never overwrites what it reads; pick another -o')
     ids, vectors = read_descriptors(args.descriptors)
     done = read_postprocessing(args.descriptors)
     if done is not None:
@@ -169,7 +174,7 @@ def cmd_nes(args) -> None:
     out = negatives.subtract(vectors, args.k, args.beta, args.iterations)
     write_descriptors(args.output, ids, out, read_image_paths(args.descriptors), model=read_model(args.descriptors),
                       postprocessing=negatives.record(args.k, args.beta, args.iterations))
-    print(f'wrote {len(ids)} post-processed descriptors to {args.output} '
+    print(f'wrote {plural(len(ids), "post-processed descriptor")} to {args.output} '
           f'({len(negatives.negatives)} negatives, k={args.k}, beta={args.beta}, iterations={args.iterations})')
 
 
@@ -242,7 +247,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument('inputs', nargs='+', help='folders (recursive), globs, .txt file lists, image files')
     p.add_argument('-o', '--output', required=True, help='descriptor file (.h5)')
     p.add_argument('--chunk-size', type=positive_int, default=64, help='images per saved chunk')
-    p.add_argument('--quiet', action='store_true', help='no progress bar')
     group = p.add_argument_group('on a Ray cluster (pip install \'towhee-isc[ray]\')')
     group.add_argument('--ray-address', help="embed on the Ray cluster at 'auto' or HOST:PORT; images, checkpoint "
                                              'and output folder must be on storage every node shares')
@@ -308,7 +312,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument('--dba-k', type=positive_int, default=DBA_K, help=f'neighbours in the augmentation (default {DBA_K})')
     p.add_argument('--alpha', type=finite_float, default=ALPHA, help=f'similarity exponent of the augmentation (default {ALPHA})')
     p.set_defaults(run=cmd_nes)
+
+    for p in commands.choices.values():  # every command, whichever room defines it
+        if '--quiet' not in p._option_string_actions:
+            p.add_argument('--quiet', action='store_true',
+                           help='no progress lines on stderr (they are drawn only on a terminal anyway)')
     return main
+
+
+def plural(n: int, noun: str) -> str:
+    """``1 descriptor``, ``2 descriptors``."""
+    return f'{n} {noun}' if n == 1 else f'{n} {noun}s'
 
 
 def command_list() -> str:
@@ -347,6 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     errors too); set TOWHEE_ISC_DEBUG=1 to see the traceback of an unexpected one."""
     args = parser().parse_args(argv)
     warnings.showwarning = one_line_warning
+    set_quiet(args.quiet)
     try:
         for name, what in OUTPUTS.items():
             if getattr(args, name, None):
@@ -364,6 +379,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f'error: {type(e).__name__}: {one_line(e)} (set TOWHEE_ISC_DEBUG=1 for the traceback)', file=sys.stderr)
         return 2
+    finally:
+        set_quiet(False)  # --quiet is this command's; the process may run more (tests, the Python API)
     return 0
 
 

@@ -16,6 +16,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..defaults import DEFAULT_MILVUS_URI, INDEX_TYPES  # noqa: F401 (imported from here too)
+from ..progress import Progress
 from .descriptors import check_same_postprocessing
 from .metrics import Match
 
@@ -224,11 +225,13 @@ class MilvusIndex:
             check_same_postprocessing({f'collection {self.collection!r}': self.postprocessing(),
                                        'the descriptors to add': postprocessing})
         kind = self.create(vectors.shape[1], index_type, len(ids), postprocessing)
-        with self._errors(f'writing to {self.collection!r}'):
+        with self._errors(f'writing to {self.collection!r}'), \
+                Progress(len(ids), f'uploading to {self.collection!r}', unit='vector') as progress:
             for start in range(0, len(ids), batch):
                 rows = [{'id': i, 'vector': v.tolist()}
                         for i, v in zip(ids[start:start + batch], vectors[start:start + batch])]
                 self.client.upsert(self.collection, rows)
+                progress.advance(len(rows))
             # Milvus Lite then builds the new segments' index in a background thread that it waits for when the
             # process ends (searching them exactly until then); reloading here would race that thread.
             self.client.flush(self.collection)
@@ -268,7 +271,8 @@ class MilvusIndex:
         params = search_params(kind, k, nlist, nprobe, ef)
         self.load()
         matches = []
-        with self._errors(f'searching {self.collection!r}'):
+        with self._errors(f'searching {self.collection!r}'), \
+                Progress(len(queries), f'searching {self.collection!r}', unit='query') as progress:
             for start in range(0, len(queries), batch):
                 hits = self.client.search(self.collection, data=queries[start:start + batch].tolist(), limit=k,
                                           output_fields=['id'], search_params=params, consistency_level='Strong')
@@ -278,6 +282,7 @@ class MilvusIndex:
                         score = float(hit['distance']) - offset
                         if threshold is None or score >= threshold:
                             matches.append(Match(query_ids[start + row], hit['id'], score))
+                progress.advance(len(hits))
         return matches
 
 
