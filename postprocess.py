@@ -94,7 +94,8 @@ class NegativeEmbeddings:
         x = _check_unit_rows(vectors, 'descriptors', self.dim)
         negatives, beta32 = self.augmented, np.float32(beta)
         for _ in range(iterations):
-            _, idx = nearest(x, negatives, k, description='subtracting negatives' if self.progress is not False else None)
+            line = 'subtracting negatives' if self.progress is not False else None
+            _, idx = nearest(x, negatives, k, description=line)
             x = x - beta32 * negatives[idx].mean(axis=1)
             x = _normalise(x, 'the subtraction left a zero vector (is beta near 1 or more?)')
         return x

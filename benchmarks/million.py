@@ -40,7 +40,8 @@ def run_child(command: list[str]) -> tuple[float, float, float, str]:
     """(wall seconds, CPU seconds, peak resident MiB, stdout) of a command run as a child process."""
     with tempfile.NamedTemporaryFile('r', suffix='.usage') as usage:
         start = time.perf_counter()
-        result = subprocess.run([sys.executable, '-c', _WRAPPER, usage.name, *command], stdout=subprocess.PIPE, text=True)
+        result = subprocess.run([sys.executable, '-c', _WRAPPER, usage.name, *command], stdout=subprocess.PIPE,
+                                text=True)
         seconds = time.perf_counter() - start
         if result.returncode:
             sys.exit(f'{command} failed (its error is above)')

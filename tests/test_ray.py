@@ -103,8 +103,8 @@ def embed_command(address, images, out, ckpt, *extra) -> list[str]:
 
 
 def embed_on_cluster(address, images, out, ckpt, *extra, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(embed_command(address, images, out, ckpt, *extra), capture_output=True, text=True, timeout=600,
-                          env=None if env is None else {**os.environ, **env})
+    return subprocess.run(embed_command(address, images, out, ckpt, *extra), capture_output=True, text=True,
+                          timeout=600, env=None if env is None else {**os.environ, **env})
 
 
 RAY_DATA_SCRIPT = """

@@ -27,7 +27,7 @@ from ..progress import Progress
 # worth its seconds.
 EXACT_UP_TO = 100_000 ** 2
 
-BLOCK = 4096  # query rows per exact search: faiss keeps its results for one block at a time, and the progress line moves
+BLOCK = 4096  # query rows per exact search: faiss keeps one block's results at a time; the progress line moves
 
 
 class Engine(Protocol):
@@ -66,7 +66,8 @@ class Exact:
         with Progress(len(queries), 'searching (exact)', unit='query') as progress:
             for start in range(0, len(queries), BLOCK):
                 block = slice(start, start + BLOCK)
-                scores[block], indices[block] = faiss.knn(queries[block], references, k, metric=faiss.METRIC_INNER_PRODUCT)
+                scores[block], indices[block] = faiss.knn(queries[block], references, k,
+                                                          metric=faiss.METRIC_INNER_PRODUCT)
                 progress.advance(len(queries[block]))
         return indices, scores
 
