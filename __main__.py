@@ -1,6 +1,6 @@
 """``python -m towhee_isc IMAGE...``: print each image's ISC descriptor (summary, or full with --json).
 
-``python -m towhee_isc embed|index|search|dedup|evaluate ...`` runs the ``towhee-isc`` commands.
+``python -m towhee_isc COMMAND ...`` runs the ``towhee-isc`` commands (listed below).
 """
 from __future__ import annotations
 
@@ -9,16 +9,17 @@ import json
 import os
 import sys
 
-import numpy as np
-
-from .isc import Isc
 from .weights import DEFAULT_WEIGHTS, WEIGHTS
+from .workflow.cli import COMMANDS, OneLineParser, command_list, one_line
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog='python -m towhee_isc', description=__doc__)
+    parser = OneLineParser(prog='python -m towhee_isc', description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog='commands (python -m towhee_isc COMMAND --help for each; the same as '
+                                  'towhee-isc COMMAND):\n' + command_list())
     parser.add_argument('images', nargs='+', help='image files')
-    parser.add_argument('--checkpoint', help='a local checkpoint instead of the published weights')
+    parser.add_argument('--checkpoint', metavar='FILE', help='a local checkpoint instead of the published weights')
     parser.add_argument('--model-name', default=DEFAULT_WEIGHTS, choices=sorted(WEIGHTS),
                         help='published weights (downloaded once into torch hub\'s cache)')
     parser.add_argument('--timm-backbone', help='architecture of a checkpoint without metadata')
@@ -26,12 +27,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--device', help="'cpu', 'cuda' or 'cuda:N' (default: CUDA when available)")
     parser.add_argument('--json', action='store_true', help='print full vectors as JSON lines')
     args = parser.parse_args(argv)
+    import numpy as np  # only now: --help and usage errors answer without numpy, torch or Towhee
+    from .isc import Isc
     try:
         op = Isc(model_name=args.model_name, checkpoint_path=args.checkpoint, timm_backbone=args.timm_backbone,
                  img_size=args.img_size, device=args.device)
         vectors = op(args.images)
     except (ValueError, TypeError, OSError, ImportError) as e:
-        print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
+        print(f'error: {one_line(e)}', file=sys.stderr)
         return 2
     for path, vector in zip(args.images, vectors):
         if args.json:
@@ -44,7 +47,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def is_command(first: str) -> bool:
     """A workflow command (or a mistyped one: a word that is no file), rather than an image path."""
-    from .workflow.cli import COMMANDS
     return first in COMMANDS or (first.isidentifier() and not os.path.exists(first))
 
 

@@ -14,6 +14,7 @@ import torch
 with warnings.catch_warnings():  # Towhee's own imports warn about pkg_resources and pydantic: not ours to fix
     warnings.filterwarnings('ignore', message='pkg_resources is deprecated')
     warnings.filterwarnings('ignore', category=DeprecationWarning)
+    from towhee import register
     from towhee.operator import NNOperator
 
 from .backends import DEFAULT_BATCH, TRITON_BATCH, export_onnx, resolve_backend
@@ -360,15 +361,16 @@ class Isc(NNOperator):
         ``'pytorch'`` writes an official-format checkpoint (``checkpoint_path=`` loads it back),
         ``'torchscript'`` a traced module for ``torch.jit.load``, ``'onnx'`` an opset-17 model with a
         dynamic batch axis. Exports take preprocessed (N, 3, S, S) float32 and return (N, D) float32.
-        ``path='default'`` writes ``saved/<format>/<model name><suffix>`` beside this file; a
-        directory gets that file name; anything else is the file to write.
+        ``path='default'`` writes ``<torch hub dir>/towhee_isc/saved/<format>/<model name><suffix>``
+        (``torch.hub.get_dir()``, beside the downloaded weights; never inside the package, which may be
+        a read-only site-packages); a directory gets that file name; anything else is the file to write.
         """
         if format not in _EXPORT_SUFFIX:
             raise ValueError(f'unknown export format {format!r}: supported formats are {list(_EXPORT_SUFFIX)}')
         net = self.net  # before any folder is made: an operator whose network runs in Triton has none
         file_name = self.model_name + _EXPORT_SUFFIX[format]
         if str(path) == 'default':
-            path = Path(__file__).resolve().parent / 'saved' / format / file_name
+            path = Path(torch.hub.get_dir()) / 'towhee_isc' / 'saved' / format / file_name
         path = Path(path)
         if path.is_dir():
             path = path / file_name
@@ -383,3 +385,8 @@ class Isc(NNOperator):
         else:
             export_onnx(model, self.img_size, path)
         return str(path)
+
+
+# Towhee's registry: ``ops.image_embedding.isc()`` finds the operator offline. Here, where ``Isc`` is
+# defined, so that the package's ``__init__`` need not import Towhee (it imports this module once Towhee is loaded).
+register(name='image-embedding/isc')(Isc)

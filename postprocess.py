@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import sys
 import warnings
 import zipfile
 from numbers import Integral, Real
@@ -27,9 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_write
+from .defaults import ALPHA, BETA, DBA_K, ITERATIONS, K  # noqa: F401 (the winner's settings; imported from here)
+from .progress import Progress
 
-# The winner's settings.
-K, BETA, ITERATIONS, DBA_K, ALPHA = 10, 0.35, 1, 10, 3.0
 METHOD = 'negative embedding subtraction (arXiv 2112.04323)'
 NORM_TOLERANCE = 1e-3  # descriptors must be L2-normalised; fp16 ones are within ~1e-3
 # Similarity blocks of ROWS x COLUMNS float32 (128 MB), never N x M. Chunking the negatives too keeps
@@ -37,7 +36,6 @@ NORM_TOLERANCE = 1e-3  # descriptors must be L2-normalised; fp16 ones are within
 # than 33 rows x all columns (the same memory).
 ROWS, COLUMNS = 512, 65_536
 GROUP = 32  # columns per group in the top-k pre-selection (measured fastest of 16..256 for k = 10)
-PROGRESS_FROM = 20_000  # augmentations of at least this many negatives show a progress bar
 _CACHE_VERSION = 1  # bump when the augmentation's arithmetic changes
 
 
@@ -56,7 +54,8 @@ class NegativeEmbeddings:
         cache: keep the augmented negatives in ``cache_dir`` (default
             ``torch.hub.get_dir()/towhee_isc/nes``), keyed by content, and reuse them.
         cache_dir: where the cache lives.
-        progress: a progress bar during the augmentation; None shows one from 20,000 negatives.
+        progress: False for no progress line during the augmentation and subtraction; otherwise one is
+            shown as ``towhee_isc.progress`` decides (on a terminal, for steps longer than 2 s).
 
     ``negatives`` holds the (M, D) float32 input, ``key`` a content key of it, ``augmented`` the
     (M, D) float32 augmented negatives (computed, or read from the cache, on first use).
@@ -95,7 +94,8 @@ class NegativeEmbeddings:
         x = _check_unit_rows(vectors, 'descriptors', self.dim)
         negatives, beta32 = self.augmented, np.float32(beta)
         for _ in range(iterations):
-            _, idx = nearest(x, negatives, k)
+            line = 'subtracting negatives' if self.progress is not False else None
+            _, idx = nearest(x, negatives, k, description=line)
             x = x - beta32 * negatives[idx].mean(axis=1)
             x = _normalise(x, 'the subtraction left a zero vector (is beta near 1 or more?)')
         return x
@@ -165,27 +165,26 @@ def augment(negatives: np.ndarray, dba_k: int = DBA_K, alpha: float = ALPHA, pro
             summed, f'alpha={alpha} gives NaN or zero weights for some negatives (negative similarities '
                     'to a fractional power?): use an integer alpha')
 
-    if progress is None:
-        progress = len(negatives) >= PROGRESS_FROM
-    nearest(negatives, negatives, dba_k, each_block=augment_rows, progress='augmenting negatives' if progress else None)
+    nearest(negatives, negatives, dba_k, each_block=augment_rows,
+            description='augmenting negatives' if progress is not False else None)
     return out
 
 
-def nearest(queries: np.ndarray, database: np.ndarray, k: int, each_block=None, progress: str | None = None
+def nearest(queries: np.ndarray, database: np.ndarray, k: int, each_block=None, description: str | None = None
             ) -> tuple[np.ndarray, np.ndarray]:
     """Exact k nearest rows of ``database`` (M, D) by inner product for each of ``queries`` (N, D):
     (similarities (N, k) float32, indices (N, k) int64), in no particular order within a row.
 
     Blocked: ``ROWS`` query rows times ``COLUMNS`` database rows at a time (BLAS), each block's best
     k merged with those of the blocks before. With ``each_block(start, sims, idx)`` the results go to
-    it block by block and the returned arrays are empty. ``progress`` names a progress bar (tqdm, if
-    installed).
+    it block by block and the returned arrays are empty. ``description`` names its progress line
+    (``towhee_isc.progress``); None: no line.
     """
     n, m = len(queries), len(database)
     keep = each_block is None
     sims_out = np.empty((n if keep else 0, k), np.float32)
     idx_out = np.empty((n if keep else 0, k), np.int64)
-    bar = _progress_bar(n, progress)
+    progress = Progress(n, description or '', unit='row', quiet=description is None)
     for start in range(0, n, ROWS):
         block = queries[start:start + ROWS]
         sims = idx = None
@@ -203,10 +202,8 @@ def nearest(queries: np.ndarray, database: np.ndarray, k: int, each_block=None, 
             sims_out[start:start + len(block)], idx_out[start:start + len(block)] = sims, idx
         else:
             each_block(start, sims, idx)
-        if bar is not None:
-            bar.update(len(block))
-    if bar is not None:
-        bar.close()
+        progress.advance(len(block))
+    progress.close()
     return sims_out, idx_out
 
 
@@ -297,12 +294,3 @@ def _finite(name: str, value) -> float:
         raise PostprocessError(f'{name} must be a finite number, got {value!r}')
     return float(value)
 
-
-def _progress_bar(total: int, description: str | None):
-    if description is None:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:  # tqdm comes with the workflow; the operator works without it
-        return None
-    return tqdm(total=total, desc=description, unit='row', file=sys.stderr, smoothing=0.1)

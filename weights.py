@@ -1,19 +1,19 @@
 """The published ISC21 weights (data) and their download into torch hub's cache."""
 from __future__ import annotations
 
-import http.client
 import os
-import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .atomic import atomic_write, exclusive, remove_partials
-from .model import Checkpoint, CheckpointError, read_checkpoint, strip_module_prefix, timm_name
+from .progress import Progress
+
+# The table is read to build the command line's --help: torch, the model (timm) and urllib are imported
+# only by the functions that read or download weights.
+if TYPE_CHECKING:
+    from .model import Checkpoint
 
 # Overrides the release URL below (a mirror, or an internal server on an air-gapped site).
 WEIGHTS_URL_ENV = 'TOWHEE_ISC_WEIGHTS_URL'
@@ -37,6 +37,7 @@ class Weights:
     @property
     def cache_path(self) -> Path:
         """Where torch hub (and the winner's own package) keeps the file."""
+        import torch
         return Path(torch.hub.get_dir()) / 'checkpoints' / self.file_name
 
 
@@ -72,6 +73,7 @@ def load_published(name: str) -> Checkpoint:
     holds a partial or corrupt file; a cached file that is another network is refused (see
     ``check_cached``).
     """
+    from .model import Checkpoint, CheckpointError, read_checkpoint
     weights = get_weights(name)
     target = weights.cache_path
     _check_regular(target)
@@ -104,6 +106,7 @@ def check_cached(name: str) -> None:
     describes (architecture, vector size, input size), reading only its header. An operator is
     described by the table, downloaded or not (a Triton server has no weights), so a file put there by
     hand must not change what it computes."""
+    from .model import read_checkpoint
     weights = get_weights(name)
     _check_regular(weights.cache_path)
     if weights.cache_path.is_file():
@@ -113,11 +116,13 @@ def check_cached(name: str) -> None:
 def _check_regular(path: Path) -> None:
     """A folder (or pipe) where the download belongs would only fail after the whole download."""
     if path.exists() and not path.is_file():
+        from .model import CheckpointError
         raise CheckpointError(f'{str(path)!r} is not a regular file: remove it, so that the published weights '
                               'can be downloaded there')
 
 
 def _checked_cache(ckpt: Checkpoint, weights: Weights) -> Checkpoint:
+    from .model import CheckpointError
     found = _other_network(ckpt, weights)
     if found:
         raise CheckpointError(f'{str(weights.cache_path)!r} holds {found}: delete it to download the published '
@@ -127,6 +132,7 @@ def _checked_cache(ckpt: Checkpoint, weights: Weights) -> Checkpoint:
 
 def _other_network(ckpt: Checkpoint, weights: Weights) -> str | None:
     """How ``ckpt`` differs from the network ``weights`` describes, or None."""
+    from .model import strip_module_prefix, timm_name
     fc = strip_module_prefix(ckpt.state_dict).get('fc.weight')
     found = (timm_name(ckpt.arch) if ckpt.arch else None, None if fc is None or fc.ndim != 2 else fc.shape[0],
              ckpt.input_size)
@@ -154,28 +160,34 @@ def download_timeout() -> float:
 
 
 def _download(url: str, out, target: Path) -> None:
+    import http.client
+    import urllib.error
+    import urllib.request
     fix = (f'check the network or set {WEIGHTS_URL_ENV} to a mirror, or download it yourself to '
            f'{str(target)!r} or pass checkpoint_path=')
     deadline = download_timeout()
-    print(f'Downloading {url} to {target}', file=sys.stderr)
     started = window_start = time.monotonic()
     received = window_bytes = 0
     try:
         with urllib.request.urlopen(url, timeout=STALL_SECONDS) as response:
             expected = response.headers.get('Content-Length')
-            while chunk := response.read1(1 << 20):  # returns what has arrived, so the clocks below run
-                out.write(chunk)
-                received += len(chunk)
-                window_bytes += len(chunk)
-                now = time.monotonic()
-                if now - started > deadline:
-                    raise WeightsDownloadError(f'downloading {url} took over {deadline:g} s ({received} '
-                                               f'bytes so far; TOWHEE_ISC_DOWNLOAD_TIMEOUT); {fix}')
-                if now - window_start >= STALL_SECONDS:
-                    if window_bytes < STALL_BYTES:
-                        raise WeightsDownloadError(f'downloading {url} stalled: {window_bytes} bytes in the last '
-                                                   f'{now - window_start:.0f} s; {fix}')
-                    window_start, window_bytes = now, 0
+            # The progress line starts once the server answers: offline, the error line is all there is.
+            with Progress(int(expected) if expected else None, f'downloading {target.name}', unit='B', delay=0,
+                          scale=True) as progress:
+                while chunk := response.read1(1 << 20):  # returns what has arrived, so the clocks below run
+                    out.write(chunk)
+                    progress.advance(len(chunk))
+                    received += len(chunk)
+                    window_bytes += len(chunk)
+                    now = time.monotonic()
+                    if now - started > deadline:
+                        raise WeightsDownloadError(f'downloading {url} took over {deadline:g} s ({received} '
+                                                   f'bytes so far; TOWHEE_ISC_DOWNLOAD_TIMEOUT); {fix}')
+                    if now - window_start >= STALL_SECONDS:
+                        if window_bytes < STALL_BYTES:
+                            raise WeightsDownloadError(f'downloading {url} stalled: {window_bytes} bytes in the last '
+                                                       f'{now - window_start:.0f} s; {fix}')
+                        window_start, window_bytes = now, 0
     except WeightsDownloadError:
         raise
     except urllib.error.HTTPError as e:

@@ -30,19 +30,22 @@ from towhee_isc.workflow.engines import Exact
 
 # As benchmarks/workflow.py measures a command (a small wrapper starts it, so that pages shared with this
 # large process are not counted), adding its CPU time: on a shared machine, wall time says little alone.
-_WRAPPER = ('import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); '
+# The wrapper writes its figures to a file: the command's stderr stays this terminal's, with its progress lines.
+_WRAPPER = ('import resource, subprocess, sys; r = subprocess.run(sys.argv[2:]); '
             'u = resource.getrusage(resource.RUSAGE_CHILDREN); '
-            'print(u.ru_maxrss, u.ru_utime + u.ru_stime, file=sys.stderr); sys.exit(r.returncode)')
+            'open(sys.argv[1], "w").write(f"{u.ru_maxrss} {u.ru_utime + u.ru_stime}"); sys.exit(r.returncode)')
 
 
 def run_child(command: list[str]) -> tuple[float, float, float, str]:
     """(wall seconds, CPU seconds, peak resident MiB, stdout) of a command run as a child process."""
-    start = time.perf_counter()
-    result = subprocess.run([sys.executable, '-c', _WRAPPER, *command], capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if result.returncode:
-        sys.exit(f'{command} failed:\n{result.stderr[-3000:]}')
-    peak_kib, cpu = result.stderr.strip().splitlines()[-1].split()
+    with tempfile.NamedTemporaryFile('r', suffix='.usage') as usage:
+        start = time.perf_counter()
+        result = subprocess.run([sys.executable, '-c', _WRAPPER, usage.name, *command], stdout=subprocess.PIPE,
+                                text=True)
+        seconds = time.perf_counter() - start
+        if result.returncode:
+            sys.exit(f'{command} failed (its error is above)')
+        peak_kib, cpu = usage.read().split()
     return seconds, float(cpu), int(peak_kib) / 1024, result.stdout
 
 

@@ -101,7 +101,8 @@ def augment_command(work: Path, count: int) -> dict:
     negatives = unit_vectors(count, seed=1)
     write_descriptors(work / 'negatives.h5', [f'N{i:07d}' for i in range(count)], negatives)
     write_descriptors(work / 'queries.h5', [f'Q{i:05d}' for i in range(1000)], unit_vectors(1000, seed=2))
-    env = {**os.environ, 'TORCH_HOME': str(work / 'torch')}  # an empty cache: the augmentation runs
+    # An empty cache: the augmentation runs; its progress line is drawn into the pipe, to be read below.
+    env = {**os.environ, 'TORCH_HOME': str(work / 'torch'), 'TOWHEE_ISC_PROGRESS': '1'}
     command = [sys.executable, '-m', 'towhee_isc', 'nes', str(work / 'queries.h5'), '--negatives',
                str(work / 'negatives.h5'), '-o', str(work / 'out.h5')]
     start = time.perf_counter()

@@ -7,6 +7,9 @@ format, as the tests do, and embeds real photos (scikit-image's, or yours with -
 timed alternately with the reference-style path (PIL preprocessing + eager PyTorch, one image at a
 time, as the winner's code runs): A B A B ..., medians, so the speed-up compares like with like.
 The max abs difference is to the reference-style embeddings. Prints one table; writes it as JSON.
+
+On 2 CPU cores it takes about 15 minutes (11 rows; --large adds 3 rows of 12 MP files); a progress line
+on stderr counts the rows done and estimates the time left.
 """
 from __future__ import annotations
 
@@ -27,9 +30,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from towhee_isc import Isc
 from towhee_isc.model import build_model, read_checkpoint
+from towhee_isc.progress import Progress
 from towhee_isc.testing import make_synthetic_checkpoint, sample_photos
 
 ARCH, SIZE = 'tf_efficientnetv2_m_in21ft1k', 512
+ROWS = Progress(None, '', quiet=True)  # the run's progress line, made in main() once the rows are known
 
 
 def timed(fn) -> float:
@@ -97,6 +102,7 @@ def side_by_side(name: str, run, reference: ReferencePath, inputs, want: np.ndar
            'max_abs_diff': float(np.abs(got - want).max()),
            'min_cosine': float((got * want).sum(1).min())}
     print_row(row)
+    ROWS.advance()
     return row
 
 
@@ -162,6 +168,9 @@ def main() -> None:
         if device.type == 'cuda':
             meta['gpu'] = torch.cuda.get_device_name(device)
         print(json.dumps(meta))
+        global ROWS  # every timed row advances it; the estimate is the rows left at the rate so far
+        operator_rows = 8 if device.type == 'cpu' else 6
+        ROWS = Progress(1 + operator_rows + 2 + (3 if args.large else 0), 'benchmark rows', unit='row', delay=0)
         print(f"{'path':<44} {'img/s':>8} {'GFLOP/s':>8} {'peak':>6} {'speed-up':>9} {'max|diff|':>9} {'min cos':>9}")
         rows = [side_by_side('reference-style: PIL + eager torch, 1 by 1', reference, reference, images, want,
                              args.rounds, flops, peak)]
@@ -200,6 +209,7 @@ def main() -> None:
                                  ('12 MP JPEG files: operator, fast_decode', {'fast_decode': True})):
                 op = Isc(checkpoint_path=checkpoint, device=args.device, **kwargs)
                 rows.append(side_by_side(name, op, reference, large, want_large, args.rounds, flops, peak))
+        ROWS.close()
         Path(args.json).write_text(json.dumps({'meta': meta, 'rows': rows}, indent=1))
         print(f'wrote {args.json}')
     finally:

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from towhee_isc import Isc
+from towhee_isc.progress import Progress
 from towhee_isc.workflow.descriptors import write_descriptors
 from towhee_isc.testing import make_synthetic_checkpoint, sample_photos
 
@@ -41,18 +42,22 @@ def make_images(folder: Path, count: int) -> list[Path]:
 
 # Runs the command and reports its peak memory. A small wrapper process starts it: a child started
 # straight from this (large) process would count pages shared with it before exec in its peak.
-_WRAPPER = ('import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); '
-            'print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(r.returncode)')
+# The wrapper writes its figure to a file: the command's stderr stays this terminal's, with its progress lines.
+_WRAPPER = ('import resource, subprocess, sys; r = subprocess.run(sys.argv[2:]); '
+            'open(sys.argv[1], "w").write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)); '
+            'sys.exit(r.returncode)')
 
 
 def run_child(command: list[str]) -> tuple[float, float, str]:
     """(seconds, peak resident MiB, stdout) of a command run as a child process."""
-    start = time.perf_counter()
-    result = subprocess.run([sys.executable, '-c', _WRAPPER, *command], capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if result.returncode:
-        sys.exit(f'{command} failed:\n{result.stderr[-3000:]}')
-    return seconds, int(result.stderr.strip().splitlines()[-1]) / 1024, result.stdout
+    with tempfile.NamedTemporaryFile('r', suffix='.usage') as usage:
+        start = time.perf_counter()
+        result = subprocess.run([sys.executable, '-c', _WRAPPER, usage.name, *command], stdout=subprocess.PIPE,
+                                text=True)
+        seconds = time.perf_counter() - start
+        if result.returncode:
+            sys.exit(f'{command} failed (its error is above)')
+        return seconds, int(usage.read()) / 1024, result.stdout
 
 
 def main() -> None:
@@ -82,11 +87,11 @@ def main() -> None:
         images = make_images(work / 'images', args.images)
         op = Isc(checkpoint_path=checkpoint, device='cpu')  # also fills the ONNX cache the command reuses
         start = time.perf_counter()
-        op([str(p) for p in images])
+        with Progress(None, f'the operator alone on {len(images)} images (one call)', delay=0):
+            op([str(p) for p in images])
         operator_rate = len(images) / (time.perf_counter() - start)
         seconds, peak, out = run_child([sys.executable, '-m', 'towhee_isc', 'embed', str(work / 'images'), '-o',
-                                        str(work / 'embedded.h5'), '--checkpoint', str(checkpoint), '--device', 'cpu',
-                                        '--quiet'])
+                                        str(work / 'embedded.h5'), '--checkpoint', str(checkpoint), '--device', 'cpu'])
         command_rate = float(out.split('(')[-1].split()[0])
         report['embed'] = {'images': len(images), 'operator_images_per_s': operator_rate,
                            'command_images_per_s': command_rate, 'command_wall_s': seconds,

@@ -1,9 +1,13 @@
 """python -m towhee_isc: the minimal command for the main job."""
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
+
+EXAMPLES = Path(__file__).resolve().parents[1] / 'examples'
 
 
 def run(*args, env=None):
@@ -35,3 +39,13 @@ def test_errors_are_one_line_and_exit_2(small_ckpt, tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith('error: image file not found')
     assert 'Traceback' not in result.stderr
+
+
+def test_offline_the_weights_error_is_one_line_naming_the_flag(tmp_path):
+    """No network and no weights in the cache: one line, saying what to do on the command line."""
+    env = {**os.environ, 'TORCH_HOME': str(tmp_path / 'torch'), 'TOWHEE_ISC_WEIGHTS_URL': 'http://127.0.0.1:9/offline'}
+    result = run(EXAMPLES / 'coffee.jpg', env=env)
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+    line = result.stderr.strip()
+    assert line.startswith('error: downloading http://127.0.0.1:9/offline/isc_ft_v107.pth.tar failed')
+    assert line.endswith('or pass --checkpoint FILE') and 'checkpoint_path' not in line

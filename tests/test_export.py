@@ -50,15 +50,13 @@ def test_onnx_export_runs_in_onnxruntime_with_any_batch(small_op, tmp_path, batc
         assert out.shape == (n, 256) and np.abs(out - want[:n]).max() < 1e-4
 
 
-def test_default_path_is_saved_format_beside_the_operator(small_op):
+def test_default_path_is_under_the_torch_hub_cache_never_in_the_package(small_op, hub_dir):
     import towhee_isc
     from pathlib import Path
     path = Path(small_op.save_model())
-    try:
-        assert path == Path(towhee_isc.__file__).resolve().parent / 'saved' / 'pytorch' / 'small_isc.pth'
-        assert path.is_file()
-    finally:
-        path.unlink()
+    assert path == hub_dir.parent / 'towhee_isc' / 'saved' / 'pytorch' / 'small_isc.pth'  # TORCH_HOME/hub/...
+    assert path.is_file()
+    assert not (Path(towhee_isc.__file__).resolve().parent / 'saved' / 'pytorch' / 'small_isc.pth').exists()
 
 
 def test_export_leaves_the_live_model_alone(small_op, photos, tmp_path, want):

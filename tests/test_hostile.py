@@ -7,6 +7,7 @@ import csv
 import http.server
 import io
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -516,7 +517,13 @@ def test_ctrl_c_is_one_line_and_the_run_resumes(model_args, photos, tmp_path):
     deadline = time.time() + 120
     while not list((tmp_path / 'out.h5.parts').glob('*.npz')) and time.time() < deadline:
         time.sleep(0.01)
+    # Frozen, the run cannot finish between our look at its work and the SIGINT: work remains, and the
+    # signal, pending until it resumes, interrupts that work.
+    process.send_signal(signal.SIGSTOP)
+    saved = len(list((tmp_path / 'out.h5.parts').glob('*.npz')))
+    assert 1 <= saved < 40 and not (tmp_path / 'out.h5').exists(), (saved, 'the run must be stopped mid-way')
     process.send_signal(signal.SIGINT)
+    process.send_signal(signal.SIGCONT)
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130 and err.strip() == 'interrupted; run the same command again to continue', err
     assert subprocess.run(command, capture_output=True, timeout=300).returncode == 0
@@ -530,7 +537,7 @@ def test_no_foreign_warnings_on_success(folder, model_args, tmp_path):
 
 def test_what_a_careless_trial_found(model_args, photos, tmp_path):
     """A newcomer's trial: non-unit vectors, a non-ASCII name, a pipe in a scanned folder, a damaged
-    resume chunk, a system file as checkpoint."""
+    resume chunk, a system file as checkpoint; the summary of one image in the singular, with its bar's rate."""
     vectors = np.eye(2, 256, dtype=np.float32) * 2
     write_descriptors(tmp_path / 'twice.h5', ['a', 'b'], vectors)
     assert_one_line_error(towhee_isc('dedup', tmp_path / 'twice.h5'), 'not L2-normalised (row 0 has norm 2')
@@ -538,9 +545,13 @@ def test_what_a_careless_trial_found(model_args, photos, tmp_path):
     folder.mkdir()
     photos[0].save(folder / 'ünï cødé.jpg')
     os.mkfifo(folder / 'pipe.jpg')
-    result = towhee_isc('embed', folder, '-o', tmp_path / 'odd.h5', '--quiet', *model_args, timeout=120)
+    result = towhee_isc('embed', folder, '-o', tmp_path / 'odd.h5', *model_args, timeout=120,
+                        env={'TOWHEE_ISC_PROGRESS': '1'})  # the bar, drawn into this pipe too
     assert result.returncode == 0 and 'pipe.jpg' in result.stderr and 'not a regular file' in result.stderr
     assert read_descriptors(tmp_path / 'odd.h5')[0] == ['ünï cødé']
+    bar = [line for line in re.split(r'[\r\n]', result.stderr) if line.startswith('embedding:')][-1]
+    summary = re.fullmatch(r'wrote 1 descriptor to \S+ \(([\d.]+) images/s\)', result.stdout.strip())
+    assert summary and '2/2' in bar and f'{summary[1]} img/s' in bar, (bar, result.stdout)
     result = towhee_isc('embed', '/dev/null', '-o', tmp_path / 'x.h5', '--checkpoint', '/etc/hostname')
     assert_one_line_error(result, 'not a readable PyTorch checkpoint')
     assert "delete '/etc/hostname'" not in result.stderr

@@ -325,6 +325,12 @@ def test_nes_command_errors(cmd, tmp_path, negatives, negatives_file):
     assert cmd('nes', *ok)[0] == 0
     code, _, err = cmd('nes', out, '--negatives', negatives_file, '-o', tmp_path / 'twice.h5')
     assert code == 2 and 'is already post-processed with 300 negatives' in err and not (tmp_path / 'twice.h5').exists()
+    before = queries.read_bytes()
+    for args, what in [((queries, '--negatives', negatives_file, '-o', queries), 'is the input'),
+                       ((queries, '--negatives', negatives_file, '-o', negatives_file), 'is the --negatives file')]:
+        code, _, err = cmd('nes', *args)
+        assert code == 2 and what in err and 'never overwrites what it reads' in err, err
+    assert queries.read_bytes() == before
 
 
 def test_workflow_commands_post_process_and_refuse_mixing(cmd, small_ckpt, small_op, photos, negatives,

@@ -102,8 +102,9 @@ def embed_command(address, images, out, ckpt, *extra) -> list[str]:
             '--device', 'cpu', '--ray-address', address, *map(str, extra)]
 
 
-def embed_on_cluster(address, images, out, ckpt, *extra) -> subprocess.CompletedProcess:
-    return subprocess.run(embed_command(address, images, out, ckpt, *extra), capture_output=True, text=True, timeout=600)
+def embed_on_cluster(address, images, out, ckpt, *extra, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(embed_command(address, images, out, ckpt, *extra), capture_output=True, text=True,
+                          timeout=600, env=None if env is None else {**os.environ, **env})
 
 
 RAY_DATA_SCRIPT = """
@@ -148,13 +149,14 @@ def test_isc_embedder_maps_ray_data_batches_of_bytes_or_paths(ray_temp, images, 
 
 
 def test_embed_on_a_ray_cluster_equals_the_single_process_embed(cluster, images, small_ckpt, single_process, tmp_path):
-    run = embed_on_cluster(cluster, images, tmp_path / 'ray.h5', small_ckpt, '--actors', 2, '--chunk-size', 3)
+    run = embed_on_cluster(cluster, images, tmp_path / 'ray.h5', small_ckpt, '--actors', 2, '--chunk-size', 3,
+                           env={'TOWHEE_ISC_PROGRESS': '1'})  # the bar, drawn into this pipe too
     assert run.returncode == 0, run.stderr
     ids, vectors = read_descriptors(tmp_path / 'ray.h5')
     assert ids == single_process[0] and np.abs(vectors - single_process[1]).max() < 1e-5
     assert 'wrote 12 descriptors' in run.stdout
     assert 'skipped 1 unreadable' in run.stderr and str(images / 'broken.jpg') in run.stderr
-    assert '%' in run.stderr  # the progress bar
+    assert 'embedding: 100%' in run.stderr  # the progress bar
     assert not (tmp_path / 'ray.h5.parts').exists()
 
 

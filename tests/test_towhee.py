@@ -45,6 +45,23 @@ def test_import_registers_the_operator_with_towhee(published_cache, effnet_op, j
     assert keyword.img_size == 128
 
 
+def test_a_light_import_still_registers_once_towhee_loads(small_ckpt):
+    """``import towhee_isc`` imports neither Towhee nor torch (fast start-up), yet Towhee imported
+    afterwards finds the operator in its registry, in a fresh process as a user's script runs."""
+    script = f'''
+import json, sys
+import towhee_isc
+light = not {{'towhee', 'torch', 'timm'}} & set(sys.modules)
+from towhee import ops
+op = ops.image_embedding.isc(checkpoint_path={str(small_ckpt)!r}, device='cpu').get_op()
+print(json.dumps({{'light': light, 'isc': isinstance(op, towhee_isc.Isc), 'factory': callable(towhee_isc.isc)
+                  and towhee_isc.isc.__module__ == 'towhee_isc'}}))
+'''
+    result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {'light': True, 'isc': True, 'factory': True}
+
+
 def test_seed_pipeline_and_datacollection(published_cache, effnet_op, jpeg, capsys):
     from towhee import DataCollection, ops, pipe
     register_stand_in_image_decode()

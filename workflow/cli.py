@@ -11,18 +11,18 @@ import math
 import os
 import sys
 import warnings
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from ..atomic import check_writable
-from ..postprocess import ALPHA, BETA, DBA_K, ITERATIONS, K, NegativeEmbeddings
-from .descriptors import (check_same_postprocessing, describe_postprocessing, read_descriptors, read_image_paths,
-                          read_model, read_postprocessing, write_descriptors)
-from .embedding import Embedder, embed_collection, inputs_postprocessing, load_descriptors
-from .engines import choose_engine
-from .matching import duplicate_groups, near_duplicate_pairs, nth_neighbour_similarity, search
-from .metrics import evaluate, plot_precision_recall, read_ground_truth, read_matches, write_matches
-from .milvus import DEFAULT_MILVUS_URI, INDEX_TYPES, MilvusIndex, milvus_duplicate_pairs
-from .reports import DEFAULT_REPORT_QUERIES
+from ..defaults import ALPHA, BETA, DBA_K, DEFAULT_MILVUS_URI, INDEX_TYPES, ITERATIONS, K
+from ..progress import set_quiet
+from .reports import DEFAULT_REPORT_QUERIES  # reports.py imports nothing heavy at its top
+
+if TYPE_CHECKING:
+    from .embedding import Embedder
+
+# Building the parser imports nothing heavy (``towhee-isc --help`` and usage errors answer at once):
+# each command imports what it needs (numpy, faiss, Milvus, torch) when it runs.
 
 COMMANDS = ('embed', 'index', 'search', 'dedup', 'evaluate', 'nes', 'serve', 'train')
 
@@ -36,12 +36,14 @@ def nes_settings(args: argparse.Namespace) -> dict:
 
 
 def embedder(args: argparse.Namespace) -> Embedder:
+    from .embedding import Embedder
     return Embedder(model_name=args.model_name, checkpoint_path=args.checkpoint, device=args.device,
                     batch_size=args.batch_size, strict=args.strict, **nes_settings(args))
 
 
 def same_postprocessing(args: argparse.Namespace, images: Embedder, *sources: dict[str, dict | None]) -> dict | None:
     """All inputs of one command (and ``--negatives``, if given) must be post-processed alike."""
+    from .descriptors import check_same_postprocessing
     named = {f'--negatives {args.negatives}': images.postprocessing} if args.negatives else {}
     for source in sources:
         named.update(source)
@@ -59,8 +61,9 @@ def cmd_embed(args) -> None:
     elif (args.actors, args.cpus_per_actor, args.gpus_per_actor) != (None, 1, 0):
         raise ValueError('--actors, --cpus-per-actor and --gpus-per-actor need --ray-address')
     else:
+        from .embedding import embed_collection
         written, skipped, rate = embed_collection(args.inputs, args.output, embedder(args), args.chunk_size, args.quiet)
-    print(f'wrote {written} descriptors to {args.output} ({rate:.2f} images/s)')
+    print(f'wrote {plural(written, "descriptor")} to {args.output} ({rate:.2f} images/s)')
     if skipped:
         print(f'skipped {len(skipped)} unreadable or non-image file(s):', file=sys.stderr)
         for path, reason in skipped.items():
@@ -68,17 +71,25 @@ def cmd_embed(args) -> None:
 
 
 def cmd_index(args) -> None:
+    from .embedding import inputs_postprocessing, load_descriptors
+    from .milvus import MilvusIndex
     images = embedder(args)
     index = MilvusIndex(args.milvus_uri, args.collection, args.token)
     postprocessing = same_postprocessing(args, images, inputs_postprocessing(args.inputs, images),
                                          {f'collection {args.collection!r}': index.postprocessing()} if index.dim() else {})
     ids, vectors, paths = load_descriptors(args.inputs, images)
     kind = index.add(ids, vectors, index_type=args.index_type, postprocessing=postprocessing, paths=paths)
-    print(f'indexed {len(ids)} descriptors into {args.collection!r} ({kind} index) at {args.milvus_uri} '
+    print(f'indexed {plural(len(ids), "descriptor")} into {args.collection!r} ({kind} index) at {args.milvus_uri} '
           f'({index.count()} in all)')
 
 
 def cmd_search(args) -> None:
+    from .descriptors import read_descriptors, read_postprocessing
+    from .embedding import inputs_postprocessing, load_descriptors
+    from .engines import choose_engine
+    from .matching import nth_neighbour_similarity, search
+    from .metrics import read_ground_truth, write_matches
+    from .milvus import MilvusIndex
     if args.ground_truth and not args.report:
         raise ValueError('--ground-truth marks the matches of the --report page: give --report too '
                          '(towhee-isc evaluate scores the prediction CSV)')
@@ -119,6 +130,10 @@ def cmd_search(args) -> None:
 
 
 def cmd_dedup(args) -> None:
+    from .embedding import inputs_postprocessing, load_descriptors
+    from .engines import choose_engine
+    from .matching import duplicate_groups, near_duplicate_pairs
+    from .milvus import MilvusIndex, milvus_duplicate_pairs
     images = embedder(args)
     postprocessing = same_postprocessing(args, images, inputs_postprocessing(args.inputs, images))
     ids, vectors, paths = load_descriptors(args.inputs, images)
@@ -148,6 +163,7 @@ def cmd_dedup(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
+    from .metrics import evaluate, plot_precision_recall, read_ground_truth, read_matches
     matches, truth = read_matches(args.matches), read_ground_truth(args.ground_truth)
     result = evaluate(matches, truth)
     if args.plot:
@@ -162,6 +178,13 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_nes(args) -> None:
+    from ..postprocess import NegativeEmbeddings
+    from .descriptors import (describe_postprocessing, read_descriptors, read_image_paths, read_model,
+                              read_postprocessing, write_descriptors)
+    for given, name in ((args.descriptors, 'input'), (args.negatives, '--negatives file')):
+        if os.path.exists(args.output) and os.path.exists(given) and os.path.samefile(args.output, given):
+            raise ValueError(f'-o {args.output} is the {name} {given}: nes writes its result to a new file and '
+                             'never overwrites what it reads; pick another -o')
     ids, vectors = read_descriptors(args.descriptors)
     done = read_postprocessing(args.descriptors)
     if done is not None:
@@ -170,7 +193,7 @@ def cmd_nes(args) -> None:
     out = negatives.subtract(vectors, args.k, args.beta, args.iterations)
     write_descriptors(args.output, ids, out, read_image_paths(args.descriptors), model=read_model(args.descriptors),
                       postprocessing=negatives.record(args.k, args.beta, args.iterations))
-    print(f'wrote {len(ids)} post-processed descriptors to {args.output} '
+    print(f'wrote {plural(len(ids), "post-processed descriptor")} to {args.output} '
           f'({len(negatives.negatives)} negatives, k={args.k}, beta={args.beta}, iterations={args.iterations})')
 
 
@@ -243,7 +266,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument('inputs', nargs='+', help='folders (recursive), globs, .txt file lists, image files')
     p.add_argument('-o', '--output', required=True, help='descriptor file (.h5)')
     p.add_argument('--chunk-size', type=positive_int, default=64, help='images per saved chunk')
-    p.add_argument('--quiet', action='store_true', help='no progress bar')
     group = p.add_argument_group('on a Ray cluster (pip install \'towhee-isc[ray]\')')
     group.add_argument('--ray-address', help="embed on the Ray cluster at 'auto' or HOST:PORT; images, checkpoint "
                                              'and output folder must be on storage every node shares')
@@ -318,7 +340,23 @@ def parser() -> argparse.ArgumentParser:
 
     from ..training.cli import add_parser as add_train_parser  # light: nothing heavy until it runs
     add_train_parser(commands)
+    for p in commands.choices.values():  # every command, whichever room defines it
+        if '--quiet' not in p._option_string_actions:
+            p.add_argument('--quiet', action='store_true',
+                           help='no progress lines on stderr (they are drawn only on a terminal anyway)')
     return main
+
+
+def plural(n: int, noun: str) -> str:
+    """``1 descriptor``, ``2 descriptors``."""
+    return f'{n} {noun}' if n == 1 else f'{n} {noun}s'
+
+
+def command_list() -> str:
+    """One line per command with its help, as ``python -m towhee_isc --help`` lists them."""
+    commands = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
+    width = max(map(len, commands.choices))
+    return '\n'.join(f'  {a.dest:<{width}}  {a.help}' for a in commands._choices_actions)
 
 
 def positive_int(text: str) -> int:
@@ -350,6 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     errors too); set TOWHEE_ISC_DEBUG=1 to see the traceback of an unexpected one."""
     args = parser().parse_args(argv)
     warnings.showwarning = one_line_warning
+    set_quiet(args.quiet)
     try:
         for name, what in OUTPUTS.items():
             if getattr(args, name, None):
@@ -367,6 +406,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f'error: {type(e).__name__}: {one_line(e)} (set TOWHEE_ISC_DEBUG=1 for the traceback)', file=sys.stderr)
         return 2
+    finally:
+        set_quiet(False)  # --quiet is this command's; the process may run more (tests, the Python API)
     return 0
 
 
@@ -375,8 +416,16 @@ def one_line_warning(message, category, filename, lineno, file=None, line=None) 
     print(f'warning: {one_line(message)}', file=sys.stderr if file is None else file)
 
 
-def one_line(error: BaseException) -> str:
-    return ' '.join(str(error).split()) or type(error).__name__
+# The Python API's argument names in messages, as a command-line user writes them.
+FLAGS = {'checkpoint_path=': '--checkpoint FILE'}
+
+
+def one_line(error: BaseException | Warning | str) -> str:
+    """A message on one line, naming command-line flags rather than the Python arguments they set."""
+    text = ' '.join(str(error).split())
+    for argument, flag in FLAGS.items():
+        text = text.replace(argument, flag)
+    return text or type(error).__name__
 
 
 if __name__ == '__main__':

@@ -4,7 +4,6 @@ metrics in ``metrics``; the ``towhee-isc`` command only calls these."""
 from __future__ import annotations
 
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Sequence
@@ -12,6 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from ..images import ImageError
+from ..progress import Progress
 from .descriptors import (embed_resumable, find_images, image_ids, read_descriptors, read_image_paths,
                           read_model, read_postprocessing)
 
@@ -70,32 +70,21 @@ def embed_collection(inputs: Sequence[str], output: str, embedder: Embedder, chu
 
     Returns (rows written, {skipped file: reason}, images/s).
     """
-    started, embedded, reached = time.perf_counter(), 0, 0
     images = find_images(inputs)
     image_ids(images)  # two images with one id: refused before anything starts
     model = embedder.op.fingerprint  # builds the operator: a settings error stops here, before any output
-    bar = None
-    if not quiet:
-        from tqdm import tqdm
-        bar = tqdm(total=len(images), unit='img', file=sys.stderr, smoothing=0.1)
+    reached = 0
 
-    def progress(done: int, resumed: bool) -> None:
+    def advance(done: int, resumed: bool) -> None:
         """``done`` images are finished; the last chunk was saved by an earlier run if ``resumed``."""
-        nonlocal embedded, reached
-        step, reached = done - reached, done
-        if not resumed:
-            embedded += step
-        if bar:
-            bar.update(step)
+        nonlocal reached
+        progress.advance(done - reached, earlier=resumed)
+        reached = done
 
-    try:
-        skipped = embed_resumable(images, output, embedder, chunk_size, progress, model, embedder.postprocessing)
-    finally:
-        if bar:
-            bar.close()
-    seconds = time.perf_counter() - started
-    return len(images) - len(skipped), {images[i]: reason for i, reason in skipped.items()}, \
-        embedded / seconds if seconds else 0.0
+    # The rate (returned, and printed by the command) is the bar's: images embedded by this run per second.
+    with Progress(len(images), 'embedding', unit='img', quiet=quiet, delay=0) as progress:
+        skipped = embed_resumable(images, output, embedder, chunk_size, advance, model, embedder.postprocessing)
+    return len(images) - len(skipped), {images[i]: reason for i, reason in skipped.items()}, progress.rate
 
 
 def inputs_postprocessing(inputs: Sequence[str], embedder: Embedder, label: str = 'inputs') -> dict[str, dict | None]:

@@ -19,13 +19,15 @@ from typing import Iterator, Protocol
 
 import numpy as np
 
+from ..progress import Progress
+
 # Above this many comparisons (queries x references; N x N for dedup) the approximate index is used.
 # Measured on 2 cores: exact dedup of 50,000 took 6.2 s (so ~25 s at 100,000, ~40 min at 1,000,000);
 # the approximate one took 17-28 s for 200,000 on the same, busy, machine. Up to 100,000, exactness is
 # worth its seconds.
 EXACT_UP_TO = 100_000 ** 2
 
-BLOCK = 4096  # query rows per exact range search: faiss keeps its results for one block at a time
+BLOCK = 4096  # query rows per exact search: faiss keeps one block's results at a time; the progress line moves
 
 
 class Engine(Protocol):
@@ -59,7 +61,14 @@ class Exact:
         faiss = _faiss()
         queries, references = _checked(queries, references)
         k = _check_k(k, len(references))
-        scores, indices = faiss.knn(queries, references, k, metric=faiss.METRIC_INNER_PRODUCT)
+        indices = np.empty((len(queries), k), np.int64)
+        scores = np.empty((len(queries), k), np.float32)
+        with Progress(len(queries), 'searching (exact)', unit='query') as progress:
+            for start in range(0, len(queries), BLOCK):
+                block = slice(start, start + BLOCK)
+                scores[block], indices[block] = faiss.knn(queries[block], references, k,
+                                                          metric=faiss.METRIC_INNER_PRODUCT)
+                progress.advance(len(queries[block]))
         return indices, scores
 
     def pairs(self, vectors: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -71,11 +80,13 @@ class Exact:
         # faiss keeps similarities strictly above the radius; we keep those at or above the threshold
         radius = float(np.nextafter(np.float32(threshold), np.float32(-np.inf)))
         found = []
-        for start in range(0, len(vectors), BLOCK):
-            limits, sims, cols = index.range_search(vectors[start:start + BLOCK], radius)
-            rows = start + np.repeat(np.arange(len(limits) - 1), np.diff(limits).astype(np.int64))
-            keep = (rows < cols) & (sims >= threshold)
-            found.append((rows[keep], cols[keep], sims[keep]))
+        with Progress(len(vectors), 'finding pairs (exact)', unit='vector') as progress:
+            for start in range(0, len(vectors), BLOCK):
+                limits, sims, cols = index.range_search(vectors[start:start + BLOCK], radius)
+                rows = start + np.repeat(np.arange(len(limits) - 1), np.diff(limits).astype(np.int64))
+                keep = (rows < cols) & (sims >= threshold)
+                found.append((rows[keep], cols[keep], sims[keep]))
+                progress.advance(len(limits) - 1)
         return _joined(found)
 
 
@@ -111,7 +122,8 @@ class Ivf:
             raise ValueError(f'{len(vectors)} vectors cannot fill {self.nlist} cells: use fewer cells or exact search')
         kmeans = faiss.Kmeans(vectors.shape[1], self.nlist, niter=10, spherical=True, seed=self.seed,
                               max_points_per_centroid=40, verbose=False)  # trains on a sample of 40 per cell
-        kmeans.train(vectors)
+        with Progress(None, f'clustering into {self.nlist} cells', unit='step'):  # one faiss call: time only
+            kmeans.train(vectors)
         return kmeans.index
 
     def nearest(self, queries: np.ndarray, references: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -158,10 +170,12 @@ class Ivf:
         members = _by_cell(homes, self.nlist)
         askers = _by_cell(probes.ravel(), self.nlist)
         del probes, homes
-        for cell in range(self.nlist):
-            inside, asking = members[cell], askers[cell] // nprobe
-            if len(inside) and len(asking):
-                yield asking, inside, queries[asking] @ references[inside].T
+        with Progress(self.nlist, 'finding pairs (IVF)' if same else 'searching (IVF)', unit='cell') as progress:
+            for cell in range(self.nlist):
+                inside, asking = members[cell], askers[cell] // nprobe
+                if len(inside) and len(asking):
+                    yield asking, inside, queries[asking] @ references[inside].T
+                progress.advance()
 
 
 def _nearest_cells(centroids, vectors: np.ndarray, nprobe: int, block: int = 65_536) -> np.ndarray:

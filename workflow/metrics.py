@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..atomic import atomic_write
+from ..progress import Progress
 
 
 class CsvFormatError(ValueError):
@@ -27,8 +28,9 @@ def _rows(path: str | os.PathLike, columns: tuple[str, ...]) -> list[dict[str, s
     if not os.path.isfile(path):
         raise CsvFormatError(f'CSV file not found: {path!r}')
     try:  # utf-8-sig: a byte-order mark, as Excel writes it, is not part of the first column's name
-        with open(path, newline='', encoding='utf-8-sig') as f:
-            reader = csv.DictReader(f)
+        with open(path, newline='', encoding='utf-8-sig') as f, \
+                Progress(_count_lines(path), f'reading {os.path.basename(path)}', unit='line') as progress:
+            reader = csv.DictReader(_lines_counted(f, progress))
             header = reader.fieldnames or []
             if tuple(header[:len(columns)]) != columns:
                 raise CsvFormatError(f'{path!r} must start with the columns {",".join(columns)}; it has {",".join(header)}')
@@ -41,6 +43,22 @@ def _rows(path: str | os.PathLike, columns: tuple[str, ...]) -> list[dict[str, s
         if any(row.get(c) is None for c in columns):
             raise CsvFormatError(f'{path!r} line {line}: expected {len(columns)} columns ({",".join(columns)})')
     return rows
+
+
+def _count_lines(path: str) -> int:
+    """Lines in a file (the progress line's total), counted in 1 MB blocks: ~0.1 s for 1,000,000 rows."""
+    with open(path, 'rb') as f:
+        return sum(block.count(b'\n') for block in iter(lambda: f.read(1 << 20), b''))
+
+
+def _lines_counted(lines, progress: Progress, every: int = 10_000):
+    """The lines, counted into ``progress`` ``every`` lines at a time (a call per row would cost more than the row)."""
+    n = 0
+    for n, line in enumerate(lines, start=1):
+        if n % every == 0:
+            progress.advance(every)
+        yield line
+    progress.advance(n % every)
 
 
 def read_matches(path: str | os.PathLike) -> list[Match]:
@@ -102,17 +120,22 @@ def evaluate(matches: list[Match], truth: dict[str, set[str]]) -> dict:
     Where precision never reaches 0.9, the recall there is 0.0 (as the reference scorer has it) and
     the threshold is None.
     """
-    precisions, recalls, scores, _ = precision_recall(matches, truth)
-    ap = float(((recalls - np.concatenate([[0.0], recalls[:-1]])) * precisions).sum()) if len(recalls) else 0.0
-    valid = precisions >= 0.9
-    if valid.any():
-        best = int(np.argmax(np.where(valid, recalls, -1.0)))
-        recall_p90, threshold_p90 = float(recalls[best]), float(scores[best])
-    else:
-        recall_p90, threshold_p90 = 0.0, None
+    with Progress(3, f'scoring {len(matches)} matches', unit='step') as progress:  # ~1 s a step per 1,000,000
+        precisions, recalls, scores, _ = precision_recall(matches, truth)
+        progress.advance()
+        ap = float(((recalls - np.concatenate([[0.0], recalls[:-1]])) * precisions).sum()) if len(recalls) else 0.0
+        valid = precisions >= 0.9
+        if valid.any():
+            best = int(np.argmax(np.where(valid, recalls, -1.0)))
+            recall_p90, threshold_p90 = float(recalls[best]), float(scores[best])
+        else:
+            recall_p90, threshold_p90 = 0.0, None
+        at_rank = {}
+        for k in (1, 10):
+            at_rank[k] = _recall_at_rank(matches, truth, k)
+            progress.advance()
     return {'average_precision': ap, 'recall_at_p90': recall_p90, 'threshold_at_p90': threshold_p90,
-            'recall_at_rank1': _recall_at_rank(matches, truth, 1),
-            'recall_at_rank10': _recall_at_rank(matches, truth, 10)}
+            'recall_at_rank1': at_rank[1], 'recall_at_rank10': at_rank[10]}
 
 
 def _recall_at_rank(matches: list[Match], truth: dict[str, set[str]], k: int) -> float:

@@ -15,13 +15,13 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from ..defaults import DEFAULT_MILVUS_URI, INDEX_TYPES  # noqa: F401 (imported from here too)
+from ..progress import Progress
 from .descriptors import check_same_postprocessing
 from .metrics import Match
 
-DEFAULT_MILVUS_URI = './isc.db'  # Milvus Lite: embedded, a folder, nothing to start
 POSTPROCESSING = 'towhee_isc.postprocessing'  # collection property: how its vectors were post-processed
 PATH = 'path'  # each image's path, as descriptor files keep it, in the collection's dynamic field (for reports)
-INDEX_TYPES = ('FLAT', 'IVF_FLAT', 'HNSW')
 HNSW_M, HNSW_EF_CONSTRUCTION = 16, 200  # Milvus's usual starting point
 # Default search widths: on 100,000 random 256-d vectors these found >= 99 % of copies at rank 1
 # (benchmarks/milvus_index.py; at nlist/16 cells or ef 64, only 98 % and 84 %).
@@ -231,11 +231,13 @@ class MilvusIndex:
         kind = self.create(vectors.shape[1], index_type, len(ids), postprocessing)
         paths = paths or {}
         with_paths = self.stores_paths()
-        with self._errors(f'writing to {self.collection!r}'):
+        with self._errors(f'writing to {self.collection!r}'), \
+                Progress(len(ids), f'uploading to {self.collection!r}', unit='vector') as progress:
             for start in range(0, len(ids), batch):
                 rows = [{'id': i, 'vector': v.tolist(), **({PATH: paths[i]} if with_paths and i in paths else {})}
                         for i, v in zip(ids[start:start + batch], vectors[start:start + batch])]
                 self.client.upsert(self.collection, rows)
+                progress.advance(len(rows))
             # Milvus Lite then builds the new segments' index in a background thread that it waits for when the
             # process ends (searching them exactly until then); reloading here would race that thread.
             self.client.flush(self.collection)
@@ -295,7 +297,8 @@ class MilvusIndex:
         params = search_params(kind, k, nlist, nprobe, ef)
         self.load()
         matches = []
-        with self._errors(f'searching {self.collection!r}'):
+        with self._errors(f'searching {self.collection!r}'), \
+                Progress(len(queries), f'searching {self.collection!r}', unit='query') as progress:
             for start in range(0, len(queries), batch):
                 hits = self.client.search(self.collection, data=queries[start:start + batch].tolist(), limit=k,
                                           output_fields=['id'], search_params=params, consistency_level='Strong')
@@ -305,6 +308,7 @@ class MilvusIndex:
                         score = float(hit['distance']) - offset
                         if threshold is None or score >= threshold:
                             matches.append(Match(query_ids[start + row], hit['id'], score))
+                progress.advance(len(hits))
         return matches
 
 
