@@ -24,7 +24,7 @@ from .matching import (duplicate_groups, html_report, near_duplicate_pairs, nth_
 from .metrics import evaluate, plot_precision_recall, read_ground_truth, read_matches, write_matches
 from .milvus import DEFAULT_MILVUS_URI, INDEX_TYPES, MilvusIndex, milvus_duplicate_pairs
 
-COMMANDS = ('embed', 'index', 'search', 'dedup', 'evaluate', 'nes', 'serve')
+COMMANDS = ('embed', 'index', 'search', 'dedup', 'evaluate', 'nes', 'serve', 'video')
 
 
 def nes_settings(args: argparse.Namespace) -> dict:
@@ -36,8 +36,9 @@ def nes_settings(args: argparse.Namespace) -> dict:
 
 
 def embedder(args: argparse.Namespace) -> Embedder:
-    return Embedder(model_name=args.model_name, checkpoint_path=args.checkpoint, device=args.device,
-                    batch_size=args.batch_size, strict=args.strict, **nes_settings(args))
+    return Embedder(model_name=args.model_name, checkpoint_path=args.checkpoint, timm_backbone=args.timm_backbone,
+                    img_size=args.img_size, device=args.device, batch_size=args.batch_size, strict=args.strict,
+                    **nes_settings(args))
 
 
 def same_postprocessing(args: argparse.Namespace, images: Embedder, *sources: dict[str, dict | None]) -> dict | None:
@@ -51,8 +52,8 @@ def same_postprocessing(args: argparse.Namespace, images: Embedder, *sources: di
 def cmd_embed(args) -> None:
     if args.ray_address:  # the same embed, its chunks spread over a Ray cluster's actors
         from .ray import embed_on_ray
-        isc_kwargs = dict(model_name=args.model_name, checkpoint_path=args.checkpoint, device=args.device,
-                          batch_size=args.batch_size, **nes_settings(args))
+        isc_kwargs = dict(model_name=args.model_name, checkpoint_path=args.checkpoint, timm_backbone=args.timm_backbone,
+                          img_size=args.img_size, device=args.device, batch_size=args.batch_size, **nes_settings(args))
         written, skipped, rate = embed_on_ray(args.inputs, args.output, args.ray_address, isc_kwargs, args.actors,
                                               args.cpus_per_actor, args.gpus_per_actor, args.chunk_size, args.strict,
                                               args.quiet)
@@ -164,7 +165,8 @@ def cmd_serve(args) -> None:
     except ImportError as e:
         raise ImportError(f'towhee-isc serve needs Ray Serve: pip install "towhee-isc[serve]" ({e})') from e
     # The operator's settings for each replica, post-processing included.
-    isc = {'model_name': args.model_name, 'checkpoint_path': args.checkpoint, 'device': args.device,
+    isc = {'model_name': args.model_name, 'checkpoint_path': args.checkpoint, 'timm_backbone': args.timm_backbone,
+           'img_size': args.img_size, 'device': args.device,
            'batch_size': args.batch_size, **nes_settings(args)}
     settings = ServiceSettings(isc=isc, references=args.references, milvus_uri=args.milvus_uri,
                                collection=None if args.references else args.collection, threshold=args.threshold,
@@ -188,6 +190,8 @@ def parser() -> argparse.ArgumentParser:
         group = p.add_argument_group('embedding images')
         group.add_argument('--checkpoint', help='a local checkpoint instead of the published weights')
         group.add_argument('--model-name', default='isc_ft_v107')
+        group.add_argument('--timm-backbone', help='architecture of a checkpoint without metadata')
+        group.add_argument('--img-size', type=positive_int, help='input size of a checkpoint without metadata')
         group.add_argument('--device', help="'cpu', 'cuda', 'cuda:N' (default: CUDA when available)")
         group.add_argument('--batch-size', type=positive_int)
         group.add_argument('--strict', action='store_true', help='an unreadable image is an error, not skipped')
@@ -291,6 +295,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument('--dba-k', type=positive_int, default=DBA_K, help=f'neighbours in the augmentation (default {DBA_K})')
     p.add_argument('--alpha', type=finite_float, default=ALPHA, help=f'similarity exponent of the augmentation (default {ALPHA})')
     p.set_defaults(run=cmd_nes)
+
+    from ..video.cli import add_parser as add_video_parser  # light: the video commands import their work when run
+    add_video_parser(commands, with_model)
     return main
 
 
