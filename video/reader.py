@@ -40,7 +40,6 @@ class VideoInfo:
     duration: float   # seconds (0 if the container does not say)
     width: int
     height: int
-    rotation: int     # degrees counter-clockwise that the frames are turned to be upright
 
 
 def _open(path: Path):
@@ -49,13 +48,16 @@ def _open(path: Path):
         regular_file(path)
     except ImageError as e:
         raise VideoError(str(e).replace('image file', 'video file').replace('an image file', 'a video file')) from None
+    if path.stat().st_size == 0:
+        raise VideoError(f'{str(path)!r} is empty (0 bytes)')
     try:
         container = av.open(str(path), metadata_errors='ignore')
     except (av.FFmpegError, UnicodeDecodeError, ValueError) as e:
         raise VideoError(f'{str(path)!r} is not a readable video ({_reason(e)})') from None
     if not container.streams.video:
+        audio = bool(container.streams.audio)
         container.close()
-        raise VideoError(f'{str(path)!r} has no video stream' + (' (audio only)' if container.streams.audio else ''))
+        raise VideoError(f'{str(path)!r} has no video stream' + (' (audio only)' if audio else ''))
     return container
 
 
@@ -64,7 +66,7 @@ def _reason(e: Exception) -> str:
 
 
 def probe(path: str | os.PathLike) -> VideoInfo:
-    """Duration, size and rotation from the container's headers; a file that is no video is an error."""
+    """Duration and size from the container's headers; a file that is no video is an error."""
     with _open(Path(path)) as container:
         return _info(container)
 
@@ -78,7 +80,7 @@ def _info(container) -> VideoInfo:
     else:
         duration = 0.0
     ctx = stream.codec_context
-    return VideoInfo(duration, ctx.width or 0, ctx.height or 0, 0)
+    return VideoInfo(duration, ctx.width or 0, ctx.height or 0)
 
 
 def sample_frames(path: str | os.PathLike, fps: float = 1.0, max_duration: float | None = None
@@ -123,9 +125,10 @@ def sample_frames(path: str | os.PathLike, fps: float = 1.0, max_duration: float
             raise VideoError(f'{str(path)!r} is damaged: decoding failed after {k} sample(s) ({_reason(e)})') from None
         if previous is None:
             raise VideoError(f'{str(path)!r} has no decodable frame')
-        # The last frame lasts one frame period (from the stream's rate), or to the declared end.
+        # The last frame lasts one frame period (the stream's rate); a video whose frames stop well
+        # before the length its container declares is cut short.
         rate = float(stream.average_rate or stream.guessed_rate or 0) or fps
-        end = max(last_time + 1 / rate, info.duration if info.duration < last_time + 2 / rate + 1 else 0)
+        end = last_time + 1 / rate
         if info.duration > 2 and end < 0.9 * info.duration - 1:
             raise VideoError(f'{str(path)!r} is truncated: frames stop at {end:.1f} s of {info.duration:.1f} s')
         while k == 0 or k / fps < end - 1e-6:
