@@ -189,3 +189,19 @@ def test_descriptor_files_hold_vscs_three_arrays_and_ours(tmp_path):
     np.savez(tmp_path / 'bad.npz', features=np.zeros((2, 4)))
     with pytest.raises(ValueError, match='lacks timestamps, video_ids'):
         read_video_descriptors(tmp_path / 'bad.npz')
+
+
+def test_a_towhee_pipeline_embeds_a_videos_frames_and_windows_them_back(videos, small_ckpt):
+    import towhee_isc  # noqa: F401 (registers image-embedding/isc)
+    from towhee import ops, pipe
+    from towhee_isc.video.reader import towhee_frames
+    root = videos[0]
+    p = (pipe.input('path')
+         .flat_map('path', ('frame', 'start', 'end'), towhee_frames)
+         .map('frame', 'vec', ops.image_embedding.isc(checkpoint_path=str(small_ckpt), device='cpu'))
+         .window_all(('vec', 'start', 'end'), ('features', 'timestamps'), lambda v, s, e: (np.stack(v), np.c_[s, e]))
+         .output('features', 'timestamps'))
+    features, timestamps = p(str(root / 'queries' / 'Q000001.mp4')).get()
+    embedded = read_video_descriptors(root / 'queries.npz').videos[0]  # what `video embed` wrote
+    assert timestamps.tolist() == embedded.timestamps.tolist()
+    assert np.abs(features - embedded.features).max() < 1e-4

@@ -205,3 +205,11 @@ def find_videos(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     if not unique:
         raise ValueError(f'no videos found in {[str(i) for i in inputs]} (looked for {", ".join(sorted(VIDEO_SUFFIXES))})')
     return unique
+
+
+def towhee_frames(path: str | os.PathLike, fps: float = 1.0) -> list[tuple[object, float, float]]:
+    """Sampled frames as ``towhee.types.VideoFrame`` (mode 'RGB', timestamp in ms) with their start and
+    end seconds: the rows a Towhee ``flat_map`` makes of one video (see README, "Videos")."""
+    from towhee.types import VideoFrame
+    return [(VideoFrame(rgb, 'RGB', timestamp=round(start * 1000)), start, end)
+            for rgb, start, end in sample_frames(path, fps)]
