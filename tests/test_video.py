@@ -121,9 +121,14 @@ def test_video_embed_resumes_where_it_stopped(videos, small_ckpt, monkeypatch):
 def test_video_search_finds_the_copied_seconds_and_evaluate_scores_them(videos):
     root = videos[0]
     matches = root / 'matches.csv'
-    result = towhee_isc('video', 'search', root / 'queries.npz', '--references', root / 'refs.npz', '-o', matches)
+    report = root / 'report.html'
+    result = towhee_isc('video', 'search', root / 'queries.npz', '--references', root / 'refs.npz', '-o', matches,
+                        '--report', report)
     assert result.returncode == 0, result.stderr
     best = read_segments(matches)[0]
+    page = report.read_text()  # the match, its frames side by side and its similarity matrix, all embedded
+    assert f'1. Q000001 {best.query_start:.1f}-{best.query_end:.1f} s = R000001' in page
+    assert page.count('src="data:image/png;base64,') >= 2 * 6 + 1
     assert (best.query_id, best.ref_id) == ('Q000001', 'R000001')
     assert abs(best.query_start - 4) <= 1 and abs(best.query_end - 10) <= 1
     assert abs(best.ref_start - 1) <= 1 and abs(best.ref_end - 7) <= 1

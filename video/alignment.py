@@ -33,9 +33,6 @@ class Box:
     ref_last: int
     path: np.ndarray  # int (L, 2): (query frame, reference frame) pairs, in order
 
-    def mean_similarity(self, sims: np.ndarray) -> float:
-        return float(sims[self.path[:, 0], self.path[:, 1]].mean())
-
 
 def _check(sims: np.ndarray) -> np.ndarray:
     sims = np.asarray(sims, dtype=np.float64)

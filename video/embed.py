@@ -101,19 +101,20 @@ def embed_videos(inputs: Sequence[str], output: str, embedder, fps: float = 1.0,
         if bar:
             bar.close()
     seconds_embedding = time.perf_counter() - started
-    kept, skipped = [], {}
+    kept, kept_paths, skipped = [], [], {}
     for n, path in enumerate(videos):
         features, timestamps, failure = parts.load(n)
         if failure:
             skipped[path] = failure
         else:
             kept.append(VideoFeatures(ids[n], features, timestamps))
+            kept_paths.append(str(path))
     if not kept:
         parts.remove()
         first = next(iter(skipped.items()))
         raise ValueError(f'none of the {len(videos)} videos could be read (the first, {first[0]}: {first[1]}); '
                          'nothing was written')
-    write_video_descriptors(output, kept, model, postprocessing, fps)
+    write_video_descriptors(output, kept, model, postprocessing, fps, kept_paths)
     parts.remove()
     frames = sum(len(v) for v in kept)
     return len(kept), skipped, embedded / seconds_embedding if seconds_embedding else 0.0, frames

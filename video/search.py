@@ -63,7 +63,7 @@ def search_files(queries: str, references: str, output: str, align: str = 'dp', 
     write_segments(output, segments)
     if report:
         from .report import html_report
-        html_report(report, kept)
+        html_report(report, kept, q, r)
     return segments, engine, time.perf_counter() - started
 
 

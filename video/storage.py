@@ -45,6 +45,7 @@ class VideoSet:
     videos: list[VideoFeatures]
     model: dict | None = None
     postprocessing: dict | None = None
+    paths: dict[str, str] | None = None  # video id -> the file it was embedded from, where recorded
 
     def frames(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """All frames: (features float32 (N, D), video index int64 (N,), frame index within it (N,))."""
@@ -60,8 +61,9 @@ class VideoSet:
 
 
 def write_video_descriptors(path: str | os.PathLike, videos: Sequence[VideoFeatures], model: dict | None = None,
-                            postprocessing: dict | None = None, fps: float | None = None) -> None:
-    """Write videos to one npz in VSC's format, whole or not at all."""
+                            postprocessing: dict | None = None, fps: float | None = None,
+                            paths: Sequence[str] | None = None) -> None:
+    """Write videos to one npz in VSC's format, whole or not at all; ``paths``: each video's file."""
     if not videos:
         raise ValueError('no video descriptors to write')
     ids = [v.video_id for v in videos]
@@ -74,6 +76,8 @@ def write_video_descriptors(path: str | os.PathLike, videos: Sequence[VideoFeatu
                   model=np.array(json.dumps(model)), postprocessing=np.array(json.dumps(postprocessing)))
     if fps is not None:
         arrays['fps'] = np.array(float(fps))
+    if paths is not None:
+        arrays['video_paths'] = np.array([str(p) for p in paths])
     with atomic_write(path) as tmp, open(tmp, 'wb') as f:
         np.savez(f, **arrays)
 
@@ -94,6 +98,7 @@ def read_video_descriptors(path: str | os.PathLike, dim: int | None = None) -> V
             ids, features, timestamps = data['video_ids'], data['features'], data['timestamps']
             model = _json(data, 'model', path)
             postprocessing = _json(data, 'postprocessing', path)
+            files = [str(p) for p in data['video_paths']] if 'video_paths' in data.files else None
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
         if isinstance(e, VideoDescriptorError):
             raise
@@ -116,7 +121,8 @@ def read_video_descriptors(path: str | os.PathLike, dim: int | None = None) -> V
     seen = [v.video_id for v in videos]
     if len(set(seen)) != len(seen):
         raise VideoDescriptorError(f'{path!r}: the frames of one video are not contiguous')
-    return VideoSet(videos, model, postprocessing)
+    paths = dict(zip(seen, files)) if files is not None and len(files) == len(seen) else None
+    return VideoSet(videos, model, postprocessing, paths)
 
 
 def _json(data, key: str, path: str):

@@ -32,12 +32,17 @@ class Shot:
     end: tuple[float, float, float, float]
 
     @classmethod
-    def random(cls, rng: np.random.Generator, photo: int, seconds: float) -> 'Shot':
+    def random(cls, rng: np.random.Generator, photo: int, seconds: float,
+               within: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)) -> 'Shot':
+        """Random start and end windows (45-80 % of the region ``within``, as fractions of the photo)."""
+        left, top, right, bottom = within
+
         def box():
             w = rng.uniform(0.45, 0.8)
             h = w * rng.uniform(0.7, 1.0)
             x, y = rng.uniform(0, 1 - w), rng.uniform(0, 1 - h)
-            return (x, y, x + w, y + h)
+            return (left + x * (right - left), top + y * (bottom - top),
+                    left + (x + w) * (right - left), top + (y + h) * (bottom - top))
         return cls(photo, seconds, box(), box())
 
     def frame(self, image: Image.Image, t: float, size: tuple[int, int]) -> np.ndarray:
