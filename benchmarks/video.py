@@ -11,6 +11,11 @@ re-encode (x264 CRF 28-35), rescale 75-100 %, crop <= 10 %, brightness 0.8-1.2; 
 caption overlay and a speed change (0.75-1.5x). Without ``--checkpoint`` a synthetic checkpoint
 (resnet18 at 96 px, random weights) makes the descriptors.
 
+``--search-scale QUERIES REFERENCES`` instead times `video search` alone (the real command, in a child
+process) on random 256-d descriptors of 60 s videos at 1 fps with planted copies (half the queries hold
+20 s of a reference, each frame turned to a cosine of 0.9 from its original), as benchmarks/million.py
+does for images, and counts the planted copies found with both ends within 1 s.
+
 Rows: ours (`video search`: frame k-NN candidates, ``--align dp``/``tn``, ``--score-norm`` with the
 noise videos), and VSC's baseline as its repository configures it (vsc/baseline/sscd_baseline.py with
 score normalisation: drop the noise set's lowest-variance dimension, L2-normalise, bias -1.2 x
@@ -150,6 +155,51 @@ def operator_rate(op, video: Path) -> float:
     return len(frames) / (time.perf_counter() - start)
 
 
+def search_scale(work: Path, n_queries: int, n_refs: int, seconds: int = 60, dim: int = 256) -> None:
+    """Time `video search` on random descriptors with planted copies (see the module docstring)."""
+    import subprocess
+    import sys
+    from towhee_isc.video.metrics import read_segments
+    from towhee_isc.video.storage import write_video_descriptors
+    rng = np.random.default_rng(0)
+    times = np.c_[np.arange(seconds), np.arange(1, seconds + 1)].astype(np.float64)
+
+    def unit(x):
+        return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+    refs = [unit(rng.normal(size=(seconds, dim))) for _ in range(n_refs)]
+    write_video_descriptors(work / 'scale_refs.npz', [VideoFeatures(f'R{i:06d}', f, times) for i, f in enumerate(refs)])
+    queries, truth = [], {}
+    for i in range(n_queries):
+        frames = unit(rng.normal(size=(seconds, dim)))
+        if i % 2 == 0:
+            r, start, at = int(rng.integers(n_refs)), int(rng.integers(0, 40)), int(rng.integers(0, 40))
+            original = refs[r][start:start + 20]
+            noise = unit(rng.normal(size=original.shape))
+            noise = unit(noise - (noise * original).sum(1, keepdims=True) * original)  # orthogonal to the original
+            frames[at:at + 20] = unit(0.9 * original + np.sqrt(1 - 0.81) * noise)
+            truth[f'Q{i:06d}', f'R{r:06d}'] = (at, at + 20, start, start + 20)
+        queries.append(VideoFeatures(f'Q{i:06d}', frames, times))
+    write_video_descriptors(work / 'scale_queries.npz', queries)
+    del queries
+    started = time.perf_counter()
+    run = subprocess.run([sys.executable, '-m', 'towhee_isc', 'video', 'search', str(work / 'scale_queries.npz'),
+                          '--references', str(work / 'scale_refs.npz'), '-o', str(work / 'scale_matches.csv')],
+                         capture_output=True, text=True)
+    seconds_taken = time.perf_counter() - started
+    if run.returncode:
+        raise SystemExit(run.stderr)
+    best = {}
+    for s in read_segments(work / 'scale_matches.csv'):
+        best.setdefault(s.pair, s)
+    found = sum(1 for pair, (qs, qe, rs, re_) in truth.items() if pair in best and max(
+        abs(best[pair].query_start - qs), abs(best[pair].query_end - qe), abs(best[pair].ref_start - rs),
+        abs(best[pair].ref_end - re_)) <= 1)
+    print(json.dumps({'queries': n_queries, 'references': n_refs, 'reference_frames': n_refs * seconds,
+                      'search_s': round(seconds_taken, 1), 'planted_copies_found_within_1s': f'{found}/{len(truth)}',
+                      'engine': run.stdout.splitlines()[0]}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
@@ -158,9 +208,14 @@ def main() -> None:
     parser.add_argument('--edits', choices=('mild', 'hard'), default='mild')
     parser.add_argument('--checkpoint', help='default: a synthetic resnet18 checkpoint at 96 px')
     parser.add_argument('--keep', help='keep the videos, descriptors and CSVs in this folder')
+    parser.add_argument('--search-scale', type=int, nargs=2, metavar=('QUERIES', 'REFERENCES'),
+                        help='only time video search on random descriptors of this many 60 s videos')
     args = parser.parse_args()
     work = Path(args.keep or tempfile.mkdtemp(prefix='video-bench-'))
     work.mkdir(parents=True, exist_ok=True)
+    if args.search_scale:
+        search_scale(work, *args.search_scale)
+        return
     checkpoint = args.checkpoint
     if checkpoint is None:
         from towhee_isc.testing import make_synthetic_checkpoint, sample_photos

@@ -33,7 +33,7 @@ def pair_similarity(queries: VideoSet, refs: VideoSet, candidate: Candidate, off
     return sims
 
 
-def align(sims: np.ndarray, method: str = 'dp', threshold: float = 0.5) -> list[tuple[Box, float]]:
+def align(sims: np.ndarray, method: str = 'dp', threshold: float = 0.6) -> list[tuple[Box, float]]:
     """Boxes of one pair with their scores: the sum of ``sims - threshold`` along each box's path (what
     the DP maximises). It ranks long, clear copies above short or faint ones across all pairs; the
     mean similarity alone ranked short chance matches first (segment AP 0.57 against 0.89 on the
@@ -48,7 +48,7 @@ def align(sims: np.ndarray, method: str = 'dp', threshold: float = 0.5) -> list[
 
 
 def localize(queries: VideoSet, refs: VideoSet, candidates: Iterable[Candidate], method: str = 'dp',
-             threshold: float = 0.5, offsets: np.ndarray | None = None) -> Iterator[tuple[Candidate, np.ndarray, Box, Segment]]:
+             threshold: float = 0.6, offsets: np.ndarray | None = None) -> Iterator[tuple[Candidate, np.ndarray, Box, Segment]]:
     """For each candidate, each box found in it: (candidate, its similarity matrix, box, segment in seconds)."""
     starts = np.r_[0, np.cumsum([len(v) for v in queries.videos])[:-1]]
     for candidate in candidates:

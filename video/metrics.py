@@ -103,8 +103,8 @@ def write_segments(path: str | os.PathLike, segments: Iterable[Segment]) -> None
         writer = csv.writer(f)
         writer.writerow(MATCH_COLUMNS)
         for s in segments:
-            writer.writerow([s.query_id, s.ref_id, repr(s.query_start), repr(s.query_end), repr(s.ref_start),
-                             repr(s.ref_end), repr(s.score)])
+            writer.writerow([s.query_id, s.ref_id, *(repr(float(v)) for v in  # float: numpy's repr names its type
+                             (s.query_start, s.query_end, s.ref_start, s.ref_end, s.score))])
 
 
 def union_length(intervals: Iterable[tuple[float, float]]) -> float:
