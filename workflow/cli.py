@@ -336,7 +336,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 check_writable(getattr(args, name), what)
         args.run(args)
     except KeyboardInterrupt:
-        print('interrupted' + ('; run the same command again to continue' if args.command == 'embed' else ''),
+        resumable = args.command == 'embed' or getattr(args, 'video_command', None) == 'embed'
+        print('interrupted' + ('; run the same command again to continue' if resumable else ''),
               file=sys.stderr)
         return 130
     except (ValueError, TypeError, OSError, ImportError) as e:
