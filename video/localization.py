@@ -1,8 +1,8 @@
 """Localization: candidate pairs -> copied segments in seconds, scored for ranking across pairs.
 
 Each candidate pair's frame-similarity matrix (query frames x reference frames, less the query
-frames' score-normalisation offsets) is made, aligned (``alignment``) and dropped before the next:
-only one pair's matrix is held at a time.
+frames' score-normalisation offsets) is made, aligned (``alignment``) and dropped: only one query's
+candidate matrices are held at a time, never those of all pairs.
 """
 from __future__ import annotations
 
@@ -18,19 +18,6 @@ from .storage import VideoSet
 ALIGNMENTS = ('dp', 'tn')
 # VSC 2022's baseline settings of VCSL's Temporal Network (vsc/baseline/sscd_baseline.py).
 VSC_TN = dict(max_step=5, min_length=4, top_k=5, max_path=10, min_sim=0.2, max_iou=0.3)
-
-
-def pair_similarity(queries: VideoSet, refs: VideoSet, candidate: Candidate, offsets: np.ndarray | None = None,
-                    query_starts: np.ndarray | None = None) -> np.ndarray:
-    """The (query frames, reference frames) similarity matrix of one pair, float64, score-normalised
-    by ``offsets`` (per frame of all queries; ``query_starts``: each query video's first frame)."""
-    q = queries.videos[candidate.query].features
-    r = refs.videos[candidate.ref].features
-    sims = (q @ r.T).astype(np.float64)
-    if offsets is not None:
-        start = int(query_starts[candidate.query])
-        sims -= offsets[start:start + len(q), None]
-    return sims
 
 
 def align(sims: np.ndarray, method: str = 'dp', threshold: float = 0.6) -> list[tuple[Box, float]]:
@@ -49,15 +36,28 @@ def align(sims: np.ndarray, method: str = 'dp', threshold: float = 0.6) -> list[
 
 def localize(queries: VideoSet, refs: VideoSet, candidates: Iterable[Candidate], method: str = 'dp',
              threshold: float = 0.6, offsets: np.ndarray | None = None) -> Iterator[tuple[Candidate, np.ndarray, Box, Segment]]:
-    """For each candidate, each box found in it: (candidate, its similarity matrix, box, segment in seconds)."""
+    """For each candidate, each box found in it: (candidate, its similarity matrix, box, segment in seconds).
+
+    One query's candidates are compared in one product (query frames x their references' frames: many
+    small products were 50 ms each on a busy machine, one larger one is not), then aligned one pair at a time."""
     starts = np.r_[0, np.cumsum([len(v) for v in queries.videos])[:-1]]
+    by_query: dict[int, list[Candidate]] = {}
     for candidate in candidates:
-        sims = pair_similarity(queries, refs, candidate, offsets, starts)
-        q, r = queries.videos[candidate.query], refs.videos[candidate.ref]
-        for box, score in align(sims, method, threshold):
-            yield candidate, sims, box, Segment(
-                q.video_id, r.video_id, float(q.timestamps[box.query_first, 0]), float(q.timestamps[box.query_last, 1]),
-                float(r.timestamps[box.ref_first, 0]), float(r.timestamps[box.ref_last, 1]), score)
+        by_query.setdefault(candidate.query, []).append(candidate)
+    for query, pairs in by_query.items():
+        q = queries.videos[query]
+        references = [refs.videos[c.ref] for c in pairs]
+        together = (q.features @ np.concatenate([r.features for r in references]).T).astype(np.float64)
+        if offsets is not None:
+            together -= offsets[starts[query]:starts[query] + len(q), None]
+        bounds = np.cumsum([0] + [len(r) for r in references])
+        for candidate, r, a, b in zip(pairs, references, bounds[:-1], bounds[1:]):
+            sims = together[:, a:b]
+            for box, score in align(sims, method, threshold):
+                yield candidate, sims, box, Segment(
+                    q.video_id, r.video_id, float(q.timestamps[box.query_first, 0]),
+                    float(q.timestamps[box.query_last, 1]), float(r.timestamps[box.ref_first, 0]),
+                    float(r.timestamps[box.ref_last, 1]), score)
 
 
 def best_first(segments: Iterable[Segment]) -> list[Segment]:
