@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from tests.commands import assert_one_line_error, towhee_isc
-from towhee_isc.video.metrics import (Segment, descriptor_candidates, pair_scores, pairwise_micro_ap, segment_ap,
-                                      union_length, write_segments)
+from tests.commands import towhee_isc
+from towhee_isc.video.metrics import (CsvFormatError, Segment, descriptor_candidates, pair_scores, pairwise_micro_ap,
+                                      read_segments, segment_ap, union_length, write_segments)
 
 # Case A: one true pair; the first prediction finds half the copy, the second the rest and 5 s more,
 # the third predicts a pair with no copy.
@@ -81,5 +81,6 @@ def test_video_evaluate_prints_the_hand_computed_numbers(tmp_path):
     numbers = json.loads(result.stdout)
     assert numbers['segment_ap'] == pytest.approx(AP_B, abs=1e-12)
     assert numbers['pairwise_micro_ap'] == pytest.approx(1.0)  # both true pairs tie at the top
-    truth.write_text('query_id,ref_id,query_start\nq1,r1,0\n')
-    assert_one_line_error(towhee_isc('video', 'evaluate', matches, truth), 'lacks the column(s) query_end')
+    truth.write_text('query_id,ref_id,query_start\nq1,r1,0\n')  # the command prints this as its one error line
+    with pytest.raises(CsvFormatError, match=r'lacks the column\(s\) query_end,ref_start,ref_end'):
+        read_segments(truth, ground_truth=True)
