@@ -66,8 +66,8 @@ def to_pil_rgb(item: Any, where: str = '', draft: tuple[int, int] | None = None,
     """One image of any accepted kind -> an RGB ``PIL.Image``.
 
     Accepted: a file path (``str``/``os.PathLike``), the bytes of an image file (``bytes``,
-    ``bytearray``, ``memoryview``), a ``PIL.Image`` of any mode, a ``towhee.types.Image`` (its mode
-    honoured) or a uint8 ``np.ndarray`` (HxW, HxWx1, HxWx3 RGB, HxWx4 RGBA; 1-d: an image file's
+    ``bytearray``, ``memoryview``), a ``PIL.Image`` of any mode, a ``towhee.types.Image`` or
+    ``towhee.types.VideoFrame`` (its mode honoured) or a uint8 ``np.ndarray`` (HxW, HxWx1, HxWx3 RGB, HxWx4 RGBA; 1-d: an image file's
     bytes, the form Towhee's Triton client can send, as it serialises arrays but not bytes). For files and bytes:
     ``draft`` lets the JPEG decoder scale down in the DCT domain, to no less than this size;
     ``exif_transpose`` turns the image upright as its EXIF orientation says. ``where`` is appended to
@@ -175,8 +175,8 @@ def _wide_to_uint8(image: Image.Image, what: str) -> np.ndarray:
 
 
 def _array_to_pil(array: np.ndarray, where: str) -> Image.Image:
-    from towhee.types import Image as TowheeImage
-    mode = getattr(array, 'mode', None) if isinstance(array, TowheeImage) else None
+    from towhee.types import Image as TowheeImage, VideoFrame  # video decoders give VideoFrames, BGR or RGB
+    mode = getattr(array, 'mode', None) if isinstance(array, (TowheeImage, VideoFrame)) else None
     array = np.asarray(array)
     if array.dtype != np.uint8:
         raise TypeError(f'image arrays must be uint8, got {array.dtype}{where}; '

@@ -86,7 +86,8 @@ class Isc(NNOperator):
 
     Calling it with one image returns a float32 ``np.ndarray`` of shape (256,) with L2 norm 1; with a
     list (or an (N, 3, S, S) batch when ``skip_preprocess``) it returns a list of those, in order.
-    Images may be ``towhee.types.Image`` (its ``mode`` is honoured: BGR from ``ops.image_decode()``),
+    Images may be ``towhee.types.Image`` or ``towhee.types.VideoFrame`` (its ``mode`` is honoured: BGR
+    from ``ops.image_decode()``),
     uint8 ``np.ndarray`` in RGB (HxWx3, HxW grey, HxWx4 with alpha dropped), ``PIL.Image`` of any mode
     (16-bit and float modes scaled to 8 bits), a file path, or the bytes of an image file (``bytes``, or
     a 1-d uint8 array of them: what Towhee's Triton client can send).

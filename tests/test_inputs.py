@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from towhee.types import Image as TowheeImage
+from towhee.types import Image as TowheeImage, VideoFrame
 
 
 @pytest.fixture(scope='module')
@@ -30,6 +30,14 @@ def test_towhee_image_mode_is_honoured(small_op, rgb):
     assert np.abs(small_op(TowheeImage(rgb, 'RGB')) - want).max() < 1e-6
     bgra = np.dstack([rgb[:, :, ::-1], np.full(rgb.shape[:2], 7, np.uint8)])
     assert np.abs(small_op(TowheeImage(bgra, 'BGRA')) - want).max() < 1e-6
+
+
+def test_towhee_video_frame_mode_is_honoured(small_op, rgb):
+    want = small_op(rgb)
+    bgr = VideoFrame(rgb[:, :, ::-1].copy(), 'BGR', timestamp=1000)
+    assert np.abs(small_op(bgr) - want).max() < 1e-6
+    assert np.abs(small_op([VideoFrame(rgb, 'RGB'), bgr])[1] - want).max() < 1e-6  # in batches too
+    assert np.abs(small_op(bgr) - small_op(rgb[:, :, ::-1].copy())).max() > 1e-3  # the channel order matters
 
 
 def test_alpha_is_dropped_and_grey_is_replicated(small_op, rgb):

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 # Building the parser imports nothing heavy (``towhee-isc --help`` and usage errors answer at once):
 # each command imports what it needs (numpy, faiss, Milvus, torch) when it runs.
 
-COMMANDS = ('embed', 'index', 'search', 'dedup', 'evaluate', 'nes', 'serve', 'train')
+COMMANDS = ('embed', 'index', 'search', 'dedup', 'evaluate', 'nes', 'serve', 'train', 'video')
 
 
 def nes_settings(args: argparse.Namespace) -> dict:
@@ -37,8 +37,9 @@ def nes_settings(args: argparse.Namespace) -> dict:
 
 def embedder(args: argparse.Namespace) -> Embedder:
     from .embedding import Embedder
-    return Embedder(model_name=args.model_name, checkpoint_path=args.checkpoint, device=args.device,
-                    batch_size=args.batch_size, strict=args.strict, **nes_settings(args))
+    return Embedder(model_name=args.model_name, checkpoint_path=args.checkpoint, timm_backbone=args.timm_backbone,
+                    img_size=args.img_size, device=args.device, batch_size=args.batch_size, strict=args.strict,
+                    **nes_settings(args))
 
 
 def same_postprocessing(args: argparse.Namespace, images: Embedder, *sources: dict[str, dict | None]) -> dict | None:
@@ -53,8 +54,8 @@ def same_postprocessing(args: argparse.Namespace, images: Embedder, *sources: di
 def cmd_embed(args) -> None:
     if args.ray_address:  # the same embed, its chunks spread over a Ray cluster's actors
         from .ray import embed_on_ray
-        isc_kwargs = dict(model_name=args.model_name, checkpoint_path=args.checkpoint, device=args.device,
-                          batch_size=args.batch_size, **nes_settings(args))
+        isc_kwargs = dict(model_name=args.model_name, checkpoint_path=args.checkpoint, timm_backbone=args.timm_backbone,
+                          img_size=args.img_size, device=args.device, batch_size=args.batch_size, **nes_settings(args))
         written, skipped, rate = embed_on_ray(args.inputs, args.output, args.ray_address, isc_kwargs, args.actors,
                                               args.cpus_per_actor, args.gpus_per_actor, args.chunk_size, args.strict,
                                               args.quiet)
@@ -205,7 +206,8 @@ def cmd_serve(args) -> None:
     except ImportError as e:
         raise ImportError(f'towhee-isc serve needs Ray Serve: pip install "towhee-isc[serve]" ({e})') from e
     # The operator's settings for each replica, post-processing included.
-    isc = {'model_name': args.model_name, 'checkpoint_path': args.checkpoint, 'device': args.device,
+    isc = {'model_name': args.model_name, 'checkpoint_path': args.checkpoint, 'timm_backbone': args.timm_backbone,
+           'img_size': args.img_size, 'device': args.device,
            'batch_size': args.batch_size, **nes_settings(args)}
     settings = ServiceSettings(isc=isc, references=args.references, milvus_uri=args.milvus_uri,
                                collection=None if args.references else args.collection, threshold=args.threshold,
@@ -229,6 +231,8 @@ def parser() -> argparse.ArgumentParser:
         group = p.add_argument_group('embedding images')
         group.add_argument('--checkpoint', help='a local checkpoint instead of the published weights')
         group.add_argument('--model-name', default='isc_ft_v107')
+        group.add_argument('--timm-backbone', help='architecture of a checkpoint without metadata')
+        group.add_argument('--img-size', type=positive_int, help='input size of a checkpoint without metadata')
         group.add_argument('--device', help="'cpu', 'cuda', 'cuda:N' (default: CUDA when available)")
         group.add_argument('--batch-size', type=positive_int)
         group.add_argument('--strict', action='store_true', help='an unreadable image is an error, not skipped')
@@ -340,6 +344,8 @@ def parser() -> argparse.ArgumentParser:
 
     from ..training.cli import add_parser as add_train_parser  # light: nothing heavy until it runs
     add_train_parser(commands)
+    from ..video.cli import add_parser as add_video_parser  # light: the video commands import their work when run
+    add_video_parser(commands, with_model)
     for p in commands.choices.values():  # every command, whichever room defines it
         if '--quiet' not in p._option_string_actions:
             p.add_argument('--quiet', action='store_true',
@@ -395,7 +401,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 check_writable(getattr(args, name), what)
         args.run(args)
     except KeyboardInterrupt:
-        print('interrupted' + ('; run the same command again to continue' if args.command == 'embed' else ''),
+        resumable = args.command == 'embed' or getattr(args, 'video_command', None) == 'embed'
+        print('interrupted' + ('; run the same command again to continue' if resumable else ''),
               file=sys.stderr)
         return 130
     except (ValueError, TypeError, OSError, ImportError) as e:

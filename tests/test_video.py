@@ -1,0 +1,212 @@
+"""Video copy detection as users run it: `towhee-isc video embed|search|dedup|evaluate` on tiny videos
+the tests make with PyAV (64 x 64, 10 s at 10 fps), plus the pieces (frame reading, alignment)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.commands import assert_one_line_error, towhee_isc
+from towhee_isc.video.alignment import dp_alignment, temporal_network
+from towhee_isc.video.metrics import read_segments
+from towhee_isc.video.reader import VideoError, sample_frames
+from towhee_isc.video.storage import VideoFeatures, read_video_descriptors, write_video_descriptors
+from towhee_isc.video.synthetic import Shot, edit, photos, render, write_video
+
+FPS, SIZE = 10, (64, 64)
+
+
+@pytest.fixture(scope='module')
+def videos(tmp_path_factory, small_ckpt):
+    """R000001 (10 s); R000002 (10 s, stored sideways with rotation metadata); Q000001: 4 s of other
+    photos, then R000001's seconds 1-7 rescaled and brightened (ground truth: query 4-10 s = ref 1-7 s),
+    then 2 s more; bad files: text named .mp4, audio only, truncated. Queries embedded in-process."""
+    from towhee_isc.video.embed import embed_videos
+    from towhee_isc.workflow.embedding import Embedder
+    root = tmp_path_factory.mktemp('videos')
+    images = photos(['astronaut', 'coffee', 'rocket', 'retina', 'hubble_deep_field', 'immunohistochemistry',
+                     'colorwheel', 'brick'])
+    rng = np.random.default_rng(0)
+    ref1 = render([Shot.random(rng, i, 2.5) for i in (0, 1, 2, 3)], images, FPS, SIZE)
+    ref2 = render([Shot.random(rng, i, 5) for i in (6, 7)], images, FPS, SIZE)
+    (root / 'refs').mkdir()
+    write_video(root / 'refs' / 'R000001.mp4', ref1, FPS)
+    write_video(root / 'refs' / 'R000002.mp4', [np.rot90(f, k=-1) for f in ref2], FPS, rotation=90)
+    other = render([Shot.random(rng, 4, 4), Shot.random(rng, 5, 2)], images, FPS, SIZE)
+    query = other[:40] + edit(ref1[10:70], scale=0.75, brightness=1.2) + other[40:]
+    (root / 'queries').mkdir()
+    write_video(root / 'queries' / 'Q000001.mp4', query, FPS, quality=30)
+    (root / 'truth.csv').write_text('query_id,ref_id,query_start,query_end,ref_start,ref_end\n'
+                                    'Q000001,R000001,4,10,1,7\n')
+    bad = root / 'bad'
+    bad.mkdir()
+    (bad / 'notes.mp4').write_text('not a video')
+    data = (root / 'refs' / 'R000001.mp4').read_bytes()
+    (bad / 'cut.mp4').write_bytes(data[:len(data) // 2])
+    embed_videos([root / 'queries'], str(root / 'queries.npz'), Embedder(checkpoint_path=small_ckpt, device='cpu'),
+                 quiet=True)
+    return root, ref1, ref2
+
+
+def test_frames_are_sampled_at_the_middle_of_each_second_and_turned_upright(videos):
+    root, ref1, ref2 = videos
+    plain = list(sample_frames(root / 'refs' / 'R000001.mp4'))
+    assert [(s, e) for _, s, e in plain] == [(k, k + 1) for k in range(10)]
+    assert np.abs(plain[3][0].astype(int) - ref1[35]).mean() < 8  # second 3's middle: frame 35 (codec loss)
+    upright = list(sample_frames(root / 'refs' / 'R000002.mp4', fps=2))
+    assert len(upright) == 20 and upright[0][0].shape == (64, 64, 3)
+    assert np.abs(upright[1][0].astype(int) - ref2[7]).mean() < 8  # stored sideways, read as it was shot
+    assert np.abs(np.rot90(upright[1][0], k=-1).astype(int) - ref2[7]).mean() > 20
+
+
+def test_bad_videos_are_one_clear_error_each(videos, monkeypatch):
+    root = videos[0]
+    with pytest.raises(VideoError, match='not a readable video'):
+        list(sample_frames(root / 'bad' / 'notes.mp4'))
+    with pytest.raises(VideoError, match='over --max-duration 5 s'):
+        next(sample_frames(root / 'refs' / 'R000001.mp4', max_duration=5))
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 1000)
+    with pytest.raises(VideoError, match='over the pixel limit of 1,000'):
+        next(sample_frames(root / 'refs' / 'R000001.mp4'))
+
+
+def test_video_embed_writes_vscs_npz_and_lists_the_videos_it_skips(videos, small_ckpt):
+    root = videos[0]
+    out = root / 'refs.npz'
+    result = towhee_isc('video', 'embed', root / 'refs', root / 'bad', '-o', out, '--checkpoint', small_ckpt,
+                        '--device', 'cpu', '--quiet')
+    assert result.returncode == 0, result.stderr
+    assert 'wrote 20 frame descriptors of 2 video(s)' in result.stdout
+    assert 'skipped 2 unreadable video(s)' in result.stderr and 'notes.mp4' in result.stderr and 'cut.mp4' in result.stderr
+    with np.load(out) as data:  # VSC's descriptor format, read as VSC's storage.load_features does
+        assert list(data['video_ids']) == ['R000001'] * 10 + ['R000002'] * 10
+        assert data['features'].dtype == np.float32 and data['features'].shape == (20, 256)
+        assert data['timestamps'].tolist() == [[k, k + 1] for k in range(10)] * 2
+    assert read_video_descriptors(out).model == read_video_descriptors(root / 'queries.npz').model
+    assert not (root / 'refs.npz.parts').exists()
+    strict = towhee_isc('video', 'embed', root / 'refs', '-o', root / 'strict.npz', '--checkpoint', small_ckpt,
+                        '--device', 'cpu', '--quiet', '--strict', '--max-duration', '5')
+    assert_one_line_error(strict, 'lasts 10.0 s, over --max-duration 5 s')
+    assert not (root / 'strict.npz').exists()
+
+
+def test_video_embed_resumes_where_it_stopped(videos, small_ckpt, monkeypatch):
+    from towhee_isc.video import embed
+    from towhee_isc.workflow.embedding import Embedder
+    root = videos[0]
+    decoded, real = [], embed.sample_frames
+
+    def interrupted(path, *args):
+        decoded.append(Path(path).name)
+        if len(decoded) == 2:
+            raise KeyboardInterrupt
+        return real(path, *args)
+
+    monkeypatch.setattr(embed, 'sample_frames', interrupted)
+    out = root / 'resumed.npz'
+    embedder = Embedder(checkpoint_path=small_ckpt, device='cpu')
+    with pytest.raises(KeyboardInterrupt):
+        embed.embed_videos([root / 'refs'], str(out), embedder, quiet=True)
+    assert not out.exists() and (root / 'resumed.npz.parts' / '0.npz').exists()
+    written, skipped, _, frames = embed.embed_videos([root / 'refs'], str(out), embedder, quiet=True)
+    assert decoded == ['R000001.mp4', 'R000002.mp4', 'R000002.mp4'] and (written, skipped, frames) == (2, {}, 20)
+    with pytest.raises(ValueError, match='interrupted run over other videos'):
+        embed.Parts(out, {'videos': []}).save(0, np.zeros((1, 2)), np.zeros((1, 2))) or \
+            embed.embed_videos([root / 'refs' / 'R000001.mp4'], str(out), embedder, quiet=True)
+
+
+def test_video_search_finds_the_copied_seconds_and_evaluate_scores_them(videos):
+    root = videos[0]
+    matches = root / 'matches.csv'
+    report = root / 'report.html'
+    result = towhee_isc('video', 'search', root / 'queries.npz', '--references', root / 'refs.npz', '-o', matches,
+                        '--report', report)
+    assert result.returncode == 0, result.stderr
+    best = read_segments(matches)[0]
+    page = report.read_text()  # the match, its frames side by side and its similarity matrix, all embedded
+    assert f'1. Q000001 {best.query_start:.1f}-{best.query_end:.1f} s = R000001' in page
+    assert page.count('src="data:image/png;base64,') >= 2 * 6 + 1
+    assert (best.query_id, best.ref_id) == ('Q000001', 'R000001')
+    assert abs(best.query_start - 4) <= 1 and abs(best.query_end - 10) <= 1
+    assert abs(best.ref_start - 1) <= 1 and abs(best.ref_end - 7) <= 1
+    scores = towhee_isc('video', 'evaluate', matches, root / 'truth.csv', '--json',
+                        '--descriptors', root / 'queries.npz', root / 'refs.npz')
+    assert scores.returncode == 0, scores.stderr
+    numbers = json.loads(scores.stdout)
+    assert numbers['segment_ap'] > 0.6 and numbers['pairwise_micro_ap'] == 1.0
+    assert numbers['descriptor_micro_ap'] == 1.0
+
+
+def test_video_search_refuses_descriptors_of_another_model(videos, tmp_path):
+    from towhee_isc.video.search import search_files
+    root = videos[0]
+    theirs = read_video_descriptors(root / 'queries.npz')
+    other = tmp_path / 'other.npz'
+    write_video_descriptors(other, theirs.videos, model={**theirs.model, 'weights': 'another'})
+    with pytest.raises(ValueError, match='different models'):
+        search_files(str(other), str(root / 'queries.npz'), str(tmp_path / 'm.csv'))
+    assert not (tmp_path / 'm.csv').exists()
+
+
+def test_video_dedup_groups_videos_that_share_segments(videos):
+    root = videos[0]
+    out = root / 'groups.json'
+    result = towhee_isc('video', 'dedup', root / 'refs.npz', root / 'queries.npz', '-o', out)
+    assert result.returncode == 0, result.stderr
+    groups = json.loads(out.read_text())
+    assert [g['members'] for g in groups] == [['Q000001', 'R000001']]
+    assert groups[0]['keep'] == 'Q000001'  # the longer video (12 s against 10 s)
+    assert '1 group(s) of videos sharing segments' in result.stdout
+
+
+def _diagonal(n_q=30, n_r=40, start=(5, 12), length=12, slope=1.0, noise=0.3, seed=0):
+    sims = np.random.default_rng(seed).uniform(-noise, noise, (n_q, n_r))
+    for i in range(length):
+        sims[start[0] + i, start[1] + int(i * slope)] = 0.9
+    return sims
+
+
+@pytest.mark.parametrize('slope', [1.0, 2.0, 0.5])
+def test_dp_alignment_follows_copies_at_other_speeds(slope):
+    box, = dp_alignment(_diagonal(slope=slope, length=12 if slope <= 1 else 10))
+    last = 11 if slope <= 1 else 9
+    found = np.array([box.query_first, box.ref_first, box.query_last, box.ref_last])
+    # at half speed each reference frame shows twice: the path takes every other one, so an end may be 1 off
+    assert np.abs(found - [5, 12, 5 + last, 12 + int(last * slope)]).max() <= (1 if slope < 1 else 0)
+
+
+def test_temporal_network_finds_a_copy_and_not_noise():
+    # noise below min_sim (0.2): no edge reaches it (VCSL's TN extends a path through any frame above it)
+    # and a path may start at any node (only the frames it enters are checked), up to max_step earlier
+    box, = temporal_network(_diagonal(noise=0.15), max_step=5, min_length=4)
+    assert (box.query_last, box.ref_last) == (16, 23) and 1 <= box.query_first <= 5 and 8 <= box.ref_first <= 12
+    assert temporal_network(_diagonal(length=0)) == [] and dp_alignment(_diagonal(length=0)) == []
+
+
+def test_descriptor_files_hold_vscs_three_arrays_and_ours(tmp_path):
+    video = VideoFeatures('a', np.eye(3, 4, dtype=np.float32), np.array([[0, 1], [1, 2], [2, 2.5]]))
+    write_video_descriptors(tmp_path / 'd.npz', [video], model={'weights': 'w'}, fps=1.0)
+    back = read_video_descriptors(tmp_path / 'd.npz')
+    assert back.ids == ['a'] and back.model == {'weights': 'w'} and back.videos[0].duration == 2.5
+    np.savez(tmp_path / 'bad.npz', features=np.zeros((2, 4)))
+    with pytest.raises(ValueError, match='lacks timestamps, video_ids'):
+        read_video_descriptors(tmp_path / 'bad.npz')
+
+
+def test_a_towhee_pipeline_embeds_a_videos_frames_and_windows_them_back(videos, small_ckpt):
+    import towhee_isc  # noqa: F401 (registers image-embedding/isc)
+    from towhee import ops, pipe
+    from towhee_isc.video.reader import towhee_frames
+    root = videos[0]
+    p = (pipe.input('path')
+         .flat_map('path', ('frame', 'start', 'end'), towhee_frames)
+         .map('frame', 'vec', ops.image_embedding.isc(checkpoint_path=str(small_ckpt), device='cpu'))
+         .window_all(('vec', 'start', 'end'), ('features', 'timestamps'), lambda v, s, e: (np.stack(v), np.c_[s, e]))
+         .output('features', 'timestamps'))
+    features, timestamps = p(str(root / 'queries' / 'Q000001.mp4')).get()
+    embedded = read_video_descriptors(root / 'queries.npz').videos[0]  # what `video embed` wrote
+    assert timestamps.tolist() == embedded.timestamps.tolist()
+    assert np.abs(features - embedded.features).max() < 1e-4

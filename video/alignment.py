@@ -1,0 +1,227 @@
+"""Temporal alignment: one video pair's frame-similarity matrix -> the copied segments in it.
+
+Both methods take ``sims``, a float (Q, R) matrix (query frames x reference frames, e.g. cosine
+similarities), and return boxes ``(query_first, ref_first, query_last, ref_last)`` of frame indices
+(inclusive), each with the path of (query, reference) frames it was found on.
+
+- :func:`temporal_network`: VCSL's Temporal Network (Tan et al., ACM MM 2009, as ``vcsl/vta.py`` of
+  ant-research/VCSL implements it), the VSC 2022 baseline's alignment. Each query frame's ``top_k``
+  most similar reference frames are nodes; an edge joins two nodes that move forward in both videos
+  by less than ``max_step`` frames with no other chosen reference frame between them (C1-C3), into a
+  node of similarity at least ``min_sim`` (C4), weighted by that similarity. The heaviest path is a
+  copy; its edges are zeroed and the next heaviest is looked for, ``max_path + 1`` times. A path is
+  kept if its mean similarity per frame of extent exceeds ``min_sim``, it spans more than
+  ``min_length`` frames on both axes and overlaps no kept box by an IoU of ``max_iou`` or more.
+- :func:`dp_alignment`: ours. A local alignment (Smith-Waterman) on ``sims - threshold`` whose steps
+  are (1, 1), (1, 2) and (2, 1): a path may follow a copy played up to twice as fast or as slow. The
+  best-scoring path is a copy; its query frames are then excluded and the next is looked for.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Box:
+    """A copied segment in frame indices (inclusive), with the path that found it."""
+
+    query_first: int
+    ref_first: int
+    query_last: int
+    ref_last: int
+    path: np.ndarray  # int (L, 2): (query frame, reference frame) pairs, in order
+
+
+def _check(sims: np.ndarray) -> np.ndarray:
+    sims = np.asarray(sims, dtype=np.float64)
+    if sims.ndim != 2:
+        raise ValueError(f'a similarity matrix must be 2-d (query frames x reference frames), got shape {sims.shape}')
+    if not np.isfinite(sims).all():
+        raise ValueError('the similarity matrix holds NaN or infinite values')
+    return sims
+
+
+def box_iou(box: tuple[int, int, int, int], others: list[tuple[int, int, int, int]]) -> float:
+    """Largest IoU of ``box`` with ``others`` (inclusive frame boxes, so a box is at least 1 x 1)."""
+    best = 0.0
+    for o in others:
+        w = min(box[2], o[2]) - max(box[0], o[0]) + 1
+        h = min(box[3], o[3]) - max(box[1], o[1]) + 1
+        inter = max(w, 0) * max(h, 0)
+        area = lambda b: (b[2] - b[0] + 1) * (b[3] - b[1] + 1)  # noqa: E731
+        best = max(best, inter / (area(box) + area(o) - inter))
+    return best
+
+
+def temporal_network(sims: np.ndarray, max_step: int = 10, top_k: int = 5, max_path: int = 10,
+                     min_sim: float = 0.2, min_length: int = 5, max_iou: float = 0.3) -> list[Box]:
+    """VCSL's Temporal Network on one similarity matrix (defaults: VCSL's; the VSC baseline uses
+    ``max_step=5, min_length=4``). See the module docstring."""
+    sims = _check(sims)
+    n_q, n_r = sims.shape
+    if n_q == 0 or n_r == 0:
+        return []
+    top = min(top_k, n_r)
+    refs = np.argsort(-sims, axis=1, kind='stable')[:, :top]        # (Q, top): each query frame's nodes
+    node_sims = np.take_along_axis(sims, refs, axis=1)
+    # Node n >= 1 is (query frame (n-1) // top, reference frame refs[...]); node 0 is VCSL's source,
+    # which no edge reaches. Edges as arrays: source node, target node, weight (target's similarity).
+    sources, targets, weights = [], [], []
+    node = lambda q, k: 1 + q * top + k  # noqa: E731
+    for q_i in range(n_q):
+        between = np.empty(0, dtype=refs.dtype)  # reference frames already linked from q_i
+        for q_j in range(q_i + 1, min(n_q, q_i + max_step)):                        # C1
+            step = refs[q_j][:, None] - refs[q_i][None, :]                        # (target k, source k)
+            ok = (step > 0) & (step < max_step)                                  # C2
+            if len(between):                                                     # C3: nothing chosen between
+                inside = (between[None, None, :] > refs[q_i][None, :, None]) & \
+                         (between[None, None, :] < refs[q_j][:, None, None])
+                ok &= ~inside.any(axis=2)
+            ok &= (node_sims[q_j] >= min_sim)[:, None]                           # C4
+            t, s = np.nonzero(ok)
+            sources += [node(q_i, k) for k in s]
+            targets += [node(q_j, k) for k in t]
+            weights += list(node_sims[q_j][t])
+            between = np.unique(np.concatenate([between, refs[q_j][t]]))
+    # VCSL links every node that precedes its last node closely enough to it, with weight 0 (an edge
+    # already there keeps its place and gets weight 0).
+    last = node(n_q - 1, top - 1)
+    pairs = {0: (-1, -1), **{node(q, k): (q, int(refs[q, k])) for q in range(n_q) for k in range(top)}}
+    existing = {(s, t): i for i, (s, t) in enumerate(zip(sources, targets)) if t == last}
+    lq, lr = pairs[last]
+    for n in range(last):
+        q, r = pairs[n]
+        if lq > q and lr > r and lq - q <= max_step and lr - r <= max_step:
+            if (n, last) in existing:
+                weights[existing[n, last]] = 0.0
+            else:
+                sources.append(n), targets.append(last), weights.append(0.0)
+    graph = _Dag(last + 1, np.array(sources, dtype=np.int64), np.array(targets, dtype=np.int64),
+                 np.array(weights, dtype=np.float64))
+
+    boxes: list[Box] = []
+    for _ in range(max_path + 1):
+        path_edges, path_nodes = graph.heaviest_path()
+        nodes = [n for n in path_nodes if n not in (0, last)]
+        graph.weights[path_edges] = 0.0  # the path's edges are used up
+        if not nodes:
+            break
+        path = np.array([pairs[n] for n in nodes], dtype=np.int64)
+        score = sims[path[:, 0], path[:, 1]].sum()
+        if score > 0:
+            q0, q1, r0, r1 = path[:, 0].min(), path[:, 0].max(), path[:, 1].min(), path[:, 1].max()
+        else:
+            q0 = q1 = r0 = r1 = 0
+        extent = ((r1 - r0) + (q1 - q0)) / 2
+        box = (int(q0), int(r0), int(q1), int(r1))
+        with np.errstate(divide='ignore', invalid='ignore'):
+            dense = score / extent > min_sim if extent else score > 0  # VCSL divides by zero here: inf
+        if dense and min(r1 - r0, q1 - q0) > min_length and box_iou(box, [b[:4] for b in _as_tuples(boxes)]) < max_iou:
+            boxes.append(Box(*box, path=path))
+    return boxes
+
+
+def _as_tuples(boxes: list[Box]) -> list[tuple[int, int, int, int]]:
+    return [(b.query_first, b.ref_first, b.query_last, b.ref_last) for b in boxes]
+
+
+class _Dag:
+    """A weighted DAG as edge arrays (in the order they were added), searched in networkx's
+    topological order (``topological_generations``) so that ties resolve as VCSL's do."""
+
+    def __init__(self, n_nodes: int, sources: np.ndarray, targets: np.ndarray, weights: np.ndarray):
+        self.sources, self.weights = sources, weights
+        by_target = np.argsort(targets, kind='stable')
+        self.into = np.split(by_target, np.searchsorted(targets[by_target], np.arange(1, n_nodes)))
+        by_source = np.argsort(sources, kind='stable')
+        out = np.split(targets[by_source], np.searchsorted(sources[by_source], np.arange(1, n_nodes)))
+        waiting = np.bincount(targets, minlength=n_nodes)
+        generation = [v for v in range(n_nodes) if waiting[v] == 0]
+        self.order: list[int] = []
+        while generation:
+            self.order += generation
+            following = []
+            for v in generation:
+                for child in out[v].tolist():
+                    waiting[child] -= 1
+                    if waiting[child] == 0:
+                        following.append(child)
+            generation = following
+
+    def heaviest_path(self) -> tuple[np.ndarray, list[int]]:
+        """As networkx's ``dag_longest_path``: a node's distance is its best predecessor's (the first
+        of equals) plus the edge, or 0 if that is negative or it has none; the path ends at the first
+        node (in topological order) of largest distance. Returns (its edges' indices, its nodes)."""
+        dist = {}
+        via = {}
+        for v in self.order:
+            edges = self.into[v]
+            dist[v], via[v] = 0.0, -1
+            if len(edges):
+                candidates = [dist[u] + w for u, w in zip(self.sources[edges].tolist(), self.weights[edges].tolist())]
+                best = max(range(len(candidates)), key=candidates.__getitem__)
+                if candidates[best] >= 0:
+                    dist[v], via[v] = candidates[best], int(edges[best])
+        v = max(dist, key=dist.__getitem__)
+        edges, nodes = [], [v]
+        while via[v] >= 0:
+            edges.append(via[v])
+            v = int(self.sources[via[v]])
+            nodes.append(v)
+        return np.array(edges[::-1], dtype=np.int64), nodes[::-1]
+
+
+def dp_alignment(sims: np.ndarray, threshold: float = 0.5, gap: float = 0.1, min_length: int = 2,
+                 max_segments: int = 5, min_score: float = 1.0) -> list[Box]:
+    """Local alignment of the frames whose similarity beats ``threshold`` (see the module docstring).
+
+    A path's score is the sum of ``sims - threshold`` over its cells, less ``gap`` for each (1, 2) or
+    (2, 1) step. Segments whose score reaches ``min_score`` and that span at least ``min_length``
+    frames on both axes are returned, best first; each query frame is in at most one.
+    """
+    sims = _check(sims)
+    n_q, n_r = sims.shape
+    gain = sims - threshold
+    boxes: list[Box] = []
+    blocked = np.zeros(n_q, dtype=bool)
+    while len(boxes) < max_segments and n_q and n_r:
+        score, back = _local_alignment(np.where(blocked[:, None], -np.inf, gain), gap)
+        q, r = np.unravel_index(int(np.argmax(score)), score.shape)
+        if not score[q, r] >= min_score:
+            break
+        path = [(q, r)]
+        while back[q, r] > 0:
+            dq, dr = _STEPS[back[q, r] - 1]
+            q, r = q - dq, r - dr
+            path.append((q, r))
+        path = np.array(path[::-1], dtype=np.int64)
+        blocked[path[0, 0]:path[-1, 0] + 1] = True
+        box = Box(int(path[0, 0]), int(path[0, 1]), int(path[-1, 0]), int(path[-1, 1]), path=path)
+        if min(box.query_last - box.query_first, box.ref_last - box.ref_first) + 1 >= min_length:
+            boxes.append(box)
+    return boxes
+
+
+_STEPS = ((1, 1), (1, 2), (2, 1))
+
+
+def _local_alignment(gain: np.ndarray, gap: float) -> tuple[np.ndarray, np.ndarray]:
+    """Score of the best path ending at each cell, and how it got there (0: it starts there;
+    i: from the cell ``_STEPS[i - 1]`` back). One row at a time, vectorised over columns."""
+    n_q, n_r = gain.shape
+    score = np.full((n_q, n_r), -np.inf)
+    back = np.zeros((n_q, n_r), dtype=np.int8)
+    for q in range(n_q):
+        options = np.full((4, n_r), -np.inf)
+        options[0] = 0.0
+        if q >= 1:
+            options[1, 1:] = score[q - 1, :-1]
+            options[2, 2:] = score[q - 1, :-2] - gap
+        if q >= 2:
+            options[3, 1:] = score[q - 2, :-1] - gap
+        best = np.argmax(options, axis=0)
+        score[q] = gain[q] + options[best, np.arange(n_r)]
+        back[q] = best
+    return score, back

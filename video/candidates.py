@@ -1,0 +1,57 @@
+"""Candidates: which (query video, reference video) pairs are worth aligning, from frame-level
+nearest neighbours found by the image workflow's engines (exact, or approximate at scale).
+
+Each query frame's ``k`` nearest reference frames vote for their videos; a pair's score is its best
+frame similarity (VSC's ``MaxScoreAggregation``), and each query keeps its best ``per_query`` pairs.
+Only the k-NN results (query frames x k) are held, never a frame x frame matrix of all pairs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .storage import VideoSet
+
+
+@dataclass(frozen=True)
+class Candidate:
+    query: int      # index of the query video in its VideoSet
+    ref: int        # index of the reference video
+    score: float    # best (score-normalised) frame similarity between them
+
+
+def noise_offsets(queries: np.ndarray, noise: np.ndarray, engine, factor: float = 1.0) -> np.ndarray:
+    """Score normalisation (VSC's baseline, as in ISC 2021): each query frame's similarity to its
+    nearest frame of an unrelated "noise" set, times ``factor``, to subtract from its similarities."""
+    _, scores = engine.nearest(queries, noise, 1)
+    return factor * scores[:, 0].astype(np.float64)
+
+
+def frame_candidates(queries: VideoSet, refs: VideoSet, engine, k: int = 10, per_query: int = 10,
+                     offsets: np.ndarray | None = None, min_score: float = -np.inf) -> list[Candidate]:
+    """Candidate pairs, best first within each query (see the module docstring).
+
+    ``offsets``: per query frame, subtracted from its similarities (:func:`noise_offsets`).
+    """
+    q_features, q_video, _ = queries.frames()
+    r_features, r_video, _ = refs.frames()
+    indices, scores = engine.nearest(q_features, r_features, k)
+    scores = scores.astype(np.float64)
+    if offsets is not None:
+        scores = scores - offsets[:, None]
+    found = indices >= 0  # an approximate engine may leave a row short
+    pair_q = np.repeat(q_video, indices.shape[1])[found.ravel()]
+    pair_r = r_video[indices[found]]
+    pair_s = scores[found]
+    best: dict[tuple[int, int], float] = {}
+    order = np.argsort(-pair_s, kind='stable')
+    for q, r, s in zip(pair_q[order].tolist(), pair_r[order].tolist(), pair_s[order].tolist()):
+        if (q, r) not in best:
+            best[q, r] = s
+    per: dict[int, list[Candidate]] = {}
+    for (q, r), s in best.items():  # already best first
+        chosen = per.setdefault(q, [])
+        if len(chosen) < per_query and s >= min_score:
+            chosen.append(Candidate(q, r, s))
+    return [c for q in sorted(per) for c in per[q]]

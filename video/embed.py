@@ -1,0 +1,120 @@
+"""``video embed``: videos -> frame descriptors in VSC's npz, resumably, one video at a time.
+
+A worker thread decodes and samples frames (``reader.in_background``) while the operator embeds the
+previous batch, so decoding is not the bottleneck; each finished video is saved at once as a part
+(``storage.Parts``), so an interrupted run redoes at most one video.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .reader import VideoError, find_videos, in_background, sample_frames
+from .storage import Parts, VideoFeatures, write_video_descriptors
+
+
+def _frames_of(videos: Sequence[Path], todo: Sequence[int], fps: float, max_duration: float | None
+               ) -> Iterator[tuple[int, np.ndarray | None, tuple[float, float] | None, str]]:
+    """(video number, frame, interval, '') for each sample, then (number, None, None, '') at each
+    video's end, or (number, None, None, reason) when a video cannot be read."""
+    for n in todo:
+        try:
+            for rgb, start, end in sample_frames(videos[n], fps, max_duration):
+                yield n, rgb, (start, end), ''
+        except VideoError as e:
+            yield n, None, None, str(e)
+            continue
+        yield n, None, None, ''
+
+
+def video_ids(videos: Sequence[Path]) -> list[str]:
+    """File names without extension (VSC's ids); two videos with one id are refused."""
+    seen: dict[str, Path] = {}
+    for path in videos:
+        other = seen.setdefault(path.stem, path)
+        if other != path:
+            raise ValueError(f'two videos have the same id {path.stem!r}: {other} and {path}; '
+                             'ids are file names without extension, so rename one')
+    return list(seen)
+
+
+def embed_videos(inputs: Sequence[str], output: str, embedder, fps: float = 1.0, max_duration: float | None = None,
+                 quiet: bool = False) -> tuple[int, dict[Path, str], float, int]:
+    """Embed the frames of videos into one VSC descriptor file.
+
+    Args:
+        inputs: video files, folders, globs.
+        embedder: a ``workflow.embedding.Embedder`` (the operator and its settings).
+
+    Returns (videos written, {skipped video: reason}, frames embedded per second, frames written).
+    With ``embedder.strict`` an unreadable video is an error (raised at once); otherwise it is skipped.
+    """
+    videos = find_videos(inputs)
+    ids = video_ids(videos)
+    op = embedder.op  # a settings error stops here, before any output
+    model, postprocessing = op.fingerprint, embedder.postprocessing
+    parts = Parts(output, {'videos': [str(v) for v in videos], 'fps': fps, 'max_duration': max_duration,
+                           'model': model, 'postprocessing': postprocessing})
+    done = parts.done()
+    todo = [n for n in range(len(videos)) if n not in done]
+    batch_size = op.batch_size or 8
+    bar = None
+    if not quiet:
+        from tqdm import tqdm
+        bar = tqdm(total=len(videos), initial=len(done), unit='video', file=sys.stderr, smoothing=0.1)
+    started, embedded, seconds_embedding = time.perf_counter(), 0, 0.0
+    pending: list[np.ndarray] = []
+    vectors: list[np.ndarray] = []
+    intervals: list[tuple[float, float]] = []
+
+    def flush():
+        nonlocal embedded
+        if pending:
+            vectors.extend(op(list(pending)))
+            embedded += len(pending)
+            pending.clear()
+
+    try:
+        for n, rgb, interval, failure in in_background(_frames_of(videos, todo, fps, max_duration)):
+            if rgb is not None:
+                pending.append(rgb)
+                intervals.append(interval)
+                if len(pending) >= batch_size:
+                    flush()
+                    if bar:
+                        bar.set_postfix(frames=embedded, refresh=False)
+                continue
+            flush()
+            if failure and embedder.strict:
+                raise VideoError(failure)
+            parts.save(n, np.stack(vectors) if vectors and not failure else np.zeros((0, 0), np.float32),
+                       np.array(intervals if not failure else np.zeros((0, 2))), failure)
+            vectors.clear(), intervals.clear()
+            if bar:
+                bar.update(1)
+                bar.set_postfix(frames=embedded)
+    finally:
+        if bar:
+            bar.close()
+    seconds_embedding = time.perf_counter() - started
+    kept, kept_paths, skipped = [], [], {}
+    for n, path in enumerate(videos):
+        features, timestamps, failure = parts.load(n)
+        if failure:
+            skipped[path] = failure
+        else:
+            kept.append(VideoFeatures(ids[n], features, timestamps))
+            kept_paths.append(str(path))
+    if not kept:
+        parts.remove()
+        first = next(iter(skipped.items()))
+        raise ValueError(f'none of the {len(videos)} videos could be read (the first, {first[0]}: {first[1]}); '
+                         'nothing was written')
+    write_video_descriptors(output, kept, model, postprocessing, fps, kept_paths)
+    parts.remove()
+    frames = sum(len(v) for v in kept)
+    return len(kept), skipped, embedded / seconds_embedding if seconds_embedding else 0.0, frames

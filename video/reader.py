@@ -1,0 +1,215 @@
+"""Reading frames: a video file -> RGB frames sampled at a fixed rate, each with the interval of
+seconds it stands for (VSC's baseline samples 1 frame per second). Decoding is PyAV's (FFmpeg's
+libraries come in its wheel): any container and codec FFmpeg reads. Frames are turned upright as
+the stream's display matrix (a phone's rotation metadata) says.
+"""
+from __future__ import annotations
+
+import math
+import os
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, TypeVar
+
+import numpy as np
+
+from ..images import max_pixels, regular_file, ImageError
+
+VIDEO_SUFFIXES = {'.mp4', '.m4v', '.mov', '.mkv', '.webm', '.avi', '.mpg', '.mpeg', '.ts', '.flv', '.wmv', '.3gp',
+                  '.ogv', '.gif'}
+
+
+class VideoError(ValueError):
+    """One video cannot be used (missing, not a video, damaged, empty, too long or too large)."""
+
+
+def _av():
+    try:
+        import av
+    except ImportError as e:
+        raise ImportError(f'reading videos needs PyAV: pip install "towhee-isc[video]" ({e})') from e
+    return av
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What the container says before anything is decoded."""
+
+    duration: float   # seconds (0 if the container does not say)
+    width: int
+    height: int
+
+
+def _open(path: Path):
+    av = _av()
+    try:
+        regular_file(path)
+    except ImageError as e:
+        raise VideoError(str(e).replace('image file', 'video file').replace('an image file', 'a video file')) from None
+    if path.stat().st_size == 0:
+        raise VideoError(f'{str(path)!r} is empty (0 bytes)')
+    try:
+        container = av.open(str(path), metadata_errors='ignore')
+    except (av.FFmpegError, UnicodeDecodeError, ValueError) as e:
+        raise VideoError(f'{str(path)!r} is not a readable video ({_reason(e)})') from None
+    if not container.streams.video:
+        audio = bool(container.streams.audio)
+        container.close()
+        raise VideoError(f'{str(path)!r} has no video stream' + (' (audio only)' if audio else ''))
+    return container
+
+
+def _reason(e: Exception) -> str:
+    return ' '.join(str(getattr(e, 'strerror', None) or e).split()) or type(e).__name__
+
+
+def probe(path: str | os.PathLike) -> VideoInfo:
+    """Duration and size from the container's headers; a file that is no video is an error."""
+    with _open(Path(path)) as container:
+        return _info(container)
+
+
+def _info(container) -> VideoInfo:
+    stream = container.streams.video[0]
+    if stream.duration is not None and stream.time_base is not None:
+        duration = float(stream.duration * stream.time_base)
+    elif container.duration is not None:
+        duration = container.duration / 1_000_000  # AV_TIME_BASE
+    else:
+        duration = 0.0
+    ctx = stream.codec_context
+    return VideoInfo(duration, ctx.width or 0, ctx.height or 0)
+
+
+def sample_frames(path: str | os.PathLike, fps: float = 1.0, max_duration: float | None = None
+                  ) -> Iterator[tuple[np.ndarray, float, float]]:
+    """Yield ``(rgb, start, end)`` for each sample: sample k stands for seconds ``[k / fps, (k + 1) / fps]``
+    (the last one ends with the video) and is the frame on screen at the middle of that interval,
+    as an upright uint8 (H, W, 3) RGB array.
+
+    Raises:
+        VideoError: the file is missing or no video, longer than ``max_duration`` seconds (checked
+            before decoding), over the pixel limit (``PIL.Image.MAX_IMAGE_PIXELS``), damaged, or
+            has no frame.
+    """
+    if not (fps > 0 and math.isfinite(fps)):
+        raise ValueError(f'fps must be a positive number, got {fps!r}')
+    av = _av()
+    path = Path(path)
+    with _open(path) as container:
+        info = _info(container)
+        if max_duration is not None and info.duration > max_duration:
+            raise VideoError(f'{str(path)!r} lasts {info.duration:.1f} s, over --max-duration {max_duration:g} s')
+        limit = max_pixels()
+        if limit is not None and info.width * info.height > limit:
+            raise VideoError(f'{str(path)!r} is {info.width}x{info.height} = {info.width * info.height:,} pixels a '
+                             f'frame, over the pixel limit of {limit:,} (PIL.Image.MAX_IMAGE_PIXELS)')
+        stream = container.streams.video[0]
+        stream.thread_type = 'AUTO'  # FFmpeg's own threads decode (it releases the GIL)
+        origin, previous, k, last_time = None, None, 0, 0.0
+        try:
+            for frame in container.decode(stream):
+                if frame.time is None:
+                    continue
+                origin = frame.time if origin is None else origin
+                t = frame.time - origin
+                if max_duration is not None and t > max_duration:
+                    raise VideoError(f'{str(path)!r} lasts over --max-duration {max_duration:g} s')
+                while previous is not None and (k + 0.5) / fps < t:  # `previous` was on screen at the middle
+                    yield _rgb(previous), k / fps, (k + 1) / fps
+                    k += 1
+                previous, last_time = frame, t
+        except av.FFmpegError as e:
+            raise VideoError(f'{str(path)!r} is damaged: decoding failed after {k} sample(s) ({_reason(e)})') from None
+        if previous is None:
+            raise VideoError(f'{str(path)!r} has no decodable frame')
+        # The last frame lasts one frame period (the stream's rate); a video whose frames stop well
+        # before the length its container declares is cut short.
+        rate = float(stream.average_rate or stream.guessed_rate or 0) or fps
+        end = last_time + 1 / rate
+        if info.duration > 2 and end < 0.9 * info.duration - 1:
+            raise VideoError(f'{str(path)!r} is truncated: frames stop at {end:.1f} s of {info.duration:.1f} s')
+        while k == 0 or k / fps < end - 1e-6:
+            yield _rgb(previous), k / fps, min((k + 1) / fps, end)
+            k += 1
+
+
+def _rgb(frame) -> np.ndarray:
+    """An upright RGB array of a decoded frame (its display matrix says how it is turned)."""
+    rgb = frame.to_ndarray(format='rgb24')
+    rotation = int(round(getattr(frame, 'rotation', 0) or 0)) % 360
+    return np.ascontiguousarray(np.rot90(rgb, k=rotation // 90)) if rotation % 90 == 0 and rotation else rgb
+
+
+T = TypeVar('T')
+
+
+def in_background(items: Iterable[T], depth: int = 64) -> Iterator[T]:
+    """Iterate ``items`` in a worker thread, ``depth`` ahead of the consumer (decoding overlaps
+    embedding); an exception in the worker is raised here. Stops the worker if the consumer stops."""
+    box: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def work():
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        box.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            box.put((done, None))
+        except BaseException as e:  # noqa: BLE001 (handed to the consumer)
+            box.put((done, e))
+
+    worker = threading.Thread(target=work, name='video-decode', daemon=True)
+    worker.start()
+    try:
+        while True:
+            item, error = box.get()
+            if item is done:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
+
+
+def find_videos(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+    """Video files from files, folders (recursive, by suffix) and globs, in order, each once.
+    A named file is taken whatever its suffix (it is checked when read)."""
+    import glob
+    found: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found += sorted(p for p in path.rglob('*') if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file())
+        elif any(c in str(item) for c in '*?[') and not path.exists():
+            found += sorted(Path(p) for p in glob.glob(str(item), recursive=True)
+                            if Path(p).suffix.lower() in VIDEO_SUFFIXES)
+        else:
+            found.append(path)
+    seen, unique = set(), []
+    for p in found:
+        key = os.path.abspath(p)
+        if key not in seen:
+            seen.add(key)
+            unique.append(p)
+    if not unique:
+        raise ValueError(f'no videos found in {[str(i) for i in inputs]} (looked for {", ".join(sorted(VIDEO_SUFFIXES))})')
+    return unique
+
+
+def towhee_frames(path: str | os.PathLike, fps: float = 1.0) -> list[tuple[object, float, float]]:
+    """Sampled frames as ``towhee.types.VideoFrame`` (mode 'RGB', timestamp in ms) with their start and
+    end seconds: the rows a Towhee ``flat_map`` makes of one video (see README, "Videos")."""
+    from towhee.types import VideoFrame
+    return [(VideoFrame(rgb, 'RGB', timestamp=round(start * 1000)), start, end)
+            for rgb, start, end in sample_frames(path, fps)]

@@ -1,0 +1,92 @@
+"""``video search --report``: an HTML page (images embedded) showing each match: the query's and the
+reference's frames side by side along the aligned path, and the pair's similarity matrix with the path
+and the segment's box drawn on it."""
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from ..atomic import atomic_write
+from .reader import VideoError, sample_frames
+from .storage import VideoSet
+
+THUMB = 96          # frame thumbnails' longer side, pixels
+FRAMES_SHOWN = 6    # frame pairs shown per match, evenly along its path
+MATCHES_SHOWN = 50  # the best matches only
+
+
+def _png(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format='PNG')
+    return 'data:image/png;base64,' + base64.b64encode(buffer.getvalue()).decode()
+
+
+def similarity_image(sims: np.ndarray, path: np.ndarray, box: tuple[int, int, int, int], cell: int = 4) -> Image.Image:
+    """The matrix in grey (query frames down, reference frames across), the path in red, the box in yellow."""
+    low, high = float(sims.min()), float(sims.max())
+    grey = np.uint8(255 * (sims - low) / (high - low or 1.0))
+    image = Image.fromarray(grey, 'L').convert('RGB').resize((sims.shape[1] * cell, sims.shape[0] * cell), Image.NEAREST)
+    draw = ImageDraw.Draw(image)
+    q0, r0, q1, r1 = box
+    draw.rectangle((r0 * cell, q0 * cell, (r1 + 1) * cell - 1, (q1 + 1) * cell - 1), outline=(255, 220, 0))
+    for q, r in path:
+        draw.rectangle((r * cell + 1, q * cell + 1, (r + 1) * cell - 2, (q + 1) * cell - 2), fill=(220, 30, 30))
+    return image
+
+
+class _Thumbs:
+    """Each video's sampled frames as thumbnails, decoded once."""
+
+    def __init__(self):
+        self.cache: dict[str, list[Image.Image] | None] = {}
+
+    def get(self, path: str | None, seconds: float) -> str:
+        """The thumbnail of the frame on screen at ``seconds`` (frames sampled at 1 per second)."""
+        index = int(seconds)
+        if path is None:
+            return ''
+        if path not in self.cache:
+            try:
+                frames = []
+                for rgb, _, _ in sample_frames(path):
+                    image = Image.fromarray(rgb)
+                    image.thumbnail((THUMB, THUMB))
+                    frames.append(image)
+                self.cache[path] = frames
+            except (VideoError, OSError, ImportError):
+                self.cache[path] = None
+        frames = self.cache[path]
+        return _png(frames[index]) if frames and index < len(frames) else ''
+
+
+def html_report(output: str, found: list, queries: VideoSet, refs: VideoSet) -> None:
+    """Write the page for ``found`` ((candidate, similarity matrix, box, segment) per match)."""
+    ranked = sorted(found, key=lambda item: -item[3].score)[:MATCHES_SHOWN]
+    thumbs = _Thumbs()
+    q_paths, r_paths = queries.paths or {}, refs.paths or {}
+    parts = ['<!doctype html><meta charset="utf-8"><title>video matches</title><style>body{font-family:sans-serif}'
+             'td{vertical-align:top;padding:4px}img{image-rendering:pixelated}.pair img{margin:1px}</style>',
+             f'<h1>{len(found)} matches (the best {len(ranked)} shown)</h1>']
+    q_videos, r_videos = {v.video_id: v for v in queries.videos}, {v.video_id: v for v in refs.videos}
+    for n, (_, sims, box, segment) in enumerate(ranked, start=1):
+        q_times, r_times = q_videos[segment.query_id].timestamps, r_videos[segment.ref_id].timestamps
+        steps = box.path[np.linspace(0, len(box.path) - 1, min(FRAMES_SHOWN, len(box.path))).round().astype(int)]
+        rows = ''.join(
+            f'<tr><td>{q_times[q].mean():.1f} s</td>'
+            f'<td><img src="{thumbs.get(q_paths.get(segment.query_id), q_times[q].mean())}"></td>'
+            f'<td><img src="{thumbs.get(r_paths.get(segment.ref_id), r_times[r].mean())}"></td>'
+            f'<td>{r_times[r].mean():.1f} s</td><td>{sims[q, r]:.3f}</td></tr>' for q, r in steps.tolist())
+        matrix = similarity_image(sims, box.path, (box.query_first, box.ref_first, box.query_last, box.ref_last))
+        parts.append(
+            f'<h2>{n}. {html.escape(segment.query_id)} {segment.query_start:.1f}-{segment.query_end:.1f} s = '
+            f'{html.escape(segment.ref_id)} {segment.ref_start:.1f}-{segment.ref_end:.1f} s (score {segment.score:.3f})</h2>'
+            f'<table><tr><td><table class="pair"><tr><th>query at</th><th>query</th><th>reference</th>'
+            f'<th>reference at</th><th>similarity</th></tr>{rows}</table></td>'
+            f'<td><img src="{_png(matrix)}" title="query frames down, reference frames across"></td></tr></table>')
+    with atomic_write(output) as tmp:
+        Path(tmp).write_text('\n'.join(parts), encoding='utf-8')

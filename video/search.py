@@ -1,0 +1,139 @@
+"""``video search`` and ``video dedup`` as functions: descriptor files in, copied segments out.
+Frame search (``candidates``), alignment of each candidate pair (``localization``), ranking."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .candidates import frame_candidates, noise_offsets
+from .localization import best_first, localize
+from .metrics import Segment, write_segments
+from .storage import VideoSet, check_same_source, read_video_descriptors
+
+# Measured on benchmarks/video.py (seeds 0-2, synthetic checkpoint): 0.6 ranked copies best without
+# --score-norm (segment AP 1.0, 0.95, 0.55; 0.5 gave 0.89, 0.67, 0.43).
+DEFAULT_THRESHOLD, DEFAULT_NORMALISED_THRESHOLD = 0.6, 0.1
+
+
+def search_videos(queries: VideoSet, refs: VideoSet, align: str = 'dp', threshold: float | None = None, k: int = 10,
+                  candidates: int = 10, noise: VideoSet | None = None, factor: float = 1.0, exact: bool = False,
+                  keep_matrices: bool = False) -> tuple[list[Segment], str, list]:
+    """Copied segments between query and reference videos, best first.
+
+    Returns (segments, the frame engine's description, and with ``keep_matrices`` the
+    (candidate, similarity matrix, box, segment) of each for a report)."""
+    from ..workflow.engines import choose_engine
+    q_frames, _, _ = queries.frames()
+    r_frames, _, _ = refs.frames()
+    engine = choose_engine(len(q_frames), len(r_frames), exact)
+    offsets = None
+    if noise is not None:
+        n_frames, _, _ = noise.frames()
+        offsets = noise_offsets(q_frames, n_frames, choose_engine(len(q_frames), len(n_frames), exact), factor)
+    if threshold is None:
+        threshold = DEFAULT_THRESHOLD if offsets is None else DEFAULT_NORMALISED_THRESHOLD
+    pairs = frame_candidates(queries, refs, engine, k, candidates, offsets)
+    found, kept = [], []
+    for item in localize(queries, refs, pairs, align, threshold, offsets):
+        found.append(item[3])
+        if keep_matrices:
+            kept.append(item)
+    return best_first(found), engine.description, kept
+
+
+def search_files(queries: str, references: str, output: str, align: str = 'dp', threshold: float | None = None,
+                 k: int = 10, candidates: int = 10, score_norm: str | None = None, factor: float = 1.0,
+                 exact: bool = False, report: str | None = None) -> tuple[list[Segment], str, float]:
+    """``video search``: read, check the files come from one model, search, write the CSV (and report)."""
+    started = time.perf_counter()
+    q = read_video_descriptors(queries)
+    dim = q.videos[0].features.shape[1]
+    r = read_video_descriptors(references, dim=dim)
+    sets = {queries: q, references: r}
+    noise = None
+    if score_norm:
+        noise = read_video_descriptors(score_norm, dim=dim)
+        sets[score_norm] = noise
+        if set(noise.ids) & set(r.ids):
+            raise ValueError(f'--score-norm {score_norm} shares videos with the references: normalise with an '
+                             'independent set (VSC rules)')
+    check_same_source(sets)
+    segments, engine, kept = search_videos(q, r, align, threshold, k, candidates, noise, factor, exact,
+                                           keep_matrices=bool(report))
+    write_segments(output, segments)
+    if report:
+        from .report import html_report
+        html_report(report, kept, q, r)
+    return segments, engine, time.perf_counter() - started
+
+
+def dedup(args) -> list[dict]:
+    """``video dedup``: groups of videos (descriptor files, or videos embedded now) that share segments,
+    with the seconds each shares and which to keep (the longest; then the highest resolution)."""
+    import tempfile
+    files = [i for i in args.inputs if str(i).lower().endswith('.npz')]
+    videos = [i for i in args.inputs if not str(i).lower().endswith('.npz')]
+    sets = {f: read_video_descriptors(f) for f in files}
+    paths: dict[str, Path] = {}
+    if videos:
+        from ..workflow.cli import embedder
+        from .embed import embed_videos
+        from .reader import find_videos
+        with tempfile.TemporaryDirectory() as folder:
+            made = str(Path(folder) / 'videos.npz')
+            _, skipped, _, _ = embed_videos(videos, made, embedder(args), args.fps, quiet=True)
+            from .cli import report_skipped
+            report_skipped(skipped)
+            sets['the videos embedded now'] = read_video_descriptors(made)
+        paths = {p.stem: p for p in find_videos(videos)}
+    check_same_source(sets)
+    everything = VideoSet([v for s in sets.values() for v in s.videos])
+    ids = everything.ids
+    if len(set(ids)) != len(ids):
+        raise ValueError('the inputs repeat a video id: every video needs its own id')
+    segments, _, _ = search_videos(everything, everything, args.align, args.threshold, args.k + 1,
+                                   args.candidates + 1, exact=args.exact)
+    segments = [s for s in segments if s.query_id != s.ref_id]
+    return duplicate_groups(everything, segments, paths)
+
+
+def duplicate_groups(videos: VideoSet, segments: list[Segment], paths: dict[str, Path]) -> list[dict]:
+    """Connected videos (any shared segment, either direction), largest group first."""
+    parent = {v: v for v in videos.ids}
+
+    def root(v):
+        while parent[v] != v:
+            parent[v] = parent[parent[v]]
+            v = parent[v]
+        return v
+
+    for s in segments:
+        parent[root(s.query_id)] = root(s.ref_id)
+    members: dict[str, list[str]] = {}
+    for v in videos.ids:
+        members.setdefault(root(v), []).append(v)
+    duration = {v.video_id: v.duration for v in videos.videos}
+    pixels = {v: _pixels(p) for v, p in paths.items()}
+    groups = []
+    for group in (m for m in members.values() if len(m) > 1):
+        keep = max(group, key=lambda v: (duration[v], pixels.get(v, 0), v))
+        shared = {}
+        for s in segments:
+            if s.query_id in group:
+                for video, start, end in ((s.query_id, s.query_start, s.query_end), (s.ref_id, s.ref_start, s.ref_end)):
+                    a, b = shared.get(video, (start, end))
+                    shared[video] = (min(a, start), max(b, end))
+        groups.append({'keep': keep, 'members': sorted(group),
+                       'shared': [{'video': v, 'start': a, 'end': b} for v, (a, b) in sorted(shared.items())]})
+    return sorted(groups, key=lambda g: (-len(g['members']), g['keep']))
+
+
+def _pixels(path: Path) -> int:
+    from .reader import VideoError, probe
+    try:
+        info = probe(path)
+    except VideoError:
+        return 0
+    return info.width * info.height

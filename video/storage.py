@@ -1,0 +1,197 @@
+"""Frame descriptors with timestamps, in VSC 2022's descriptor format (``vsc/storage.py``): one npz
+with, per frame, ``video_ids`` (str; a video's frames contiguous), ``features`` (float32 N x D) and
+``timestamps`` (float64 N x 2: the interval each frame stands for, in seconds). VSC's own
+``descriptor_eval.py`` reads our files unchanged; we add ``model`` and ``postprocessing`` (JSON
+strings: what made the vectors, so files of two models are never compared) and ``fps``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from ..atomic import atomic_write
+
+
+class VideoDescriptorError(ValueError):
+    """A video descriptor file that is missing, unreadable or not in VSC's format."""
+
+
+@dataclass(frozen=True)
+class VideoFeatures:
+    """One video's frame descriptors: ``features`` float32 (n, D), ``timestamps`` float64 (n, 2)."""
+
+    video_id: str
+    features: np.ndarray
+    timestamps: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    @property
+    def duration(self) -> float:
+        return float(self.timestamps[-1, 1] - self.timestamps[0, 0]) if len(self) else 0.0
+
+
+@dataclass(frozen=True)
+class VideoSet:
+    """Videos read from one descriptor file, with how their vectors were made."""
+
+    videos: list[VideoFeatures]
+    model: dict | None = None
+    postprocessing: dict | None = None
+    paths: dict[str, str] | None = None  # video id -> the file it was embedded from, where recorded
+
+    def frames(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """All frames: (features float32 (N, D), video index int64 (N,), frame index within it (N,))."""
+        features = np.concatenate([v.features for v in self.videos])
+        lengths = [len(v) for v in self.videos]
+        video = np.repeat(np.arange(len(self.videos)), lengths)
+        frame = np.concatenate([np.arange(n) for n in lengths])
+        return features, video, frame
+
+    @property
+    def ids(self) -> list[str]:
+        return [v.video_id for v in self.videos]
+
+
+def write_video_descriptors(path: str | os.PathLike, videos: Sequence[VideoFeatures], model: dict | None = None,
+                            postprocessing: dict | None = None, fps: float | None = None,
+                            paths: Sequence[str] | None = None) -> None:
+    """Write videos to one npz in VSC's format, whole or not at all; ``paths``: each video's file."""
+    if not videos:
+        raise ValueError('no video descriptors to write')
+    ids = [v.video_id for v in videos]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f'two videos have the same id ({sorted(i for i in ids if ids.count(i) > 1)[0]!r}); '
+                         'ids are file names without extension: rename one')
+    arrays = dict(video_ids=np.concatenate([np.full(len(v), v.video_id) for v in videos]),
+                  features=np.concatenate([v.features for v in videos]).astype(np.float32),
+                  timestamps=np.concatenate([v.timestamps for v in videos]).astype(np.float64),
+                  model=np.array(json.dumps(model)), postprocessing=np.array(json.dumps(postprocessing)))
+    if fps is not None:
+        arrays['fps'] = np.array(float(fps))
+    if paths is not None:
+        arrays['video_paths'] = np.array([str(p) for p in paths])
+    with atomic_write(path) as tmp, open(tmp, 'wb') as f:
+        np.savez(f, **arrays)
+
+
+def read_video_descriptors(path: str | os.PathLike, dim: int | None = None) -> VideoSet:
+    """A VSC descriptor npz (ours, VSC's baseline's, anyone's) -> videos in file order. ``dim``: the
+    vector size required (to compare with another file). Files without our ``model`` record are
+    taken on trust."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise VideoDescriptorError(f'video descriptor file not found: {path!r}')
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = {'video_ids', 'features', 'timestamps'} - set(data.files)
+            if missing:
+                raise VideoDescriptorError(f'{path!r} is not a VSC video descriptor file: it lacks '
+                                           f'{", ".join(sorted(missing))}')
+            ids, features, timestamps = data['video_ids'], data['features'], data['timestamps']
+            model = _json(data, 'model', path)
+            postprocessing = _json(data, 'postprocessing', path)
+            files = [str(p) for p in data['video_paths']] if 'video_paths' in data.files else None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        if isinstance(e, VideoDescriptorError):
+            raise
+        raise VideoDescriptorError(f'{path!r} is not a readable npz file: {e}') from None
+    if features.ndim != 2 or not len(features) or features.shape[1] == 0:
+        raise VideoDescriptorError(f'{path!r}: features must be a non-empty N x D array, got shape {features.shape}')
+    if not np.issubdtype(features.dtype, np.floating) or not np.isfinite(features).all():
+        raise VideoDescriptorError(f'{path!r}: features must be finite floats')
+    if dim is not None and features.shape[1] != dim:
+        raise VideoDescriptorError(f'{path!r} holds {features.shape[1]}-d vectors, the other file {dim}-d: '
+                                   'they cannot be compared')
+    if timestamps.ndim == 1:  # VSC allows one time per frame: a zero-length interval
+        timestamps = np.stack([timestamps, timestamps], axis=1)
+    if ids.shape != (len(features),) or timestamps.shape != (len(features), 2):
+        raise VideoDescriptorError(f'{path!r}: {len(features)} features need as many video_ids and N x 2 timestamps, '
+                                   f'got {ids.shape} and {timestamps.shape}')
+    starts = np.r_[0, np.flatnonzero(ids[1:] != ids[:-1]) + 1, len(ids)]
+    videos = [VideoFeatures(str(ids[a]), features[a:b].astype(np.float32), timestamps[a:b].astype(np.float64))
+              for a, b in zip(starts[:-1], starts[1:])]
+    seen = [v.video_id for v in videos]
+    if len(set(seen)) != len(seen):
+        raise VideoDescriptorError(f'{path!r}: the frames of one video are not contiguous')
+    paths = dict(zip(seen, files)) if files is not None and len(files) == len(seen) else None
+    return VideoSet(videos, model, postprocessing, paths)
+
+
+def _json(data, key: str, path: str):
+    if key not in data.files:
+        return None
+    try:
+        return json.loads(str(data[key]))
+    except ValueError:
+        raise VideoDescriptorError(f'{path!r}: its {key!r} record is not JSON') from None
+
+
+def check_same_source(sets: dict[str, VideoSet]) -> None:
+    """Refuse to compare vectors of different models or post-processing (None: not recorded, trusted)."""
+    from ..workflow.descriptors import check_same_postprocessing
+    from ..workflow.embedding import check_same_model
+    check_same_model({name: s.model for name, s in sets.items()})
+    check_same_postprocessing({name: s.postprocessing for name, s in sets.items() if s.postprocessing is not None
+                               or s.model is not None})
+
+
+class Parts:
+    """The per-video pieces of an interrupted ``video embed``: ``<output>.parts/<n>.npz`` for the
+    n-th video (its frames, or why it was skipped), and a manifest of the videos and the model. A
+    rerun with the same plan takes the saved videos as done; another plan is refused."""
+
+    def __init__(self, output: str | os.PathLike, plan: dict):
+        output = Path(output)
+        self.folder = output.with_name(output.name + '.parts')
+        self.plan = plan
+        if self.folder.exists():
+            try:
+                saved = json.loads((self.folder / 'manifest.json').read_text())
+            except (OSError, ValueError):
+                saved = None
+            if saved != plan:
+                raise ValueError(f'{str(self.folder)!r} holds an interrupted run over other videos or with another '
+                                 'model or settings: rerun with the same inputs and options, or delete that folder')
+
+    def done(self) -> set[int]:
+        found = set()
+        for p in self.folder.glob('*.npz') if self.folder.exists() else []:
+            try:
+                with np.load(p) as data:
+                    ok = {'features', 'timestamps', 'skipped'} <= set(data.files)
+            except Exception:  # noqa: BLE001 (a damaged part is embedded again)
+                ok = False
+            if ok and p.stem.isdigit():
+                found.add(int(p.stem))
+            else:
+                p.unlink()
+        return found
+
+    def save(self, n: int, features: np.ndarray, timestamps: np.ndarray, skipped: str = '') -> None:
+        if not self.folder.exists():
+            self.folder.mkdir(parents=True)
+            with atomic_write(self.folder / 'manifest.json') as tmp:
+                tmp.write_text(json.dumps(self.plan))
+        with atomic_write(self.folder / f'{n}.npz') as tmp, open(tmp, 'wb') as f:
+            np.savez(f, features=np.asarray(features, np.float32), timestamps=np.asarray(timestamps, np.float64),
+                     skipped=np.array(skipped))
+
+    def load(self, n: int) -> tuple[np.ndarray, np.ndarray, str]:
+        with np.load(self.folder / f'{n}.npz') as data:
+            return data['features'], data['timestamps'], str(data['skipped'])
+
+    def remove(self) -> None:
+        import shutil
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def all_videos(sets: Iterable[VideoSet]) -> list[VideoFeatures]:
+    return [v for s in sets for v in s.videos]
