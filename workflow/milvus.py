@@ -6,12 +6,16 @@ Lite runs inside ours). Milvus's own errors become :class:`MilvusError`, one lin
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
 import math
 import os
-from typing import Iterator, Sequence
+import shutil
+import tempfile
+import threading
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -121,6 +125,65 @@ def _check_lite_folder(path: str, existing: bool) -> None:
                           'pass another --milvus-uri')
 
 
+class _LiteServers:
+    """Milvus Lite's in-process gRPC servers, one per database folder, each on a Unix socket in a private
+    folder (mode 0700, made by ``tempfile.mkdtemp``), so only this user's processes can reach it.
+
+    pymilvus's own route for a ``.db`` URI (milvus_lite's ``server_manager``) listens on a 127.0.0.1
+    TCP port without authentication (Milvus Lite 3.2 has none): any local user could then read, change
+    or drop the collections while a command runs. Shared within the process (counted), stopped by the
+    last ``release`` or at exit."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: dict[str, list[Any]] = {}  # database folder -> [grpc server, MilvusLite, socket folder, users]
+        atexit.register(self.release_all)
+
+    def acquire(self, path: str) -> str:
+        """A ``unix:`` URI for pymilvus to reach the database folder ``path`` (started on first use)."""
+        path = os.path.abspath(path)
+        with self._lock:
+            if path not in self._open:
+                from milvus_lite.adapter.grpc.server import start_server_in_thread
+                folder = tempfile.mkdtemp(prefix='towhee-isc-milvus-')
+                try:
+                    # It binds f'{host}:{port}': a unix: address with port 0 is the socket file 'milvus:0'.
+                    server, db, _ = start_server_in_thread(path, host=f'unix:{folder}/milvus', port=0)
+                except BaseException:
+                    shutil.rmtree(folder, ignore_errors=True)
+                    raise
+                self._open[path] = [server, db, folder, 0]
+            self._open[path][3] += 1
+            return f'unix:{self._open[path][2]}/milvus:0'
+
+    def release(self, path: str, force: bool = False) -> None:
+        """One user fewer for ``path``; the last one stops its server and closes the database."""
+        with self._lock:
+            entry = self._open.get(os.path.abspath(path))
+            if entry is None:
+                return
+            entry[3] -= 1
+            if entry[3] > 0 and not force:
+                return
+            del self._open[os.path.abspath(path)]
+        server, db, folder, _ = entry
+        server.stop(grace=2).wait()
+        db.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+    def release_all(self) -> None:
+        for path in list(self._open):
+            self.release(path, force=True)
+
+
+_LITE = _LiteServers()
+
+
+def close_milvus_lite() -> None:
+    """Stop every Milvus Lite server of this process, closing their databases (also done at exit)."""
+    _LITE.release_all()
+
+
 class MilvusIndex:
     """A Milvus collection of descriptors: primary key = image id (indexing again updates), inner
     product on L2-normalised vectors. A ``.db`` URI is Milvus Lite (a folder); ``http://host:19530``
@@ -135,13 +198,21 @@ class MilvusIndex:
             raise ImportError('the Milvus commands need pymilvus (and milvus-lite for file URIs): '
                               'pip install pymilvus milvus-lite') from e
         self.uri, self.collection = str(uri), collection
-        if _is_lite(self.uri):
+        self._lite = _is_lite(self.uri)
+        self.address = self.uri  # where pymilvus connects: for Milvus Lite, its private Unix socket
+        if self._lite:
             _check_lite_folder(self.uri, existing)
+            try:
+                self.address = _LITE.acquire(self.uri)
+            except Exception as e:  # Milvus Lite says why (e.g. another process holds the folder's lock)
+                raise MilvusError(f'Milvus at {self.uri!r}: opening the Milvus Lite database failed: '
+                                  f'{type(e).__name__}: {e}') from e
         try:
             with _milvus_errors(self.uri, 'opening the Milvus Lite database'):
-                self.client = MilvusClient(uri=self.uri, token=token or '', timeout=10)
+                self.client = MilvusClient(uri=self.address, token=token or '', timeout=10)
         except MilvusError as e:
-            if _is_lite(self.uri):
+            if self._lite:
+                _LITE.release(self.uri)
                 raise
             reason = getattr(e.__cause__, 'message', e.__cause__)
             hint = '' if token else ' (a server with authentication also refuses this without --token)'
@@ -151,6 +222,14 @@ class MilvusIndex:
 
     def _errors(self, what: str):
         return _milvus_errors(self.uri, what)
+
+    def close(self) -> None:
+        """Close the connection; for Milvus Lite also stop its server (which holds the database folder)
+        once no other index in this process uses it."""
+        self.client.close()
+        if self._lite:
+            self._lite = False
+            _LITE.release(self.uri)
 
     def dim(self) -> int | None:
         """The collection's vector size, or None when there is no such collection."""
