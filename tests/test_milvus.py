@@ -13,19 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from milvus_server import MilvusServerProcess
 from towhee_isc.testing import make_copy_detection_set
 from towhee_isc.workflow.descriptors import write_descriptors
 from towhee_isc.workflow.milvus import ivf_nlist, search_params
-
-
-@pytest.fixture(scope='session')
-def milvus_server(tmp_path_factory):
-    """A real Milvus 2.3.5 standalone server for the whole session, with authentication on."""
-    server = MilvusServerProcess(tmp_path_factory.mktemp('milvus_server'))
-    server.start()
-    yield server
-    server.stop()
 
 
 def towhee_isc(*args, check: bool = True) -> subprocess.CompletedProcess:
