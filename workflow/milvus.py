@@ -20,10 +20,12 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from .descriptors import check_same_postprocessing
+from .embedding import check_same_model
 from .metrics import Match
 
 DEFAULT_MILVUS_URI = './isc.db'  # Milvus Lite: embedded, a folder, nothing to start
 POSTPROCESSING = 'towhee_isc.postprocessing'  # collection property: how its vectors were post-processed
+MODEL = 'towhee_isc.model'  # collection property: the operator fingerprint of the model that made them
 INDEX_TYPES = ('FLAT', 'IVF_FLAT', 'HNSW')
 HNSW_M, HNSW_EF_CONSTRUCTION = 16, 200  # Milvus's usual starting point
 # Default search widths: on 100,000 random 256-d vectors these found >= 99 % of copies at rank 1
@@ -249,19 +251,27 @@ class MilvusIndex:
         kind = str(info.get('index_type', 'FLAT')).upper()
         return ('FLAT' if kind == 'BRUTE_FORCE' else kind), info  # Milvus Lite's name for FLAT
 
-    def postprocessing(self) -> dict | None:
-        """How the collection's vectors were post-processed (None: raw, or made before we recorded it)."""
+    def _property(self, name: str) -> dict | None:
         if self.dim() is None:
             return None
         with self._errors(f'describing collection {self.collection!r}'):
-            text = (self.client.describe_collection(self.collection).get('properties') or {}).get(POSTPROCESSING)
+            text = (self.client.describe_collection(self.collection).get('properties') or {}).get(name)
         return json.loads(text) if text else None
 
+    def postprocessing(self) -> dict | None:
+        """How the collection's vectors were post-processed (None: raw, or made before we recorded it)."""
+        return self._property(POSTPROCESSING)
+
+    def model(self) -> dict | None:
+        """The fingerprint of the model that made the collection's vectors (``Isc.fingerprint``), or None
+        (made before we recorded it, or from descriptor files that do not say)."""
+        return self._property(MODEL)
+
     def create(self, dim: int = 256, index_type: str | None = None, size: int = 0,
-               postprocessing: dict | None = None) -> str:
+               postprocessing: dict | None = None, model: dict | None = None) -> str:
         """Make the collection if it is not there (``id`` VARCHAR primary key, ``vector``, inner
         product, an ``index_type`` index sized for about ``size`` vectors, default FLAT;
-        ``postprocessing`` kept as a property). One of another vector size is an error; one with
+        ``postprocessing`` and ``model`` kept as properties). One of another vector size is an error; one with
         another index type too, when ``index_type`` is given. Returns the index type the collection has."""
         from pymilvus import DataType, MilvusClient
         if index_type is not None and index_type not in INDEX_TYPES:
@@ -280,8 +290,9 @@ class MilvusIndex:
             schema = MilvusClient.create_schema(auto_id=False)
             schema.add_field('id', DataType.VARCHAR, is_primary=True, max_length=512)
             schema.add_field('vector', DataType.FLOAT_VECTOR, dim=dim)
-            extra = {} if postprocessing is None else {
-                'properties': {POSTPROCESSING: json.dumps(postprocessing, sort_keys=True)}}
+            properties = {name: json.dumps(record, sort_keys=True)
+                          for name, record in ((POSTPROCESSING, postprocessing), (MODEL, model)) if record is not None}
+            extra = {'properties': properties} if properties else {}
             self.client.create_collection(self.collection, schema=schema, **extra)
             index = self.client.prepare_index_params()
             build = index_params(index_type, size)
@@ -296,14 +307,16 @@ class MilvusIndex:
         return index_type
 
     def add(self, ids: Sequence[str], vectors: np.ndarray, batch: int = 1000, index_type: str | None = None,
-            postprocessing: dict | None = None) -> str:
+            postprocessing: dict | None = None, model: dict | None = None) -> str:
         """Insert or update by id (``vectors`` float32 N x D), creating the collection on first use
         with an ``index_type`` index. Vectors post-processed otherwise than the collection's
-        (``postprocessing``, None for raw) are refused. Returns the index type the collection has."""
+        (``postprocessing``, None for raw) are refused, and so are those of another ``model`` (where both
+        record theirs). Returns the index type the collection has."""
         if self.dim() is not None:
             check_same_postprocessing({f'collection {self.collection!r}': self.postprocessing(),
                                        'the descriptors to add': postprocessing})
-        kind = self.create(vectors.shape[1], index_type, len(ids), postprocessing)
+            check_same_model({f'collection {self.collection!r}': self.model(), 'the descriptors to add': model})
+        kind = self.create(vectors.shape[1], index_type, len(ids), postprocessing, model)
         with self._errors(f'writing to {self.collection!r}'):
             for start in range(0, len(ids), batch):
                 rows = [{'id': i, 'vector': v.tolist()}
