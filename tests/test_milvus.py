@@ -191,13 +191,14 @@ def test_broken_milvus_lite_databases_are_one_line_errors(planted, tmp_path):
         ('search', queries, '--milvus-uri', schema, '--collection', 'refs', '-o', out): [f"Milvus at '{schema}'", 'schema'],
         ('search', queries, '--milvus-uri', data, '--collection', 'refs', '-o', out): [f"Milvus at '{data}'", 'Parquet'],
         ('search', queries, '--milvus-uri', tmp_path / 'none.db', '-o', out): ['no Milvus Lite database'],
-        ('index', refs, '--milvus-uri', tmp_path / 'no' / 'such' / 'x.db'): ['not exists'],
+        ('index', refs, '--milvus-uri', tmp_path / 'no' / 'such' / 'x.db'): ['does not exist'],
     }
     for done, words in zip(towhee_isc_together(*cases), cases.values()):
         one_line_error(done, *words)
     assert garbage.read_bytes() == b'not a database\n' * 100
     assert [p.name for p in photos.iterdir()] == ['holiday.jpg']
     assert not out.exists() and not (tmp_path / 'none.db').exists()  # a search leaves no empty database behind
+    assert not (tmp_path / 'no').exists()  # nor an index missing folders
 
 
 def test_a_database_in_use_by_another_process_is_a_one_line_error(planted, tmp_path):

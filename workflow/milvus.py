@@ -117,6 +117,9 @@ def _check_lite_folder(path: str, existing: bool) -> None:
     if not os.path.exists(path):
         if existing:
             raise MilvusError(f'no Milvus Lite database at {path!r}: index some descriptors first')
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):  # Milvus Lite would make every missing folder on the way
+            raise MilvusError(f'cannot make a Milvus Lite database at {path!r}: the folder {parent!r} does not exist')
         return
     if not os.path.isdir(path):
         raise MilvusError(f'{path!r} is not a Milvus Lite database: Milvus Lite keeps a folder there, and this is '
