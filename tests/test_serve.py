@@ -313,7 +313,8 @@ def test_what_cannot_work_is_one_line_at_start_up(copy_set, small_ckpt, tmp_path
         ('--references', tmp_path / 'other_model.h5'): 'were made by different models',
         ('--collection', 'refs', '--milvus-uri', tmp_path / 'other.db'): 'were made by different models',
         ('--references', tmp_path / 'nes.h5'): 'cannot mix descriptors post-processed differently',
-        ('--references', refs, '--device', f'cuda:{gpus}'): 'CUDA device(s) exist' if gpus else 'has 0 GPU(s)',
+        ('--references', refs, '--device', f'cuda:{gpus}'):
+            'CUDA device(s) exist' if gpus else 'needs 1 GPU(s) (one each); this machine has 0',
         ('--references', refs, '--replicas', len(os.sched_getaffinity(0)) + 1): 'CPUs (one each)',
     }
     runs = [subprocess.Popen([sys.executable, '-m', 'towhee_isc', 'serve', *map(str, args), '--checkpoint',
