@@ -72,14 +72,21 @@ class Service:
 
 
 @pytest.fixture(scope='module')
-def service(copy_set, small_ckpt, milvus_server):
+def refs_h5(copy_set, small_ckpt) -> Path:
+    """The references' descriptor file, made by ``towhee-isc embed``."""
+    done = towhee_isc('embed', copy_set / 'references', '-o', copy_set / 'refs.h5', '--quiet', '--checkpoint', small_ckpt)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return copy_set / 'refs.h5'
+
+
+@pytest.fixture(scope='module')
+def service(copy_set, refs_h5, small_ckpt, milvus_server):
     """``towhee-isc serve`` on a collection of a Milvus server with authentication, indexed by
     ``towhee-isc index`` (README's order); its own HOME, to look at the Ray token it writes."""
     root, model = copy_set, ['--checkpoint', small_ckpt]
     server = ['--milvus-uri', milvus_server.uri, '--token', milvus_server.token, '--collection', COLLECTION]
-    for args in (['embed', root / 'references', '-o', root / 'refs.h5', '--quiet'], ['index', root / 'refs.h5', *server]):
-        done = towhee_isc(*args, *model)
-        assert done.returncode == 0, done.stderr[-3000:]
+    done = towhee_isc('index', refs_h5, *server, *model)
+    assert done.returncode == 0, done.stderr[-3000:]
     port, home, log = free_port(), root / 'home', root / 'serve.log'
     home.mkdir()
     with open(log, 'w') as out:
@@ -292,12 +299,12 @@ def test_health_names_no_paths_or_addresses_and_the_ray_token_is_private(service
     assert stat.S_IMODE(token.stat().st_mode) == 0o600, oct(token.stat().st_mode)
 
 
-def test_what_cannot_work_is_one_line_at_start_up(copy_set, small_ckpt, tmp_path):
+def test_what_cannot_work_is_one_line_at_start_up(refs_h5, small_ckpt, tmp_path):
     """Missing or unreachable references, references of another model or post-processing (as
     ``towhee-isc search`` refuses them), a device that is not there, more replicas than CPUs: each is
     one line ``error: ...`` at once, before Ray starts (the commands run side by side)."""
     import torch
-    refs = copy_set / 'refs.h5'
+    refs = refs_h5
     ids, vectors = read_descriptors(refs)
     write_descriptors(tmp_path / 'other_model.h5', ids, vectors, model={'weights': 'another', 'img_size': 96})
     write_descriptors(tmp_path / 'nes.h5', ids, vectors, postprocessing={'negatives': 'abc', 'negatives_count': 9,
@@ -367,11 +374,11 @@ def test_embed_skips_crafted_files_by_name_and_embeds_the_rest(copy_set, small_c
         assert any(name in line and reason in line for line in done.stderr.splitlines()), (name, done.stderr)
 
 
-def test_on_milvus_lite_it_serves_and_sigterm_ends_it_with_exit_0(copy_set, small_ckpt, tmp_path):
+def test_on_milvus_lite_it_serves_and_sigterm_ends_it_with_exit_0(copy_set, refs_h5, small_ckpt, tmp_path):
     """The default route (a Milvus Lite database, reached by the replica through its private socket):
     it answers as the server route does; SIGTERM shuts Serve and Ray down and exits 0."""
     model = ['--checkpoint', str(small_ckpt)]
-    done = towhee_isc('index', copy_set / 'refs.h5', '--milvus-uri', tmp_path / 'isc.db', '--collection', 'refs', *model)
+    done = towhee_isc('index', refs_h5, '--milvus-uri', tmp_path / 'isc.db', '--collection', 'refs', *model)
     assert done.returncode == 0, done.stderr[-3000:]
     port, home, log = free_port(), tmp_path / 'home', tmp_path / 'serve.log'
     home.mkdir()
