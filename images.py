@@ -26,6 +26,11 @@ class ImageError(ValueError):
     """
 
 
+# A JPEG's decoding work grows with its scans times its pixels. Encoders write 1 to ~12 scans (10 for a
+# colour progressive JPEG from libjpeg); a crafted file can repeat one scan thousands of times (318 KB,
+# 6000x6000, 3,000 scans: over a minute to decode). Raise it like PIL.Image.MAX_IMAGE_PIXELS if needed.
+MAX_JPEG_SCANS = 50
+
 _OVER_LIMIT = ('over the pixel limit of {:,} (a decompression bomb, or a very large scan: raise '
                'PIL.Image.MAX_IMAGE_PIXELS to allow it)')
 
@@ -42,6 +47,37 @@ def check_pixels(width: int, height: int, what: str) -> None:
         raise ImageError(f'zero-size image {what}: {width}x{height}')
     if limit is not None and width * height > limit:
         raise ImageError(f'{what} is {width}x{height} = {width * height:,} pixels, {_OVER_LIMIT.format(limit)}')
+
+
+def jpeg_scans(data: bytes) -> int:
+    """The number of scans (SOS segments) in JPEG ``data``, found by walking its segments; the
+    entropy-coded data after each SOS is skipped to the next marker (a 0xFF there is followed by a
+    0x00 stuffing byte or a restart marker, never by a segment's)."""
+    i, scans = 2, 0
+    while True:
+        i = data.find(b'\xff', i)
+        if i < 0 or i + 1 >= len(data):
+            return scans
+        marker = data[i + 1]
+        if marker == 0xD9:  # EOI
+            return scans
+        if marker in (0x00, 0xFF) or 0xD0 <= marker <= 0xD7:  # stuffing, fill byte, restart: no length
+            i += 1 if marker == 0xFF else 2
+            continue
+        scans += marker == 0xDA
+        i += 2 + int.from_bytes(data[i + 2:i + 4], 'big')
+
+
+def check_jpeg_scans(image: Image.Image, source: Path | io.BytesIO, what: str) -> None:
+    """Refuse a JPEG of more than ``MAX_JPEG_SCANS`` scans before it is decoded (see MAX_JPEG_SCANS)."""
+    if image.format not in ('JPEG', 'MPO') or MAX_JPEG_SCANS is None:
+        return
+    data = source.getvalue() if isinstance(source, io.BytesIO) else Path(source).read_bytes()
+    scans = jpeg_scans(data)
+    if scans > MAX_JPEG_SCANS:
+        raise ImageError(f'{what} is a JPEG of {scans} scans, over the limit of {MAX_JPEG_SCANS} (encoders write '
+                         'at most ~12; so many only make decoding slow: raise towhee_isc.images.MAX_JPEG_SCANS '
+                         'to allow it)')
 
 
 def regular_file(path: Path, where: str = '') -> Path:
@@ -99,8 +135,11 @@ def image_size(source: Path | io.BytesIO, what: str) -> tuple[int, int]:
     try:
         with Image.open(source) as image:
             check_pixels(image.width, image.height, what)
+            check_jpeg_scans(image, source, what)
             return image.size
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
+    except ImageError:
+        raise
+    except Exception as e:  # PIL's plugins raise anything on a crafted file (see _decode)
         raise _image_error(e, what) from e
 
 
@@ -109,6 +148,7 @@ def _decode(source: Path | io.BytesIO, what: str, draft: tuple[int, int] | None,
     try:
         with Image.open(source) as image:
             check_pixels(image.width, image.height, what)
+            check_jpeg_scans(image, source, what)
             if draft is not None:
                 image.draft('RGB', draft)  # JPEG only; other formats ignore it
             if exif_transpose:
@@ -117,8 +157,10 @@ def _decode(source: Path | io.BytesIO, what: str, draft: tuple[int, int] | None,
             return pil_to_rgb(image, what)
     except ImageError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError,
-            EOFError) as e:  # PIL reports damaged files in all of these
+    except Exception as e:
+        # PIL reports damaged files in OSError, ValueError, SyntaxError, EOFError, and its plugins raise
+        # anything on a crafted one (NotImplementedError: a DDS pixel format; AttributeError: a SPIDER
+        # stack header): whatever happens while decoding is this image's problem, never its neighbours'.
         raise _image_error(e, what) from e
 
 
@@ -129,7 +171,9 @@ def _image_error(e: Exception, what: str) -> ImageError:
         return ImageError(f'{what} is not an image (or an unsupported format)')
     if isinstance(e, Image.DecompressionBombError):  # PIL's own check, at twice the limit
         return ImageError(f'{what} is {_OVER_LIMIT.format(max_pixels())}')
-    return ImageError(f'cannot read {what}: {e}')
+    if isinstance(e, (OSError, ValueError, SyntaxError, EOFError)):
+        return ImageError(f'cannot read {what}: {e}')
+    return ImageError(f'cannot read {what}: the decoder failed ({type(e).__name__}: {e})')
 
 
 def pil_to_rgb(image: Image.Image, what: str) -> Image.Image:
@@ -148,7 +192,7 @@ def pil_to_rgb(image: Image.Image, what: str) -> Image.Image:
         return Image.fromarray(_wide_to_uint8(image, what), 'L').convert('RGB')
     try:
         return image.convert('RGB')
-    except (ValueError, OSError) as e:
+    except Exception as e:  # as in _decode: any failure on this image is this image's
         raise ImageError(f'cannot convert {what} of mode {image.mode!r} to RGB: {e}') from e
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from towhee_isc.workflow.milvus import MilvusIndex, index_params, ivf_nlist
+from towhee_isc.workflow.milvus import MilvusIndex, close_milvus_lite, index_params, ivf_nlist
 
 WIDTHS = {'FLAT': [None], 'IVF_FLAT': [16, 32, 64, 128, 256], 'HNSW': [32, 64, 128, 256, 512]}
 
@@ -98,8 +98,7 @@ def main() -> None:
             else:
                 # Milvus Lite builds the index in a background thread that closing the database waits for
                 # (as the end of `towhee-isc index` does); searching before that would scan exactly.
-                from milvus_lite.server_manager import server_manager_instance
-                server_manager_instance.release_server(uri)
+                index.close()
                 index = MilvusIndex(uri, f'bench_{index_type.lower()}', token)
                 index.load()
             build_s = time.perf_counter() - started
@@ -125,8 +124,7 @@ def main() -> None:
         if server is not None:
             server.stop()
         else:  # Milvus Lite runs in this process: close it first, or it writes into the folder again at exit
-            from milvus_lite.server_manager import server_manager_instance
-            server_manager_instance.release_all()
+            close_milvus_lite()
         shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -61,6 +61,17 @@ def small_op(small_ckpt):
     return Isc(checkpoint_path=small_ckpt, device='cpu')
 
 
+@pytest.fixture(scope='session')
+def milvus_server(tmp_path_factory):
+    """A real Milvus 2.3.5 standalone server for the whole session (shared by the Milvus and service
+    tests), with authentication on."""
+    from milvus_server import MilvusServerProcess
+    server = MilvusServerProcess(tmp_path_factory.mktemp('milvus_server'))
+    server.start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture
 def hub_dir(tmp_path, monkeypatch) -> Path:
     """A fresh torch hub directory; returns its ``checkpoints`` folder (where downloads go)."""

@@ -14,19 +14,9 @@ import numpy as np
 import pytest
 
 import html_pages
-from milvus_server import MilvusServerProcess
 from towhee_isc.testing import make_copy_detection_set
 from towhee_isc.workflow.descriptors import write_descriptors
 from towhee_isc.workflow.milvus import ivf_nlist, search_params
-
-
-@pytest.fixture(scope='session')
-def milvus_server(tmp_path_factory):
-    """A real Milvus 2.3.5 standalone server for the whole session, with authentication on."""
-    server = MilvusServerProcess(tmp_path_factory.mktemp('milvus_server'))
-    server.start()
-    yield server
-    server.stop()
 
 
 def towhee_isc(*args, check: bool = True) -> subprocess.CompletedProcess:
@@ -242,13 +232,14 @@ def test_broken_milvus_lite_databases_are_one_line_errors(planted, tmp_path):
         ('search', queries, '--milvus-uri', schema, '--collection', 'refs', '-o', out): [f"Milvus at '{schema}'", 'schema'],
         ('search', queries, '--milvus-uri', data, '--collection', 'refs', '-o', out): [f"Milvus at '{data}'", 'Parquet'],
         ('search', queries, '--milvus-uri', tmp_path / 'none.db', '-o', out): ['no Milvus Lite database'],
-        ('index', refs, '--milvus-uri', tmp_path / 'no' / 'such' / 'x.db'): ['not exists'],
+        ('index', refs, '--milvus-uri', tmp_path / 'no' / 'such' / 'x.db'): ['does not exist'],
     }
     for done, words in zip(towhee_isc_together(*cases), cases.values()):
         one_line_error(done, *words)
     assert garbage.read_bytes() == b'not a database\n' * 100
     assert [p.name for p in photos.iterdir()] == ['holiday.jpg']
     assert not out.exists() and not (tmp_path / 'none.db').exists()  # a search leaves no empty database behind
+    assert not (tmp_path / 'no').exists()  # nor an index missing folders
 
 
 def test_a_database_in_use_by_another_process_is_a_one_line_error(planted, tmp_path):

@@ -1,12 +1,16 @@
 """``towhee-isc serve``: the real command started as its own process on 127.0.0.1 (Ray on loopback),
-real HTTP requests (single, concurrent, hostile); vectors compared with the operator's and matches
-with ``towhee-isc search``. One service for the whole module; it is stopped by its PID."""
+on README's multi-replica route (a real Milvus server with authentication, ``--token``); real HTTP
+requests (single, concurrent, hostile, slow); vectors compared with the operator's and matches with
+``towhee-isc search``. One service for the whole module, stopped by its PID; its last tests drop its
+collection and kill its replica, so they come last."""
 import concurrent.futures
 import csv
 import io
 import json
+import os
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -22,8 +26,12 @@ from PIL import Image
 
 from commands import assert_one_line_error, towhee_isc
 from towhee_isc.testing import make_copy_detection_set
+from towhee_isc.workflow.descriptors import read_descriptors, write_descriptors
+from towhee_isc.workflow.milvus import MilvusIndex
 
 MAX_BODY_MB = 1
+UPLOAD_TIMEOUT_S = 5
+COLLECTION = 'serve_refs'
 
 
 def free_port() -> int:
@@ -34,39 +42,68 @@ def free_port() -> int:
 
 @pytest.fixture(scope='module')
 def copy_set(tmp_path_factory, photos) -> Path:
-    return make_copy_detection_set(tmp_path_factory.mktemp('serve'), photos)
+    """The copy-detection set, plus a phone photo stored sideways with an EXIF orientation (6: the viewer
+    turns it 90 degrees clockwise), a copy of the first reference."""
+    root = make_copy_detection_set(tmp_path_factory.mktemp('serve'), photos)
+    upright = Image.open(root / 'references' / 'R000000.jpg')
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    upright.transpose(Image.Transpose.ROTATE_90).save(root / 'queries' / 'Q00008.jpg', exif=exif, quality=95)
+    return root
+
+
+class Service:
+    """``towhee-isc serve`` running as its own process."""
+
+    def __init__(self, process: subprocess.Popen, url: str, log: Path, home: Path):
+        self.process, self.url, self.log, self.home = process, url, log, home
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
 
 
 @pytest.fixture(scope='module')
-def service(copy_set, small_ckpt):
-    """``towhee-isc serve`` on a Milvus Lite collection indexed by ``towhee-isc index`` (README's order)."""
+def refs_h5(copy_set, small_ckpt) -> Path:
+    """The references' descriptor file, made by ``towhee-isc embed``."""
+    done = towhee_isc('embed', copy_set / 'references', '-o', copy_set / 'refs.h5', '--quiet', '--checkpoint', small_ckpt)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return copy_set / 'refs.h5'
+
+
+@pytest.fixture(scope='module')
+def service(copy_set, refs_h5, small_ckpt, milvus_server):
+    """``towhee-isc serve`` on a collection of a Milvus server with authentication, indexed by
+    ``towhee-isc index`` (README's order); its own HOME, to look at the Ray token it writes."""
     root, model = copy_set, ['--checkpoint', small_ckpt]
-    for args in (['embed', root / 'references', '-o', root / 'refs.h5', '--quiet'],
-                 ['index', root / 'refs.h5', '--milvus-uri', root / 'isc.db', '--collection', 'refs']):
-        done = towhee_isc(*args, *model)
-        assert done.returncode == 0, done.stderr[-3000:]
-    port = free_port()
-    log = open(root / 'serve.log', 'w')
-    process = subprocess.Popen(
-        [sys.executable, '-m', 'towhee_isc', 'serve', '--collection', 'refs', '--milvus-uri', str(root / 'isc.db'),
-         '--host', '127.0.0.1', '--port', str(port), '--max-batch-size', '8', '--max-body-mb', str(MAX_BODY_MB),
-         *map(str, model)], stdout=log, stderr=subprocess.STDOUT)
-    url = f'http://127.0.0.1:{port}'
+    server = ['--milvus-uri', milvus_server.uri, '--token', milvus_server.token, '--collection', COLLECTION]
+    done = towhee_isc('index', refs_h5, *server, *model)
+    assert done.returncode == 0, done.stderr[-3000:]
+    port, home, log = free_port(), root / 'home', root / 'serve.log'
+    home.mkdir()
+    with open(log, 'w') as out:
+        process = subprocess.Popen(
+            [sys.executable, '-m', 'towhee_isc', 'serve', *server, '--host', '127.0.0.1', '--port', str(port),
+             '--max-batch-size', '8', '--max-body-mb', str(MAX_BODY_MB), '--upload-timeout', str(UPLOAD_TIMEOUT_S),
+             *map(str, model)], stdout=out, stderr=subprocess.STDOUT, env={**os.environ, 'HOME': str(home)})
+    running = Service(process, f'http://127.0.0.1:{port}', log, home)
     try:
         deadline = time.monotonic() + 600  # Ray's start-up on a busy 2-core machine; a hang still ends
-        while get(url + '/health')[0] != 200:
-            assert process.poll() is None, (root / 'serve.log').read_text()[-3000:]
+        while get(running.url + '/health')[0] != 200:
+            assert process.poll() is None, running.output()[-3000:]
             assert time.monotonic() < deadline, 'the service never became ready'
             time.sleep(1)
-        yield url
+        yield running
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
+        running.stop()
 
 
 def get(url: str) -> tuple[int, dict | None]:
@@ -74,7 +111,10 @@ def get(url: str) -> tuple[int, dict | None]:
         with urllib.request.urlopen(url, timeout=60) as answer:
             return answer.status, json.load(answer)
     except urllib.error.HTTPError as e:  # before the app is deployed, Serve's proxy answers in plain text
-        return e.code, None
+        try:
+            return e.code, json.load(e)
+        except ValueError:
+            return e.code, None
     except OSError:  # not listening yet
         return 0, None
 
@@ -98,9 +138,9 @@ def post(url: str, body: bytes, content_type: str | None = 'image/jpeg', multipa
         return e.code, json.load(e)
 
 
-def encoded(image: Image.Image, fmt: str = 'JPEG') -> bytes:
+def encoded(image: Image.Image, fmt: str = 'JPEG', **options) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, fmt)
+    image.save(buffer, fmt, **options)
     return buffer.getvalue()
 
 
@@ -112,27 +152,55 @@ def png_claiming(width: int, height: int) -> bytes:
     return bytes(data)
 
 
+def dds_of_unknown_pixel_format() -> bytes:
+    """A DDS file whose pixel-format flags are 0: Pillow raises NotImplementedError."""
+    header = bytearray(124)
+    struct.pack_into('<IIII', header, 0, 124, 0x1007, 8, 8)  # size, flags, height, width
+    struct.pack_into('<II', header, 72, 32, 0)  # the pixel format: its size, flags 0
+    return b'DDS ' + bytes(header) + bytes(256)
+
+
+def spider_of_broken_stack() -> bytes:
+    """A SPIDER header naming an image inside a stack without the stack: Pillow raises AttributeError."""
+    values = [0.0] * 27
+    for index, value in {1: 1, 2: 8, 5: 1, 12: 8, 13: 1, 22: 108, 23: 108, 27: 1}.items():
+        values[index - 1] = value  # rows, iform 1, columns, header records and bytes, image number 1
+    return struct.pack('>27f', *values) + bytes(256)
+
+
+def jpeg_of_many_scans(size: int = 2000, times: int = 1000) -> bytes:
+    """A 38 KB progressive JPEG whose last scan is repeated ``times`` times: seconds of decoding each
+    (the hostile review's 318 KB one, 6000x6000 and 3,000 scans, took over a minute)."""
+    data = encoded(Image.new('RGB', (size, size), (120, 80, 40)), 'JPEG', progressive=True)
+    last, end = data.rfind(b'\xff\xda'), data.rfind(b'\xff\xd9')
+    return data[:last] + data[last:end] * times + data[end:]
+
+
 def test_an_upload_gets_the_operators_vector_as_body_or_as_form(service, small_op, photos):
     image = encoded(photos[0])
     expected = small_op(image)
     for multipart in (False, True):
-        status, answer = post(service + '/embed', image, multipart=multipart)
+        status, answer = post(service.url + '/embed', image, multipart=multipart)
         assert status == 200, answer
         assert np.abs(np.asarray(answer['embedding'], np.float32) - expected).max() <= 1e-5
 
 
-def test_concurrent_uploads_each_get_their_own_vector_and_a_bad_one_fails_alone(service, small_op, photos):
-    uploads = [encoded(p.resize((200 + 10 * i, 150)), 'PNG') for i, p in enumerate(photos[:7])]
-    uploads.insert(3, b'<html>not an image</html>')
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(lambda body: post(service + '/embed', body, 'image/png'), uploads))
+def test_concurrent_uploads_each_get_their_own_vector_and_crafted_ones_fail_alone(service, small_op, photos):
+    good = [encoded(p.resize((200 + 10 * i, 150)), 'PNG') for i, p in enumerate(photos[:5])]
+    crafted = {b'<html>not an image</html>': 'is not an image',
+               dds_of_unknown_pixel_format(): 'NotImplementedError: Unknown pixel format flags 0',
+               spider_of_broken_stack(): 'AttributeError',
+               jpeg_of_many_scans(): 'a JPEG of 1009 scans, over the limit of 50'}
+    uploads = good[:2] + list(crafted) + good[2:]
+    with concurrent.futures.ThreadPoolExecutor(len(uploads)) as pool:
+        answers = list(pool.map(lambda body: post(service.url + '/embed', body, 'application/octet-stream'), uploads))
     for body, (status, answer) in zip(uploads, answers):
-        if body.startswith(b'<html>'):
-            assert status == 400 and 'is not an image' in answer['error'], answer
+        if body in crafted:
+            assert status == 400 and crafted[body] in answer['error'], answer
         else:
             assert status == 200, answer
             assert np.abs(np.asarray(answer['embedding'], np.float32) - small_op(body)).max() <= 1e-5
-    status, health = get(service + '/health')
+    status, health = get(service.url + '/health')
     assert status == 200 and sum(int(size) * n for size, n in health['batch_sizes'].items()) >= len(uploads)
 
 
@@ -148,7 +216,7 @@ def test_search_gives_what_the_search_command_gives(service, copy_set, small_ckp
             expected.setdefault(row['query_id'], []).append((row['reference_id'], float(row['score'])))
     threshold = 0.5
     for query in queries:
-        status, answer = post(f'{service}/search?k=3&threshold={threshold}', query.read_bytes(),
+        status, answer = post(f'{service.url}/search?k=3&threshold={threshold}', query.read_bytes(),
                               'image/png' if query.suffix == '.png' else 'image/jpeg', multipart=query.suffix == '.png')
         assert status == 200, answer
         want = sorted(expected[query.stem], key=lambda hit: -hit[1])
@@ -156,6 +224,8 @@ def test_search_gives_what_the_search_command_gives(service, copy_set, small_ckp
         assert [m['id'] for m in got] == [i for i, _ in want]
         assert np.allclose([m['score'] for m in got], [s for _, s in want], atol=1e-5)
         assert [m['match'] for m in got] == [s >= threshold for _, s in want]
+        if query.stem == 'Q00008':  # the sideways phone photo, turned upright as the workflow does
+            assert got[0]['id'] == 'R000000' and got[0]['score'] > 0.95, got
 
 
 @pytest.mark.parametrize('body, content_type, query, status, message', [
@@ -165,6 +235,8 @@ def test_search_gives_what_the_search_command_gives(service, copy_set, small_ckp
     ('big', 'image/jpeg', '', 413, 'limited to'),
     (b'GIF89a', 'text/plain', '', 415, 'unsupported Content-Type'),
     (b'{"image": 1}', 'application/json', '', 415, 'unsupported Content-Type'),
+    ('photo', 'application/octet-streamXYZ', '', 415, 'unsupported Content-Type'),
+    ('photo', 'image/', '', 415, 'unsupported Content-Type'),
     (b'--x\r\nContent-Disposition: form-data; name="a"\r\n\r\n1\r\n--x--\r\n', 'multipart/form-data; boundary=x', '',
      400, 'one image file'),
     ('photo', 'image/jpeg', '?k=0', 422, 'k'),
@@ -175,14 +247,14 @@ def test_a_bad_request_is_a_4xx_naming_the_problem_and_the_service_keeps_serving
     photo = encoded(photos[1])
     if isinstance(body, str):  # made here: too large for the parameter list, or needing the photos
         body = {'big': b'\xff' * (MAX_BODY_MB * 2**20 + 1), 'photo': photo}[body]
-    got, answer = post(f'{service}/search{query}', body, content_type)
+    got, answer = post(f'{service.url}/search{query}', body, content_type)
     assert got == status and message in answer['error'], (got, answer)
-    got, answer = post(service + '/embed', photo)
+    got, answer = post(service.url + '/embed', photo)
     assert got == 200 and np.abs(np.asarray(answer['embedding'], np.float32) - small_op(photo)).max() <= 1e-5
 
 
 def test_the_openapi_schema_documents_the_endpoints(service):
-    status, schema = get(service + '/openapi.json')
+    status, schema = get(service.url + '/openapi.json')
     assert status == 200
     assert {'/embed', '/search', '/health'} <= set(schema['paths'])
     search = schema['paths']['/search']['post']
@@ -191,10 +263,190 @@ def test_the_openapi_schema_documents_the_endpoints(service):
     assert {'400', '413', '415'} <= set(search['responses'])
 
 
-def test_missing_references_are_a_start_up_error(copy_set, small_ckpt, tmp_path):
-    model = ['--checkpoint', small_ckpt, '--port', free_port()]
-    assert_one_line_error(towhee_isc('serve', '--collection', 'nope', '--milvus-uri', tmp_path / 'empty.db', *model),
-                          "unknown collection 'nope'")
-    assert_one_line_error(towhee_isc('serve', '--references', tmp_path / 'missing.h5', *model), 'missing.h5')
-    assert_one_line_error(towhee_isc('serve', '--collection', 'refs', '--milvus-uri', f'http://127.0.0.1:{free_port()}',
-                                     *model), 'cannot reach Milvus')
+def test_slow_clients_get_a_408_and_never_hold_up_the_others(service, photos, small_op):
+    """40 clients each send 100 bytes of a declared 34 KB body and wait: /health and a good upload are
+    answered meanwhile, and each slow one gets a 408 once the upload timeout passes, its connection closed."""
+    host, port = service.url.removeprefix('http://').split(':')
+    head = (f'POST /embed HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/jpeg\r\nContent-Length: 34000\r\n\r\n')
+    slow = [socket.create_connection((host, int(port)), timeout=10) for _ in range(40)]
+    try:
+        held_from = time.monotonic()
+        for client in slow:
+            client.sendall(head.encode() + b'\xff' * 100)
+        status, health = get(service.url + '/health')
+        assert status == 200 and health['status'] == 'ready', health
+        photo = encoded(photos[2])
+        status, answer = post(service.url + '/embed', photo)
+        assert status == 200 and np.abs(np.asarray(answer['embedding'], np.float32) - small_op(photo)).max() <= 1e-5
+        assert time.monotonic() - held_from < UPLOAD_TIMEOUT_S, 'answered only once the slow clients were let go'
+        for client in slow:
+            client.settimeout(60)
+            reply = b''
+            while chunk := client.recv(65536):  # b'' once the service closes the connection
+                reply += chunk
+            assert reply.startswith(b'HTTP/1.1 408 ') and f'within {UPLOAD_TIMEOUT_S} s'.encode() in reply, reply
+    finally:
+        for client in slow:
+            client.close()
+
+
+def test_health_names_no_paths_or_addresses_and_the_ray_token_is_private(service, copy_set, milvus_server):
+    status, health = get(service.url + '/health')
+    assert status == 200 and health['references'] == f"Milvus collection '{COLLECTION}' (a Milvus server)", health
+    text = json.dumps(health)
+    assert str(copy_set) not in text and milvus_server.uri not in text and milvus_server.token not in text
+    token = service.home / '.ray' / 'auth_token'
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600, oct(token.stat().st_mode)
+
+
+def test_what_cannot_work_is_one_line_at_start_up(refs_h5, small_ckpt, tmp_path):
+    """Missing or unreachable references, references of another model or post-processing (as
+    ``towhee-isc search`` refuses them), a device that is not there, more replicas than CPUs: each is
+    one line ``error: ...`` at once, before Ray starts (the commands run side by side)."""
+    import torch
+    refs = refs_h5
+    ids, vectors = read_descriptors(refs)
+    write_descriptors(tmp_path / 'other_model.h5', ids, vectors, model={'weights': 'another', 'img_size': 96})
+    write_descriptors(tmp_path / 'nes.h5', ids, vectors, postprocessing={'negatives': 'abc', 'negatives_count': 9,
+                                                                          'k': 10, 'beta': 0.35, 'iterations': 1})
+    other = MilvusIndex(tmp_path / 'other.db', 'refs')  # a collection records its model, as a file does
+    other.add(ids, vectors, model={'weights': 'another', 'img_size': 96})
+    other.close()
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    cases = {
+        ('--collection', 'nope', '--milvus-uri', tmp_path / 'empty.db'): 'no Milvus Lite database',
+        ('--references', tmp_path / 'missing.h5'): 'missing.h5',
+        ('--collection', 'refs', '--milvus-uri', f'http://127.0.0.1:{free_port()}'): 'cannot reach Milvus',
+        ('--references', tmp_path / 'other_model.h5'): 'were made by different models',
+        ('--collection', 'refs', '--milvus-uri', tmp_path / 'other.db'): 'were made by different models',
+        ('--references', tmp_path / 'nes.h5'): 'cannot mix descriptors post-processed differently',
+        ('--references', refs, '--device', f'cuda:{gpus}'):
+            'CUDA device(s) exist' if gpus else 'needs 1 GPU(s) (one each); this machine has 0',
+        ('--references', refs, '--replicas', len(os.sched_getaffinity(0)) + 1): 'CPUs (one each)',
+    }
+    runs = [subprocess.Popen([sys.executable, '-m', 'towhee_isc', 'serve', *map(str, args), '--checkpoint',
+                              str(small_ckpt), '--port', str(free_port())], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for args in cases]
+    for run, message in zip(runs, cases.values()):
+        out, err = run.communicate(timeout=600)  # a start each, side by side: slow on a busy machine
+        assert_one_line_error(subprocess.CompletedProcess(run.args, run.returncode, out, err), message)
+
+
+def test_milvus_lite_listens_on_a_private_socket_not_a_tcp_port(tmp_path):
+    """Milvus Lite's own route (pymilvus) opens an unauthenticated gRPC port on 127.0.0.1 that any
+    local user can reach; ours is a Unix socket in a folder only this user can enter."""
+    script = (
+        'import json, os, stat, sys\n'
+        'from towhee_isc.workflow.milvus import MilvusIndex\n'
+        'index = MilvusIndex(sys.argv[1], "refs")\n'
+        'sockets = {os.stat(f"/proc/self/fd/{fd}").st_ino for fd in os.listdir("/proc/self/fd")\n'
+        '           if os.path.exists(f"/proc/self/fd/{fd}") and stat.S_ISSOCK(os.stat(f"/proc/self/fd/{fd}").st_mode)}\n'
+        'listening = [line.split() for name in ("/proc/net/tcp", "/proc/net/tcp6") for line in open(name).readlines()[1:]]\n'
+        'ours = [row[1] for row in listening if row[3] == "0A" and int(row[9]) in sockets]\n'
+        'folder = os.path.dirname(index.address.removeprefix("unix:"))\n'
+        'print(json.dumps({"tcp": ours, "address": index.address, "mode": stat.S_IMODE(os.stat(folder).st_mode),\n'
+        '                  "collections": index.client.list_collections()}))\n'
+        'index.close()\n'
+        'print(json.dumps({"folder_left": os.path.exists(folder)}))\n')
+    done = subprocess.run([sys.executable, '-c', script, str(tmp_path / 'isc.db')], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    opened, closed = map(json.loads, done.stdout.splitlines()[-2:])
+    assert opened['tcp'] == [] and opened['address'].startswith('unix:') and opened['mode'] == 0o700, opened
+    assert opened['collections'] == [] and closed == {'folder_left': False}
+
+
+def test_embed_skips_crafted_files_by_name_and_embeds_the_rest(copy_set, small_ckpt, tmp_path):
+    """The decoding bounds live where every route reads images: a folder with a DDS Pillow cannot
+    decode, a broken SPIDER header and a JPEG of 1,009 scans embeds its one photo and lists the others."""
+    folder = tmp_path / 'mixed'
+    folder.mkdir()
+    (folder / 'photo.jpg').write_bytes((copy_set / 'references' / 'R000001.jpg').read_bytes())
+    crafted = {'texture.jpg': (dds_of_unknown_pixel_format(), 'NotImplementedError'),
+               'scan.jpg': (spider_of_broken_stack(), 'AttributeError'),
+               'slow.jpg': (jpeg_of_many_scans(), '1009 scans')}
+    for name, (data, _) in crafted.items():
+        (folder / name).write_bytes(data)
+    done = towhee_isc('embed', folder, '-o', tmp_path / 'out.h5', '--quiet', '--checkpoint', small_ckpt)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert read_descriptors(tmp_path / 'out.h5')[0] == ['photo']
+    for name, (_, reason) in crafted.items():
+        assert any(name in line and reason in line for line in done.stderr.splitlines()), (name, done.stderr)
+
+
+def test_on_milvus_lite_it_serves_and_sigterm_ends_it_with_exit_0(copy_set, refs_h5, small_ckpt, tmp_path):
+    """The default route (a Milvus Lite database, reached by the replica through its private socket):
+    it answers as the server route does; SIGTERM shuts Serve and Ray down and exits 0."""
+    model = ['--checkpoint', str(small_ckpt)]
+    done = towhee_isc('index', refs_h5, '--milvus-uri', tmp_path / 'isc.db', '--collection', 'refs', *model)
+    assert done.returncode == 0, done.stderr[-3000:]
+    port, home, log = free_port(), tmp_path / 'home', tmp_path / 'serve.log'
+    home.mkdir()
+    with open(log, 'w') as out:
+        process = subprocess.Popen(
+            [sys.executable, '-m', 'towhee_isc', 'serve', '--collection', 'refs', '--milvus-uri', str(tmp_path / 'isc.db'),
+             '--port', str(port), *model], stdout=out, stderr=subprocess.STDOUT, env={**os.environ, 'HOME': str(home)})
+    lite = Service(process, f'http://127.0.0.1:{port}', log, home)
+    try:
+        deadline = time.monotonic() + 600
+        while get(lite.url + '/health')[0] != 200:
+            assert process.poll() is None, lite.output()[-3000:]
+            assert time.monotonic() < deadline, 'the service never became ready'
+            time.sleep(1)
+        status, health = get(lite.url + '/health')
+        assert health['references'] == "Milvus collection 'refs' (Milvus Lite database 'isc.db')", health
+        status, answer = post(lite.url + '/search?k=1', (copy_set / 'queries' / 'Q00008.jpg').read_bytes())
+        assert status == 200 and answer['matches'][0]['id'] == 'R000000', answer
+        assert stat.S_IMODE((home / '.ray' / 'auth_token').stat().st_mode) == 0o600
+    finally:
+        code = lite.stop()
+    assert code == 0 and 'stopped (SIGTERM)' in lite.output() and 'Traceback' not in lite.output(), lite.output()[-3000:]
+
+
+def replica_processes(pid: int) -> list[int]:
+    """The Serve replicas among the descendants of process ``pid`` (a local Ray's are)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir('/proc'):
+        if entry.isdigit():
+            try:
+                parent = int(Path(f'/proc/{entry}/stat').read_text().rsplit(')', 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            todo.append(child)
+            try:
+                if b'ServeReplica' in Path(f'/proc/{child}/cmdline').read_bytes():
+                    found.append(child)
+            except OSError:
+                pass
+    return found
+
+
+# These two come last: the first drops the service's collection, the second kills its replica.
+
+def test_a_dropped_collection_makes_health_not_ready_and_search_a_503_without_details(service, milvus_server, photos):
+    from pymilvus import MilvusClient
+    client = MilvusClient(uri=milvus_server.uri, token=milvus_server.token)
+    client.drop_collection(COLLECTION)
+    client.close()
+    status, health = get(service.url + '/health')
+    assert status == 503 and health['status'] == 'not ready', health
+    assert f"collection '{COLLECTION}' is not there any more" in health['error'], health
+    status, answer = post(service.url + '/search', encoded(photos[3]))
+    assert status == 503 and answer['error'].startswith('the references cannot be searched now'), answer
+    assert milvus_server.uri not in answer['error'] and 'Error' not in answer['error'], answer
+
+
+def test_a_replica_that_cannot_start_again_ends_the_service_with_one_line(service):
+    replicas = replica_processes(service.process.pid)
+    assert replicas, 'no replica process found'
+    for pid in replicas:
+        os.kill(pid, signal.SIGKILL)  # Serve starts another, which finds no collection to serve
+    code = service.process.wait(timeout=300)
+    lines = [line for line in service.output().splitlines() if line.strip()]
+    # Ray's raylet reports the killed worker on the console too; the command's own last word is one line.
+    assert code == 2 and lines[-1].startswith('error: ') and 'Traceback' not in service.output(), lines[-5:]
+    assert 'a replica could not start again' in lines[-1] and f"unknown collection '{COLLECTION}'" in lines[-1], lines[-1]

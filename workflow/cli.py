@@ -78,8 +78,11 @@ def cmd_index(args) -> None:
     index = MilvusIndex(args.milvus_uri, args.collection, args.token)
     postprocessing = same_postprocessing(args, images, inputs_postprocessing(args.inputs, images),
                                          {f'collection {args.collection!r}': index.postprocessing()} if index.dim() else {})
-    ids, vectors, paths = load_descriptors(args.inputs, images)
-    kind = index.add(ids, vectors, index_type=args.index_type, postprocessing=postprocessing, paths=paths)
+    models = {f'collection {args.collection!r}': index.model()} if index.dim() else {}
+    ids, vectors, paths = load_descriptors(args.inputs, images, models)  # refuses another model's vectors
+    model = next((m for m in models.values() if m), None)  # recorded, so search and serve can refuse others
+    kind = index.add(ids, vectors, index_type=args.index_type, postprocessing=postprocessing, model=model,
+                     paths=paths)
     print(f'indexed {plural(len(ids), "descriptor")} into {args.collection!r} ({kind} index) at {args.milvus_uri} '
           f'({index.count()} in all)')
 
@@ -97,6 +100,8 @@ def cmd_search(args) -> None:
     truth = read_ground_truth(args.ground_truth) if args.ground_truth else None  # a bad file stops us before any work
     images, models = embedder(args), {}
     index = None if args.references else MilvusIndex(args.milvus_uri, args.collection, args.token, existing=True)
+    if index is not None and index.dim():
+        models[f'collection {args.collection!r}'] = index.model()
     same_postprocessing(args, images, inputs_postprocessing(args.queries, images, 'queries'),
                         inputs_postprocessing(args.references or [], images, 'references') if args.references else {},
                         {args.score_norm: read_postprocessing(args.score_norm)} if args.score_norm else {},
@@ -205,13 +210,14 @@ def cmd_serve(args) -> None:
         from .serve import ServiceSettings, run_service
     except ImportError as e:
         raise ImportError(f'towhee-isc serve needs Ray Serve: pip install "towhee-isc[serve]" ({e})') from e
-    # The operator's settings for each replica, post-processing included.
+    # The Embedder's settings, as the other commands give them (EXIF orientation, post-processing included).
     isc = {'model_name': args.model_name, 'checkpoint_path': args.checkpoint, 'timm_backbone': args.timm_backbone,
            'img_size': args.img_size, 'device': args.device,
            'batch_size': args.batch_size, **nes_settings(args)}
     settings = ServiceSettings(isc=isc, references=args.references, milvus_uri=args.milvus_uri,
-                               collection=None if args.references else args.collection, threshold=args.threshold,
-                               max_batch_size=args.max_batch_size, max_body_bytes=args.max_body_mb * 2**20)
+                               collection=None if args.references else args.collection, token=args.token,
+                               threshold=args.threshold, max_batch_size=args.max_batch_size,
+                               max_body_bytes=args.max_body_mb * 2**20, upload_timeout_s=args.upload_timeout)
     gpus = 1 if args.device and args.device.startswith('cuda') else 0
     run_service(settings, args.host, args.port, args.replicas, args.ray_address, gpus)
 
@@ -321,6 +327,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument('--max-batch-size', type=positive_int, default=8, help='concurrent uploads embedded together')
     p.add_argument('--threshold', type=finite_float, default=0.8, help="score that makes a match (requests' default)")
     p.add_argument('--max-body-mb', type=positive_int, default=32, help='largest upload accepted, in MB')
+    p.add_argument('--upload-timeout', type=positive_float, default=30.0, metavar='SECONDS',
+                   help='an upload whose body has not arrived whole by then gets a 408 (default 30)')
     p.add_argument('--ray-address', help='a Ray cluster to deploy on (default: a local Ray on 127.0.0.1)')
     p.set_defaults(run=cmd_serve)
 
@@ -372,6 +380,13 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f'{text!r} is not a whole number') from None
     if value < 1:
         raise argparse.ArgumentTypeError(f'must be at least 1, got {value}')
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f'must be above 0, got {text!r}')
     return value
 
 

@@ -6,22 +6,28 @@ Lite runs inside ours). Milvus's own errors become :class:`MilvusError`, one lin
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
 import math
 import os
-from typing import Iterator, Sequence
+import shutil
+import tempfile
+import threading
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from ..defaults import DEFAULT_MILVUS_URI, INDEX_TYPES  # noqa: F401 (imported from here too)
 from ..progress import Progress
 from .descriptors import check_same_postprocessing
+from .embedding import check_same_model
 from .metrics import Match
 
 POSTPROCESSING = 'towhee_isc.postprocessing'  # collection property: how its vectors were post-processed
 PATH = 'path'  # each image's path, as descriptor files keep it, in the collection's dynamic field (for reports)
+MODEL = 'towhee_isc.model'  # collection property: the operator fingerprint of the model that made them
 HNSW_M, HNSW_EF_CONSTRUCTION = 16, 200  # Milvus's usual starting point
 # Default search widths: on 100,000 random 256-d vectors these found >= 99 % of copies at rank 1
 # (benchmarks/milvus_index.py; at nlist/16 cells or ef 64, only 98 % and 84 %).
@@ -112,6 +118,9 @@ def _check_lite_folder(path: str, existing: bool) -> None:
     if not os.path.exists(path):
         if existing:
             raise MilvusError(f'no Milvus Lite database at {path!r}: index some descriptors first')
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):  # Milvus Lite would make every missing folder on the way
+            raise MilvusError(f'cannot make a Milvus Lite database at {path!r}: the folder {parent!r} does not exist')
         return
     if not os.path.isdir(path):
         raise MilvusError(f'{path!r} is not a Milvus Lite database: Milvus Lite keeps a folder there, and this is '
@@ -120,6 +129,65 @@ def _check_lite_folder(path: str, existing: bool) -> None:
     if os.listdir(path) and not os.path.isdir(os.path.join(path, 'collections')):
         raise MilvusError(f'{path!r} is a folder but not a Milvus Lite database (no collections/ in it): '
                           'pass another --milvus-uri')
+
+
+class _LiteServers:
+    """Milvus Lite's in-process gRPC servers, one per database folder, each on a Unix socket in a private
+    folder (mode 0700, made by ``tempfile.mkdtemp``), so only this user's processes can reach it.
+
+    pymilvus's own route for a ``.db`` URI (milvus_lite's ``server_manager``) listens on a 127.0.0.1
+    TCP port without authentication (Milvus Lite 3.2 has none): any local user could then read, change
+    or drop the collections while a command runs. Shared within the process (counted), stopped by the
+    last ``release`` or at exit."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: dict[str, list[Any]] = {}  # database folder -> [grpc server, MilvusLite, socket folder, users]
+        atexit.register(self.release_all)
+
+    def acquire(self, path: str) -> str:
+        """A ``unix:`` URI for pymilvus to reach the database folder ``path`` (started on first use)."""
+        path = os.path.abspath(path)
+        with self._lock:
+            if path not in self._open:
+                from milvus_lite.adapter.grpc.server import start_server_in_thread
+                folder = tempfile.mkdtemp(prefix='towhee-isc-milvus-')
+                try:
+                    # It binds f'{host}:{port}': a unix: address with port 0 is the socket file 'milvus:0'.
+                    server, db, _ = start_server_in_thread(path, host=f'unix:{folder}/milvus', port=0)
+                except BaseException:
+                    shutil.rmtree(folder, ignore_errors=True)
+                    raise
+                self._open[path] = [server, db, folder, 0]
+            self._open[path][3] += 1
+            return f'unix:{self._open[path][2]}/milvus:0'
+
+    def release(self, path: str, force: bool = False) -> None:
+        """One user fewer for ``path``; the last one stops its server and closes the database."""
+        with self._lock:
+            entry = self._open.get(os.path.abspath(path))
+            if entry is None:
+                return
+            entry[3] -= 1
+            if entry[3] > 0 and not force:
+                return
+            del self._open[os.path.abspath(path)]
+        server, db, folder, _ = entry
+        server.stop(grace=2).wait()
+        db.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+    def release_all(self) -> None:
+        for path in list(self._open):
+            self.release(path, force=True)
+
+
+_LITE = _LiteServers()
+
+
+def close_milvus_lite() -> None:
+    """Stop every Milvus Lite server of this process, closing their databases (also done at exit)."""
+    _LITE.release_all()
 
 
 class MilvusIndex:
@@ -136,13 +204,21 @@ class MilvusIndex:
             raise ImportError('the Milvus commands need pymilvus (and milvus-lite for file URIs): '
                               'pip install pymilvus milvus-lite') from e
         self.uri, self.collection = str(uri), collection
-        if _is_lite(self.uri):
+        self._lite = _is_lite(self.uri)
+        self.address = self.uri  # where pymilvus connects: for Milvus Lite, its private Unix socket
+        if self._lite:
             _check_lite_folder(self.uri, existing)
+            try:
+                self.address = _LITE.acquire(self.uri)
+            except Exception as e:  # Milvus Lite says why (e.g. another process holds the folder's lock)
+                raise MilvusError(f'Milvus at {self.uri!r}: opening the Milvus Lite database failed: '
+                                  f'{type(e).__name__}: {e}') from e
         try:
             with _milvus_errors(self.uri, 'opening the Milvus Lite database'):
-                self.client = MilvusClient(uri=self.uri, token=token or '', timeout=10)
+                self.client = MilvusClient(uri=self.address, token=token or '', timeout=10)
         except MilvusError as e:
-            if _is_lite(self.uri):
+            if self._lite:
+                _LITE.release(self.uri)
                 raise
             reason = getattr(e.__cause__, 'message', e.__cause__)
             hint = '' if token else ' (a server with authentication also refuses this without --token)'
@@ -152,6 +228,14 @@ class MilvusIndex:
 
     def _errors(self, what: str):
         return _milvus_errors(self.uri, what)
+
+    def close(self) -> None:
+        """Close the connection; for Milvus Lite also stop its server (which holds the database folder)
+        once no other index in this process uses it."""
+        self.client.close()
+        if self._lite:
+            self._lite = False
+            _LITE.release(self.uri)
 
     def dim(self) -> int | None:
         """The collection's vector size, or None when there is no such collection."""
@@ -171,19 +255,27 @@ class MilvusIndex:
         kind = str(info.get('index_type', 'FLAT')).upper()
         return ('FLAT' if kind == 'BRUTE_FORCE' else kind), info  # Milvus Lite's name for FLAT
 
-    def postprocessing(self) -> dict | None:
-        """How the collection's vectors were post-processed (None: raw, or made before we recorded it)."""
+    def _property(self, name: str) -> dict | None:
         if self.dim() is None:
             return None
         with self._errors(f'describing collection {self.collection!r}'):
-            text = (self.client.describe_collection(self.collection).get('properties') or {}).get(POSTPROCESSING)
+            text = (self.client.describe_collection(self.collection).get('properties') or {}).get(name)
         return json.loads(text) if text else None
 
+    def postprocessing(self) -> dict | None:
+        """How the collection's vectors were post-processed (None: raw, or made before we recorded it)."""
+        return self._property(POSTPROCESSING)
+
+    def model(self) -> dict | None:
+        """The fingerprint of the model that made the collection's vectors (``Isc.fingerprint``), or None
+        (made before we recorded it, or from descriptor files that do not say)."""
+        return self._property(MODEL)
+
     def create(self, dim: int = 256, index_type: str | None = None, size: int = 0,
-               postprocessing: dict | None = None) -> str:
+               postprocessing: dict | None = None, model: dict | None = None) -> str:
         """Make the collection if it is not there (``id`` VARCHAR primary key, ``vector``, inner
         product, an ``index_type`` index sized for about ``size`` vectors, default FLAT;
-        ``postprocessing`` kept as a property). One of another vector size is an error; one with
+        ``postprocessing`` and ``model`` kept as properties). One of another vector size is an error; one with
         another index type too, when ``index_type`` is given. Returns the index type the collection has."""
         from pymilvus import DataType, MilvusClient
         if index_type is not None and index_type not in INDEX_TYPES:
@@ -204,8 +296,9 @@ class MilvusIndex:
             schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=True)
             schema.add_field('id', DataType.VARCHAR, is_primary=True, max_length=512)
             schema.add_field('vector', DataType.FLOAT_VECTOR, dim=dim)
-            extra = {} if postprocessing is None else {
-                'properties': {POSTPROCESSING: json.dumps(postprocessing, sort_keys=True)}}
+            properties = {name: json.dumps(record, sort_keys=True)
+                          for name, record in ((POSTPROCESSING, postprocessing), (MODEL, model)) if record is not None}
+            extra = {'properties': properties} if properties else {}
             self.client.create_collection(self.collection, schema=schema, **extra)
             index = self.client.prepare_index_params()
             build = index_params(index_type, size)
@@ -220,15 +313,18 @@ class MilvusIndex:
         return index_type
 
     def add(self, ids: Sequence[str], vectors: np.ndarray, batch: int = 1000, index_type: str | None = None,
-            postprocessing: dict | None = None, paths: dict[str, str] | None = None) -> str:
+            postprocessing: dict | None = None, model: dict | None = None,
+            paths: dict[str, str] | None = None) -> str:
         """Insert or update by id (``vectors`` float32 N x D), creating the collection on first use
         with an ``index_type`` index. Vectors post-processed otherwise than the collection's
-        (``postprocessing``, None for raw) are refused. ``paths`` (id -> image path) are stored beside
-        the vectors, for reports. Returns the index type the collection has."""
+        (``postprocessing``, None for raw) are refused, and so are those of another ``model`` (where both
+        record theirs). ``paths`` (id -> image path) are stored beside the vectors, for reports. Returns
+        the index type the collection has."""
         if self.dim() is not None:
             check_same_postprocessing({f'collection {self.collection!r}': self.postprocessing(),
                                        'the descriptors to add': postprocessing})
-        kind = self.create(vectors.shape[1], index_type, len(ids), postprocessing)
+            check_same_model({f'collection {self.collection!r}': self.model(), 'the descriptors to add': model})
+        kind = self.create(vectors.shape[1], index_type, len(ids), postprocessing, model)
         paths = paths or {}
         with_paths = self.stores_paths()
         with self._errors(f'writing to {self.collection!r}'), \
