@@ -177,16 +177,14 @@ def test_image_paths_are_stored_and_read_back_whatever_the_ids(route, tmp_path, 
 def test_a_collection_made_before_paths_were_kept_still_takes_descriptors(tmp_path):
     from pymilvus import DataType, MilvusClient
     from towhee_isc.workflow.milvus import MilvusIndex
-    db = tmp_path / 'old.db'
-    client = MilvusClient(str(db))
+    old = MilvusIndex(tmp_path / 'old.db', 'old')
+    client = old.client  # the collection made as an older towhee-isc made it: no dynamic field
     schema = MilvusClient.create_schema(auto_id=False)
     schema.add_field('id', DataType.VARCHAR, is_primary=True, max_length=512)
     schema.add_field('vector', DataType.FLOAT_VECTOR, dim=8)
     index = client.prepare_index_params()
     index.add_index('vector', index_type='FLAT', metric_type='IP')
     client.create_collection('old', schema=schema, index_params=index)
-    client.close()
-    old = MilvusIndex(db, 'old')
     old.add(['a', 'b'], np.eye(2, 8, dtype=np.float32), paths={'a': '/photos/a.jpg'})
     assert old.count() == 2 and not old.stores_paths() and old.paths(['a', 'b']) == {}
 
