@@ -15,8 +15,8 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from ..atomic import atomic_write
-from .engines import Engine, Exact, choose_engine
-from .metrics import Match
+from .engines import Engine, Exact, choose_engine, meets
+from .metrics import Match, safe_cell
 
 def nth_neighbour_similarity(queries: np.ndarray, background: np.ndarray, nth: int,
                              engine: Engine | None = None) -> np.ndarray:
@@ -35,7 +35,7 @@ def search(query_ids: Sequence[str], queries: np.ndarray, reference_ids: Sequenc
            references: np.ndarray, k: int, threshold: float | None = None,
            offsets: np.ndarray | None = None, engine: Engine | None = None) -> list[Match]:
     """Each query's k best references by inner product (cosine for unit vectors), minus the query's
-    offset (score normalisation), kept if at least ``threshold``; best first within each query.
+    offset (score normalisation), kept if at least ``threshold`` (within float32 rounding); best first within each query.
     ``engine`` defaults to the one :func:`choose_engine` picks for the sizes."""
     _check_dims(queries, references)
     if threshold is not None and not math.isfinite(threshold):
@@ -47,7 +47,7 @@ def search(query_ids: Sequence[str], queries: np.ndarray, reference_ids: Sequenc
     matches = []
     for row in range(len(indices)):
         for j, score in zip(indices[row], scores[row]):
-            if j >= 0 and (threshold is None or score >= threshold):
+            if j >= 0 and (threshold is None or meets(score, threshold)):
                 matches.append(Match(query_ids[row], reference_ids[j], float(score)))
     return matches
 
@@ -108,7 +108,8 @@ def duplicate_groups(ids: Sequence[str], pairs: Iterable[tuple[int, int, float]]
 
 def write_groups(path: str | os.PathLike, groups: Sequence[DuplicateGroup], paths: dict[str, str]) -> None:
     """Groups as JSON (``[{keep, members}]``) if ``path`` ends in .json, else CSV
-    ``group,image_id,path,keep``; through a temporary file."""
+    ``group,image_id,path,keep`` (ids and paths a spreadsheet would take for formulas escaped:
+    ``metrics.safe_cell``); through a temporary file."""
     with atomic_write(path) as tmp, open(tmp, 'w', newline='', encoding='utf-8') as f:
         if str(path).lower().endswith('.json'):
             json.dump([{'keep': g.keep, 'members': g.members} for g in groups], f, indent=1)
@@ -116,7 +117,7 @@ def write_groups(path: str | os.PathLike, groups: Sequence[DuplicateGroup], path
             writer = csv.writer(f)
             writer.writerow(['group', 'image_id', 'path', 'keep'])
             for n, g in enumerate(groups, start=1):
-                writer.writerows([n, m, paths.get(m, ''), m == g.keep] for m in g.members)
+                writer.writerows([n, safe_cell(m), safe_cell(paths.get(m, '')), m == g.keep] for m in g.members)
 
 
 def _keep_rank(path: str | None) -> tuple[int, int]:

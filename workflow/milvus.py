@@ -16,6 +16,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from .descriptors import check_same_postprocessing
+from .engines import meets
 from .metrics import Match
 
 DEFAULT_MILVUS_URI = './isc.db'  # Milvus Lite: embedded, a folder, nothing to start
@@ -277,7 +278,7 @@ class MilvusIndex:
                     offset = 0.0 if offsets is None else float(offsets[start + row])
                     for hit in row_hits:
                         score = float(hit['distance']) - offset
-                        if threshold is None or score >= threshold:
+                        if threshold is None or meets(score, threshold):
                             matches.append(Match(query_ids[start + row], hit['id'], score))
         return matches
 
