@@ -14,10 +14,10 @@ import warnings
 from typing import Sequence
 
 from ..atomic import check_writable
-from ..postprocess import ALPHA, BETA, DBA_K, ITERATIONS, K, NegativeEmbeddings
+from ..postprocess import ALPHA, BETA, DBA_K, ITERATIONS, K, MAX_ITERATIONS, NegativeEmbeddings
 from .descriptors import (check_same_postprocessing, describe_postprocessing, read_descriptors, read_image_paths,
                           read_model, read_postprocessing, write_descriptors)
-from .embedding import Embedder, embed_collection, inputs_postprocessing, load_descriptors
+from .embedding import Embedder, check_same_model, embed_collection, inputs_postprocessing, load_descriptors
 from .engines import choose_engine
 from .matching import (duplicate_groups, html_report, near_duplicate_pairs, nth_neighbour_similarity, search,
                        write_groups)
@@ -149,7 +149,8 @@ def cmd_nes(args) -> None:
     if done is not None:
         raise ValueError(f'{args.descriptors} is already {describe_postprocessing(done)}; post-process raw descriptors')
     negatives = NegativeEmbeddings(args.negatives, args.dba_k, args.alpha)
-    out = negatives.subtract(vectors, args.k, args.beta, args.iterations)
+    check_same_model({args.descriptors: read_model(args.descriptors), f'the negatives {args.negatives}': negatives.model})
+    out = negatives.subtract(vectors, args.k, args.beta, args.iterations, progress=True)
     write_descriptors(args.output, ids, out, read_image_paths(args.descriptors), model=read_model(args.descriptors),
                       postprocessing=negatives.record(args.k, args.beta, args.iterations))
     print(f'wrote {len(ids)} post-processed descriptors to {args.output} '
@@ -196,7 +197,7 @@ def parser() -> argparse.ArgumentParser:
                            'these negatives (a descriptor file); descriptor files must be post-processed alike')
         group.add_argument('--nes-k', type=positive_int, default=K, help=f'nearest negatives subtracted ({K})')
         group.add_argument('--nes-beta', type=finite_float, default=BETA, help=f'weight of the subtraction ({BETA})')
-        group.add_argument('--nes-iterations', type=positive_int, default=ITERATIONS, help=f'repeats ({ITERATIONS})')
+        group.add_argument('--nes-iterations', type=iterations, default=ITERATIONS, help=f'repeats ({ITERATIONS})')
         group.add_argument('--nes-dba-k', type=positive_int, default=DBA_K,
                            help=f'neighbours in the augmentation of the negatives ({DBA_K})')
         group.add_argument('--nes-alpha', type=finite_float, default=ALPHA,
@@ -287,7 +288,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument('-o', '--output', required=True, help='post-processed descriptor file (.h5): the same ids, in order')
     p.add_argument('--k', type=positive_int, default=K, help=f'nearest augmented negatives subtracted (default {K})')
     p.add_argument('--beta', type=finite_float, default=BETA, help=f'weight of the subtraction (default {BETA})')
-    p.add_argument('--iterations', type=positive_int, default=ITERATIONS, help=f'repeats (default {ITERATIONS})')
+    p.add_argument('--iterations', type=iterations, default=ITERATIONS,
+                   help=f'repeats (default {ITERATIONS}, at most {MAX_ITERATIONS})')
     p.add_argument('--dba-k', type=positive_int, default=DBA_K, help=f'neighbours in the augmentation (default {DBA_K})')
     p.add_argument('--alpha', type=finite_float, default=ALPHA, help=f'similarity exponent of the augmentation (default {ALPHA})')
     p.set_defaults(run=cmd_nes)
@@ -304,6 +306,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def iterations(text: str) -> int:
+    value = positive_int(text)
+    if value > MAX_ITERATIONS:
+        raise argparse.ArgumentTypeError(f'must be at most {MAX_ITERATIONS}, got {value} (the winner used {ITERATIONS})')
+    return value
+
+
 def finite_float(text: str) -> float:
     try:
         value = float(text)
@@ -316,6 +325,27 @@ def finite_float(text: str) -> float:
 
 # Files each command writes, checked before any work so a long run does not fail at its end.
 OUTPUTS = {'output': 'output', 'report': '--report', 'plot': '--plot'}
+# Arguments naming what commands read: an output must never be one of them.
+INPUTS = ('inputs', 'queries', 'references', 'score_norm', 'negatives', 'descriptors', 'matches', 'ground_truth')
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Each output can be written and is none of the inputs (``search q.h5 -o q.h5`` would replace the
+    queries with CSV)."""
+    read = [str(p) for name in INPUTS for p in _listed(getattr(args, name, None))]
+    for name, what in OUTPUTS.items():
+        target = getattr(args, name, None)
+        if not target:
+            continue
+        check_writable(target, what)
+        for path in read:
+            if os.path.exists(target) and os.path.exists(path) and os.path.samefile(target, path):
+                raise ValueError(f'{what} {str(target)!r} is also an input ({path}): writing it would destroy it; '
+                                 'give another file name')
+
+
+def _listed(value) -> list:
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -324,9 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     warnings.showwarning = one_line_warning
     try:
-        for name, what in OUTPUTS.items():
-            if getattr(args, name, None):
-                check_writable(getattr(args, name), what)
+        check_outputs(args)
         args.run(args)
     except KeyboardInterrupt:
         print('interrupted' + ('; run the same command again to continue' if args.command == 'embed' else ''),
