@@ -6,6 +6,7 @@ it parses arguments and prints; errors are one line and exit code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -19,7 +20,7 @@ from .descriptors import (check_same_postprocessing, describe_postprocessing, re
                           read_model, read_postprocessing, write_descriptors)
 from .embedding import Embedder, check_same_model, embed_collection, inputs_postprocessing, load_descriptors
 from .engines import choose_engine
-from .matching import (duplicate_groups, html_report, near_duplicate_pairs, nth_neighbour_similarity, search,
+from .matching import (duplicate_groups, html_report, near_duplicate_groups, nth_neighbour_similarity, search,
                        write_groups)
 from .metrics import evaluate, plot_precision_recall, read_ground_truth, read_matches, write_matches
 from .milvus import DEFAULT_MILVUS_URI, INDEX_TYPES, MilvusIndex, milvus_duplicate_pairs
@@ -116,17 +117,40 @@ def cmd_dedup(args) -> None:
         if index.count() > len(ids):  # others' neighbours can crowd ours out of the k looked at
             print(f'warning: collection {args.collection!r} also holds images not given here', file=sys.stderr)
         pairs = milvus_duplicate_pairs(index, ids, vectors, args.threshold, args.k, args.nprobe, args.ef)
+        groups = duplicate_groups(ids, pairs, [paths.get(i) for i in ids])
     else:
         engine = choose_engine(len(vectors), len(vectors), args.exact)
-        print(f'search engine: {engine.description}')
-        pairs = near_duplicate_pairs(vectors, args.threshold, engine)
-    groups = duplicate_groups(ids, pairs, [paths.get(i) for i in ids])
+        print(f'search engine: {engine.description}', flush=True)
+        with progress_bar('comparing', len(ids) > PROGRESS_FROM) as progress:
+            groups = near_duplicate_groups(ids, vectors, args.threshold, engine, [paths.get(i) for i in ids], progress)
     for n, group in enumerate(groups, start=1):
         print(f'group {n}: keep {group.keep}; copies: ' + ', '.join(m for m in group.members if m != group.keep))
     print(f'{len(groups)} group(s) of near-duplicates among {len(ids)} images (threshold {args.threshold})')
     if args.output:
         write_groups(args.output, groups, paths)
         print(f'wrote {args.output}')
+
+
+PROGRESS_FROM = 20_000  # dedup of this many images shows a progress bar (exact dedup of 200,000 takes minutes)
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, shown: bool):
+    """A ``progress(done, total)`` callable drawing a bar on stderr, or None when not ``shown``."""
+    if not shown:
+        yield None
+        return
+    from tqdm import tqdm
+    bar = tqdm(desc=description, file=sys.stderr, smoothing=0.1)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        yield progress
+    finally:
+        bar.close()
 
 
 def cmd_evaluate(args) -> None:

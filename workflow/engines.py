@@ -8,14 +8,15 @@ and :func:`choose_engine` is the one place that picks exact search (small jobs) 
 inverted-file index (large ones). ``engine.description`` says which, for the commands to print.
 
 Vectors are float32 N x D and L2-normalised, so the inner product is the cosine. Neither engine ever
-holds an N x N matrix: exact search goes through faiss's blocked flat search, the approximate one
-compares each vector with a few cells of the collection only.
+holds an N x N matrix: exact search goes through faiss's blocked flat search and exact pairs through
+bounded tiles, the approximate one compares each vector with a few cells of the collection only.
+``engine.pair_blocks`` gives the pairs a bounded block at a time, for grouping without holding them all.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 
@@ -25,7 +26,10 @@ import numpy as np
 # worth its seconds.
 EXACT_UP_TO = 100_000 ** 2
 
-BLOCK = 4096  # query rows per exact range search: faiss keeps its results for one block at a time
+# Pairs within one set are found a tile of TILE x TILE_COLUMNS similarities at a time (32 MB of float32, and
+# at most 8 million pairs held at once even when every vector is a copy of every other).
+TILE, TILE_COLUMNS = 1024, 8192
+Progress = Callable[[int, int], None]  # (done, total): called as a long search advances
 
 # A score is a float32 sum of D products: a unit vector's product with itself or with a byte-identical copy
 # comes out up to a few 1e-6 below 1.0 (216 of 400 identical pairs did at 256-d). A score this close to a
@@ -51,6 +55,11 @@ class Engine(Protocol):
         """(i int64, j int64, similarity float32) for every pair i < j whose similarity meets ``threshold``
         (within float32 rounding: :func:`meets`)."""
 
+    def pair_blocks(self, vectors: np.ndarray, threshold: float, progress: Progress | None = None
+                    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """The same pairs as :meth:`pairs`, a bounded block at a time (a pair may come twice), calling
+        ``progress(done, total)`` as it goes: what grouping uses, never holding all pairs at once."""
+
 
 def choose_engine(queries: int, references: int, exact: bool = False, exact_up_to: int = EXACT_UP_TO) -> Engine:
     """Exact search if ``exact`` or if ``queries`` x ``references`` comparisons are few (at most
@@ -74,20 +83,26 @@ class Exact:
         return indices, scores
 
     def pairs(self, vectors: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        faiss = _faiss()
+        return _joined(list(self.pair_blocks(vectors, threshold)))
+
+    def pair_blocks(self, vectors: np.ndarray, threshold: float, progress: Progress | None = None
+                    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """:meth:`pairs` a tile at a time: each tile of the upper triangle is one matrix product of
+        ``TILE`` vectors by ``TILE_COLUMNS``, so memory is bounded however many pairs there are (25,000
+        near-identical vectors are 312 million pairs)."""
         vectors, _ = _checked(vectors, vectors)
         threshold = _check_threshold(threshold)
-        index = faiss.IndexFlatIP(vectors.shape[1])
-        index.add(vectors)
-        # faiss keeps similarities strictly above the radius; we keep those that meet the threshold
-        radius = float(np.nextafter(np.float32(threshold - ROUNDING), np.float32(-np.inf)))
-        found = []
-        for start in range(0, len(vectors), BLOCK):
-            limits, sims, cols = index.range_search(vectors[start:start + BLOCK], radius)
-            rows = start + np.repeat(np.arange(len(limits) - 1), np.diff(limits).astype(np.int64))
-            keep = (rows < cols) & meets(sims, threshold)
-            found.append((rows[keep], cols[keep], sims[keep]))
-        return _joined(found)
+        n = len(vectors)
+        for start in range(0, n, TILE):
+            rows = vectors[start:start + TILE]
+            for first in range(start, n, TILE_COLUMNS):
+                sims = rows @ vectors[first:first + TILE_COLUMNS].T
+                r, c = np.nonzero(meets(sims, threshold))
+                keep = r + start < c + first
+                r, c = r[keep], c[keep]
+                yield r + start, c + first, sims[r, c]
+            if progress:
+                progress(min(start + TILE, n), n)
 
 
 @dataclass(frozen=True)
@@ -140,20 +155,23 @@ class Ivf:
         return np.take_along_axis(indices, order, axis=1), np.take_along_axis(scores, order, axis=1)
 
     def pairs(self, vectors: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        vectors, _ = _checked(vectors, vectors)
-        threshold = _check_threshold(threshold)
-        found = []
-        for asking, inside, sims in self._join(vectors, vectors, same=True):
-            rows, cols = np.nonzero(meets(sims, threshold))
-            i, j = asking[rows], inside[cols]
-            found.append((np.minimum(i, j), np.maximum(i, j), sims[rows, cols]))
-        i, j, s = _joined(found)
+        i, j, s = _joined(list(self.pair_blocks(vectors, threshold)))
         # a pair is seen from both sides when each vector searches the other's cell: keep it once
         keep = i < j
         _, first = np.unique(i[keep] * len(vectors) + j[keep], return_index=True)
         return i[keep][first], j[keep][first], s[keep][first]
 
-    def _join(self, queries: np.ndarray, references: np.ndarray, same: bool
+    def pair_blocks(self, vectors: np.ndarray, threshold: float, progress: Progress | None = None
+                    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        vectors, _ = _checked(vectors, vectors)
+        threshold = _check_threshold(threshold)
+        for asking, inside, sims in self._join(vectors, vectors, same=True, progress=progress):
+            rows, cols = np.nonzero(meets(sims, threshold))
+            i, j = asking[rows], inside[cols]
+            keep = i != j
+            yield np.minimum(i, j)[keep], np.maximum(i, j)[keep], sims[rows, cols][keep]
+
+    def _join(self, queries: np.ndarray, references: np.ndarray, same: bool, progress: Progress | None = None
               ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """For each cell: (the queries that search it, its references, their similarities float32).
 
@@ -161,6 +179,7 @@ class Ivf:
         by vector and holds a copy of the references: all pairs at 0.8 among 200,000, 32 of 1,788 cells
         searched, took 28 s this way against 49 s with IndexIVFFlat.range_search here, and no copy.
         ``same``: the queries are the references (dedup), whose nearest cell is then known already.
+        A crowded cell's product is made in slices of at most TILE x TILE_COLUMNS similarities.
         """
         centroids = self._centroids(references)
         nprobe = self.pair_nprobe if same else self.nprobe
@@ -171,8 +190,12 @@ class Ivf:
         del probes, homes
         for cell in range(self.nlist):
             inside, asking = members[cell], askers[cell] // nprobe
-            if len(inside) and len(asking):
-                yield asking, inside, queries[asking] @ references[inside].T
+            step = max(1, TILE * TILE_COLUMNS // max(1, len(inside)))
+            for part in range(0, len(asking) if len(inside) else 0, step):
+                some = asking[part:part + step]
+                yield some, inside, queries[some] @ references[inside].T
+            if progress:
+                progress(cell + 1, self.nlist)
 
 
 def _nearest_cells(centroids, vectors: np.ndarray, nprobe: int, block: int = 65_536) -> np.ndarray:
