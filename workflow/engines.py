@@ -26,9 +26,9 @@ import numpy as np
 # worth its seconds.
 EXACT_UP_TO = 100_000 ** 2
 
-# Pairs within one set are found a tile of TILE x TILE_COLUMNS similarities at a time (32 MB of float32, and
-# at most 8 million pairs held at once even when every vector is a copy of every other).
-TILE, TILE_COLUMNS = 1024, 8192
+# Pairs within one set are found a tile of TILE x TILE_COLUMNS similarities at a time (16 MB of float32, and
+# at most 4 million pairs held at once even when every vector is a copy of every other).
+TILE, TILE_COLUMNS = 512, 8192
 Progress = Callable[[int, int], None]  # (done, total): called as a long search advances
 
 # A score is a float32 sum of D products: a unit vector's product with itself or with a byte-identical copy
