@@ -30,7 +30,7 @@ HNSW_M, HNSW_EF_CONSTRUCTION = 16, 200  # Milvus's usual starting point
 # Default search widths: on 100,000 random 256-d vectors these found >= 99 % of copies at rank 1
 # (benchmarks/milvus_index.py; at nlist/16 cells or ef 64, only 98 % and 84 %).
 IVF_NPROBE_SHARE, HNSW_EF = 8, 256
-WRITE_TIMEOUT_S = 600  # one batch of rows (or the flush): a frozen server fails the index instead of hanging
+CALL_TIMEOUT_S = 600  # one batch of rows written or searched: a frozen server fails the command instead of hanging
 
 
 class MilvusError(ValueError):
@@ -259,11 +259,11 @@ class MilvusIndex:
                 for start in range(0, len(ids), batch):
                     rows = [{'id': i, 'vector': v.tolist()}
                             for i, v in zip(ids[start:start + batch], vectors[start:start + batch])]
-                    self.client.upsert(self.collection, rows, timeout=WRITE_TIMEOUT_S)
+                    self.client.upsert(self.collection, rows, timeout=CALL_TIMEOUT_S)
                     written += len(rows)
                 # Milvus Lite then builds the new segments' index in a background thread that it waits for when
                 # the process ends (searching them exactly until then); reloading here would race that thread.
-                self.client.flush(self.collection, timeout=WRITE_TIMEOUT_S)
+                self.client.flush(self.collection, timeout=CALL_TIMEOUT_S)
                 # (not dropped: Milvus 2.3 servers cannot drop a property)
                 self.client.alter_collection_properties(self.collection, properties={INCOMPLETE: 'false'})
         except MilvusError as e:
@@ -317,7 +317,8 @@ class MilvusIndex:
         with self._errors(f'searching {self.collection!r}'):
             for start in range(0, len(queries), batch):
                 hits = self.client.search(self.collection, data=queries[start:start + batch].tolist(), limit=k,
-                                          output_fields=['id'], search_params=params, consistency_level='Strong')
+                                          output_fields=['id'], search_params=params, consistency_level='Strong',
+                                          timeout=CALL_TIMEOUT_S)
                 for row, row_hits in enumerate(hits):
                     offset = 0.0 if offsets is None else float(offsets[start + row])
                     for hit in row_hits:
