@@ -51,5 +51,8 @@ def is_command(first: str) -> bool:
 
 
 if __name__ == '__main__':
-    from .workflow.cli import main as command_main
-    sys.exit(command_main() if sys.argv[1:2] and is_command(sys.argv[1]) else main())
+    try:
+        from .workflow.cli import main as command_main
+        sys.exit(command_main() if sys.argv[1:2] and is_command(sys.argv[1]) else main())
+    except KeyboardInterrupt:  # Ctrl-C while the libraries load: exit 130 without a traceback, as later
+        sys.exit(130)

@@ -69,3 +69,41 @@ def remove_partials(target: str | os.PathLike) -> None:
     for stale in target.parent.glob(glob.escape(target.name) + '.*.partial'):
         with contextlib.suppress(FileNotFoundError):
             stale.unlink()
+
+
+class Busy(ValueError):
+    """Another process holds the lock on a file that this one was about to write."""
+
+
+@contextlib.contextmanager
+def sole_writer(target: str | os.PathLike, what: str) -> Iterator[None]:
+    """Fail at once (``Busy``, naming ``what``) if another process is writing ``target``; else hold a lock on
+    it until the block ends. The lock is ``<target>.lock`` (flock, released by the kernel even when the
+    process is killed), removed afterwards. No lock where ``fcntl`` is missing (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    lock = Path(str(target) + '.lock')
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise Busy(f'another {what} is writing {str(target)!r} (it holds {str(lock)!r}): wait for it to end, '
+                       'or choose another output') from None
+        try:  # the holder before us may have removed the file we locked: lock the one that is there now
+            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()
+        os.close(fd)

@@ -21,7 +21,7 @@ from .backends import DEFAULT_BATCH, TRITON_BATCH, export_onnx, resolve_backend
 from .images import ImageError, image_size, is_jpeg, to_pil_rgb
 from .model import IscNet, preprocess, save_checkpoint
 from .network import IscModel, ModelSpec, accelerated_model
-from .postprocess import ALPHA, BETA, DBA_K, ITERATIONS, K, NegativeEmbeddings
+from .postprocess import ALPHA, BETA, DBA_K, ITERATIONS, K, NegativeEmbeddings, same_model
 from .weights import DEFAULT_WEIGHTS, WEIGHTS
 
 _EXPORT_SUFFIX = {'pytorch': '.pth', 'torchscript': '.pt', 'onnx': '.onnx'}
@@ -158,6 +158,10 @@ class Isc(NNOperator):
                              f'({negatives.dba_k}, {negatives.alpha}): set them when building it')
         if negatives.dim != self.embedding_dim:
             raise ValueError(f'the negatives are {negatives.dim}-d but this model makes {self.embedding_dim}-d vectors')
+        if isinstance(self.model, IscModel) and not same_model(negatives.model, self.fingerprint):
+            raise ValueError(f'the negatives were made by another model (weights {negatives.model.get("weights")} at '
+                             f'{negatives.model.get("img_size")} px; this one: {self.fingerprint["weights"]} at '
+                             f'{self.img_size} px): embed the negatives with this model')
         record = negatives.record(k, beta, iterations)  # checks the settings
         negatives.augmented  # noqa: B018 (augment now, so that the first call is not slow)
         return negatives, record

@@ -29,6 +29,9 @@ from .atomic import atomic_write
 from .defaults import ALPHA, BETA, DBA_K, ITERATIONS, K  # noqa: F401 (the winner's settings; imported from here)
 from .progress import Progress
 
+# The most iterations allowed: the winner used 1, the paper found nothing past 2 or 3, and each one is a
+# full search of the negatives (a typo such as 1000000 would otherwise run for days without a word).
+MAX_ITERATIONS = 20
 METHOD = 'negative embedding subtraction (arXiv 2112.04323)'
 NORM_TOLERANCE = 1e-3  # descriptors must be L2-normalised; fp16 ones are within ~1e-3
 # Similarity blocks of ROWS x COLUMNS float32 (128 MB), never N x M. Chunking the negatives too keeps
@@ -66,6 +69,9 @@ class NegativeEmbeddings:
         self.dba_k = _positive_int('dba_k', dba_k)
         self.alpha = _finite('alpha', alpha)
         self.negatives = _read_negatives(negatives)
+        # The fingerprint of the model that made them (a descriptor file records it; None for an array),
+        # so that negatives of another model are refused: their vectors cannot be compared with ours.
+        self.model: dict | None = _read_model(negatives)
         if len(self.negatives) < self.dba_k:
             raise PostprocessError(f'dba_k={self.dba_k} needs at least {self.dba_k} negatives, '
                                    f'got {len(self.negatives)}')
@@ -89,12 +95,12 @@ class NegativeEmbeddings:
     def subtract(self, vectors: np.ndarray, k: int = K, beta: float = BETA, iterations: int = ITERATIONS) -> np.ndarray:
         """Negative embedding subtraction of (N, D) L2-normalised ``vectors``: returns (N, D) float32
         unit rows, in the same order. Each iteration subtracts ``beta`` times the mean of a vector's
-        ``k`` nearest augmented negatives, then normalises."""
+        ``k`` nearest augmented negatives, then normalises (a progress line per iteration, unless made with ``progress=False``)."""
         k, beta, iterations = self._settings(k, beta, iterations)
         x = _check_unit_rows(vectors, 'descriptors', self.dim)
         negatives, beta32 = self.augmented, np.float32(beta)
-        for _ in range(iterations):
-            line = 'subtracting negatives' if self.progress is not False else None
+        for n in range(iterations):
+            line = f'subtracting negatives ({n + 1}/{iterations})' if self.progress is not False else None
             _, idx = nearest(x, negatives, k, description=line)
             x = x - beta32 * negatives[idx].mean(axis=1)
             x = _normalise(x, 'the subtraction left a zero vector (is beta near 1 or more?)')
@@ -110,7 +116,10 @@ class NegativeEmbeddings:
         k = _positive_int('k', k)
         if k > len(self.negatives):
             raise PostprocessError(f'k={k} needs at least {k} negatives, got {len(self.negatives)}')
-        return k, _finite('beta', beta), _positive_int('iterations', iterations)
+        iterations = _positive_int('iterations', iterations)
+        if iterations > MAX_ITERATIONS:
+            raise PostprocessError(f'iterations must be at most {MAX_ITERATIONS}, got {iterations} (the winner used 1)')
+        return k, _finite('beta', beta), iterations
 
     # -- the augmentation and its cache --------------------------------------------------------------
 
@@ -249,6 +258,22 @@ def _read_negatives(negatives) -> np.ndarray:
         except ValueError as e:
             raise PostprocessError(f'negatives: {e}') from e
     return _check_unit_rows(negatives, 'negatives')
+
+
+def _read_model(negatives) -> dict | None:
+    if not isinstance(negatives, (str, os.PathLike)):
+        return None
+    from .workflow.descriptors import read_model
+    try:
+        return read_model(negatives)
+    except ValueError as e:
+        raise PostprocessError(f'negatives: {e}') from e
+
+
+def same_model(a: dict | None, b: dict | None) -> bool:
+    """Whether two operator fingerprints (``Isc.fingerprint``) make comparable vectors: the same weights at
+    the same input size. An unknown one (None) is taken on trust."""
+    return a is None or b is None or (a.get('weights'), a.get('img_size')) == (b.get('weights'), b.get('img_size'))
 
 
 def _check_unit_rows(vectors, name: str, dim: int | None = None) -> np.ndarray:

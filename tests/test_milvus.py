@@ -203,10 +203,13 @@ def test_search_parameters_follow_the_index():
 
 def test_a_server_with_authentication_needs_the_token(milvus_server, planted):
     done = towhee_isc('index', planted / 'refs.h5', '--milvus-uri', milvus_server.uri, check=False)
-    one_line_error(done, f'cannot reach Milvus at {milvus_server.uri!r}', '--token')
+    one_line_error(done, f'Milvus at {milvus_server.uri!r} refused the connection: authentication failed',
+                   'requires --token')
     done = towhee_isc('index', planted / 'refs.h5', '--milvus-uri', milvus_server.uri, '--token', 'root:wrong',
                       check=False)
-    one_line_error(done, f'cannot reach Milvus at {milvus_server.uri!r}')
+    one_line_error(done, f'Milvus at {milvus_server.uri!r} refused the connection: authentication failed',
+                   'check --token')
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr  # no pymilvus traceback before it
 
 
 def test_broken_milvus_lite_databases_are_one_line_errors(planted, tmp_path):

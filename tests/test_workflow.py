@@ -282,7 +282,7 @@ def test_images_people_really_have(cmd, photos, tmp_path, small_op):
 
 
 def test_dedup_finds_pairs_across_query_blocks_with_either_engine():
-    from towhee_isc.workflow.engines import BLOCK, Exact, Ivf
+    from towhee_isc.workflow.engines import TILE as BLOCK, Exact, Ivf  # rows of one tile of pairs
     from towhee_isc.workflow.matching import duplicate_groups, near_duplicate_pairs
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((BLOCK + 5, 16)).astype(np.float32)

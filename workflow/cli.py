@@ -138,7 +138,7 @@ def cmd_search(args) -> None:
 def cmd_dedup(args) -> None:
     from .embedding import inputs_postprocessing, load_descriptors
     from .engines import choose_engine
-    from .matching import duplicate_groups, near_duplicate_pairs
+    from .matching import duplicate_groups, near_duplicate_groups
     from .milvus import MilvusIndex, milvus_duplicate_pairs
     images = embedder(args)
     postprocessing = same_postprocessing(args, images, inputs_postprocessing(args.inputs, images))
@@ -149,11 +149,11 @@ def cmd_dedup(args) -> None:
         if index.count() > len(ids):  # others' neighbours can crowd ours out of the k looked at
             print(f'warning: collection {args.collection!r} also holds images not given here', file=sys.stderr)
         pairs = milvus_duplicate_pairs(index, ids, vectors, args.threshold, args.k, args.nprobe, args.ef)
+        groups = duplicate_groups(ids, pairs, [paths.get(i) for i in ids])
     else:
         engine = choose_engine(len(vectors), len(vectors), args.exact)
-        print(f'search engine: {engine.description}')
-        pairs = near_duplicate_pairs(vectors, args.threshold, engine)
-    groups = duplicate_groups(ids, pairs, [paths.get(i) for i in ids])
+        print(f'search engine: {engine.description}', flush=True)
+        groups = near_duplicate_groups(ids, vectors, args.threshold, engine, [paths.get(i) for i in ids])
     for n, group in enumerate(groups, start=1):
         print(f'group {n}: keep {group.keep}; copies: ' + ', '.join(m for m in group.members if m != group.keep))
     print(f'{len(groups)} group(s) of near-duplicates among {len(ids)} images (threshold {args.threshold})')
@@ -195,7 +195,9 @@ def cmd_nes(args) -> None:
     done = read_postprocessing(args.descriptors)
     if done is not None:
         raise ValueError(f'{args.descriptors} is already {describe_postprocessing(done)}; post-process raw descriptors')
+    from .embedding import check_same_model
     negatives = NegativeEmbeddings(args.negatives, args.dba_k, args.alpha)
+    check_same_model({args.descriptors: read_model(args.descriptors), f'the negatives {args.negatives}': negatives.model})
     out = negatives.subtract(vectors, args.k, args.beta, args.iterations)
     write_descriptors(args.output, ids, out, read_image_paths(args.descriptors), model=read_model(args.descriptors),
                       postprocessing=negatives.record(args.k, args.beta, args.iterations))
@@ -345,7 +347,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument('-o', '--output', required=True, help='post-processed descriptor file (.h5): the same ids, in order')
     p.add_argument('--k', type=positive_int, default=K, help=f'nearest augmented negatives subtracted (default {K})')
     p.add_argument('--beta', type=finite_float, default=BETA, help=f'weight of the subtraction (default {BETA})')
-    p.add_argument('--iterations', type=positive_int, default=ITERATIONS, help=f'repeats (default {ITERATIONS})')
+    p.add_argument('--iterations', type=positive_int, default=ITERATIONS, help=f'repeats (default {ITERATIONS}, at most 20)')
     p.add_argument('--dba-k', type=positive_int, default=DBA_K, help=f'neighbours in the augmentation (default {DBA_K})')
     p.add_argument('--alpha', type=finite_float, default=ALPHA, help=f'similarity exponent of the augmentation (default {ALPHA})')
     p.set_defaults(run=cmd_nes)
@@ -402,6 +404,27 @@ def finite_float(text: str) -> float:
 
 # Files each command writes, checked before any work so a long run does not fail at its end.
 OUTPUTS = {'output': 'output', 'report': '--report', 'plot': '--plot'}
+# Arguments naming what commands read: an output must never be one of them.
+INPUTS = ('inputs', 'queries', 'references', 'score_norm', 'negatives', 'descriptors', 'matches', 'ground_truth')
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Each output can be written and is none of the inputs (``search q.h5 -o q.h5`` would replace the
+    queries with CSV)."""
+    read = [str(p) for name in INPUTS for p in _listed(getattr(args, name, None))]
+    for name, what in OUTPUTS.items():
+        target = getattr(args, name, None)
+        if not target:
+            continue
+        check_writable(target, what)
+        for path in read:
+            if os.path.exists(target) and os.path.exists(path) and os.path.samefile(target, path):
+                raise ValueError(f'{what} {str(target)!r} is also an input ({path}): writing it would destroy it; '
+                                 'give another file name')
+
+
+def _listed(value) -> list:
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -411,9 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.showwarning = one_line_warning
     set_quiet(args.quiet)
     try:
-        for name, what in OUTPUTS.items():
-            if getattr(args, name, None):
-                check_writable(getattr(args, name), what)
+        check_outputs(args)
         args.run(args)
     except KeyboardInterrupt:
         resumable = args.command == 'embed' or getattr(args, 'video_command', None) == 'embed'

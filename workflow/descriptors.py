@@ -25,25 +25,63 @@ class DescriptorFileError(ValueError):
 def find_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     """Image files from folders (recursive), glob patterns, ``.txt`` lists (one path a line) and
     plain files, in a stable order, without repeats. Paths named explicitly (on the command line or
-    in a list) are kept even if they are not images: embedding then skips and lists them."""
+    in a list) are kept even if they are not images: embedding then skips and lists them.
+
+    A symbolic link is an image of its own, named by the link (the name the user sees), even when
+    two links lead to one file; a link that leads nowhere or in a loop is kept, so embedding skips
+    and lists it under its own name. A folder that cannot be read, and a file whose name is not
+    valid UTF-8 (ids and descriptor files hold UTF-8 text), are skipped with a warning naming them,
+    before any work."""
     found: list[Path] = []
     for item in map(str, inputs):
         path = Path(item)
         if path.is_dir():
-            # Anything with an image's name but a folder: a pipe or a broken link is then skipped and listed.
-            found += sorted(p for p in path.rglob('*') if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
+            found += _images_in(path)
         elif path.is_file() and path.suffix.lower() == '.txt':
             found += _listed_paths(path)
         elif path.exists() or path.is_symlink():  # a file, or a pipe or device that embedding will refuse
             found.append(path)
         elif glob.has_magic(item):
-            found += sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
+            found += sorted(Path(p) for p in glob.glob(item, recursive=True)
+                            if Path(p).is_file() or (Path(p).is_symlink() and not Path(p).is_dir()))
         else:
             raise ValueError(f'no such file, folder or pattern: {item!r}')
-    unique = list(dict.fromkeys(p.resolve() for p in found))
+    # The same file named twice (a folder and one of its files) once; the link itself is never followed.
+    unique = list(dict.fromkeys(Path(os.path.realpath(p.parent)) / p.name for p in found))
+    unique = [p for p in unique if _utf8_name(p)]
     if not unique:
         raise ValueError(f'no images found in {list(map(str, inputs))}')
     return unique
+
+
+def _images_in(folder: Path) -> list[Path]:
+    """Files with an image's suffix under ``folder`` (links to folders are not followed; anything else
+    with an image's name is kept: a pipe or a broken link is then skipped and listed). A sub-folder
+    that cannot be read is skipped with a warning (``Path.rglob`` would hide it)."""
+    def unreadable(error: OSError) -> None:
+        warnings.warn(f'skipped folder {_shown(error.filename)}: {error.strerror or error}; '
+                      'its images are not included')
+
+    found = []
+    for root, _, files in os.walk(folder, onerror=unreadable):
+        found += (Path(root, name) for name in files if Path(name).suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(found)
+
+
+def _utf8_name(path: Path) -> bool:
+    """Whether ``path`` is valid UTF-8 text; if not, a warning names it (its undecodable bytes as \\xNN)."""
+    try:
+        str(path).encode('utf-8')
+        return True
+    except UnicodeEncodeError:
+        warnings.warn(f'skipped {_shown(path)}: its name is not valid UTF-8, which ids and descriptor files '
+                      'need: rename it')
+        return False
+
+
+def _shown(path: str | os.PathLike) -> str:
+    """A file name as it can be printed: bytes that are not UTF-8 as \\xNN."""
+    return "'" + os.fsencode(path).decode('utf-8', 'backslashreplace') + "'"
 
 
 def _listed_paths(path: Path) -> list[Path]:

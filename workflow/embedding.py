@@ -10,6 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..atomic import sole_writer
 from ..images import ImageError
 from ..progress import Progress
 from .descriptors import (embed_resumable, find_images, image_ids, read_descriptors, read_image_paths,
@@ -68,8 +69,15 @@ def embed_collection(inputs: Sequence[str], output: str, embedder: Embedder, chu
                      quiet: bool = False) -> tuple[int, dict[Path, str], float]:
     """Embed images into a descriptor file, resumably.
 
-    Returns (rows written, {skipped file: reason}, images/s).
+    Returns (rows written, {skipped file: reason}, images/s). A second embed into the same ``output``
+    while this one runs fails at once (``atomic.Busy``): the two would share, then remove, its parts folder.
     """
+    with sole_writer(output, 'towhee-isc embed'):
+        return _embed_collection(inputs, output, embedder, chunk_size, quiet)
+
+
+def _embed_collection(inputs: Sequence[str], output: str, embedder: Embedder, chunk_size: int,
+                      quiet: bool) -> tuple[int, dict[Path, str], float]:
     images = find_images(inputs)
     image_ids(images)  # two images with one id: refused before anything starts
     model = embedder.op.fingerprint  # builds the operator: a settings error stops here, before any output

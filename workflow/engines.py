@@ -8,8 +8,9 @@ and :func:`choose_engine` is the one place that picks exact search (small jobs) 
 inverted-file index (large ones). ``engine.description`` says which, for the commands to print.
 
 Vectors are float32 N x D and L2-normalised, so the inner product is the cosine. Neither engine ever
-holds an N x N matrix: exact search goes through faiss's blocked flat search, the approximate one
-compares each vector with a few cells of the collection only.
+holds an N x N matrix: exact search goes through faiss's blocked flat search and exact pairs through
+bounded tiles, the approximate one compares each vector with a few cells of the collection only.
+``engine.pair_blocks`` gives the pairs a bounded block at a time, for grouping without holding them all.
 """
 from __future__ import annotations
 
@@ -28,6 +29,19 @@ from ..progress import Progress
 EXACT_UP_TO = 100_000 ** 2
 
 BLOCK = 4096  # query rows per exact search: faiss keeps one block's results at a time; the progress line moves
+# Pairs within one set are found a tile of TILE x TILE_COLUMNS similarities at a time (16 MB of float32, and
+# at most 4 million pairs held at once even when every vector is a copy of every other).
+TILE, TILE_COLUMNS = 512, 8192
+
+# A score is a float32 sum of D products: a unit vector's product with itself or with a byte-identical copy
+# comes out up to a few 1e-6 below 1.0 (216 of 400 identical pairs did at 256-d). A score this close to a
+# threshold meets it, wherever thresholds apply, so that a threshold of 1.0 finds byte-identical copies.
+ROUNDING = 1e-5
+
+
+def meets(scores: np.ndarray | float, threshold: float) -> np.ndarray | bool:
+    """Whether ``scores`` are at or above ``threshold``, within float32 rounding (``ROUNDING``)."""
+    return scores >= threshold - ROUNDING
 
 
 class Engine(Protocol):
@@ -40,7 +54,12 @@ class Engine(Protocol):
         approximate engine may leave a row short, padded with index -1 and score -inf."""
 
     def pairs(self, vectors: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(i int64, j int64, similarity float32) for every pair i < j with similarity >= threshold."""
+        """(i int64, j int64, similarity float32) for every pair i < j whose similarity meets ``threshold``
+        (within float32 rounding: :func:`meets`)."""
+
+    def pair_blocks(self, vectors: np.ndarray, threshold: float) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """The same pairs as :meth:`pairs`, a bounded block at a time (a pair may come twice): what
+        grouping uses, never holding all pairs at once. Long searches draw a progress line."""
 
 
 def choose_engine(queries: int, references: int, exact: bool = False, exact_up_to: int = EXACT_UP_TO) -> Engine:
@@ -72,22 +91,25 @@ class Exact:
         return indices, scores
 
     def pairs(self, vectors: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        faiss = _faiss()
+        return _joined(list(self.pair_blocks(vectors, threshold)))
+
+    def pair_blocks(self, vectors: np.ndarray, threshold: float) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """:meth:`pairs` a tile at a time: each tile of the upper triangle is one matrix product of
+        ``TILE`` vectors by ``TILE_COLUMNS``, so memory is bounded however many pairs there are (25,000
+        near-identical vectors are 312 million pairs)."""
         vectors, _ = _checked(vectors, vectors)
         threshold = _check_threshold(threshold)
-        index = faiss.IndexFlatIP(vectors.shape[1])
-        index.add(vectors)
-        # faiss keeps similarities strictly above the radius; we keep those at or above the threshold
-        radius = float(np.nextafter(np.float32(threshold), np.float32(-np.inf)))
-        found = []
-        with Progress(len(vectors), 'finding pairs (exact)', unit='vector') as progress:
-            for start in range(0, len(vectors), BLOCK):
-                limits, sims, cols = index.range_search(vectors[start:start + BLOCK], radius)
-                rows = start + np.repeat(np.arange(len(limits) - 1), np.diff(limits).astype(np.int64))
-                keep = (rows < cols) & (sims >= threshold)
-                found.append((rows[keep], cols[keep], sims[keep]))
-                progress.advance(len(limits) - 1)
-        return _joined(found)
+        n = len(vectors)
+        with Progress(n, 'finding pairs (exact)', unit='vector') as progress:
+            for start in range(0, n, TILE):
+                rows = vectors[start:start + TILE]
+                for first in range(start, n, TILE_COLUMNS):
+                    sims = rows @ vectors[first:first + TILE_COLUMNS].T
+                    r, c = np.nonzero(meets(sims, threshold))
+                    keep = r + start < c + first
+                    r, c = r[keep], c[keep]
+                    yield r + start, c + first, sims[r, c]
+                progress.advance(len(rows))
 
 
 @dataclass(frozen=True)
@@ -141,27 +163,29 @@ class Ivf:
         return np.take_along_axis(indices, order, axis=1), np.take_along_axis(scores, order, axis=1)
 
     def pairs(self, vectors: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        vectors, _ = _checked(vectors, vectors)
-        threshold = _check_threshold(threshold)
-        found = []
-        for asking, inside, sims in self._join(vectors, vectors, same=True):
-            rows, cols = np.nonzero(sims >= threshold)
-            i, j = asking[rows], inside[cols]
-            found.append((np.minimum(i, j), np.maximum(i, j), sims[rows, cols]))
-        i, j, s = _joined(found)
+        i, j, s = _joined(list(self.pair_blocks(vectors, threshold)))
         # a pair is seen from both sides when each vector searches the other's cell: keep it once
         keep = i < j
         _, first = np.unique(i[keep] * len(vectors) + j[keep], return_index=True)
         return i[keep][first], j[keep][first], s[keep][first]
 
-    def _join(self, queries: np.ndarray, references: np.ndarray, same: bool
-              ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    def pair_blocks(self, vectors: np.ndarray, threshold: float) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        vectors, _ = _checked(vectors, vectors)
+        threshold = _check_threshold(threshold)
+        for asking, inside, sims in self._join(vectors, vectors, same=True):
+            rows, cols = np.nonzero(meets(sims, threshold))
+            i, j = asking[rows], inside[cols]
+            keep = i != j
+            yield np.minimum(i, j)[keep], np.maximum(i, j)[keep], sims[rows, cols][keep]
+
+    def _join(self, queries: np.ndarray, references: np.ndarray, same: bool) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """For each cell: (the queries that search it, its references, their similarities float32).
 
         One matrix product per cell (BLAS) rather than faiss's IndexIVFFlat, which scans a cell vector
         by vector and holds a copy of the references: all pairs at 0.8 among 200,000, 32 of 1,788 cells
         searched, took 28 s this way against 49 s with IndexIVFFlat.range_search here, and no copy.
         ``same``: the queries are the references (dedup), whose nearest cell is then known already.
+        A crowded cell's product is made in slices of at most TILE x TILE_COLUMNS similarities.
         """
         centroids = self._centroids(references)
         nprobe = self.pair_nprobe if same else self.nprobe
@@ -173,8 +197,10 @@ class Ivf:
         with Progress(self.nlist, 'finding pairs (IVF)' if same else 'searching (IVF)', unit='cell') as progress:
             for cell in range(self.nlist):
                 inside, asking = members[cell], askers[cell] // nprobe
-                if len(inside) and len(asking):
-                    yield asking, inside, queries[asking] @ references[inside].T
+                step = max(1, TILE * TILE_COLUMNS // max(1, len(inside)))
+                for part in range(0, len(asking) if len(inside) else 0, step):
+                    some = asking[part:part + step]
+                    yield some, inside, queries[some] @ references[inside].T
                 progress.advance()
 
 

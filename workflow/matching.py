@@ -2,6 +2,7 @@
 (Milvus is in ``milvus``; what people read of the results, in ``reports``.)"""
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from dataclasses import dataclass
@@ -9,7 +10,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .engines import Engine, Exact, choose_engine
+from .engines import Engine, Exact, choose_engine, meets
 from .metrics import Match
 
 def nth_neighbour_similarity(queries: np.ndarray, background: np.ndarray, nth: int,
@@ -29,7 +30,7 @@ def search(query_ids: Sequence[str], queries: np.ndarray, reference_ids: Sequenc
            references: np.ndarray, k: int, threshold: float | None = None,
            offsets: np.ndarray | None = None, engine: Engine | None = None) -> list[Match]:
     """Each query's k best references by inner product (cosine for unit vectors), minus the query's
-    offset (score normalisation), kept if at least ``threshold``; best first within each query.
+    offset (score normalisation), kept if at least ``threshold`` (within float32 rounding); best first within each query.
     ``engine`` defaults to the one :func:`choose_engine` picks for the sizes."""
     _check_dims(queries, references)
     if threshold is not None and not math.isfinite(threshold):
@@ -41,7 +42,7 @@ def search(query_ids: Sequence[str], queries: np.ndarray, reference_ids: Sequenc
     matches = []
     for row in range(len(indices)):
         for j, score in zip(indices[row], scores[row]):
-            if j >= 0 and (threshold is None or score >= threshold):
+            if j >= 0 and (threshold is None or meets(score, threshold)):
                 matches.append(Match(query_ids[row], reference_ids[j], float(score)))
     return matches
 
@@ -73,31 +74,68 @@ def near_duplicate_pairs(vectors: np.ndarray, threshold: float,
         yield int(i), int(j), float(similarity)
 
 
+def near_duplicate_groups(ids: Sequence[str], vectors: np.ndarray, threshold: float, engine: Engine | None = None,
+                          paths: Sequence[str | None] | None = None) -> list[DuplicateGroup]:
+    """:func:`duplicate_groups` of the pairs at or above ``threshold``, joined a block of pairs at a time:
+    memory stays bounded however large a group of near-duplicates is (25,000 copies of one image are
+    312 million pairs)."""
+    engine = engine or choose_engine(len(vectors), len(vectors))
+    components = Components(len(ids))
+    for i, j, _ in engine.pair_blocks(vectors, threshold):
+        components.join(i, j)
+    return components.groups(ids, paths)
+
+
 def duplicate_groups(ids: Sequence[str], pairs: Iterable[tuple[int, int, float]],
-                     paths: Sequence[str | None] | None = None) -> list[DuplicateGroup]:
+                     paths: Sequence[str | None] | None = None, batch: int = 100_000) -> list[DuplicateGroup]:
     """Connected components of the near-duplicate ``pairs`` (indices into ``ids``), each with a
-    suggested copy to keep: the largest resolution, then the largest file (needs ``paths``)."""
-    parent = list(range(len(ids)))
+    suggested copy to keep: the largest resolution, then the largest file (needs ``paths``). The pairs
+    are read ``batch`` at a time, never all held."""
+    components, pairs = Components(len(ids)), iter(pairs)
+    while chunk := list(itertools.islice(pairs, batch)):
+        i, j, _ = zip(*chunk)
+        components.join(np.asarray(i, np.int64), np.asarray(j, np.int64))
+    return components.groups(ids, paths)
 
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
 
-    for i, j, _ in pairs:
-        a, b = root(i), root(j)
-        if a != b:
-            parent[max(a, b)] = min(a, b)
-    members: dict[int, list[int]] = {}
-    for i in range(len(ids)):
-        members.setdefault(root(i), []).append(i)
-    groups = []
-    for group in members.values():
-        if len(group) > 1:
-            best = max(group, key=lambda i: _keep_rank(paths[i] if paths else None))
-            groups.append(DuplicateGroup([ids[i] for i in group], ids[best]))
-    return sorted(groups, key=lambda g: (-len(g.members), g.members[0]))
+class Components:
+    """Union-find over ``n`` items, joined by whole arrays of pairs at a time (numpy, not a Python loop per
+    pair): each item points to a smaller one, and a root to itself."""
+
+    def __init__(self, n: int):
+        self.parent = np.arange(n, dtype=np.int64)
+
+    def roots(self, items: np.ndarray) -> np.ndarray:
+        r = self.parent[items]
+        while True:
+            up = self.parent[r]
+            if np.array_equal(up, r):
+                return r
+            r = up
+
+    def join(self, i: np.ndarray, j: np.ndarray) -> None:
+        """Put ``i[k]`` and ``j[k]`` in one component, for every k (int64 arrays of equal length)."""
+        given = i, j
+        while len(i):
+            a, b = self.roots(i), self.roots(j)
+            apart = a != b
+            lo, hi = np.minimum(a[apart], b[apart]), np.maximum(a[apart], b[apart])
+            np.minimum.at(self.parent, hi, lo)  # each root offered several smaller ones takes the smallest...
+            i, j = lo, hi  # ...and the pairs whose roots are still apart go round again
+        for items in given:  # short paths for the next join, which often asks about the same items
+            self.parent[items] = self.roots(items)
+
+    def groups(self, ids: Sequence[str], paths: Sequence[str | None] | None = None) -> list[DuplicateGroup]:
+        """The components of more than one item, largest first, each with its suggested copy to keep."""
+        roots = self.roots(np.arange(len(ids)))
+        order = np.argsort(roots, kind='stable')
+        starts = np.flatnonzero(np.diff(roots[order], prepend=-1))
+        groups = []
+        for group in np.split(order, starts[1:]):
+            if len(group) > 1:
+                best = max(group.tolist(), key=lambda i: _keep_rank(paths[i] if paths else None))
+                groups.append(DuplicateGroup([ids[i] for i in group.tolist()], ids[best]))
+        return sorted(groups, key=lambda g: (-len(g.members), g.members[0]))
 
 
 def _keep_rank(path: str | None) -> tuple[int, int]:

@@ -12,6 +12,23 @@ from ..atomic import atomic_write
 from ..progress import Progress
 
 
+# A cell starting with one of these is a formula to a spreadsheet (OWASP, "CSV Injection"): an id such as
+# '=HYPERLINK(...)' would run when the CSV is opened. Such cells are written with a leading single quote,
+# which spreadsheets show as text; a cell that itself starts with a quote gets one more, so that reading
+# our CSVs back (``safe_cell`` undone by ``unsafe_cell``) gives every id exactly.
+FORMULA_STARTS = ('=', '+', '-', '@', '\t', '\r', "'")
+
+
+def safe_cell(text: str) -> str:
+    """``text`` as a CSV cell a spreadsheet will not run as a formula (OWASP's advice)."""
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
+
+
+def unsafe_cell(text: str) -> str:
+    """The text ``safe_cell`` was given."""
+    return text[1:] if text.startswith("'") and text[1:].startswith(FORMULA_STARTS) else text
+
+
 class CsvFormatError(ValueError):
     """A prediction or ground-truth CSV that does not have the challenge's columns and values."""
 
@@ -71,7 +88,7 @@ def read_matches(path: str | os.PathLike) -> list[Match]:
             raise CsvFormatError(f'{str(path)!r} line {line}: score {row["score"]!r} is not a number') from None
         if not math.isfinite(score):
             raise CsvFormatError(f'{str(path)!r} line {line}: score {row["score"]!r} is not finite')
-        pair = (row['query_id'], row['reference_id'])
+        pair = (unsafe_cell(row['query_id']), unsafe_cell(row['reference_id']))
         if pair in seen:
             raise CsvFormatError(f'{str(path)!r} line {line}: the pair {pair} is predicted twice')
         seen.add(pair)
@@ -90,12 +107,13 @@ def read_ground_truth(path: str | os.PathLike) -> dict[str, set[str]]:
 
 
 def write_matches(path: str | os.PathLike, matches: list[Match]) -> None:
-    """The prediction CSV, best first, written through a temporary file."""
+    """The prediction CSV, best first, written through a temporary file; ids that a spreadsheet would
+    take for formulas are escaped (``safe_cell``), and ``read_matches`` reads them back as they were."""
     with atomic_write(path) as tmp, open(tmp, 'w', newline='', encoding='utf-8') as f:
         writer = csv.writer(f)
         writer.writerow(['query_id', 'reference_id', 'score'])
         for m in sorted(matches, key=lambda m: -m.score):
-            writer.writerow([m.query_id, m.reference_id, f'{m.score:.6f}'])
+            writer.writerow([safe_cell(m.query_id), safe_cell(m.reference_id), f'{m.score:.6f}'])
 
 
 def precision_recall(matches: list[Match], truth: dict[str, set[str]]):

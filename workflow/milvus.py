@@ -23,15 +23,21 @@ from ..defaults import DEFAULT_MILVUS_URI, INDEX_TYPES  # noqa: F401 (imported f
 from ..progress import Progress
 from .descriptors import check_same_postprocessing
 from .embedding import check_same_model
+from .engines import meets
 from .metrics import Match
 
 POSTPROCESSING = 'towhee_isc.postprocessing'  # collection property: how its vectors were post-processed
 PATH = 'path'  # each image's path, as descriptor files keep it, in the collection's dynamic field (for reports)
 MODEL = 'towhee_isc.model'  # collection property: the operator fingerprint of the model that made them
+# Collection property 'true' while `index` writes and 'false' when all is written: a run that failed (or was
+# killed) leaves it, and search refuses the partial collection until `index` runs again.
+INCOMPLETE = 'towhee_isc.incomplete'
+MAX_ID_BYTES = 512  # the id field's max_length; checked before anything is written
 HNSW_M, HNSW_EF_CONSTRUCTION = 16, 200  # Milvus's usual starting point
 # Default search widths: on 100,000 random 256-d vectors these found >= 99 % of copies at rank 1
 # (benchmarks/milvus_index.py; at nlist/16 cells or ef 64, only 98 % and 84 %).
 IVF_NPROBE_SHARE, HNSW_EF = 8, 256
+CALL_TIMEOUT_S = 600  # one batch of rows written or searched: a frozen server fails the command instead of hanging
 
 
 class MilvusError(ValueError):
@@ -105,6 +111,18 @@ def _milvus_errors(uri: str, what: str) -> Iterator[None]:
             logger.removeFilter(logs)
     for record in logs.held:  # the call succeeded: what Milvus logged meanwhile is not ours to hide
         logging.getLogger(record.name).handle(record)
+
+
+def _unauthenticated(error: BaseException | None) -> bool:
+    """Whether gRPC's UNAUTHENTICATED status is somewhere in ``error``'s chain (pymilvus wraps it twice)."""
+    seen = set()
+    while error is not None and id(error) not in seen:  # a chain can loop back
+        seen.add(id(error))
+        code = getattr(error, 'code', None)
+        if callable(code) and getattr(code(), 'name', None) == 'UNAUTHENTICATED':
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _is_lite(uri: str) -> bool:
@@ -220,6 +238,10 @@ class MilvusIndex:
             if self._lite:
                 _LITE.release(self.uri)
                 raise
+            if _unauthenticated(e):  # reachable, but our credentials were refused: not 'cannot reach'
+                raise ConnectionError(f'Milvus at {self.uri!r} refused the connection: authentication failed ('
+                                      + ('check --token: user:password or an API key)' if token else
+                                         'this server requires --token user:password or an API key)')) from e
             reason = getattr(e.__cause__, 'message', e.__cause__)
             hint = '' if token else ' (a server with authentication also refuses this without --token)'
             raise ConnectionError(f'cannot reach Milvus at {self.uri!r}: {reason}{hint}') from e
@@ -324,20 +346,42 @@ class MilvusIndex:
             check_same_postprocessing({f'collection {self.collection!r}': self.postprocessing(),
                                        'the descriptors to add': postprocessing})
             check_same_model({f'collection {self.collection!r}': self.model(), 'the descriptors to add': model})
+        for row, image in enumerate(ids):  # before anything is written, not at the row Milvus refuses
+            if len(image.encode('utf-8')) > MAX_ID_BYTES:
+                raise ValueError(f'image id {image[:40]!r}... (row {row + 1}) is {len(image.encode())} bytes long, over '
+                                 f"the {MAX_ID_BYTES} bytes of a Milvus id: nothing was written; shorten the file name")
         kind = self.create(vectors.shape[1], index_type, len(ids), postprocessing, model)
         paths = paths or {}
         with_paths = self.stores_paths()
-        with self._errors(f'writing to {self.collection!r}'), \
-                Progress(len(ids), f'uploading to {self.collection!r}', unit='vector') as progress:
-            for start in range(0, len(ids), batch):
-                rows = [{'id': i, 'vector': v.tolist(), **({PATH: paths[i]} if with_paths and i in paths else {})}
-                        for i, v in zip(ids[start:start + batch], vectors[start:start + batch])]
-                self.client.upsert(self.collection, rows)
-                progress.advance(len(rows))
-            # Milvus Lite then builds the new segments' index in a background thread that it waits for when the
-            # process ends (searching them exactly until then); reloading here would race that thread.
-            self.client.flush(self.collection)
+        written = 0
+        with self._errors(f'marking {self.collection!r} as being written'):
+            self.client.alter_collection_properties(self.collection, properties={INCOMPLETE: 'true'})
+        try:
+            with self._errors(f'writing to {self.collection!r}'), \
+                    Progress(len(ids), f'uploading to {self.collection!r}', unit='vector') as progress:
+                for start in range(0, len(ids), batch):
+                    rows = [{'id': i, 'vector': v.tolist(), **({PATH: paths[i]} if with_paths and i in paths else {})}
+                            for i, v in zip(ids[start:start + batch], vectors[start:start + batch])]
+                    self.client.upsert(self.collection, rows, timeout=CALL_TIMEOUT_S)
+                    written += len(rows)
+                    progress.advance(len(rows))
+                # Milvus Lite then builds the new segments' index in a background thread that it waits for when
+                # the process ends (searching them exactly until then); reloading here would race that thread.
+                self.client.flush(self.collection, timeout=CALL_TIMEOUT_S)
+                # (not dropped: Milvus 2.3 servers cannot drop a property)
+                self.client.alter_collection_properties(self.collection, properties={INCOMPLETE: 'false'})
+        except MilvusError as e:
+            raise MilvusError(f'{e}; {written} of {len(ids)} rows were written, and collection {self.collection!r} '
+                              'is marked incomplete: search refuses it until this index runs again') from e.__cause__
         return kind
+
+    def check_complete(self) -> None:
+        """Refuse a collection that an ``index`` run left half-written (it failed or was killed)."""
+        with self._errors(f'describing collection {self.collection!r}'):
+            properties = self.client.describe_collection(self.collection).get('properties') or {}
+        if properties.get(INCOMPLETE) == 'true':
+            raise MilvusError(f'collection {self.collection!r} at {self.uri!r} is incomplete: an index run into it '
+                              'failed or was stopped before it finished; run that index again')
 
     def stores_paths(self) -> bool:
         """Whether the collection can keep image paths (one made before they were kept has no dynamic field)."""
@@ -387,6 +431,7 @@ class MilvusIndex:
             raise ValueError(f'unknown collection {self.collection!r} at {self.uri!r}: index some descriptors first')
         if dim != queries.shape[1]:
             raise ValueError(f'collection {self.collection!r} holds {dim}-d vectors; the queries are {queries.shape[1]}-d')
+        self.check_complete()
         kind, info = self.index_type()
         built = info.get('params') if isinstance(info.get('params'), dict) else info  # Lite nests them
         nlist = int(built.get('nlist') or ivf_nlist(self.count() if kind == 'IVF_FLAT' else 1))
@@ -397,12 +442,13 @@ class MilvusIndex:
                 Progress(len(queries), f'searching {self.collection!r}', unit='query') as progress:
             for start in range(0, len(queries), batch):
                 hits = self.client.search(self.collection, data=queries[start:start + batch].tolist(), limit=k,
-                                          output_fields=['id'], search_params=params, consistency_level='Strong')
+                                          output_fields=['id'], search_params=params, consistency_level='Strong',
+                                          timeout=CALL_TIMEOUT_S)
                 for row, row_hits in enumerate(hits):
                     offset = 0.0 if offsets is None else float(offsets[start + row])
                     for hit in row_hits:
                         score = float(hit['distance']) - offset
-                        if threshold is None or score >= threshold:
+                        if threshold is None or meets(score, threshold):
                             matches.append(Match(query_ids[start + row], hit['id'], score))
                 progress.advance(len(hits))
         return matches

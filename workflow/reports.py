@@ -243,7 +243,9 @@ def _image_facts(path: str | None) -> tuple[int | None, int | None, int | None]:
 def write_groups(path: str | os.PathLike, groups: Sequence[Sequence[GroupMember]]) -> None:
     """Groups (from :func:`describe_groups`) as JSON (``[{keep, members}]``) if ``path`` ends in .json,
     else CSV ``group,image_id,path,keep,score_to_kept,width,height,bytes`` (the kept image first, the
-    others by decreasing score; empty where unknown); through a temporary file."""
+    others by decreasing score; empty where unknown; ids and paths a spreadsheet would take for formulas
+    escaped: ``metrics.safe_cell``); through a temporary file."""
+    from .metrics import safe_cell
     with atomic_write(path) as tmp, open(tmp, 'w', newline='', encoding='utf-8') as f:
         if str(path).lower().endswith('.json'):
             json.dump([{'keep': next(m.image_id for m in g if m.keep), 'members': [m.image_id for m in g]}
@@ -252,7 +254,7 @@ def write_groups(path: str | os.PathLike, groups: Sequence[Sequence[GroupMember]
             writer = csv.writer(f)
             writer.writerow(['group', 'image_id', 'path', 'keep', 'score_to_kept', 'width', 'height', 'bytes'])
             for n, group in enumerate(groups, start=1):
-                writer.writerows([n, m.image_id, m.path or '', m.keep, '' if m.score is None else f'{m.score:.6f}',
+                writer.writerows([n, safe_cell(m.image_id), safe_cell(m.path or ''), m.keep, '' if m.score is None else f'{m.score:.6f}',
                                   *('' if v is None else v for v in (m.width, m.height, m.bytes))] for m in kept_first(group))
 
 

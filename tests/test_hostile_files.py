@@ -1,0 +1,181 @@
+"""The second hostile round on files and the workflow (issue 14, items 10-19), each attack run as a user
+runs it: every command in its own process. Folders with odd entries (a symlink loop, two links to one
+photo, a file name that is not UTF-8, a folder that cannot be read), byte-identical copies at threshold
+1.0, ids a spreadsheet would run, outputs that are inputs, negatives of another model, two embeds into
+one output, and an index that fails half-way."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from commands import assert_one_line_error, towhee_isc
+from towhee_isc.workflow.descriptors import read_descriptors, write_descriptors
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def as_unprivileged(command: list[str]) -> list[str]:
+    """``command`` run so that file permissions bind: as root (CI containers, this machine) it keeps uid 0 but
+    drops every capability, so a folder of mode 000 really cannot be read (root would read it anyway)."""
+    if os.geteuid() != 0:
+        return command
+    return ['setpriv', '--bounding-set=-all', '--inh-caps=-all', *command]
+
+
+@pytest.fixture(scope='module')
+def odd_folder(tmp_path_factory, photos) -> Path:
+    """Two photos, two links to the first, a link to itself, a photo with a Latin-1 name, one named like a
+    spreadsheet formula, and a sub-folder nobody may read holding a third photo."""
+    root = tmp_path_factory.mktemp('odd') / 'photos'
+    root.mkdir()
+    photos[0].save(root / 'P0.jpg', quality=90)
+    photos[1].save(root / 'P1.jpg', quality=90)
+    photos[1].save(root / '=HYPERLINK(1).jpg', quality=90)
+    os.symlink('P0.jpg', root / 'link_a.jpg')
+    os.symlink(root / 'P0.jpg', root / 'link_b.jpg')
+    os.symlink('loop.jpg', root / 'loop.jpg')
+    (root / os.fsdecode(b'caf\xe9.jpg')).write_bytes((root / 'P1.jpg').read_bytes())
+    (root / 'locked').mkdir()
+    photos[2].save(root / 'locked' / 'P2.jpg')
+    os.chmod(root / 'locked', 0)
+    yield root
+    os.chmod(root / 'locked', 0o755)
+
+
+def test_odd_folders_skip_and_name_what_they_cannot_use_and_two_embeds_do_not_mix(odd_folder, small_ckpt,
+                                                                                   tmp_path):
+    out = tmp_path / 'out.h5'
+    model = ['--checkpoint', str(small_ckpt), '--device', 'cpu']
+    first = subprocess.Popen(as_unprivileged([sys.executable, '-m', 'towhee_isc', 'embed', str(odd_folder), '-o',
+                                              str(out), '--quiet', '--chunk-size', '1', *model]),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob('out.h5.parts/*.npz')) and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    first.send_signal(signal.SIGSTOP)  # frozen half-way, its lock held: a second embed must not join in
+    try:
+        second = towhee_isc('embed', odd_folder, '-o', out, '--quiet', *model)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert_one_line_error(second, 'another towhee-isc embed is writing')
+    stdout, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr
+    assert 'wrote 5 descriptors' in stdout
+    lines = stderr.splitlines()
+    # The loop is listed under its own name, like a broken link; the folder and the name are named, not hidden.
+    assert any(f"{odd_folder / 'loop.jpg'}: " in line and 'symbolic links' in line for line in lines), stderr
+    assert any("skipped folder" in line and 'locked' in line and 'Permission denied' in line for line in lines), stderr
+    assert any("caf\\xe9.jpg" in line and 'not valid UTF-8' in line for line in lines), stderr
+    ids, vectors = read_descriptors(out)
+    assert ids == ['=HYPERLINK(1)', 'P0', 'P1', 'link_a', 'link_b']  # each link its own image, by its own name
+    v = dict(zip(ids, vectors))
+    assert float(v['link_a'] @ v['P0']) > 0.9999 and float(v['link_b'] @ v['P0']) > 0.9999
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['out.h5']  # no lock, no parts left
+
+    # dedup of the same folder: the same skips; links are byte-identical copies, found at threshold 1.0;
+    # an id that is a formula is escaped in the CSV.
+    result = subprocess.run(as_unprivileged([sys.executable, '-m', 'towhee_isc', 'dedup', str(odd_folder),
+                                             '--threshold', '1.0', '-o', str(tmp_path / 'groups.csv'), *model]),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert 'loop.jpg' in result.stderr and 'skipped folder' in result.stderr and 'caf\\xe9' in result.stderr
+    rows = list(csv.DictReader(open(tmp_path / 'groups.csv', encoding='utf-8')))
+    groups: dict[str, set] = {}
+    for row in rows:
+        groups.setdefault(row['group'], set()).add(row['image_id'])
+    assert sorted(map(sorted, groups.values())) == [["'=HYPERLINK(1)", 'P1'], ['P0', 'link_a', 'link_b']]
+    assert all(not row['path'].startswith(('=', '+', '-', '@')) for row in rows)
+
+
+def test_negatives_of_another_model_are_refused(small_ckpt, photos, tmp_path):
+    """Descriptor files record their model: negatives of another one are refused by nes, embed and search."""
+    rng = np.random.default_rng(0)
+    other = {'weights': 'another-model', 'img_size': 96}
+    write_descriptors(tmp_path / 'negatives.h5', [f'N{i}' for i in range(20)], unit(rng.standard_normal((20, 256))),
+                      model=other)
+    write_descriptors(tmp_path / 'mine.h5', ['a', 'b'], unit(rng.standard_normal((2, 256))),
+                      model={'weights': 'mine', 'img_size': 96})
+    result = towhee_isc('nes', tmp_path / 'mine.h5', '--negatives', tmp_path / 'negatives.h5', '-o', tmp_path / 'x.h5')
+    assert_one_line_error(result, 'were made by different models')
+    photos[0].save(tmp_path / 'q.jpg')
+    result = towhee_isc('search', tmp_path / 'q.jpg', '--references', tmp_path / 'q.jpg', '-o', tmp_path / 'm.csv',
+                        '--negatives', tmp_path / 'negatives.h5', '--nes-k', 2, '--checkpoint', small_ckpt,
+                        '--device', 'cpu')
+    assert_one_line_error(result, 'the negatives were made by another model (weights another-model')
+    assert not (tmp_path / 'x.h5').exists() and not (tmp_path / 'm.csv').exists()
+    from towhee_isc.postprocess import NegativeEmbeddings, PostprocessError
+    negatives = NegativeEmbeddings(tmp_path / 'negatives.h5', cache=False)
+    with pytest.raises(PostprocessError, match='iterations must be at most 20, got 1000'):
+        negatives.subtract(read_descriptors(tmp_path / 'mine.h5')[1], k=2, iterations=1000)
+
+
+def test_identical_copies_meet_threshold_one_and_outputs_never_replace_inputs(tmp_path):
+    rng = np.random.default_rng(1)
+    x = unit(rng.standard_normal((400, 256)))
+    ids = [f'+{i}' if i % 2 else f'-{i}' for i in range(800)]  # formulas, to a spreadsheet
+    write_descriptors(tmp_path / 'twice.h5', ids, np.concatenate([x, x]))
+    result = towhee_isc('dedup', tmp_path / 'twice.h5', '--threshold', '1.0', '-o', tmp_path / 'groups.json')
+    assert result.returncode == 0, result.stderr
+    groups = json.loads((tmp_path / 'groups.json').read_text())
+    assert len(groups) == 400 and all(len(g['members']) == 2 for g in groups)  # every byte-identical pair
+
+    before = (tmp_path / 'twice.h5').read_bytes()
+    result = towhee_isc('search', tmp_path / 'twice.h5', '--references', tmp_path / 'twice.h5', '-k', 2,
+                        '--threshold', '1.0', '-o', tmp_path / 'twice.h5')
+    assert_one_line_error(result, f"output '{tmp_path / 'twice.h5'}' is also an input")
+    assert (tmp_path / 'twice.h5').read_bytes() == before
+    # The CSV of matches: escaped for spreadsheets, read back exactly by evaluate.
+    result = towhee_isc('search', tmp_path / 'twice.h5', '--references', tmp_path / 'twice.h5', '-k', 2,
+                        '--threshold', '1.0', '-o', tmp_path / 'm.csv')
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.reader(open(tmp_path / 'm.csv')))[1:]
+    assert len(rows) == 1600 and all(r[0][0] == "'" and r[1][0] == "'" for r in rows)
+    from towhee_isc.workflow.metrics import read_matches
+    assert {m.query_id for m in read_matches(tmp_path / 'm.csv')} == set(ids)
+
+
+def test_a_failed_index_is_refused_by_search_until_index_runs_again(tmp_path):
+    rng = np.random.default_rng(2)
+    vectors = unit(rng.standard_normal((2000, 8)))
+    ids = [f'R{i:04d}' for i in range(2000)]
+    long = ids.copy()
+    long[1499] = 'x' * 600
+    write_descriptors(tmp_path / 'long.h5', long, vectors)
+    write_descriptors(tmp_path / 'refs.h5', ids, vectors)
+    milvus = ['--milvus-uri', tmp_path / 'isc.db', '--collection', 'refs']
+    result = towhee_isc('index', tmp_path / 'long.h5', *milvus)
+    assert_one_line_error(result, 'row 1500) is 600 bytes long, over the 512 bytes of a Milvus id: nothing was written')
+    # The server fails the second batch of 1,000 rows (injected where Milvus raises it), as a full disk or a
+    # frozen server would; the command still runs in its own process.
+    failing = ('import sys; from pymilvus import MilvusClient; from pymilvus.exceptions import MilvusException\n'
+               'upsert, calls = MilvusClient.upsert, []\n'
+               'def fail_second(self, *a, **k):\n'
+               '    calls.append(1)\n'
+               '    if len(calls) == 2: raise MilvusException(message="disk quota exceeded")\n'
+               '    return upsert(self, *a, **k)\n'
+               'MilvusClient.upsert = fail_second\n'
+               'from towhee_isc.workflow.cli import main; sys.exit(main(sys.argv[1:]))')
+    result = subprocess.run([sys.executable, '-c', failing, 'index', tmp_path / 'refs.h5', *map(str, milvus)],
+                            capture_output=True, text=True, timeout=300)
+    assert_one_line_error(result, "disk quota exceeded; 1000 of 2000 rows were written, and collection 'refs' is "
+                                  'marked incomplete')
+    write_descriptors(tmp_path / 'q.h5', ids[:3], vectors[:3])
+    result = towhee_isc('search', tmp_path / 'q.h5', *milvus, '-k', 1, '-o', tmp_path / 'm.csv')
+    assert_one_line_error(result, "collection 'refs'")
+    assert 'is incomplete' in result.stderr and not (tmp_path / 'm.csv').exists()
+    from towhee_isc.workflow.milvus import MilvusIndex  # index again (in this process: the same call as the command)
+    index = MilvusIndex(str(tmp_path / 'isc.db'), 'refs', existing=True)
+    index.add(ids, vectors)
+    index.check_complete()  # the rerun completed it: search takes it again
+    assert index.count() == 2000 and index.search(ids[:1], vectors[:1], 1)[0].reference_id == ids[0]
