@@ -151,7 +151,7 @@ def ray(weights):
     port = free_port()
     with open(temp / 'head.log', 'w') as log:
         head = subprocess.Popen(
-            [str(BIN / 'ray'), 'start', '--head', '--block', '--node-ip-address', '127.0.0.1', f'--port={port}',
+            [sys.executable, '-m', 'ray.scripts.scripts', 'start', '--head', '--block', '--node-ip-address', '127.0.0.1', f'--port={port}',
              '--num-cpus=2', '--num-gpus=0', '--include-dashboard=false', '--disable-usage-stats',
              f'--ray-client-server-port={free_port()}', f'--temp-dir={temp}'],
             env={**env, 'RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER': '0'}, stdout=log, stderr=subprocess.STDOUT)
