@@ -229,10 +229,11 @@ def test_plan_actors_fills_the_cluster_by_default():
 
 
 def one_line_error_soon(address: str, images, small_ckpt, tmp_path, env: dict | None = None) -> str:
-    """``embed --ray-address ADDRESS`` fails with one line, in well under Ray's minutes of retries
-    (the limit guards against a hang: the command's own start-up, imports included, is most of it)."""
+    """``embed --ray-address ADDRESS`` fails with one line, not after Ray's ten minutes of retries (the
+    limit only guards against that hang: the command's start-up, imports included, is most of the time,
+    and a shared machine slows it)."""
     run = subprocess.run(embed_command(address, images, tmp_path / 'x.h5', small_ckpt), capture_output=True, text=True,
-                         timeout=60, env={**os.environ, **(env or {})})
+                         timeout=300, env={**os.environ, **(env or {})})
     assert run.returncode == 2 and run.stderr.startswith('error: ') and run.stderr.count('\n') == 1, run.stderr
     assert not (tmp_path / 'x.h5').exists()
     return run.stderr

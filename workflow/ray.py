@@ -267,7 +267,10 @@ def resolve_address(address: str) -> str:
     HOST:PORT; any other address as given."""
     if address != 'auto':
         return address
-    from ray._private.services import get_ray_address_from_environment
+    try:
+        from ray._private.services import get_ray_address_from_environment
+    except ImportError:
+        raise ImportError(f'embedding on Ray needs Ray Data: {RAY_EXTRA}') from None
     try:
         return get_ray_address_from_environment('auto', None)
     except ConnectionError:
@@ -340,8 +343,8 @@ def embed_on_ray(inputs: Sequence[str], output: str, address: str, isc_kwargs: d
     must be at the same paths on every node: shared storage. Returns (rows written, skipped files,
     images/s), as ``embed_collection`` does.
     """
-    import_ray(quiet=True)  # first, so that a missing extra is said at once
-    address = check_address(address)  # and a wrong address, before the operator is built
+    address = check_address(address)  # first: a wrong address is said at once, before Ray Data or the operator
+    import_ray(quiet=True)  # then a missing extra
     from ..isc import Isc
     from .descriptors import find_images
     from .embedding import embed_collection
