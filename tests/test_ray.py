@@ -4,13 +4,16 @@ actors. Results must equal the single-process embed. One Ray of each kind per mo
 import builtins
 import json
 import os
+import re
 import secrets
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -22,11 +25,19 @@ from towhee_isc.workflow.descriptors import read_descriptors
 from towhee_isc.workflow.ray import RayClusterError, plan_actors
 
 
-# Every Ray process binds to 127.0.0.1 (with this variable Ray takes --node-ip-address for all its
-# servers); token authentication as Ray 2.60 turns on by default, with a token of our own, so nothing
-# is written to ~/.ray; no usage statistics are sent.
-RAY_ENV = {'RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER': '0', 'RAY_AUTH_MODE': 'token', 'RAY_AUTH_TOKEN': secrets.token_hex(16),
-           'RAY_USAGE_STATS_ENABLED': '0'}
+# Token authentication as Ray 2.60 turns on by default, with a token of our own, so nothing is written
+# to ~/.ray; no usage statistics are sent. RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER is not set for the commands:
+# towhee-isc must keep a Ray on loopback there by itself. (README's `ray start` line sets it for the head.)
+RAY_ENV = {'RAY_AUTH_MODE': 'token', 'RAY_AUTH_TOKEN': secrets.token_hex(16), 'RAY_USAGE_STATS_ENABLED': '0'}
+LOOPBACK_ONLY = {'RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER': '0'}  # for a Ray that a test script starts itself
+README = Path(__file__).resolve().parents[1] / 'README.md'
+
+
+def readme_ray_lines() -> list[str]:
+    """README's one-machine Ray lines (the first ```bash block of its Ray section), comments dropped."""
+    section = README.read_text().split('## Embedding on a Ray cluster', 1)[1]
+    block = section[section.index('```bash') + len('```bash'):]
+    return [line for line in block[:block.index('```')].splitlines() if line.strip() and not line.startswith('#')]
 
 
 def free_port() -> int:
@@ -70,18 +81,33 @@ def single_process(images, small_ckpt, tmp_path_factory):
     return read_descriptors(out)
 
 
+def test_readme_ray_lines_keep_the_head_on_loopback():
+    export, start, embed = readme_ray_lines()
+    assert export.startswith('export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=')
+    assert start.startswith('RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 ray start --head --node-ip-address 127.0.0.1 ')
+    assert '--disable-usage-stats' in start and '--num-cpus 2' in start
+    assert embed.startswith('towhee-isc embed ') and '--ray-address auto' in embed and '--actors 2' in embed
+
+
 @pytest.fixture(scope='module')
 def cluster(ray_env, ray_temp):
-    """A one-node Ray cluster of 2 CPUs started apart, as a user starts one; its address. Stopped by
-    its PID (``ray start --block`` stops every process it started when it is terminated)."""
+    """A one-node Ray cluster of 2 CPUs started apart with README's `ray start` line (on a free port,
+    blocking, its temporary folder ours); its address. Stopped by its PID (``ray start --block`` stops
+    every process it started when it is terminated)."""
     port, temp = free_port(), ray_temp / 'cluster'
     temp.mkdir()
+    words = shlex.split(readme_ray_lines()[1])
+    env = dict(os.environ)
+    while re.fullmatch(r'\w+=.*', words[0]):  # VAR=value before the command
+        name, _, value = words.pop(0).partition('=')
+        env[name] = value
+    assert words[:2] == ['ray', 'start'] and words[words.index('--port') + 1] == '6379'
+    words[words.index('--port') + 1] = str(port)
     log = open(temp / 'ray_start.log', 'w')
     head = subprocess.Popen(
-        [sys.executable, '-m', 'ray.scripts.scripts', 'start', '--head', '--block', '--node-ip-address=127.0.0.1',
-         f'--port={port}', '--num-cpus=2', '--num-gpus=0', '--include-dashboard=false', '--disable-usage-stats',
+        [sys.executable, '-m', 'ray.scripts.scripts', *words[1:], '--block', '--include-dashboard=false',
          f'--dashboard-port={free_port()}', f'--ray-client-server-port={free_port()}', f'--temp-dir={temp}'],
-        stdout=log, stderr=subprocess.STDOUT)
+        env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 180
         while 'will now block' not in (temp / 'ray_start.log').read_text():
@@ -137,7 +163,7 @@ def test_isc_embedder_maps_ray_data_batches_of_bytes_or_paths(ray_temp, images, 
     """A user's own Ray Data script, in its own process: read files or paths, map_batches(IscEmbedder)."""
     ids, want = single_process
     result = subprocess.run([sys.executable, '-c', RAY_DATA_SCRIPT, str(images), str(small_ckpt), str(ray_temp / 'local')],
-                            env={**os.environ, **RAY_ENV}, capture_output=True, text=True, timeout=600)
+                            env={**os.environ, **RAY_ENV, **LOOPBACK_ONLY}, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     for rows in json.loads(result.stdout.strip().splitlines()[-1]):
         assert sorted(rows[0]) == ['error', 'id', 'path', 'vector']  # image bytes are not carried along
@@ -148,8 +174,13 @@ def test_isc_embedder_maps_ray_data_batches_of_bytes_or_paths(ray_temp, images, 
         assert all(by_id[i]['error'] == '' for i in ids) and np.abs(got - want).max() < 1e-5
 
 
-def test_embed_on_a_ray_cluster_equals_the_single_process_embed(cluster, images, small_ckpt, single_process, tmp_path):
-    run = embed_on_cluster(cluster, images, tmp_path / 'ray.h5', small_ckpt, '--actors', 2, '--chunk-size', 3,
+def test_embed_on_a_ray_cluster_equals_the_single_process_embed(cluster, images, small_ckpt, single_process, tmp_path,
+                                                                monkeypatch):
+    # README's command: --ray-address auto (here RAY_ADDRESS, as the head's temporary folder is ours),
+    # and no RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER: the command keeps to the loopback head by itself.
+    assert 'RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER' not in os.environ
+    monkeypatch.setenv('RAY_ADDRESS', cluster)
+    run = embed_on_cluster('auto', images, tmp_path / 'ray.h5', small_ckpt, '--actors', 2, '--chunk-size', 3,
                            env={'TOWHEE_ISC_PROGRESS': '1'})  # the bar, drawn into this pipe too
     assert run.returncode == 0, run.stderr
     ids, vectors = read_descriptors(tmp_path / 'ray.h5')
@@ -199,9 +230,44 @@ def test_plan_actors_fills_the_cluster_by_default():
         plan_actors({'CPU': 2.0}, None, 0, 0)
 
 
-def test_an_unreachable_cluster_is_one_line(ray_env, images, small_ckpt, tmp_path):
-    run = embed_on_cluster(f'127.0.0.1:{free_port()}', images, tmp_path / 'x.h5', small_ckpt)
+def one_line_error_soon(address: str, images, small_ckpt, tmp_path, env: dict | None = None) -> str:
+    """``embed --ray-address ADDRESS`` fails with one line, not after Ray's ten minutes of retries (the
+    limit only guards against that hang: the command's start-up, imports included, is most of the time,
+    and a shared machine slows it)."""
+    run = subprocess.run(embed_command(address, images, tmp_path / 'x.h5', small_ckpt), capture_output=True, text=True,
+                         timeout=300, env={**os.environ, **(env or {})})
     assert run.returncode == 2 and run.stderr.startswith('error: ') and run.stderr.count('\n') == 1, run.stderr
+    assert not (tmp_path / 'x.h5').exists()
+    return run.stderr
+
+
+def test_an_unreachable_cluster_is_one_line(ray_env, images, small_ckpt, tmp_path):
+    assert 'Connection refused' in one_line_error_soon(f'127.0.0.1:{free_port()}', images, small_ckpt, tmp_path)
+    # auto, where no head was started: RAY_ADDRESS names one that is gone
+    assert 'cannot reach a Ray cluster' in one_line_error_soon('auto', images, small_ckpt, tmp_path,
+                                                                {'RAY_ADDRESS': f'127.0.0.1:{free_port()}'})
+
+
+def test_a_head_at_another_address_or_not_ray_is_one_line(cluster, images, small_ckpt, tmp_path):
+    # The loopback head asked for at this machine's network address, where it does not listen.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(('8.8.8.8', 9))  # no packet is sent: this only picks the outgoing interface
+            machine = s.getsockname()[0]
+        except OSError:  # no network interface but loopback
+            machine = '127.0.0.1'
+    port = cluster.rpartition(':')[2]
+    if machine != '127.0.0.1':
+        assert 'cannot reach a Ray cluster' in one_line_error_soon(f'{machine}:{port}', images, small_ckpt, tmp_path)
+    # Something that is not a Ray head listening at the address.
+    with socket.socket() as listener:
+        listener.bind(('127.0.0.1', 0))
+        listener.listen()
+        answer = threading.Thread(target=lambda: listener.accept()[0].sendall(b'HTTP/1.1 400 Bad Request\r\n\r\n'),
+                                  daemon=True)
+        answer.start()
+        error = one_line_error_soon(f'127.0.0.1:{listener.getsockname()[1]}', images, small_ckpt, tmp_path)
+    assert 'no Ray head answers' in error and 'something else listens there' in error
 
 
 def test_without_ray_the_command_says_what_to_install(images, small_ckpt, tmp_path, monkeypatch, capsys):

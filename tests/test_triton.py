@@ -27,6 +27,14 @@ README = REPO / 'README.md'
 NO_NETWORK = 'http://127.0.0.1:9/'  # the discard port: nothing listens, so a download fails at once
 
 
+def readme_client_block() -> str:
+    """README's Triton client script, as written."""
+    section = README.read_text().split('**3. Call it**', 1)[1]
+    match = re.search(r'```python\n(.*?)```', section, re.S)
+    assert match, 'README has no ```python block after "**3. Call it**"'
+    return match.group(1)
+
+
 def readme_build_block() -> str:
     """README's Triton build script, as written."""
     match = re.search(r'```python\n(# build_triton\.py\n.*?)```', README.read_text(), re.S)
@@ -125,8 +133,30 @@ def test_readme_recipe_runs_the_network_as_the_repositorys_onnx_model(effnet_ckp
     assert not result['towhee_isc_imported']
     assert result['torch_loads'] == []
     monkeypatch.setenv('TORCH_HOME', str(build_torch))
-    expected = operator_vectors(Isc(model_name='isc_ft_v107', device='cpu'), images)
+    op = Isc(model_name='isc_ft_v107', device='cpu')
+    expected = operator_vectors(op, images)
     assert np.abs(np.array(result['vectors']) - expected).max() < 1e-5
+
+    # README's client block, as written, against the same repository behind Triton's HTTP protocol.
+    folder, env = server
+    merged = {k: v for k, v in {**os.environ, **env}.items() if v is not None}
+    log = open(tmp_path / 'triton_http.log', 'w')
+    http = subprocess.Popen([sys.executable, str(TESTS / 'triton_side.py'), '--http', str(repository)], cwd=folder,
+                            env=merged, stdout=subprocess.PIPE, stderr=log, text=True)
+    try:
+        line = http.stdout.readline()
+        assert line.startswith('listening on '), (tmp_path / 'triton_http.log').read_text()[-3000:]
+        client = readme_client_block()
+        script = client + 'import json\nprint(json.dumps(vector.tolist()))\n'  # the block, then its result
+        done = run([sys.executable, '-c', script], REPO, {'TRITON_URL': f'127.0.0.1:{line.split()[-1]}'})
+        assert 'towhee import triton_client' not in client and 'Traceback' not in done.stderr
+        assert done.stdout.splitlines()[0] == '(256,) float32'
+        vector = np.array(json.loads(done.stdout.splitlines()[-1]))
+        assert np.abs(vector - op(str(REPO / 'examples' / 'coffee.jpg'))).max() < 1e-5
+    finally:
+        http.terminate()
+        http.wait(timeout=30)
+        log.close()
 
 
 def test_a_checkpoint_path_is_kept_as_written_and_only_its_header_is_read_on_the_server(small_ckpt, images, server,

@@ -11,10 +11,12 @@ Ray is an optional extra (``pip install 'towhee-isc[ray]'``), imported only when
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -26,6 +28,12 @@ RAY_EXTRA = "pip install 'towhee-isc[ray]'"
 # How long Ray Data may go without finishing a batch, or without starting the actors, before the
 # embed fails with a message instead of waiting forever (a published-model actor starts in ~30 s).
 STALL_TIMEOUT_S = 600
+# A Ray started or joined on this machine's loopback stays there (keep_ray_on_loopback).
+LOOPBACK_ONLY = ('RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER', '0')
+PROBE_TIMEOUT_S = 10
+# How a gRPC server (a Ray head's GCS) greets a client: the HTTP/2 connection preface is answered with
+# a SETTINGS frame (a 9-byte frame header whose 4th byte, the type, is 4).
+HTTP2_PREFACE = b'PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n' + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
 
 
 class RayClusterError(ConnectionError):
@@ -207,11 +215,14 @@ def _one_line(error: BaseException) -> str:
 def connect(address: str) -> tuple[Any, bool]:
     """Join the Ray cluster at ``address`` (``auto``, ``HOST:PORT``), quietly: the command's progress
     bar is the only progress shown, and actors' logs stay in the cluster's log folder. Returns
-    (``ray``, whether this call joined: False if this process was connected already)."""
+    (``ray``, whether this call joined: False if this process was connected already).
+
+    A cluster on this machine's loopback address is joined on loopback (see ``keep_ray_on_loopback``);
+    an address where no Ray head answers fails at once, one line, instead of Ray's minutes of retries."""
     ray = import_ray()
     joined = not ray.is_initialized()
     if joined:
-        _probe(address)
+        address = check_address(address)
         try:
             ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, include_dashboard=False)
         except ConnectionError as e:
@@ -226,16 +237,77 @@ def connect(address: str) -> tuple[Any, bool]:
     return ray, joined
 
 
-def _probe(address: str) -> None:
-    """Fail at once if nothing listens at a HOST:PORT address: Ray itself retries without end."""
+def check_address(address: str) -> str:
+    """``address`` as HOST:PORT (``auto`` resolved), checked at once: a Ray head must answer there.
+    A head on this machine's loopback is then joined on loopback (``keep_ray_on_loopback``)."""
+    address = resolve_address(address)
+    host, port = split_address(address)
+    if is_loopback(host):
+        keep_ray_on_loopback()
+    _probe(address, host, port)
+    return address
+
+
+def keep_ray_on_loopback() -> None:
+    """Make a Ray that this process starts or joins on this machine stay on 127.0.0.1.
+
+    Ray reads ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` when it is imported; unless it is ``0``, Ray on Linux
+    rewrites a loopback address (``127.0.0.1:6379``, or what ``auto`` finds) to the machine's network
+    address, where a head started with ``--node-ip-address 127.0.0.1`` does not listen, and then retries
+    for minutes. Set here in the environment (for the processes Ray starts) and, if ray is imported
+    already, in the constant it was read into."""
+    os.environ[LOOPBACK_ONLY[0]] = LOOPBACK_ONLY[1]
+    constants = sys.modules.get('ray._private.ray_constants')
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = False
+
+
+def resolve_address(address: str) -> str:
+    """``auto`` as Ray resolves it (``RAY_ADDRESS``, else the last ``ray start`` on this machine), as
+    HOST:PORT; any other address as given."""
+    if address != 'auto':
+        return address
+    try:
+        from ray._private.services import get_ray_address_from_environment
+    except ImportError:
+        raise ImportError(f'embedding on Ray needs Ray Data: {RAY_EXTRA}') from None
+    try:
+        return get_ray_address_from_environment('auto', None)
+    except ConnectionError:
+        raise RayClusterError("--ray-address auto: no Ray cluster was started on this machine (`ray start --head`) "
+                              'and RAY_ADDRESS is not set') from None
+
+
+def split_address(address: str) -> tuple[str, int | None]:
+    """(host, port) of ``HOST:PORT`` or ``ray://HOST:PORT``; port None where there is none."""
     host, _, port = address.removeprefix('ray://').rpartition(':')
     if not host or not port.isdigit():
-        return  # 'auto', or a form Ray will judge
+        return address, None
+    return host.strip('[]'), int(port)
+
+
+def is_loopback(host: str) -> bool:
     try:
-        socket.create_connection((host.strip('[]'), int(port)), timeout=10).close()
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
+def _probe(address: str, host: str, port: int | None) -> None:
+    """Fail at once unless a gRPC server (a Ray head) answers at a HOST:PORT address: Ray itself retries
+    for minutes where nothing listens, or where something else does."""
+    if port is None:
+        return  # a form Ray will judge
+    try:
+        with socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S) as s:
+            s.sendall(HTTP2_PREFACE)
+            answer = s.recv(9)
     except OSError as e:
         raise RayClusterError(f'cannot reach a Ray cluster at {address!r}: {e.strerror or e} '
                               '(start one with `ray start --head`, or check the address)') from None
+    if len(answer) < 4 or answer[3] != 4:
+        raise RayClusterError(f'no Ray head answers at {address!r}: something else listens there (check the address '
+                              'and port that `ray start --head` printed)')
 
 
 def plan_actors(resources: dict[str, float], actors: int | None, cpus_per_actor: float,
@@ -271,7 +343,8 @@ def embed_on_ray(inputs: Sequence[str], output: str, address: str, isc_kwargs: d
     must be at the same paths on every node: shared storage. Returns (rows written, skipped files,
     images/s), as ``embed_collection`` does.
     """
-    import_ray(quiet=True)  # first, so that a missing extra is said at once
+    address = check_address(address)  # first: a wrong address is said at once, before Ray Data or the operator
+    import_ray(quiet=True)  # then a missing extra
     from ..isc import Isc
     from .descriptors import find_images
     from .embedding import embed_collection
