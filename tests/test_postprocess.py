@@ -326,10 +326,10 @@ def test_nes_command_errors(cmd, tmp_path, negatives, negatives_file):
     code, _, err = cmd('nes', out, '--negatives', negatives_file, '-o', tmp_path / 'twice.h5')
     assert code == 2 and 'is already post-processed with 300 negatives' in err and not (tmp_path / 'twice.h5').exists()
     before = queries.read_bytes()
-    for args, what in [((queries, '--negatives', negatives_file, '-o', queries), 'is the input'),
-                       ((queries, '--negatives', negatives_file, '-o', negatives_file), 'is the --negatives file')]:
+    for args, what in [((queries, '--negatives', negatives_file, '-o', queries), queries),
+                       ((queries, '--negatives', negatives_file, '-o', negatives_file), negatives_file)]:
         code, _, err = cmd('nes', *args)
-        assert code == 2 and what in err and 'never overwrites what it reads' in err, err
+        assert code == 2 and f"output '{what}' is also an input" in err and 'would destroy it' in err, err
     assert queries.read_bytes() == before
 
 

@@ -145,7 +145,6 @@ def test_windows_of_paths_hand_the_operator_lists_and_keep_row_order(small_ckpt,
 
 
 def test_readme_pipeline_decode_embed_insert_into_milvus(small_ckpt, small_op, photos, tmp_path):
-    from pymilvus import MilvusClient
     from towhee import ops, pipe
     from towhee_isc.workflow.milvus import MilvusIndex
     register_stand_in_image_decode()
@@ -153,8 +152,9 @@ def test_readme_pipeline_decode_embed_insert_into_milvus(small_ckpt, small_op, p
     for i in range(3):
         paths.append(str(tmp_path / f'R{i:06d}.jpg'))
         photos[i].save(paths[-1])
-    MilvusIndex(str(tmp_path / 'isc.db'), 'isc').create(dim=256)
-    client = MilvusClient(str(tmp_path / 'isc.db'))
+    index = MilvusIndex(str(tmp_path / 'isc.db'), 'isc')
+    index.create(dim=256)
+    client = index.client  # README's route: our Milvus Lite on its private socket
     insert = (pipe.input('path')
               .map('path', 'img', ops.image_decode())
               .map('img', 'vec', ops.image_embedding.isc(checkpoint_path=str(small_ckpt)))

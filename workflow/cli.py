@@ -90,7 +90,7 @@ def cmd_index(args) -> None:
 def cmd_search(args) -> None:
     from .descriptors import read_descriptors, read_postprocessing
     from .embedding import inputs_postprocessing, load_descriptors
-    from .engines import choose_engine
+    from .engines import choose_engine, meets
     from .matching import nth_neighbour_similarity, search
     from .metrics import read_ground_truth, write_matches
     from .milvus import MilvusIndex
@@ -121,7 +121,7 @@ def cmd_search(args) -> None:
     else:
         candidates = index.search(query_ids, queries, args.k, None, offsets, nprobe=args.nprobe, ef=args.ef)
     # All k candidates go to the report, which marks those at or above the threshold: the CSV's.
-    matches = [m for m in candidates if args.threshold is None or m.score >= args.threshold]
+    matches = [m for m in candidates if args.threshold is None or meets(m.score, args.threshold)]
     write_matches(args.output, matches)
     print(f'wrote {len(matches)} matches for {len(query_ids)} queries to {args.output}')
     if args.report:
@@ -187,10 +187,6 @@ def cmd_nes(args) -> None:
     from ..postprocess import NegativeEmbeddings
     from .descriptors import (describe_postprocessing, read_descriptors, read_image_paths, read_model,
                               read_postprocessing, write_descriptors)
-    for given, name in ((args.descriptors, 'input'), (args.negatives, '--negatives file')):
-        if os.path.exists(args.output) and os.path.exists(given) and os.path.samefile(args.output, given):
-            raise ValueError(f'-o {args.output} is the {name} {given}: nes writes its result to a new file and '
-                             'never overwrites what it reads; pick another -o')
     ids, vectors = read_descriptors(args.descriptors)
     done = read_postprocessing(args.descriptors)
     if done is not None:
