@@ -3,9 +3,9 @@ and the command, a thin shell over ``training.run.train``."""
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
+from ..workflow.cli import finite_float  # the one finite-number parser of every command
 from .config import PRECISIONS, TrainConfig
 
 DEFAULTS = TrainConfig()
@@ -21,16 +21,6 @@ def _whole(low: int):
             raise argparse.ArgumentTypeError(f'must be at least {low}, got {value}')
         return value
     return parse
-
-
-def _number(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f'must be a finite number, got {text!r}')
-    return value
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -49,11 +39,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     run = p.add_argument_group('training')
     run.add_argument('--epochs', type=_whole(1), default=DEFAULTS.epochs)
     run.add_argument('--batch-size', type=_whole(2), default=DEFAULTS.batch_size, help='images per step, all processes')
-    run.add_argument('--lr', type=_number, default=DEFAULTS.init_lr, help='initial SGD learning rate, decayed linearly to 0')
-    run.add_argument('--weight-decay', type=_number, default=DEFAULTS.weight_decay)
+    run.add_argument('--lr', type=finite_float, default=DEFAULTS.init_lr, help='initial SGD learning rate, decayed linearly to 0')
+    run.add_argument('--weight-decay', type=finite_float, default=DEFAULTS.weight_decay)
     run.add_argument('--memory-size', type=_whole(0), default=DEFAULTS.memory_size, help='cross-batch memory (embeddings)')
     run.add_argument('--ncrops', type=_whole(2), default=DEFAULTS.ncrops, help='views per image')
-    run.add_argument('--gem-p', type=_number, default=DEFAULTS.gem_p, help='GeM power while training')
+    run.add_argument('--gem-p', type=finite_float, default=DEFAULTS.gem_p, help='GeM power while training')
     run.add_argument('--input-size', type=_whole(32), help='training crop size (default: --img-size)')
     run.add_argument('--seed', type=_whole(0), default=DEFAULTS.seed)
     run.add_argument('--workers', type=_whole(0), default=DEFAULTS.workers, help='image loading processes')
