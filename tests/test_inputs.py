@@ -119,6 +119,20 @@ def test_results_do_not_depend_on_batch_size(small_ckpt, photos, batch_size):
     assert np.abs(np.stack(op(photos)) - np.stack(base(photos))).max() < 1e-5
 
 
+def test_a_gpu_operator_decodes_a_batch_in_threads_in_order(small_ckpt, photos):
+    """On CUDA the images of a batch are decoded by a pool of threads: same vectors, same order, and an
+    error still names its own list item. (The pool is chosen by the operator's device; the network
+    stays on the CPU here, which has no GPU.)"""
+    from towhee_isc import Isc
+    from towhee_isc.images import ImageError
+    op = Isc(checkpoint_path=small_ckpt, device='cpu', batch_size=4)
+    want = np.stack(op(photos[:6]))
+    op.device = torch.device('cuda')
+    assert np.abs(np.stack(op(photos[:6])) - want).max() == 0
+    with pytest.raises(ImageError, match=r'list item 3\b'):
+        op(photos[:3] + [b'not an image'] + photos[:2])
+    assert np.abs(np.stack(op(photos[:6])) - want).max() == 0  # usable afterwards
+
 def test_skip_preprocess_takes_chw_and_nchw(small_ckpt, small_op, photos):
     from towhee_isc import Isc
     op = Isc(checkpoint_path=small_ckpt, device='cpu', skip_preprocess=True)
