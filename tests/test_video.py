@@ -11,6 +11,7 @@ from PIL import Image
 
 from tests.commands import assert_one_line_error, towhee_isc
 from towhee_isc.video.alignment import dp_alignment, temporal_network
+from towhee_isc.video.localization import align
 from towhee_isc.video.metrics import read_segments
 from towhee_isc.video.reader import VideoError, sample_frames
 from towhee_isc.video.storage import VideoFeatures, read_video_descriptors, write_video_descriptors
@@ -176,6 +177,15 @@ def test_dp_alignment_follows_copies_at_other_speeds(slope):
     found = np.array([box.query_first, box.ref_first, box.query_last, box.ref_last])
     # at half speed each reference frame shows twice: the path takes every other one, so an end may be 1 off
     assert np.abs(found - [5, 12, 5 + last, 12 + int(last * slope)]).max() <= (1 if slope < 1 else 0)
+
+
+def test_a_low_information_shot_that_resembles_the_whole_query_is_no_copy():
+    sims = _diagonal(n_q=30, n_r=40, start=(5, 12), length=8, noise=0.1)  # a copy: 8 frames at 0.9
+    sims[:, 22:38] = 0.8  # a near-uniform reference shot: every query frame resembles it
+    (box, score), = align(sims, 'dp', threshold=0.6)
+    assert (box.query_first, box.ref_first, box.query_last, box.ref_last) == (5, 12, 12, 19) and score > 1
+    plain = dp_alignment(sims, threshold=0.6)  # the similarity alone: the copy runs on into the shot
+    assert plain[0].ref_last >= 22 and plain[0].query_last > 20
 
 
 def test_temporal_network_finds_a_copy_and_not_noise():

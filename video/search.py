@@ -12,8 +12,9 @@ from .localization import best_first, localize
 from .metrics import Segment, write_segments
 from .storage import VideoSet, check_same_source, read_video_descriptors
 
-# Measured on benchmarks/video.py (seeds 0-2, synthetic checkpoint): 0.6 ranked copies best without
-# --score-norm (segment AP 1.0, 0.95, 0.55; 0.5 gave 0.89, 0.67, 0.43).
+# Measured on benchmarks/video.py (seeds 0-2, synthetic checkpoint, before the frames' background was
+# taken into account): 0.6 ranked copies best without --score-norm (segment AP 1.0, 0.95, 0.55; 0.5 gave
+# 0.89, 0.67, 0.43).
 DEFAULT_THRESHOLD, DEFAULT_NORMALISED_THRESHOLD = 0.6, 0.1
 
 
