@@ -241,10 +241,10 @@ def main() -> None:
         methods = {}
         for align in ('dp', 'tn'):
             start = time.perf_counter()
-            found, _, _ = search_videos(q, r, align, noise=n)
+            found, *_ = search_videos(q, r, align, noise=n)
             methods[f'ours --align {align} --score-norm'] = (found, time.perf_counter() - start)
         start = time.perf_counter()
-        found, _, _ = search_videos(q, r, 'dp')
+        found, *_ = search_videos(q, r, 'dp')
         methods['ours --align dp (no score-norm)'] = (found, time.perf_counter() - start)
         start = time.perf_counter()
         methods["VSC's baseline (SN + global k-NN + VCSL TN)"] = (vsc_baseline(q, r, n), time.perf_counter() - start)

@@ -152,6 +152,26 @@ def test_video_search_refuses_descriptors_of_another_model(videos, tmp_path):
     assert not (tmp_path / 'm.csv').exists()
 
 
+def test_video_search_through_a_milvus_collection_equals_the_exact_search(videos, small_ckpt, tmp_path, capsys):
+    from towhee_isc.video.embed import embed_videos
+    from towhee_isc.workflow.cli import main
+    from towhee_isc.workflow.embedding import Embedder
+    root = videos[0]
+    refs = tmp_path / 'refs.npz'
+    embed_videos([root / 'refs'], str(refs), Embedder(checkpoint_path=small_ckpt, device='cpu'), quiet=True)
+    milvus = ['--milvus-uri', tmp_path / 'isc.db', '--collection', 'frames']
+    done = towhee_isc('video', 'index', refs, *milvus)
+    assert 'indexed 20 frames of 2 video(s)' in done.stdout and '(20 frames in all)' in done.stdout, done.stderr
+    found = towhee_isc('video', 'search', root / 'queries.npz', *milvus, '-o', tmp_path / 'milvus.csv')
+    assert found.returncode == 0 and found.stderr == '', found.stderr
+    exact = towhee_isc('video', 'search', root / 'queries.npz', '--references', refs, '-o', tmp_path / 'exact.csv')
+    assert exact.returncode == 0, exact.stderr
+    rows = (tmp_path / 'milvus.csv').read_text().splitlines()
+    assert len(rows) > 1 and rows == (tmp_path / 'exact.csv').read_text().splitlines()
+    assert main(['video', 'search', str(root / 'queries.npz'), '-o', str(tmp_path / 'x.csv')]) == 2
+    assert 'error: give the references as --references FILE.npz or --collection NAME' in capsys.readouterr().err
+
+
 def test_video_dedup_groups_videos_that_share_segments(videos):
     root = videos[0]
     out = root / 'groups.json'
