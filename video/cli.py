@@ -23,6 +23,11 @@ def add_parser(commands, with_model: Callable[[argparse.ArgumentParser], argpars
     p.add_argument('--max-duration', type=positive_float, metavar='SECONDS',
                    help='skip (or with --strict refuse) longer videos, before decoding them')
     p.add_argument('--quiet', action='store_true', help='no progress bar')
+    group = p.add_argument_group("on a Ray cluster (pip install 'towhee-isc[ray]')")
+    group.add_argument('--ray-address', help="one task per video on the Ray cluster at 'auto' or HOST:PORT; videos, "
+                                             'checkpoint and output folder must be on storage every node shares')
+    group.add_argument('--cpus-per-task', type=positive_float, default=1, help='CPUs each task reserves, and its '
+                                                                              'threads (default 1)')
     p.set_defaults(run=run)
 
     p = with_milvus(sub.add_parser('index', help="reference videos' frame descriptors -> a Milvus collection "
@@ -105,8 +110,10 @@ def run(args: argparse.Namespace) -> None:
 def cmd_embed(args) -> None:
     from ..workflow.cli import embedder
     from .embed import embed_videos
+    if args.ray_address is None and args.cpus_per_task != 1:
+        raise ValueError('--cpus-per-task needs --ray-address')
     written, skipped, rate, frames = embed_videos(args.videos, args.output, embedder(args), args.fps,
-                                                  args.max_duration, args.quiet)
+                                                  args.max_duration, args.quiet, args.ray_address, args.cpus_per_task)
     print(f'wrote {frames} frame descriptors of {written} video(s) to {args.output} ({rate:.2f} frames/s)')
     report_skipped(skipped)
 
