@@ -199,8 +199,11 @@ def above_background(sims: np.ndarray, row_background: np.ndarray, threshold: fl
     return sims - np.maximum(threshold, background + margin)
 
 
+MIN_SCORE = 1.0  # dp_alignment's least score of a segment
+
+
 def dp_alignment(sims: np.ndarray, threshold: float = 0.5, gap: float = 0.1, min_length: int = 2,
-                 max_segments: int = 5, min_score: float = 1.0) -> list[Box]:
+                 max_segments: int = 5, min_score: float = MIN_SCORE) -> list[Box]:
     """Local alignment of the frames whose similarity beats ``threshold`` (see the module docstring).
 
     A path's score is the sum of ``sims - threshold`` over its cells, less ``gap`` for each (1, 2) or
@@ -211,6 +214,8 @@ def dp_alignment(sims: np.ndarray, threshold: float = 0.5, gap: float = 0.1, min
     n_q, n_r = sims.shape
     gain = sims - threshold
     boxes: list[Box] = []
+    if np.maximum(gain, 0).sum() < min_score:  # no path can score min_score: most candidate pairs, at once
+        return boxes
     blocked = np.zeros(n_q, dtype=bool)
     while len(boxes) < max_segments and n_q and n_r:
         score, back = _local_alignment(np.where(blocked[:, None], -np.inf, gain), gap)

@@ -10,7 +10,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .alignment import Box, above_background, dp_alignment, temporal_network
+from .alignment import MIN_SCORE, Box, above_background, dp_alignment, temporal_network
 from .candidates import Candidate
 from .metrics import Segment
 from .storage import VideoSet
@@ -38,6 +38,8 @@ def align(sims: np.ndarray, method: str = 'dp', threshold: float = 0.6,
         boxes = temporal_network(sims, **VSC_TN)
         gain = sims - threshold
     elif method == 'dp':
+        if np.maximum(sims - threshold, 0).sum() < MIN_SCORE:  # no copy can score enough: most pairs, at once
+            return []
         if row_background is None:
             row_background = np.median(sims, axis=1) if sims.size else np.zeros(len(sims))
         gain = above_background(sims, row_background, threshold, BACKGROUND_MARGIN)
