@@ -6,7 +6,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-
 from .candidates import frame_candidates, noise_offsets
 from .localization import best_first, localize
 from .metrics import Segment, write_segments
