@@ -209,6 +209,32 @@ def test_embed_on_ray_continues_after_the_driver_is_killed(cluster, images, smal
     assert str(images / 'broken.jpg') in run.stderr and not parts.exists()
 
 
+def test_video_embed_on_a_ray_cluster_equals_the_local_run(cluster, small_ckpt, tmp_path):
+    # One task per video: two short videos of photos and a file that is not a video, skipped and listed.
+    from towhee_isc.video.embed import embed_videos
+    from towhee_isc.video.storage import read_video_descriptors
+    from towhee_isc.video.synthetic import Shot, photos, render, write_video
+    from towhee_isc.workflow.embedding import Embedder
+    rng, images = np.random.default_rng(0), photos(['astronaut', 'coffee', 'rocket'])
+    folder = tmp_path / 'videos'
+    folder.mkdir()
+    for name, shots in (('A', [0, 1]), ('B', [2])):
+        write_video(folder / f'{name}.mp4', render([Shot.random(rng, i, 2) for i in shots], images, 10, (64, 64)), 10)
+    (folder / 'broken.mp4').write_text('not a video')
+    embed_videos([folder], str(tmp_path / 'local.npz'), Embedder(checkpoint_path=small_ckpt, device='cpu'), quiet=True)
+    run = subprocess.run([sys.executable, '-m', 'towhee_isc', 'video', 'embed', str(folder), '-o', str(tmp_path / 'ray.npz'),
+                          '--checkpoint', str(small_ckpt), '--device', 'cpu', '--ray-address', cluster, '--quiet'],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert 'wrote 6 frame descriptors of 2 video(s)' in run.stdout and str(folder / 'broken.mp4') in run.stderr
+    local, ray = read_video_descriptors(tmp_path / 'local.npz'), read_video_descriptors(tmp_path / 'ray.npz')
+    assert ray.ids == local.ids == ['A', 'B'] and ray.model == local.model
+    for mine, theirs in zip(ray.videos, local.videos):
+        assert mine.timestamps.tolist() == theirs.timestamps.tolist()
+        assert np.abs(mine.features - theirs.features).max() < 1e-5
+    assert not (tmp_path / 'ray.npz.parts').exists()
+
+
 def test_actors_that_do_not_fit_the_cluster_are_refused_not_waited_for(cluster, images, small_ckpt, tmp_path):
     run = embed_on_cluster(cluster, images, tmp_path / 'x.h5', small_ckpt, '--actors', 3)
     assert run.returncode == 2 and run.stderr.count('\n') == 1, run.stderr

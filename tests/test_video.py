@@ -11,6 +11,7 @@ from PIL import Image
 
 from tests.commands import assert_one_line_error, towhee_isc
 from towhee_isc.video.alignment import dp_alignment, temporal_network
+from towhee_isc.video.localization import align
 from towhee_isc.video.metrics import read_segments
 from towhee_isc.video.reader import VideoError, sample_frames
 from towhee_isc.video.storage import VideoFeatures, read_video_descriptors, write_video_descriptors
@@ -151,6 +152,26 @@ def test_video_search_refuses_descriptors_of_another_model(videos, tmp_path):
     assert not (tmp_path / 'm.csv').exists()
 
 
+def test_video_search_through_a_milvus_collection_equals_the_exact_search(videos, small_ckpt, tmp_path, capsys):
+    from towhee_isc.video.embed import embed_videos
+    from towhee_isc.workflow.cli import main
+    from towhee_isc.workflow.embedding import Embedder
+    root = videos[0]
+    refs = tmp_path / 'refs.npz'
+    embed_videos([root / 'refs'], str(refs), Embedder(checkpoint_path=small_ckpt, device='cpu'), quiet=True)
+    milvus = ['--milvus-uri', tmp_path / 'isc.db', '--collection', 'frames']
+    done = towhee_isc('video', 'index', refs, *milvus)
+    assert 'indexed 20 frames of 2 video(s)' in done.stdout and '(20 frames in all)' in done.stdout, done.stderr
+    found = towhee_isc('video', 'search', root / 'queries.npz', *milvus, '-o', tmp_path / 'milvus.csv')
+    assert found.returncode == 0 and found.stderr == '', found.stderr
+    exact = towhee_isc('video', 'search', root / 'queries.npz', '--references', refs, '-o', tmp_path / 'exact.csv')
+    assert exact.returncode == 0, exact.stderr
+    rows = (tmp_path / 'milvus.csv').read_text().splitlines()
+    assert len(rows) > 1 and rows == (tmp_path / 'exact.csv').read_text().splitlines()
+    assert main(['video', 'search', str(root / 'queries.npz'), '-o', str(tmp_path / 'x.csv')]) == 2
+    assert 'error: give the references as --references FILE.npz or --collection NAME' in capsys.readouterr().err
+
+
 def test_video_dedup_groups_videos_that_share_segments(videos):
     root = videos[0]
     out = root / 'groups.json'
@@ -176,6 +197,15 @@ def test_dp_alignment_follows_copies_at_other_speeds(slope):
     found = np.array([box.query_first, box.ref_first, box.query_last, box.ref_last])
     # at half speed each reference frame shows twice: the path takes every other one, so an end may be 1 off
     assert np.abs(found - [5, 12, 5 + last, 12 + int(last * slope)]).max() <= (1 if slope < 1 else 0)
+
+
+def test_a_low_information_shot_that_resembles_the_whole_query_is_no_copy():
+    sims = _diagonal(n_q=30, n_r=40, start=(5, 12), length=8, noise=0.1)  # a copy: 8 frames at 0.9
+    sims[:, 22:38] = 0.8  # a near-uniform reference shot: every query frame resembles it
+    (box, score), = align(sims, 'dp', threshold=0.6)
+    assert (box.query_first, box.ref_first, box.query_last, box.ref_last) == (5, 12, 12, 19) and score > 1
+    plain = dp_alignment(sims, threshold=0.6)  # the similarity alone: the copy runs on into the shot
+    assert plain[0].ref_last >= 22 and plain[0].query_last > 20
 
 
 def test_temporal_network_finds_a_copy_and_not_noise():

@@ -41,12 +41,19 @@ def frame_candidates(queries: VideoSet, refs: VideoSet, engine, k: int = 10, per
     if offsets is not None:
         scores = scores - offsets[:, None]
     found = indices >= 0  # an approximate engine may leave a row short
-    pair_q = np.repeat(q_video, indices.shape[1])[found.ravel()]
-    pair_r = r_video[indices[found]]
-    pair_s = scores[found]
+    return vote(np.repeat(q_video, indices.shape[1])[found.ravel()], r_video[indices[found]], scores[found],
+                per_query, min_score)
+
+
+def vote(pair_q: np.ndarray, pair_r: np.ndarray, pair_s: np.ndarray, per_query: int = 10,
+         min_score: float = -np.inf) -> list[Candidate]:
+    """Candidate pairs from frame matches: match n is query video ``pair_q[n]``'s frame against
+    reference video ``pair_r[n]``'s (int arrays) at similarity ``pair_s[n]``. A pair scores its best
+    match; each query keeps its ``per_query`` best pairs, best first within each query."""
     best: dict[tuple[int, int], float] = {}
-    order = np.argsort(-pair_s, kind='stable')
-    for q, r, s in zip(pair_q[order].tolist(), pair_r[order].tolist(), pair_s[order].tolist()):
+    order = np.argsort(-np.asarray(pair_s), kind='stable')
+    for q, r, s in zip(np.asarray(pair_q)[order].tolist(), np.asarray(pair_r)[order].tolist(),
+                       np.asarray(pair_s, dtype=np.float64)[order].tolist()):
         if (q, r) not in best:
             best[q, r] = s
     per: dict[int, list[Candidate]] = {}

@@ -11,6 +11,7 @@ from typing import Callable
 
 def add_parser(commands, with_model: Callable[[argparse.ArgumentParser], argparse.ArgumentParser]) -> None:
     """Add ``video`` and its subcommands to the top-level subparsers; ``with_model`` adds the model flags."""
+    from ..defaults import INDEX_TYPES
     from ..workflow.cli import OneLineParser, finite_float, positive_int
     video = commands.add_parser('video', help='video copy detection (VSC 2022 formats and metrics)')
     sub = video.add_subparsers(dest='video_command', required=True, parser_class=OneLineParser)
@@ -22,11 +23,26 @@ def add_parser(commands, with_model: Callable[[argparse.ArgumentParser], argpars
     p.add_argument('--max-duration', type=positive_float, metavar='SECONDS',
                    help='skip (or with --strict refuse) longer videos, before decoding them')
     p.add_argument('--quiet', action='store_true', help='no progress bar')
+    group = p.add_argument_group("on a Ray cluster (pip install 'towhee-isc[ray]')")
+    group.add_argument('--ray-address', help="one task per video on the Ray cluster at 'auto' or HOST:PORT; videos, "
+                                             'checkpoint and output folder must be on storage every node shares')
+    group.add_argument('--cpus-per-task', type=positive_float, default=1, help='CPUs each task reserves, and its '
+                                                                              'threads (default 1)')
     p.set_defaults(run=run)
 
-    p = sub.add_parser('search', help='query videos x reference videos -> copied segments (VSC match CSV)')
+    p = with_milvus(sub.add_parser('index', help="reference videos' frame descriptors -> a Milvus collection "
+                                                 '(for video search --collection)'))
+    p.add_argument('references', help='reference descriptor file (.npz, from video embed)')
+    p.add_argument('--index-type', choices=INDEX_TYPES, type=str.upper,
+                   help="a new collection's index: FLAT (exact, the default), IVF_FLAT or HNSW (approximate)")
+    p.set_defaults(run=run)
+
+    p = with_milvus(sub.add_parser('search', help='query videos x reference videos -> copied segments (VSC match CSV)'),
+                    collection_default=None)
     p.add_argument('queries', help='query descriptor file (.npz)')
-    p.add_argument('--references', required=True, help='reference descriptor file (.npz)')
+    p.add_argument('--references', help='reference descriptor file (.npz); or --collection')
+    p.add_argument('--nprobe', type=positive_int, help='--collection IVF_FLAT: cells searched')
+    p.add_argument('--ef', type=positive_int, help='--collection HNSW: candidates explored')
     p.add_argument('-o', '--output', required=True, help='match CSV: query_id,ref_id,query_start,query_end,'
                                                         'ref_start,ref_end,score (seconds), best first')
     add_search_options(p, finite_float, positive_int)
@@ -48,6 +64,17 @@ def add_parser(commands, with_model: Callable[[argparse.ArgumentParser], argpars
                    help="also the descriptor track's micro-AP of these descriptor files (.npz)")
     p.add_argument('--json', action='store_true')
     p.set_defaults(run=run)
+
+
+def with_milvus(p: argparse.ArgumentParser, collection_default: str | None = 'isc_video') -> argparse.ArgumentParser:
+    from ..defaults import DEFAULT_MILVUS_URI
+    p.add_argument('--collection', default=collection_default,
+                   help='Milvus collection of reference frames' + (f' (default {collection_default})' if
+                                                                    collection_default else ' (filled by video index)'))
+    p.add_argument('--milvus-uri', default=DEFAULT_MILVUS_URI,
+                   help='a Milvus Lite file (default ./isc.db) or http://host:19530 for a server')
+    p.add_argument('--token', help="a Milvus server's 'user:password' or API key, where it requires one")
+    return p
 
 
 def add_search_options(p: argparse.ArgumentParser, finite_float, positive_int) -> None:
@@ -76,14 +103,17 @@ def positive_float(text: str) -> float:
 
 
 def run(args: argparse.Namespace) -> None:
-    {'embed': cmd_embed, 'search': cmd_search, 'dedup': cmd_dedup, 'evaluate': cmd_evaluate}[args.video_command](args)
+    {'embed': cmd_embed, 'index': cmd_index, 'search': cmd_search, 'dedup': cmd_dedup,
+     'evaluate': cmd_evaluate}[args.video_command](args)
 
 
 def cmd_embed(args) -> None:
     from ..workflow.cli import embedder
     from .embed import embed_videos
+    if args.ray_address is None and args.cpus_per_task != 1:
+        raise ValueError('--cpus-per-task needs --ray-address')
     written, skipped, rate, frames = embed_videos(args.videos, args.output, embedder(args), args.fps,
-                                                  args.max_duration, args.quiet)
+                                                  args.max_duration, args.quiet, args.ray_address, args.cpus_per_task)
     print(f'wrote {frames} frame descriptors of {written} video(s) to {args.output} ({rate:.2f} frames/s)')
     report_skipped(skipped)
 
@@ -95,11 +125,29 @@ def report_skipped(skipped: dict) -> None:
             print(f'  {path}: {reason}', file=sys.stderr)
 
 
+def cmd_index(args) -> None:
+    from ..workflow.milvus import MilvusIndex
+    from .collection import index_videos
+    index = MilvusIndex(args.milvus_uri, args.collection, args.token)
+    videos, frames, kind = index_videos(args.references, index, args.index_type)
+    print(f'indexed {frames} frames of {videos} video(s) into {args.collection!r} ({kind} index) at '
+          f'{args.milvus_uri} ({index.count()} frames in all)')
+
+
 def cmd_search(args) -> None:
     from .search import search_files
+    if (args.references is None) == (args.collection is None):
+        raise ValueError('give the references as --references FILE.npz or --collection NAME (filled by '
+                         'towhee-isc video index), one of the two')
+    if args.references is None and args.exact:
+        raise ValueError('--exact is for --references: a collection searches with its own index')
+    collection = None
+    if args.collection is not None:
+        from ..workflow.milvus import MilvusIndex
+        collection = MilvusIndex(args.milvus_uri, args.collection, args.token, existing=True)
     segments, engine, seconds = search_files(args.queries, args.references, args.output, args.align, args.threshold,
                                              args.k, args.candidates, args.score_norm, args.factor, args.exact,
-                                             args.report)
+                                             args.report, collection, args.nprobe, args.ef)
     print(f'frame search engine: {engine}')
     print(f'wrote {len(segments)} matches to {args.output} ({seconds:.2f} s)')
     if args.report:

@@ -42,13 +42,37 @@ def video_ids(videos: Sequence[Path]) -> list[str]:
     return list(seen)
 
 
+def embed_video(path: str | Path, op, fps: float = 1.0, max_duration: float | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """One video's frame vectors (float32 (n, D)) and intervals (float64 (n, 2)), embedded in batches of
+    the operator's batch size as :func:`embed_videos` embeds them (so the vectors are the same); decoding
+    runs in a worker thread. A video that cannot be used raises ``VideoError``."""
+    batch_size = op.batch_size or 8
+    vectors, intervals, pending = [], [], []
+    for rgb, start, end in in_background(sample_frames(path, fps, max_duration)):
+        pending.append(rgb)
+        intervals.append((start, end))
+        if len(pending) == batch_size:
+            vectors.extend(op(pending))
+            pending = []
+    if pending:
+        vectors.extend(op(pending))
+    if not vectors:
+        raise VideoError(f'{path}: no frames')
+    return np.stack(vectors).astype(np.float32), np.array(intervals, dtype=np.float64)
+
+
 def embed_videos(inputs: Sequence[str], output: str, embedder, fps: float = 1.0, max_duration: float | None = None,
-                 quiet: bool = False) -> tuple[int, dict[Path, str], float, int]:
+                 quiet: bool = False, ray_address: str | None = None,
+                 cpus_per_task: float = 1) -> tuple[int, dict[Path, str], float, int]:
     """Embed the frames of videos into one VSC descriptor file.
 
     Args:
         inputs: video files, folders, globs.
         embedder: a ``workflow.embedding.Embedder`` (the operator and its settings).
+        ray_address: embed on this Ray cluster instead, one task per video, each reserving
+            ``cpus_per_task`` CPUs (its threads); videos, checkpoint and output folder must be at the
+            same paths on every node.
 
     Returns (videos written, {skipped video: reason}, frames embedded per second, frames written).
     With ``embedder.strict`` an unreadable video is an error (raised at once); otherwise it is skipped.
@@ -78,7 +102,26 @@ def embed_videos(inputs: Sequence[str], output: str, embedder, fps: float = 1.0,
             embedded += len(pending)
             pending.clear()
 
+    def save(n: int, features: np.ndarray | None, frame_intervals: np.ndarray | None, failure: str) -> None:
+        if failure and embedder.strict:
+            raise VideoError(failure)
+        parts.save(n, features if not failure else np.zeros((0, 0), np.float32),
+                   frame_intervals if not failure else np.zeros((0, 2)), failure)
+        if bar:
+            bar.update(1)
+            bar.set_postfix(frames=embedded)
+
     try:
+        if ray_address is not None:
+            from .ray import embed_on_ray
+
+            def count(n, features, frame_intervals, failure):
+                nonlocal embedded
+                embedded += 0 if failure else len(features)
+                save(n, features, frame_intervals, failure)
+            embed_on_ray([(n, videos[n]) for n in todo], ray_address, embedder.isc_kwargs, fps, max_duration,
+                         cpus_per_task, count)
+            todo = []
         for n, rgb, interval, failure in in_background(_frames_of(videos, todo, fps, max_duration)):
             if rgb is not None:
                 pending.append(rgb)
@@ -89,14 +132,8 @@ def embed_videos(inputs: Sequence[str], output: str, embedder, fps: float = 1.0,
                         bar.set_postfix(frames=embedded, refresh=False)
                 continue
             flush()
-            if failure and embedder.strict:
-                raise VideoError(failure)
-            parts.save(n, np.stack(vectors) if vectors and not failure else np.zeros((0, 0), np.float32),
-                       np.array(intervals if not failure else np.zeros((0, 2))), failure)
+            save(n, np.stack(vectors) if vectors else np.zeros((0, 0), np.float32), np.array(intervals), failure)
             vectors.clear(), intervals.clear()
-            if bar:
-                bar.update(1)
-                bar.set_postfix(frames=embedded)
     finally:
         if bar:
             bar.close()

@@ -4,64 +4,86 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from .candidates import frame_candidates, noise_offsets
 from .localization import best_first, localize
 from .metrics import Segment, write_segments
 from .storage import VideoSet, check_same_source, read_video_descriptors
 
-# Measured on benchmarks/video.py (seeds 0-2, synthetic checkpoint): 0.6 ranked copies best without
-# --score-norm (segment AP 1.0, 0.95, 0.55; 0.5 gave 0.89, 0.67, 0.43).
+if TYPE_CHECKING:
+    from ..workflow.milvus import MilvusIndex
+
+# Measured on benchmarks/video.py (seeds 0-2, synthetic checkpoint, before the frames' background was
+# taken into account): 0.6 ranked copies best without --score-norm (segment AP 1.0, 0.95, 0.55; 0.5 gave
+# 0.89, 0.67, 0.43).
 DEFAULT_THRESHOLD, DEFAULT_NORMALISED_THRESHOLD = 0.6, 0.1
 
 
-def search_videos(queries: VideoSet, refs: VideoSet, align: str = 'dp', threshold: float | None = None, k: int = 10,
-                  candidates: int = 10, noise: VideoSet | None = None, factor: float = 1.0, exact: bool = False,
-                  keep_matrices: bool = False) -> tuple[list[Segment], str, list]:
+def search_videos(queries: VideoSet, refs: VideoSet | None, align: str = 'dp', threshold: float | None = None,
+                  k: int = 10, candidates: int = 10, noise: VideoSet | None = None, factor: float = 1.0,
+                  exact: bool = False, keep_matrices: bool = False, collection: MilvusIndex | None = None,
+                  nprobe: int | None = None, ef: int | None = None) -> tuple[list[Segment], str, list, VideoSet]:
     """Copied segments between query and reference videos, best first.
 
-    Returns (segments, the frame engine's description, and with ``keep_matrices`` the
-    (candidate, similarity matrix, box, segment) of each for a report)."""
+    The references are ``refs``, or (``refs`` None) the videos of a Milvus ``collection`` filled by
+    ``video index``: it finds the candidate frames (``nprobe``/``ef``: its search width) and gives
+    back the candidate videos' frames. Returns (segments, how frames were searched, with
+    ``keep_matrices`` the (candidate, similarity matrix, box, segment) of each for a report, and the
+    reference videos: ``refs``, or those read from the collection)."""
     from ..workflow.engines import choose_engine
     q_frames, _, _ = queries.frames()
-    r_frames, _, _ = refs.frames()
-    engine = choose_engine(len(q_frames), len(r_frames), exact)
     offsets = None
     if noise is not None:
         n_frames, _, _ = noise.frames()
         offsets = noise_offsets(q_frames, n_frames, choose_engine(len(q_frames), len(n_frames), exact), factor)
     if threshold is None:
         threshold = DEFAULT_THRESHOLD if offsets is None else DEFAULT_NORMALISED_THRESHOLD
-    pairs = frame_candidates(queries, refs, engine, k, candidates, offsets)
+    if collection is not None:
+        from .collection import collection_candidates
+        pairs, refs = collection_candidates(queries, collection, k, candidates, offsets, nprobe, ef)
+        description = f'Milvus collection {collection.collection!r} at {collection.uri}'
+    else:
+        engine = choose_engine(len(q_frames), sum(len(v) for v in refs.videos), exact)
+        pairs = frame_candidates(queries, refs, engine, k, candidates, offsets)
+        description = engine.description
     found, kept = [], []
     for item in localize(queries, refs, pairs, align, threshold, offsets):
         found.append(item[3])
         if keep_matrices:
             kept.append(item)
-    return best_first(found), engine.description, kept
+    return best_first(found), description, kept, refs
 
 
-def search_files(queries: str, references: str, output: str, align: str = 'dp', threshold: float | None = None,
+def search_files(queries: str, references: str | None, output: str, align: str = 'dp', threshold: float | None = None,
                  k: int = 10, candidates: int = 10, score_norm: str | None = None, factor: float = 1.0,
-                 exact: bool = False, report: str | None = None) -> tuple[list[Segment], str, float]:
-    """``video search``: read, check the files come from one model, search, write the CSV (and report)."""
+                 exact: bool = False, report: str | None = None, collection: MilvusIndex | None = None,
+                 nprobe: int | None = None, ef: int | None = None) -> tuple[list[Segment], str, float]:
+    """``video search``: read, check the files (or the collection) come from one model, search, write
+    the CSV (and report). The references are the file ``references`` or the Milvus ``collection``."""
     started = time.perf_counter()
     q = read_video_descriptors(queries)
     dim = q.videos[0].features.shape[1]
-    r = read_video_descriptors(references, dim=dim)
-    sets = {queries: q, references: r}
+    sets = {queries: q}
+    r = None
+    if collection is not None:
+        if collection.dim() is None:
+            raise ValueError(f'unknown collection {collection.collection!r} at {collection.uri!r}: '
+                             'fill it with towhee-isc video index REFERENCES.npz first')
+        sets[f'collection {collection.collection!r}'] = VideoSet([], collection.model(), collection.postprocessing())
+    else:
+        r = read_video_descriptors(references, dim=dim)
+        sets[references] = r
     noise = None
     if score_norm:
         noise = read_video_descriptors(score_norm, dim=dim)
         sets[score_norm] = noise
-        if set(noise.ids) & set(r.ids):
+        if r is not None and set(noise.ids) & set(r.ids):
             raise ValueError(f'--score-norm {score_norm} shares videos with the references: normalise with an '
                              'independent set (VSC rules)')
     check_same_source(sets)
-    segments, engine, kept = search_videos(q, r, align, threshold, k, candidates, noise, factor, exact,
-                                           keep_matrices=bool(report))
+    segments, engine, kept, r = search_videos(q, r, align, threshold, k, candidates, noise, factor, exact,
+                                              bool(report), collection, nprobe, ef)
     write_segments(output, segments)
     if report:
         from .report import html_report
@@ -93,7 +115,7 @@ def dedup(args) -> list[dict]:
     ids = everything.ids
     if len(set(ids)) != len(ids):
         raise ValueError('the inputs repeat a video id: every video needs its own id')
-    segments, _, _ = search_videos(everything, everything, args.align, args.threshold, args.k + 1,
+    segments, _, _, _ = search_videos(everything, everything, args.align, args.threshold, args.k + 1,
                                    args.candidates + 1, exact=args.exact)
     segments = [s for s in segments if s.query_id != s.ref_id]
     return duplicate_groups(everything, segments, paths)

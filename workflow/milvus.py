@@ -336,12 +336,13 @@ class MilvusIndex:
 
     def add(self, ids: Sequence[str], vectors: np.ndarray, batch: int = 1000, index_type: str | None = None,
             postprocessing: dict | None = None, model: dict | None = None,
-            paths: dict[str, str] | None = None) -> str:
+            paths: dict[str, str] | None = None, fields: Sequence[dict] | None = None) -> str:
         """Insert or update by id (``vectors`` float32 N x D), creating the collection on first use
         with an ``index_type`` index. Vectors post-processed otherwise than the collection's
         (``postprocessing``, None for raw) are refused, and so are those of another ``model`` (where both
-        record theirs). ``paths`` (id -> image path) are stored beside the vectors, for reports. Returns
-        the index type the collection has."""
+        record theirs). ``paths`` (id -> image path) are stored beside the vectors, for reports;
+        ``fields`` (one dict per row) too (a video frame's video id and seconds). Returns the index type
+        the collection has."""
         if self.dim() is not None:
             check_same_postprocessing({f'collection {self.collection!r}': self.postprocessing(),
                                        'the descriptors to add': postprocessing})
@@ -353,6 +354,9 @@ class MilvusIndex:
         kind = self.create(vectors.shape[1], index_type, len(ids), postprocessing, model)
         paths = paths or {}
         with_paths = self.stores_paths()
+        if fields is not None and not with_paths:
+            raise ValueError(f'collection {self.collection!r} was made by an older towhee-isc and keeps no fields '
+                             'beside the vectors: index into a new --collection')
         written = 0
         with self._errors(f'marking {self.collection!r} as being written'):
             self.client.alter_collection_properties(self.collection, properties={INCOMPLETE: 'true'})
@@ -360,8 +364,9 @@ class MilvusIndex:
             with self._errors(f'writing to {self.collection!r}'), \
                     Progress(len(ids), f'uploading to {self.collection!r}', unit='vector') as progress:
                 for start in range(0, len(ids), batch):
-                    rows = [{'id': i, 'vector': v.tolist(), **({PATH: paths[i]} if with_paths and i in paths else {})}
-                            for i, v in zip(ids[start:start + batch], vectors[start:start + batch])]
+                    rows = [{'id': i, 'vector': v.tolist(), **({PATH: paths[i]} if with_paths and i in paths else {}),
+                             **(fields[start + n] if fields is not None else {})}
+                            for n, (i, v) in enumerate(zip(ids[start:start + batch], vectors[start:start + batch]))]
                     self.client.upsert(self.collection, rows, timeout=CALL_TIMEOUT_S)
                     written += len(rows)
                     progress.advance(len(rows))
@@ -401,6 +406,26 @@ class MilvusIndex:
                 rows = self.client.query(self.collection, filter=f'id in [{listed}]', output_fields=['id', PATH],
                                          consistency_level='Strong')
                 found.update((row['id'], row[PATH]) for row in rows if row.get(PATH))
+        return found
+
+    def rows(self, filter: str, output_fields: Sequence[str], batch: int = 4096) -> list[dict]:
+        """Every row matching ``filter`` (a Milvus expression), with ``output_fields``, however many
+        (read ``batch`` at a time: a plain query returns at most 16,384)."""
+        self.load()
+        found: list[dict] = []
+        # Milvus Lite gives the iterator no snapshot time: pymilvus warns and uses the client's clock,
+        # which reads the same rows here (every write was flushed). The warning is no news to a user.
+        quiet = logging.getLogger('pymilvus.client.iterator.query_iterator')
+        level, quiet.level = quiet.level, logging.ERROR
+        with self._errors(f'reading rows of {self.collection!r}'):
+            pages = self.client.query_iterator(self.collection, batch_size=batch, filter=filter,
+                                               output_fields=list(output_fields), consistency_level='Strong')
+            try:
+                while page := pages.next():
+                    found += page
+            finally:
+                pages.close()
+                quiet.level = level
         return found
 
     def load(self) -> None:
