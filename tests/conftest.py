@@ -107,3 +107,16 @@ def reference_embed(checkpoint_path, images) -> np.ndarray:
 @pytest.fixture(scope='session')
 def reference():
     return reference_embed
+
+
+# The slowest files first (their order by the time they took on the 2-core CI machine). pytest-xdist
+# hands each worker whole files (--dist loadfile) in collection order, so a long file that started
+# last would leave the other worker idle at the end. Tests keep their order within a file.
+SLOWEST_FIRST = ['test_readme_blocks.py', 'test_hostile.py', 'test_serve.py', 'test_ray.py', 'test_triton.py',
+                 'test_readme_flow.py', 'test_milvus.py', 'test_towhee.py', 'test_video.py', 'test_training.py',
+                 'test_engines.py', 'test_workflow.py', 'test_export.py', 'test_hostile_files.py']
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOWEST_FIRST)))
