@@ -179,3 +179,25 @@ def test_a_failed_index_is_refused_by_search_until_index_runs_again(tmp_path):
     index.add(ids, vectors)
     index.check_complete()  # the rerun completed it: search takes it again
     assert index.count() == 2000 and index.search(ids[:1], vectors[:1], 1)[0].reference_id == ids[0]
+
+
+def test_a_crafted_descriptor_file_cannot_make_a_report_show_other_files(photos, tmp_path):
+    """A descriptor file's ``image_paths`` are anyone's words: the report shows only images read now or under
+    the folders given (here ``--report-images shared``), never a private photo it names, directly or by
+    ``shared/../``."""
+    private, shared = tmp_path / 'private', tmp_path / 'shared'
+    private.mkdir()
+    shared.mkdir()
+    photos[0].save(private / 'secret.jpg')
+    photos[1].save(shared / 'ok.jpg')
+    x = unit(np.ones((1, 8)))
+    paths = [str(private / 'secret.jpg'), str(shared / '..' / 'private' / 'secret.jpg'), str(shared / 'ok.jpg')]
+    write_descriptors(tmp_path / 'crafted.h5', ['a', 'b', 'c'], np.repeat(x, 3, axis=0), paths)
+    result = towhee_isc('dedup', tmp_path / 'crafted.h5', '--threshold', '0.9', '--report', tmp_path / 'groups.html',
+                        '--report-images', shared)
+    assert result.returncode == 0, result.stderr
+    import html_pages
+    members = {m.all(cls='id')[0].text: m for m in html_pages.parse((tmp_path / 'groups.html').read_text()).all(cls='member')}
+    assert sorted(members) == ['a', 'b', 'c'] and len(members['c'].thumbnails) == 1
+    for refused in ('a', 'b'):
+        assert not members[refused].thumbnails and 'not shown: outside the folders given' in members[refused].text

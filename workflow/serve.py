@@ -36,6 +36,7 @@ from starlette.datastructures import UploadFile
 from ..images import ImageError
 from .descriptors import check_same_postprocessing, read_descriptors, read_model, read_postprocessing
 from .embedding import Embedder, check_same_model
+from .engines import meets
 from .matching import search_exact
 from .milvus import MilvusIndex, _is_lite
 
@@ -162,7 +163,8 @@ class EmbedAnswer(BaseModel):
 class MatchAnswer(BaseModel):
     id: str = Field(description='the reference image id')
     score: float = Field(description='cosine similarity to the upload')
-    match: bool = Field(description='whether the score reaches the threshold')
+    match: bool = Field(description='whether the score reaches the threshold (within float32 rounding, as '
+                                       '``towhee-isc search`` counts it: a byte-identical copy meets 1.0)')
 
 
 class SearchAnswer(BaseModel):
@@ -336,7 +338,7 @@ class IscService:
             logger.exception('searching the references failed')
             problem = await asyncio.to_thread(self.references.problem)
             raise Refused(503, f'the references cannot be searched now ({problem or "see the service log"})') from None
-        return {'matches': [{'id': i, 'score': score, 'match': score >= threshold} for i, score in hits]}
+        return {'matches': [{'id': i, 'score': score, 'match': bool(meets(score, threshold))} for i, score in hits]}
 
     async def _vector(self, request: Request) -> np.ndarray:
         """The upload's vector. Its bytes are held (bounded) from admission until embedded, and its body
