@@ -201,3 +201,23 @@ def test_a_crafted_descriptor_file_cannot_make_a_report_show_other_files(photos,
     assert sorted(members) == ['a', 'b', 'c'] and len(members['c'].thumbnails) == 1
     for refused in ('a', 'b'):
         assert not members[refused].thumbnails and 'not shown: outside the folders given' in members[refused].text
+
+
+def test_a_frozen_milvus_server_is_one_line_within_the_call_timeout(tmp_path):
+    """A server that completes the connection, then never answers (``frozen_milvus.py``): every call is
+    bounded by TOWHEE_ISC_MILVUS_TIMEOUT (here 2 s), so search ends with one line instead of hanging."""
+    server = subprocess.Popen([sys.executable, str(Path(__file__).with_name('frozen_milvus.py'))],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(server.stdout.readline())
+        write_descriptors(tmp_path / 'q.h5', ['a'], unit(np.ones((1, 8))))
+        started = time.monotonic()
+        result = towhee_isc('search', tmp_path / 'q.h5', '--milvus-uri', f'http://127.0.0.1:{port}', '--collection', 'C',
+                            '-o', tmp_path / 'm.csv', env={'TOWHEE_ISC_MILVUS_TIMEOUT': '2'}, timeout=120)
+        elapsed = time.monotonic() - started
+    finally:
+        server.kill()
+        server.wait()
+    assert_one_line_error(result, f"Milvus at 'http://127.0.0.1:{port}': describing collection 'C' failed: no answer "
+                                  'within 2 s (the server is frozen or overloaded; TOWHEE_ISC_MILVUS_TIMEOUT')
+    assert elapsed < 60 and not (tmp_path / 'm.csv').exists(), elapsed
