@@ -221,3 +221,14 @@ def test_a_frozen_milvus_server_is_one_line_within_the_call_timeout(tmp_path):
     assert_one_line_error(result, f"Milvus at 'http://127.0.0.1:{port}': describing collection 'C' failed: no answer "
                                   'within 2 s (the server is frozen or overloaded; TOWHEE_ISC_MILVUS_TIMEOUT')
     assert elapsed < 60 and not (tmp_path / 'm.csv').exists(), elapsed
+
+
+def test_a_descriptor_file_declaring_more_data_than_memory_is_refused_from_its_header(tmp_path):
+    """2 KB of HDF5 can declare a terabyte of compressed zeros: reading it would get the process killed."""
+    import h5py
+    with h5py.File(tmp_path / 'bomb.h5', 'w') as f:
+        f.create_dataset('vectors', shape=(10**9, 256), dtype='float32', compression='gzip', chunks=(4096, 256))
+        f.create_dataset('image_names', data=np.array([b'a']))
+    assert (tmp_path / 'bomb.h5').stat().st_size < 10_000
+    result = towhee_isc('dedup', tmp_path / 'bomb.h5', timeout=120)
+    assert_one_line_error(result, "declares 953.7 GiB of data (vectors (1000000000, 256), image_names (1,)), more than")
