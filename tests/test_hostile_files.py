@@ -232,3 +232,16 @@ def test_a_descriptor_file_declaring_more_data_than_memory_is_refused_from_its_h
     assert (tmp_path / 'bomb.h5').stat().st_size < 10_000
     result = towhee_isc('dedup', tmp_path / 'bomb.h5', timeout=120)
     assert_one_line_error(result, "declares 953.7 GiB of data (vectors (1000000000, 256), image_names (1,)), more than")
+    # The same in a video descriptor npz: deflate packs the zeros, the .npy header declares the shape.
+    import io
+    import zipfile
+    header = io.BytesIO()
+    np.lib.format.write_array_header_2_0(header, {'descr': '<f4', 'fortran_order': False, 'shape': (10**9, 256)})
+    with zipfile.ZipFile(tmp_path / 'bomb.npz', 'w', zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr('features.npy', header.getvalue() + bytes(2**20))
+        for name, array in {'video_ids': np.array(['V1']), 'timestamps': np.zeros((1, 2))}.items():
+            buffer = io.BytesIO()
+            np.save(buffer, array)
+            archive.writestr(f'{name}.npy', buffer.getvalue())
+    result = towhee_isc('video', 'dedup', tmp_path / 'bomb.npz', '-o', tmp_path / 'groups.json', timeout=120)
+    assert_one_line_error(result, "declares 953.7 GiB of arrays, more than")
