@@ -9,6 +9,7 @@ import csv
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -135,6 +136,12 @@ def test_identical_copies_meet_threshold_one_and_outputs_never_replace_inputs(tm
                         '--threshold', '1.0', '-o', tmp_path / 'twice.h5')
     assert_one_line_error(result, f"output '{tmp_path / 'twice.h5'}' is also an input")
     assert (tmp_path / 'twice.h5').read_bytes() == before
+    # Nor a FIFO or a device (`-o /dev/null`, as root, would replace the machine's /dev/null with a file).
+    os.mkfifo(tmp_path / 'fifo')
+    result = towhee_isc('search', tmp_path / 'twice.h5', '--references', tmp_path / 'twice.h5', '-k', 2,
+                        '-o', tmp_path / 'fifo')
+    assert_one_line_error(result, f"output '{tmp_path / 'fifo'}' is a device, FIFO or socket, not a file")
+    assert stat.S_ISFIFO(os.lstat(tmp_path / 'fifo').st_mode)
     # The CSV of matches: escaped for spreadsheets, read back exactly by evaluate.
     result = towhee_isc('search', tmp_path / 'twice.h5', '--references', tmp_path / 'twice.h5', '-k', 2,
                         '--threshold', '1.0', '-o', tmp_path / 'm.csv')
