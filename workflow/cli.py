@@ -58,7 +58,7 @@ def cmd_embed(args) -> None:
                           img_size=args.img_size, device=args.device, batch_size=args.batch_size, **nes_settings(args))
         written, skipped, rate = embed_on_ray(args.inputs, args.output, args.ray_address, isc_kwargs, args.actors,
                                               args.cpus_per_actor, args.gpus_per_actor, args.chunk_size, args.strict,
-                                              args.quiet)
+                                              args.quiet, own_process=True)
     elif (args.actors, args.cpus_per_actor, args.gpus_per_actor) != (None, 1, 0):
         raise ValueError('--actors, --cpus-per-actor and --gpus-per-actor need --ray-address')
     else:
