@@ -237,6 +237,10 @@ def test_a_descriptor_file_declaring_more_data_than_memory_is_refused_from_its_h
         f.create_dataset('vectors', shape=(10**9, 256), dtype='float32', compression='gzip', chunks=(4096, 256))
         f.create_dataset('image_names', data=np.array([b'a']))
     assert (tmp_path / 'bomb.h5').stat().st_size < 10_000
+    # A -k that Milvus Lite would try to allocate (k x queries results) is refused before anything is opened.
+    result = towhee_isc('dedup', tmp_path / 'bomb.h5', '--milvus-uri', tmp_path / 'isc.db', '-k', 10**9, timeout=120)
+    assert_one_line_error(result, f'-k {10**9} is more than the 16383 neighbours Milvus can return per image')
+    assert not (tmp_path / 'isc.db').exists()
     result = towhee_isc('dedup', tmp_path / 'bomb.h5', timeout=120)
     assert_one_line_error(result, "declares 953.7 GiB of data (vectors (1000000000, 256), image_names (1,)), more than")
     # The same in a video descriptor npz: deflate packs the zeros, the .npy header declares the shape.

@@ -99,6 +99,8 @@ def cmd_search(args) -> None:
                          '(towhee-isc evaluate scores the prediction CSV)')
     truth = read_ground_truth(args.ground_truth) if args.ground_truth else None  # a bad file stops us before any work
     images, models = embedder(args), {}
+    if not args.references:
+        check_top_k(args.k)
     index = None if args.references else MilvusIndex(args.milvus_uri, args.collection, args.token, existing=True)
     if index is not None and index.dim():
         models[f'collection {args.collection!r}'] = index.model()
@@ -137,6 +139,14 @@ def cmd_search(args) -> None:
         print(f'wrote {args.report}')
 
 
+def check_top_k(k: int, itself: int = 0) -> None:
+    """Refuse, before any work, a -k that Milvus cannot answer (a server's topk limit; Lite would try to
+    allocate it); ``itself``: matches asked for besides the k (dedup's image finds itself)."""
+    from .milvus import MAX_TOP_K
+    if k + itself > MAX_TOP_K:
+        raise ValueError(f'-k {k} is more than the {MAX_TOP_K - itself} neighbours Milvus can return per image here')
+
+
 def report_images(args, inputs: Sequence[str], read: set[str]):
     """What a report may show: the images read now, and those under the folders given (as inputs or
     ``--report-images``), never whatever a descriptor file or collection names."""
@@ -150,6 +160,8 @@ def cmd_dedup(args) -> None:
     from .matching import duplicate_groups, near_duplicate_groups
     from .milvus import MilvusIndex, milvus_duplicate_pairs
     images = embedder(args)
+    if args.milvus_uri:
+        check_top_k(args.k, itself=1)  # each image finds itself too
     postprocessing = same_postprocessing(args, images, inputs_postprocessing(args.inputs, images))
     read: set[str] = set()
     ids, vectors, paths = load_descriptors(args.inputs, images, read=read)

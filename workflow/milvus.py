@@ -43,6 +43,9 @@ IVF_NPROBE_SHARE, HNSW_EF = 8, 256
 CALL_TIMEOUT_S = 300.0
 TIMEOUT_VARIABLE = 'TOWHEE_ISC_MILVUS_TIMEOUT'
 CONNECT_TIMEOUT_S = 10.0  # gRPC's handshake and Milvus's Connect
+# A Milvus server returns at most this many matches per query (its topk limit); Milvus Lite has none and
+# would try to allocate k x queries results (a typo of -k could take every byte of memory).
+MAX_TOP_K = 16384
 
 
 def call_timeout() -> float:
@@ -456,8 +459,8 @@ class MilvusIndex:
         """The ``k`` best references of each query (``queries`` float32 N x D), best first; scores
         minus ``offsets`` (N,) when given, kept at or above ``threshold``. ``nprobe`` (IVF_FLAT) and
         ``ef`` (HNSW) trade speed for recall; see :func:`search_params`."""
-        if k < 1:
-            raise ValueError(f'k must be at least 1, got {k}')
+        if not 1 <= k <= MAX_TOP_K:
+            raise ValueError(f'k must be between 1 and {MAX_TOP_K} (the most Milvus returns per query), got {k}')
         dim = self.dim()
         if dim is None:
             raise ValueError(f'unknown collection {self.collection!r} at {self.uri!r}: index some descriptors first')
