@@ -49,6 +49,7 @@ MAX_BODY_BYTES = 32 * 2**20  # a 32 MB upload is already a very large photo
 UPLOAD_TIMEOUT_S = 30.0  # a whole body must arrive within this (a 32 MB photo at ~1 MB/s)
 MAX_ONGOING = 256  # requests a replica holds at once (reading, queued or embedding); Serve queues the rest
 HELD_BODIES = 16  # bytes a replica admits at once: this many largest uploads (declared lengths)
+MILVUS_TIMEOUT_S = 30.0  # one call to Milvus while answering a request (TOWHEE_ISC_MILVUS_TIMEOUT may lower it)
 IMAGE_TYPE = re.compile(r"image/[a-z0-9][a-z0-9!#$&^_.+-]*")  # image/<subtype>, RFC 6838 characters
 
 
@@ -90,6 +91,8 @@ class References:
             self.name = f'descriptor file {os.path.basename(settings.references)!r} ({len(self.ids)} images)'
         elif settings.collection:
             self.index = MilvusIndex(settings.milvus_uri, settings.collection, settings.token, existing=True)
+            # A request (and /health) waits for a frozen Milvus this long at most, not a batch job's minutes.
+            self.index.timeout = min(self.index.timeout, MILVUS_TIMEOUT_S)
             dim = self.index.dim()
             if dim is None:
                 self.index.close()
