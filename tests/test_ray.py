@@ -200,24 +200,6 @@ def test_embed_on_a_ray_cluster_equals_the_single_process_embed(cluster, images,
     assert not (tmp_path / 'ray.h5.parts').exists()
 
 
-def test_embed_on_ray_continues_after_the_driver_is_killed(cluster, images, small_ckpt, single_process, tmp_path):
-    out, parts = tmp_path / 'ray.h5', tmp_path / 'ray.h5.parts'
-    driver = subprocess.Popen(embed_command(cluster, images, out, small_ckpt, '--actors', 1, '--chunk-size', 1, '--quiet'),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while not list(parts.glob('*.npz')) and driver.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    driver.send_signal(signal.SIGKILL)  # the driver dies mid-run, with no chance to clean up
-    driver.communicate()
-    saved = sorted(int(p.stem) for p in parts.glob('*.npz'))
-    assert saved and len(saved) < 13 and not out.exists(), 'the run must be cut short to test resuming'
-    run = embed_on_cluster(cluster, images, out, small_ckpt, '--actors', 2, '--chunk-size', 1, '--quiet')
-    assert run.returncode == 0, run.stderr
-    ids, vectors = read_descriptors(out)
-    assert ids == single_process[0] and np.abs(vectors - single_process[1]).max() < 1e-5
-    assert str(images / 'broken.jpg') in run.stderr and not parts.exists()
-
-
 def test_actors_that_do_not_fit_the_cluster_are_refused_not_waited_for(cluster, images, small_ckpt, tmp_path):
     run = embed_on_cluster(cluster, images, tmp_path / 'x.h5', small_ckpt, '--actors', 3)
     assert run.returncode == 2 and run.stderr.count('\n') == 1, run.stderr
@@ -317,19 +299,36 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def saved_chunks(parts: Path) -> list[int]:
+    return sorted(int(p.stem) for p in parts.glob('*.npz'))
+
+
+def wait_for_chunks(parts: Path, more_than: int, driver: subprocess.Popen) -> None:
+    deadline = time.time() + 300
+    while len(saved_chunks(parts)) <= more_than and driver.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+
+
 # This one comes last: it kills the module's cluster.
 
-def test_a_cluster_that_dies_mid_embed_is_one_line_and_the_run_resumes(cluster, images, small_ckpt, single_process,
-                                                                        tmp_path):
-    """The head and every process of the cluster are killed while the command embeds: it ends with one
-    line and exit 2 within seconds (not Ray's minute of C++ errors and exit 1), and the chunks it saved
-    are whole: the same embed, run again (here without Ray, no cluster being left), completes them."""
+def test_embed_on_ray_continues_after_the_driver_dies_and_after_the_cluster_dies(cluster, images, small_ckpt,
+                                                                                 single_process, tmp_path):
+    """The driver is killed mid-run; the same command continues on the cluster, which is then killed
+    (the head and every process of it): that ends the command with one line and exit 2 within seconds
+    (not Ray's minute of C++ errors and exit 1), and the chunks saved are whole: the same embed, run
+    again (here without Ray, no cluster being left), completes them, equal to the single-process embed."""
     out, parts = tmp_path / 'ray.h5', tmp_path / 'ray.h5.parts'
+    driver = subprocess.Popen(embed_command(cluster, images, out, small_ckpt, '--actors', 1, '--chunk-size', 1, '--quiet'),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for_chunks(parts, 0, driver)
+    driver.send_signal(signal.SIGKILL)  # the driver dies mid-run, with no chance to clean up
+    driver.communicate()
+    first = saved_chunks(parts)
+    assert first and len(first) < 13 and not out.exists(), 'the run must be cut short to test resuming'
+
     driver = subprocess.Popen(embed_command(cluster, images, out, small_ckpt, '--actors', 1, '--chunk-size', 1),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not list(parts.glob('*.npz')) and driver.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
+    wait_for_chunks(parts, len(first), driver)  # it continued: a chunk more than the first run saved
     for pid in [cluster.head.pid, *descendants(cluster.head.pid)]:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -340,8 +339,9 @@ def test_a_cluster_that_dies_mid_embed_is_one_line_and_the_run_resumes(cluster, 
     assert time.time() - killed < 60, 'the driver waited for Ray to give up'
     assert driver.returncode == 2 and err.count('\n') == 1 and err.startswith('error: '), err
     assert f"the Ray head at '{cluster}' stopped answering" in err and 'run the same command again' in err
-    saved = sorted(int(p.stem) for p in parts.glob('*.npz'))
-    assert saved and len(saved) < 13 and not out.exists(), 'the run must be cut short to test resuming'
+    second = saved_chunks(parts)
+    assert set(first) < set(second) and len(second) < 13 and not out.exists(), 'the run must be cut short again'
+
     assert cli(['embed', str(images), '-o', str(out), '--checkpoint', str(small_ckpt), '--device', 'cpu',
                 '--chunk-size', '1', '--quiet']) == 0
     ids, vectors = read_descriptors(out)
