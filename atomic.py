@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -14,8 +15,10 @@ from typing import Iterator
 def atomic_write(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``target`` to write to. If the block succeeds it is renamed to
     ``target`` (readable like any new file, not mkstemp's 0600); if it fails it is removed. A crash
-    or a concurrent reader never sees a partial ``target``."""
+    or a concurrent reader never sees a partial ``target``. A ``target`` that is a device, a FIFO or a
+    socket (``/dev/null``) is refused: the rename would replace it with a file."""
     target = Path(target)
+    check_not_special(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name + '.', suffix='.partial')
     os.close(fd)
@@ -35,12 +38,25 @@ def check_writable(target: str | os.PathLike, what: str = 'output') -> Path:
     target = Path(target)
     if target.is_dir():
         raise ValueError(f'{what} {str(target)!r} is a folder: give a file name')
+    check_not_special(target, what)
     folder = target.parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
         raise ValueError(f'cannot write {what} {str(target)!r}: {str(folder)!r} is not a writable folder')
     return target
+
+
+def check_not_special(target: Path, what: str = 'output') -> None:
+    """Refuse a ``target`` that exists as a device, FIFO or socket: outputs are written beside it and renamed
+    over it, which would replace, say, ``/dev/null`` itself (as root) with a regular file."""
+    try:
+        mode = os.lstat(target).st_mode
+    except OSError:
+        return  # not there (yet): a new file
+    if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode) or stat.S_ISDIR(mode)):
+        raise ValueError(f'{what} {str(target)!r} is a device, FIFO or socket, not a file: writing the {what} would '
+                         'replace it; give a file name')
 
 
 @contextlib.contextmanager

@@ -27,8 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from towhee_isc.workflow.descriptors import read_descriptors
+from towhee_isc.progress import Progress
 from towhee_isc.testing import make_synthetic_checkpoint, sample_photos
+from towhee_isc.workflow.descriptors import read_descriptors
 
 
 def make_images(folder: Path, count: int) -> None:
@@ -49,9 +50,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def timed(command: list[str], env: dict[str, str]) -> float:
+def timed(command: list[str], env: dict[str, str], label: str) -> float:
+    """Seconds ``command`` took; meanwhile a progress line says which step runs and for how long."""
     start = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    with Progress(None, label, delay=0):
+        result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode:
         sys.exit(f'{command} failed:\n{result.stderr[-3000:]}')
     return time.perf_counter() - start
@@ -73,17 +76,18 @@ def main() -> None:
     head = None
     try:
         ckpt = work / 'bench.pth.tar'
-        make_synthetic_checkpoint(ckpt, args.arch, args.size, sample_photos()[:4])
-        make_images(work / 'images', args.images)
-        make_images(work / 'two', 2)
+        with Progress(None, f'making a synthetic {args.arch} checkpoint and {args.images} images', delay=0):
+            make_synthetic_checkpoint(ckpt, args.arch, args.size, sample_photos()[:4])
+            make_images(work / 'images', args.images)
+            make_images(work / 'two', 2)
         embed = [sys.executable, '-m', 'towhee_isc', 'embed', '--checkpoint', str(ckpt), '--device', 'cpu', '--quiet']
 
-        def single(folder: str, out: str) -> float:
-            return timed([*embed, str(work / folder), '-o', str(work / out)], env)
+        def single(folder: str, out: str, label: str) -> float:
+            return timed([*embed, str(work / folder), '-o', str(work / out)], env, f'single process: {label}')
 
-        single('two', 'warm.h5')  # exports the ONNX model into the cache both routes use
-        single_fixed = single('two', 'single2.h5')
-        single_total = single('images', 'single.h5')
+        single('two', 'warm.h5', 'ONNX export (warm-up)')  # exports the ONNX model into the cache both routes use
+        single_fixed = single('two', 'single2.h5', '2 images (fixed costs)')
+        single_total = single('images', 'single.h5', f'{args.images} images')
 
         port, temp = free_port(), work / 'ray'
         temp.mkdir()
@@ -94,18 +98,20 @@ def main() -> None:
              f'--port={port}', f'--num-cpus={args.cpus}', '--num-gpus=0', '--include-dashboard=false',
              '--disable-usage-stats', f'--dashboard-port={free_port()}', f'--ray-client-server-port={free_port()}',
              f'--temp-dir={temp}'], stdout=log, stderr=subprocess.STDOUT, env=env)
-        while 'will now block' not in (work / 'ray_start.log').read_text():
-            if head.poll() is not None:
-                sys.exit((work / 'ray_start.log').read_text()[-3000:])
-            time.sleep(0.2)
+        with Progress(None, 'starting the Ray cluster', delay=0):
+            while 'will now block' not in (work / 'ray_start.log').read_text():
+                if head.poll() is not None:
+                    sys.exit((work / 'ray_start.log').read_text()[-3000:])
+                time.sleep(0.2)
         cluster_start = time.perf_counter() - start
 
-        def on_ray(folder: str, out: str) -> float:
+        def on_ray(folder: str, out: str, label: str) -> float:
             return timed([*embed, str(work / folder), '-o', str(work / out), '--ray-address', f'127.0.0.1:{port}',
-                          '--actors', str(args.actors), '--cpus-per-actor', str(args.cpus // args.actors)], env)
+                          '--actors', str(args.actors), '--cpus-per-actor', str(args.cpus // args.actors)], env,
+                         f'--ray-address: {label}')
 
-        ray_fixed = on_ray('two', 'ray2.h5')
-        ray_total = on_ray('images', 'ray.h5')
+        ray_fixed = on_ray('two', 'ray2.h5', '2 images (fixed costs)')
+        ray_total = on_ray('images', 'ray.h5', f'{args.images} images')
 
         ids, vectors = read_descriptors(work / 'single.h5')
         ray_ids, ray_vectors = read_descriptors(work / 'ray.h5')

@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -31,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from towhee_isc import Isc
+from towhee_isc.progress import Progress
 from towhee_isc.testing import make_synthetic_checkpoint, sample_photos
 from towhee_isc.workflow.descriptors import write_descriptors
 
@@ -46,9 +48,11 @@ def uploads(count: int) -> list[bytes]:
 
 
 def operator_rate(op: Isc, images: list[bytes]) -> float:
-    op(images[:2])  # warm up (ONNX export or cache, first-run allocations)
+    with Progress(None, 'the operator: warm-up (ONNX export or cache)', delay=0):
+        op(images[:2])  # warm up (ONNX export or cache, first-run allocations)
     start = time.perf_counter()
-    op(images)  # its best: one list, the next image decoded while the network runs
+    with Progress(None, f'the operator alone on {len(images)} uploads (one call)', delay=0):
+        op(images)  # its best: one list, the next image decoded while the network runs
     return len(images) / (time.perf_counter() - start)
 
 
@@ -78,21 +82,32 @@ def service_run(root: Path, ckpt: Path, images: list[bytes], clients: int, max_b
                                 '--checkpoint', str(ckpt), '--port', str(port), '--max-batch-size', str(max_batch)],
                                stdout=log, stderr=subprocess.STDOUT)
     try:
-        while True:
-            if process.poll() is not None:
-                sys.exit('the service stopped:\n' + (root / 'serve.log').read_text()[-3000:])
-            try:
-                batch_sizes(url)
-                break
-            except (OSError, ValueError):
-                time.sleep(1)
+        with Progress(None, 'starting the service (Ray, Serve, the replica)', delay=0):
+            while True:
+                if process.poll() is not None:
+                    sys.exit('the service stopped:\n' + (root / 'serve.log').read_text()[-3000:])
+                try:
+                    batch_sizes(url)
+                    break
+                except (OSError, ValueError):
+                    time.sleep(1)
         start_up = time.perf_counter() - started
-        with concurrent.futures.ThreadPoolExecutor(clients) as pool:  # warm up, as for the operator
+        with Progress(None, f'warm-up: {clients} uploads', delay=0), \
+                concurrent.futures.ThreadPoolExecutor(clients) as pool:  # as for the operator
             list(pool.map(lambda body: post(url + '/search?k=5', body), images[:clients]))
         before = batch_sizes(url)
         start = time.perf_counter()
-        with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-            latencies = list(pool.map(lambda body: post(url + '/search?k=5', body), images))
+        with Progress(len(images), f'POST /search, {clients} clients', unit='upload', delay=0) as progress, \
+                concurrent.futures.ThreadPoolExecutor(clients) as pool:
+            answered = threading.Lock()  # the clients' threads count their answers one at a time
+
+            def timed_post(body: bytes) -> float:
+                seconds = post(url + '/search?k=5', body)
+                with answered:
+                    progress.advance()
+                return seconds
+
+            latencies = list(pool.map(timed_post, images))
         elapsed = time.perf_counter() - start
         after = batch_sizes(url)
     finally:

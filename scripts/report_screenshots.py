@@ -62,7 +62,7 @@ def main() -> None:
         towhee_isc('index', work / 'references.h5', '--milvus-uri', work / 'isc.db', '--collection', 'refs', *model)
         towhee_isc('search', data / 'queries', '--milvus-uri', work / 'isc.db', '--collection', 'refs', '-k', 5,
                    '--threshold', 0.6, '--ground-truth', data / 'ground_truth.csv', '-o', work / 'matches.csv',
-                   '--report', work / 'report.html', *model)
+                   '--report', work / 'report.html', '--report-images', data, *model)
         # A photo collection with copies: the references, their copies among the queries, and two smaller
         # copies of one photo (a group of three, shown first).
         pictures = work / 'pictures'

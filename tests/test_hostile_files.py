@@ -9,6 +9,7 @@ import csv
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -135,6 +136,12 @@ def test_identical_copies_meet_threshold_one_and_outputs_never_replace_inputs(tm
                         '--threshold', '1.0', '-o', tmp_path / 'twice.h5')
     assert_one_line_error(result, f"output '{tmp_path / 'twice.h5'}' is also an input")
     assert (tmp_path / 'twice.h5').read_bytes() == before
+    # Nor a FIFO or a device (`-o /dev/null`, as root, would replace the machine's /dev/null with a file).
+    os.mkfifo(tmp_path / 'fifo')
+    result = towhee_isc('search', tmp_path / 'twice.h5', '--references', tmp_path / 'twice.h5', '-k', 2,
+                        '-o', tmp_path / 'fifo')
+    assert_one_line_error(result, f"output '{tmp_path / 'fifo'}' is a device, FIFO or socket, not a file")
+    assert stat.S_ISFIFO(os.lstat(tmp_path / 'fifo').st_mode)
     # The CSV of matches: escaped for spreadsheets, read back exactly by evaluate.
     result = towhee_isc('search', tmp_path / 'twice.h5', '--references', tmp_path / 'twice.h5', '-k', 2,
                         '--threshold', '1.0', '-o', tmp_path / 'm.csv')
@@ -179,3 +186,73 @@ def test_a_failed_index_is_refused_by_search_until_index_runs_again(tmp_path):
     index.add(ids, vectors)
     index.check_complete()  # the rerun completed it: search takes it again
     assert index.count() == 2000 and index.search(ids[:1], vectors[:1], 1)[0].reference_id == ids[0]
+
+
+def test_a_crafted_descriptor_file_cannot_make_a_report_show_other_files(photos, tmp_path):
+    """A descriptor file's ``image_paths`` are anyone's words: the report shows only images read now or under
+    the folders given (here ``--report-images shared``), never a private photo it names, directly or by
+    ``shared/../``."""
+    private, shared = tmp_path / 'private', tmp_path / 'shared'
+    private.mkdir()
+    shared.mkdir()
+    photos[0].save(private / 'secret.jpg')
+    photos[1].save(shared / 'ok.jpg')
+    x = unit(np.ones((1, 8)))
+    paths = [str(private / 'secret.jpg'), str(shared / '..' / 'private' / 'secret.jpg'), str(shared / 'ok.jpg')]
+    write_descriptors(tmp_path / 'crafted.h5', ['a', 'b', 'c'], np.repeat(x, 3, axis=0), paths)
+    result = towhee_isc('dedup', tmp_path / 'crafted.h5', '--threshold', '0.9', '--report', tmp_path / 'groups.html',
+                        '--report-images', shared)
+    assert result.returncode == 0, result.stderr
+    import html_pages
+    members = {m.all(cls='id')[0].text: m for m in html_pages.parse((tmp_path / 'groups.html').read_text()).all(cls='member')}
+    assert sorted(members) == ['a', 'b', 'c'] and len(members['c'].thumbnails) == 1
+    for refused in ('a', 'b'):
+        assert not members[refused].thumbnails and 'not shown: outside the folders given' in members[refused].text
+
+
+def test_a_frozen_milvus_server_is_one_line_within_the_call_timeout(tmp_path):
+    """A server that completes the connection, then never answers (``frozen_milvus.py``): every call is
+    bounded by TOWHEE_ISC_MILVUS_TIMEOUT (here 2 s), so search ends with one line instead of hanging."""
+    server = subprocess.Popen([sys.executable, str(Path(__file__).with_name('frozen_milvus.py'))],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(server.stdout.readline())
+        write_descriptors(tmp_path / 'q.h5', ['a'], unit(np.ones((1, 8))))
+        started = time.monotonic()
+        result = towhee_isc('search', tmp_path / 'q.h5', '--milvus-uri', f'http://127.0.0.1:{port}', '--collection', 'C',
+                            '-o', tmp_path / 'm.csv', env={'TOWHEE_ISC_MILVUS_TIMEOUT': '2'}, timeout=120)
+        elapsed = time.monotonic() - started
+    finally:
+        server.kill()
+        server.wait()
+    assert_one_line_error(result, f"Milvus at 'http://127.0.0.1:{port}': describing collection 'C' failed: no answer "
+                                  'within 2 s (the server is frozen or overloaded; TOWHEE_ISC_MILVUS_TIMEOUT')
+    assert elapsed < 60 and not (tmp_path / 'm.csv').exists(), elapsed
+
+
+def test_a_descriptor_file_declaring_more_data_than_memory_is_refused_from_its_header(tmp_path):
+    """2 KB of HDF5 can declare a terabyte of compressed zeros: reading it would get the process killed."""
+    import h5py
+    with h5py.File(tmp_path / 'bomb.h5', 'w') as f:
+        f.create_dataset('vectors', shape=(10**9, 256), dtype='float32', compression='gzip', chunks=(4096, 256))
+        f.create_dataset('image_names', data=np.array([b'a']))
+    assert (tmp_path / 'bomb.h5').stat().st_size < 10_000
+    # A -k that Milvus Lite would try to allocate (k x queries results) is refused before anything is opened.
+    result = towhee_isc('dedup', tmp_path / 'bomb.h5', '--milvus-uri', tmp_path / 'isc.db', '-k', 10**9, timeout=120)
+    assert_one_line_error(result, f'-k {10**9} is more than the 16383 neighbours Milvus can return per image')
+    assert not (tmp_path / 'isc.db').exists()
+    result = towhee_isc('dedup', tmp_path / 'bomb.h5', timeout=120)
+    assert_one_line_error(result, "declares 953.7 GiB of data (vectors (1000000000, 256), image_names (1,)), more than")
+    # The same in a video descriptor npz: deflate packs the zeros, the .npy header declares the shape.
+    import io
+    import zipfile
+    header = io.BytesIO()
+    np.lib.format.write_array_header_2_0(header, {'descr': '<f4', 'fortran_order': False, 'shape': (10**9, 256)})
+    with zipfile.ZipFile(tmp_path / 'bomb.npz', 'w', zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr('features.npy', header.getvalue() + bytes(2**20))
+        for name, array in {'video_ids': np.array(['V1']), 'timestamps': np.zeros((1, 2))}.items():
+            buffer = io.BytesIO()
+            np.save(buffer, array)
+            archive.writestr(f'{name}.npy', buffer.getvalue())
+    result = towhee_isc('video', 'dedup', tmp_path / 'bomb.npz', '-o', tmp_path / 'groups.json', timeout=120)
+    assert_one_line_error(result, "declares 953.7 GiB of arrays, more than")

@@ -119,7 +119,7 @@ def test_readme_flow_each_command_in_its_own_process_equals_exact(milvus, embedd
     assert 'indexed 6 descriptors' in done.stdout and '(FLAT index)' in done.stdout and '(6 in all)' in done.stdout
     assert towhee_isc('index', refs, *milvus).stdout.endswith('(6 in all)\n')  # again: updated, not doubled
     towhee_isc('search', queries, *milvus, '-k', 3, '-o', tmp_path / 'milvus.csv', '--report', tmp_path / 'report.html',
-               '--ground-truth', embedded / 'ground_truth.csv')
+               '--report-images', embedded, '--ground-truth', embedded / 'ground_truth.csv')
     want = read_csv(embedded / 'exact.csv')
     assert len(want) == 8 * 3
     assert_same_matches(read_csv(tmp_path / 'milvus.csv'), want)

@@ -89,6 +89,15 @@ def test_readme_ray_lines_keep_the_head_on_loopback():
     assert embed.startswith('towhee-isc embed ') and '--ray-address auto' in embed and '--actors 2' in embed
 
 
+class Cluster(str):
+    """A cluster's address (HOST:PORT), and its ``ray start --block`` process (``head``)."""
+
+    def __new__(cls, address: str, head: subprocess.Popen):
+        made = super().__new__(cls, address)
+        made.head = head
+        return made
+
+
 @pytest.fixture(scope='module')
 def cluster(ray_env, ray_temp):
     """A one-node Ray cluster of 2 CPUs started apart with README's `ray start` line (on a free port,
@@ -113,7 +122,7 @@ def cluster(ray_env, ray_temp):
         while 'will now block' not in (temp / 'ray_start.log').read_text():
             assert head.poll() is None and time.time() < deadline, (temp / 'ray_start.log').read_text()[-3000:]
             time.sleep(0.5)
-        yield f'127.0.0.1:{port}'
+        yield Cluster(f'127.0.0.1:{port}', head)
     finally:
         head.terminate()
         try:
@@ -189,24 +198,6 @@ def test_embed_on_a_ray_cluster_equals_the_single_process_embed(cluster, images,
     assert 'skipped 1 unreadable' in run.stderr and str(images / 'broken.jpg') in run.stderr
     assert 'embedding: 100%' in run.stderr  # the progress bar
     assert not (tmp_path / 'ray.h5.parts').exists()
-
-
-def test_embed_on_ray_continues_after_the_driver_is_killed(cluster, images, small_ckpt, single_process, tmp_path):
-    out, parts = tmp_path / 'ray.h5', tmp_path / 'ray.h5.parts'
-    driver = subprocess.Popen(embed_command(cluster, images, out, small_ckpt, '--actors', 1, '--chunk-size', 1, '--quiet'),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while not list(parts.glob('*.npz')) and driver.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    driver.send_signal(signal.SIGKILL)  # the driver dies mid-run, with no chance to clean up
-    driver.communicate()
-    saved = sorted(int(p.stem) for p in parts.glob('*.npz'))
-    assert saved and len(saved) < 13 and not out.exists(), 'the run must be cut short to test resuming'
-    run = embed_on_cluster(cluster, images, out, small_ckpt, '--actors', 2, '--chunk-size', 1, '--quiet')
-    assert run.returncode == 0, run.stderr
-    ids, vectors = read_descriptors(out)
-    assert ids == single_process[0] and np.abs(vectors - single_process[1]).max() < 1e-5
-    assert str(images / 'broken.jpg') in run.stderr and not parts.exists()
 
 
 def test_video_embed_on_a_ray_cluster_equals_the_local_run(cluster, small_ckpt, tmp_path):
@@ -314,3 +305,71 @@ def test_without_ray_the_command_says_what_to_install(images, small_ckpt, tmp_pa
 def test_ray_options_need_ray_address(images, small_ckpt, tmp_path, capsys):
     assert cli(['embed', str(images), '-o', str(tmp_path / 'x.h5'), '--checkpoint', str(small_ckpt), '--actors', '2']) == 2
     assert '--actors, --cpus-per-actor and --gpus-per-actor need --ray-address' in capsys.readouterr().err
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process started by process ``pid``, and by those, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir('/proc'):
+        if entry.isdigit():
+            try:
+                parent = int(Path(f'/proc/{entry}/stat').read_text().rsplit(')', 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def saved_chunks(parts: Path) -> list[int]:
+    return sorted(int(p.stem) for p in parts.glob('*.npz'))
+
+
+def wait_for_chunks(parts: Path, more_than: int, driver: subprocess.Popen) -> None:
+    deadline = time.time() + 300
+    while len(saved_chunks(parts)) <= more_than and driver.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+
+
+# This one comes last: it kills the module's cluster.
+
+def test_embed_on_ray_continues_after_the_driver_dies_and_after_the_cluster_dies(cluster, images, small_ckpt,
+                                                                                 single_process, tmp_path):
+    """The driver is killed mid-run; the same command continues on the cluster, which is then killed
+    (the head and every process of it): that ends the command with one line and exit 2 within seconds
+    (not Ray's minute of C++ errors and exit 1), and the chunks saved are whole: the same embed, run
+    again (here without Ray, no cluster being left), completes them, equal to the single-process embed."""
+    out, parts = tmp_path / 'ray.h5', tmp_path / 'ray.h5.parts'
+    driver = subprocess.Popen(embed_command(cluster, images, out, small_ckpt, '--actors', 1, '--chunk-size', 1, '--quiet'),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for_chunks(parts, 0, driver)
+    driver.send_signal(signal.SIGKILL)  # the driver dies mid-run, with no chance to clean up
+    driver.communicate()
+    first = saved_chunks(parts)
+    assert first and len(first) < 13 and not out.exists(), 'the run must be cut short to test resuming'
+
+    driver = subprocess.Popen(embed_command(cluster, images, out, small_ckpt, '--actors', 1, '--chunk-size', 1),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_chunks(parts, len(first), driver)  # it continued: a chunk more than the first run saved
+    for pid in [cluster.head.pid, *descendants(cluster.head.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    killed = time.time()
+    _, err = driver.communicate(timeout=120)
+    assert time.time() - killed < 60, 'the driver waited for Ray to give up'
+    assert driver.returncode == 2 and err.count('\n') == 1 and err.startswith('error: '), err
+    assert f"the Ray head at '{cluster}' stopped answering" in err and 'run the same command again' in err
+    second = saved_chunks(parts)
+    assert set(first) < set(second) and len(second) < 13 and not out.exists(), 'the run must be cut short again'
+
+    assert cli(['embed', str(images), '-o', str(out), '--checkpoint', str(small_ckpt), '--device', 'cpu',
+                '--chunk-size', '1', '--quiet']) == 0
+    ids, vectors = read_descriptors(out)
+    assert ids == single_process[0] and np.abs(vectors - single_process[1]).max() < 1e-5
+    assert not parts.exists()

@@ -27,6 +27,7 @@ from PIL import Image
 from commands import assert_one_line_error, towhee_isc
 from towhee_isc.testing import make_copy_detection_set
 from towhee_isc.workflow.descriptors import read_descriptors, write_descriptors
+from towhee_isc.workflow.engines import meets
 from towhee_isc.workflow.milvus import MilvusIndex
 
 MAX_BODY_MB = 1
@@ -223,9 +224,18 @@ def test_search_gives_what_the_search_command_gives(service, copy_set, small_ckp
         got = answer['matches']
         assert [m['id'] for m in got] == [i for i, _ in want]
         assert np.allclose([m['score'] for m in got], [s for _, s in want], atol=1e-5)
-        assert [m['match'] for m in got] == [s >= threshold for _, s in want]
+        assert [m['match'] for m in got] == [bool(meets(s, threshold)) for _, s in want]
         if query.stem == 'Q00008':  # the sideways phone photo, turned upright as the workflow does
             assert got[0]['id'] == 'R000000' and got[0]['score'] > 0.95, got
+    # A byte-identical upload meets threshold 1.0, as search and dedup count it: its float32 score may
+    # round a few 1e-6 below 1.0.
+    scores = []
+    for reference in sorted((copy_set / 'references').glob('R*.jpg')):
+        status, answer = post(f'{service.url}/search?k=1&threshold=1.0', reference.read_bytes())
+        assert status == 200 and answer['matches'][0]['id'] == reference.stem, answer
+        assert answer['matches'][0]['match'], answer
+        scores.append(answer['matches'][0]['score'])
+    assert min(scores) > 1 - 1e-5, scores
 
 
 @pytest.mark.parametrize('body, content_type, query, status, message', [

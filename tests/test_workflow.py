@@ -77,7 +77,7 @@ def test_embed_index_search_evaluate_with_milvus_lite(cmd, copy_set, tmp_path):
     assert code == 0, err
     assert cmd('index', tmp_path / 'refs.h5', '--milvus-uri', db, '--collection', 'refs')[1].endswith('(6 in all)\n')
     code, out, err = cmd('search', tmp_path / 'queries.h5', '--milvus-uri', db, '--collection', 'refs', '-k', 3,
-                         '-o', tmp_path / 'matches.csv', '--report', tmp_path / 'report.html')
+                         '-o', tmp_path / 'matches.csv', '--report', tmp_path / 'report.html', '--report-images', copy_set)
     assert code == 0, err
     rows = list(csv.DictReader(open(tmp_path / 'matches.csv')))
     assert len(rows) == 8 * 3 and [float(r['score']) for r in rows] == sorted((float(r['score']) for r in rows), reverse=True)
@@ -135,7 +135,8 @@ def test_threshold_score_normalisation_and_report(cmd, copy_set, tmp_path):
         f'{query},{ref}\n' for query, refs in truth.items() for ref in sorted(refs) or ['']))
     code, _, err = cmd('search', tmp_path / 'queries.h5', '--references', tmp_path / 'refs.h5', '-k', 2,
                        '--score-norm', background, '--factor', 0.5, '--nth', 2, '--threshold', threshold,
-                       '-o', tmp_path / 'norm.csv', '--report', tmp_path / 'report.html', '--ground-truth', tmp_path / 'gt.csv')
+                       '-o', tmp_path / 'norm.csv', '--report', tmp_path / 'report.html', '--ground-truth', tmp_path / 'gt.csv',
+                       '--report-images', copy_set)
     assert code == 0, err
     (tmp_path / 'bad_gt.csv').write_text('query,reference\nQ00000,R000000\n')
     for extra, message in ((['--ground-truth', tmp_path / 'gt.csv'], '--ground-truth marks the matches of the --report'),
@@ -199,7 +200,7 @@ def test_dedup_groups_copies_and_keeps_the_largest(cmd, photos, tmp_path):
     assert 'group 1: keep a_big' in out
     cmd('embed', folder, '-o', tmp_path / 'all.h5', '--quiet')
     code, out, err = cmd('dedup', tmp_path / 'all.h5', '--threshold', 0.9, '-o', tmp_path / 'groups.csv',
-                         '--report', tmp_path / 'groups.html')
+                         '--report', tmp_path / 'groups.html', '--report-images', folder)
     assert code == 0, err
     rows = list(csv.DictReader(open(tmp_path / 'groups.csv')))
     # The kept image first, then the others by their score to it: the similarity of their descriptors.

@@ -7,6 +7,7 @@ strings: what made the vectors, so files of two models are never compared) and `
 from __future__ import annotations
 
 import json
+import math
 import os
 import zipfile
 from dataclasses import dataclass
@@ -90,6 +91,7 @@ def read_video_descriptors(path: str | os.PathLike, dim: int | None = None) -> V
     if not os.path.isfile(path):
         raise VideoDescriptorError(f'video descriptor file not found: {path!r}')
     try:
+        _check_fits_in_memory(path)
         with np.load(path, allow_pickle=False) as data:
             missing = {'video_ids', 'features', 'timestamps'} - set(data.files)
             if missing:
@@ -123,6 +125,28 @@ def read_video_descriptors(path: str | os.PathLike, dim: int | None = None) -> V
         raise VideoDescriptorError(f'{path!r}: the frames of one video are not contiguous')
     paths = dict(zip(seen, files)) if files is not None and len(files) == len(seen) else None
     return VideoSet(videos, model, postprocessing, paths)
+
+
+def _check_fits_in_memory(path: str) -> None:
+    """Refuse an npz whose arrays, as their headers declare them, would not fit in the memory available
+    now: deflate packs a gigabyte of zeros into a megabyte, and reading them would get the process killed."""
+    from ..workflow.descriptors import available_memory
+    if not zipfile.is_zipfile(path):
+        return  # np.load says what it is not
+    need = 0
+    with zipfile.ZipFile(path) as archive:
+        for member in archive.infolist():
+            if member.filename.endswith('.npy'):
+                with archive.open(member) as f:
+                    version = np.lib.format.read_magic(f)
+                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read_header(f)
+                need += math.prod(shape) * dtype.itemsize
+    free = available_memory()
+    if free is not None and need > free:
+        raise VideoDescriptorError(f'{path!r} declares {need / 2**30:.1f} GiB of arrays, more than the '
+                                   f'{free / 2**30:.1f} GiB of memory available')
 
 
 def _json(data, key: str, path: str):

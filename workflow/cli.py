@@ -58,7 +58,7 @@ def cmd_embed(args) -> None:
                           img_size=args.img_size, device=args.device, batch_size=args.batch_size, **nes_settings(args))
         written, skipped, rate = embed_on_ray(args.inputs, args.output, args.ray_address, isc_kwargs, args.actors,
                                               args.cpus_per_actor, args.gpus_per_actor, args.chunk_size, args.strict,
-                                              args.quiet)
+                                              args.quiet, own_process=True)
     elif (args.actors, args.cpus_per_actor, args.gpus_per_actor) != (None, 1, 0):
         raise ValueError('--actors, --cpus-per-actor and --gpus-per-actor need --ray-address')
     else:
@@ -99,6 +99,8 @@ def cmd_search(args) -> None:
                          '(towhee-isc evaluate scores the prediction CSV)')
     truth = read_ground_truth(args.ground_truth) if args.ground_truth else None  # a bad file stops us before any work
     images, models = embedder(args), {}
+    if not args.references:
+        check_top_k(args.k)
     index = None if args.references else MilvusIndex(args.milvus_uri, args.collection, args.token, existing=True)
     if index is not None and index.dim():
         models[f'collection {args.collection!r}'] = index.model()
@@ -106,14 +108,15 @@ def cmd_search(args) -> None:
                         inputs_postprocessing(args.references or [], images, 'references') if args.references else {},
                         {args.score_norm: read_postprocessing(args.score_norm)} if args.score_norm else {},
                         {f'collection {args.collection!r}': index.postprocessing()} if index and index.dim() else {})
-    query_ids, queries, query_paths = load_descriptors(args.queries, images, models)
+    read: set[str] = set()  # the images embedded now: the report may show them
+    query_ids, queries, query_paths = load_descriptors(args.queries, images, models, read)
     offsets = None
     if args.score_norm:
         _, background = read_descriptors(args.score_norm, dim=queries.shape[1])
         offsets = args.factor * nth_neighbour_similarity(queries, background, args.nth,
                                                          choose_engine(len(queries), len(background), args.exact))
     if args.references:
-        reference_ids, references, reference_paths = load_descriptors(args.references, images, models)
+        reference_ids, references, reference_paths = load_descriptors(args.references, images, models, read)
         engine = choose_engine(len(queries), len(references), args.exact)
         print(f'search engine: {engine.description}')
         candidates = search(query_ids, queries, reference_ids, references, args.k, None, offsets, engine)
@@ -131,8 +134,24 @@ def cmd_search(args) -> None:
             missing = ('no image path stored' if index.stores_paths() else
                        'the collection keeps no image paths (indexed by an older towhee-isc)')
         search_report(args.report, query_ids, candidates, args.k, query_paths, reference_paths, args.threshold,
-                      truth, args.report_queries, missing)
+                      truth, args.report_queries, missing,
+                      report_images(args, [*args.queries, *(args.references or [])], read))
         print(f'wrote {args.report}')
+
+
+def check_top_k(k: int, itself: int = 0) -> None:
+    """Refuse, before any work, a -k that Milvus cannot answer (a server's topk limit; Lite would try to
+    allocate it); ``itself``: matches asked for besides the k (dedup's image finds itself)."""
+    from .milvus import MAX_TOP_K
+    if k + itself > MAX_TOP_K:
+        raise ValueError(f'-k {k} is more than the {MAX_TOP_K - itself} neighbours Milvus can return per image here')
+
+
+def report_images(args, inputs: Sequence[str], read: set[str]):
+    """What a report may show: the images read now, and those under the folders given (as inputs or
+    ``--report-images``), never whatever a descriptor file or collection names."""
+    from .reports import ImageFolders
+    return ImageFolders([*(str(i) for i in inputs if os.path.isdir(i)), *args.report_images], read)
 
 
 def cmd_dedup(args) -> None:
@@ -141,8 +160,11 @@ def cmd_dedup(args) -> None:
     from .matching import duplicate_groups, near_duplicate_groups
     from .milvus import MilvusIndex, milvus_duplicate_pairs
     images = embedder(args)
+    if args.milvus_uri:
+        check_top_k(args.k, itself=1)  # each image finds itself too
     postprocessing = same_postprocessing(args, images, inputs_postprocessing(args.inputs, images))
-    ids, vectors, paths = load_descriptors(args.inputs, images)
+    read: set[str] = set()
+    ids, vectors, paths = load_descriptors(args.inputs, images, read=read)
     if args.milvus_uri:  # collections too large for this machine: let Milvus find the neighbours
         index = MilvusIndex(args.milvus_uri, args.collection, args.token)
         index.add(ids, vectors, index_type=args.index_type, postprocessing=postprocessing, paths=paths)
@@ -164,7 +186,7 @@ def cmd_dedup(args) -> None:
             write_groups(args.output, described)
             print(f'wrote {args.output}')
         if args.report:
-            groups_report(args.report, described, len(ids), args.threshold)
+            groups_report(args.report, described, len(ids), args.threshold, report_images(args, args.inputs, read))
             print(f'wrote {args.report}')
 
 
@@ -265,6 +287,13 @@ def parser() -> argparse.ArgumentParser:
                             'for large collections); an existing collection keeps its own')
         return p
 
+    def with_report_images(p):
+        p.add_argument('--report-images', action='append', default=[], metavar='DIR',
+                       help='with --report: also show the images under DIR (repeatable). By default a report shows '
+                            'only the images read now and those under the folders given, never whatever paths a '
+                            'descriptor file or collection names')
+        return p
+
     def with_search_width(p):
         p.add_argument('--nprobe', type=positive_int, help='IVF_FLAT: cells searched (default nlist/8, at least 16)')
         p.add_argument('--ef', type=positive_int, help='HNSW: candidates explored (default 256, at least k)')
@@ -297,6 +326,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument('--nth', type=positive_int, default=1)
     p.add_argument('-o', '--output', required=True, help='prediction CSV: query_id,reference_id,score')
     p.add_argument('--report', help='also write an HTML page: each query beside its k matches, with thumbnails')
+    with_report_images(p)
     p.add_argument('--report-queries', type=positive_int, default=DEFAULT_REPORT_QUERIES, metavar='N',
                    help=f'queries shown in the report, the first by id ({DEFAULT_REPORT_QUERIES}); its summary counts all')
     p.add_argument('--ground-truth', metavar='CSV', help='with --report: mark each match true or false and list '
@@ -310,6 +340,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument('-o', '--output', help='groups as CSV (with scores, resolutions and file sizes), or JSON if '
                    'it ends in .json')
     p.add_argument('--report', help='also write an HTML page: every group as a row of thumbnails, the kept one marked')
+    with_report_images(p)
     p.add_argument('--milvus-uri', help='find neighbours through this Milvus (for collections beyond one machine)')
     p.add_argument('--collection', default='isc_dedup')
     p.add_argument('--token', help="a Milvus server's 'user:password' or API key, where it requires one")

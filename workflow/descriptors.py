@@ -122,6 +122,7 @@ def read_descriptors(path: str | os.PathLike, dim: int | None = None) -> tuple[l
             if not isinstance(f.get('vectors'), h5py.Dataset) or not isinstance(f.get('image_names'), h5py.Dataset):
                 raise DescriptorFileError(f"{path!r} has no 'vectors' and 'image_names' datasets "
                                           f'(it has {sorted(f.keys())})')
+            check_fits_in_memory(path, f['vectors'], f['image_names'])
             vectors, names = f['vectors'][()], f['image_names'][()]
     except DescriptorFileError:
         raise
@@ -151,6 +152,30 @@ def read_descriptors(path: str | os.PathLike, dim: int | None = None) -> tuple[l
         raise DescriptorFileError(f'{path!r} holds vectors that are not L2-normalised (row {off[0]} has norm '
                                   f'{norms[off[0]]:.4g}); normalise them, as the operator does')
     return ids, vectors
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the system can give without swapping (Linux's MemAvailable), or None if unknown."""
+    try:
+        with open('/proc/meminfo') as f:
+            for line in f:
+                if line.startswith('MemAvailable:'):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_fits_in_memory(path: str, *datasets) -> None:
+    """Refuse datasets whose arrays would not fit in the memory available now, from their shapes alone: a
+    compressed file of a few KB can declare a 100 GB dataset of zeros, and reading it would make the
+    kernel kill this process (or another one)."""
+    need = sum(d.size * (d.dtype.itemsize if d.dtype.kind != 'O' else 64) for d in datasets)
+    free = available_memory()
+    if free is not None and need > free:
+        shapes = ', '.join(f'{d.name.lstrip("/")} {d.shape}' for d in datasets)
+        raise DescriptorFileError(f'{path!r} declares {need / 2**30:.1f} GiB of data ({shapes}), more than the '
+                                  f'{free / 2**30:.1f} GiB of memory available')
 
 
 def read_model(path: str | os.PathLike) -> dict | None:

@@ -105,13 +105,14 @@ def inputs_postprocessing(inputs: Sequence[str], embedder: Embedder, label: str 
     return records
 
 
-def load_descriptors(inputs: Sequence[str], embedder: Embedder, models: dict[str, dict | None] | None = None
-                     ) -> tuple[list[str], np.ndarray, dict[str, str]]:
+def load_descriptors(inputs: Sequence[str], embedder: Embedder, models: dict[str, dict | None] | None = None,
+                     read: set[str] | None = None) -> tuple[list[str], np.ndarray, dict[str, str]]:
     """Descriptor files as they are and images embedded now, in one set: (ids, vectors, id -> image path).
 
     Ids must be unique across everything, and every part must come from the same model (descriptor
     files record it): mixing two models' vectors is refused. Pass the same ``models`` dict to
-    several calls (queries, then references) to check across them too.
+    several calls (queries, then references) to check across them too. ``read``, if given, gets the
+    paths of the images embedded now (as opposed to paths a descriptor file names).
     """
     models = {} if models is None else models
     files = [str(i) for i in inputs if str(i).lower().endswith(DESCRIPTOR_SUFFIXES)]
@@ -137,6 +138,8 @@ def load_descriptors(inputs: Sequence[str], embedder: Embedder, models: dict[str
         kept_ids = image_ids(kept)
         ids += kept_ids
         paths.update(zip(kept_ids, map(str, kept)))
+        if read is not None:
+            read.update(map(str, kept))
         if embedded:
             vectors.append(np.stack(embedded))
     check_same_model(models)

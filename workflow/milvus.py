@@ -37,7 +37,29 @@ HNSW_M, HNSW_EF_CONSTRUCTION = 16, 200  # Milvus's usual starting point
 # Default search widths: on 100,000 random 256-d vectors these found >= 99 % of copies at rank 1
 # (benchmarks/milvus_index.py; at nlist/16 cells or ef 64, only 98 % and 84 %).
 IVF_NPROBE_SHARE, HNSW_EF = 8, 256
-CALL_TIMEOUT_S = 600  # one batch of rows written or searched: a frozen server fails the command instead of hanging
+# Every call to Milvus (a describe, a batch of 1,000 rows written, 256 queries searched, a load) must be answered
+# within this many seconds, or the command fails with one line instead of hanging on a frozen server. Healthy
+# calls take seconds; loading a very large collection may take longer: TOWHEE_ISC_MILVUS_TIMEOUT=SECONDS.
+CALL_TIMEOUT_S = 300.0
+TIMEOUT_VARIABLE = 'TOWHEE_ISC_MILVUS_TIMEOUT'
+CONNECT_TIMEOUT_S = 10.0  # gRPC's handshake and Milvus's Connect
+# A Milvus server returns at most this many matches per query (its topk limit); Milvus Lite has none and
+# would try to allocate k x queries results (a typo of -k could take every byte of memory).
+MAX_TOP_K = 16384
+
+
+def call_timeout() -> float:
+    """The seconds one call to Milvus may take: ``TOWHEE_ISC_MILVUS_TIMEOUT``, else ``CALL_TIMEOUT_S``."""
+    text = os.environ.get(TIMEOUT_VARIABLE)
+    if text is None:
+        return CALL_TIMEOUT_S
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f'{TIMEOUT_VARIABLE}={text!r}: give the seconds one call to Milvus may take (above 0)')
+    return seconds
 
 
 class MilvusError(ValueError):
@@ -93,8 +115,10 @@ class _MilvusLogs(logging.Filter):
 
 
 @contextlib.contextmanager
-def _milvus_errors(uri: str, what: str) -> Iterator[None]:
-    """Milvus's exceptions and error logs during ``what`` → one :class:`MilvusError` naming ``uri``."""
+def _milvus_errors(uri: str, what: str, timeout: float | None = None) -> Iterator[None]:
+    """Milvus's exceptions and error logs during ``what`` → one :class:`MilvusError` naming ``uri``; so are
+    gRPC's own (pymilvus lets some through), a call unanswered within ``timeout`` seconds among them."""
+    import grpc
     from pymilvus.exceptions import MilvusException
     logs = _MilvusLogs()
     loggers = [logging.getLogger(name) for name in _MilvusLogs.LOGGERS]
@@ -105,6 +129,14 @@ def _milvus_errors(uri: str, what: str) -> Iterator[None]:
     except MilvusException as e:
         # Milvus Lite logs why it could not open its folder and raises only 'Open local milvus failed'
         reason = f'{type(logs.cause).__name__}: {logs.cause}' if logs.cause is not None else e.message
+        raise MilvusError(f'Milvus at {uri!r}: {what} failed: {reason}') from e
+    except grpc.RpcError as e:
+        if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            waited = f' within {timeout:g} s' if timeout else ''
+            reason = (f'no answer{waited} (the server is frozen or overloaded; {TIMEOUT_VARIABLE}=SECONDS '
+                      'waits longer)')
+        else:
+            reason = f'{e.code().name}: {e.details()}'
         raise MilvusError(f'Milvus at {uri!r}: {what} failed: {reason}') from e
     finally:
         for logger in loggers:
@@ -222,6 +254,7 @@ class MilvusIndex:
             raise ImportError('the Milvus commands need pymilvus (and milvus-lite for file URIs): '
                               'pip install pymilvus milvus-lite') from e
         self.uri, self.collection = str(uri), collection
+        self.timeout = call_timeout()  # every call below passes it: pymilvus waits for ever by default
         self._lite = _is_lite(self.uri)
         self.address = self.uri  # where pymilvus connects: for Milvus Lite, its private Unix socket
         if self._lite:
@@ -233,7 +266,7 @@ class MilvusIndex:
                                   f'{type(e).__name__}: {e}') from e
         try:
             with _milvus_errors(self.uri, 'opening the Milvus Lite database'):
-                self.client = MilvusClient(uri=self.address, token=token or '', timeout=10)
+                self.client = MilvusClient(uri=self.address, token=token or '', timeout=min(CONNECT_TIMEOUT_S, self.timeout))
         except MilvusError as e:
             if self._lite:
                 _LITE.release(self.uri)
@@ -249,7 +282,7 @@ class MilvusIndex:
             raise ConnectionError(f'cannot reach Milvus at {self.uri!r}: {e}') from e
 
     def _errors(self, what: str):
-        return _milvus_errors(self.uri, what)
+        return _milvus_errors(self.uri, what, self.timeout)
 
     def close(self) -> None:
         """Close the connection; for Milvus Lite also stop its server (which holds the database folder)
@@ -262,18 +295,18 @@ class MilvusIndex:
     def dim(self) -> int | None:
         """The collection's vector size, or None when there is no such collection."""
         with self._errors(f'describing collection {self.collection!r}'):
-            if not self.client.has_collection(self.collection):
+            if not self.client.has_collection(self.collection, timeout=self.timeout):
                 return None
-            fields = self.client.describe_collection(self.collection)['fields']
+            fields = self.client.describe_collection(self.collection, timeout=self.timeout)['fields']
         return int(next(f['params']['dim'] for f in fields if f['name'] == 'vector'))
 
     def index_type(self) -> tuple[str, dict]:
         """(index type, its build parameters) of the collection's vector index; ('FLAT', {}) without one."""
         with self._errors(f'describing the index of {self.collection!r}'):
-            names = self.client.list_indexes(self.collection, field_name='vector')
+            names = self.client.list_indexes(self.collection, field_name='vector', timeout=self.timeout)
             if not names:
                 return 'FLAT', {}
-            info = self.client.describe_index(self.collection, names[0])
+            info = self.client.describe_index(self.collection, names[0], timeout=self.timeout)
         kind = str(info.get('index_type', 'FLAT')).upper()
         return ('FLAT' if kind == 'BRUTE_FORCE' else kind), info  # Milvus Lite's name for FLAT
 
@@ -281,7 +314,7 @@ class MilvusIndex:
         if self.dim() is None:
             return None
         with self._errors(f'describing collection {self.collection!r}'):
-            text = (self.client.describe_collection(self.collection).get('properties') or {}).get(name)
+            text = (self.client.describe_collection(self.collection, timeout=self.timeout).get('properties') or {}).get(name)
         return json.loads(text) if text else None
 
     def postprocessing(self) -> dict | None:
@@ -321,7 +354,7 @@ class MilvusIndex:
             properties = {name: json.dumps(record, sort_keys=True)
                           for name, record in ((POSTPROCESSING, postprocessing), (MODEL, model)) if record is not None}
             extra = {'properties': properties} if properties else {}
-            self.client.create_collection(self.collection, schema=schema, **extra)
+            self.client.create_collection(self.collection, schema=schema, timeout=self.timeout, **extra)
             index = self.client.prepare_index_params()
             build = index_params(index_type, size)
             # pymilvus 3 sends build parameters as separate keys, which servers read; Milvus Lite 3 reads only
@@ -331,7 +364,7 @@ class MilvusIndex:
             # sync=False: waiting for the build asks for a timestamp (AllocTimestamp), which Milvus Lite
             # does not implement: its gRPC server logs a NotImplementedError traceback although all works.
             # An empty collection has nothing to build; a server indexes each segment as it seals.
-            self.client.create_index(self.collection, index, sync=False)
+            self.client.create_index(self.collection, index, sync=False, timeout=self.timeout)
         return index_type
 
     def add(self, ids: Sequence[str], vectors: np.ndarray, batch: int = 1000, index_type: str | None = None,
@@ -359,7 +392,8 @@ class MilvusIndex:
                              'beside the vectors: index into a new --collection')
         written = 0
         with self._errors(f'marking {self.collection!r} as being written'):
-            self.client.alter_collection_properties(self.collection, properties={INCOMPLETE: 'true'})
+            self.client.alter_collection_properties(self.collection, properties={INCOMPLETE: 'true'},
+                                                   timeout=self.timeout)
         try:
             with self._errors(f'writing to {self.collection!r}'), \
                     Progress(len(ids), f'uploading to {self.collection!r}', unit='vector') as progress:
@@ -367,14 +401,15 @@ class MilvusIndex:
                     rows = [{'id': i, 'vector': v.tolist(), **({PATH: paths[i]} if with_paths and i in paths else {}),
                              **(fields[start + n] if fields is not None else {})}
                             for n, (i, v) in enumerate(zip(ids[start:start + batch], vectors[start:start + batch]))]
-                    self.client.upsert(self.collection, rows, timeout=CALL_TIMEOUT_S)
+                    self.client.upsert(self.collection, rows, timeout=self.timeout)
                     written += len(rows)
                     progress.advance(len(rows))
                 # Milvus Lite then builds the new segments' index in a background thread that it waits for when
                 # the process ends (searching them exactly until then); reloading here would race that thread.
-                self.client.flush(self.collection, timeout=CALL_TIMEOUT_S)
+                self.client.flush(self.collection, timeout=self.timeout)
                 # (not dropped: Milvus 2.3 servers cannot drop a property)
-                self.client.alter_collection_properties(self.collection, properties={INCOMPLETE: 'false'})
+                self.client.alter_collection_properties(self.collection, properties={INCOMPLETE: 'false'},
+                                                       timeout=self.timeout)
         except MilvusError as e:
             raise MilvusError(f'{e}; {written} of {len(ids)} rows were written, and collection {self.collection!r} '
                               'is marked incomplete: search refuses it until this index runs again') from e.__cause__
@@ -383,7 +418,7 @@ class MilvusIndex:
     def check_complete(self) -> None:
         """Refuse a collection that an ``index`` run left half-written (it failed or was killed)."""
         with self._errors(f'describing collection {self.collection!r}'):
-            properties = self.client.describe_collection(self.collection).get('properties') or {}
+            properties = self.client.describe_collection(self.collection, timeout=self.timeout).get('properties') or {}
         if properties.get(INCOMPLETE) == 'true':
             raise MilvusError(f'collection {self.collection!r} at {self.uri!r} is incomplete: an index run into it '
                               'failed or was stopped before it finished; run that index again')
@@ -391,7 +426,7 @@ class MilvusIndex:
     def stores_paths(self) -> bool:
         """Whether the collection can keep image paths (one made before they were kept has no dynamic field)."""
         with self._errors(f'describing collection {self.collection!r}'):
-            return bool(self.client.describe_collection(self.collection).get('enable_dynamic_field'))
+            return bool(self.client.describe_collection(self.collection, timeout=self.timeout).get('enable_dynamic_field'))
 
     def paths(self, ids: Sequence[str], batch: int = 1000) -> dict[str, str]:
         """The stored image path of each of ``ids`` that has one (none for a collection that keeps no paths)."""
@@ -404,7 +439,7 @@ class MilvusIndex:
                 # Ids are user data: each a JSON string literal (escaped quotes), which Milvus's expressions read.
                 listed = ', '.join(json.dumps(i, ensure_ascii=False) for i in ids[start:start + batch])
                 rows = self.client.query(self.collection, filter=f'id in [{listed}]', output_fields=['id', PATH],
-                                         consistency_level='Strong')
+                                         consistency_level='Strong', timeout=self.timeout)
                 found.update((row['id'], row[PATH]) for row in rows if row.get(PATH))
         return found
 
@@ -419,7 +454,8 @@ class MilvusIndex:
         level, quiet.level = quiet.level, logging.ERROR
         with self._errors(f'reading rows of {self.collection!r}'):
             pages = self.client.query_iterator(self.collection, batch_size=batch, filter=filter,
-                                               output_fields=list(output_fields), consistency_level='Strong')
+                                               output_fields=list(output_fields), consistency_level='Strong',
+                                               timeout=self.timeout)
             try:
                 while page := pages.next():
                     found += page
@@ -432,15 +468,15 @@ class MilvusIndex:
         """Load the collection for search and query if it is not (each new process finds it released)."""
         from pymilvus.client.types import LoadState
         with self._errors(f'loading {self.collection!r}'):
-            if self.client.get_load_state(self.collection)['state'] != LoadState.Loaded:
-                self.client.load_collection(self.collection)
+            if self.client.get_load_state(self.collection, timeout=self.timeout)['state'] != LoadState.Loaded:
+                self.client.load_collection(self.collection, timeout=self.timeout)
 
     def count(self) -> int:
         """Vectors in the collection."""
         self.load()
         with self._errors(f'counting {self.collection!r}'):
             rows = self.client.query(self.collection, filter='', output_fields=['count(*)'],
-                                     consistency_level='Strong')
+                                     consistency_level='Strong', timeout=self.timeout)
         return int(rows[0]['count(*)'])
 
     def search(self, query_ids: Sequence[str], queries: np.ndarray, k: int, threshold: float | None = None,
@@ -449,8 +485,8 @@ class MilvusIndex:
         """The ``k`` best references of each query (``queries`` float32 N x D), best first; scores
         minus ``offsets`` (N,) when given, kept at or above ``threshold``. ``nprobe`` (IVF_FLAT) and
         ``ef`` (HNSW) trade speed for recall; see :func:`search_params`."""
-        if k < 1:
-            raise ValueError(f'k must be at least 1, got {k}')
+        if not 1 <= k <= MAX_TOP_K:
+            raise ValueError(f'k must be between 1 and {MAX_TOP_K} (the most Milvus returns per query), got {k}')
         dim = self.dim()
         if dim is None:
             raise ValueError(f'unknown collection {self.collection!r} at {self.uri!r}: index some descriptors first')
@@ -468,7 +504,7 @@ class MilvusIndex:
             for start in range(0, len(queries), batch):
                 hits = self.client.search(self.collection, data=queries[start:start + batch].tolist(), limit=k,
                                           output_fields=['id'], search_params=params, consistency_level='Strong',
-                                          timeout=CALL_TIMEOUT_S)
+                                          timeout=self.timeout)
                 for row, row_hits in enumerate(hits):
                     offset = 0.0 if offsets is None else float(offsets[start + row])
                     for hit in row_hits:

@@ -11,6 +11,8 @@ Ray is an optional extra (``pip install 'towhee-isc[ray]'``), imported only when
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import ipaddress
 import logging
 import math
@@ -18,6 +20,7 @@ import os
 import socket
 import sys
 from pathlib import Path
+import threading
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -31,6 +34,11 @@ STALL_TIMEOUT_S = 600
 # A Ray started or joined on this machine's loopback stays there (keep_ray_on_loopback).
 LOOPBACK_ONLY = ('RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER', '0')
 PROBE_TIMEOUT_S = 10
+# While `embed --ray-address` runs, the head is asked every HEAD_CHECK_S seconds whether it still answers;
+# HEAD_LOST_AFTER failures in a row (a refused connection fails at once) mean it is gone. Ray's own driver would
+# print errors for a minute (its GCS reconnection timeout) and then end the process with exit 1.
+HEAD_CHECK_S = 2.0
+HEAD_LOST_AFTER = 3
 # How a gRPC server (a Ray head's GCS) greets a client: the HTTP/2 connection preface is answered with
 # a SETTINGS frame (a 9-byte frame header whose 4th byte, the type, is 4).
 HTTP2_PREFACE = b'PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n' + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
@@ -310,6 +318,65 @@ def _probe(address: str, host: str, port: int | None) -> None:
                               'and port that `ray start --head` printed)')
 
 
+class HeadWatch:
+    """For a command's own process: while in this block, a thread checks that the Ray head at ``address``
+    (HOST:PORT) still answers (``_probe``); once it has not for ``HEAD_LOST_AFTER`` checks in a row, it
+    writes one ``error:`` line to ``stderr`` and ends the process with exit 2. The chunks saved so far
+    are whole files (they are written atomically), so the same command continues from them."""
+
+    def __init__(self, address: str, stderr: io.TextIOBase):
+        self.address, self.stderr = address, stderr
+        self.host, self.port = split_address(address)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name='ray-head-watch', daemon=True)
+
+    def __enter__(self) -> HeadWatch:
+        if self.port is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+
+    def _watch(self) -> None:
+        failures = 0
+        while not self._stop.wait(HEAD_CHECK_S):
+            try:
+                _probe(self.address, self.host, self.port)
+                failures = 0
+            except RayClusterError:
+                failures += 1
+                if failures >= HEAD_LOST_AFTER and not self._stop.is_set():
+                    self.stderr.write(f'error: the Ray head at {self.address!r} stopped answering: the chunks saved so '
+                                      'far are kept; run the same command again, with a cluster, to continue\n')
+                    self.stderr.flush()
+                    os._exit(2)
+
+
+@contextlib.contextmanager
+def native_stderr_silenced() -> Iterator[None]:
+    """For a command's own process: Ray's C++ side (the driver's core worker) writes its warnings and
+    errors straight to file descriptor 2, outside Python; in this block that descriptor goes to
+    /dev/null (the same messages are in the cluster's log folder), while ``sys.stderr`` (the progress
+    bar, the command's own lines) keeps writing where stderr went."""
+    sys.stderr.flush()
+    kept = os.dup(2)
+    python_stderr = sys.stderr
+    sys.stderr = io.TextIOWrapper(os.fdopen(os.dup(kept), 'wb', buffering=0), encoding=python_stderr.encoding,
+                                  errors='backslashreplace', line_buffering=True, write_through=True)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(kept, 2)
+        os.close(kept)
+        sys.stderr.close()
+        sys.stderr = python_stderr
+
+
 def plan_actors(resources: dict[str, float], actors: int | None, cpus_per_actor: float,
                 gpus_per_actor: float) -> int:
     """The number of actors to start: ``actors``, or as many as the cluster holds. Refuses what the
@@ -335,24 +402,40 @@ def plan_actors(resources: dict[str, float], actors: int | None, cpus_per_actor:
 
 def embed_on_ray(inputs: Sequence[str], output: str, address: str, isc_kwargs: dict[str, Any],
                  actors: int | None = None, cpus_per_actor: float = 1, gpus_per_actor: float = 0,
-                 chunk_size: int = 64, strict: bool = False, quiet: bool = False) -> tuple[int, dict[Path, str], float]:
+                 chunk_size: int = 64, strict: bool = False, quiet: bool = False,
+                 own_process: bool = False) -> tuple[int, dict[Path, str], float]:
     """``embed_collection`` with the chunks embedded by ``actors`` Ray actors (default: as many as the
     cluster holds), each reserving ``cpus_per_actor`` CPUs (its threads) and ``gpus_per_actor`` GPUs.
 
     Images, the checkpoint and ``output``'s folder (where the parts of an unfinished run are saved)
     must be at the same paths on every node: shared storage. Returns (rows written, skipped files,
     images/s), as ``embed_collection`` does.
+
+    ``own_process`` (the command line): the process is this embed's alone, so Ray's C++ messages are kept
+    off stderr (``native_stderr_silenced``) and, should the head stop answering, the process ends at once
+    with one line and exit 2 (``HeadWatch``) instead of Ray's minute of errors and exit 1.
     """
     address = check_address(address)  # first: a wrong address is said at once, before Ray Data or the operator
     import_ray(quiet=True)  # then a missing extra
     from ..isc import Isc
     from .descriptors import find_images
-    from .embedding import embed_collection
     isc_kwargs = {'exif_transpose': True, **isc_kwargs}
     images = find_images(inputs)
     # The driver's own operator: settings and checkpoint errors stop here, before the cluster is
     # used; it also gives the fingerprint of what the actors compute (the same on every backend).
     driver_op = Isc(**{**isc_kwargs, 'device': 'cpu', 'backend': 'torch'})
+    with contextlib.ExitStack() as own:
+        if own_process:
+            own.enter_context(native_stderr_silenced())
+            own.enter_context(HeadWatch(address, sys.stderr))
+        return _embed_on_cluster(images, output, address, isc_kwargs, driver_op, actors, cpus_per_actor,
+                                 gpus_per_actor, chunk_size, strict, quiet)
+
+
+def _embed_on_cluster(images: list[Path], output: str, address: str, isc_kwargs: dict[str, Any], driver_op,
+                      actors: int | None, cpus_per_actor: float, gpus_per_actor: float, chunk_size: int,
+                      strict: bool, quiet: bool) -> tuple[int, dict[Path, str], float]:
+    from .embedding import embed_collection
     ray, joined = connect(address)
     chunks = None
     try:

@@ -10,7 +10,7 @@ import io
 import json
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 from ..atomic import atomic_write
 
@@ -64,18 +64,43 @@ def _write(output: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding='utf-8')
 
 
+class ImageFolders:
+    """The image files a report may show: those read for this run, and those under the folders given.
+
+    A descriptor file or a Milvus collection names image paths that anyone could have written: a
+    crafted one would make the report embed (and so disclose) any image this user can read. Paths are
+    compared after resolving symbolic links and ``..``, so neither leads out of a folder."""
+
+    def __init__(self, folders: Iterable[str | os.PathLike] = (), read: Iterable[str | os.PathLike] = ()):
+        self.folders = [os.path.realpath(folder) for folder in folders]
+        self.read = {str(path) for path in read}
+
+    def __call__(self, path: str) -> bool:
+        if path in self.read:
+            return True
+        real = os.path.realpath(path)
+        return any(real == folder or real.startswith(folder.rstrip(os.sep) + os.sep) for folder in self.folders)
+
+
+NOT_ALLOWED = 'not shown: outside the folders given to this command (--report-images DIR shows it)'
+
+
 class Thumbnails:
     """Each image's thumbnail cell as HTML, made once however often it is shown. Where there is none,
-    the cell says why: no path known, the file is gone, or it cannot be read."""
+    the cell says why: no path known, the file is gone, it cannot be read, or ``allowed`` (a test of
+    the path, e.g. :class:`ImageFolders`; None: every path) refuses it."""
 
-    def __init__(self) -> None:
+    def __init__(self, allowed: Callable[[str], bool] | None = None) -> None:
         self._made: dict[str | None, str] = {}
+        self.allowed = allowed
 
     def __call__(self, path: str | None, missing: str = 'no image path stored') -> str:
         if not path:
             return f'<div class="thumb"><i>{html.escape(missing)}</i></div>'
         if path not in self._made:
-            self._made[path] = f'<div class="thumb" title="{html.escape(path)}">{self._image(path)}</div>'
+            shown = (f'<i>{NOT_ALLOWED}</i>' if self.allowed is not None and not self.allowed(path)
+                     else self._image(path))
+            self._made[path] = f'<div class="thumb" title="{html.escape(path)}">{shown}</div>'
         return self._made[path]
 
     @staticmethod
@@ -102,7 +127,8 @@ def search_report(output: str | os.PathLike, query_ids: Sequence[str], candidate
                   query_paths: dict[str, str], reference_paths: dict[str, str] | Callable[[list[str]], dict[str, str]],
                   threshold: float | None = None,
                   truth: dict[str, set[str]] | None = None, max_queries: int = DEFAULT_REPORT_QUERIES,
-                  reference_missing: str = 'no image path stored') -> None:
+                  reference_missing: str = 'no image path stored',
+                  allowed: Callable[[str], bool] | None = None) -> None:
     """A page with each query (sorted by id, the first ``max_queries``) beside its ``k`` best
     ``candidates`` (all of them, whatever their score), under a summary of every query.
 
@@ -111,8 +137,10 @@ def search_report(output: str | os.PathLike, query_ids: Sequence[str], candidate
     :func:`metrics.read_ground_truth` reads them), each match of a labelled query is marked true or
     false, the references it missed are listed, and the summary gives the CSV's μAP.
     ``reference_paths``: id -> image path, or a function giving them for a list of ids (asked only
-    for the references shown); ``reference_missing``: what a cell says where a path is unknown.
+    for the references shown); ``reference_missing``: what a cell says where a path is unknown;
+    ``allowed``: which image files may be shown (:class:`ImageFolders`; None: all).
     """
+    from .engines import meets
     from .metrics import evaluate
     by_query: dict[str, list[Match]] = {q: [] for q in query_ids}
     for m in candidates:
@@ -120,8 +148,8 @@ def search_report(output: str | os.PathLike, query_ids: Sequence[str], candidate
     for found in by_query.values():
         found.sort(key=lambda m: -m.score)
 
-    def passes(m: Match) -> bool:
-        return threshold is None or m.score >= threshold
+    def passes(m: Match) -> bool:  # as the prediction CSV keeps them: within float32 rounding
+        return threshold is None or bool(meets(m.score, threshold))
 
     kept = [m for m in candidates if passes(m)]
     queries = sorted(by_query)
@@ -130,7 +158,7 @@ def search_report(output: str | os.PathLike, query_ids: Sequence[str], candidate
         wanted = {m.reference_id for q in shown for m in by_query[q]}
         wanted.update(ref for q in shown for ref in (truth or {}).get(q, ()))
         reference_paths = reference_paths(sorted(wanted))
-    thumbs = Thumbnails()
+    thumbs = Thumbnails(allowed)
     stated = 'none (all kept)' if threshold is None else f'{threshold:g}'
     summary = [('queries', f'{len(queries):,}'), ('matches per query (k)', str(k)), ('threshold', stated),
                ('matches at or above the threshold', f'{len(kept):,}'),
@@ -259,10 +287,11 @@ def write_groups(path: str | os.PathLike, groups: Sequence[Sequence[GroupMember]
 
 
 def groups_report(output: str | os.PathLike, groups: Sequence[Sequence[GroupMember]], images: int,
-                  threshold: float) -> None:
+                  threshold: float, allowed: Callable[[str], bool] | None = None) -> None:
     """A page with every group (from :func:`describe_groups`) as a row of thumbnails, largest groups
-    first: the kept image marked, each other one with its score to the kept one, resolution and size."""
-    thumbs = Thumbnails()
+    first: the kept image marked, each other one with its score to the kept one, resolution and size.
+    ``allowed``: which image files may be shown (:class:`ImageFolders`; None: all)."""
+    thumbs = Thumbnails(allowed)
     ordered = sorted(groups, key=len, reverse=True)  # stable: groups of one size keep their order
     body = ['<h1>Near-duplicate groups</h1>',
             _summary([('images', f'{images:,}'), ('groups', f'{len(groups):,}'),

@@ -36,6 +36,7 @@ from starlette.datastructures import UploadFile
 from ..images import ImageError
 from .descriptors import check_same_postprocessing, read_descriptors, read_model, read_postprocessing
 from .embedding import Embedder, check_same_model
+from .engines import meets
 from .matching import search_exact
 from .milvus import MilvusIndex, _is_lite
 
@@ -48,6 +49,7 @@ MAX_BODY_BYTES = 32 * 2**20  # a 32 MB upload is already a very large photo
 UPLOAD_TIMEOUT_S = 30.0  # a whole body must arrive within this (a 32 MB photo at ~1 MB/s)
 MAX_ONGOING = 256  # requests a replica holds at once (reading, queued or embedding); Serve queues the rest
 HELD_BODIES = 16  # bytes a replica admits at once: this many largest uploads (declared lengths)
+MILVUS_TIMEOUT_S = 30.0  # one call to Milvus while answering a request (TOWHEE_ISC_MILVUS_TIMEOUT may lower it)
 IMAGE_TYPE = re.compile(r"image/[a-z0-9][a-z0-9!#$&^_.+-]*")  # image/<subtype>, RFC 6838 characters
 
 
@@ -89,6 +91,8 @@ class References:
             self.name = f'descriptor file {os.path.basename(settings.references)!r} ({len(self.ids)} images)'
         elif settings.collection:
             self.index = MilvusIndex(settings.milvus_uri, settings.collection, settings.token, existing=True)
+            # A request (and /health) waits for a frozen Milvus this long at most, not a batch job's minutes.
+            self.index.timeout = min(self.index.timeout, MILVUS_TIMEOUT_S)
             dim = self.index.dim()
             if dim is None:
                 self.index.close()
@@ -162,7 +166,8 @@ class EmbedAnswer(BaseModel):
 class MatchAnswer(BaseModel):
     id: str = Field(description='the reference image id')
     score: float = Field(description='cosine similarity to the upload')
-    match: bool = Field(description='whether the score reaches the threshold')
+    match: bool = Field(description='whether the score reaches the threshold (within float32 rounding, as '
+                                       '``towhee-isc search`` counts it: a byte-identical copy meets 1.0)')
 
 
 class SearchAnswer(BaseModel):
@@ -336,7 +341,7 @@ class IscService:
             logger.exception('searching the references failed')
             problem = await asyncio.to_thread(self.references.problem)
             raise Refused(503, f'the references cannot be searched now ({problem or "see the service log"})') from None
-        return {'matches': [{'id': i, 'score': score, 'match': score >= threshold} for i, score in hits]}
+        return {'matches': [{'id': i, 'score': score, 'match': bool(meets(score, threshold))} for i, score in hits]}
 
     async def _vector(self, request: Request) -> np.ndarray:
         """The upload's vector. Its bytes are held (bounded) from admission until embedded, and its body
