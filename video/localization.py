@@ -49,9 +49,31 @@ def align(sims: np.ndarray, method: str = 'dp', threshold: float = 0.6,
     return [(box, float(gain[box.path[:, 0], box.path[:, 1]].sum())) for box in boxes]
 
 
+def mean_frame(queries: VideoSet, refs: VideoSet, candidates: Iterable[Candidate]) -> np.ndarray:
+    """The mean descriptor (D,) float64 of all query frames and of the candidate references' frames: what
+    every frame of this search shares, whichever references were searched (a file, or a collection)."""
+    used = sorted({c.ref for c in candidates})
+    frames = [v.features for v in queries.videos] + [refs.videos[i].features for i in used]
+    return np.concatenate(frames).astype(np.float64).mean(axis=0)
+
+
+def centred(features: np.ndarray, centre: np.ndarray | None) -> np.ndarray:
+    """``features`` (N, D) less ``centre`` (D,), L2-normalised again (as float64); unchanged if ``centre`` is None.
+
+    Descriptors share a common part (under the synthetic checkpoint's random weights, any two frames of
+    the benchmark are at cosine 0.2-0.3 on average), and a frame with little content is mostly that
+    part, so it resembles everything: removed, a copy's cells stand out from look-alikes."""
+    if centre is None:
+        return features
+    x = features.astype(np.float64) - centre
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
 def localize(queries: VideoSet, refs: VideoSet, candidates: Iterable[Candidate], method: str = 'dp',
-             threshold: float = 0.6, offsets: np.ndarray | None = None) -> Iterator[tuple[Candidate, np.ndarray, Box, Segment]]:
+             threshold: float = 0.6, offsets: np.ndarray | None = None, centre: np.ndarray | None = None
+             ) -> Iterator[tuple[Candidate, np.ndarray, Box, Segment]]:
     """For each candidate, each box found in it: (candidate, its similarity matrix, box, segment in seconds).
+    ``centre`` (D,): subtracted from every descriptor before the cosine (:func:`centred`).
 
     One query's candidates are compared in one product (query frames x their references' frames: many
     small products were 50 ms each on a busy machine, one larger one is not), then aligned one pair at a time."""
@@ -62,7 +84,8 @@ def localize(queries: VideoSet, refs: VideoSet, candidates: Iterable[Candidate],
     for query, pairs in by_query.items():
         q = queries.videos[query]
         references = [refs.videos[c.ref] for c in pairs]
-        together = (q.features @ np.concatenate([r.features for r in references]).T).astype(np.float64)
+        together = (centred(q.features, centre) @ centred(np.concatenate([r.features for r in references]), centre).T
+                    ).astype(np.float64)
         if offsets is not None:
             together -= offsets[starts[query]:starts[query] + len(q), None]
         background = np.median(together, axis=1)  # each query frame against all its candidates' frames
