@@ -231,6 +231,17 @@ def test_dp_compares_descriptors_less_what_all_frames_share():
     assert np.abs(sims[:6, :]).mean() < 0.3 and np.diagonal(sims[6:14, 4:12]).min() > 0.9
 
 
+def test_seconds_matched_with_two_references_rank_by_how_much_less_the_second_scores():
+    from towhee_isc.video.localization import best_first
+    from towhee_isc.video.metrics import Segment
+    found = best_first([Segment('Q1', 'R2', 4, 10, 0, 6, 2.4),   # a look-alike of the copied seconds
+                        Segment('Q1', 'R1', 3, 11, 5, 13, 3.0),  # the copy
+                        Segment('Q2', 'R2', 0, 6, 0, 6, 1.0),    # another query's weaker copy: not affected
+                        Segment('Q1', 'R3', 11, 16, 0, 5, 1.5)])  # other seconds of Q1: not affected
+    assert [(s.query_id, s.ref_id, round(s.score, 6)) for s in found] == [
+        ('Q1', 'R1', 3.0), ('Q1', 'R3', 1.5), ('Q2', 'R2', 1.0), ('Q1', 'R2', -0.6)]
+
+
 def test_temporal_network_finds_a_copy_and_not_noise():
     # noise below min_sim (0.2): no edge reaches it (VCSL's TN extends a path through any frame above it)
     # and a path may start at any node (only the frames it enters are checked), up to max_step earlier
