@@ -208,6 +208,40 @@ def test_a_low_information_shot_that_resembles_the_whole_query_is_no_copy():
     assert plain[0].ref_last >= 22 and plain[0].query_last > 20
 
 
+def test_dp_compares_descriptors_less_what_all_frames_share():
+    from towhee_isc.video.search import search_videos
+    from towhee_isc.video.storage import VideoSet
+    rng = np.random.default_rng(0)
+    shared = rng.normal(size=64)
+    shared *= 2 / np.linalg.norm(shared)  # every frame is mostly this: unrelated frames at cosine ~0.8
+
+    def video(vid, frames):
+        return VideoFeatures(vid, frames.astype(np.float32), np.c_[np.arange(len(frames)), np.arange(1, len(frames) + 1)])
+
+    def unit(x):
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    refs = [unit(shared + unit(rng.normal(size=(20, 64)))) for _ in range(2)]
+    query = unit(shared + unit(rng.normal(size=(20, 64))))
+    query[6:14] = unit(refs[0][4:12] + 0.1 * unit(rng.normal(size=(8, 64))))  # a copy of R0's 4-12 s at 6-14 s
+    found, _, kept, _ = search_videos(VideoSet([video('Q', query)]), VideoSet([video('R0', refs[0]), video('R1', refs[1])]),
+                                      keep_matrices=True)
+    assert [(s.ref_id, s.query_start, s.query_end, s.ref_start, s.ref_end) for s in found] == [('R0', 6, 14, 4, 12)]
+    sims = kept[0][1]  # the cosine of the descriptors less their mean: unrelated frames near 0, the copy high
+    assert np.abs(sims[:6, :]).mean() < 0.3 and np.diagonal(sims[6:14, 4:12]).min() > 0.9
+
+
+def test_seconds_matched_with_two_references_rank_by_how_much_less_the_second_scores():
+    from towhee_isc.video.localization import best_first
+    from towhee_isc.video.metrics import Segment
+    found = best_first([Segment('Q1', 'R2', 4, 10, 0, 6, 2.4),   # a look-alike of the copied seconds
+                        Segment('Q1', 'R1', 3, 11, 5, 13, 3.0),  # the copy
+                        Segment('Q2', 'R2', 0, 6, 0, 6, 1.0),    # another query's weaker copy: not affected
+                        Segment('Q1', 'R3', 11, 16, 0, 5, 1.5)])  # other seconds of Q1: not affected
+    assert [(s.query_id, s.ref_id, round(s.score, 6)) for s in found] == [
+        ('Q1', 'R1', 3.0), ('Q1', 'R3', 1.5), ('Q2', 'R2', 1.0), ('Q1', 'R2', -0.6)]
+
+
 def test_temporal_network_finds_a_copy_and_not_noise():
     # noise below min_sim (0.2): no edge reaches it (VCSL's TN extends a path through any frame above it)
     # and a path may start at any node (only the frames it enters are checked), up to max_step earlier

@@ -82,7 +82,8 @@ def add_search_options(p: argparse.ArgumentParser, finite_float, positive_int) -
                    help="dp: local alignment allowing speed changes (default); tn: VCSL's Temporal Network "
                         "with VSC's baseline settings")
     p.add_argument('--threshold', type=finite_float, default=None,
-                   help='dp: frame similarity that counts as a copy (default 0.6; 0.1 with --score-norm)')
+                   help='frame similarity that counts as a copy (default: dp 0.5, on descriptors less the mean frame; '
+                        'tn 0.6; 0.1 with --score-norm)')
     p.add_argument('-k', type=positive_int, default=10, help='nearest reference frames per query frame (10)')
     p.add_argument('--candidates', type=positive_int, default=10, help='reference videos aligned per query video (10)')
     p.add_argument('--score-norm', metavar='NOISE', help='descriptor file of unrelated videos: each query frame\'s '

@@ -7,17 +7,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .candidates import frame_candidates, noise_offsets
-from .localization import best_first, localize
+from .localization import best_first, localize, mean_frame
 from .metrics import Segment, write_segments
 from .storage import VideoSet, check_same_source, read_video_descriptors
 
 if TYPE_CHECKING:
     from ..workflow.milvus import MilvusIndex
 
-# Measured on benchmarks/video.py (seeds 0-2, synthetic checkpoint, before the frames' background was
-# taken into account): 0.6 ranked copies best without --score-norm (segment AP 1.0, 0.95, 0.55; 0.5 gave
-# 0.89, 0.67, 0.43).
-DEFAULT_THRESHOLD, DEFAULT_NORMALISED_THRESHOLD = 0.6, 0.1
+# Without --score-norm, ``dp`` compares centred descriptors (``localization.centred``), whose cosines
+# are lower: 0.5 there (benchmarks/video.py, seeds 0-5: segment AP 1.000, 0.956, 0.932, 0.873, 0.959,
+# 0.878; 0.45 and 0.55 each lost one seed below 0.85). ``tn`` keeps the plain cosine and 0.6 (before
+# centring, 0.6 ranked dp's copies best: 0.5 gave 0.89, 0.67, 0.43 on seeds 0-2 against 1.0, 0.95, 0.55).
+DEFAULT_THRESHOLD, DEFAULT_CENTRED_THRESHOLD, DEFAULT_NORMALISED_THRESHOLD = 0.6, 0.5, 0.1
 
 
 def search_videos(queries: VideoSet, refs: VideoSet | None, align: str = 'dp', threshold: float | None = None,
@@ -37,8 +38,10 @@ def search_videos(queries: VideoSet, refs: VideoSet | None, align: str = 'dp', t
     if noise is not None:
         n_frames, _, _ = noise.frames()
         offsets = noise_offsets(q_frames, n_frames, choose_engine(len(q_frames), len(n_frames), exact), factor)
+    centre_frames = align == 'dp' and offsets is None  # score normalisation already removes what is common
     if threshold is None:
-        threshold = DEFAULT_THRESHOLD if offsets is None else DEFAULT_NORMALISED_THRESHOLD
+        threshold = DEFAULT_NORMALISED_THRESHOLD if offsets is not None else \
+            DEFAULT_CENTRED_THRESHOLD if centre_frames else DEFAULT_THRESHOLD
     if collection is not None:
         from .collection import collection_candidates
         pairs, refs = collection_candidates(queries, collection, k, candidates, offsets, nprobe, ef)
@@ -47,8 +50,9 @@ def search_videos(queries: VideoSet, refs: VideoSet | None, align: str = 'dp', t
         engine = choose_engine(len(q_frames), sum(len(v) for v in refs.videos), exact)
         pairs = frame_candidates(queries, refs, engine, k, candidates, offsets)
         description = engine.description
+    centre = mean_frame(queries, refs, pairs) if centre_frames else None
     found, kept = [], []
-    for item in localize(queries, refs, pairs, align, threshold, offsets):
+    for item in localize(queries, refs, pairs, align, threshold, offsets, centre):
         found.append(item[3])
         if keep_matrices:
             kept.append(item)
