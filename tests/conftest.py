@@ -2,6 +2,8 @@
 re-statement of the winner's reference pipeline to compare the operator against."""
 from __future__ import annotations
 
+import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -20,11 +22,34 @@ SMALL_ARCH, SMALL_SIZE = 'resnet18', 96          # where the architecture does n
 PUBLISHED_ARCH, PUBLISHED_SIZE = 'tf_efficientnetv2_m_in21ft1k', 512  # the published model's name and size
 
 
+def shared_folder(tmp_path_factory) -> Path:
+    """A folder every pytest-xdist worker of this run shares (the run's own temporary folder otherwise)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base
+
+
+def made_once(tmp_path_factory, name: str, make) -> Path:
+    """``shared_folder()/name``, made by ``make(path)`` by the first worker that needs it; the others
+    wait for it and use it (a synthetic checkpoint of the published network costs ~30 CPU-s)."""
+    from filelock import FileLock
+    path = shared_folder(tmp_path_factory) / name
+    with FileLock(str(path) + '.lock'):
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            part = path.with_name(path.name + '.part')  # a worker that dies leaves no half file
+            make(part)
+            part.rename(path)
+    return path
+
+
 @pytest.fixture(scope='session', autouse=True)
 def private_torch_home(tmp_path_factory):
-    """Downloads and the ONNX cache go to a temporary torch hub, never the user's ~/.cache."""
+    """Downloads and the ONNX cache go to a temporary torch hub, never the user's ~/.cache (one for
+    all workers: the ONNX cache locks itself, so each export is made once)."""
+    home = shared_folder(tmp_path_factory) / 'torch_home'
+    home.mkdir(exist_ok=True)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv('TORCH_HOME', str(tmp_path_factory.mktemp('torch_home')))
+        patch.setenv('TORCH_HOME', str(home))
         yield
 
 
@@ -35,17 +60,15 @@ def photos():
 
 @pytest.fixture(scope='session')
 def small_ckpt(tmp_path_factory, photos) -> Path:
-    path = tmp_path_factory.mktemp('ckpt') / 'small_isc.pth.tar'
-    make_synthetic_checkpoint(path, SMALL_ARCH, SMALL_SIZE, photos)
-    return path
+    return made_once(tmp_path_factory, 'ckpt/small_isc.pth.tar',
+                     lambda path: make_synthetic_checkpoint(path, SMALL_ARCH, SMALL_SIZE, photos))
 
 
 @pytest.fixture(scope='session')
 def effnet_ckpt(tmp_path_factory, photos) -> Path:
     """The real EfficientNetV2-M at 512, synthetic weights, saved under the published model's arch name."""
-    path = tmp_path_factory.mktemp('ckpt') / 'effnet_isc.pth.tar'
-    make_synthetic_checkpoint(path, PUBLISHED_ARCH, PUBLISHED_SIZE, photos[:4])
-    return path
+    return made_once(tmp_path_factory, 'ckpt/effnet_isc.pth.tar',
+                     lambda path: make_synthetic_checkpoint(path, PUBLISHED_ARCH, PUBLISHED_SIZE, photos[:4]))
 
 
 @pytest.fixture(scope='session')
@@ -59,6 +82,28 @@ def effnet_op(effnet_ckpt):
 def small_op(small_ckpt):
     from towhee_isc import Isc
     return Isc(checkpoint_path=small_ckpt, device='cpu')
+
+
+@pytest.fixture(scope='session')
+def seed_onnx_cache(effnet_op, small_op):
+    """``seed(torch_home)`` gives a fresh torch hub the session's ONNX exports of both synthetic
+    checkpoints (hard links), as a second run finds them. An export of the published network costs
+    ~35 CPU-s; the tests that start a fresh torch hub test other things (tests/test_export.py and
+    test_hostile.py test the export and its cache)."""
+    from towhee_isc.backends import onnx_cache_dir
+    exports = sorted(onnx_cache_dir().glob('*.onnx'))
+    assert len(exports) >= 2, exports
+
+    def seed(torch_home: Path) -> None:
+        folder = Path(torch_home) / 'hub' / 'towhee_isc' / 'onnx'
+        folder.mkdir(parents=True, exist_ok=True)
+        for file in exports:
+            for source in (file, file.with_suffix('.sha256')):
+                try:
+                    os.link(source, folder / source.name)
+                except OSError:  # another file system
+                    shutil.copy(source, folder / source.name)
+    return seed
 
 
 @pytest.fixture(scope='session')

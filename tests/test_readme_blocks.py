@@ -121,15 +121,18 @@ class QuietFiles(http.server.SimpleHTTPRequestHandler):
 
 
 @pytest.fixture(scope='module')
-def weights(tmp_path_factory, effnet_ckpt):
+def weights(tmp_path_factory, effnet_ckpt, seed_onnx_cache):
     """The published weights' file names served from 127.0.0.1 (synthetic weights of the published
-    network, 512 px), and one torch hub cache for every block: one download, one ONNX export."""
+    network, 512 px), and one torch hub cache for every block: one download; the ONNX export the
+    session made already."""
     from towhee_isc.weights import WEIGHTS, WEIGHTS_URL_ENV
     folder = tmp_path_factory.mktemp('weights_mirror')
     for spec in WEIGHTS.values():
         (folder / spec.file_name).symlink_to(effnet_ckpt)
+    torch_home = tmp_path_factory.mktemp('readme_torch')
+    seed_onnx_cache(torch_home)
     mirror = Mirror(folder)
-    yield {WEIGHTS_URL_ENV: mirror.url, 'TORCH_HOME': str(tmp_path_factory.mktemp('readme_torch'))}
+    yield {WEIGHTS_URL_ENV: mirror.url, 'TORCH_HOME': str(torch_home)}
     mirror.close()
 
 

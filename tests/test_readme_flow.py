@@ -32,7 +32,7 @@ def readme_workflow_lines() -> list[str]:
 
 
 @pytest.fixture(scope='module')
-def workspace(tmp_path_factory, photos, effnet_ckpt):
+def workspace(tmp_path_factory, photos, effnet_ckpt, seed_onnx_cache):
     """The copy-detection set, a ~/Pictures with a few copies, and the 'published' weights already in
     the torch hub cache (synthetic weights of the published network under its file name: no network here)."""
     root = make_copy_detection_set(tmp_path_factory.mktemp('readme'), photos)
@@ -45,6 +45,7 @@ def workspace(tmp_path_factory, photos, effnet_ckpt):
     torch_home = root / 'torch'
     (torch_home / 'hub' / 'checkpoints').mkdir(parents=True)
     shutil.copy(effnet_ckpt, torch_home / 'hub' / 'checkpoints' / 'isc_ft_v107.pth.tar')
+    seed_onnx_cache(torch_home)
     env = {**os.environ, 'HOME': str(root / 'home'), 'TORCH_HOME': str(torch_home),
            'PATH': f'{BIN}{os.pathsep}{os.environ["PATH"]}', 'TOWHEE_ISC_WEIGHTS_URL': 'http://127.0.0.1:9/offline'}
     return root, env

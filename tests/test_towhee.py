@@ -19,11 +19,12 @@ TOWHEE09_PYTHON = Path(os.environ.get('TOWHEE09_PYTHON', REPO / '.venv-towhee09'
 
 
 @pytest.fixture
-def published_cache(hub_dir, effnet_ckpt):
+def published_cache(hub_dir, effnet_ckpt, seed_onnx_cache):
     """The default weights 'downloaded' already: synthetic weights of the published network under the
-    published file name."""
+    published file name; its ONNX export made already."""
     hub_dir.mkdir(parents=True)
     shutil.copy(effnet_ckpt, hub_dir / 'isc_ft_v107.pth.tar')
+    seed_onnx_cache(hub_dir.parent.parent)
     return hub_dir
 
 
