@@ -1,9 +1,11 @@
 """Running ``towhee-isc`` the way users do: a separate process per command."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
@@ -22,3 +24,44 @@ def assert_one_line_error(result: subprocess.CompletedProcess, message: str) -> 
     assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
     assert len(lines) == 1 and lines[0].startswith('error: '), result.stderr[-3000:]
     assert message in lines[0], (message, lines[0])
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process started by process ``pid``, and by those, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir('/proc'):
+        if entry.isdigit():
+            try:
+                parent = int(Path(f'/proc/{entry}/stat').read_text().rsplit(')', 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+@contextlib.contextmanager
+def ray_head(args: list[str], env: dict, temp: Path):
+    """``ray start ARGS --block --temp-dir TEMP`` in its own process, waited for until it blocks (at most
+    3 minutes, its log in TEMP/head.log); yields the process and stops it by PID (``ray start --block``
+    stops every process it started when it is terminated)."""
+    log_path = temp / 'head.log'
+    with open(log_path, 'w') as log:
+        head = subprocess.Popen([sys.executable, '-m', 'ray.scripts.scripts', 'start', *args, '--block',
+                                 f'--temp-dir={temp}'], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 180
+        while 'will now block' not in log_path.read_text():
+            assert head.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.5)
+        yield head
+    finally:
+        head.terminate()
+        try:
+            head.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            head.kill()

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from commands import descendants, ray_head
 from towhee_isc.workflow.cli import main as cli
 from towhee_isc.workflow.descriptors import read_descriptors
 from towhee_isc.workflow.ray import RayClusterError, plan_actors
@@ -112,24 +113,9 @@ def cluster(ray_env, ray_temp):
         env[name] = value
     assert words[:2] == ['ray', 'start'] and words[words.index('--port') + 1] == '6379'
     words[words.index('--port') + 1] = str(port)
-    log = open(temp / 'ray_start.log', 'w')
-    head = subprocess.Popen(
-        [sys.executable, '-m', 'ray.scripts.scripts', *words[1:], '--block', '--include-dashboard=false',
-         f'--dashboard-port={free_port()}', f'--ray-client-server-port={free_port()}', f'--temp-dir={temp}'],
-        env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 180
-        while 'will now block' not in (temp / 'ray_start.log').read_text():
-            assert head.poll() is None and time.time() < deadline, (temp / 'ray_start.log').read_text()[-3000:]
-            time.sleep(0.5)
+    with ray_head([*words[2:], '--include-dashboard=false', f'--dashboard-port={free_port()}',
+                   f'--ray-client-server-port={free_port()}'], env, temp) as head:
         yield Cluster(f'127.0.0.1:{port}', head)
-    finally:
-        head.terminate()
-        try:
-            head.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            head.kill()
-        log.close()
 
 
 def embed_command(address, images, out, ckpt, *extra) -> list[str]:
@@ -305,24 +291,6 @@ def test_without_ray_the_command_says_what_to_install(images, small_ckpt, tmp_pa
 def test_ray_options_need_ray_address(images, small_ckpt, tmp_path, capsys):
     assert cli(['embed', str(images), '-o', str(tmp_path / 'x.h5'), '--checkpoint', str(small_ckpt), '--actors', '2']) == 2
     assert '--actors, --cpus-per-actor and --gpus-per-actor need --ray-address' in capsys.readouterr().err
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process started by process ``pid``, and by those, from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir('/proc'):
-        if entry.isdigit():
-            try:
-                parent = int(Path(f'/proc/{entry}/stat').read_text().rsplit(')', 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(parent, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def saved_chunks(parts: Path) -> list[int]:

@@ -33,13 +33,12 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from commands import BIN
+from commands import BIN, ray_head
 from milvus_server import MilvusServerProcess, free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -152,25 +151,13 @@ def ray(weights):
     temp = Path(tempfile.mkdtemp(prefix='ray', dir='/tmp'))  # Ray's socket paths must stay short
     env = {**os.environ, **weights, 'RAY_AUTH_MODE': 'token', 'RAY_AUTH_TOKEN': token}
     port = free_port()
-    with open(temp / 'head.log', 'w') as log:
-        head = subprocess.Popen(
-            [sys.executable, '-m', 'ray.scripts.scripts', 'start', '--head', '--block', '--node-ip-address', '127.0.0.1', f'--port={port}',
-             '--num-cpus=2', '--num-gpus=0', '--include-dashboard=false', '--disable-usage-stats',
-             f'--ray-client-server-port={free_port()}', f'--temp-dir={temp}'],
-            env={**env, 'RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER': '0'}, stdout=log, stderr=subprocess.STDOUT)
+    args = ['--head', '--node-ip-address', '127.0.0.1', f'--port={port}', '--num-cpus=2', '--num-gpus=0',
+            '--include-dashboard=false', '--disable-usage-stats', f'--ray-client-server-port={free_port()}']
     try:
-        deadline = time.time() + 180
-        while 'will now block' not in (temp / 'head.log').read_text():
-            assert head.poll() is None and time.time() < deadline, (temp / 'head.log').read_text()[-3000:]
-            time.sleep(0.5)
-        yield {'RAY_ADDRESS': f'127.0.0.1:{port}', 'RAY_AUTH_MODE': 'token', 'RAY_AUTH_TOKEN': token,
-               'RAY_USAGE_STATS_ENABLED': '0'}
+        with ray_head(args, {**env, 'RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER': '0'}, temp):
+            yield {'RAY_ADDRESS': f'127.0.0.1:{port}', 'RAY_AUTH_MODE': 'token', 'RAY_AUTH_TOKEN': token,
+                   'RAY_USAGE_STATS_ENABLED': '0'}
     finally:
-        head.terminate()
-        try:
-            head.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            head.kill()
         shutil.rmtree(temp, ignore_errors=True)
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from commands import assert_one_line_error, towhee_isc
+from commands import assert_one_line_error, descendants, towhee_isc
 from towhee_isc.testing import make_copy_detection_set
 from towhee_isc.workflow.descriptors import read_descriptors, write_descriptors
 from towhee_isc.workflow.engines import meets
@@ -415,23 +415,13 @@ def test_on_milvus_lite_it_serves_and_sigterm_ends_it_with_exit_0(copy_set, refs
 
 def replica_processes(pid: int) -> list[int]:
     """The Serve replicas among the descendants of process ``pid`` (a local Ray's are)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir('/proc'):
-        if entry.isdigit():
-            try:
-                parent = int(Path(f'/proc/{entry}/stat').read_text().rsplit(')', 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(parent, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            todo.append(child)
-            try:
-                if b'ServeReplica' in Path(f'/proc/{child}/cmdline').read_bytes():
-                    found.append(child)
-            except OSError:
-                pass
+    found = []
+    for child in descendants(pid):
+        try:
+            if b'ServeReplica' in Path(f'/proc/{child}/cmdline').read_bytes():
+                found.append(child)
+        except OSError:
+            pass
     return found
 
 
