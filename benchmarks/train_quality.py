@@ -334,7 +334,7 @@ def main() -> None:
         t = result.pop('_time')
         print(f'seed {seed}: {t["steps"]} steps, {t["cpu_minutes_per_core"]:.1f} CPU minutes per core '
               f'({t["wall_minutes"]:.1f} wall), loss {t["first_loss"]:.3f} -> {t["last_loss"]:.3f}'
-              + (' (stopped by the CPU budget before the last epoch)' if t['stopped_by_budget'] else ''), flush=True)
+              + (' (stopped before the last epoch: the CPU budget or Ctrl-C)' if t['stopped_by_budget'] else ''), flush=True)
         rows[f'untrained s{seed}'] = result['untrained']
         rows[f'trained s{seed}'] = result['trained']
         for metric in ('recall_at_rank1', 'average_precision'):
