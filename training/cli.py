@@ -71,6 +71,9 @@ def run_command(args: argparse.Namespace) -> None:
                          resume=args.resume, quiet=args.quiet, pairs=args.pairs, negatives=args.negatives,
                          extra_args={'start': args.checkpoint or args.timm_backbone or args.model_name}).check()
     images = find_images(args.inputs)
+    if config.pairs is not None:
+        from .pairs import read_pairs
+        read_pairs(config.pairs)  # a bad pairs file is reported before a network is loaded (or downloaded)
     net, img_size = initial_net(args.model_name, args.checkpoint, args.timm_backbone, args.img_size)
     try:
         result = train(images, net, img_size, config)
