@@ -2,14 +2,14 @@
 CPU minutes, then compare it with the same network untrained and with a perceptual hash on a held-out copy
 set, per kind of edit.
 
-    nice -n 19 python benchmarks/train_quality.py --seeds 0 1
+    nice -n 19 python benchmarks/train_quality.py --seeds 0 1 --epochs 2 --batch-size 16 --cpu-minutes 6
 
 The data is what this machine has, nothing downloaded:
 - real photos shipped with scikit-image (and matplotlib's Grace Hopper), split by photo into a training
   half and a held-out half; each photo is cut into tiles, each tile an image of its own;
 - procedurally generated "dead leaves" images (overlapping discs of random colour and size with a
-  power-law size distribution, the classic model of natural-image statistics), for training and, from
-  other seeds, as distractors.
+  power-law size distribution, the classic model of natural-image statistics), for training, as
+  distractors and as overlay backgrounds (one random stream: --dead-leaves changes the distractors too).
 References are the held-out tiles plus the distractors; queries are fixed-seed edits of every held-out
 tile, one query per kind of edit (crop, overlay onto another picture, text, colour, blur, rotation,
 JPEG, and all of them combined). Nothing of the held-out half is seen in training.
