@@ -363,3 +363,68 @@ def test_distributed_on_two_cpu_processes_equals_one_process(tmp_path, tiny_ckpt
     assert abs(ddp_loss - one_loss) < 1e-4
     ddp, one = weights(tmp_path / 'ddp' / 'checkpoint_epoch0001.pth.tar'), weights(tmp_path / 'one' / 'checkpoint_epoch0001.pth.tar')
     assert max(float((ddp[k].float() - one[k].float()).abs().max()) for k in one) < 1e-3
+
+
+# -- the second stage: known copies (exp/v107.py) ---------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def pairs_csv(tmp_path_factory, images) -> Path:
+    """4 known copies (rotated, cropped edits of 4 of the training photos) listed as query,reference, with
+    paths relative to the CSV's folder; the other 4 photos are the negatives."""
+    folder = tmp_path_factory.mktemp('pairs')
+    rows = ['query,reference']
+    for i, reference in enumerate(sorted(images.iterdir())[:4]):
+        with Image.open(reference) as image:
+            image.rotate(15 * (i + 1), expand=True).crop((4, 4, 80, 70)).save(folder / f'q{i}.png')
+        rows.append(f'q{i}.png,{reference}')
+    (folder / 'pairs.csv').write_text('\n'.join(rows) + '\n')
+    return folder / 'pairs.csv'
+
+
+def test_pairs_items_are_query_reference_and_negatives_with_their_labels(images, pairs_csv):
+    from towhee_isc.training.data import collate
+    from towhee_isc.training.pairs import PairsDataset, negative_pool, read_pairs
+    pairs = read_pairs(pairs_csv)
+    assert [q.name for q, _ in pairs] == ['q0.png', 'q1.png', 'q2.png', 'q3.png'] and all(q.is_file() for q, _ in pairs)
+    pool = negative_pool(sorted(images.iterdir()), pairs)
+    assert [p.name for p in pool] == [p.name for p in sorted(images.iterdir())[4:]]  # no copy is a negative
+    dataset = PairsDataset(pairs, pool, lambda image: torch.zeros(3, 8, 8), negatives=3, seed=0)
+    labels, views = collate([dataset[0], dataset[1]])
+    assert views.shape == (10, 3, 8, 8)
+    assert labels[:4].tolist() == [0, 1, 0, 1]                      # view-major: queries, then references
+    assert all(4 <= label < 4 + len(pool) for label in labels[4:].tolist())  # each negative its own pool label
+    again = collate([dataset[0], dataset[1]])[0]
+    dataset.epoch = 1
+    assert torch.equal(labels, again) and any(not torch.equal(labels, collate([dataset[0], dataset[1]])[0])
+                                              for dataset.epoch in range(1, 6))  # fixed per (seed, epoch, pair)
+
+
+def test_pairs_train_the_second_stage_and_bad_pairs_files_are_one_clear_line(tmp_path, tiny_ckpt, images, pairs_csv):
+    out = tmp_path / 'stage2'
+    result = towhee_isc('train', images, '-o', out, '--checkpoint', tiny_ckpt, '--pairs', pairs_csv, '--negatives', '2',
+                        '--epochs', '2', '--batch-size', '2', '--memory-size', '32', '--device', 'cpu', '--quiet',
+                        env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = load(out / 'checkpoint_epoch0002.pth.tar')
+    assert saved['args'].pairs == str(pairs_csv) and saved['args'].negatives == 2
+    log = [json.loads(line) for line in (out / 'train_log.jsonl').read_text().splitlines()]
+    assert [e['epoch'] for e in log] == [1, 2] and all(math.isfinite(e['loss']) and e['loss'] > 0 for e in log)
+    start = weights(tiny_ckpt) if 'state_dict' in load(tiny_ckpt) else None
+    assert start is None or any(not torch.equal(start[k], saved['state_dict'][k]) for k in start)
+
+    net, size = initial_net('', str(tiny_ckpt), None, None)
+    paths = sorted(images.iterdir())
+    (tmp_path / 'columns.csv').write_text('q,r\na.png,b.png\n')
+    (tmp_path / 'empty.csv').write_text('query,reference\n')
+    (tmp_path / 'missing.csv').write_text(f'query,reference\n{paths[0]},{tmp_path / "gone.jpg"}\n')
+    for csv_file, message in [(tmp_path / 'nothing.csv', "pairs file '.*nothing.csv' not found"),
+                              (tmp_path / 'columns.csv', 'must have the columns query,reference; it has q,r'),
+                              (tmp_path / 'empty.csv', 'has no pairs'),
+                              (tmp_path / 'missing.csv', "line 2: .*gone.jpg"),
+                              (pairs_csv, '4 pairs, fewer than batch_size=8')]:
+        with pytest.raises(ValueError, match=message):
+            train(paths, net, size, config(tmp_path / 'bad', pairs=str(csv_file), batch_size=8 if csv_file == pairs_csv else 2))
+        assert not (tmp_path / 'bad').exists()
+    assert_one_line_error(towhee_isc('train', images, '-o', tmp_path / 'bad', '--checkpoint', tiny_ckpt, '--pairs',
+                                     tmp_path / 'columns.csv', env=ONE_THREAD), 'must have the columns query,reference')
+    assert not (tmp_path / 'bad').exists()

@@ -27,7 +27,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser('train', help="fine-tune the network on your images (the winner's self-supervised recipe)",
                               description='Fine-tune the ISC network on unlabelled images: every image gives ncrops '
                                           'augmented views that must stay close, while other images are pushed apart.')
-    p.add_argument('inputs', nargs='+', help='folders (recursive), globs, .txt file lists, image files')
+    p.add_argument('inputs', nargs='+', help='folders (recursive), globs, .txt file lists, image files (with --pairs: '
+                                             'images that are not copies, the negatives)')
     p.add_argument('-o', '--output-dir', required=True, help='checkpoint_epoch%%04d.pth.tar and train_log.jsonl go here')
     start = p.add_argument_group('the network to start from (default: the published isc_ft_v107)')
     start.add_argument('--checkpoint', help='a checkpoint in the official format')
@@ -47,6 +48,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     run.add_argument('--input-size', type=_whole(32), help='training crop size (default: --img-size)')
     run.add_argument('--seed', type=_whole(0), default=DEFAULTS.seed)
     run.add_argument('--workers', type=_whole(0), default=DEFAULTS.workers, help='image loading processes')
+    run.add_argument('--pairs', metavar='CSV', help='second stage (exp/v107.py): known copies, columns query,reference; '
+                                                    'each pair trained against --negatives of the images')
+    run.add_argument('--negatives', type=_whole(0), default=DEFAULTS.negatives, help='non-copies per pair (--pairs)')
     run.add_argument('--resume', metavar='CHECKPOINT', help='continue a run from one of its checkpoints')
     run.add_argument('--device', help="'cpu', 'cuda', 'cuda:N' (default: CUDA when available)")
     run.add_argument('--precision', choices=PRECISIONS, default='fp32', help='autocast on GPUs')
@@ -64,9 +68,12 @@ def run_command(args: argparse.Namespace) -> None:
                          weight_decay=args.weight_decay, memory_size=args.memory_size, ncrops=args.ncrops,
                          gem_p=args.gem_p, input_size=args.input_size, seed=args.seed, workers=args.workers,
                          device=args.device, precision=args.precision, distributed=args.distributed,
-                         resume=args.resume, quiet=args.quiet,
+                         resume=args.resume, quiet=args.quiet, pairs=args.pairs, negatives=args.negatives,
                          extra_args={'start': args.checkpoint or args.timm_backbone or args.model_name}).check()
     images = find_images(args.inputs)
+    if config.pairs is not None:
+        from .pairs import read_pairs
+        read_pairs(config.pairs)  # a bad pairs file is reported before a network is loaded (or downloaded)
     net, img_size = initial_net(args.model_name, args.checkpoint, args.timm_backbone, args.img_size)
     try:
         result = train(images, net, img_size, config)

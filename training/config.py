@@ -37,6 +37,8 @@ class TrainConfig:
     precision: str = 'fp32'             # autocast on GPUs: bf16 or fp16
     resume: str | None = None           # a checkpoint of this training to continue
     collapse_steps: int = 20            # consecutive steps of near-equal embeddings that stop training
+    pairs: str | None = None            # second stage (exp/v107.py): a CSV of known copies (query,reference)
+    negatives: int = 30                 # with pairs: non-copy images drawn for each pair
     quiet: bool = False                 # no progress bar
     extra_args: dict[str, Any] = field(default_factory=dict, repr=False)  # recorded, unused
 
@@ -65,6 +67,11 @@ class TrainConfig:
         whole('workers', 0)
         whole('gpu', 0)
         whole('collapse_steps', 1)
+        whole('negatives', 0)
+        if self.pairs is not None and not isinstance(self.pairs, (str, os.PathLike)):
+            raise TypeError(f'pairs must be the path of a CSV file (query,reference), got {type(self.pairs).__name__}')
+        if self.pairs is not None:
+            self.pairs = str(self.pairs)
         if self.input_size is not None:
             whole('input_size', 32)
         number('init_lr', positive=True)

@@ -84,10 +84,12 @@ class EpochBatches(Sampler[list[int]]):
             yield batch[self.rank::self.world]
 
 
-def collate(samples: list[tuple[int, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+def collate(samples: list[tuple[int | torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """[(label, (V, 3, S, S))] -> labels (N*V,) int64 and images (N*V, 3, S, S), view-major as the
-    winner stacks them (all first views, then all second views, ...)."""
-    labels = torch.tensor([label for label, _ in samples], dtype=torch.long)
+    winner stacks them (all first views, then all second views, ...). A label is one int for all V views
+    of an item, or (V,) labels, one per view (``pairs.PairsDataset``)."""
+    labels = torch.stack([torch.as_tensor(label, dtype=torch.long) for label, _ in samples])  # (N,) or (N, V)
     views = torch.stack([v for _, v in samples])          # (N, V, 3, S, S)
     n, v = views.shape[:2]
-    return labels.repeat(v), views.transpose(0, 1).reshape(n * v, *views.shape[2:])
+    labels = labels.repeat(v) if labels.ndim == 1 else labels.T.reshape(n * v)
+    return labels, views.transpose(0, 1).reshape(n * v, *views.shape[2:])

@@ -28,6 +28,7 @@ from .distributed import sync_batchnorm
 from .data import EpochBatches, ViewsDataset, collate
 from .loop import Interrupted, Step, fit, no_decay_groups
 from .loss import CrossBatchMemory
+from .pairs import PairsDataset, negative_pool, read_pairs
 
 INTERRUPTED = 'checkpoint_interrupted.pth.tar'
 LOG = 'train_log.jsonl'
@@ -104,10 +105,20 @@ def train(items: Sequence[Any], net: IscNet, img_size: int, config: TrainConfig,
     the loss diverges or training collapses, ``TrainingInterrupted`` on Ctrl-C (after saving)."""
     config.check()
     items, skipped = readable(list(items))
-    if not items:
+    pairs = read_pairs(config.pairs) if config.pairs is not None else None
+    if pairs is not None:  # the second stage: the images are the negatives
+        items = negative_pool(items, pairs)
+        if config.negatives and not items:
+            raise ValueError(f'no training images outside the pairs of {config.pairs!r} to draw the negatives from: '
+                             'give images that are not copies, or negatives=0')
+        if len(pairs) < config.batch_size:
+            raise ValueError(f'{config.pairs!r} has {len(pairs)} pairs, fewer than batch_size={config.batch_size}: '
+                             'give more pairs or a smaller batch_size')
+        items = (pairs, items)
+    elif not items:
         raise ValueError(f'no readable training images ({len(skipped)} unreadable)' if skipped
                          else 'no training images given')
-    if len(items) < config.batch_size:
+    elif len(items) < config.batch_size:
         raise ValueError(f'{len(items)} readable training images are fewer than batch_size={config.batch_size}: '
                          'give more images or a smaller batch_size')
     resume = _read_resume(config, net) if config.resume else None
@@ -205,12 +216,15 @@ def _run(items, net: IscNet, img_size: int, config: TrainConfig, resume: dict | 
 
     input_size = config.input_size or img_size
     mean_std = preprocess(net.arch, input_size).transforms[-1]
-    dataset = ViewsDataset(items, recipe(input_size, mean_std.mean, mean_std.std, config.ncrops, items), config.seed)
-    steps = len(items) // config.batch_size
+    if config.pairs is not None:  # items = (pairs, negatives pool): exp/v107.py's second stage
+        dataset = PairsDataset(*items, preprocess(net.arch, input_size), config.negatives, config.seed)
+    else:
+        dataset = ViewsDataset(items, recipe(input_size, mean_std.mean, mean_std.std, config.ncrops, items), config.seed)
+    steps = len(dataset) // config.batch_size
 
     def batches(epoch: int, skip: int):
         dataset.epoch = epoch
-        sampler = EpochBatches(len(items), config.batch_size, config.seed, epoch, rank, world, skip)
+        sampler = EpochBatches(len(dataset), config.batch_size, config.seed, epoch, rank, world, skip)
         return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                                            num_workers=config.workers, pin_memory=device.type == 'cuda')
 

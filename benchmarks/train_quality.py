@@ -1,0 +1,349 @@
+"""Quality of the fine-tuning recipe, offline: train a small network from random initialisation for a few
+CPU minutes, then compare it with the same network untrained and with a perceptual hash on a held-out copy
+set, per kind of edit.
+
+    nice -n 19 python benchmarks/train_quality.py --seeds 0 1 --epochs 2 --batch-size 16 --cpu-minutes 6
+
+The data is what this machine has, nothing downloaded:
+- real photos shipped with scikit-image (and matplotlib's Grace Hopper), split by photo into a training
+  half and a held-out half; each photo is cut into tiles, each tile an image of its own;
+- procedurally generated "dead leaves" images (overlapping discs of random colour and size with a
+  power-law size distribution, the classic model of natural-image statistics), for training, as
+  distractors and as overlay backgrounds (one random stream: --dead-leaves changes the distractors too).
+References are the held-out tiles plus the distractors; queries are fixed-seed edits of every held-out
+tile, one query per kind of edit (crop, overlay onto another picture, text, colour, blur, rotation,
+JPEG, and all of them combined). Nothing of the held-out half is seen in training.
+
+Scores: the project's own ``evaluate`` (μAP over each query's 10 best references, recall at precision
+0.9) and recall@1, overall and per kind of edit. The perceptual hash is a 64-bit DCT hash (the
+``imagehash.phash`` algorithm: 32 x 32 greyscale, 2-d DCT, the 8 x 8 lowest frequencies against their
+median), scored by minus the Hamming distance. The untrained network is the trained one's starting
+point (same seed), its BatchNorm statistics set on the training images so it is not handicapped.
+The training budget is CPU time (user + system of this process, over 2 cores), printed with the result.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import random
+import resource
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont
+
+# scikit-image's bundled photos (not the synthetic ones), and one stereo view of the motorcycle only.
+PHOTOS = ('astronaut', 'brick', 'camera', 'cell', 'chelsea', 'clock_motion', 'coffee', 'coins', 'grass',
+          'gravel', 'hubble_deep_field', 'ihc', 'microaneurysms', 'moon', 'motorcycle_left', 'page', 'retina',
+          'rocket', 'text', 'grace_hopper')
+EDITS = ('crop', 'overlay', 'text', 'colour', 'blur', 'rotation', 'jpeg', 'combined')
+
+
+def photo_files() -> list[Path]:
+    import matplotlib
+    import skimage
+    data = Path(skimage.__file__).parent / 'data'
+    files = {p.stem: p for p in data.iterdir() if p.suffix in ('.png', '.jpg')}
+    files['grace_hopper'] = Path(matplotlib.get_data_path()) / 'sample_data' / 'grace_hopper.jpg'
+    return [files[name] for name in PHOTOS if name in files]
+
+
+def tiles(image: Image.Image, grid: int) -> list[Image.Image]:
+    """The image cut into grid x grid non-overlapping tiles."""
+    w, h = image.width // grid, image.height // grid
+    return [image.crop((x * w, y * h, (x + 1) * w, (y + 1) * h)) for y in range(grid) for x in range(grid)]
+
+
+def dead_leaves(rng: np.random.Generator, size: int = 192, discs: int = 250) -> Image.Image:
+    """Discs of random colour, radius ~ r^-3 (scale invariant), drawn front to back until covered."""
+    image = Image.new('RGB', (size, size), tuple(int(v) for v in rng.integers(0, 256, 3)))
+    draw = ImageDraw.Draw(image)
+    r_min, r_max = 2.0, size / 3
+    u = rng.random(discs)
+    radii = (r_min ** -2 - u * (r_min ** -2 - r_max ** -2)) ** -0.5  # inverse CDF of p(r) ~ r^-3
+    for r in radii[::-1]:  # the last drawn is in front
+        x, y = rng.uniform(-r, size + r, 2)
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+    if rng.random() < 0.5:
+        image = image.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, 1.5))))
+    return image
+
+
+# ----- the edits that make queries (fixed seed per query) -----
+
+def _fonts() -> list[str]:
+    try:
+        from augly import utils
+        return sorted(str(p) for p in Path(utils.FONTS_DIR).glob('*.ttf'))
+    except Exception:
+        return []
+
+
+FONTS = _fonts()
+
+
+def edit_crop(image: Image.Image, rng: random.Random, backgrounds) -> Image.Image:
+    area = rng.uniform(0.35, 0.7)
+    aspect = rng.uniform(0.75, 1.33)
+    w = min(image.width, int(image.width * (area * aspect) ** 0.5))
+    h = min(image.height, int(image.height * (area / aspect) ** 0.5))
+    x, y = rng.randrange(image.width - w + 1), rng.randrange(image.height - h + 1)
+    return image.crop((x, y, x + w, y + h))
+
+
+def edit_overlay(image: Image.Image, rng: random.Random, backgrounds) -> Image.Image:
+    background = rng.choice(backgrounds).resize((image.width, image.height)).copy()
+    scale = rng.uniform(0.45, 0.75)
+    small = image.resize((int(image.width * scale), int(image.height * scale)), Image.BILINEAR)
+    background.paste(small, (rng.randrange(image.width - small.width + 1), rng.randrange(image.height - small.height + 1)))
+    return background
+
+
+def edit_text(image: Image.Image, rng: random.Random, backgrounds) -> Image.Image:
+    image = image.copy()
+    draw = ImageDraw.Draw(image)
+    size = max(8, int(image.height * rng.uniform(0.1, 0.2)))
+    font = ImageFont.truetype(rng.choice(FONTS), size) if FONTS else ImageFont.load_default(size=size)
+    colour = tuple(rng.randrange(256) for _ in range(3))
+    y = rng.uniform(0.0, 0.4) * image.height
+    for _ in range(rng.randrange(2, 4)):
+        words = ' '.join(''.join(rng.choice('abcdefghijklmnopqrstuvwxyz') for _ in range(rng.randrange(3, 8)))
+                         for _ in range(2))
+        draw.text((rng.uniform(0.0, 0.3) * image.width, y), words, fill=colour, font=font)
+        y += size * 1.2
+    return image
+
+
+def edit_colour(image: Image.Image, rng: random.Random, backgrounds) -> Image.Image:
+    image = ImageEnhance.Brightness(image).enhance(rng.uniform(0.6, 1.4))
+    image = ImageEnhance.Contrast(image).enhance(rng.uniform(0.6, 1.4))
+    image = ImageEnhance.Color(image).enhance(rng.choice([0.0, rng.uniform(0.3, 2.0)]))
+    hsv = np.array(image.convert('HSV'))
+    hsv[..., 0] = (hsv[..., 0].astype(int) + rng.randrange(-40, 41)) % 256
+    return Image.fromarray(hsv, 'HSV').convert('RGB')
+
+
+def edit_blur(image: Image.Image, rng: random.Random, backgrounds) -> Image.Image:
+    return image.filter(ImageFilter.GaussianBlur(rng.uniform(0.01, 0.025) * max(image.size)))
+
+
+def edit_rotation(image: Image.Image, rng: random.Random, backgrounds) -> Image.Image:
+    angle = rng.choice([-1, 1]) * rng.uniform(10, 40) if rng.random() < 0.7 else rng.choice([90, 180, 270])
+    return image.rotate(angle, resample=Image.BILINEAR, expand=True)
+
+
+def edit_jpeg(image: Image.Image, rng: random.Random, backgrounds) -> Image.Image:
+    scale = rng.uniform(0.3, 0.6)
+    small = image.resize((max(8, int(image.width * scale)), max(8, int(image.height * scale))), Image.BILINEAR)
+    buffer = io.BytesIO()
+    small.save(buffer, format='JPEG', quality=rng.randrange(5, 15))
+    return Image.open(io.BytesIO(buffer.getvalue())).convert('RGB')
+
+
+SINGLE: dict[str, Callable] = {'crop': edit_crop, 'overlay': edit_overlay, 'text': edit_text, 'colour': edit_colour,
+                               'blur': edit_blur, 'rotation': edit_rotation, 'jpeg': edit_jpeg}
+
+
+def edit_combined(image: Image.Image, rng: random.Random, backgrounds) -> Image.Image:
+    """Three of the others, milder crops first, in a random order."""
+    for name in rng.sample(sorted(SINGLE), 3):
+        image = SINGLE[name](image, rng, backgrounds)
+    return image
+
+
+SINGLE_AND_COMBINED = {**SINGLE, 'combined': edit_combined}
+
+
+# ----- the data set -----
+
+class CopySet:
+    """Training images, references (held-out tiles + distractors) and queries (edits of the held-out tiles)."""
+
+    def __init__(self, distractors: int = 300, dead_leaves_train: int = 1500, seed: int = 1234):
+        photos = [Image.open(p).convert('RGB') for p in photo_files()]
+        order = random.Random(seed).sample(range(len(photos)), len(photos))
+        held = sorted(order[:len(photos) // 2])
+        rng = np.random.default_rng(seed)
+        self.train: list[Image.Image] = []
+        for i in sorted(order[len(photos) // 2:]):
+            self.train += tiles(photos[i], 3)
+        self.train += [dead_leaves(rng) for _ in range(dead_leaves_train)]
+        originals = [t for i in held for t in tiles(photos[i], 2)]
+        self.references = {f'R{i:04d}': image for i, image in enumerate(originals)}
+        for i in range(distractors):
+            self.references[f'D{i:04d}'] = dead_leaves(rng, size=256)
+        backgrounds = [dead_leaves(rng, size=256) for _ in range(50)]  # not among the references
+        self.queries: dict[str, Image.Image] = {}
+        self.truth: dict[str, set[str]] = {}
+        self.kind: dict[str, str] = {}
+        for i, image in enumerate(originals):
+            for kind, edit in SINGLE_AND_COMBINED.items():
+                qid = f'Q{i:04d}_{kind}'
+                self.queries[qid] = edit(image, random.Random(f'{seed}/{i}/{kind}'), backgrounds)
+                self.truth[qid] = {f'R{i:04d}'}
+                self.kind[qid] = kind
+        self.photos_held = [photo_files()[i].stem for i in held]
+
+
+# ----- descriptors -----
+
+def phash(image: Image.Image) -> np.ndarray:
+    """64 bits as bool (64,): imagehash.phash's algorithm (hash_size 8, highfreq_factor 4)."""
+    from scipy.fft import dct
+    pixels = np.asarray(image.convert('L').resize((32, 32), Image.LANCZOS), dtype=np.float64)
+    low = dct(dct(pixels, axis=0), axis=1)[:8, :8]
+    return (low > np.median(low)).ravel()
+
+
+def network_descriptors(net, size: int, images: Sequence[Image.Image]):
+    import torch
+    transform = net.preprocess(size)
+    net.eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(images), 64):
+            out.append(net(torch.stack([transform(im) for im in images[start:start + 64]])))
+    return torch.cat(out).numpy()
+
+
+def scores(copy_set: CopySet, similarity: np.ndarray, k: int = 10) -> dict[str, dict]:
+    """(Q, R) similarities -> evaluate() overall and per kind of edit, on each query's k best references."""
+    from towhee_isc.workflow.metrics import Match, evaluate
+    qids, rids = list(copy_set.queries), list(copy_set.references)
+    matches: dict[str, list[Match]] = {}
+    for q, row in zip(qids, similarity):
+        best = np.argsort(-row, kind='stable')[:k]
+        matches[q] = [Match(q, rids[j], float(row[j])) for j in best]
+    result = {}
+    for kind in ('all',) + EDITS:
+        chosen = [q for q in qids if kind in ('all', copy_set.kind[q])]
+        result[kind] = evaluate([m for q in chosen for m in matches[q]], {q: copy_set.truth[q] for q in chosen})
+    return result
+
+
+def cpu_seconds() -> float:
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(u.ru_utime + u.ru_stime for u in usage)
+
+
+def run_seed(copy_set: CopySet, args, seed: int) -> dict[str, dict[str, dict]]:
+    import tempfile
+    import torch
+    from towhee_isc.testing import calibrate_batchnorm
+    from towhee_isc.training.config import TrainConfig
+    from towhee_isc.model import build_model, read_checkpoint
+    from towhee_isc.training.run import TrainingInterrupted, fresh_net, train
+
+    torch.manual_seed(seed)
+    net = fresh_net(args.arch)
+    net.pool.p = args.eval_gem_p
+    probe = torch.stack([net.preprocess(args.eval_size)(im) for im in random.Random(seed).sample(copy_set.train, min(256, len(copy_set.train)))])
+    untrained = net
+    calibrate_batchnorm(untrained, probe)
+    results = {}
+    references = list(copy_set.references.values())
+    queries = list(copy_set.queries.values())
+
+    def network_scores(model) -> dict[str, dict]:
+        r = network_descriptors(model, args.eval_size, references)
+        q = network_descriptors(model, args.eval_size, queries)
+        return scores(copy_set, q @ r.T)
+
+    results['untrained'] = network_scores(untrained)
+    with tempfile.TemporaryDirectory() as tmp:
+        config = TrainConfig(output_dir=tmp, epochs=args.epochs, batch_size=args.batch_size, init_lr=args.lr,
+                             weight_decay=args.weight_decay, ncrops=args.ncrops, memory_size=args.memory_size,
+                             gem_p=args.train_gem_p, input_size=args.input_size, seed=seed, workers=args.workers,
+                             device='cpu', quiet=True)
+        losses: list[float] = []
+        cpu0, wall0 = cpu_seconds(), time.perf_counter()
+
+        def on_step(step) -> None:  # the budget is CPU time: stop there even if the epochs are not done
+            losses.append(step.loss)
+            if cpu_seconds() - cpu0 > args.cpu_minutes * 60 * 2:
+                raise KeyboardInterrupt
+
+        try:
+            last = train(copy_set.train, net, args.eval_size, config, on_step=on_step).last
+            stopped = False
+        except TrainingInterrupted as e:
+            last, stopped = e.checkpoint, True
+        cpu, wall = cpu_seconds() - cpu0, time.perf_counter() - wall0
+        trained = build_model(read_checkpoint(str(last)))
+        if args.save:
+            Path(args.save).mkdir(parents=True, exist_ok=True)
+            Path(last).replace(Path(args.save) / f'trained_s{seed}.pth.tar')
+    trained.pool.p = args.eval_gem_p
+    results['trained'] = network_scores(trained)
+    results['_time'] = {'stopped_by_budget': stopped, 'cpu_minutes_per_core': cpu / 60 / 2, 'wall_minutes': wall / 60, 'steps': len(losses),
+                        'first_loss': float(np.mean(losses[:10])), 'last_loss': float(np.mean(losses[-10:]))}
+    return results
+
+
+def print_table(rows: dict[str, dict[str, dict]]) -> None:
+    print(f'| {"descriptor":28s} | ' + ' | '.join(f'{k:>9s}' for k in ('all',) + EDITS) + ' |')
+    print('|' + '---|' * (len(EDITS) + 2))
+    for name, result in rows.items():
+        for metric, label in (('recall_at_rank1', 'recall@1'), ('average_precision', 'μAP'),
+                              ('recall_at_p90', 'recall@P90')):
+            cells = ' | '.join(f'{result[k][metric]:9.3f}' for k in ('all',) + EDITS)
+            print(f'| {name + " " + label:28s} | {cells} |')
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1])
+    parser.add_argument('--arch', default='resnet10t')
+    parser.add_argument('--input-size', type=int, default=96, help='training crop side')
+    parser.add_argument('--eval-size', type=int, default=112, help='side the copy set is embedded at')
+    parser.add_argument('--epochs', type=int, default=4)
+    parser.add_argument('--batch-size', type=int, default=32)
+    parser.add_argument('--lr', type=float, default=0.1)
+    parser.add_argument('--weight-decay', type=float, default=1e-6)
+    parser.add_argument('--ncrops', type=int, default=2)
+    parser.add_argument('--memory-size', type=int, default=1024)
+    parser.add_argument('--train-gem-p', type=float, default=1.0)
+    parser.add_argument('--eval-gem-p', type=float, default=1.0)
+    parser.add_argument('--workers', type=int, default=0)
+    parser.add_argument('--dead-leaves', type=int, default=1500, help='generated training images')
+    parser.add_argument('--distractors', type=int, default=300)
+    parser.add_argument('--cpu-minutes', type=float, default=10.0,
+                        help='training budget in minutes of 2 cores (CPU time / 2); training stops there')
+    parser.add_argument('--threads', type=int, default=1, help='torch threads (1: no OpenMP spinning on a busy machine)')
+    parser.add_argument('--save', help='a folder to keep the trained checkpoints in')
+    args = parser.parse_args()
+
+    import torch
+    torch.set_num_threads(args.threads)
+    warnings.simplefilter('ignore')
+    started = time.perf_counter()
+    copy_set = CopySet(args.distractors, args.dead_leaves)
+    print(f'training images: {len(copy_set.train)}; references: {len(copy_set.references)} '
+          f'({len(copy_set.references) - args.distractors} held-out tiles of {", ".join(copy_set.photos_held)}; '
+          f'{args.distractors} distractors); queries: {len(copy_set.queries)} ({len(EDITS)} edits each); '
+          f'built in {time.perf_counter() - started:.0f} s', flush=True)
+    hashes_r = np.stack([phash(im) for im in copy_set.references.values()])
+    hashes_q = np.stack([phash(im) for im in copy_set.queries.values()])
+    hamming = (hashes_q[:, None, :] != hashes_r[None, :, :]).sum(-1)
+    rows = {'phash': scores(copy_set, -hamming.astype(np.float64))}
+    for seed in args.seeds:
+        result = run_seed(copy_set, args, seed)
+        t = result.pop('_time')
+        print(f'seed {seed}: {t["steps"]} steps, {t["cpu_minutes_per_core"]:.1f} CPU minutes per core '
+              f'({t["wall_minutes"]:.1f} wall), loss {t["first_loss"]:.3f} -> {t["last_loss"]:.3f}'
+              + (' (stopped before the last epoch: the CPU budget or Ctrl-C)' if t['stopped_by_budget'] else ''), flush=True)
+        rows[f'untrained s{seed}'] = result['untrained']
+        rows[f'trained s{seed}'] = result['trained']
+        for metric in ('recall_at_rank1', 'average_precision'):
+            print(f'  {metric}: untrained {result["untrained"]["all"][metric]:.3f} -> trained '
+                  f'{result["trained"]["all"][metric]:.3f} '
+                  f'({result["trained"]["all"][metric] - result["untrained"]["all"][metric]:+.3f})', flush=True)
+    print(' '.join(f'--{k.replace("_", "-")} {v}' for k, v in vars(args).items() if k != 'seeds'))
+    print_table(rows)
+
+
+if __name__ == '__main__':
+    main()
