@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import warnings
 from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +18,7 @@ with warnings.catch_warnings():  # Towhee's own imports warn about pkg_resources
     from towhee import register
     from towhee.operator import NNOperator
 
-from .backends import DEFAULT_BATCH, TRITON_BATCH, cpu_count, export_onnx, resolve_backend
+from .backends import DEFAULT_BATCH, TRITON_BATCH, cached_onnx, cpu_count, export_onnx, resolve_backend
 from .images import ImageError, image_size, is_jpeg, to_pil_rgb
 from .model import IscNet, preprocess, save_checkpoint
 from .network import IscModel, ModelSpec, accelerated_model
@@ -400,8 +401,11 @@ class Isc(NNOperator):
         elif format == 'torchscript':
             with torch.no_grad():
                 torch.jit.trace(model, torch.zeros(1, 3, self.img_size, self.img_size)).save(str(path))
-        else:
-            export_onnx(model, self.img_size, path)
+        else:  # the ONNX cache's export when it has this network's (the same exporter): made once
+            try:
+                shutil.copyfile(cached_onnx(model, self.img_size), path)
+            except OSError:  # an unwritable cache folder
+                export_onnx(model, self.img_size, path)
         return str(path)
 
 

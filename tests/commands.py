@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -60,8 +61,15 @@ def ray_head(args: list[str], env: dict, temp: Path):
             time.sleep(0.5)
         yield head
     finally:
+        processes = [head.pid, *descendants(head.pid)]  # known only while the head is their parent
         head.terminate()
         try:
-            head.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            head.kill()
+            head.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # Ray's graceful stop takes ~40 s after jobs ran: not for tests
+            pass
+        for pid in processes:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        head.wait()

@@ -109,12 +109,13 @@ def images(tmp_path, photos) -> list[Path]:
 
 
 def test_readme_recipe_runs_the_network_as_the_repositorys_onnx_model(effnet_ckpt, images, server, tmp_path,
-                                                                    monkeypatch):
+                                                                    monkeypatch, seed_onnx_cache):
     # The build machine: the published weights in its torch hub (a synthetic checkpoint of the
     # published architecture under the published file name), README's block run as written.
     build_torch = tmp_path / 'build_torch'
     (build_torch / 'hub' / 'checkpoints').mkdir(parents=True)
     shutil.copy(effnet_ckpt, build_torch / 'hub' / 'checkpoints' / WEIGHTS['isc_ft_v107'].file_name)
+    seed_onnx_cache(build_torch)  # the build machine exported the network before
     build = tmp_path / 'build'
     build.mkdir()
     (build / 'build_triton.py').write_text(readme_build_block())
