@@ -17,10 +17,8 @@ import csv
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,26 +26,7 @@ import numpy as np
 from towhee_isc.workflow.descriptors import write_descriptors
 from towhee_isc.workflow.engines import Exact
 
-# As benchmarks/workflow.py measures a command (a small wrapper starts it, so that pages shared with this
-# large process are not counted), adding its CPU time: on a shared machine, wall time says little alone.
-# The wrapper writes its figures to a file: the command's stderr stays this terminal's, with its progress lines.
-_WRAPPER = ('import resource, subprocess, sys; r = subprocess.run(sys.argv[2:]); '
-            'u = resource.getrusage(resource.RUSAGE_CHILDREN); '
-            'open(sys.argv[1], "w").write(f"{u.ru_maxrss} {u.ru_utime + u.ru_stime}"); sys.exit(r.returncode)')
-
-
-def run_child(command: list[str]) -> tuple[float, float, float, str]:
-    """(wall seconds, CPU seconds, peak resident MiB, stdout) of a command run as a child process."""
-    with tempfile.NamedTemporaryFile('r', suffix='.usage') as usage:
-        start = time.perf_counter()
-        result = subprocess.run([sys.executable, '-c', _WRAPPER, usage.name, *command], stdout=subprocess.PIPE,
-                                text=True)
-        seconds = time.perf_counter() - start
-        if result.returncode:
-            sys.exit(f'{command} failed (its error is above)')
-        peak_kib, cpu = usage.read().split()
-    return seconds, float(cpu), int(peak_kib) / 1024, result.stdout
-
+from child import run_child  # benchmarks/child.py
 
 def random_unit(rng: np.random.Generator, n: int, d: int = 256, block: int = 100_000) -> np.ndarray:
     x = np.empty((n, d), np.float32)

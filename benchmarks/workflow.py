@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,6 +23,8 @@ from towhee_isc import Isc
 from towhee_isc.progress import Progress
 from towhee_isc.workflow.descriptors import write_descriptors
 from towhee_isc.testing import make_synthetic_checkpoint, sample_photos
+
+from child import run_child  # benchmarks/child.py
 
 
 def make_images(folder: Path, count: int) -> list[Path]:
@@ -38,26 +39,6 @@ def make_images(folder: Path, count: int) -> list[Path]:
         paths.append(folder / f'R{i:06d}.jpg')
         image.save(paths[-1], quality=int(rng.integers(60, 95)))
     return paths
-
-
-# Runs the command and reports its peak memory. A small wrapper process starts it: a child started
-# straight from this (large) process would count pages shared with it before exec in its peak.
-# The wrapper writes its figure to a file: the command's stderr stays this terminal's, with its progress lines.
-_WRAPPER = ('import resource, subprocess, sys; r = subprocess.run(sys.argv[2:]); '
-            'open(sys.argv[1], "w").write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)); '
-            'sys.exit(r.returncode)')
-
-
-def run_child(command: list[str]) -> tuple[float, float, str]:
-    """(seconds, peak resident MiB, stdout) of a command run as a child process."""
-    with tempfile.NamedTemporaryFile('r', suffix='.usage') as usage:
-        start = time.perf_counter()
-        result = subprocess.run([sys.executable, '-c', _WRAPPER, usage.name, *command], stdout=subprocess.PIPE,
-                                text=True)
-        seconds = time.perf_counter() - start
-        if result.returncode:
-            sys.exit(f'{command} failed (its error is above)')
-        return seconds, int(usage.read()) / 1024, result.stdout
 
 
 def main() -> None:
@@ -75,7 +56,7 @@ def main() -> None:
         vectors[copies[:, 1]] = vectors[copies[:, 0]] + 0.05 * rng.standard_normal((len(copies), 256)).astype(np.float32)
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         write_descriptors(work / 'many.h5', [f'I{i:07d}' for i in range(args.descriptors)], vectors)
-        seconds, peak, out = run_child([sys.executable, '-m', 'towhee_isc', 'dedup', str(work / 'many.h5'),
+        seconds, _, peak, out = run_child([sys.executable, '-m', 'towhee_isc', 'dedup', str(work / 'many.h5'),
                                         '--threshold', str(args.threshold), '-o', str(work / 'groups.csv')])
         report['dedup'] = {'descriptors': args.descriptors, 'planted_pairs': len(copies), 'seconds': seconds,
                            'peak_mib': peak, 'summary': out.strip().splitlines()[-2]}
@@ -90,7 +71,7 @@ def main() -> None:
         with Progress(None, f'the operator alone on {len(images)} images (one call)', delay=0):
             op([str(p) for p in images])
         operator_rate = len(images) / (time.perf_counter() - start)
-        seconds, peak, out = run_child([sys.executable, '-m', 'towhee_isc', 'embed', str(work / 'images'), '-o',
+        seconds, _, peak, out = run_child([sys.executable, '-m', 'towhee_isc', 'embed', str(work / 'images'), '-o',
                                         str(work / 'embedded.h5'), '--checkpoint', str(checkpoint), '--device', 'cpu'])
         command_rate = float(out.split('(')[-1].split()[0])
         report['embed'] = {'images': len(images), 'operator_images_per_s': operator_rate,
