@@ -20,10 +20,11 @@ quietly() {
 
 step 1/4 "creating .venv"
 $python -m venv .venv
-# uv installs the same packages as pip from the same index, in parallel and without compiling every .py
-# file of torch first: about 40 s instead of pip's 4 minutes. Where uv cannot be had, pip does it.
+# uv installs the same packages as pip from the same index, in parallel: about a minute instead of pip's
+# four. Where uv cannot be had, pip does it. Both compile the .py files as they install them, so that no
+# process has to (with PYTHONDONTWRITEBYTECODE set, each one would compile torch again).
 if quietly .venv/bin/pip install uv; then
-    install() { local venv=$1; shift; .venv/bin/uv pip install --python "$venv/bin/python" "$@"; }
+    install() { local venv=$1; shift; .venv/bin/uv pip install --compile-bytecode --python "$venv/bin/python" "$@"; }
 else
     echo "setup: uv could not be installed; installing with pip (slower)"
     install() { local venv=$1; shift; "$venv/bin/pip" install "$@"; }
