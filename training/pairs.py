@@ -8,7 +8,6 @@ stage's (``loss.CrossBatchMemory``).
 """
 from __future__ import annotations
 
-import csv
 import os
 import random
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..csvfiles import read_csv
 from ..images import ImageError, image_size, regular_file, to_pil_rgb
 from .data import _seed
 
@@ -29,21 +29,10 @@ def read_pairs(path: str | os.PathLike) -> list[tuple[Path, Path]]:
     row; relative image paths are relative to the CSV's folder. Raises ValueError naming the problem:
     no such file, not a UTF-8 CSV, other columns, no pairs, or an image that is missing or not an image."""
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f'pairs file {str(path)!r} not found')
-    try:
-        with open(path, newline='', encoding='utf-8-sig') as f:
-            reader = csv.DictReader(f)
-            header = [name.strip() for name in reader.fieldnames or []]
-            if not set(COLUMNS) <= set(header):
-                raise ValueError(f'pairs file {str(path)!r} must have the columns {",".join(COLUMNS)}; '
-                                 f'it has {",".join(header) or "none"}')
-            reader.fieldnames = header
-            rows = list(reader)
-    except UnicodeDecodeError as e:
-        raise ValueError(f'pairs file {str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start})') from None
-    except csv.Error as e:
-        raise ValueError(f'pairs file {str(path)!r} is not a readable CSV file: {e}') from None
+    header, rows = read_csv(path, 'pairs file')
+    if not set(COLUMNS) <= set(header):
+        raise ValueError(f'pairs file {str(path)!r} must have the columns {",".join(COLUMNS)}; '
+                         f'it has {",".join(header) or "none"}')
     pairs = []
     for line, row in enumerate(rows, start=2):
         pair = []

@@ -27,6 +27,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from ..csvfiles import read_csv
+
 MATCH_COLUMNS = ('query_id', 'ref_id', 'query_start', 'query_end', 'ref_start', 'ref_end', 'score')
 RETRIEVED_PER_QUERY = 20 * 60    # descriptor track: frame pairs kept per query video (k=20 for ~60 s videos)
 CANDIDATES_PER_QUERY = 25        # descriptor track: video pairs scored per query video
@@ -64,20 +66,11 @@ def read_segments(path: str | os.PathLike, ground_truth: bool = False) -> list[S
     """A VSC match CSV (columns in any order, a header naming them). Ground truth needs no ``score``."""
     path = str(path)
     needed = MATCH_COLUMNS[:-1] if ground_truth else MATCH_COLUMNS
-    if not os.path.isfile(path):
-        raise CsvFormatError(f'CSV file not found: {path!r}')
-    try:
-        with open(path, newline='', encoding='utf-8-sig') as f:
-            reader = csv.DictReader(f)
-            missing = [c for c in needed if c not in (reader.fieldnames or [])]
-            if missing:
-                raise CsvFormatError(f'{path!r} lacks the column(s) {",".join(missing)}; VSC match files have '
-                                     f'{",".join(needed)}')
-            rows = list(reader)
-    except UnicodeDecodeError as e:
-        raise CsvFormatError(f'{path!r} is not UTF-8 text ({e.reason} at byte {e.start})') from None
-    except csv.Error as e:
-        raise CsvFormatError(f'{path!r} is not a readable CSV file: {e}') from None
+    header, rows = read_csv(path, 'CSV file', CsvFormatError)
+    missing = [c for c in needed if c not in header]
+    if missing:
+        raise CsvFormatError(f'{path!r} lacks the column(s) {",".join(missing)}; VSC match files have '
+                             f'{",".join(needed)}')
     segments = []
     for line, row in enumerate(rows, start=2):
         values = {}
