@@ -24,7 +24,10 @@ $python -m venv .venv
 # four. Where uv cannot be had, pip does it. Both compile the .py files as they install them, so that no
 # process has to (with PYTHONDONTWRITEBYTECODE set, each one would compile torch again).
 if quietly .venv/bin/pip install uv; then
-    install() { local venv=$1; shift; .venv/bin/uv pip install --compile-bytecode --python "$venv/bin/python" "$@"; }
+    # uv does not read pip's configuration: a constraint file pip is told to use (a machine's pinned
+    # torch, say) is handed to uv, so both install the same versions.
+    constraint=$(.venv/bin/pip config list 2>/dev/null | sed -n "s/^\(global\|install\|:env:\)\.constraint='\(.*\)'$/--constraint=\2/p")
+    install() { local venv=$1; shift; .venv/bin/uv pip install --compile-bytecode $constraint --python "$venv/bin/python" "$@"; }
 else
     echo "setup: uv could not be installed; installing with pip (slower)"
     install() { local venv=$1; shift; "$venv/bin/pip" install "$@"; }
