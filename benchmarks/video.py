@@ -4,9 +4,10 @@
     .venv/bin/python benchmarks/video.py [--seeds 0 1 2] [--refs 8] [--queries 10] [--edits mild|hard]
                                          [--checkpoint FILE]
 
-Per seed: reference videos (20-30 s, 3-5 shots panning and zooming over scikit-image's photos),
-query videos (20-30 s) of other photos, half of them with an edited copy of 6-12 s of a reference at
-a known offset, and noise videos (a third set of photos) for score normalisation. ``mild`` edits:
+Per seed: reference videos (20-30 s, 3-8 shots panning and zooming over ninths of one photo with a
+scene, its own: no photo is in two references), query videos (20-30 s) of photos no reference uses,
+half of them with an edited copy of 6-12 s of a reference at a known offset, and noise videos (a
+third set of photos) for score normalisation. ``mild`` edits:
 re-encode (x264 CRF 28-35), rescale 75-100 %, crop <= 10 %, brightness 0.8-1.2; ``hard`` adds a
 caption overlay and a speed change (0.75-1.5x). Without ``--checkpoint`` a synthetic checkpoint
 (``--arch`` resnet18 at ``--img-size`` 96 px, random weights) makes the descriptors.
@@ -50,7 +51,8 @@ FPS, SIZE = 10, (160, 120)
 # Photos whose ninths show different things: each reference pans over ninths of its own one. (Under the
 # synthetic checkpoint the ninths of moon, cell, text, brick, clock or chelsea are at a mean cosine of
 # 0.8-1.0 of each other, so two references made of them showed the same scene.)
-SCENES = ('astronaut', 'coffee', 'immunohistochemistry', 'retina', 'logo', 'camera', 'coins', 'colorwheel', 'page', 'horse')
+SCENES = ('astronaut', 'coffee', 'immunohistochemistry', 'retina', 'logo', 'camera', 'coins', 'colorwheel', 'page',
+          'horse')
 OTHERS = tuple(p for p in PHOTOS if p not in SCENES)
 
 
