@@ -274,3 +274,32 @@ def test_a_towhee_pipeline_embeds_a_videos_frames_and_windows_them_back(videos, 
     embedded = read_video_descriptors(root / 'queries.npz').videos[0]  # what `video embed` wrote
     assert timestamps.tolist() == embedded.timestamps.tolist()
     assert np.abs(features - embedded.features).max() < 1e-4
+
+
+def test_a_reference_shot_that_resembles_a_quarter_of_all_query_frames_is_no_copy():
+    from towhee_isc.video.localization import centred
+    from towhee_isc.video.search import search_videos
+    from towhee_isc.video.storage import VideoSet
+    rng = np.random.default_rng(0)
+
+    def unit(x):
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    def video(vid, frames):
+        return VideoFeatures(vid, frames.astype(np.float32), np.c_[np.arange(len(frames)), np.arange(1, len(frames) + 1)])
+
+    look = unit(rng.normal(size=64))  # a plain shot (a grey wall): under weak descriptors, many frames look so
+    refs = [unit(rng.normal(size=(20, 64))) for _ in range(2)]
+    refs[1][:8] = unit(look + 0.3 * unit(rng.normal(size=(8, 64))))
+    queries = [unit(rng.normal(size=(20, 64))) for _ in range(4)]
+    for q in queries:  # every query shows such a shot for 8 of its 20 s
+        q[12:] = unit(look + 0.3 * unit(rng.normal(size=(8, 64))))
+    queries[0][2:10] = unit(refs[0][4:12] + 0.1 * unit(rng.normal(size=(8, 64))))  # Q0 copies R0's 4-12 s
+    q_set = VideoSet([video(f'Q{i}', q) for i, q in enumerate(queries)])
+    found, *_ = search_videos(q_set, VideoSet([video('R0', refs[0]), video('R1', refs[1])]))
+    assert [(s.query_id, s.ref_id, s.query_start, s.query_end, s.ref_start, s.ref_end) for s in found if s.score > 0] \
+        == [('Q0', 'R0', 2, 10, 4, 12)]
+    # within one pair the plain shots are as alike as a copy: only all the queries together tell them apart
+    centre = np.concatenate(queries + refs).mean(axis=0)
+    (box, score), = align(centred(queries[1], centre) @ centred(refs[1], centre).T, 'dp', threshold=0.5)
+    assert (box.query_first, box.ref_first) == (12, 0) and score > 1

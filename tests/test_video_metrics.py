@@ -60,6 +60,16 @@ def test_pairwise_micro_ap_counts_ties_together_and_every_true_pair():
     assert pairwise_micro_ap(set(pair_scores(TRUTH_A)), pair_scores(PRED_A)) == 1.0
 
 
+def test_a_pair_whose_segments_all_score_below_zero_scores_zero_as_in_vscs_scorer():
+    # VSC's CandidatePair.from_matches starts each pair at 0.0: q/b (-0.2) and q/c (-0.5) tie at 0, so at
+    # 0.9 one of one prediction is right, at 0 one more of three: (1 + 2/3) / 2 true pairs. Ranked by their
+    # raw scores, b would come before c and score (1 + 2/2) / 2 = 1.
+    segments = [Segment('q', 'a', 0, 1, 0, 1, 0.9), Segment('q', 'b', 0, 1, 0, 1, -0.2),
+                Segment('q', 'c', 0, 1, 0, 1, -0.5), Segment('q', 'c', 2, 3, 2, 3, -0.7)]
+    assert pair_scores(segments) == {('q', 'a'): 0.9, ('q', 'b'): 0.0, ('q', 'c'): 0.0}
+    assert pairwise_micro_ap({('q', 'a'), ('q', 'b')}, pair_scores(segments)) == pytest.approx((1 + 2 / 3) / 2, abs=1e-12)
+
+
 def test_descriptor_candidates_keep_the_globally_most_similar_frame_pairs():
     rng = np.random.default_rng(0)
     refs = rng.normal(size=(6, 8)).astype(np.float32)

@@ -176,11 +176,12 @@ class _Dag:
 
 
 def above_background(sims: np.ndarray, row_background: np.ndarray, threshold: float = 0.6,
-                     margin: float = 0.1) -> np.ndarray:
+                     margin: float = 0.1, column_background: np.ndarray | None = None) -> np.ndarray:
     """What a cell adds to a copy: ``sims`` (Q, R) less the higher of ``threshold`` and the cell's
     background plus ``margin``. A cell's background is the higher of ``row_background`` (Q,) (its query
     frame's median similarity to the frames it was compared with: all of the query's candidate
-    references) and its column's median (the reference frame's median similarity to the query's frames).
+    references), its column's median (the reference frame's median similarity to the query's frames) and
+    ``column_background`` (R,) where given (``localization.localize``: a quantile over all queries' frames).
 
     A low-information frame (a near-uniform shot) resembles most frames of the other video, so its whole
     row or column is high and nothing in it stands out: such a reference shot aligned with every query's
@@ -196,6 +197,8 @@ def above_background(sims: np.ndarray, row_background: np.ndarray, threshold: fl
     if not sims.size:
         return sims
     background = np.maximum(row, np.median(sims, axis=0, keepdims=True))
+    if column_background is not None:  # (R,): a floor under the reference frames' background
+        background = np.maximum(background, np.asarray(column_background, dtype=np.float64).reshape(1, -1))
     return sims - np.maximum(threshold, background + margin)
 
 

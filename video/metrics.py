@@ -195,10 +195,12 @@ def segment_ap(truth: Sequence[Segment], predictions: Sequence[Segment]) -> tupl
 
 
 def pair_scores(segments: Iterable[Segment]) -> dict[tuple[str, str], float]:
-    """Each video pair's score: its best segment's (how VSC turns matches into candidate pairs)."""
+    """Each video pair's score: its best segment's, and never below 0, as VSC turns matches into candidate
+    pairs (``CandidatePair.from_matches`` starts every pair at 0.0): pairs whose segments all score below
+    0 tie at 0, which changes the micro AP when such a pair is a true copy."""
     best: dict[tuple[str, str], float] = {}
     for s in segments:
-        best[s.pair] = max(s.score, best.get(s.pair, -math.inf))
+        best[s.pair] = max(s.score, best.get(s.pair, 0.0))
     return best
 
 

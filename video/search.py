@@ -6,8 +6,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from .candidates import frame_candidates, noise_offsets
-from .localization import best_first, localize, mean_frame
+from .localization import QUERY_SAMPLE, best_first, centred, localize, mean_frame
 from .metrics import Segment, write_segments
 from .storage import VideoSet, check_same_source, read_video_descriptors
 
@@ -52,7 +54,10 @@ def search_videos(queries: VideoSet, refs: VideoSet | None, align: str = 'dp', t
         description = engine.description
     centre = mean_frame(queries, refs, pairs) if centre_frames else None
     found, kept = [], []
-    for item in localize(queries, refs, pairs, align, threshold, offsets, centre):
+    sample = None  # query frames spread evenly over all queries: what a reference frame is compared with
+    if centre is not None:
+        sample = centred(q_frames[np.unique(np.linspace(0, len(q_frames) - 1, QUERY_SAMPLE).astype(int))], centre)
+    for item in localize(queries, refs, pairs, align, threshold, offsets, centre, sample):
         found.append(item[3])
         if keep_matrices:
             kept.append(item)
