@@ -2,14 +2,17 @@
 CPU minutes, then compare it with the same network untrained and with a perceptual hash on a held-out copy
 set, per kind of edit.
 
-    nice -n 19 python benchmarks/train_quality.py --seeds 0 1 --epochs 2 --batch-size 16 --cpu-minutes 6
+    nice -n 19 python benchmarks/train_quality.py --seeds 0 1 --epochs 2 --batch-size 16 --cpu-minutes 4 --dead-leaves 0 --photo-leaves 1500
 
 The data is what this machine has, nothing downloaded:
 - real photos shipped with scikit-image (and matplotlib's Grace Hopper), split by photo into a training
   half and a held-out half; each photo is cut into tiles, each tile an image of its own;
 - procedurally generated "dead leaves" images (overlapping discs of random colour and size with a
   power-law size distribution, the classic model of natural-image statistics), for training, as
-  distractors and as overlay backgrounds (one random stream: --dead-leaves changes the distractors too).
+  distractors and as overlay backgrounds (the distractors and backgrounds are always the same: no
+  training option changes them);
+- for training only, more photo-like images made from the training half's photos: random crops at
+  several scales (--photo-crops) and dead leaves textured with patches of them (--photo-leaves).
 References are the held-out tiles plus the distractors; queries are fixed-seed edits of every held-out
 tile, one query per kind of edit (crop, overlay onto another picture, text, colour, blur, rotation,
 JPEG, and all of them combined). Nothing of the held-out half is seen in training.
@@ -39,6 +42,7 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont
 PHOTOS = ('astronaut', 'brick', 'camera', 'cell', 'chelsea', 'clock_motion', 'coffee', 'coins', 'grass',
           'gravel', 'hubble_deep_field', 'ihc', 'microaneurysms', 'moon', 'motorcycle_left', 'page', 'retina',
           'rocket', 'text', 'grace_hopper')
+DEAD_LEAVES_STREAM = 1500
 EDITS = ('crop', 'overlay', 'text', 'colour', 'blur', 'rotation', 'jpeg', 'combined')
 
 
@@ -69,6 +73,46 @@ def dead_leaves(rng: np.random.Generator, size: int = 192, discs: int = 250) -> 
         draw.ellipse((x - r, y - r, x + r, y + r), fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
     if rng.random() < 0.5:
         image = image.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, 1.5))))
+    return image
+
+
+def photo_crops(rng: np.random.Generator, photos: Sequence[Image.Image], count: int, side: int = 192) -> list[Image.Image]:
+    """``count`` random crops of ``photos`` at several scales (3-50 % of a photo's area, log-uniform),
+    the longer side resized to ``side``: many photo-like training images from a few photos."""
+    out = []
+    for _ in range(count):
+        photo = photos[int(rng.integers(len(photos)))]
+        area, aspect = np.exp(rng.uniform(np.log(0.03), np.log(0.5))), np.exp(rng.uniform(np.log(0.75), np.log(4 / 3)))
+        w = min(photo.width, int(photo.width * (area * aspect) ** 0.5))
+        h = min(photo.height, int(photo.height * (area / aspect) ** 0.5))
+        x, y = int(rng.integers(photo.width - w + 1)), int(rng.integers(photo.height - h + 1))
+        crop = photo.crop((x, y, x + w, y + h))
+        scale = side / max(w, h)
+        out.append(crop.resize((max(8, round(w * scale)), max(8, round(h * scale))), Image.BILINEAR))
+    return out
+
+
+def photo_leaves(rng: np.random.Generator, photos: Sequence[Image.Image], size: int = 192, leaves: int = 40) -> Image.Image:
+    """The dead-leaves model with photo texture: discs and rectangles (radius ~ r^-3), each filled with a
+    patch of a random photo, over a crop of another. Every image is a new arrangement of photo-like
+    content, so the network cannot tell them apart by colour alone."""
+    def patch(side: int) -> Image.Image:
+        photo = photos[int(rng.integers(len(photos)))]
+        src = max(8, min(photo.width, photo.height, int(side * rng.uniform(0.5, 2.0))))
+        x, y = int(rng.integers(photo.width - src + 1)), int(rng.integers(photo.height - src + 1))
+        return photo.crop((x, y, x + src, y + src)).resize((side, side), Image.BILINEAR)
+
+    image = patch(size)
+    r_min, r_max = 8.0, size / 2.5
+    u = rng.random(leaves)
+    radii = (r_min ** -2 - u * (r_min ** -2 - r_max ** -2)) ** -0.5
+    for r in radii[::-1]:
+        side = max(4, int(2 * r))
+        mask = Image.new('L', (side, side), 0)
+        draw = ImageDraw.Draw(mask)
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((0, 0, side - 1, side - 1), fill=255)
+        x, y = rng.uniform(-r, size - r, 2)
+        image.paste(patch(side), (int(x), int(y)), mask)
     return image
 
 
@@ -162,15 +206,21 @@ SINGLE_AND_COMBINED = {**SINGLE, 'combined': edit_combined}
 class CopySet:
     """Training images, references (held-out tiles + distractors) and queries (edits of the held-out tiles)."""
 
-    def __init__(self, distractors: int = 300, dead_leaves_train: int = 1500, seed: int = 1234):
+    def __init__(self, distractors: int = 300, dead_leaves_train: int = 1500, seed: int = 1234,
+                 photo_crops_train: int = 0, photo_leaves_train: int = 0):
         photos = [Image.open(p).convert('RGB') for p in photo_files()]
         order = random.Random(seed).sample(range(len(photos)), len(photos))
         held = sorted(order[:len(photos) // 2])
         rng = np.random.default_rng(seed)
-        self.train: list[Image.Image] = []
-        for i in sorted(order[len(photos) // 2:]):
-            self.train += tiles(photos[i], 3)
-        self.train += [dead_leaves(rng) for _ in range(dead_leaves_train)]
+        train_photos = [photos[i] for i in sorted(order[len(photos) // 2:])]
+        self.train: list[Image.Image] = [t for photo in train_photos for t in tiles(photo, 3)]
+        # The first DEAD_LEAVES_STREAM images of the stream, whatever --dead-leaves says, so that the
+        # distractors and overlay backgrounds drawn after them (the evaluation set) never change.
+        leaves = [dead_leaves(rng) for _ in range(DEAD_LEAVES_STREAM)]
+        extra = np.random.default_rng([seed, 1])  # training images beyond the evaluation's stream
+        self.train += leaves[:dead_leaves_train] + [dead_leaves(extra) for _ in range(dead_leaves_train - DEAD_LEAVES_STREAM)]
+        self.train += photo_crops(extra, train_photos, photo_crops_train)
+        self.train += [photo_leaves(extra, train_photos) for _ in range(photo_leaves_train)]
         originals = [t for i in held for t in tiles(photos[i], 2)]
         self.references = {f'R{i:04d}': image for i, image in enumerate(originals)}
         for i in range(distractors):
@@ -309,6 +359,8 @@ def main() -> None:
     parser.add_argument('--eval-gem-p', type=float, default=1.0)
     parser.add_argument('--workers', type=int, default=0)
     parser.add_argument('--dead-leaves', type=int, default=1500, help='generated training images')
+    parser.add_argument('--photo-crops', type=int, default=0, help='random crops of the training photos')
+    parser.add_argument('--photo-leaves', type=int, default=0, help='dead-leaves images textured with training photos')
     parser.add_argument('--distractors', type=int, default=300)
     parser.add_argument('--cpu-minutes', type=float, default=10.0,
                         help='training budget in minutes of 2 cores (CPU time / 2); training stops there')
@@ -320,7 +372,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     warnings.simplefilter('ignore')
     started = time.perf_counter()
-    copy_set = CopySet(args.distractors, args.dead_leaves)
+    copy_set = CopySet(args.distractors, args.dead_leaves, photo_crops_train=args.photo_crops,
+                       photo_leaves_train=args.photo_leaves)
     print(f'training images: {len(copy_set.train)}; references: {len(copy_set.references)} '
           f'({len(copy_set.references) - args.distractors} held-out tiles of {", ".join(copy_set.photos_held)}; '
           f'{args.distractors} distractors); queries: {len(copy_set.queries)} ({len(EDITS)} edits each); '
