@@ -162,13 +162,6 @@ SLOWEST_FIRST = ['test_readme_blocks.py', 'test_hostile.py', 'test_serve.py', 't
                  'test_engines.py', 'test_workflow.py', 'test_export.py', 'test_hostile_files.py']
 
 
-def pytest_xdist_auto_num_workers(config) -> int:
-    """``-n auto``: one worker more than the cores this process may use (--maxprocesses caps it). Much of
-    a test is spent waiting for a server, a cluster or a child process, and on the 2-core CI machine a
-    third worker runs its tests in those waits."""
-    return len(os.sched_getaffinity(0)) + 1
-
-
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(SLOWEST_FIRST)))
