@@ -23,11 +23,13 @@ $python -m venv .venv
 # uv installs the same packages as pip from the same index, in parallel: about a minute instead of pip's
 # four. Where uv cannot be had, pip does it. Both compile the .py files as they install them, so that no
 # process has to (with PYTHONDONTWRITEBYTECODE set, each one would compile torch again).
-if quietly .venv/bin/pip install uv; then
+if .venv/bin/pip install uv > /dev/null 2>&1; then  # its failure is no error: pip does the work then
     # uv does not read pip's configuration: a constraint file pip is told to use (a machine's pinned
     # torch, say) is handed to uv, so both install the same versions.
-    constraint=$(.venv/bin/pip config list 2>/dev/null | sed -n "s/^\(global\|install\|:env:\)\.constraint='\(.*\)'$/--constraint=\2/p")
-    install() { local venv=$1; shift; .venv/bin/uv pip install --compile-bytecode $constraint --python "$venv/bin/python" "$@"; }
+    constraints=()
+    while IFS= read -r file; do constraints+=("--constraint=$file"); done < <(.venv/bin/pip config list 2>/dev/null |
+        sed -n "s/^\(global\|install\|:env:\)\.constraint='\(.*\)'$/\2/p")
+    install() { local venv=$1; shift; .venv/bin/uv pip install --compile-bytecode ${constraints[@]+"${constraints[@]}"} --python "$venv/bin/python" "$@"; }
 else
     echo "setup: uv could not be installed; installing with pip (slower)"
     install() { local venv=$1; shift; "$venv/bin/pip" install "$@"; }
