@@ -90,21 +90,41 @@ def service(copy_set, refs_h5, small_ckpt, milvus_server):
     assert done.returncode == 0, done.stderr[-3000:]
     port, home, log = free_port(), root / 'home', root / 'serve.log'
     home.mkdir()
-    with open(log, 'w') as out:
-        process = subprocess.Popen(
-            [sys.executable, '-m', 'towhee_isc', 'serve', *server, '--host', '127.0.0.1', '--port', str(port),
-             '--max-batch-size', '8', '--max-body-mb', str(MAX_BODY_MB), '--upload-timeout', str(UPLOAD_TIMEOUT_S),
-             *map(str, model)], stdout=out, stderr=subprocess.STDOUT, env={**os.environ, 'HOME': str(home)})
-    running = Service(process, f'http://127.0.0.1:{port}', log, home)
+    for attempt in (1, 2):
+        with open(log, 'w') as out:
+            process = subprocess.Popen(
+                [sys.executable, '-m', 'towhee_isc', 'serve', *server, '--host', '127.0.0.1', '--port', str(port),
+                 '--max-batch-size', '8', '--max-body-mb', str(MAX_BODY_MB), '--upload-timeout', str(UPLOAD_TIMEOUT_S),
+                 *map(str, model)], stdout=out, stderr=subprocess.STDOUT, env={**os.environ, 'HOME': str(home)})
+        running = Service(process, f'http://127.0.0.1:{port}', log, home)
+        if wait_ready(running, retry_ray_start=attempt == 1):
+            break
     try:
-        deadline = time.monotonic() + 600  # Ray's start-up on a busy 2-core machine; a hang still ends
-        while get(running.url + '/health')[0] != 200:
-            assert process.poll() is None, running.output()[-3000:]
-            assert time.monotonic() < deadline, 'the service never became ready'
-            time.sleep(1)
         yield running
     finally:
         running.stop()
+
+
+# Ray gives its raylet a fixed 30 s to register with the GCS (ray/_private/node.py); while another test
+# worker loads both cores it sometimes takes longer, and `serve` ends with this one line. Seen in 2 of 4
+# runs of the suite on the 2-core machine: the fixture starts the service once more then, never twice.
+RAY_START_TIMED_OUT = 'The current node timed out during startup'
+
+
+def wait_ready(running: Service, retry_ray_start: bool = False) -> bool:
+    """Wait until the service answers /health with 200 (True); False if it ended because Ray's start-up
+    timed out and ``retry_ray_start``; an assertion for anything else."""
+    deadline = time.monotonic() + 600  # Ray's start-up on a busy 2-core machine; a hang still ends
+    while get(running.url + '/health')[0] != 200:
+        if running.process.poll() is not None:
+            if retry_ray_start and RAY_START_TIMED_OUT in running.output():
+                return False
+            raise AssertionError(running.output()[-3000:])
+        if time.monotonic() > deadline:
+            running.stop()
+            raise AssertionError('the service never became ready')
+        time.sleep(1)
+    return True
 
 
 def get(url: str) -> tuple[int, dict | None]:
