@@ -33,6 +33,12 @@ BACKGROUND_MARGIN = 0.1
 COLUMN_QUANTILE, QUERY_SAMPLE = 0.75, 256
 
 
+def may_hold_a_copy(sims: np.ndarray, threshold: float) -> bool:
+    """Whether the pair's cells above ``threshold`` add up to a segment's least score (``MIN_SCORE``): no
+    alignment can find a copy in a pair where they do not."""
+    return bool(np.maximum(sims - threshold, 0).sum() >= MIN_SCORE)
+
+
 def align(sims: np.ndarray, method: str = 'dp', threshold: float = 0.6,
           row_background: np.ndarray | None = None, column_background: np.ndarray | None = None
           ) -> list[tuple[Box, float]]:
@@ -48,7 +54,7 @@ def align(sims: np.ndarray, method: str = 'dp', threshold: float = 0.6,
         boxes = temporal_network(sims, **VSC_TN)
         gain = sims - threshold
     elif method == 'dp':
-        if np.maximum(sims - threshold, 0).sum() < MIN_SCORE:  # no copy can score enough: most pairs, at once
+        if not may_hold_a_copy(sims, threshold):  # most pairs, at once
             return []
         if row_background is None:
             row_background = np.median(sims, axis=1) if sims.size else np.zeros(len(sims))
@@ -106,8 +112,7 @@ def localize(queries: VideoSet, refs: VideoSet, candidates: Iterable[Candidate],
         for candidate, r, a, b in zip(pairs, references, bounds[:-1], bounds[1:]):
             sims = together[:, a:b]
             column = None
-            may_hold_a_copy = np.maximum(sims - threshold, 0).sum() >= MIN_SCORE  # as ``align`` checks first
-            if query_sample is not None and may_hold_a_copy:
+            if query_sample is not None and may_hold_a_copy(sims, threshold):
                 if candidate.ref not in columns:
                     columns[candidate.ref] = np.quantile(query_sample @ centred(r.features, centre).T,
                                                          COLUMN_QUANTILE, axis=0)
