@@ -19,8 +19,8 @@ from .storage import Parts, VideoFeatures, write_video_descriptors
 # Frames of one video handed to the operator in one call. It runs them in its own batches
 # (``batch_size``: 1 on the CPU) and, within one call, preprocesses the next batch in a thread while the
 # network runs the current one, as when it is given all the frames at once; called batch by batch it
-# cannot overlap them. (benchmarks/video.py's refs, per CPU-second: 85 % of the operator's rate batch
-# by batch, 91-94 % in calls of up to 32 frames; decoding alone is about 6 % of the embedding's CPU time.)
+# cannot overlap them. (benchmarks/video.py's seeds 0-7's references on a loaded machine, per CPU-second:
+# a median of 85 % of the operator's rate batch by batch, 89 % in calls of up to 32 frames; README Videos.)
 CHUNK = 32
 
 
