@@ -12,6 +12,9 @@ re-encode (x264 CRF 28-35), rescale 75-100 %, crop <= 10 %, brightness 0.8-1.2; 
 caption overlay and a speed change (0.75-1.5x). Without ``--checkpoint`` a synthetic checkpoint
 (``--arch`` resnet18 at ``--img-size`` 96 px, random weights) makes the descriptors.
 
+``--embed-rate`` (with ``--keep`` of an earlier run) instead times `video embed` on each seed's kept
+reference videos against the operator alone on the same decoded frames, per second of wall and CPU time.
+
 ``--search-scale QUERIES REFERENCES`` instead times `video search` alone (the real command, in a child
 process) on random 256-d descriptors of 60 s videos at 1 fps with planted copies (half the queries hold
 20 s of a reference, each frame turned to a cosine of 0.9 from its original), as benchmarks/million.py
@@ -166,6 +169,29 @@ def operator_rate(op, video: Path) -> tuple[float, float]:
     return len(frames) / (time.perf_counter() - start), len(frames) / (time.process_time() - cpu)
 
 
+def embed_rates(work: Path, seeds: list[int], embedder) -> None:
+    """Per kept seed (``--keep`` of an earlier run): `video embed` on its refs/ and the operator alone on
+    the same decoded frames, one after the other, each per second of wall and of CPU time."""
+    for seed in seeds:
+        folder = work / f'seed{seed}' / 'refs'
+        if not folder.is_dir():
+            raise SystemExit(f'error: {folder} is missing: make it first with --keep {work} --seeds {seed}')
+        frames = [f for video in sorted(folder.iterdir()) for f, _, _ in sample_frames(video)]
+        embedder.op(frames[:2])
+        with tempfile.TemporaryDirectory() as out:
+            start, cpu = time.perf_counter(), time.process_time()
+            embed_videos([folder], str(Path(out) / 'refs.npz'), embedder, quiet=True)
+            wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+        start, op_cpu = time.perf_counter(), time.process_time()
+        embedder.op(frames)
+        op_wall, op_cpu = time.perf_counter() - start, time.process_time() - op_cpu
+        print(json.dumps({'seed': seed, 'frames': len(frames), 'embed_frames_per_s': round(len(frames) / wall, 1),
+                          'operator_images_per_s': round(len(frames) / op_wall, 1),
+                          'embed_frames_per_cpu_s': round(len(frames) / cpu, 2),
+                          'operator_images_per_cpu_s': round(len(frames) / op_cpu, 2),
+                          'ratio_per_cpu_s': round(op_cpu / cpu, 3), 'ratio_wall': round(op_wall / wall, 3)}), flush=True)
+
+
 def search_scale(work: Path, n_queries: int, n_refs: int, seconds: int = 60, dim: int = 256) -> None:
     """Time `video search` on random descriptors with planted copies (see the module docstring)."""
     import subprocess
@@ -233,6 +259,8 @@ def main() -> None:
     parser.add_argument('--keep', help='keep the videos, descriptors and CSVs in this folder')
     parser.add_argument('--search-scale', type=int, nargs=2, metavar=('QUERIES', 'REFERENCES'),
                         help='only time video search on random descriptors of this many 60 s videos')
+    parser.add_argument('--embed-rate', action='store_true',
+                        help="only time `video embed` against the operator on the refs of seeds kept in --keep")
     args = parser.parse_args()
     work = Path(args.keep or tempfile.mkdtemp(prefix='video-bench-'))
     work.mkdir(parents=True, exist_ok=True)
@@ -246,6 +274,9 @@ def main() -> None:
         if not Path(checkpoint).exists():
             make_synthetic_checkpoint(checkpoint, args.arch, args.img_size, sample_photos())
     embedder = Embedder(checkpoint_path=checkpoint, device='cpu')
+    if args.embed_rate:
+        embed_rates(work, args.seeds, embedder)
+        return
     rows = []
     for seed in args.seeds:
         root = work / f'seed{seed}'
