@@ -74,7 +74,8 @@ def run_command(args: argparse.Namespace) -> None:
     if config.pairs is not None:
         from .pairs import read_pairs
         read_pairs(config.pairs)  # a bad pairs file is reported before a network is loaded (or downloaded)
-    net, img_size = initial_net(args.model_name, args.checkpoint, args.timm_backbone, args.img_size)
+    net, img_size = initial_net(args.model_name, args.checkpoint, args.timm_backbone, args.img_size,
+                                resuming=args.resume is not None)
     try:
         result = train(images, net, img_size, config)
     except TrainingInterrupted as e:

@@ -336,7 +336,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = with_search_width(with_index_type(with_model(commands.add_parser('dedup', help='near-duplicate groups within one collection'))))
     p.add_argument('inputs', nargs='+', help='descriptor files or images')
-    p.add_argument('--threshold', type=finite_float, default=0.8, help='similarity that makes two images copies')
+    p.add_argument('--threshold', type=cosine, default=0.8, help='similarity that makes two images copies')
     p.add_argument('-o', '--output', help='groups as CSV (with scores, resolutions and file sizes), or JSON if '
                    'it ends in .json')
     p.add_argument('--report', help='also write an HTML page: every group as a row of thumbnails, the kept one marked')
@@ -426,6 +426,15 @@ def finite_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f'must be a finite number, got {text!r}')
+    return value
+
+
+def cosine(text: str) -> float:
+    """A cosine similarity, -1 to 1: '--threshold 80' (a percentage) would otherwise find nothing, silently."""
+    value = finite_float(text)
+    if not -1 <= value <= 1:
+        hint = f' (a percentage? {value:g}% is {value / 100:g})' if 10 <= value <= 100 else ''
+        raise argparse.ArgumentTypeError(f'must be a cosine similarity from -1 to 1, got {text!r}{hint}')
     return value
 
 
