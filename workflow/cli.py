@@ -126,7 +126,7 @@ def cmd_search(args) -> None:
     # All k candidates go to the report, which marks those at or above the threshold: the CSV's.
     matches = [m for m in candidates if args.threshold is None or meets(m.score, args.threshold)]
     write_matches(args.output, matches)
-    print(f'wrote {len(matches)} matches for {len(query_ids)} queries to {args.output}')
+    print(f'wrote {plural(len(matches), "match", "matches")} for {plural(len(query_ids), "query", "queries")} to {args.output}')
     if args.report:
         from .reports import search_report
         if index is not None:  # the collection keeps each image's path, as descriptor files do
@@ -390,9 +390,9 @@ def parser() -> argparse.ArgumentParser:
     return main
 
 
-def plural(n: int, noun: str) -> str:
-    """``1 descriptor``, ``2 descriptors``."""
-    return f'{n} {noun}' if n == 1 else f'{n} {noun}s'
+def plural(n: int, noun: str, nouns: str | None = None) -> str:
+    """``1 descriptor``, ``2 descriptors``; ``nouns`` where it is not ``noun`` + s (``1 query``, ``2 queries``)."""
+    return f'{n} {noun}' if n == 1 else f'{n} {nouns or noun + "s"}'
 
 
 def command_list() -> str:
