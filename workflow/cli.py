@@ -255,7 +255,7 @@ def parser() -> argparse.ArgumentParser:
 
     def with_model(p):
         group = p.add_argument_group('embedding images')
-        group.add_argument('--checkpoint', help='a local checkpoint instead of the published weights')
+        group.add_argument('--checkpoint', type=checkpoint_file, help='a local checkpoint instead of the published weights')
         group.add_argument('--model-name', default='isc_ft_v107')
         group.add_argument('--timm-backbone', help='architecture of a checkpoint without metadata')
         group.add_argument('--img-size', type=positive_int, help='input size of a checkpoint without metadata')
@@ -400,6 +400,15 @@ def command_list() -> str:
     commands = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
     width = max(map(len, commands.choices))
     return '\n'.join(f'  {a.dest:<{width}}  {a.help}' for a in commands._choices_actions)
+
+
+def checkpoint_file(text: str) -> str:
+    """--checkpoint: an existing file, answered at once (the model's own check comes after torch's import)."""
+    from ..weights import checkpoint_file_problem
+    problem = checkpoint_file_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
 
 
 def positive_int(text: str) -> int:
