@@ -10,7 +10,7 @@ import os
 import sys
 
 from .weights import DEFAULT_WEIGHTS, WEIGHTS
-from .workflow.cli import COMMANDS, OneLineParser, command_list, one_line
+from .workflow.cli import COMMANDS, OneLineParser, checkpoint_file, command_list, one_line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,7 +19,8 @@ def main(argv: list[str] | None = None) -> int:
                            epilog='commands (python -m towhee_isc COMMAND --help for each; the same as '
                                   'towhee-isc COMMAND):\n' + command_list())
     parser.add_argument('images', nargs='+', help='image files')
-    parser.add_argument('--checkpoint', metavar='FILE', help='a local checkpoint instead of the published weights')
+    parser.add_argument('--checkpoint', metavar='FILE', type=checkpoint_file,
+                        help='a local checkpoint instead of the published weights')
     parser.add_argument('--model-name', default=DEFAULT_WEIGHTS, choices=sorted(WEIGHTS),
                         help='published weights (downloaded once into torch hub\'s cache)')
     parser.add_argument('--timm-backbone', help='architecture of a checkpoint without metadata')
@@ -27,6 +28,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--device', help="'cpu', 'cuda' or 'cuda:N' (default: CUDA when available)")
     parser.add_argument('--json', action='store_true', help='print full vectors as JSON lines')
     args = parser.parse_args(argv)
+    for path in args.images:  # a mistyped path is answered before torch loads (that took 30-40 s)
+        if os.path.isdir(path):
+            print(f'error: {path!r} is a folder: give image files (towhee-isc embed FOLDER -o OUT.h5 takes folders)',
+                  file=sys.stderr)
+            return 2
+        if not os.path.isfile(path):
+            problem = 'is not a regular file' if os.path.exists(path) else 'not found'
+            print(f'error: image file {problem}: {path!r}', file=sys.stderr)
+            return 2
     import numpy as np  # only now: --help and usage errors answer without numpy, torch or Towhee
     from .isc import Isc
     try:

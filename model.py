@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import transforms
 
+from .weights import checkpoint_file_problem
+
 # Names the published checkpoints use that current timm only knows under a new name.
 _TIMM_RENAMED = {'tf_efficientnetv2_m_in21ft1k': 'tf_efficientnetv2_m.in21k_ft_in1k'}
 
@@ -136,11 +138,10 @@ def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> Checkpoint:
     """
     path = str(path)
     fix = ('if it is a download in the cache, delete it to download it again; otherwise pass a valid ISC '
-           'checkpoint as checkpoint_path')
-    if not os.path.isfile(path):
-        where = '' if os.path.isabs(path) else f' (relative to the working folder {os.getcwd()!r})'
-        what = 'is not a regular file' if os.path.exists(path) else 'not found'
-        raise CheckpointError(f'checkpoint file {path!r} {what}{where}')
+           'checkpoint as checkpoint_path=')
+    problem = checkpoint_file_problem(path)
+    if problem:
+        raise CheckpointError(problem)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             raw = _load(path, mmap)

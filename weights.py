@@ -196,3 +196,13 @@ def _download(url: str, out, target: Path) -> None:
         raise WeightsDownloadError(f'downloading {url} failed: {e}; {fix}') from e
     if expected is not None and received != int(expected):
         raise WeightsDownloadError(f'downloading {url} stopped after {received} of {expected} bytes; {fix}')
+
+
+def checkpoint_file_problem(path: str) -> str | None:
+    """Why ``path`` cannot be a checkpoint file (missing, a folder, ...), or None: checked by the commands'
+    parsers too, so a mistyped --checkpoint is answered before torch is imported."""
+    if os.path.isfile(path):
+        return None
+    where = '' if os.path.isabs(path) else f' (relative to the working folder {os.getcwd()!r})'
+    what = 'is not a regular file' if os.path.exists(path) else 'not found'
+    return f'checkpoint file {path!r} {what}{where}'

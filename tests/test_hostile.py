@@ -358,6 +358,7 @@ def test_a_mirror_serving_html_is_asked_once(folder, tmp_path):
     (['search', 'q.h5', '--references', 'r.h5', '--factor', 'inf', '-o', 'm.csv'], 'must be a finite number'),
     (['search', 'q.h5', '--references', 'r.h5', '--nth', '0', '-o', 'm.csv'], 'argument --nth: must be at least 1'),
     (['dedup', 'q.h5', '--threshold', 'nan'], 'argument --threshold: must be a finite number'),
+    (['dedup', 'q.h5', '--threshold', '80'], 'must be a cosine similarity from -1 to 1, got \'80\' (a percentage? 80% is 0.8)'),
     (['embed', 'imgs', '-o', 'x.h5', '--chunk-size', '-1'], 'argument --chunk-size: must be at least 1'),
     (['embed', 'imgs', '-o', 'x.h5', '--chunk-size', '0'], 'argument --chunk-size: must be at least 1'),
     (['embed', 'imgs', '-o', 'x.h5', '--chunk-size', 'many'], "'many' is not a whole number"),

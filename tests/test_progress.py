@@ -73,3 +73,17 @@ def test_approximate_search_and_milvus_uploads_draw_lines(monkeypatch, capsys, t
     for description in ('finding pairs (IVF)', 'searching (IVF)', "uploading to 'progress'", "searching 'progress'"):
         assert '100%|' in last_line(err, description), description
 
+
+
+def test_images_given_to_search_index_or_dedup_draw_the_embedding_line(monkeypatch, capsys, tmp_path, small_ckpt, photos):
+    """Their embedding is most of their time (dedup of a photo folder was silent for a minute)."""
+    from towhee_isc.workflow.embedding import Embedder, load_descriptors
+    for i, photo in enumerate(photos[:3]):
+        photo.resize((64, 48)).save(tmp_path / f'p{i}.jpg')
+    (tmp_path / 'broken.jpg').write_bytes(b'not an image')
+    monkeypatch.setenv('TOWHEE_ISC_PROGRESS', '1')
+    embedder = Embedder(checkpoint_path=str(small_ckpt), device='cpu', backend='torch')
+    ids, vectors, _ = load_descriptors([str(tmp_path)], embedder)
+    assert ids == ['p0', 'p1', 'p2'] and vectors.shape == (3, 256)
+    line = last_line(capsys.readouterr().err, 'embedding')
+    assert '100%|' in line and '4/4' in line, line  # the unreadable file is counted as done, and listed

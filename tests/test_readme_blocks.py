@@ -221,6 +221,8 @@ def test_readme_block_runs_as_written(block: Block, request, tmp_path, checkout_
     assert done.returncode == 0, (f'README line {block.line} failed (exit code {done.returncode})', done.stdout[-2000:],
                                   done.stderr[-4000:])
     assert 'Traceback' not in done.stderr, done.stderr[-4000:]
+    # what a terminal shows: not the repr of a notebook object (Towhee 0.9's show() without tablefmt)
+    assert '<IPython.core.display' not in done.stdout, (f'README line {block.line} prints a notebook object', done.stdout[-2000:])
     if checkout_state is not None:
         now = subprocess.run(['git', 'status', '--porcelain'], cwd=REPO, capture_output=True, text=True)
         assert now.stdout == checkout_state, f'README line {block.line} changed the checkout'

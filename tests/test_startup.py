@@ -32,7 +32,10 @@ def run_importing(*argv: str, cwd: Path | None = None) -> tuple[subprocess.Compl
     ['-m', 'towhee_isc', 'nes', '--help'],
     ['-m', 'towhee_isc', 'embedd', 'photos/'],                # a mistyped command
     ['-m', 'towhee_isc', 'dedup', 'x.h5', '--thresold', '0.9'],  # a mistyped option
-], ids=['towhee-isc --help', 'python -m --help', 'nes --help', 'typo command', 'typo option'])
+    ['-m', 'towhee_isc', 'no_such_photo.jpg'],                # a mistyped image (it took 30-40 s to say so)
+    ['-m', 'towhee_isc', 'embed', 'photos/', '-o', 'x.h5', '--checkpoint', 'no_such.pth'],  # and checkpoint
+], ids=['towhee-isc --help', 'python -m --help', 'nes --help', 'typo command', 'typo option', 'typo image',
+        'typo checkpoint'])
 def test_help_and_usage_errors_import_nothing_heavy(argv):
     result, imported = run_importing(*argv)
     assert result.returncode == (0 if '--help' in argv else 2), result.stderr

@@ -260,6 +260,17 @@ def test_bad_settings_are_one_clear_error_and_write_nothing(tmp_path, tiny_ckpt,
     assert not (tmp_path / 'out').exists()
 
 
+def test_a_fresh_backbone_warns_of_random_weights_unless_a_resume_replaces_them():
+    """`train --timm-backbone X --resume CKPT` said 'starting from random weights' while resuming."""
+    import warnings
+    from towhee_isc.training.run import _cached_pretrained
+    for resuming, expected in ((False, _cached_pretrained('resnet18') is None), (True, False)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            initial_net('', None, 'resnet18', 64, resuming=resuming)
+        assert any('starting from random weights' in str(w.message) for w in caught) == expected, resuming
+
+
 def test_bad_folders_and_diverging_loss(tmp_path, tiny_ckpt, images):
     net, size = initial_net('', str(tiny_ckpt), None, None)
     paths = sorted(images.iterdir())
@@ -319,7 +330,8 @@ def test_train_command_progress_skipped_files_log_and_ctrl_c(tmp_path, tiny_ckpt
     process = subprocess.Popen([sys.executable, '-m', 'towhee_isc', 'train', str(images), str(tmp_path / 'broken.jpg'),
                                 '-o', str(out), '--checkpoint', str(tiny_ckpt), '--epochs', '50', '--batch-size', '4',
                                 '--lr', '0.05', '--device', 'cpu'],
-                               env={**os.environ, **ONE_THREAD}, stderr=subprocess.PIPE, text=True)
+                               env={**os.environ, **ONE_THREAD, 'TOWHEE_ISC_PROGRESS': '1'},  # the bar, into this pipe
+                               stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not (out / 'train_log.jsonl').exists() and time.time() < deadline and process.poll() is None:
         time.sleep(0.5)

@@ -31,7 +31,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                              'images that are not copies, the negatives)')
     p.add_argument('-o', '--output-dir', required=True, help='checkpoint_epoch%%04d.pth.tar and train_log.jsonl go here')
     start = p.add_argument_group('the network to start from (default: the published isc_ft_v107)')
-    start.add_argument('--checkpoint', help='a checkpoint in the official format')
+    from ..workflow.cli import checkpoint_file
+    start.add_argument('--checkpoint', type=checkpoint_file, help='a checkpoint in the official format')
     start.add_argument('--model-name', default='isc_ft_v107', help='published weights (isc_ft_v107, isc_selfsup_v98)')
     start.add_argument('--timm-backbone', help='a timm architecture: with --checkpoint, its architecture; alone, a new '
                                                'network (timm pretrained weights if cached locally, else random)')
@@ -74,7 +75,8 @@ def run_command(args: argparse.Namespace) -> None:
     if config.pairs is not None:
         from .pairs import read_pairs
         read_pairs(config.pairs)  # a bad pairs file is reported before a network is loaded (or downloaded)
-    net, img_size = initial_net(args.model_name, args.checkpoint, args.timm_backbone, args.img_size)
+    net, img_size = initial_net(args.model_name, args.checkpoint, args.timm_backbone, args.img_size,
+                                resuming=args.resume is not None)
     try:
         result = train(images, net, img_size, config)
     except TrainingInterrupted as e:

@@ -22,6 +22,7 @@ from torch import nn
 from ..atomic import atomic_write
 from ..images import ImageError, image_size, regular_file
 from ..model import IscNet, build_model, preprocess, read_checkpoint
+from ..progress import shown
 from .augment import recipe
 from .config import TrainConfig
 from .distributed import sync_batchnorm
@@ -252,7 +253,8 @@ def _run(items, net: IscNet, img_size: int, config: TrainConfig, resume: dict | 
             log.write(json.dumps({'epoch': epoch + 1, 'loss': loss, 'lr': lr, 'checkpoint': path.name,
                                   'time': time.time()}) + '\n')
 
-    progress = on_step if on_step is not None else (None if config.quiet or rank != 0 else
+    # The bar only where someone watches it (a terminal, or TOWHEE_ISC_PROGRESS=1), as every other step's.
+    progress = on_step if on_step is not None else (None if rank != 0 or not shown(config.quiet) else
                                                     ProgressBar(steps * (config.epochs - config.start_epoch) - start_step))
     try:
         fit(model, memory, optimizer, batches, steps, config.epochs, config.init_lr, config.start_epoch, start_step,
@@ -291,9 +293,10 @@ class ProgressBar:
 
 
 def initial_net(model_name: str, checkpoint: str | None, timm_backbone: str | None,
-                img_size: int | None) -> tuple[IscNet, int]:
+                img_size: int | None, resuming: bool = False) -> tuple[IscNet, int]:
     """The network to start from and its input size: a checkpoint, a timm architecture (its pretrained
-    weights when in the local timm/Hugging Face cache, else random), or the published weights."""
+    weights when in the local timm/Hugging Face cache, else random), or the published weights.
+    ``resuming``: a resumed checkpoint's weights replace these, so no warning about random ones."""
     if checkpoint is not None:
         ckpt = read_checkpoint(checkpoint)
         size = img_size or ckpt.input_size
@@ -301,21 +304,22 @@ def initial_net(model_name: str, checkpoint: str | None, timm_backbone: str | No
             raise ValueError(f'{checkpoint!r} does not say its input size: pass --img-size')
         return build_model(ckpt, timm_backbone), size
     if timm_backbone is not None:
-        return fresh_net(timm_backbone), img_size or 224
+        return fresh_net(timm_backbone, warn=not resuming), img_size or 224
     from ..network import ModelSpec
     spec = ModelSpec.resolve(model_name, None, None, img_size)
     return build_model(spec.load()), spec.img_size
 
 
-def fresh_net(arch: str) -> IscNet:
+def fresh_net(arch: str, warn: bool = True) -> IscNet:
     """A new network for ``arch``: the backbone's timm pretrained weights when they are in the local
     timm/Hugging Face cache (nothing is downloaded), else random with a warning; fc and bn initialised
     as the winner's."""
     net = IscNet(arch)
     cached = _cached_pretrained(net.arch)
     if cached is None:
-        warnings.warn(f'no pretrained {arch} weights in the local timm/Hugging Face cache: starting from random '
-                      'weights', stacklevel=3)
+        if warn:
+            warnings.warn(f'no pretrained {arch} weights in the local timm/Hugging Face cache: starting from random '
+                          'weights', stacklevel=3)
     else:
         import timm
         pretrained = timm.create_model(net.arch, features_only=True, pretrained=True,

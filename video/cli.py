@@ -149,8 +149,9 @@ def cmd_search(args) -> None:
     segments, engine, seconds = search_files(args.queries, args.references, args.output, args.align, args.threshold,
                                              args.k, args.candidates, args.score_norm, args.factor, args.exact,
                                              args.report, collection, args.nprobe, args.ef)
+    from ..workflow.cli import plural
     print(f'frame search engine: {engine}')
-    print(f'wrote {len(segments)} matches to {args.output} ({seconds:.2f} s)')
+    print(f'wrote {plural(len(segments), "match", "matches")} to {args.output} ({seconds:.2f} s)')
     if args.report:
         print(f'wrote {args.report}')
 

@@ -126,7 +126,7 @@ def cmd_search(args) -> None:
     # All k candidates go to the report, which marks those at or above the threshold: the CSV's.
     matches = [m for m in candidates if args.threshold is None or meets(m.score, args.threshold)]
     write_matches(args.output, matches)
-    print(f'wrote {len(matches)} matches for {len(query_ids)} queries to {args.output}')
+    print(f'wrote {plural(len(matches), "match", "matches")} for {plural(len(query_ids), "query", "queries")} to {args.output}')
     if args.report:
         from .reports import search_report
         if index is not None:  # the collection keeps each image's path, as descriptor files do
@@ -255,7 +255,7 @@ def parser() -> argparse.ArgumentParser:
 
     def with_model(p):
         group = p.add_argument_group('embedding images')
-        group.add_argument('--checkpoint', help='a local checkpoint instead of the published weights')
+        group.add_argument('--checkpoint', type=checkpoint_file, help='a local checkpoint instead of the published weights')
         group.add_argument('--model-name', default='isc_ft_v107')
         group.add_argument('--timm-backbone', help='architecture of a checkpoint without metadata')
         group.add_argument('--img-size', type=positive_int, help='input size of a checkpoint without metadata')
@@ -336,7 +336,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = with_search_width(with_index_type(with_model(commands.add_parser('dedup', help='near-duplicate groups within one collection'))))
     p.add_argument('inputs', nargs='+', help='descriptor files or images')
-    p.add_argument('--threshold', type=finite_float, default=0.8, help='similarity that makes two images copies')
+    p.add_argument('--threshold', type=cosine, default=0.8, help='similarity that makes two images copies')
     p.add_argument('-o', '--output', help='groups as CSV (with scores, resolutions and file sizes), or JSON if '
                    'it ends in .json')
     p.add_argument('--report', help='also write an HTML page: every group as a row of thumbnails, the kept one marked')
@@ -390,9 +390,9 @@ def parser() -> argparse.ArgumentParser:
     return main
 
 
-def plural(n: int, noun: str) -> str:
-    """``1 descriptor``, ``2 descriptors``."""
-    return f'{n} {noun}' if n == 1 else f'{n} {noun}s'
+def plural(n: int, noun: str, nouns: str | None = None) -> str:
+    """``1 descriptor``, ``2 descriptors``; ``nouns`` where it is not ``noun`` + s (``1 query``, ``2 queries``)."""
+    return f'{n} {noun}' if n == 1 else f'{n} {nouns or noun + "s"}'
 
 
 def command_list() -> str:
@@ -400,6 +400,15 @@ def command_list() -> str:
     commands = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
     width = max(map(len, commands.choices))
     return '\n'.join(f'  {a.dest:<{width}}  {a.help}' for a in commands._choices_actions)
+
+
+def checkpoint_file(text: str) -> str:
+    """--checkpoint: an existing file, answered at once (the model's own check comes after torch's import)."""
+    from ..weights import checkpoint_file_problem
+    problem = checkpoint_file_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
 
 
 def positive_int(text: str) -> int:
@@ -426,6 +435,15 @@ def finite_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f'must be a finite number, got {text!r}')
+    return value
+
+
+def cosine(text: str) -> float:
+    """A cosine similarity, -1 to 1: '--threshold 80' (a percentage) would otherwise find nothing, silently."""
+    value = finite_float(text)
+    if not -1 <= value <= 1:
+        hint = f' (a percentage? {value:g}% is {value / 100:g})' if 10 <= value <= 100 else ''
+        raise argparse.ArgumentTypeError(f'must be a cosine similarity from -1 to 1, got {text!r}{hint}')
     return value
 
 

@@ -64,6 +64,18 @@ class Embedder:
         return ([r for r in results if not isinstance(r, ImageError)],
                 {i: str(r) for i, r in enumerate(results) if isinstance(r, ImageError)})
 
+    def with_progress(self, paths: list[Path], chunk_size: int = 64) -> tuple[list[np.ndarray], dict[int, str]]:
+        """``self(paths)`` a chunk at a time, drawing the 'embedding' progress line as ``embed`` does: for
+        search, index and dedup given images, whose embedding is most of their time."""
+        vectors, failed = [], {}
+        with Progress(len(paths), 'embedding', unit='img', delay=0) as progress:
+            for start in range(0, len(paths), chunk_size):
+                chunk_vectors, chunk_failed = self(paths[start:start + chunk_size])
+                vectors += chunk_vectors
+                failed.update({start + i: reason for i, reason in chunk_failed.items()})
+                progress.advance(len(paths[start:start + chunk_size]))
+        return vectors, failed
+
 
 def embed_collection(inputs: Sequence[str], output: str, embedder: Embedder, chunk_size: int = 64,
                      quiet: bool = False) -> tuple[int, dict[Path, str], float]:
@@ -129,7 +141,7 @@ def load_descriptors(inputs: Sequence[str], embedder: Embedder, models: dict[str
         image_ids(images)  # clashing names are an error before anything is embedded
         models['the images embedded now'] = embedder.op.fingerprint
         check_same_model(models)
-        embedded, failed = embedder(images)
+        embedded, failed = embedder.with_progress(images)
         if failed:
             print(f'skipped {len(failed)} unreadable file(s):', file=sys.stderr)
             for i, reason in failed.items():

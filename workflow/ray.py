@@ -194,10 +194,13 @@ class RayChunks:
         rows = [{'index': i, 'path': str(p)} for i, p in enumerate(self.images[start:], start)]
         # Blocks of one actor batch each, so the pool shares the work evenly (at most ~10,000 blocks).
         rows_per_block = max(self.batch_size, math.ceil(len(rows) / 10_000))
-        dataset = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / rows_per_block))
+        blocks = math.ceil(len(rows) / rows_per_block)
+        dataset = ray.data.from_items(rows, override_num_blocks=blocks)
+        # No more actors than blocks: each would load the model for nothing, and Ray Data warns of it.
         dataset = dataset.map_batches(
             IscEmbedder, fn_constructor_kwargs={'column': 'path', **self.isc_kwargs}, batch_size=self.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=self.actors), num_cpus=self.cpus, num_gpus=self.gpus or None)
+            compute=ray.data.ActorPoolStrategy(size=min(self.actors, blocks)), num_cpus=self.cpus,
+            num_gpus=self.gpus or None)
         self._stream = (batch for batch in dataset.iter_batches(batch_size=None, batch_format='numpy'))
         self._stream_start = start
         self._results.clear()

@@ -38,7 +38,7 @@ th:first-child{left:0;z-index:2}
 .thumb{width:128px;height:128px;display:flex;align-items:center;justify-content:center;margin:2px auto;
  background:#f0f0f0;border:3px solid transparent;border-radius:4px}
 .thumb img{max-width:128px;max-height:128px}
-.thumb i{font-size:11px;color:#a33;padding:4px;word-break:break-all}
+.thumb i{font-size:11px;color:#a33;padding:4px;overflow-wrap:anywhere}
 .pass .thumb{border-color:#2a9d4a}
 .below{opacity:.55}
 .tag{display:inline-block;border-radius:3px;padding:1px 5px;margin:1px;font-size:11px;font-weight:600;color:#fff}
