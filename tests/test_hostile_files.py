@@ -256,3 +256,20 @@ def test_a_descriptor_file_declaring_more_data_than_memory_is_refused_from_its_h
             archive.writestr(f'{name}.npy', buffer.getvalue())
     result = towhee_isc('video', 'dedup', tmp_path / 'bomb.npz', '-o', tmp_path / 'groups.json', timeout=120)
     assert_one_line_error(result, "declares 953.7 GiB of arrays, more than")
+
+
+def test_a_descriptor_file_whose_data_lie_in_other_files_is_refused(tmp_path):
+    """HDF5 lets a dataset keep its bytes in any other file: ids read from the user's secret would go into
+    the CSV (and a report or the service's answers). Such a file is refused, naming the dataset."""
+    import h5py
+    secret = tmp_path / 'secret.txt'
+    secret.write_text('API_KEY=hunter2 and more of this private file\n')
+    with h5py.File(tmp_path / 'crafted.h5', 'w') as f:
+        f.create_dataset('vectors', data=unit(np.ones((2, 8))))
+        f.create_dataset('image_names', shape=(2,), dtype='S16', external=[(str(secret), 0, 32)])
+    with h5py.File(tmp_path / 'crafted.h5') as f:
+        assert list(f['image_names'][()]) == [b'API_KEY=hunter2 ', b'and more of this']  # what h5py reads
+    result = towhee_isc('dedup', tmp_path / 'crafted.h5', '--threshold', '0.5', '-o', tmp_path / 'groups.csv')
+    assert_one_line_error(result, "'image_names' is stored outside the file (an HDF5 link, external or virtual "
+                                  'dataset): descriptor files must hold their own data')
+    assert not (tmp_path / 'groups.csv').exists()

@@ -122,6 +122,7 @@ def read_descriptors(path: str | os.PathLike, dim: int | None = None) -> tuple[l
             if not isinstance(f.get('vectors'), h5py.Dataset) or not isinstance(f.get('image_names'), h5py.Dataset):
                 raise DescriptorFileError(f"{path!r} has no 'vectors' and 'image_names' datasets "
                                           f'(it has {sorted(f.keys())})')
+            check_stored_inside(path, f, 'vectors', 'image_names')
             check_fits_in_memory(path, f['vectors'], f['image_names'])
             vectors, names = f['vectors'][()], f['image_names'][()]
     except DescriptorFileError:
@@ -152,6 +153,20 @@ def read_descriptors(path: str | os.PathLike, dim: int | None = None) -> tuple[l
         raise DescriptorFileError(f'{path!r} holds vectors that are not L2-normalised (row {off[0]} has norm '
                                   f'{norms[off[0]]:.4g}); normalise them, as the operator does')
     return ids, vectors
+
+
+def check_stored_inside(path: str, f, *names: str) -> None:
+    """Refuse datasets whose data lie outside the descriptor file: HDF5 lets a dataset be a link to
+    another file, keep its bytes in any other file (external storage) or map other files (a virtual
+    dataset). A file from someone else could then make ids, paths or reports carry the contents of
+    this user's files (an id read from ~/.ssh/id_rsa)."""
+    import h5py
+    for name in names:
+        dataset = f[name]
+        if (not isinstance(f.get(name, getlink=True), h5py.HardLink) or dataset.external
+                or dataset.is_virtual):
+            raise DescriptorFileError(f'{path!r}: {name!r} is stored outside the file (an HDF5 link, external '
+                                      'or virtual dataset): descriptor files must hold their own data')
 
 
 def available_memory() -> int | None:
@@ -259,6 +274,7 @@ def read_image_paths(path: str | os.PathLike) -> list[str] | None:
     with h5py.File(str(path), 'r') as f:
         if not isinstance(f.get('image_paths'), h5py.Dataset):
             return None
+        check_stored_inside(str(path), f, 'image_paths')
         return [p.decode() if isinstance(p, bytes) else str(p) for p in f['image_paths'][()]]
 
 
