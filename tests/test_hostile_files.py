@@ -136,6 +136,14 @@ def test_identical_copies_meet_threshold_one_and_outputs_never_replace_inputs(tm
                         '--threshold', '1.0', '-o', tmp_path / 'twice.h5')
     assert_one_line_error(result, f"output '{tmp_path / 'twice.h5'}' is also an input")
     assert (tmp_path / 'twice.h5').read_bytes() == before
+    # Nor a photo: `embed -o photos/*.jpg`, which the shell expands to `-o photos/a.jpg photos/b.jpg`.
+    (tmp_path / 'photos').mkdir()
+    for name in ('a.jpg', 'b.jpg'):
+        (tmp_path / 'photos' / name).write_bytes(b'\xff\xd8\xff\xe0 a photo ' + name.encode())
+    result = towhee_isc('embed', '-o', tmp_path / 'photos' / 'a.jpg', tmp_path / 'photos' / 'b.jpg')
+    assert_one_line_error(result, f"output '{tmp_path / 'photos' / 'a.jpg'}' is an existing image or video: writing "
+                                  'it would destroy it')
+    assert (tmp_path / 'photos' / 'a.jpg').read_bytes() == b'\xff\xd8\xff\xe0 a photo a.jpg'
     # Nor a FIFO or a device (`-o /dev/null`, as root, would replace the machine's /dev/null with a file).
     os.mkfifo(tmp_path / 'fifo')
     result = towhee_isc('search', tmp_path / 'twice.h5', '--references', tmp_path / 'twice.h5', '-k', 2,

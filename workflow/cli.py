@@ -436,14 +436,21 @@ INPUTS = ('inputs', 'queries', 'references', 'score_norm', 'negatives', 'descrip
 
 
 def check_outputs(args: argparse.Namespace) -> None:
-    """Each output can be written and is none of the inputs (``search q.h5 -o q.h5`` would replace the
-    queries with CSV)."""
+    """Each output can be written, is none of the inputs (``search q.h5 -o q.h5`` would replace the
+    queries with CSV) and no existing image or video (``embed -o photos/*.jpg``, expanded by the shell,
+    or ``dedup photos -o photos/a.jpg``, would replace a photo that is no input, or one the folder gives)."""
+    from ..video.reader import VIDEO_SUFFIXES
+    from .descriptors import IMAGE_SUFFIXES
     read = [str(p) for name in INPUTS for p in _listed(getattr(args, name, None))]
     for name, what in OUTPUTS.items():
         target = getattr(args, name, None)
         if not target:
             continue
         check_writable(target, what)
+        suffix = os.path.splitext(str(target))[1].lower()
+        if name != 'plot' and os.path.isfile(target) and suffix in IMAGE_SUFFIXES | VIDEO_SUFFIXES:
+            raise ValueError(f'{what} {str(target)!r} is an existing image or video: writing it would destroy it; '
+                             'give another file name')
         for path in read:
             if os.path.exists(target) and os.path.exists(path) and os.path.samefile(target, path):
                 raise ValueError(f'{what} {str(target)!r} is also an input ({path}): writing it would destroy it; '
