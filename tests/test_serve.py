@@ -497,3 +497,36 @@ def test_a_replica_that_cannot_start_again_ends_the_service_with_one_line(servic
     # Ray's raylet reports the killed worker on the console too; the command's own last word is one line.
     assert code == 2 and lines[-1].startswith('error: ') and 'Traceback' not in service.output(), lines[-5:]
     assert 'a replica could not start again' in lines[-1] and f"unknown collection '{COLLECTION}'" in lines[-1], lines[-1]
+
+
+def test_a_ray_start_that_timed_out_is_tried_once_more_after_stopping_its_processes(monkeypatch, capsys):
+    """Ray's raylet has a fixed 30 s to register: on a busy machine the first local start may fail with
+    RAY_START_TIMED_OUT. ``serve`` starts Ray once more, after killing what the failed start left running
+    (here a stand-in process), and nothing that ran before; a second failure, or one joining a cluster, is final."""
+    import ray
+    from towhee_isc.workflow.serve import start_ray
+    before = subprocess.Popen(['sleep', '60'])
+    time.sleep(0.05)  # processes are told apart by their start, in clock ticks (10 ms)
+    left, calls = [], []
+
+    def init(address, **settings):
+        calls.append(address)
+        if len(calls) == 1 or address != 'local' or fail_always:
+            left.append(subprocess.Popen(['sleep', '60']))  # what the failed start leaves: its raylet, say
+            raise Exception(f'{RAY_START_TIMED_OUT}. This could happen because ...')
+    monkeypatch.setattr(ray, 'init', init)
+    monkeypatch.setattr(ray, 'shutdown', lambda: None)
+    try:
+        fail_always = False
+        start_ray(None)
+        assert calls == ['local', 'local'] and 'starting it once more' in capsys.readouterr().err
+        assert left[0].wait(timeout=10) == -signal.SIGKILL and before.poll() is None
+        for address, fail_always, tries in [('127.0.0.1:6379', False, 1), (None, True, 2)]:
+            calls.clear()
+            with pytest.raises(Exception, match=RAY_START_TIMED_OUT):
+                start_ray(address)
+            assert len(calls) == tries
+    finally:
+        for process in [before, *left]:
+            process.kill()
+            process.wait()
