@@ -100,11 +100,12 @@ def postscript_loop() -> bytes:
 @pytest.fixture(scope='module')
 def service(copy_set, refs_h5, small_ckpt, milvus_server, ghostscript):
     """``towhee-isc serve`` on a collection of a Milvus server with authentication, indexed by
-    ``towhee-isc index`` (README's order); its own HOME, to look at the Ray token it writes; Ghostscript
-    (a stand-in) on its PATH."""
+    ``towhee-isc index --token`` (README's order); serve is given the token in its environment, where
+    other users cannot read it; its own HOME, to look at the Ray token it writes; Ghostscript (a
+    stand-in) on its PATH."""
     root, model = copy_set, ['--checkpoint', small_ckpt]
-    server = ['--milvus-uri', milvus_server.uri, '--token', milvus_server.token, '--collection', COLLECTION]
-    done = towhee_isc('index', refs_h5, *server, *model)
+    server = ['--milvus-uri', milvus_server.uri, '--collection', COLLECTION]
+    done = towhee_isc('index', refs_h5, *server, '--token', milvus_server.token, *model)
     assert done.returncode == 0, done.stderr[-3000:]
     port, home, log = free_port(), root / 'home', root / 'serve.log'
     home.mkdir()
@@ -114,7 +115,8 @@ def service(copy_set, refs_h5, small_ckpt, milvus_server, ghostscript):
                 [sys.executable, '-m', 'towhee_isc', 'serve', *server, '--host', '127.0.0.1', '--port', str(port),
                  '--max-batch-size', '8', '--max-body-mb', str(MAX_BODY_MB), '--upload-timeout', str(UPLOAD_TIMEOUT_S),
                  *map(str, model)], stdout=out, stderr=subprocess.STDOUT,
-                env={**os.environ, 'HOME': str(home), 'PATH': ghostscript['PATH']})
+                env={**os.environ, 'HOME': str(home), 'PATH': ghostscript['PATH'],
+                     'TOWHEE_ISC_MILVUS_TOKEN': milvus_server.token})
         running = Service(process, f'http://127.0.0.1:{port}', log, home)
         if wait_ready(running, retry_ray_start=attempt == 1):
             break
@@ -351,6 +353,8 @@ def test_health_names_no_paths_or_addresses_and_the_ray_token_is_private(service
     assert str(copy_set) not in text and milvus_server.uri not in text and milvus_server.token not in text
     token = service.home / '.ray' / 'auth_token'
     assert stat.S_IMODE(token.stat().st_mode) == 0o600, oct(token.stat().st_mode)
+    # The Milvus token came in the environment: the command line, which every user may read, lacks it.
+    assert milvus_server.token not in Path(f'/proc/{service.process.pid}/cmdline').read_text()
 
 
 def test_what_cannot_work_is_one_line_at_start_up(refs_h5, small_ckpt, tmp_path):

@@ -74,12 +74,13 @@ def add_parser(commands, with_model: Callable[[argparse.ArgumentParser], argpars
 
 def with_milvus(p: argparse.ArgumentParser, collection_default: str | None = 'isc_video') -> argparse.ArgumentParser:
     from ..defaults import DEFAULT_MILVUS_URI
+    from ..workflow.cli import add_token
     p.add_argument('--collection', default=collection_default,
                    help='Milvus collection of reference frames' + (f' (default {collection_default})' if
                                                                     collection_default else ' (filled by video index)'))
     p.add_argument('--milvus-uri', default=DEFAULT_MILVUS_URI,
                    help='a Milvus Lite file (default ./isc.db) or http://host:19530 for a server')
-    p.add_argument('--token', help="a Milvus server's 'user:password' or API key, where it requires one")
+    add_token(p)
     return p
 
 

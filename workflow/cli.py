@@ -278,7 +278,7 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument('--milvus-uri', default=DEFAULT_MILVUS_URI,
                        help='a Milvus Lite file (default ./isc.db) or http://host:19530 for a server')
         p.add_argument('--collection', default='isc')
-        p.add_argument('--token', help="a Milvus server's 'user:password' or API key, where it requires one")
+        add_token(p)
         return p
 
     def with_index_type(p):
@@ -343,7 +343,7 @@ def parser() -> argparse.ArgumentParser:
     with_report_images(p)
     p.add_argument('--milvus-uri', help='find neighbours through this Milvus (for collections beyond one machine)')
     p.add_argument('--collection', default='isc_dedup')
-    p.add_argument('--token', help="a Milvus server's 'user:password' or API key, where it requires one")
+    add_token(p)
     p.add_argument('-k', type=positive_int, default=100, help='with --milvus-uri: neighbours looked at per image')
     p.add_argument('--exact', action='store_true', help='exact search even for large collections (slow beyond ~100,000)')
     p.set_defaults(run=cmd_dedup)
@@ -417,6 +417,17 @@ def positive_float(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError(f'must be above 0, got {text!r}')
     return value
+
+
+TOKEN_VARIABLE = 'TOWHEE_ISC_MILVUS_TOKEN'
+
+
+def add_token(p: argparse.ArgumentParser) -> None:
+    """``--token``, by default from the environment: a command line is readable by every user of the
+    machine (``ps``), a process's environment only by its owner."""
+    p.add_argument('--token', default=os.environ.get(TOKEN_VARIABLE),
+                   help=f"a Milvus server's 'user:password' or API key, where it requires one (default: "
+                        f"${TOKEN_VARIABLE}; prefer it on a shared machine, where others see command lines)")
 
 
 def finite_float(text: str) -> float:
