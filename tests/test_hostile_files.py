@@ -37,7 +37,8 @@ def as_unprivileged(command: list[str]) -> list[str]:
 @pytest.fixture(scope='module')
 def odd_folder(tmp_path_factory, photos) -> Path:
     """Two photos, two links to the first, a link to itself, a photo with a Latin-1 name, one named like a
-    spreadsheet formula, and a sub-folder nobody may read holding a third photo."""
+    spreadsheet formula, a sub-folder nobody may read holding a third photo, and a fourth photo 1,100
+    folders deep (Python 3.11's os.walk and shutil.rmtree recurse: both fail there)."""
     root = tmp_path_factory.mktemp('odd') / 'photos'
     root.mkdir()
     photos[0].save(root / 'P0.jpg', quality=90)
@@ -50,8 +51,17 @@ def odd_folder(tmp_path_factory, photos) -> Path:
     (root / 'locked').mkdir()
     photos[2].save(root / 'locked' / 'P2.jpg')
     os.chmod(root / 'locked', 0)
+    deep = [root / 'deep']
+    for _ in range(1100):
+        deep.append(deep[-1] / 'd')
+    for folder in deep:  # one by one: os.makedirs recurses too
+        folder.mkdir()
+    photos[3].save(deep[-1] / 'P3.jpg')
     yield root
     os.chmod(root / 'locked', 0o755)
+    (deep[-1] / 'P3.jpg').unlink()
+    for folder in reversed(deep):  # pytest's clean-up (shutil.rmtree) would recurse
+        folder.rmdir()
 
 
 def test_odd_folders_skip_and_name_what_they_cannot_use_and_two_embeds_do_not_mix(odd_folder, small_ckpt,
@@ -72,14 +82,14 @@ def test_odd_folders_skip_and_name_what_they_cannot_use_and_two_embeds_do_not_mi
     assert_one_line_error(second, 'another towhee-isc embed is writing')
     stdout, stderr = first.communicate(timeout=300)
     assert first.returncode == 0, stderr
-    assert 'wrote 5 descriptors' in stdout
+    assert 'wrote 6 descriptors' in stdout
     lines = stderr.splitlines()
     # The loop is listed under its own name, like a broken link; the folder and the name are named, not hidden.
     assert any(f"{odd_folder / 'loop.jpg'}: " in line and 'symbolic links' in line for line in lines), stderr
     assert any("skipped folder" in line and 'locked' in line and 'Permission denied' in line for line in lines), stderr
     assert any("caf\\xe9.jpg" in line and 'not valid UTF-8' in line for line in lines), stderr
     ids, vectors = read_descriptors(out)
-    assert ids == ['=HYPERLINK(1)', 'P0', 'P1', 'link_a', 'link_b']  # each link its own image, by its own name
+    assert ids == ['=HYPERLINK(1)', 'P0', 'P1', 'P3', 'link_a', 'link_b']  # each link its own image, by its own name
     v = dict(zip(ids, vectors))
     assert float(v['link_a'] @ v['P0']) > 0.9999 and float(v['link_b'] @ v['P0']) > 0.9999
     assert sorted(p.name for p in tmp_path.iterdir()) == ['out.h5']  # no lock, no parts left

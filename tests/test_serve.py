@@ -516,6 +516,7 @@ def test_a_ray_start_that_timed_out_is_tried_once_more_after_stopping_its_proces
     def init(address, **settings):
         calls.append(address)
         if len(calls) == 1 or address != 'local' or fail_always:
+            time.sleep(0.05)  # Ray starts its processes a while after the call (ticks of 10 ms tell them apart)
             left.append(subprocess.Popen(['sleep', '60']))  # what the failed start leaves: its raylet, say
             raise Exception(f'{RAY_START_TIMED_OUT}. This could happen because ...')
     monkeypatch.setattr(ray, 'init', init)

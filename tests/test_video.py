@@ -3,6 +3,7 @@ the tests make with PyAV (64 x 64, 10 s at 10 fps), plus the pieces (frame readi
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,7 @@ def videos(tmp_path_factory, small_ckpt):
     data = (root / 'refs' / 'R000001.mp4').read_bytes()
     (bad / 'cut.mp4').write_bytes(data[:len(data) // 2])
     frames_at_seconds(bad / 'days.mkv', [0, 1, 10_000_000])
+    os.mkfifo(bad / 'pipe.mp4')
     embed_videos([root / 'queries'], str(root / 'queries.npz'), Embedder(checkpoint_path=small_ckpt, device='cpu'),
                  quiet=True)
     return root, ref1, ref2
@@ -96,7 +98,7 @@ def test_video_embed_writes_vscs_npz_and_lists_the_videos_it_skips(videos, small
                         '--device', 'cpu', '--quiet')
     assert result.returncode == 0, result.stderr
     assert 'wrote 20 frame descriptors of 2 video(s)' in result.stdout
-    assert 'skipped 3 unreadable video(s)' in result.stderr and 'notes.mp4' in result.stderr and 'cut.mp4' in result.stderr
+    assert 'skipped 4 unreadable video(s)' in result.stderr and "pipe.mp4' is not a regular file" in result.stderr and 'notes.mp4' in result.stderr and 'cut.mp4' in result.stderr
     # An 833-byte file whose last frame comes 116 days after its first is no month of work: 4 hours is the default bound.
     assert "days.mkv' lasts 10000001.0 s, over --max-duration 14400 s" in result.stderr
     with np.load(out) as data:  # VSC's descriptor format, read as VSC's storage.load_features does

@@ -55,16 +55,36 @@ def find_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
 
 
 def _images_in(folder: Path) -> list[Path]:
-    """Files with an image's suffix under ``folder`` (links to folders are not followed; anything else
-    with an image's name is kept: a pipe or a broken link is then skipped and listed). A sub-folder
-    that cannot be read is skipped with a warning (``Path.rglob`` would hide it)."""
-    def unreadable(error: OSError) -> None:
-        warnings.warn(f'skipped folder {_shown(error.filename)}: {error.strerror or error}; '
-                      'its images are not included')
+    """Files with an image's suffix under ``folder`` (see :func:`files_under`)."""
+    return files_under(folder, IMAGE_SUFFIXES)
 
-    found = []
-    for root, _, files in os.walk(folder, onerror=unreadable):
-        found += (Path(root, name) for name in files if Path(name).suffix.lower() in IMAGE_SUFFIXES)
+
+def files_under(folder: Path, suffixes: set[str]) -> list[Path]:
+    """Files with one of ``suffixes`` under ``folder``, sorted. Links to folders are not followed; anything
+    else with such a name is kept (a pipe or a broken link is then skipped and listed when read). A
+    sub-folder that cannot be read is skipped with a warning (``Path.rglob`` would hide it). Walked with a
+    list, not recursion: a folder nested thousands deep (a crafted archive) made ``os.walk`` of Python
+    3.11 fail with RecursionError, ending the whole run."""
+    found, todo = [], [str(folder)]
+    while todo:
+        top = todo.pop()
+        try:
+            with os.scandir(top) as listing:
+                entries = list(listing)
+        except OSError as error:
+            warnings.warn(f'skipped folder {_shown(error.filename or top)}: {error.strerror or error}; '
+                          'nothing in it is included')
+            continue
+        for entry in entries:
+            try:
+                is_folder = entry.is_dir()
+            except OSError:
+                is_folder = False
+            if is_folder:
+                if not entry.is_symlink():
+                    todo.append(entry.path)
+            elif Path(entry.name).suffix.lower() in suffixes:
+                found.append(Path(entry.path))
     return sorted(found)
 
 
