@@ -507,8 +507,8 @@ def test_a_ray_start_that_timed_out_is_tried_once_more_after_stopping_its_proces
     """Ray's raylet has a fixed 30 s to register: on a busy machine the first local start may fail with
     RAY_START_TIMED_OUT. ``serve`` starts Ray once more, after killing what the failed start left running
     (here a stand-in process), and nothing that ran before; a second failure, or one joining a cluster, is final."""
-    import ray
-    from towhee_isc.workflow.serve import start_ray
+    import types
+    from towhee_isc.workflow.ray import start_ray
     before = subprocess.Popen(['sleep', '60'])
     time.sleep(0.05)  # processes are told apart by their start, in clock ticks (10 ms)
     left, calls = [], []
@@ -519,8 +519,7 @@ def test_a_ray_start_that_timed_out_is_tried_once_more_after_stopping_its_proces
             time.sleep(0.05)  # Ray starts its processes a while after the call (ticks of 10 ms tell them apart)
             left.append(subprocess.Popen(['sleep', '60']))  # what the failed start leaves: its raylet, say
             raise Exception(f'{RAY_START_TIMED_OUT}. This could happen because ...')
-    monkeypatch.setattr(ray, 'init', init)
-    monkeypatch.setattr(ray, 'shutdown', lambda: None)
+    monkeypatch.setitem(sys.modules, 'ray', types.SimpleNamespace(init=init, shutdown=lambda: None))
     try:
         fail_always = False
         start_ray(None)

@@ -20,7 +20,6 @@ import logging
 import os
 import re
 import signal
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -40,6 +39,7 @@ from .embedding import Embedder, check_same_model
 from .engines import meets
 from .matching import search_exact
 from .milvus import MilvusIndex, _is_lite
+from .ray import start_ray
 
 logger = logging.getLogger('towhee_isc.serve')
 
@@ -467,7 +467,7 @@ def run_service(settings: ServiceSettings, host: str = '127.0.0.1', port: int = 
             # Serve kills an HTTP proxy not ready within 5 s, and serve.start then fails: on a busy machine
             # a new worker process can take longer than that to start. The local Ray's processes inherit it.
             os.environ.setdefault('RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S', '60')
-        start_ray(ray_address)
+        start_ray(ray_address)  # once more if the local raylet was slow to register
         signal.signal(signal.SIGTERM, _stop)  # again: ray.init installs its own
         try:
             check_room(replicas, num_gpus, ray.cluster_resources(), 'the Ray cluster')
@@ -481,65 +481,6 @@ def run_service(settings: ServiceSettings, host: str = '127.0.0.1', port: int = 
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if ray.is_initialized():
             ray.shutdown()
-
-
-# Ray gives a new local raylet a fixed 30 s to register with its GCS (ray/_private/node.py, no setting); on
-# a loaded machine it sometimes takes longer and ray.init fails with this. A second start then succeeds.
-RAY_START_TIMED_OUT = 'The current node timed out during startup'
-
-
-def start_ray(ray_address: Optional[str]) -> None:
-    """``ray.init``: join the cluster at ``ray_address``, or start a local Ray, once more if its raylet
-    did not register in time (the processes of the failed start are stopped first, by PID)."""
-    import ray
-    for attempt in (1, 2):
-        began = _clock_ticks_since_boot()
-        try:
-            ray.init(address=ray_address or 'local', include_dashboard=False, log_to_driver=False,
-                     logging_level='WARNING')
-            return
-        except Exception as e:
-            if ray_address is not None or attempt == 2 or RAY_START_TIMED_OUT not in str(e):
-                raise
-            ray.shutdown()
-            _stop_processes_started_since(began)
-            print('Ray did not start within its fixed 30 s (a busy machine?): starting it once more',
-                  file=sys.stderr, flush=True)
-
-
-def _clock_ticks_since_boot() -> Optional[int]:
-    try:
-        return int(float(open('/proc/uptime').read().split()[0]) * os.sysconf('SC_CLK_TCK'))
-    except (OSError, ValueError):
-        return None  # not Linux: the failed start's processes end with this one (Ray's reaper)
-
-
-def _stop_processes_started_since(began: Optional[int]) -> None:
-    """SIGKILL this process's descendants that started after ``began`` (clock ticks since boot, 10 ms):
-    the failed Ray start's GCS, raylet and workers, and nothing that was running before."""
-    if began is None:
-        return
-    parents: dict[int, int] = {}
-    started: dict[int, int] = {}
-    for entry in os.listdir('/proc'):
-        if entry.isdigit():
-            try:
-                fields = open(f'/proc/{entry}/stat').read().rsplit(')', 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            parents[int(entry)], started[int(entry)] = int(fields[1]), int(fields[19])
-    mine, todo = [], [os.getpid()]
-    while todo:
-        parent = todo.pop()
-        children = [pid for pid, ppid in parents.items() if ppid == parent]
-        mine += children
-        todo += children
-    for pid in mine:
-        if started[pid] > began:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
 
 
 def _serve(settings: ServiceSettings, host: str, port: int, replicas: int, num_gpus: float, where: str,
