@@ -31,6 +31,17 @@ class ImageError(ValueError):
 # 6000x6000, 3,000 scans: over a minute to decode). Raise it like PIL.Image.MAX_IMAGE_PIXELS if needed.
 MAX_JPEG_SCANS = 50
 
+# Formats Pillow decodes by running another program on the file: EPS runs Ghostscript (a PostScript
+# interpreter) on it, without a time limit, so a 60-byte upload holding `{ } loop` would hold its batch
+# for ever, and Ghostscript's sandbox has had escapes. They are never opened: not an image to us.
+EXTERNAL_DECODERS = ('EPS',)
+
+
+def open_image(source: Path | io.BytesIO) -> Image.Image:
+    """``PIL.Image.open`` of any format Pillow decodes itself (not those in EXTERNAL_DECODERS)."""
+    Image.init()
+    return Image.open(source, formats=[f for f in Image.OPEN if f not in EXTERNAL_DECODERS])
+
 _OVER_LIMIT = ('over the pixel limit of {:,} (a decompression bomb, or a very large scan: raise '
                'PIL.Image.MAX_IMAGE_PIXELS to allow it)')
 
@@ -133,7 +144,7 @@ def to_pil_rgb(item: Any, where: str = '', draft: tuple[int, int] | None = None,
 def image_size(source: Path | io.BytesIO, what: str) -> tuple[int, int]:
     """Width and height from the header alone (nothing decoded), checked against the pixel limit."""
     try:
-        with Image.open(source) as image:
+        with open_image(source) as image:
             check_pixels(image.width, image.height, what)
             check_jpeg_scans(image, source, what)
             return image.size
@@ -146,7 +157,7 @@ def image_size(source: Path | io.BytesIO, what: str) -> tuple[int, int]:
 def _decode(source: Path | io.BytesIO, what: str, draft: tuple[int, int] | None,
             exif_transpose: bool) -> Image.Image:
     try:
-        with Image.open(source) as image:
+        with open_image(source) as image:
             check_pixels(image.width, image.height, what)
             check_jpeg_scans(image, source, what)
             if draft is not None:

@@ -37,7 +37,8 @@ def as_unprivileged(command: list[str]) -> list[str]:
 @pytest.fixture(scope='module')
 def odd_folder(tmp_path_factory, photos) -> Path:
     """Two photos, two links to the first, a link to itself, a photo with a Latin-1 name, one named like a
-    spreadsheet formula, and a sub-folder nobody may read holding a third photo."""
+    spreadsheet formula, a sub-folder nobody may read holding a third photo, and a fourth photo 1,100
+    folders deep (Python 3.11's os.walk and shutil.rmtree recurse: both fail there)."""
     root = tmp_path_factory.mktemp('odd') / 'photos'
     root.mkdir()
     photos[0].save(root / 'P0.jpg', quality=90)
@@ -50,8 +51,17 @@ def odd_folder(tmp_path_factory, photos) -> Path:
     (root / 'locked').mkdir()
     photos[2].save(root / 'locked' / 'P2.jpg')
     os.chmod(root / 'locked', 0)
+    deep = [root / 'deep']
+    for _ in range(1100):
+        deep.append(deep[-1] / 'd')
+    for folder in deep:  # one by one: os.makedirs recurses too
+        folder.mkdir()
+    photos[3].save(deep[-1] / 'P3.jpg')
     yield root
     os.chmod(root / 'locked', 0o755)
+    (deep[-1] / 'P3.jpg').unlink()
+    for folder in reversed(deep):  # pytest's clean-up (shutil.rmtree) would recurse
+        folder.rmdir()
 
 
 def test_odd_folders_skip_and_name_what_they_cannot_use_and_two_embeds_do_not_mix(odd_folder, small_ckpt,
@@ -72,14 +82,14 @@ def test_odd_folders_skip_and_name_what_they_cannot_use_and_two_embeds_do_not_mi
     assert_one_line_error(second, 'another towhee-isc embed is writing')
     stdout, stderr = first.communicate(timeout=300)
     assert first.returncode == 0, stderr
-    assert 'wrote 5 descriptors' in stdout
+    assert 'wrote 6 descriptors' in stdout
     lines = stderr.splitlines()
     # The loop is listed under its own name, like a broken link; the folder and the name are named, not hidden.
     assert any(f"{odd_folder / 'loop.jpg'}: " in line and 'symbolic links' in line for line in lines), stderr
     assert any("skipped folder" in line and 'locked' in line and 'Permission denied' in line for line in lines), stderr
     assert any("caf\\xe9.jpg" in line and 'not valid UTF-8' in line for line in lines), stderr
     ids, vectors = read_descriptors(out)
-    assert ids == ['=HYPERLINK(1)', 'P0', 'P1', 'link_a', 'link_b']  # each link its own image, by its own name
+    assert ids == ['=HYPERLINK(1)', 'P0', 'P1', 'P3', 'link_a', 'link_b']  # each link its own image, by its own name
     v = dict(zip(ids, vectors))
     assert float(v['link_a'] @ v['P0']) > 0.9999 and float(v['link_b'] @ v['P0']) > 0.9999
     assert sorted(p.name for p in tmp_path.iterdir()) == ['out.h5']  # no lock, no parts left
@@ -136,6 +146,14 @@ def test_identical_copies_meet_threshold_one_and_outputs_never_replace_inputs(tm
                         '--threshold', '1.0', '-o', tmp_path / 'twice.h5')
     assert_one_line_error(result, f"output '{tmp_path / 'twice.h5'}' is also an input")
     assert (tmp_path / 'twice.h5').read_bytes() == before
+    # Nor a photo: `embed -o photos/*.jpg`, which the shell expands to `-o photos/a.jpg photos/b.jpg`.
+    (tmp_path / 'photos').mkdir()
+    for name in ('a.jpg', 'b.jpg'):
+        (tmp_path / 'photos' / name).write_bytes(b'\xff\xd8\xff\xe0 a photo ' + name.encode())
+    result = towhee_isc('embed', '-o', tmp_path / 'photos' / 'a.jpg', tmp_path / 'photos' / 'b.jpg')
+    assert_one_line_error(result, f"output '{tmp_path / 'photos' / 'a.jpg'}' is an existing image or video: writing "
+                                  'it would destroy it')
+    assert (tmp_path / 'photos' / 'a.jpg').read_bytes() == b'\xff\xd8\xff\xe0 a photo a.jpg'
     # Nor a FIFO or a device (`-o /dev/null`, as root, would replace the machine's /dev/null with a file).
     os.mkfifo(tmp_path / 'fifo')
     result = towhee_isc('search', tmp_path / 'twice.h5', '--references', tmp_path / 'twice.h5', '-k', 2,
@@ -256,3 +274,20 @@ def test_a_descriptor_file_declaring_more_data_than_memory_is_refused_from_its_h
             archive.writestr(f'{name}.npy', buffer.getvalue())
     result = towhee_isc('video', 'dedup', tmp_path / 'bomb.npz', '-o', tmp_path / 'groups.json', timeout=120)
     assert_one_line_error(result, "declares 953.7 GiB of arrays, more than")
+
+
+def test_a_descriptor_file_whose_data_lie_in_other_files_is_refused(tmp_path):
+    """HDF5 lets a dataset keep its bytes in any other file: ids read from the user's secret would go into
+    the CSV (and a report or the service's answers). Such a file is refused, naming the dataset."""
+    import h5py
+    secret = tmp_path / 'secret.txt'
+    secret.write_text('API_KEY=hunter2 and more of this private file\n')
+    with h5py.File(tmp_path / 'crafted.h5', 'w') as f:
+        f.create_dataset('vectors', data=unit(np.ones((2, 8))))
+        f.create_dataset('image_names', shape=(2,), dtype='S16', external=[(str(secret), 0, 32)])
+    with h5py.File(tmp_path / 'crafted.h5') as f:
+        assert list(f['image_names'][()]) == [b'API_KEY=hunter2 ', b'and more of this']  # what h5py reads
+    result = towhee_isc('dedup', tmp_path / 'crafted.h5', '--threshold', '0.5', '-o', tmp_path / 'groups.csv')
+    assert_one_line_error(result, "'image_names' is stored outside the file (an HDF5 link, external or virtual "
+                                  'dataset): descriptor files must hold their own data')
+    assert not (tmp_path / 'groups.csv').exists()

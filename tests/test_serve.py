@@ -81,12 +81,31 @@ def refs_h5(copy_set, small_ckpt) -> Path:
 
 
 @pytest.fixture(scope='module')
-def service(copy_set, refs_h5, small_ckpt, milvus_server):
+def ghostscript(tmp_path_factory) -> dict:
+    """Environment whose PATH finds a stand-in for Ghostscript (Pillow runs ``gs`` on an EPS file): it
+    answers ``gs --version`` as the real one does, and on a file does what a PostScript ``{ } loop``
+    makes the real one do, runs on, after leaving a mark (the file ``ran``) that it was given the file."""
+    folder = tmp_path_factory.mktemp('ghostscript')
+    (folder / 'gs').write_text(f'#!/bin/sh\n[ "$1" = --version ] && {{ echo 10.05.0; exit 0; }}\n'
+                               f'echo "$@" >> {folder}/ran\nsleep 120\n')
+    (folder / 'gs').chmod(0o755)
+    return {'PATH': f'{folder}{os.pathsep}{os.environ["PATH"]}', 'ran': folder / 'ran'}
+
+
+def postscript_loop() -> bytes:
+    """A 60-byte EPS file whose program never ends."""
+    return b'%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\n{ } loop\n'
+
+
+@pytest.fixture(scope='module')
+def service(copy_set, refs_h5, small_ckpt, milvus_server, ghostscript):
     """``towhee-isc serve`` on a collection of a Milvus server with authentication, indexed by
-    ``towhee-isc index`` (README's order); its own HOME, to look at the Ray token it writes."""
+    ``towhee-isc index --token`` (README's order); serve is given the token in its environment, where
+    other users cannot read it; its own HOME, to look at the Ray token it writes; Ghostscript (a
+    stand-in) on its PATH."""
     root, model = copy_set, ['--checkpoint', small_ckpt]
-    server = ['--milvus-uri', milvus_server.uri, '--token', milvus_server.token, '--collection', COLLECTION]
-    done = towhee_isc('index', refs_h5, *server, *model)
+    server = ['--milvus-uri', milvus_server.uri, '--collection', COLLECTION]
+    done = towhee_isc('index', refs_h5, *server, '--token', milvus_server.token, *model)
     assert done.returncode == 0, done.stderr[-3000:]
     port, home, log = free_port(), root / 'home', root / 'serve.log'
     home.mkdir()
@@ -95,7 +114,9 @@ def service(copy_set, refs_h5, small_ckpt, milvus_server):
             process = subprocess.Popen(
                 [sys.executable, '-m', 'towhee_isc', 'serve', *server, '--host', '127.0.0.1', '--port', str(port),
                  '--max-batch-size', '8', '--max-body-mb', str(MAX_BODY_MB), '--upload-timeout', str(UPLOAD_TIMEOUT_S),
-                 *map(str, model)], stdout=out, stderr=subprocess.STDOUT, env={**os.environ, 'HOME': str(home)})
+                 *map(str, model)], stdout=out, stderr=subprocess.STDOUT,
+                env={**os.environ, 'HOME': str(home), 'PATH': ghostscript['PATH'],
+                     'TOWHEE_ISC_MILVUS_TOKEN': milvus_server.token})
         running = Service(process, f'http://127.0.0.1:{port}', log, home)
         if wait_ready(running, retry_ray_start=attempt == 1):
             break
@@ -206,9 +227,13 @@ def test_an_upload_gets_the_operators_vector_as_body_or_as_form(service, small_o
         assert np.abs(np.asarray(answer['embedding'], np.float32) - expected).max() <= 1e-5
 
 
-def test_concurrent_uploads_each_get_their_own_vector_and_crafted_ones_fail_alone(service, small_op, photos):
+def test_concurrent_uploads_each_get_their_own_vector_and_crafted_ones_fail_alone(service, small_op, photos,
+                                                                                 ghostscript):
+    """Crafted uploads among good ones: each fails alone with its reason; an EPS never reaches Ghostscript
+    (its endless program would hold the batch, and every request behind it, for ever)."""
     good = [encoded(p.resize((200 + 10 * i, 150)), 'PNG') for i, p in enumerate(photos[:5])]
     crafted = {b'<html>not an image</html>': 'is not an image',
+               postscript_loop(): 'is not an image',
                dds_of_unknown_pixel_format(): 'NotImplementedError: Unknown pixel format flags 0',
                spider_of_broken_stack(): 'AttributeError',
                jpeg_of_many_scans(): 'a JPEG of 1009 scans, over the limit of 50'}
@@ -223,6 +248,7 @@ def test_concurrent_uploads_each_get_their_own_vector_and_crafted_ones_fail_alon
             assert np.abs(np.asarray(answer['embedding'], np.float32) - small_op(body)).max() <= 1e-5
     status, health = get(service.url + '/health')
     assert status == 200 and sum(int(size) * n for size, n in health['batch_sizes'].items()) >= len(uploads)
+    assert not ghostscript['ran'].exists()
 
 
 def test_search_gives_what_the_search_command_gives(service, copy_set, small_ckpt, tmp_path):
@@ -327,6 +353,8 @@ def test_health_names_no_paths_or_addresses_and_the_ray_token_is_private(service
     assert str(copy_set) not in text and milvus_server.uri not in text and milvus_server.token not in text
     token = service.home / '.ray' / 'auth_token'
     assert stat.S_IMODE(token.stat().st_mode) == 0o600, oct(token.stat().st_mode)
+    # The Milvus token came in the environment: the command line, which every user may read, lacks it.
+    assert milvus_server.token not in Path(f'/proc/{service.process.pid}/cmdline').read_text()
 
 
 def test_what_cannot_work_is_one_line_at_start_up(refs_h5, small_ckpt, tmp_path):
@@ -386,20 +414,23 @@ def test_milvus_lite_listens_on_a_private_socket_not_a_tcp_port(tmp_path):
     assert opened['collections'] == [] and closed == {'folder_left': False}
 
 
-def test_embed_skips_crafted_files_by_name_and_embeds_the_rest(copy_set, small_ckpt, tmp_path):
+def test_embed_skips_crafted_files_by_name_and_embeds_the_rest(copy_set, small_ckpt, ghostscript, tmp_path):
     """The decoding bounds live where every route reads images: a folder with a DDS Pillow cannot
-    decode, a broken SPIDER header and a JPEG of 1,009 scans embeds its one photo and lists the others."""
+    decode, a broken SPIDER header, a JPEG of 1,009 scans and an endless EPS program named .jpg (Ghostscript on
+    the PATH) embeds its one photo and lists the others, without ever running Ghostscript."""
     folder = tmp_path / 'mixed'
     folder.mkdir()
     (folder / 'photo.jpg').write_bytes((copy_set / 'references' / 'R000001.jpg').read_bytes())
     crafted = {'texture.jpg': (dds_of_unknown_pixel_format(), 'NotImplementedError'),
                'scan.jpg': (spider_of_broken_stack(), 'AttributeError'),
-               'slow.jpg': (jpeg_of_many_scans(), '1009 scans')}
+               'slow.jpg': (jpeg_of_many_scans(), '1009 scans'),
+               'page.jpg': (postscript_loop(), 'is not an image')}
     for name, (data, _) in crafted.items():
         (folder / name).write_bytes(data)
-    done = towhee_isc('embed', folder, '-o', tmp_path / 'out.h5', '--quiet', '--checkpoint', small_ckpt)
+    done = towhee_isc('embed', folder, '-o', tmp_path / 'out.h5', '--quiet', '--checkpoint', small_ckpt,
+                      env={'PATH': ghostscript['PATH']}, timeout=100)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert read_descriptors(tmp_path / 'out.h5')[0] == ['photo']
+    assert read_descriptors(tmp_path / 'out.h5')[0] == ['photo'] and not ghostscript['ran'].exists()
     for name, (_, reason) in crafted.items():
         assert any(name in line and reason in line for line in done.stderr.splitlines()), (name, done.stderr)
 
@@ -470,3 +501,36 @@ def test_a_replica_that_cannot_start_again_ends_the_service_with_one_line(servic
     # Ray's raylet reports the killed worker on the console too; the command's own last word is one line.
     assert code == 2 and lines[-1].startswith('error: ') and 'Traceback' not in service.output(), lines[-5:]
     assert 'a replica could not start again' in lines[-1] and f"unknown collection '{COLLECTION}'" in lines[-1], lines[-1]
+
+
+def test_a_ray_start_that_timed_out_is_tried_once_more_after_stopping_its_processes(monkeypatch, capsys):
+    """Ray's raylet has a fixed 30 s to register: on a busy machine the first local start may fail with
+    RAY_START_TIMED_OUT. ``serve`` starts Ray once more, after killing what the failed start left running
+    (here a stand-in process), and nothing that ran before; a second failure, or one joining a cluster, is final."""
+    import types
+    from towhee_isc.workflow.ray import start_ray
+    before = subprocess.Popen(['sleep', '60'])
+    time.sleep(0.05)  # processes are told apart by their start, in clock ticks (10 ms)
+    left, calls = [], []
+
+    def init(address, **settings):
+        calls.append(address)
+        if len(calls) == 1 or address != 'local' or fail_always:
+            time.sleep(0.05)  # Ray starts its processes a while after the call (ticks of 10 ms tell them apart)
+            left.append(subprocess.Popen(['sleep', '60']))  # what the failed start leaves: its raylet, say
+            raise Exception(f'{RAY_START_TIMED_OUT}. This could happen because ...')
+    monkeypatch.setitem(sys.modules, 'ray', types.SimpleNamespace(init=init, shutdown=lambda: None))
+    try:
+        fail_always = False
+        start_ray(None)
+        assert calls == ['local', 'local'] and 'starting it once more' in capsys.readouterr().err
+        assert left[0].wait(timeout=10) == -signal.SIGKILL and before.poll() is None
+        for address, fail_always, tries in [('127.0.0.1:6379', False, 1), (None, True, 2)]:
+            calls.clear()
+            with pytest.raises(Exception, match=RAY_START_TIMED_OUT):
+                start_ray(address)
+            assert len(calls) == tries
+    finally:
+        for process in [before, *left]:
+            process.kill()
+            process.wait()

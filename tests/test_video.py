@@ -3,6 +3,7 @@ the tests make with PyAV (64 x 64, 10 s at 10 fps), plus the pieces (frame readi
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,8 @@ FPS, SIZE = 10, (64, 64)
 def videos(tmp_path_factory, small_ckpt):
     """R000001 (10 s); R000002 (10 s, stored sideways with rotation metadata); Q000001: 4 s of other
     photos, then R000001's seconds 1-7 rescaled and brightened (ground truth: query 4-10 s = ref 1-7 s),
-    then 2 s more; bad files: text named .mp4, audio only, truncated. Queries embedded in-process."""
+    then 2 s more; bad files: text named .mp4, audio only, truncated, 3 frames spread over 116 days. Queries
+    embedded in-process."""
     from towhee_isc.video.embed import embed_videos
     from towhee_isc.workflow.embedding import Embedder
     root = tmp_path_factory.mktemp('videos')
@@ -47,9 +49,24 @@ def videos(tmp_path_factory, small_ckpt):
     (bad / 'notes.mp4').write_text('not a video')
     data = (root / 'refs' / 'R000001.mp4').read_bytes()
     (bad / 'cut.mp4').write_bytes(data[:len(data) // 2])
+    frames_at_seconds(bad / 'days.mkv', [0, 1, 10_000_000])
+    os.mkfifo(bad / 'pipe.mp4')
     embed_videos([root / 'queries'], str(root / 'queries.npz'), Embedder(checkpoint_path=small_ckpt, device='cpu'),
                  quiet=True)
     return root, ref1, ref2
+
+
+def frames_at_seconds(path: Path, seconds: list[int]) -> None:
+    """A tiny video whose frames are shown at these times: sampling would give one frame a second between."""
+    import av
+    with av.open(str(path), 'w') as container:
+        stream = container.add_stream('mpeg4', rate=1)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, 'yuv420p'
+        packets = [p for i in range(len(seconds)) for p in stream.encode(
+            av.VideoFrame.from_ndarray(np.full((48, 64, 3), 60 * i, np.uint8), 'rgb24'))] + list(stream.encode())
+        for packet, second in zip(packets, seconds):
+            packet.pts = packet.dts = int(second / (packet.time_base or stream.codec_context.time_base))
+            container.mux(packet)
 
 
 def test_frames_are_sampled_at_the_middle_of_each_second_and_turned_upright(videos):
@@ -81,7 +98,9 @@ def test_video_embed_writes_vscs_npz_and_lists_the_videos_it_skips(videos, small
                         '--device', 'cpu', '--quiet')
     assert result.returncode == 0, result.stderr
     assert 'wrote 20 frame descriptors of 2 video(s)' in result.stdout
-    assert 'skipped 2 unreadable video(s)' in result.stderr and 'notes.mp4' in result.stderr and 'cut.mp4' in result.stderr
+    assert 'skipped 4 unreadable video(s)' in result.stderr and "pipe.mp4' is not a regular file" in result.stderr and 'notes.mp4' in result.stderr and 'cut.mp4' in result.stderr
+    # An 833-byte file whose last frame comes 116 days after its first is no month of work: 4 hours is the default bound.
+    assert "days.mkv' lasts 10000001.0 s, over --max-duration 14400 s" in result.stderr
     with np.load(out) as data:  # VSC's descriptor format, read as VSC's storage.load_features does
         assert list(data['video_ids']) == ['R000001'] * 10 + ['R000002'] * 10
         assert data['features'].dtype == np.float32 and data['features'].shape == (20, 256)

@@ -8,6 +8,11 @@ import json
 import sys
 from typing import Callable
 
+# Sampling costs one embedding a second of video, whatever the file's size: a crafted 833-byte file whose
+# last frame sits 116 days after its first would be embedded for weeks (and its vectors fill the memory).
+# Feature films fit in this bound; --max-duration raises it.
+MAX_DURATION_S = 4 * 3600.0
+
 
 def add_parser(commands, with_model: Callable[[argparse.ArgumentParser], argparse.ArgumentParser]) -> None:
     """Add ``video`` and its subcommands to the top-level subparsers; ``with_model`` adds the model flags."""
@@ -20,8 +25,9 @@ def add_parser(commands, with_model: Callable[[argparse.ArgumentParser], argpars
     p.add_argument('videos', nargs='+', help='video files, folders (recursive), globs')
     p.add_argument('-o', '--output', required=True, help="descriptor file (.npz, VSC's format)")
     p.add_argument('--fps', type=positive_float, default=1.0, help='frames sampled per second (default 1, as VSC)')
-    p.add_argument('--max-duration', type=positive_float, metavar='SECONDS',
-                   help='skip (or with --strict refuse) longer videos, before decoding them')
+    p.add_argument('--max-duration', type=positive_float, metavar='SECONDS', default=MAX_DURATION_S,
+                   help='skip (or with --strict refuse) longer videos, before decoding them where the file says its '
+                        f'length (default {MAX_DURATION_S:g}: 4 hours)')
     p.add_argument('--quiet', action='store_true', help='no progress bar')
     group = p.add_argument_group("on a Ray cluster (pip install 'towhee-isc[ray]')")
     group.add_argument('--ray-address', help="one task per video on the Ray cluster at 'auto' or HOST:PORT; videos, "
@@ -68,12 +74,13 @@ def add_parser(commands, with_model: Callable[[argparse.ArgumentParser], argpars
 
 def with_milvus(p: argparse.ArgumentParser, collection_default: str | None = 'isc_video') -> argparse.ArgumentParser:
     from ..defaults import DEFAULT_MILVUS_URI
+    from ..workflow.cli import add_token
     p.add_argument('--collection', default=collection_default,
                    help='Milvus collection of reference frames' + (f' (default {collection_default})' if
                                                                     collection_default else ' (filled by video index)'))
     p.add_argument('--milvus-uri', default=DEFAULT_MILVUS_URI,
                    help='a Milvus Lite file (default ./isc.db) or http://host:19530 for a server')
-    p.add_argument('--token', help="a Milvus server's 'user:password' or API key, where it requires one")
+    add_token(p)
     return p
 
 

@@ -47,7 +47,7 @@ def _open(path: Path):
     try:
         regular_file(path)
     except ImageError as e:
-        raise VideoError(str(e).replace('image file', 'video file').replace('an image file', 'a video file')) from None
+        raise VideoError(str(e).replace('an image file', 'a video file').replace('image file', 'video file')) from None
     if path.stat().st_size == 0:
         raise VideoError(f'{str(path)!r} is empty (0 bytes)')
     try:
@@ -190,7 +190,8 @@ def find_videos(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found += sorted(p for p in path.rglob('*') if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file())
+            from ..workflow.descriptors import files_under  # a pipe or a link loop is then skipped and listed
+            found += files_under(path, VIDEO_SUFFIXES)
         elif any(c in str(item) for c in '*?[') and not path.exists():
             found += sorted(Path(p) for p in glob.glob(str(item), recursive=True)
                             if Path(p).suffix.lower() in VIDEO_SUFFIXES)

@@ -278,7 +278,7 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument('--milvus-uri', default=DEFAULT_MILVUS_URI,
                        help='a Milvus Lite file (default ./isc.db) or http://host:19530 for a server')
         p.add_argument('--collection', default='isc')
-        p.add_argument('--token', help="a Milvus server's 'user:password' or API key, where it requires one")
+        add_token(p)
         return p
 
     def with_index_type(p):
@@ -343,7 +343,7 @@ def parser() -> argparse.ArgumentParser:
     with_report_images(p)
     p.add_argument('--milvus-uri', help='find neighbours through this Milvus (for collections beyond one machine)')
     p.add_argument('--collection', default='isc_dedup')
-    p.add_argument('--token', help="a Milvus server's 'user:password' or API key, where it requires one")
+    add_token(p)
     p.add_argument('-k', type=positive_int, default=100, help='with --milvus-uri: neighbours looked at per image')
     p.add_argument('--exact', action='store_true', help='exact search even for large collections (slow beyond ~100,000)')
     p.set_defaults(run=cmd_dedup)
@@ -428,6 +428,17 @@ def positive_float(text: str) -> float:
     return value
 
 
+TOKEN_VARIABLE = 'TOWHEE_ISC_MILVUS_TOKEN'
+
+
+def add_token(p: argparse.ArgumentParser) -> None:
+    """``--token``, by default from the environment: a command line is readable by every user of the
+    machine (``ps``), a process's environment only by its owner."""
+    p.add_argument('--token', default=os.environ.get(TOKEN_VARIABLE),
+                   help=f"a Milvus server's 'user:password' or API key, where it requires one (default: "
+                        f"${TOKEN_VARIABLE}; prefer it on a shared machine, where others see command lines)")
+
+
 def finite_float(text: str) -> float:
     try:
         value = float(text)
@@ -454,14 +465,21 @@ INPUTS = ('inputs', 'queries', 'references', 'score_norm', 'negatives', 'descrip
 
 
 def check_outputs(args: argparse.Namespace) -> None:
-    """Each output can be written and is none of the inputs (``search q.h5 -o q.h5`` would replace the
-    queries with CSV)."""
+    """Each output can be written, is none of the inputs (``search q.h5 -o q.h5`` would replace the
+    queries with CSV) and no existing image or video (``embed -o photos/*.jpg``, expanded by the shell,
+    or ``dedup photos -o photos/a.jpg``, would replace a photo that is no input, or one the folder gives)."""
+    from ..video.reader import VIDEO_SUFFIXES
+    from .descriptors import IMAGE_SUFFIXES
     read = [str(p) for name in INPUTS for p in _listed(getattr(args, name, None))]
     for name, what in OUTPUTS.items():
         target = getattr(args, name, None)
         if not target:
             continue
         check_writable(target, what)
+        suffix = os.path.splitext(str(target))[1].lower()
+        if name != 'plot' and os.path.isfile(target) and suffix in IMAGE_SUFFIXES | VIDEO_SUFFIXES:
+            raise ValueError(f'{what} {str(target)!r} is an existing image or video: writing it would destroy it; '
+                             'give another file name')
         for path in read:
             if os.path.exists(target) and os.path.exists(path) and os.path.samefile(target, path):
                 raise ValueError(f'{what} {str(target)!r} is also an input ({path}): writing it would destroy it; '

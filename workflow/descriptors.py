@@ -55,16 +55,36 @@ def find_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
 
 
 def _images_in(folder: Path) -> list[Path]:
-    """Files with an image's suffix under ``folder`` (links to folders are not followed; anything else
-    with an image's name is kept: a pipe or a broken link is then skipped and listed). A sub-folder
-    that cannot be read is skipped with a warning (``Path.rglob`` would hide it)."""
-    def unreadable(error: OSError) -> None:
-        warnings.warn(f'skipped folder {_shown(error.filename)}: {error.strerror or error}; '
-                      'its images are not included')
+    """Files with an image's suffix under ``folder`` (see :func:`files_under`)."""
+    return files_under(folder, IMAGE_SUFFIXES)
 
-    found = []
-    for root, _, files in os.walk(folder, onerror=unreadable):
-        found += (Path(root, name) for name in files if Path(name).suffix.lower() in IMAGE_SUFFIXES)
+
+def files_under(folder: Path, suffixes: set[str]) -> list[Path]:
+    """Files with one of ``suffixes`` under ``folder``, sorted. Links to folders are not followed; anything
+    else with such a name is kept (a pipe or a broken link is then skipped and listed when read). A
+    sub-folder that cannot be read is skipped with a warning (``Path.rglob`` would hide it). Walked with a
+    list, not recursion: a folder nested thousands deep (a crafted archive) made ``os.walk`` of Python
+    3.11 fail with RecursionError, ending the whole run."""
+    found, todo = [], [str(folder)]
+    while todo:
+        top = todo.pop()
+        try:
+            with os.scandir(top) as listing:
+                entries = list(listing)
+        except OSError as error:
+            warnings.warn(f'skipped folder {_shown(error.filename or top)}: {error.strerror or error}; '
+                          'nothing in it is included')
+            continue
+        for entry in entries:
+            try:
+                is_folder = entry.is_dir()
+            except OSError:
+                is_folder = False
+            if is_folder:
+                if not entry.is_symlink():
+                    todo.append(entry.path)
+            elif Path(entry.name).suffix.lower() in suffixes:
+                found.append(Path(entry.path))
     return sorted(found)
 
 
@@ -122,6 +142,7 @@ def read_descriptors(path: str | os.PathLike, dim: int | None = None) -> tuple[l
             if not isinstance(f.get('vectors'), h5py.Dataset) or not isinstance(f.get('image_names'), h5py.Dataset):
                 raise DescriptorFileError(f"{path!r} has no 'vectors' and 'image_names' datasets "
                                           f'(it has {sorted(f.keys())})')
+            check_stored_inside(path, f, 'vectors', 'image_names')
             check_fits_in_memory(path, f['vectors'], f['image_names'])
             vectors, names = f['vectors'][()], f['image_names'][()]
     except DescriptorFileError:
@@ -152,6 +173,20 @@ def read_descriptors(path: str | os.PathLike, dim: int | None = None) -> tuple[l
         raise DescriptorFileError(f'{path!r} holds vectors that are not L2-normalised (row {off[0]} has norm '
                                   f'{norms[off[0]]:.4g}); normalise them, as the operator does')
     return ids, vectors
+
+
+def check_stored_inside(path: str, f, *names: str) -> None:
+    """Refuse datasets whose data lie outside the descriptor file: HDF5 lets a dataset be a link to
+    another file, keep its bytes in any other file (external storage) or map other files (a virtual
+    dataset). A file from someone else could then make ids, paths or reports carry the contents of
+    this user's files (an id read from ~/.ssh/id_rsa)."""
+    import h5py
+    for name in names:
+        dataset = f[name]
+        if (not isinstance(f.get(name, getlink=True), h5py.HardLink) or dataset.external
+                or dataset.is_virtual):
+            raise DescriptorFileError(f'{path!r}: {name!r} is stored outside the file (an HDF5 link, external '
+                                      'or virtual dataset): descriptor files must hold their own data')
 
 
 def available_memory() -> int | None:
@@ -259,6 +294,7 @@ def read_image_paths(path: str | os.PathLike) -> list[str] | None:
     with h5py.File(str(path), 'r') as f:
         if not isinstance(f.get('image_paths'), h5py.Dataset):
             return None
+        check_stored_inside(str(path), f, 'image_paths')
         return [p.decode() if isinstance(p, bytes) else str(p) for p in f['image_paths'][()]]
 
 

@@ -141,9 +141,9 @@ class Components:
 def _keep_rank(path: str | None) -> tuple[int, int]:
     if path is None or not os.path.isfile(path):
         return (0, 0)
-    from PIL import Image
+    from ..images import open_image
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             pixels = image.width * image.height
     except OSError:
         pixels = 0

@@ -17,6 +17,7 @@ import ipaddress
 import logging
 import math
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -454,3 +455,62 @@ def _embed_on_cluster(images: list[Path], output: str, address: str, isc_kwargs:
             chunks.close()
         if joined:
             ray.shutdown()
+
+
+# Ray gives a new local raylet a fixed 30 s to register with its GCS (ray/_private/node.py, no setting); on
+# a loaded machine it sometimes takes longer and ray.init fails with this. A second start then succeeds.
+RAY_START_TIMED_OUT = 'The current node timed out during startup'
+
+
+def start_ray(ray_address: str | None) -> None:
+    """``ray.init``: join the cluster at ``ray_address``, or start a local Ray, once more if its raylet
+    did not register in time (the processes of the failed start are stopped first, by PID)."""
+    import ray
+    for attempt in (1, 2):
+        began = _clock_ticks_since_boot()
+        try:
+            ray.init(address=ray_address or 'local', include_dashboard=False, log_to_driver=False,
+                     logging_level='WARNING')
+            return
+        except Exception as e:
+            if ray_address is not None or attempt == 2 or RAY_START_TIMED_OUT not in str(e):
+                raise
+            ray.shutdown()
+            _stop_processes_started_since(began)
+            print('Ray did not start within its fixed 30 s (a busy machine?): starting it once more',
+                  file=sys.stderr, flush=True)
+
+
+def _clock_ticks_since_boot() -> int | None:
+    try:
+        return int(float(Path('/proc/uptime').read_text().split()[0]) * os.sysconf('SC_CLK_TCK'))
+    except (OSError, ValueError):
+        return None  # not Linux: the failed start's processes end with this one (Ray's reaper)
+
+
+def _stop_processes_started_since(began: int | None) -> None:
+    """SIGKILL this process's descendants that started after ``began`` (clock ticks since boot, 10 ms):
+    the failed Ray start's GCS, raylet and workers, and nothing that was running before."""
+    if began is None:
+        return
+    parents: dict[int, int] = {}
+    started: dict[int, int] = {}
+    for entry in os.listdir('/proc'):
+        if entry.isdigit():
+            try:
+                fields = Path(f'/proc/{entry}/stat').read_text().rsplit(')', 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            parents[int(entry)], started[int(entry)] = int(fields[1]), int(fields[19])
+    mine, todo = [], [os.getpid()]
+    while todo:
+        parent = todo.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent]
+        mine += children
+        todo += children
+    for pid in mine:
+        if started[pid] > began:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass

@@ -39,6 +39,7 @@ from .embedding import Embedder, check_same_model
 from .engines import meets
 from .matching import search_exact
 from .milvus import MilvusIndex, _is_lite
+from .ray import start_ray
 
 logger = logging.getLogger('towhee_isc.serve')
 
@@ -466,8 +467,7 @@ def run_service(settings: ServiceSettings, host: str = '127.0.0.1', port: int = 
             # Serve kills an HTTP proxy not ready within 5 s, and serve.start then fails: on a busy machine
             # a new worker process can take longer than that to start. The local Ray's processes inherit it.
             os.environ.setdefault('RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S', '60')
-        ray.init(address=ray_address or 'local', include_dashboard=False, log_to_driver=False,
-                 logging_level='WARNING')
+        start_ray(ray_address)  # once more if the local raylet was slow to register
         signal.signal(signal.SIGTERM, _stop)  # again: ray.init installs its own
         try:
             check_room(replicas, num_gpus, ray.cluster_resources(), 'the Ray cluster')
