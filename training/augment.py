@@ -267,7 +267,7 @@ def recipe(input_size: int, mean: Sequence[float], std: Sequence[float], ncrops:
            pool: Sequence[Any] = (), hard_p_scale: float = 1.0) -> Views:
     """The winner's moderate and hard views at ``input_size``; ``pool`` are the training images that
     hard views may be overlaid with. ``hard_p_scale`` (0-1) multiplies the probability of each of the
-    hard view's edits (not its crop, overlay or flips): 1 is the winner's (about 4.5 edits a view), 0.5
+    hard view's edits (not its crop, overlay or flips): 1 is the winner's (about 4.4 edits a view), 0.5
     gentler views that a small network learns from in fewer steps."""
     def p(winner: float) -> float:
         return winner * hard_p_scale
