@@ -2,7 +2,7 @@
 CPU minutes, then compare it with the same network untrained and with a perceptual hash on a held-out copy
 set, per kind of edit.
 
-    nice -n 19 python benchmarks/train_quality.py --seeds 0 1 --epochs 2 --batch-size 16 --ncrops 3 --hard-p-scale 0.5 --cpu-minutes 10 --dead-leaves 0 --photo-leaves 1500
+    nice -n 19 python benchmarks/train_quality.py --seeds 0 1 --epochs 2 --batch-size 16 --hard-p-scale 0.5 --cpu-minutes 10 --dead-leaves 0 --photo-leaves 1500
 
 The data is what this machine has, nothing downloaded:
 - real photos shipped with scikit-image (and matplotlib's Grace Hopper), split by photo into a training
