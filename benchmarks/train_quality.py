@@ -2,7 +2,7 @@
 CPU minutes, then compare it with the same network untrained and with a perceptual hash on a held-out copy
 set, per kind of edit.
 
-    nice -n 19 python benchmarks/train_quality.py --seeds 0 1 --epochs 2 --batch-size 16 --cpu-minutes 4 --dead-leaves 0 --photo-leaves 1500
+    nice -n 19 python benchmarks/train_quality.py --seeds 0 1 --epochs 2 --batch-size 16 --hard-p-scale 0.5 --cpu-minutes 10 --dead-leaves 0 --photo-leaves 1500
 
 The data is what this machine has, nothing downloaded:
 - real photos shipped with scikit-image (and matplotlib's Grace Hopper), split by photo into a training
@@ -305,7 +305,8 @@ def run_seed(copy_set: CopySet, args, seed: int) -> dict[str, dict[str, dict]]:
     results['untrained'] = network_scores(untrained)
     with tempfile.TemporaryDirectory() as tmp:
         config = TrainConfig(output_dir=tmp, epochs=args.epochs, batch_size=args.batch_size, init_lr=args.lr,
-                             weight_decay=args.weight_decay, ncrops=args.ncrops, memory_size=args.memory_size,
+                             weight_decay=args.weight_decay, ncrops=args.ncrops,
+                             hard_p_scale=args.hard_p_scale, memory_size=args.memory_size,
                              gem_p=args.train_gem_p, input_size=args.input_size, seed=seed, workers=args.workers,
                              device='cpu', quiet=True)
         losses: list[float] = []
@@ -354,6 +355,7 @@ def main() -> None:
     parser.add_argument('--lr', type=float, default=0.1)
     parser.add_argument('--weight-decay', type=float, default=1e-6)
     parser.add_argument('--ncrops', type=int, default=2)
+    parser.add_argument('--hard-p-scale', type=float, default=1.0, help="times each hard-view edit's probability")
     parser.add_argument('--memory-size', type=int, default=1024)
     parser.add_argument('--train-gem-p', type=float, default=1.0)
     parser.add_argument('--eval-gem-p', type=float, default=1.0)

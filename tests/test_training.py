@@ -117,6 +117,18 @@ def test_every_augmentation_takes_every_image_mode(photos):
         assert np.abs(np.asarray(augmentation(rgb.copy()).resize(rgb.size), float) - np.asarray(rgb, float)).mean() > 0.5, augmentation
 
 
+def test_hard_p_scale_multiplies_each_hard_edit_probability_only():
+    mean_std = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    winner, gentle = (augment.recipe(32, *mean_std, hard_p_scale=scale).hard.transforms for scale in (1.0, 0.5))
+    def probabilities(hard):
+        edits = [hard[0]] + hard[2].augmentations
+        return [e.p for e in edits], hard[-1].erase.p
+    (p1, erase1), (p05, erase05) = probabilities(winner), probabilities(gentle)
+    flips = {0.5, 0.1}  # horizontal and vertical flips are not edits a copy makes hard
+    assert [p if p in flips else p / 2 for p in p1] == p05 and erase05 == erase1 / 2 == 0.125
+    assert p1[1] == 1.0 and sum(p1) > 2 * sum(p for p in p05 if p not in flips)  # the colour jitter was always on
+
+
 def test_cross_batch_memory_is_the_contrastive_loss_over_memory_pairs():
     """Against a restatement with loops: every (batch item, memory slot) pair except an item with its own
     slot; positives relu(d - 0), negatives relu(1 - d), each averaged over the pairs with a loss."""
@@ -252,6 +264,7 @@ def test_train_takes_towhee_config_and_dataset_and_checks_keys(tmp_path, tiny_ck
     ({'init_lr': 0}, 'init_lr must be a finite number > 0'),
     ({'init_lr': float('nan')}, 'init_lr must be a finite number > 0'),
     ({'batch_size': 16}, '8 readable training images are fewer than batch_size=16'),
+    ({'hard_p_scale': 1.5}, 'hard_p_scale must be between 0 and 1'),
 ])
 def test_bad_settings_are_one_clear_error_and_write_nothing(tmp_path, tiny_ckpt, images, settings, message):
     net, size = initial_net('', str(tiny_ckpt), None, None)

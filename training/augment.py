@@ -264,31 +264,36 @@ class Views:
 
 
 def recipe(input_size: int, mean: Sequence[float], std: Sequence[float], ncrops: int = 2,
-           pool: Sequence[Any] = ()) -> Views:
+           pool: Sequence[Any] = (), hard_p_scale: float = 1.0) -> Views:
     """The winner's moderate and hard views at ``input_size``; ``pool`` are the training images that
-    hard views may be overlaid with."""
+    hard views may be overlaid with. ``hard_p_scale`` (0-1) multiplies the probability of each of the
+    hard view's edits (not its crop, overlay or flips): 1 is the winner's (about 4.4 edits a view), 0.5
+    gentler views that a small network learns from in fewer steps."""
+    def p(winner: float) -> float:
+        return winner * hard_p_scale
+
     moderate = transforms.Compose([
         Torchvision(transforms.RandomResizedCrop(input_size, scale=(0.7, 1.0))),
         Torchvision(transforms.RandomHorizontalFlip()),
         ToNormalizedTensor(input_size, mean, std),
     ])
     hard = transforms.Compose([
-        Rotate(p=0.35),
+        Rotate(p=p(0.35)),
         OverlayImageOrCrop(pool, input_size, overlay_p=0.1),
         Shuffled([
-            Torchvision(transforms.ColorJitter(0.8, 0.8, 0.8, 0.2)),
-            Pixelize(p=0.25),
-            ShufflePixels(factor=0.1, p=0.25),
-            JpegQuality(p=0.35),
-            Torchvision(transforms.Grayscale(3), p=0.25),
-            Blur(p=0.25),
-            Torchvision(transforms.RandomPerspective(p=1.0), p=0.35),
+            Torchvision(transforms.ColorJitter(0.8, 0.8, 0.8, 0.2), p=p(1.0)),
+            Pixelize(p=p(0.25)),
+            ShufflePixels(factor=0.1, p=p(0.25)),
+            JpegQuality(p=p(0.35)),
+            Torchvision(transforms.Grayscale(3), p=p(0.25)),
+            Blur(p=p(0.25)),
+            Torchvision(transforms.RandomPerspective(p=1.0), p=p(0.35)),
             Torchvision(transforms.RandomHorizontalFlip(p=1.0), p=0.5),
             Torchvision(transforms.RandomVerticalFlip(p=1.0), p=0.1),
-            OverlayText(p=0.35),
-            OverlayEmoji(p=0.35),
-            EdgeEnhance(p=0.3),
+            OverlayText(p=p(0.35)),
+            OverlayEmoji(p=p(0.35)),
+            EdgeEnhance(p=p(0.3)),
         ]),
-        ToNormalizedTensor(input_size, mean, std, erase_p=0.25),
+        ToNormalizedTensor(input_size, mean, std, erase_p=p(0.25)),
     ])
     return Views(moderate, hard, ncrops)

@@ -45,6 +45,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     run.add_argument('--weight-decay', type=finite_float, default=DEFAULTS.weight_decay)
     run.add_argument('--memory-size', type=_whole(0), default=DEFAULTS.memory_size, help='cross-batch memory (embeddings)')
     run.add_argument('--ncrops', type=_whole(2), default=DEFAULTS.ncrops, help='views per image')
+    run.add_argument('--hard-p-scale', type=finite_float, default=DEFAULTS.hard_p_scale,
+                     help="times each hard-view edit's probability (1: the winner's; 0.5: gentler, for small networks)")
     run.add_argument('--gem-p', type=finite_float, default=DEFAULTS.gem_p, help='GeM power while training')
     run.add_argument('--input-size', type=_whole(32), help='training crop size (default: --img-size)')
     run.add_argument('--seed', type=_whole(0), default=DEFAULTS.seed)
@@ -67,6 +69,7 @@ def run_command(args: argparse.Namespace) -> None:
     from .run import TrainingInterrupted, initial_net, train
     config = TrainConfig(output_dir=args.output_dir, epochs=args.epochs, batch_size=args.batch_size, init_lr=args.lr,
                          weight_decay=args.weight_decay, memory_size=args.memory_size, ncrops=args.ncrops,
+                         hard_p_scale=args.hard_p_scale,
                          gem_p=args.gem_p, input_size=args.input_size, seed=args.seed, workers=args.workers,
                          device=args.device, precision=args.precision, distributed=args.distributed,
                          resume=args.resume, quiet=args.quiet, pairs=args.pairs, negatives=args.negatives,

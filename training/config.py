@@ -24,6 +24,7 @@ class TrainConfig:
     weight_decay: float = 1e-6          # on weights only; 1-d parameters (biases, norms) get none
     momentum: float = 0.9
     ncrops: int = 2                     # views per image: one moderate, ncrops-1 hard
+    hard_p_scale: float = 1.0           # times each hard-view edit's probability (1: the winner's; 0.5 gentler)
     memory_size: int = 1024             # embeddings of past steps compared with (cross-batch memory)
     pos_margin: float = 0.0             # ContrastiveLoss(pos_margin=0, neg_margin=1)
     neg_margin: float = 1.0
@@ -80,6 +81,9 @@ class TrainConfig:
         number('pos_margin', positive=False)
         number('neg_margin', positive=True)
         number('gem_p', positive=True)
+        number('hard_p_scale', positive=False)
+        if self.hard_p_scale > 1:
+            raise ValueError(f'hard_p_scale must be between 0 and 1 (it multiplies probabilities), got {self.hard_p_scale!r}')
         if self.precision not in PRECISIONS:
             raise ValueError(f'precision must be one of {list(PRECISIONS)}, got {self.precision!r}')
         if not isinstance(self.output_dir, (str, os.PathLike)):

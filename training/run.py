@@ -220,7 +220,8 @@ def _run(items, net: IscNet, img_size: int, config: TrainConfig, resume: dict | 
     if config.pairs is not None:  # items = (pairs, negatives pool): exp/v107.py's second stage
         dataset = PairsDataset(*items, preprocess(net.arch, input_size), config.negatives, config.seed)
     else:
-        dataset = ViewsDataset(items, recipe(input_size, mean_std.mean, mean_std.std, config.ncrops, items), config.seed)
+        dataset = ViewsDataset(items, recipe(input_size, mean_std.mean, mean_std.std, config.ncrops, items,
+                                                config.hard_p_scale), config.seed)
     steps = len(dataset) // config.batch_size
 
     def batches(epoch: int, skip: int):
