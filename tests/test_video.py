@@ -95,8 +95,9 @@ def test_video_embed_writes_vscs_npz_and_lists_the_videos_it_skips(videos, small
     root = videos[0]
     out = root / 'refs.npz'
     result = towhee_isc('video', 'embed', root / 'refs', root / 'bad', '-o', out, '--checkpoint', small_ckpt,
-                        '--device', 'cpu', '--quiet')
+                        '--device', 'cpu')
     assert result.returncode == 0, result.stderr
+    assert 'frames=' not in result.stderr, 'a progress bar drawn into a pipe (stderr is no terminal here)'
     assert 'wrote 20 frame descriptors of 2 video(s)' in result.stdout
     assert 'skipped 4 unreadable video(s)' in result.stderr and "pipe.mp4' is not a regular file" in result.stderr and 'notes.mp4' in result.stderr and 'cut.mp4' in result.stderr
     # An 833-byte file whose last frame comes 116 days after its first is no month of work: 4 hours is the default bound.

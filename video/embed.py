@@ -13,6 +13,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from ..progress import shown
 from .reader import VideoError, find_videos, in_background, sample_frames
 from .storage import Parts, VideoFeatures, write_video_descriptors
 
@@ -100,7 +101,7 @@ def embed_videos(inputs: Sequence[str], output: str, embedder, fps: float = 1.0,
     todo = [n for n in range(len(videos)) if n not in done]
     chunk = _chunk(op)
     bar = None
-    if not quiet:
+    if shown(quiet):  # only where someone watches: a terminal, or TOWHEE_ISC_PROGRESS=1
         from tqdm import tqdm
         bar = tqdm(total=len(videos), initial=len(done), unit='video', file=sys.stderr, smoothing=0.1)
     started, embedded, seconds_embedding = time.perf_counter(), 0, 0.0
