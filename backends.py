@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 from .atomic import atomic_write, exclusive, remove_partials
 from .model import IscNet
+from .progress import shown
 
 BACKENDS = ('auto', 'torch', 'onnxruntime')
 PRECISIONS = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
@@ -157,6 +159,9 @@ def cached_onnx(model: IscNet, img_size: int, key: str | None = None, cache_dir:
         remove_partials(checksum)
         if path.exists():
             warnings.warn(f'the cached ONNX export {str(path)!r} is damaged or unverified: exporting it again')
+        if shown():  # the first use's silent pause after the download bar: say what it is
+            print(f'exporting the network to ONNX for the CPU (once per model, kept in {str(cache_dir)!r})',
+                  file=sys.stderr, flush=True)
         with atomic_write(path) as tmp:
             export_onnx(model, img_size, tmp)
             digest = file_sha256(tmp)
