@@ -89,8 +89,9 @@ def resolve_train_device(config: TrainConfig, local_rank: int | None = None) -> 
         device = torch.device('cuda', config.gpu if local_rank is None else local_rank)
     else:
         if local_rank in (None, 0):
-            warnings.warn(f'no GPU found: training on the CPU (gpu={config.gpu} ignored); this is slow beyond '
-                          'a few hundred small images', stacklevel=3)
+            # No 'gpu=0 ignored': gpu is 0 by default, so most who read this never set it.
+            warnings.warn('no GPU found: training on the CPU; this is slow beyond a few hundred small images',
+                          stacklevel=3)
         device = torch.device('cpu')
     if config.precision != 'fp32' and device.type != 'cuda':
         raise ValueError(f'precision {config.precision!r} is autocast on a CUDA device; on the CPU use fp32')
