@@ -251,6 +251,7 @@ def test_train_takes_towhee_config_and_dataset_and_checks_keys(tmp_path, tiny_ck
     ({'epochs': 0}, 'epochs must be a whole number >= 1'),
     ({'init_lr': 0}, 'init_lr must be a finite number > 0'),
     ({'init_lr': float('nan')}, 'init_lr must be a finite number > 0'),
+    ({'workers': 10**6}, 'workers=1000000 is more than 4 image loading processes per CPU core'),
     ({'batch_size': 16}, '8 readable training images are fewer than batch_size=16'),
 ])
 def test_bad_settings_are_one_clear_error_and_write_nothing(tmp_path, tiny_ckpt, images, settings, message):

@@ -65,6 +65,10 @@ class TrainConfig:
         whole('memory_size', 0)
         whole('seed', 0)
         whole('workers', 0)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+        if self.workers > 4 * cores:  # each is a process: a mistyped 1000000 forked until the system's limit
+            raise ValueError(f'workers={self.workers} is more than 4 image loading processes per CPU core '
+                             f'({cores} here)')
         whole('gpu', 0)
         whole('collapse_steps', 1)
         whole('negatives', 0)
