@@ -146,6 +146,9 @@ def _other_network(ckpt: Checkpoint, weights: Weights) -> str | None:
 # A download gives up when it takes longer than this in all (seconds; TOWHEE_ISC_DOWNLOAD_TIMEOUT), or
 # when fewer than STALL_BYTES arrive in STALL_SECONDS: a server that drips bytes never trips a socket timeout.
 STALL_SECONDS, STALL_BYTES = 60.0, 64 * 1024
+# The published files are a few hundred MB: a mirror sending more (endless, or lying about its size) would
+# fill the disk for an hour before the time limit stops it.
+MAX_DOWNLOAD_BYTES = 2 * 2**30
 
 
 def download_timeout() -> float:
@@ -171,6 +174,9 @@ def _download(url: str, out, target: Path) -> None:
     try:
         with urllib.request.urlopen(url, timeout=STALL_SECONDS) as response:
             expected = response.headers.get('Content-Length')
+            if expected is not None and int(expected) > MAX_DOWNLOAD_BYTES:
+                raise WeightsDownloadError(f'{url} declares {int(expected)} bytes, more than the '
+                                           f'{MAX_DOWNLOAD_BYTES} any published weights need; {fix}')
             # The progress line starts once the server answers: offline, the error line is all there is.
             with Progress(int(expected) if expected else None, f'downloading {target.name}', unit='B', delay=0,
                           scale=True) as progress:
@@ -179,6 +185,9 @@ def _download(url: str, out, target: Path) -> None:
                     progress.advance(len(chunk))
                     received += len(chunk)
                     window_bytes += len(chunk)
+                    if received > MAX_DOWNLOAD_BYTES:
+                        raise WeightsDownloadError(f'{url} sent over {MAX_DOWNLOAD_BYTES} bytes, more than any '
+                                                   f'published weights need; {fix}')
                     now = time.monotonic()
                     if now - started > deadline:
                         raise WeightsDownloadError(f'downloading {url} took over {deadline:g} s ({received} '

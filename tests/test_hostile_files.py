@@ -261,6 +261,16 @@ def test_a_descriptor_file_declaring_more_data_than_memory_is_refused_from_its_h
     assert not (tmp_path / 'isc.db').exists()
     result = towhee_isc('dedup', tmp_path / 'bomb.h5', timeout=120)
     assert_one_line_error(result, "declares 953.7 GiB of data (vectors (1000000000, 256), image_names (1,)), more than")
+    # Good vectors, but the image paths (read for reports) declared as 64 TB: refused from the header too.
+    from towhee_isc.workflow.descriptors import write_descriptors
+    write_descriptors(tmp_path / 'q.h5', ['q'], np.eye(1, 8, dtype=np.float32))
+    with h5py.File(tmp_path / 'paths_bomb.h5', 'w') as f:
+        f.create_dataset('vectors', data=np.eye(1, 8, dtype=np.float32))
+        f.create_dataset('image_names', data=np.array([b'r']))
+        f.create_dataset('image_paths', shape=(10**12,), dtype='S64', compression='gzip', chunks=(2**16,))
+    result = towhee_isc('search', tmp_path / 'q.h5', '--references', tmp_path / 'paths_bomb.h5', '-o',
+                        tmp_path / 'm.csv', timeout=120)
+    assert_one_line_error(result, 'declares 59604.6 GiB of data (image_paths (1000000000000,)), more than')
     # The same in a video descriptor npz: deflate packs the zeros, the .npy header declares the shape.
     import io
     import zipfile

@@ -263,6 +263,7 @@ def test_train_takes_towhee_config_and_dataset_and_checks_keys(tmp_path, tiny_ck
     ({'epochs': 0}, 'epochs must be a whole number >= 1'),
     ({'init_lr': 0}, 'init_lr must be a finite number > 0'),
     ({'init_lr': float('nan')}, 'init_lr must be a finite number > 0'),
+    ({'workers': 10**6}, 'workers=1000000 is more than 4 image loading processes per CPU core'),
     ({'batch_size': 16}, '8 readable training images are fewer than batch_size=16'),
     ({'hard_p_scale': 1.5}, 'hard_p_scale must be between 0 and 1'),
 ])
@@ -298,7 +299,7 @@ def test_bad_folders_and_diverging_loss(tmp_path, tiny_ckpt, images):
     train(paths, net, size, config(out))
     first = (out / 'checkpoint_epoch0001.pth.tar').read_bytes()
     with pytest.raises(ValueError, match='the loss became nan.*lower init_lr'):
-        train(paths, net, size, config(out, epochs=2, init_lr=1e30))
+        train(paths, net, size, config(out, epochs=2, init_lr=1e30, resume=str(out / 'checkpoint_epoch0001.pth.tar')))
     assert (out / 'checkpoint_epoch0001.pth.tar').read_bytes() == first
     assert sorted(p.name for p in out.iterdir()) == ['checkpoint_epoch0001.pth.tar', 'train_log.jsonl']
 
@@ -358,6 +359,12 @@ def test_train_command_progress_skipped_files_log_and_ctrl_c(tmp_path, tiny_ckpt
     assert load(saved)['epoch'] >= 1 and 'optimizer' in load(saved) and 'memory' in load(saved)
     log = [json.loads(line) for line in (out / 'train_log.jsonl').read_text().splitlines()]
     assert log[0]['epoch'] == 1 and math.isfinite(log[0]['loss']) and (out / 'checkpoint_epoch0001.pth.tar').is_file()
+
+    # The same command again into that folder: refused, the earlier run's checkpoints untouched.
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert_one_line_error(towhee_isc('train', images, '-o', out, '--checkpoint', tiny_ckpt, env=ONE_THREAD),
+                          f"output_dir '{out}' already holds an earlier run (checkpoint_epoch0001.pth.tar and")
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
     empty = tmp_path / 'empty'
     empty.mkdir()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -143,13 +144,21 @@ def test_video_search_finds_the_copied_seconds_and_evaluate_scores_them(videos):
     root = videos[0]
     matches = root / 'matches.csv'
     report = root / 'report.html'
-    result = towhee_isc('video', 'search', root / 'queries.npz', '--references', root / 'refs.npz', '-o', matches,
-                        '--report', report)
+    # A crafted reference file names a private file as R000001's video: the report must not carry its frames.
+    private = root / 'private'
+    private.mkdir()
+    shutil.copy(root / 'refs' / 'R000001.mp4', private / 'holiday.mp4')
+    with np.load(root / 'refs.npz') as data:
+        crafted = {**data, 'video_paths': np.array([str(private / 'holiday.mp4'), str(root / 'refs' / 'R000002.mp4')])}
+    np.savez(root / 'crafted_refs.npz', **crafted)
+    result = towhee_isc('video', 'search', root / 'queries.npz', '--references', root / 'crafted_refs.npz',
+                        '-o', matches, '--report', report, '--report-videos', root / 'queries')
     assert result.returncode == 0, result.stderr
     best = read_segments(matches)[0]
-    page = report.read_text()  # the match, its frames side by side and its similarity matrix, all embedded
+    page = report.read_text()  # the match, the query's frames and the similarity matrix, all embedded
     assert f'1. Q000001 {best.query_start:.1f}-{best.query_end:.1f} s = R000001' in page
-    assert page.count('src="data:image/png;base64,') >= 2 * 6 + 1
+    assert page.count('src="data:image/png;base64,') == 6 + 1  # no frame of holiday.mp4 (nor of R000002)
+    assert 'Frames of 1 video(s) not shown: outside the folders given (--report-videos DIR' in page
     assert (best.query_id, best.ref_id) == ('Q000001', 'R000001')
     assert abs(best.query_start - 4) <= 1 and abs(best.query_end - 10) <= 1
     assert abs(best.ref_start - 1) <= 1 and abs(best.ref_end - 7) <= 1

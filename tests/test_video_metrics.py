@@ -91,6 +91,11 @@ def test_video_evaluate_prints_the_hand_computed_numbers(tmp_path):
     numbers = json.loads(result.stdout)
     assert numbers['segment_ap'] == pytest.approx(AP_B, abs=1e-12)
     assert numbers['pairwise_micro_ap'] == pytest.approx(1.0)  # both true pairs tie at the top
+    # Ids a spreadsheet would run as formulas (a video named '=HYPERLINK(...).mp4') are escaped, and read back as they were.
+    formula = [Segment('=HYPERLINK("http://x")', '@SUM(1)', 0.0, 1.0, 0.0, 1.0, 0.5)]
+    write_segments(matches, formula)
+    assert matches.read_text().splitlines()[1].startswith('"\'=HYPERLINK(""http://x"")",\'@SUM(1),')
+    assert read_segments(matches) == formula
     truth.write_text('query_id,ref_id,query_start\nq1,r1,0\n')  # the command prints this as its one error line
     with pytest.raises(CsvFormatError, match=r'lacks the column\(s\) query_end,ref_start,ref_end'):
         read_segments(truth, ground_truth=True)

@@ -13,7 +13,7 @@ RELEASE_PATH = '/lyakaap/ISC21-Descriptor-Track-1st/releases/download/v1.0.1'
 
 
 class Server:
-    """A small HTTP server on 127.0.0.1: ``files`` maps a path to (bytes, claimed Content-Length)."""
+    """A small HTTP server on 127.0.0.1: ``files`` maps a path to (bytes, claimed Content-Length or False)."""
 
     def __init__(self):
         self.files, self.requests = {}, []
@@ -27,7 +27,8 @@ class Server:
                     return
                 body, length = server.files[self.path]
                 self.send_response(200)
-                self.send_header('Content-Length', str(length))
+                if length is not False:  # False: no Content-Length (the body runs until the connection closes)
+                    self.send_header('Content-Length', str(length))
                 self.end_headers()
                 self.wfile.write(body)
                 self.close_connection = True
@@ -123,6 +124,20 @@ def test_truncated_download_leaves_nothing_in_the_cache(server, hub_dir, small_c
     body = small_ckpt.read_bytes()
     server.serve(RELEASE_PATH + '/isc_ft_v107.pth.tar', body[:len(body) // 2], length=len(body))
     with pytest.raises(WeightsDownloadError, match='isc_ft_v107'):
+        Isc(device='cpu')
+    assert not any(hub_dir.iterdir())
+
+
+def test_a_mirror_sending_more_than_any_weights_need_is_stopped_and_nothing_cached(server, hub_dir, monkeypatch):
+    """A broken or hostile mirror would otherwise fill the disk for the whole time limit (an hour)."""
+    from towhee_isc import weights
+    path = RELEASE_PATH + '/isc_ft_v107.pth.tar'
+    server.serve(path, b'', length=10**12)  # declared: refused before a byte is written
+    with pytest.raises(WeightsDownloadError, match=r'declares 1000000000000 bytes, more than the 2147483648'):
+        Isc(device='cpu')
+    monkeypatch.setattr(weights, 'MAX_DOWNLOAD_BYTES', 4096)  # undeclared: stopped once past the limit
+    server.serve(path, bytes(3 * 2**20), length=False)
+    with pytest.raises(WeightsDownloadError, match='sent over 4096 bytes, more than any published weights need'):
         Isc(device='cpu')
     assert not any(hub_dir.iterdir())
 

@@ -65,8 +65,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_command(args: argparse.Namespace) -> None:
-    from ..workflow.descriptors import find_images
-    from .run import TrainingInterrupted, initial_net, train
     config = TrainConfig(output_dir=args.output_dir, epochs=args.epochs, batch_size=args.batch_size, init_lr=args.lr,
                          weight_decay=args.weight_decay, memory_size=args.memory_size, ncrops=args.ncrops,
                          hard_p_scale=args.hard_p_scale,
@@ -74,6 +72,8 @@ def run_command(args: argparse.Namespace) -> None:
                          device=args.device, precision=args.precision, distributed=args.distributed,
                          resume=args.resume, quiet=args.quiet, pairs=args.pairs, negatives=args.negatives,
                          extra_args={'start': args.checkpoint or args.timm_backbone or args.model_name}).check()
+    from ..workflow.descriptors import find_images  # after the settings are checked: a mistake is answered at once
+    from .run import TrainingInterrupted, initial_net, train
     images = find_images(args.inputs)
     if config.pairs is not None:
         from .pairs import read_pairs

@@ -66,6 +66,10 @@ class TrainConfig:
         whole('memory_size', 0)
         whole('seed', 0)
         whole('workers', 0)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+        if self.workers > 4 * cores:  # each is a process: a mistyped 1000000 forked until the system's limit
+            raise ValueError(f'workers={self.workers} is more than 4 image loading processes per CPU core '
+                             f'({cores} here)')
         whole('gpu', 0)
         whole('collapse_steps', 1)
         whole('negatives', 0)
@@ -97,6 +101,11 @@ class TrainConfig:
             folder = folder.parent
         if not os.access(folder, os.W_OK | os.X_OK):
             raise ValueError(f'output_dir {self.output_dir!r} cannot be written ({str(folder)!r} is not writable)')
+        earlier = sorted(out.glob('checkpoint_*.pth.tar')) if self.resume is None and out.is_dir() else []
+        if earlier:  # a second run into one folder (op.train's default './output') replaced the first's epochs
+            raise ValueError(f'output_dir {self.output_dir!r} already holds an earlier run ({earlier[0].name}'
+                             f'{f" and {len(earlier) - 1} more" if len(earlier) > 1 else ""}): choose another '
+                             'output_dir, delete them, or continue that run with --resume (resume=)')
         return self
 
     def record(self) -> dict[str, Any]:

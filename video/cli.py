@@ -53,6 +53,9 @@ def add_parser(commands, with_model: Callable[[argparse.ArgumentParser], argpars
                                                         'ref_start,ref_end,score (seconds), best first')
     add_search_options(p, finite_float, positive_int)
     p.add_argument('--report', help='also write an HTML page showing each match')
+    p.add_argument('--report-videos', action='append', default=[], metavar='DIR',
+                   help="with --report: show the frames of the videos under DIR (repeatable). Only these: a "
+                        "descriptor file's recorded paths are anyone's writing, never a licence to show a file")
     p.set_defaults(run=run)
 
     p = sub.add_parser('dedup', help='groups of videos that share segments, and which to keep')
@@ -155,7 +158,7 @@ def cmd_search(args) -> None:
         collection = MilvusIndex(args.milvus_uri, args.collection, args.token, existing=True)
     segments, engine, seconds = search_files(args.queries, args.references, args.output, args.align, args.threshold,
                                              args.k, args.candidates, args.score_norm, args.factor, args.exact,
-                                             args.report, collection, args.nprobe, args.ef)
+                                             args.report, collection, args.nprobe, args.ef, args.report_videos)
     from ..workflow.cli import plural
     print(f'frame search engine: {engine}')
     print(f'wrote {plural(len(segments), "match", "matches")} to {args.output} ({seconds:.2f} s)')

@@ -28,6 +28,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from ..csvfiles import read_csv
+from ..workflow.metrics import safe_cell, unsafe_cell
 
 MATCH_COLUMNS = ('query_id', 'ref_id', 'query_start', 'query_end', 'ref_start', 'ref_end', 'score')
 RETRIEVED_PER_QUERY = 20 * 60    # descriptor track: frame pairs kept per query video (k=20 for ~60 s videos)
@@ -85,18 +86,19 @@ def read_segments(path: str | os.PathLike, ground_truth: bool = False) -> list[S
             raise CsvFormatError(f'{path!r} line {line}: empty query_id or ref_id')
         if values['query_end'] < values['query_start'] or values['ref_end'] < values['ref_start']:
             raise CsvFormatError(f'{path!r} line {line}: a segment ends before it starts')
-        segments.append(Segment(row['query_id'], row['ref_id'], **values))
+        segments.append(Segment(unsafe_cell(row['query_id']), unsafe_cell(row['ref_id']), **values))
     return segments
 
 
 def write_segments(path: str | os.PathLike, segments: Iterable[Segment]) -> None:
-    """VSC's match CSV, whole or not at all, in the order given (callers sort best first)."""
+    """VSC's match CSV, whole or not at all, in the order given (callers sort best first); ids a spreadsheet
+    would take for formulas escaped as image CSVs escape them (``read_segments`` undoes it)."""
     from ..atomic import atomic_write
     with atomic_write(path) as tmp, open(tmp, 'w', newline='') as f:
         writer = csv.writer(f)
         writer.writerow(MATCH_COLUMNS)
         for s in segments:
-            writer.writerow([s.query_id, s.ref_id, *(repr(float(v)) for v in  # float: numpy's repr names its type
+            writer.writerow([safe_cell(s.query_id), safe_cell(s.ref_id), *(repr(float(v)) for v in  # float: numpy's repr names its type
                              (s.query_start, s.query_end, s.ref_start, s.ref_end, s.score))])
 
 

@@ -1,12 +1,14 @@
 """``video search --report``: an HTML page (images embedded) showing each match: the query's and the
 reference's frames side by side along the aligned path, and the pair's similarity matrix with the path
-and the segment's box drawn on it."""
+and the segment's box drawn on it. Frames are shown only of videos under the folders the user named
+(``--report-videos``): a descriptor file's recorded paths could name any file this user can read."""
 from __future__ import annotations
 
 import base64
 import html
 import io
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -18,6 +20,7 @@ from .storage import VideoSet
 THUMB = 96          # frame thumbnails' longer side, pixels
 FRAMES_SHOWN = 6    # frame pairs shown per match, evenly along its path
 MATCHES_SHOWN = 50  # the best matches only
+NOT_ALLOWED = 'not shown: outside the folders given (--report-videos DIR shows them)'
 
 
 def _png(image: Image.Image) -> str:
@@ -40,16 +43,21 @@ def similarity_image(sims: np.ndarray, path: np.ndarray, box: tuple[int, int, in
 
 
 class _Thumbs:
-    """Each video's sampled frames as thumbnails, decoded once."""
+    """Each video's sampled frames as thumbnails, decoded once; only of the paths ``allowed`` accepts."""
 
-    def __init__(self):
+    def __init__(self, allowed: Callable[[str], bool]):
         self.cache: dict[str, list[Image.Image] | None] = {}
+        self.allowed = allowed
+        self.refused = 0  # paths not shown because they lie outside the allowed folders
 
     def get(self, path: str | None, seconds: float) -> str:
         """The thumbnail of the frame on screen at ``seconds`` (frames sampled at 1 per second)."""
         index = int(seconds)
         if path is None:
             return ''
+        if path not in self.cache and not self.allowed(path):
+            self.cache[path] = None
+            self.refused += 1
         if path not in self.cache:
             try:
                 frames = []
@@ -64,10 +72,12 @@ class _Thumbs:
         return _png(frames[index]) if frames and index < len(frames) else ''
 
 
-def html_report(output: str, found: list, queries: VideoSet, refs: VideoSet) -> None:
-    """Write the page for ``found`` ((candidate, similarity matrix, box, segment) per match)."""
+def html_report(output: str, found: list, queries: VideoSet, refs: VideoSet,
+                allowed: Callable[[str], bool]) -> None:
+    """Write the page for ``found`` ((candidate, similarity matrix, box, segment) per match); frames of
+    the videos whose path ``allowed`` accepts (``workflow.reports.ImageFolders``)."""
     ranked = sorted(found, key=lambda item: -item[3].score)[:MATCHES_SHOWN]
-    thumbs = _Thumbs()
+    thumbs = _Thumbs(allowed)
     q_paths, r_paths = queries.paths or {}, refs.paths or {}
     parts = ['<!doctype html><meta charset="utf-8"><title>video matches</title><style>body{font-family:sans-serif}'
              'td{vertical-align:top;padding:4px}img{image-rendering:pixelated}.pair img{margin:1px}</style>',
@@ -88,5 +98,7 @@ def html_report(output: str, found: list, queries: VideoSet, refs: VideoSet) -> 
             f'<table><tr><td><table class="pair"><tr><th>query at</th><th>query</th><th>reference</th>'
             f'<th>reference at</th><th>similarity</th></tr>{rows}</table></td>'
             f'<td><img src="{_png(matrix)}" title="query frames down, reference frames across"></td></tr></table>')
+    if thumbs.refused:
+        parts.insert(2, f'<p>Frames of {thumbs.refused} video(s) {html.escape(NOT_ALLOWED)}.</p>')
     with atomic_write(output) as tmp:
         Path(tmp).write_text('\n'.join(parts), encoding='utf-8')

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -67,9 +67,11 @@ def search_videos(queries: VideoSet, refs: VideoSet | None, align: str = 'dp', t
 def search_files(queries: str, references: str | None, output: str, align: str = 'dp', threshold: float | None = None,
                  k: int = 10, candidates: int = 10, score_norm: str | None = None, factor: float = 1.0,
                  exact: bool = False, report: str | None = None, collection: MilvusIndex | None = None,
-                 nprobe: int | None = None, ef: int | None = None) -> tuple[list[Segment], str, float]:
+                 nprobe: int | None = None, ef: int | None = None,
+                 report_videos: Sequence[str] = ()) -> tuple[list[Segment], str, float]:
     """``video search``: read, check the files (or the collection) come from one model, search, write
-    the CSV (and report). The references are the file ``references`` or the Milvus ``collection``."""
+    the CSV (and report). The references are the file ``references`` or the Milvus ``collection``.
+    The report shows frames only of videos under the folders ``report_videos``."""
     started = time.perf_counter()
     q = read_video_descriptors(queries)
     dim = q.videos[0].features.shape[1]
@@ -95,8 +97,9 @@ def search_files(queries: str, references: str | None, output: str, align: str =
                                               bool(report), collection, nprobe, ef)
     write_segments(output, segments)
     if report:
+        from ..workflow.reports import ImageFolders
         from .report import html_report
-        html_report(report, kept, q, r)
+        html_report(report, kept, q, r, ImageFolders(report_videos))
     return segments, engine, time.perf_counter() - started
 
 

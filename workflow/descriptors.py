@@ -290,11 +290,14 @@ def check_same_postprocessing(sources: dict[str, dict | None]) -> dict | None:
 
 
 def read_image_paths(path: str | os.PathLike) -> list[str] | None:
+    """The image paths a descriptor file records (one per id), or None; checked as ``read_descriptors``
+    checks its datasets (a few KB of compressed file can declare tens of GB of paths)."""
     import h5py
     with h5py.File(str(path), 'r') as f:
         if not isinstance(f.get('image_paths'), h5py.Dataset):
             return None
         check_stored_inside(str(path), f, 'image_paths')
+        check_fits_in_memory(str(path), f['image_paths'])
         return [p.decode() if isinstance(p, bytes) else str(p) for p in f['image_paths'][()]]
 
 
