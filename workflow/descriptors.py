@@ -222,7 +222,10 @@ def variable_length_bytes(dataset) -> int:
     import ctypes
 
     import h5py.h5d
-    buffer_size = ctypes.CDLL(h5py.h5d.__file__).H5Dvlen_get_buf_size  # found in the libhdf5 h5py links to
+    try:  # dlsym on h5py's module finds it in the libhdf5 the module links to (Linux, macOS)
+        buffer_size = ctypes.CDLL(h5py.h5d.__file__).H5Dvlen_get_buf_size
+    except (OSError, AttributeError):  # elsewhere (Windows looks in the module alone): counted as before
+        return 0
     buffer_size.argtypes = [ctypes.c_int64] * 3 + [ctypes.POINTER(ctypes.c_uint64)]
     size = ctypes.c_uint64()
     kind, space = dataset.id.get_type(), dataset.id.get_space()  # kept: HDF5 closes them when collected
