@@ -301,3 +301,30 @@ def test_a_descriptor_file_whose_data_lie_in_other_files_is_refused(tmp_path):
     assert_one_line_error(result, "'image_names' is stored outside the file (an HDF5 link, external or virtual "
                                   'dataset): descriptor files must hold their own data')
     assert not (tmp_path / 'groups.csv').exists()
+
+
+def test_variable_length_strings_pointing_at_one_long_string_are_counted_as_read(tmp_path, monkeypatch):
+    """HDF5 stores each variable-length string as a pointer into a heap: a crafted file can point all of
+    them at one long string, so reading 1 MB of file takes 64 MB (or, with more pointers, all memory)."""
+    import h5py
+    from towhee_isc.workflow import descriptors
+    path = tmp_path / 'heap_bomb.h5'
+    count = 64
+    write_descriptors(path, [f'i{n}' for n in range(count)], np.eye(count, 8, dtype=np.float32),
+                      paths=['x' * 2**20] + [f'p{n}' for n in range(1, count)])
+    monkeypatch.setattr(descriptors, 'available_memory', lambda: 32 * 2**20)
+    assert len(descriptors.read_image_paths(path)[0]) == 2**20  # honest: 1 MB of strings, read
+    with h5py.File(path, 'r') as f:
+        offset = f['image_paths'].id.get_offset()
+    data = bytearray(path.read_bytes())
+    first = data[offset:offset + 16]  # (length, heap address, index) of the long string
+    data[offset:offset + 16 * count] = first * count
+    path.write_bytes(bytes(data))
+    assert path.stat().st_size < 2 * 2**20
+    with pytest.raises(descriptors.DescriptorFileError, match=r'declares 0\.1 GiB of data \(image_paths \(64,\)\)'):
+        descriptors.read_image_paths(path)
+    # The model attribute is one string: an array of strings (which could all point at one) is refused unread.
+    with h5py.File(path, 'a') as f:
+        f.attrs['model'] = np.array(['{}'] * 1000, dtype=h5py.string_dtype())
+    with pytest.raises(descriptors.DescriptorFileError, match=r"malformed 'model' attribute: an array of shape \(1000,\)"):
+        descriptors.read_model(path)

@@ -331,6 +331,12 @@ def test_nes_command_errors(cmd, tmp_path, negatives, negatives_file):
         code, _, err = cmd('nes', *args)
         assert code == 2 and f"output '{what}' is also an input" in err and 'would destroy it' in err, err
     assert queries.read_bytes() == before
+    # The weights are read too: `embed -o` naming them (a fine-tuned run's, perhaps) would replace them at the end.
+    weights = tmp_path / 'tuned.pth.tar'
+    weights.write_bytes(b'weights')
+    code, _, err = cmd('embed', queries, '--checkpoint', weights, '-o', weights)
+    assert code == 2 and f"output '{weights}' is also an input" in err, err
+    assert weights.read_bytes() == b'weights'
 
 
 def test_workflow_commands_post_process_and_refuse_mixing(cmd, small_ckpt, small_op, photos, negatives,

@@ -461,7 +461,8 @@ def cosine(text: str) -> float:
 # Files each command writes, checked before any work so a long run does not fail at its end.
 OUTPUTS = {'output': 'output', 'report': '--report', 'plot': '--plot'}
 # Arguments naming what commands read: an output must never be one of them.
-INPUTS = ('inputs', 'queries', 'references', 'score_norm', 'negatives', 'descriptors', 'matches', 'ground_truth')
+INPUTS = ('inputs', 'queries', 'references', 'score_norm', 'negatives', 'descriptors', 'matches', 'ground_truth',
+          'checkpoint')
 
 
 def check_outputs(args: argparse.Namespace) -> None:

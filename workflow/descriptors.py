@@ -205,12 +205,33 @@ def check_fits_in_memory(path: str, *datasets) -> None:
     """Refuse datasets whose arrays would not fit in the memory available now, from their shapes alone: a
     compressed file of a few KB can declare a 100 GB dataset of zeros, and reading it would make the
     kernel kill this process (or another one)."""
-    need = sum(d.size * (d.dtype.itemsize if d.dtype.kind != 'O' else 64) for d in datasets)
+    need = sum(d.size * (d.dtype.itemsize if d.dtype.kind != 'O' else 64) + variable_length_bytes(d) for d in datasets)
     free = available_memory()
     if free is not None and need > free:
         shapes = ', '.join(f'{d.name.lstrip("/")} {d.shape}' for d in datasets)
         raise DescriptorFileError(f'{path!r} declares {need / 2**30:.1f} GiB of data ({shapes}), more than the '
                                   f'{free / 2**30:.1f} GiB of memory available')
+
+
+def variable_length_bytes(dataset) -> int:
+    """The total length of a dataset's variable-length strings, as HDF5 counts it without keeping them
+    (``H5Dvlen_get_buf_size``, which h5py does not wrap); 0 for other datasets. Their count says nothing:
+    a crafted file can point every string at one long stored string (1 MB of file, 200 MB read)."""
+    if dataset.dtype.kind != 'O':
+        return 0
+    import ctypes
+
+    import h5py.h5d
+    try:  # dlsym on h5py's module finds it in the libhdf5 the module links to (Linux, macOS)
+        buffer_size = ctypes.CDLL(h5py.h5d.__file__).H5Dvlen_get_buf_size
+    except (OSError, AttributeError):  # elsewhere (Windows looks in the module alone): counted as before
+        return 0
+    buffer_size.argtypes = [ctypes.c_int64] * 3 + [ctypes.POINTER(ctypes.c_uint64)]
+    size = ctypes.c_uint64()
+    kind, space = dataset.id.get_type(), dataset.id.get_space()  # kept: HDF5 closes them when collected
+    if buffer_size(dataset.id.id, kind.id, space.id, ctypes.byref(size)) < 0:
+        return 0  # not variable-length data (object references): nothing more is read
+    return size.value
 
 
 def read_model(path: str | os.PathLike) -> dict | None:
@@ -253,6 +274,10 @@ def _json_attribute(path: str | os.PathLike, name: str) -> dict | None:
         raise DescriptorFileError(f'descriptor file not found: {str(path)!r}')
     try:
         with h5py.File(str(path), 'r') as f:
+            # One string: an array of them could point each at one long string (see variable_length_bytes).
+            if name in f.attrs and f.attrs.get_id(name).shape not in ((), (1,)):
+                raise DescriptorFileError(f'{str(path)!r}: malformed {name!r} attribute: an array of shape '
+                                          f'{f.attrs.get_id(name).shape}, not one JSON string')
             text = f.attrs.get(name)
     except OSError as e:
         raise DescriptorFileError(f'{str(path)!r} is not a readable HDF5 file: {e}') from e
