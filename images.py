@@ -8,7 +8,7 @@ import io
 import os
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -31,16 +31,51 @@ class ImageError(ValueError):
 # 6000x6000, 3,000 scans: over a minute to decode). Raise it like PIL.Image.MAX_IMAGE_PIXELS if needed.
 MAX_JPEG_SCANS = 50
 
-# Formats Pillow decodes by running another program on the file: EPS runs Ghostscript (a PostScript
-# interpreter) on it, without a time limit, so a 60-byte upload holding `{ } loop` would hold its batch
-# for ever, and Ghostscript's sandbox has had escapes. They are never opened: not an image to us.
-EXTERNAL_DECODERS = ('EPS',)
+# The formats opened: those people give a copy detector (photos, screenshots, scans, web images), each
+# with a decoder whose work the checks below bound. Pillow recognises a file by its content, whatever its
+# name, and knows some forty formats: some wrap another image whose size and scans the outer header hides
+# (a BLP texture holding a 1,009-scan or 144-MP JPEG, an ICO holding a huge PNG), some run another program
+# (EPS: Ghostscript, a PostScript interpreter with no time limit), most are rarely met and little tested.
+# None of those is ever reached: convert such files first (or extend this tuple in the Python API).
+ACCEPTED_FORMATS = ('JPEG', 'PNG', 'WEBP', 'GIF', 'BMP', 'TIFF')
+
+# A TIFF is decoded in whole tiles, and a tile may be far larger than the image (a 16x16 image in one
+# 20000x20000 tile: 1.2 GB and 14 s). Honest tiles cover at most ~4 times the image (the last row and
+# column of tiles padded), or one tile of a usual size (256-1024 px) for a small image.
+TIFF_TILES_SLACK = 4
+TIFF_TILES_FLOOR = 2048 * 2048
 
 
 def open_image(source: Path | io.BytesIO) -> Image.Image:
-    """``PIL.Image.open`` of any format Pillow decodes itself (not those in EXTERNAL_DECODERS)."""
+    """``PIL.Image.open`` of an image in one of ``ACCEPTED_FORMATS``; anything else is refused
+    (``UnidentifiedImageError``) before any decoder sees it."""
     Image.init()
-    return Image.open(source, formats=[f for f in Image.OPEN if f not in EXTERNAL_DECODERS])
+    return Image.open(source, formats=[f for f in ACCEPTED_FORMATS if f in Image.OPEN])
+
+
+def format_signature(prefix: bytes, formats: Sequence[str] | None = None) -> str | None:
+    """The Pillow format (of ``formats``; all by default) whose signature ``prefix`` (a file's first 16
+    bytes) starts with, None if none: a file is told by its content, nothing decoded."""
+    Image.init()
+    for name in formats or Image.ID:
+        accept = Image.OPEN[name][1] if name in Image.OPEN else None
+        try:
+            if accept is not None and accept(prefix[:16]):
+                return name
+        except Exception:  # a plugin's check on a prefix it does not expect: not that format
+            continue
+    return None
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a regular file whose content is an image in an accepted format, whatever its name."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
+        with open(path, 'rb') as f:
+            return format_signature(f.read(16), ACCEPTED_FORMATS) is not None
+    except OSError:
+        return False
 
 _OVER_LIMIT = ('over the pixel limit of {:,} (a decompression bomb, or a very large scan: raise '
                'PIL.Image.MAX_IMAGE_PIXELS to allow it)')
@@ -60,23 +95,32 @@ def check_pixels(width: int, height: int, what: str) -> None:
         raise ImageError(f'{what} is {width}x{height} = {width * height:,} pixels, {_OVER_LIMIT.format(limit)}')
 
 
+# JPEG markers as libjpeg reads them: these carry no length (TEM, RST0-7, SOI), these a 2-byte length
+# (SOFn, DHT, DAC, SOS, DQT, DNL, DRI, APPn, COM); at any other marker libjpeg stops with an error.
+_PARAMETERLESS = {0x01, *range(0xD0, 0xD9)}
+_WITH_LENGTH = {*range(0xC0, 0xD0), *range(0xDA, 0xDE), *range(0xE0, 0xF0), 0xFE}
+
+
 def jpeg_scans(data: bytes) -> int:
-    """The number of scans (SOS segments) in JPEG ``data``, found by walking its segments; the
-    entropy-coded data after each SOS is skipped to the next marker (a 0xFF there is followed by a
-    0x00 stuffing byte or a restart marker, never by a segment's)."""
+    """The number of scans (SOS segments) libjpeg decodes in JPEG ``data``, found by reading its markers
+    as libjpeg does: after a segment (or a scan's entropy-coded data), the next 0xFF not followed by a
+    0x00 stuffing byte starts a marker; runs of 0xFF are fill. A marker without a length must not be
+    taken to have one (``FF 01`` then ``FF DA`` would hide the scans in the 65 KB it seems to skip)."""
     i, scans = 2, 0
     while True:
         i = data.find(b'\xff', i)
         if i < 0 or i + 1 >= len(data):
             return scans
         marker = data[i + 1]
-        if marker == 0xD9:  # EOI
+        if marker == 0xFF:  # fill byte: the marker is further on
+            i += 1
+        elif marker == 0x00 or marker in _PARAMETERLESS:  # stuffing inside a scan, or a marker without a length
+            i += 2
+        elif marker in _WITH_LENGTH:
+            scans += marker == 0xDA
+            i += 2 + int.from_bytes(data[i + 2:i + 4], 'big')
+        else:  # EOI, or a marker libjpeg refuses: it decodes nothing further
             return scans
-        if marker in (0x00, 0xFF) or 0xD0 <= marker <= 0xD7:  # stuffing, fill byte, restart: no length
-            i += 1 if marker == 0xFF else 2
-            continue
-        scans += marker == 0xDA
-        i += 2 + int.from_bytes(data[i + 2:i + 4], 'big')
 
 
 def check_jpeg_scans(image: Image.Image, source: Path | io.BytesIO, what: str) -> None:
@@ -89,6 +133,21 @@ def check_jpeg_scans(image: Image.Image, source: Path | io.BytesIO, what: str) -
         raise ImageError(f'{what} is a JPEG of {scans} scans, over the limit of {MAX_JPEG_SCANS} (encoders write '
                          'at most ~12; so many only make decoding slow: raise towhee_isc.images.MAX_JPEG_SCANS '
                          'to allow it)')
+
+
+def check_tiff_tiles(image: Image.Image, what: str) -> None:
+    """Refuse a TIFF whose tiles cover far more than the image before it is decoded (see TIFF_TILES_SLACK).
+    Strips need no check: libtiff decodes a strip no taller than the image."""
+    if image.format != 'TIFF':
+        return
+    tile_width, tile_height = image.tag_v2.get(322), image.tag_v2.get(323)  # TileWidth, TileLength
+    if not tile_width or not tile_height:
+        return
+    width, height = image.size
+    covered = -(-width // tile_width) * tile_width * -(-height // tile_height) * tile_height
+    if covered > max(TIFF_TILES_SLACK * width * height, TIFF_TILES_FLOOR):
+        raise ImageError(f'{what} is a {width}x{height} TIFF in tiles of {tile_width}x{tile_height}: decoding it '
+                         f'would inflate {covered:,} pixels, far more than the image has (a crafted file)')
 
 
 def regular_file(path: Path, where: str = '') -> Path:
@@ -147,11 +206,12 @@ def image_size(source: Path | io.BytesIO, what: str) -> tuple[int, int]:
         with open_image(source) as image:
             check_pixels(image.width, image.height, what)
             check_jpeg_scans(image, source, what)
+            check_tiff_tiles(image, what)
             return image.size
     except ImageError:
         raise
     except Exception as e:  # PIL's plugins raise anything on a crafted file (see _decode)
-        raise _image_error(e, what) from e
+        raise _image_error(e, what, source) from e
 
 
 def _decode(source: Path | io.BytesIO, what: str, draft: tuple[int, int] | None,
@@ -160,6 +220,7 @@ def _decode(source: Path | io.BytesIO, what: str, draft: tuple[int, int] | None,
         with open_image(source) as image:
             check_pixels(image.width, image.height, what)
             check_jpeg_scans(image, source, what)
+            check_tiff_tiles(image, what)
             if draft is not None:
                 image.draft('RGB', draft)  # JPEG only; other formats ignore it
             if exif_transpose:
@@ -172,14 +233,28 @@ def _decode(source: Path | io.BytesIO, what: str, draft: tuple[int, int] | None,
         # PIL reports damaged files in OSError, ValueError, SyntaxError, EOFError, and its plugins raise
         # anything on a crafted one (NotImplementedError: a DDS pixel format; AttributeError: a SPIDER
         # stack header): whatever happens while decoding is this image's problem, never its neighbours'.
-        raise _image_error(e, what) from e
+        raise _image_error(e, what, source) from e
 
 
-def _image_error(e: Exception, what: str) -> ImageError:
+def _known_format(source: Path | io.BytesIO) -> str | None:
+    """The format Pillow knows (not one we open) that ``source``'s content starts with, if any."""
+    try:
+        if isinstance(source, io.BytesIO):
+            return format_signature(source.getvalue()[:16])
+        with open(source, 'rb') as f:
+            return format_signature(f.read(16))
+    except OSError:
+        return None
+
+
+def _image_error(e: Exception, what: str, source: Path | io.BytesIO) -> ImageError:
     if isinstance(e, ImageError):
         return e
     if isinstance(e, UnidentifiedImageError):
-        return ImageError(f'{what} is not an image (or an unsupported format)')
+        accepted = ', '.join(ACCEPTED_FORMATS)
+        known = _known_format(source)
+        return ImageError(f'{what} is {known}, a format not accepted here (only {accepted}): convert it first' if known
+                          else f'{what} is not an image (or not in a format accepted here: {accepted})')
     if isinstance(e, Image.DecompressionBombError):  # PIL's own check, at twice the limit
         return ImageError(f'{what} is {_OVER_LIMIT.format(max_pixels())}')
     if isinstance(e, (OSError, ValueError, SyntaxError, EOFError)):

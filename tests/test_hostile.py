@@ -118,6 +118,29 @@ def test_image_bytes_are_accepted_and_bad_bytes_refused(small_op, photos):
         small_op(np.frombuffer(b'<html>not an image</html>', dtype=np.uint8))
 
 
+def test_crafted_files_are_refused_before_decoding_and_every_accepted_format_decodes(photos, tmp_path):
+    """Where every route decodes (``images.to_pil_rgb``, in-process: the service and the commands call it).
+    Round 6: scans hidden behind TEM markers; a BLP texture named .jpg wrapping a many-scan or huge JPEG;
+    a 16x16 TIFF in one 2304x2304 tile (20000 px: 1.2 GB, 14 s)."""
+    from crafted_files import blp_holding, encoded, jpeg_with_hidden_scans, tiff_in_one_tile
+    from towhee_isc.images import jpeg_scans, to_pil_rgb
+    hidden = jpeg_with_hidden_scans(300, 60)
+    assert jpeg_scans(hidden) == 69
+    with pytest.raises(ImageError, match='is a JPEG of 69 scans, over the limit of 50'):
+        to_pil_rgb(hidden)
+    (tmp_path / 'photo.jpg').write_bytes(blp_holding(encoded(photos[0]), *photos[0].size))
+    with pytest.raises(ImageError, match=r"'.*photo.jpg' is BLP, a format not accepted here \(only JPEG, PNG"):
+        to_pil_rgb(tmp_path / 'photo.jpg')
+    with pytest.raises(ImageError, match='is a 16x16 TIFF in tiles of 2304x2304: decoding it would inflate 5,308,416'):
+        to_pil_rgb(tiff_in_one_tile(2304))
+    assert to_pil_rgb(tiff_in_one_tile(256)).size == (16, 16)  # one usual tile for a small image is fine
+    photo = photos[0].resize((96, 64))
+    accepted = {fmt: encoded(photo, fmt) for fmt in ('JPEG', 'PNG', 'WEBP', 'GIF', 'BMP', 'TIFF')}
+    accepted['MPO (a phone camera JPEG)'] = encoded(photo, 'MPO', save_all=True, append_images=[photo])
+    for name, data in accepted.items():
+        assert to_pil_rgb(data).size == (96, 64), name
+
+
 def test_a_tensor_that_requires_grad_is_fine(small_ckpt, small_op, photos):
     op = Isc(checkpoint_path=small_ckpt, device='cpu', skip_preprocess=True)
     x = small_op.transform(photos[0]).requires_grad_()

@@ -25,6 +25,7 @@ import pytest
 from PIL import Image
 
 from commands import assert_one_line_error, descendants, towhee_isc
+from crafted_files import blp_holding, jpeg_with_hidden_scans, tiff_in_one_tile
 from towhee_isc.testing import make_copy_detection_set
 from towhee_isc.workflow.descriptors import read_descriptors, write_descriptors
 from towhee_isc.workflow.engines import meets
@@ -233,10 +234,13 @@ def test_concurrent_uploads_each_get_their_own_vector_and_crafted_ones_fail_alon
     (its endless program would hold the batch, and every request behind it, for ever)."""
     good = [encoded(p.resize((200 + 10 * i, 150)), 'PNG') for i, p in enumerate(photos[:5])]
     crafted = {b'<html>not an image</html>': 'is not an image',
-               postscript_loop(): 'is not an image',
-               dds_of_unknown_pixel_format(): 'NotImplementedError: Unknown pixel format flags 0',
-               spider_of_broken_stack(): 'AttributeError',
-               jpeg_of_many_scans(): 'a JPEG of 1009 scans, over the limit of 50'}
+               postscript_loop(): 'is EPS, a format not accepted here',
+               dds_of_unknown_pixel_format(): 'is DDS, a format not accepted here',
+               spider_of_broken_stack(): 'is not an image',
+               jpeg_of_many_scans(): 'a JPEG of 1009 scans, over the limit of 50',
+               jpeg_with_hidden_scans(300, 60): 'a JPEG of 69 scans, over the limit of 50',
+               blp_holding(jpeg_of_many_scans(), 2000, 2000): 'is BLP, a format not accepted here',
+               tiff_in_one_tile(2304): 'is a 16x16 TIFF in tiles of 2304x2304'}
     uploads = good[:2] + list(crafted) + good[2:]
     with concurrent.futures.ThreadPoolExecutor(len(uploads)) as pool:
         answers = list(pool.map(lambda body: post(service.url + '/embed', body, 'application/octet-stream'), uploads))
@@ -415,16 +419,20 @@ def test_milvus_lite_listens_on_a_private_socket_not_a_tcp_port(tmp_path):
 
 
 def test_embed_skips_crafted_files_by_name_and_embeds_the_rest(copy_set, small_ckpt, ghostscript, tmp_path):
-    """The decoding bounds live where every route reads images: a folder with a DDS Pillow cannot
-    decode, a broken SPIDER header, a JPEG of 1,009 scans and an endless EPS program named .jpg (Ghostscript on
-    the PATH) embeds its one photo and lists the others, without ever running Ghostscript."""
+    """The decoding bounds live where every route reads images: a folder with a DDS, a broken SPIDER header,
+    a JPEG of 1,009 scans (or of 69, 60 of them hidden behind TEM markers), a BLP texture wrapping such a
+    JPEG and an endless EPS program, all named .jpg (Ghostscript on the PATH), and a TIFF in one tile far
+    larger than the image, embeds its one photo and lists the others, without ever running Ghostscript."""
     folder = tmp_path / 'mixed'
     folder.mkdir()
     (folder / 'photo.jpg').write_bytes((copy_set / 'references' / 'R000001.jpg').read_bytes())
-    crafted = {'texture.jpg': (dds_of_unknown_pixel_format(), 'NotImplementedError'),
-               'scan.jpg': (spider_of_broken_stack(), 'AttributeError'),
+    crafted = {'texture.jpg': (dds_of_unknown_pixel_format(), 'is DDS, a format not accepted'),
+               'scan.jpg': (spider_of_broken_stack(), 'is not an image'),
                'slow.jpg': (jpeg_of_many_scans(), '1009 scans'),
-               'page.jpg': (postscript_loop(), 'is not an image')}
+               'hidden.jpg': (jpeg_with_hidden_scans(300, 60), '69 scans'),
+               'icon.jpg': (blp_holding(jpeg_of_many_scans(), 2000, 2000), 'is BLP, a format not accepted'),
+               'tiles.tif': (tiff_in_one_tile(2304), 'in tiles of 2304x2304'),
+               'page.jpg': (postscript_loop(), 'is EPS, a format not accepted')}
     for name, (data, _) in crafted.items():
         (folder / name).write_bytes(data)
     done = towhee_isc('embed', folder, '-o', tmp_path / 'out.h5', '--quiet', '--checkpoint', small_ckpt,
