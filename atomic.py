@@ -95,7 +95,8 @@ class Busy(ValueError):
 def sole_writer(target: str | os.PathLike, what: str) -> Iterator[None]:
     """Fail at once (``Busy``, naming ``what``) if another process is writing ``target``; else hold a lock on
     it until the block ends. The lock is ``<target>.lock`` (flock, released by the kernel even when the
-    process is killed), removed afterwards. No lock where ``fcntl`` is missing (Windows)."""
+    process is killed), an empty file removed afterwards; a file of that name with something in it is the
+    user's own and stays (it is locked, never written). No lock where ``fcntl`` is missing (Windows)."""
     try:
         import fcntl
     except ImportError:
@@ -121,5 +122,6 @@ def sole_writer(target: str | os.PathLike, what: str) -> Iterator[None]:
         yield
     finally:
         with contextlib.suppress(FileNotFoundError):
-            lock.unlink()
+            if os.fstat(fd).st_size == 0:  # ours are empty
+                lock.unlink()
         os.close(fd)

@@ -170,6 +170,49 @@ def test_identical_copies_meet_threshold_one_and_outputs_never_replace_inputs(tm
     assert {m.query_id for m in read_matches(tmp_path / 'm.csv')} == set(ids)
 
 
+def test_outputs_never_replace_what_the_run_reads_nor_a_lock_of_the_users(photos, tmp_path, capsys, monkeypatch):
+    """Round 6, in-process (``cli.main``, the command's entry point; these checks run before any work, and the
+    test above shows them from a separate process): an input reached through a ``.txt`` list or a glob, a
+    JPEG named ``.jfif``, a camcorder video given as ``-o`` of its own ``video embed`` (``.mts``, or any name),
+    and a ``--score-norm`` background of another model; ``embed`` leaves a ``<output>.lock`` of the user's."""
+    from towhee_isc.atomic import sole_writer
+    from towhee_isc.workflow.cli import main
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'lst').mkdir()
+    photos[0].save(tmp_path / 'lst' / 'scan.jfif', 'JPEG')
+    (tmp_path / 'lst' / 'scan.raw').write_bytes(b'a camera raw file Pillow cannot read')
+    (tmp_path / 'lst' / 'list.txt').write_text('scan.raw\nscan.jfif\n')
+    (tmp_path / 'holiday.mts').write_bytes(b'\x47' + bytes(187))  # an MPEG transport stream packet
+    (tmp_path / 'clip').write_bytes(b'\x47' + bytes(187))
+    rng = np.random.default_rng(0)
+    for name, weights in (('q.h5', 'A'), ('r.h5', 'A'), ('bgB.h5', 'B')):
+        write_descriptors(tmp_path / name, [f'{name}{i}' for i in range(4)], unit(rng.standard_normal((4, 256))),
+                          model={'weights': weights, 'img_size': 64})
+    refs = ['--references', 'r.h5']
+    cases = [
+        (['search', 'lst/list.txt', *refs, '-o', 'lst/scan.raw'],
+         "output 'lst/scan.raw' is also an input (lst/scan.raw, listed in lst/list.txt)"),
+        (['dedup', 'lst/*.raw', '-o', 'lst/scan.raw'], "output 'lst/scan.raw' is also an input (lst/scan.raw, "
+                                                       "matched by 'lst/*.raw')"),
+        (['search', 'lst/list.txt', *refs, '-o', 'lst/scan.jfif'], "output 'lst/scan.jfif' is an existing image"),
+        (['video', 'embed', 'holiday.mts', '-o', 'holiday.mts'], "output 'holiday.mts' is an existing image or video"),
+        (['video', 'embed', 'clip', '-o', './clip'], "output './clip' is also an input (clip)"),
+        (['search', 'q.h5', *refs, '--score-norm', 'bgB.h5', '-o', 'sn.csv'],
+         'the --score-norm background bgB.h5 and q.h5 were made by different models (weights B at 64 px vs A'),
+    ]
+    before = {p: p.read_bytes() for p in tmp_path.rglob('*') if p.is_file()}
+    for args, message in cases:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert err.count('\n') == 1 and err.startswith('error: ') and message in err, (args, err)
+    assert {p: p.read_bytes() for p in tmp_path.rglob('*') if p.is_file()} == before
+    (tmp_path / 'out.h5.lock').write_text('my notes on out.h5')
+    for output in ('out.h5', 'other.h5'):
+        with sole_writer(tmp_path / output, 'towhee-isc embed'):
+            assert (tmp_path / f'{output}.lock').exists()
+    assert (tmp_path / 'out.h5.lock').read_text() == 'my notes on out.h5' and not (tmp_path / 'other.h5.lock').exists()
+
+
 def test_a_failed_index_is_refused_by_search_until_index_runs_again(tmp_path):
     rng = np.random.default_rng(2)
     vectors = unit(rng.standard_normal((2000, 8)))

@@ -17,8 +17,9 @@ import numpy as np
 
 from ..images import max_pixels, regular_file, ImageError
 
+# Camcorders write AVCHD (.mts, .m2ts), DVDs .vob, broadcast .mxf: a folder gives them all, and no output replaces one.
 VIDEO_SUFFIXES = {'.mp4', '.m4v', '.mov', '.mkv', '.webm', '.avi', '.mpg', '.mpeg', '.ts', '.flv', '.wmv', '.3gp',
-                  '.ogv', '.gif'}
+                  '.ogv', '.gif', '.mts', '.m2ts', '.m2t', '.vob', '.mxf', '.dv', '.asf', '.f4v', '.3g2', '.mk3d'}
 
 
 class VideoError(ValueError):

@@ -11,7 +11,8 @@ import math
 import os
 import sys
 import warnings
-from typing import TYPE_CHECKING, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 from ..atomic import check_writable
 from ..defaults import ALPHA, BETA, DBA_K, DEFAULT_MILVUS_URI, INDEX_TYPES, ITERATIONS, K
@@ -88,7 +89,7 @@ def cmd_index(args) -> None:
 
 
 def cmd_search(args) -> None:
-    from .descriptors import read_descriptors, read_postprocessing
+    from .descriptors import read_descriptors, read_model, read_postprocessing
     from .embedding import inputs_postprocessing, load_descriptors
     from .engines import choose_engine, meets
     from .matching import nth_neighbour_similarity, search
@@ -108,6 +109,8 @@ def cmd_search(args) -> None:
                         inputs_postprocessing(args.references or [], images, 'references') if args.references else {},
                         {args.score_norm: read_postprocessing(args.score_norm)} if args.score_norm else {},
                         {f'collection {args.collection!r}': index.postprocessing()} if index and index.dim() else {})
+    if args.score_norm:  # its similarities are subtracted from the scores: the same model's, or meaningless
+        models[f'the --score-norm background {args.score_norm}'] = read_model(args.score_norm)
     read: set[str] = set()  # the images embedded now: the report may show them
     query_ids, queries, query_paths = load_descriptors(args.queries, images, models, read)
     offsets = None
@@ -460,31 +463,58 @@ def cosine(text: str) -> float:
 
 # Files each command writes, checked before any work so a long run does not fail at its end.
 OUTPUTS = {'output': 'output', 'report': '--report', 'plot': '--plot'}
-# Arguments naming what commands read: an output must never be one of them.
-INPUTS = ('inputs', 'queries', 'references', 'score_norm', 'negatives', 'descriptors', 'matches', 'ground_truth',
-          'checkpoint')
+# Arguments naming what commands read: an output must never be one of them, nor a file they list or match.
+INPUTS = ('inputs', 'videos', 'queries', 'references', 'score_norm', 'negatives', 'descriptors', 'matches',
+          'ground_truth', 'checkpoint', 'report_images')
 
 
 def check_outputs(args: argparse.Namespace) -> None:
-    """Each output can be written, is none of the inputs (``search q.h5 -o q.h5`` would replace the
-    queries with CSV) and no existing image or video (``embed -o photos/*.jpg``, expanded by the shell,
-    or ``dedup photos -o photos/a.jpg``, would replace a photo that is no input, or one the folder gives)."""
+    """Each output can be written and replaces nothing the user keeps: it is none of the files the run reads
+    (``search q.h5 -o q.h5`` would replace the queries with CSV; ``search list.txt -o scan.jfif`` a photo the
+    list names), compared as files (a link, ``./``, another spelling: the same file), and no existing image
+    (by content, whatever its name) or file with an image's or video's suffix: ``embed -o photos/*.jpg``,
+    expanded by the shell, or ``dedup photos -o photos/a.jpg`` would replace a photo that is no input, or
+    one a folder gives (a folder gives only files with those suffixes)."""
+    from ..images import is_image_file
     from ..video.reader import VIDEO_SUFFIXES
     from .descriptors import IMAGE_SUFFIXES
-    read = [str(p) for name in INPUTS for p in _listed(getattr(args, name, None))]
+    named = [str(p) for name in INPUTS for p in _listed(getattr(args, name, None))]
     for name, what in OUTPUTS.items():
         target = getattr(args, name, None)
         if not target:
             continue
         check_writable(target, what)
+        if not os.path.isfile(target):  # nothing there to replace (check_writable refused folders and devices)
+            continue
         suffix = os.path.splitext(str(target))[1].lower()
-        if name != 'plot' and os.path.isfile(target) and suffix in IMAGE_SUFFIXES | VIDEO_SUFFIXES:
+        if name != 'plot' and (suffix in IMAGE_SUFFIXES | VIDEO_SUFFIXES or is_image_file(target)):
             raise ValueError(f'{what} {str(target)!r} is an existing image or video: writing it would destroy it; '
                              'give another file name')
-        for path in read:
-            if os.path.exists(target) and os.path.exists(path) and os.path.samefile(target, path):
-                raise ValueError(f'{what} {str(target)!r} is also an input ({path}): writing it would destroy it; '
-                                 'give another file name')
+        written = os.stat(target)
+        for path, how in _files_read(named):
+            try:
+                same = os.path.samestat(written, os.stat(path))
+            except (OSError, ValueError):  # missing (the run reports it) or not a file name
+                continue
+            if same:
+                raise ValueError(f'{what} {str(target)!r} is also an input ({path}{how}): writing it would destroy '
+                                 'it; give another file name')
+
+
+def _files_read(named: Sequence[str]) -> Iterator[tuple[str, str]]:
+    """(path, how it is reached) for every file the run reads: those named, those a ``.txt`` list names
+    and those a glob matches, as ``descriptors.find_images`` expands them."""
+    import glob
+    from .descriptors import _listed_paths
+    for item in named:
+        yield item, ''
+        if item.lower().endswith('.txt') and os.path.isfile(item):
+            try:
+                yield from ((str(p), f', listed in {item}') for p in _listed_paths(Path(item)))
+            except (OSError, ValueError):  # not a list of paths: the run says so
+                pass
+        elif not os.path.exists(item) and glob.has_magic(item):
+            yield from ((p, f', matched by {item!r}') for p in glob.glob(item, recursive=True))
 
 
 def _listed(value) -> list:
