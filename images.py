@@ -237,12 +237,15 @@ def _decode(source: Path | io.BytesIO, what: str, draft: tuple[int, int] | None,
 
 
 def _known_format(source: Path | io.BytesIO) -> str | None:
-    """The format Pillow knows (not one we open) that ``source``'s content starts with, if any."""
+    """The format Pillow knows but we do not open whose signature ``source`` starts with, if any (a broken
+    JPEG has a JPEG's signature: it is damaged, not of another format)."""
+    Image.init()
+    others = [f for f in Image.ID if f not in ACCEPTED_FORMATS]
     try:
         if isinstance(source, io.BytesIO):
-            return format_signature(source.getvalue()[:16])
+            return format_signature(source.getvalue()[:16], others)
         with open(source, 'rb') as f:
-            return format_signature(f.read(16))
+            return format_signature(f.read(16), others)
     except OSError:
         return None
 
