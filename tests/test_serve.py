@@ -239,7 +239,7 @@ def test_concurrent_uploads_each_get_their_own_vector_and_crafted_ones_fail_alon
                spider_of_broken_stack(): 'is not an image',
                jpeg_of_many_scans(): 'a JPEG of 1009 scans, over the limit of 50',
                jpeg_with_hidden_scans(300, 60): 'a JPEG of 69 scans, over the limit of 50',
-               blp_holding(jpeg_of_many_scans(), 2000, 2000): 'is BLP, a format not accepted here',
+               blp_holding(jpeg_of_many_scans(64, 60), 64, 64): 'is BLP, a format not accepted here',
                tiff_in_one_tile(2304): 'is a 16x16 TIFF in tiles of 2304x2304'}
     uploads = good[:2] + list(crafted) + good[2:]
     with concurrent.futures.ThreadPoolExecutor(len(uploads)) as pool:
@@ -420,7 +420,7 @@ def test_milvus_lite_listens_on_a_private_socket_not_a_tcp_port(tmp_path):
 
 def test_embed_skips_crafted_files_by_name_and_embeds_the_rest(copy_set, small_ckpt, ghostscript, tmp_path):
     """The decoding bounds live where every route reads images: a folder with a DDS, a broken SPIDER header,
-    a JPEG of 1,009 scans (or of 69, 60 of them hidden behind TEM markers), a BLP texture wrapping such a
+    a JPEG of 1,009 scans (or of 69, 60 of them hidden behind TEM markers), a BLP texture wrapping a many-scan
     JPEG and an endless EPS program, all named .jpg (Ghostscript on the PATH), and a TIFF in one tile far
     larger than the image, embeds its one photo and lists the others, without ever running Ghostscript."""
     folder = tmp_path / 'mixed'
@@ -430,7 +430,7 @@ def test_embed_skips_crafted_files_by_name_and_embeds_the_rest(copy_set, small_c
                'scan.jpg': (spider_of_broken_stack(), 'is not an image'),
                'slow.jpg': (jpeg_of_many_scans(), '1009 scans'),
                'hidden.jpg': (jpeg_with_hidden_scans(300, 60), '69 scans'),
-               'icon.jpg': (blp_holding(jpeg_of_many_scans(), 2000, 2000), 'is BLP, a format not accepted'),
+               'icon.jpg': (blp_holding(jpeg_of_many_scans(64, 60), 64, 64), 'is BLP, a format not accepted'),
                'tiles.tif': (tiff_in_one_tile(2304), 'in tiles of 2304x2304'),
                'page.jpg': (postscript_loop(), 'is EPS, a format not accepted')}
     for name, (data, _) in crafted.items():
