@@ -41,7 +41,7 @@ ACCEPTED_FORMATS = ('JPEG', 'PNG', 'WEBP', 'GIF', 'BMP', 'TIFF')
 
 # A TIFF is decoded in whole tiles, and a tile may be far larger than the image (a 16x16 image in one
 # 20000x20000 tile: 1.2 GB and 14 s). Honest tiles cover at most ~4 times the image (the last row and
-# column of tiles padded), or one tile of a usual size (256-1024 px) for a small image.
+# column of tiles padded), or one tile of up to 2048x2048 (usual tiles are 256-1024 px) for a small image.
 TIFF_TILES_SLACK = 4
 TIFF_TILES_FLOOR = 2048 * 2048
 
