@@ -380,6 +380,8 @@ def test_a_mirror_serving_html_is_asked_once(folder, tmp_path):
     (['search', 'q.h5', '--references', 'r.h5', '-k', '0', '-o', 'm.csv'], 'argument -k: must be at least 1'),
     (['search', 'q.h5', '--references', 'r.h5', '--threshold', 'nan', '-o', 'm.csv'], 'must be a finite number'),
     (['search', 'q.h5', '--references', 'r.h5', '--factor', 'inf', '-o', 'm.csv'], 'must be a finite number'),
+    # 1e308 x a similarity overflowed: -inf scores in the CSV, which evaluate then refused.
+    (['search', 'q.h5', '--references', 'r.h5', '--factor', '1e308', '-o', 'm.csv'], 'must be from 0 to 10'),
     (['search', 'q.h5', '--references', 'r.h5', '--nth', '0', '-o', 'm.csv'], 'argument --nth: must be at least 1'),
     (['dedup', 'q.h5', '--threshold', 'nan'], 'argument --threshold: must be a finite number'),
     (['dedup', 'q.h5', '--threshold', '80'], 'must be a cosine similarity from -1 to 1, got \'80\' (a percentage? 80% is 0.8)'),

@@ -321,7 +321,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument('-k', type=positive_int, default=10, help='matches per query')
     p.add_argument('--threshold', type=finite_float, help='keep matches scoring at least this')
     p.add_argument('--score-norm', help='background descriptor file for score normalisation')
-    p.add_argument('--factor', type=finite_float, default=1.0,
+    p.add_argument('--factor', type=score_factor, default=1.0,
                    help='score -= factor x similarity to the nth background neighbour')
     p.add_argument('--nth', type=positive_int, default=1)
     p.add_argument('-o', '--output', required=True, help='prediction CSV: query_id,reference_id,score')
@@ -446,6 +446,14 @@ def finite_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f'must be a finite number, got {text!r}')
+    return value
+
+
+def score_factor(text: str) -> float:
+    """``--factor``, 0 to 10 (the winner used 1): a huge one overflows the scores to -inf."""
+    value = finite_float(text)
+    if not 0 <= value <= 10:
+        raise argparse.ArgumentTypeError(f'must be from 0 to 10, got {text!r}')
     return value
 
 
