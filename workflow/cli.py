@@ -82,7 +82,7 @@ def cmd_index(args) -> None:
     ids, vectors, paths = load_descriptors(args.inputs, images, models)  # refuses another model's vectors
     model = next((m for m in models.values() if m), None)  # recorded, so search and serve can refuse others
     kind = index.add(ids, vectors, index_type=args.index_type, postprocessing=postprocessing, model=model,
-                     paths=paths)
+                     paths=paths, replace=args.replace)
     print(f'indexed {plural(len(ids), "descriptor")} into {args.collection!r} ({kind} index) at {args.milvus_uri} '
           f'({index.count()} in all)')
 
@@ -313,6 +313,8 @@ def parser() -> argparse.ArgumentParser:
 
     p = with_index_type(with_milvus(with_model(commands.add_parser('index', help='descriptors or images -> Milvus'))))
     p.add_argument('inputs', nargs='+')
+    p.add_argument('--replace', action='store_true',
+                   help='replace references whose ids are indexed already for another image (refused otherwise)')
     p.set_defaults(run=cmd_index)
 
     p = with_search_width(with_milvus(with_model(commands.add_parser('search', help='queries -> prediction CSV'))))
