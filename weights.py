@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,9 +145,11 @@ def _other_network(ckpt: Checkpoint, weights: Weights) -> str | None:
             f'not the published {weights.arch} with {weights.embedding_dim}-d vectors at {weights.input_size} px')
 
 
-# A download gives up when it takes longer than this in all (seconds; TOWHEE_ISC_DOWNLOAD_TIMEOUT), or
-# when fewer than STALL_BYTES arrive in STALL_SECONDS: a server that drips bytes never trips a socket timeout.
+# A download gives up when it takes longer than this in all (seconds; TOWHEE_ISC_DOWNLOAD_TIMEOUT), when the
+# server has not sent its response headers within HEADERS_SECONDS, or when fewer than STALL_BYTES arrive in
+# STALL_SECONDS: a server that drips bytes never trips a socket timeout (it bounds each read, not the whole).
 STALL_SECONDS, STALL_BYTES = 60.0, 64 * 1024
+HEADERS_SECONDS = 60.0
 # The published files are a few hundred MB: a mirror sending more (endless, or lying about its size) would
 # fill the disk for an hour before the time limit stops it.
 MAX_DOWNLOAD_BYTES = 2 * 2**30
@@ -162,17 +166,72 @@ def download_timeout() -> float:
     return seconds
 
 
+class _Watchdog:
+    """Cuts every connection of one download (redirects included) once a time limit passes, wherever the
+    download is waiting then: connecting, reading the headers or the body. ``expired`` says which limit."""
+
+    def __init__(self):
+        self.sockets: list[socket.socket] = []
+        self.expired: str | None = None
+        self._timers: list[threading.Timer] = []
+
+    def limit(self, seconds: float, why: str) -> threading.Timer:
+        timer = threading.Timer(seconds, self._cut, (why,))
+        timer.daemon = True
+        timer.start()
+        self._timers.append(timer)
+        return timer
+
+    def watch(self, sock: socket.socket) -> None:
+        self.sockets.append(sock)
+        if self.expired:  # the limit passed while it connected
+            self._cut(self.expired)
+
+    def _cut(self, why: str) -> None:
+        self.expired = self.expired or why
+        for sock in self.sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # the blocked read returns at once
+            except OSError:
+                pass
+
+    def stop(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
+
+    def opener(self):
+        """urllib's opener (proxies, redirects as usual) whose HTTP(S) connections this watchdog can cut."""
+        import urllib.request
+        watchdog = self
+
+        class Watched:
+            def do_open(self, http_class, req, **kwargs):
+                class Connection(http_class):
+                    def connect(self):
+                        super().connect()
+                        watchdog.watch(self.sock)
+                return super().do_open(Connection, req, **kwargs)
+
+        http = type('WatchedHTTPHandler', (Watched, urllib.request.HTTPHandler), {})
+        https = type('WatchedHTTPSHandler', (Watched, urllib.request.HTTPSHandler), {})
+        return urllib.request.build_opener(http, https)
+
+
 def _download(url: str, out, target: Path) -> None:
     import http.client
     import urllib.error
-    import urllib.request
     fix = (f'check the network or set {WEIGHTS_URL_ENV} to a mirror, or download it yourself to '
            f'{str(target)!r} or pass checkpoint_path=')
     deadline = download_timeout()
     started = window_start = time.monotonic()
     received = window_bytes = 0
+    watchdog = _Watchdog()
+    watchdog.limit(deadline, f'it took over {deadline:g} s (TOWHEE_ISC_DOWNLOAD_TIMEOUT)')
+    headers = watchdog.limit(min(HEADERS_SECONDS, deadline),
+                             f'the server had not sent its response headers after {min(HEADERS_SECONDS, deadline):g} s')
     try:
-        with urllib.request.urlopen(url, timeout=STALL_SECONDS) as response:
+        with watchdog.opener().open(url, timeout=STALL_SECONDS) as response:
+            headers.cancel()
             expected = response.headers.get('Content-Length')
             if expected is not None and int(expected) > MAX_DOWNLOAD_BYTES:
                 raise WeightsDownloadError(f'{url} declares {int(expected)} bytes, more than the '
@@ -202,7 +261,14 @@ def _download(url: str, out, target: Path) -> None:
     except urllib.error.HTTPError as e:
         raise WeightsDownloadError(f'downloading {url} failed: HTTP {e.code} {e.reason}; {fix}') from e
     except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+        if watchdog.expired:
+            raise WeightsDownloadError(f'downloading {url} was given up: {watchdog.expired}; {fix}') from None
         raise WeightsDownloadError(f'downloading {url} failed: {e}; {fix}') from e
+    finally:
+        watchdog.stop()
+    if watchdog.expired:  # cut in the body: the read ended early, as if the body were complete
+        raise WeightsDownloadError(f'downloading {url} was given up: {watchdog.expired} ({received} bytes '
+                                   f'so far); {fix}')
     if expected is not None and received != int(expected):
         raise WeightsDownloadError(f'downloading {url} stopped after {received} of {expected} bytes; {fix}')
 

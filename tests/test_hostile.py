@@ -242,15 +242,25 @@ def test_an_unusable_cache_folder_falls_back_to_pytorch(small_ckpt, small_op, ph
 
 class DripServer:
     """Serves ``body`` at any path, ``step`` bytes every ``pause`` seconds (a server that never stops
-    sending, but barely sends)."""
+    sending, but barely sends); with ``drip_headers``, one byte of an endless header every ``pause`` seconds."""
 
-    def __init__(self, body: bytes, step: int, pause: float):
+    def __init__(self, body: bytes, step: int, pause: float, drip_headers: bool = False):
         server = self
         self.requests = 0
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802
                 server.requests += 1
+                if drip_headers:
+                    try:
+                        self.wfile.write(b'HTTP/1.1 200 OK\r\nX-Slow: ')
+                        for _ in range(int(60 / pause)):  # a minute at most: the test's server must end
+                            self.wfile.flush()
+                            time.sleep(pause)
+                            self.wfile.write(b'a')
+                    except (BrokenPipeError, ConnectionResetError):
+                        pass
+                    return
                 self.send_response(200)
                 self.send_header('Content-Length', str(len(body)))
                 self.end_headers()
@@ -286,6 +296,20 @@ def test_a_dripping_server_is_given_up_on(hub_dir, small_ckpt, monkeypatch):
     with pytest.raises(WeightsDownloadError, match='took over 1.5 s'):
         Isc(device='cpu')
     assert not any(hub_dir.iterdir())
+    server.httpd.shutdown()
+    # A server that drips its response headers (each byte well within the socket timeout) was waited
+    # for for ever: the whole exchange is bounded, the headers by their own limit too.
+    server = DripServer(b'', step=1, pause=0.2, drip_headers=True)
+    monkeypatch.setenv('TOWHEE_ISC_WEIGHTS_URL', server.url)
+    started = time.monotonic()
+    with pytest.raises(WeightsDownloadError, match=r'was given up: it took over 1.5 s \(TOWHEE_ISC_DOWNLOAD_TIMEOUT\)'):
+        Isc(device='cpu')
+    assert time.monotonic() - started < 5
+    monkeypatch.setenv('TOWHEE_ISC_DOWNLOAD_TIMEOUT', '60')
+    monkeypatch.setattr(weights, 'HEADERS_SECONDS', 0.5)
+    with pytest.raises(WeightsDownloadError, match='the server had not sent its response headers after 0.5 s'):
+        Isc(device='cpu')
+    assert time.monotonic() - started < 10 and not any(hub_dir.iterdir())
     server.httpd.shutdown()
 
 
@@ -379,6 +403,8 @@ def test_a_mirror_serving_html_is_asked_once(folder, tmp_path):
     (['search', 'q.h5', '--references', 'r.h5', '-k', '0', '-o', 'm.csv'], 'argument -k: must be at least 1'),
     (['search', 'q.h5', '--references', 'r.h5', '--threshold', 'nan', '-o', 'm.csv'], 'must be a finite number'),
     (['search', 'q.h5', '--references', 'r.h5', '--factor', 'inf', '-o', 'm.csv'], 'must be a finite number'),
+    # 1e308 x a similarity overflowed: -inf scores in the CSV, which evaluate then refused.
+    (['search', 'q.h5', '--references', 'r.h5', '--factor', '1e308', '-o', 'm.csv'], 'must be from 0 to 10'),
     (['search', 'q.h5', '--references', 'r.h5', '--nth', '0', '-o', 'm.csv'], 'argument --nth: must be at least 1'),
     (['dedup', 'q.h5', '--threshold', 'nan'], 'argument --threshold: must be a finite number'),
     (['dedup', 'q.h5', '--threshold', '80'], 'must be a cosine similarity from -1 to 1, got \'80\' (a percentage? 80% is 0.8)'),

@@ -303,7 +303,7 @@ def test_a_descriptor_file_declaring_more_data_than_memory_is_refused_from_its_h
     assert_one_line_error(result, f'-k {10**9} is more than the 16383 neighbours Milvus can return per image')
     assert not (tmp_path / 'isc.db').exists()
     result = towhee_isc('dedup', tmp_path / 'bomb.h5', timeout=120)
-    assert_one_line_error(result, "declares 953.7 GiB of data (vectors (1000000000, 256), image_names (1,)), more than")
+    assert_one_line_error(result, "declares 953.7 GiB of data (vectors (1000000000, 256), image_names (1,)) in a file of")
     # Good vectors, but the image paths (read for reports) declared as 64 TB: refused from the header too.
     from towhee_isc.workflow.descriptors import write_descriptors
     write_descriptors(tmp_path / 'q.h5', ['q'], np.eye(1, 8, dtype=np.float32))
@@ -313,7 +313,7 @@ def test_a_descriptor_file_declaring_more_data_than_memory_is_refused_from_its_h
         f.create_dataset('image_paths', shape=(10**12,), dtype='S64', compression='gzip', chunks=(2**16,))
     result = towhee_isc('search', tmp_path / 'q.h5', '--references', tmp_path / 'paths_bomb.h5', '-o',
                         tmp_path / 'm.csv', timeout=120)
-    assert_one_line_error(result, 'declares 59604.6 GiB of data (image_paths (1000000000000,)), more than')
+    assert_one_line_error(result, 'declares 59604.6 GiB of data (image_paths (1000000000000,)) in a file of')
     # The same in a video descriptor npz: deflate packs the zeros, the .npy header declares the shape.
     import io
     import zipfile
@@ -327,6 +327,36 @@ def test_a_descriptor_file_declaring_more_data_than_memory_is_refused_from_its_h
             archive.writestr(f'{name}.npy', buffer.getvalue())
     result = towhee_isc('video', 'dedup', tmp_path / 'bomb.npz', '-o', tmp_path / 'groups.json', timeout=120)
     assert_one_line_error(result, "declares 953.7 GiB of arrays, more than")
+
+
+def test_a_descriptor_file_declaring_more_than_it_can_hold_is_refused_even_when_memory_would_do(tmp_path):
+    """Free memory is no bound on a shared machine: a 12 KB file declaring 12 GiB (chunks never written read
+    as zeros) made dedup allocate 12 GiB, and 3 MB of unwritten variable-length ids (each read as a 1 MB
+    fill value) 1.88 GB. What a file declares is bounded by its size; honest files, compressed ones
+    included, are read."""
+    import h5py
+    from towhee_isc.workflow import descriptors
+    with h5py.File(tmp_path / 'zeros.h5', 'w') as f:
+        vectors = f.create_dataset('vectors', shape=(2**18, 256), dtype='f4', chunks=(4096, 256), compression='gzip')
+        vectors[:4096] = 0  # one chunk written; the rest read as the fill value, stored nowhere
+        f.create_dataset('image_names', data=np.array(['a'], dtype=object), dtype=h5py.string_dtype())
+    with pytest.raises(descriptors.DescriptorFileError, match=r"declares 0\.3 GiB of data \(vectors \(262144, 256\), "
+                                                              r"image_names \(1,\)\) in a file of [\d,]+ bytes: more than 16 times"):
+        descriptors.read_descriptors(tmp_path / 'zeros.h5')
+    with h5py.File(tmp_path / 'fill.h5', 'w') as f:
+        f.create_dataset('vectors', data=np.tile(np.eye(1, 8, dtype='f4'), (200, 1)))
+        f.create_dataset('image_names', shape=(200,), dtype=h5py.string_dtype(), chunks=(64,), fillvalue='x' * 10**5)
+    with pytest.raises(descriptors.DescriptorFileError, match=r'\(vectors \(200, 8\), image_names \(200,\)\) in a file'):
+        descriptors.read_descriptors(tmp_path / 'fill.h5')
+    rng = np.random.default_rng(0)
+    honest = rng.standard_normal((2000, 256)).astype(np.float32)
+    honest /= np.linalg.norm(honest, axis=1, keepdims=True)
+    with h5py.File(tmp_path / 'gzip.h5', 'w') as f:
+        f.create_dataset('vectors', data=honest, compression='gzip', compression_opts=9)
+        f.create_dataset('image_names', data=np.array([f'img_{n:06d}' for n in range(2000)], dtype='S64'),
+                         compression='gzip', compression_opts=9)  # zero-padded fixed-length ids: ~10x
+    ids, vectors = descriptors.read_descriptors(tmp_path / 'gzip.h5')
+    assert ids[-1] == 'img_001999' and np.array_equal(vectors, honest)
 
 
 def test_a_descriptor_file_whose_data_lie_in_other_files_is_refused(tmp_path):
@@ -357,6 +387,10 @@ def test_variable_length_strings_pointing_at_one_long_string_are_counted_as_read
                       paths=['x' * 2**20] + [f'p{n}' for n in range(1, count)])
     monkeypatch.setattr(descriptors, 'available_memory', lambda: 32 * 2**20)
     assert len(descriptors.read_image_paths(path)[0]) == 2**20  # honest: 1 MB of strings, read
+    monkeypatch.setattr(descriptors, 'available_memory', lambda: 2**19)  # but not in half a MB of memory
+    with pytest.raises(descriptors.DescriptorFileError, match='more than the 0.0 GiB of memory available'):
+        descriptors.read_image_paths(path)
+    monkeypatch.setattr(descriptors, 'available_memory', lambda: 32 * 2**20)
     with h5py.File(path, 'r') as f:
         offset = f['image_paths'].id.get_offset()
     data = bytearray(path.read_bytes())

@@ -230,8 +230,15 @@ def test_plan_actors_fills_the_cluster_by_default():
         plan_actors({'CPU': 2.0}, None, 3, 0)
     with pytest.raises(RayClusterError, match='not enough for one actor of 1 CPU.* and 1 GPU'):
         plan_actors({'CPU': 2.0}, None, 1, 1)
-    with pytest.raises(ValueError, match='--cpus-per-actor above 0'):
-        plan_actors({'CPU': 2.0}, None, 0, 0)
+    # Fractions of a CPU would plan thousands of model-loading actors (2,000 on 2 CPUs at 0.001): at most 4 per CPU.
+    assert plan_actors({'CPU': 2.0}, None, 0.25, 0) == 8
+    for fraction in (0, 0.001, 0.2):
+        with pytest.raises(ValueError, match=f'--cpus-per-actor must be at least 0.25 .*got {fraction:g}'):
+            plan_actors({'CPU': 2.0}, None, fraction, 0)
+    # video embed --ray-address: one task process per video at once; refused before the cluster is reached.
+    from towhee_isc.video.ray import embed_on_ray
+    with pytest.raises(ValueError, match='--cpus-per-task must be at least 0.25 .*got 0.001'):
+        embed_on_ray([(0, Path('v.mkv'))], '127.0.0.1:1', {}, 1.0, None, 0.001, lambda *saved: None)
 
 
 def one_line_error_soon(address: str, images, small_ckpt, tmp_path, env: dict | None = None) -> str:

@@ -15,7 +15,7 @@ from PIL import Image
 
 import html_pages
 from towhee_isc.workflow.cli import main as cli
-from towhee_isc.workflow.descriptors import read_descriptors
+from towhee_isc.workflow.descriptors import read_descriptors, read_model, write_descriptors
 from towhee_isc.workflow.metrics import Match, evaluate
 from towhee_isc.testing import make_copy_detection_set
 
@@ -347,8 +347,14 @@ def test_bad_inputs_are_one_line_errors(cmd, copy_set, tmp_path):
     db = tmp_path / 'isc.db'
     cmd('embed', copy_set / 'references', '-o', tmp_path / 'refs.h5', '--quiet')
     cmd('index', tmp_path / 'refs.h5', '--milvus-uri', db, '--collection', 'refs')
+    # Another image under an indexed id (two phones' IMG_0001.jpg) replaced that reference without a word.
+    ids, vectors = read_descriptors(tmp_path / 'refs.h5')
+    write_descriptors(tmp_path / 'phone_b.h5', ids[:1], vectors[1:2], model=read_model(tmp_path / 'refs.h5'))
     out = tmp_path / 'out.csv'
     cases = [
+        (('index', tmp_path / 'phone_b.h5', '--milvus-uri', db, '--collection', 'refs'),
+         "1 id(s) are in collection 'refs' already for another image ('R000000'): nothing was written; rename those "
+         'files, or give --replace'),
         (('index', tmp_path / 'missing.h5', '--milvus-uri', db), 'descriptor file not found'),
         (('index', tmp_path / 'text.h5', '--milvus-uri', db), 'not a readable HDF5 file'),
         (('index', tmp_path / 'f64.h5', '--milvus-uri', db), "'vectors' must be float32"),
@@ -361,6 +367,8 @@ def test_bad_inputs_are_one_line_errors(cmd, copy_set, tmp_path):
         code, _, err = cmd(*args)
         assert code == 2 and message in err and 'Traceback' not in err, (args, err)
         assert not out.exists()
+    code, out_text, _ = cmd('index', tmp_path / 'phone_b.h5', '--milvus-uri', db, '--collection', 'refs', '--replace')
+    assert code == 0 and out_text.endswith('(6 in all)\n'), out_text
 
 
 @pytest.mark.parametrize('content, message', [

@@ -35,7 +35,8 @@ def embed_on_ray(videos: Sequence[tuple[int, Path]], address: str, isc_kwargs: d
     """Embed each (number, path) of ``videos`` in its own task and ``save(number, vectors, intervals,
     failure)`` each as it finishes (in any order). A task that fails otherwise (settings, weights, a
     lost node) fails the run; what was saved stays saved."""
-    from ..workflow.ray import RayClusterError, _one_line, check_address, connect, import_ray
+    from ..workflow.ray import RayClusterError, _one_line, check_address, check_cpus_per_worker, connect, import_ray
+    check_cpus_per_worker(cpus_per_task, '--cpus-per-task')  # Ray would run a task process per video at once
     address = check_address(address)  # a wrong address is said at once
     import_ray(quiet=True)
     ray, joined = connect(address)

@@ -83,7 +83,7 @@ def cmd_index(args) -> None:
     ids, vectors, paths = load_descriptors(args.inputs, images, models)  # refuses another model's vectors
     model = next((m for m in models.values() if m), None)  # recorded, so search and serve can refuse others
     kind = index.add(ids, vectors, index_type=args.index_type, postprocessing=postprocessing, model=model,
-                     paths=paths)
+                     paths=paths, replace=args.replace)
     print(f'indexed {plural(len(ids), "descriptor")} into {args.collection!r} ({kind} index) at {args.milvus_uri} '
           f'({index.count()} in all)')
 
@@ -316,6 +316,8 @@ def parser() -> argparse.ArgumentParser:
 
     p = with_index_type(with_milvus(with_model(commands.add_parser('index', help='descriptors or images -> Milvus'))))
     p.add_argument('inputs', nargs='+')
+    p.add_argument('--replace', action='store_true',
+                   help='replace references whose ids are indexed already for another image (refused otherwise)')
     p.set_defaults(run=cmd_index)
 
     p = with_search_width(with_milvus(with_model(commands.add_parser('search', help='queries -> prediction CSV'))))
@@ -324,7 +326,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument('-k', type=positive_int, default=10, help='matches per query')
     p.add_argument('--threshold', type=finite_float, help='keep matches scoring at least this')
     p.add_argument('--score-norm', help='background descriptor file for score normalisation')
-    p.add_argument('--factor', type=finite_float, default=1.0,
+    p.add_argument('--factor', type=score_factor, default=1.0,
                    help='score -= factor x similarity to the nth background neighbour')
     p.add_argument('--nth', type=positive_int, default=1)
     p.add_argument('-o', '--output', required=True, help='prediction CSV: query_id,reference_id,score')
@@ -449,6 +451,14 @@ def finite_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f'must be a finite number, got {text!r}')
+    return value
+
+
+def score_factor(text: str) -> float:
+    """``--factor``, 0 to 10 (the winner used 1): a huge one overflows the scores to -inf."""
+    value = finite_float(text)
+    if not 0 <= value <= 10:
+        raise argparse.ArgumentTypeError(f'must be from 0 to 10, got {text!r}')
     return value
 
 

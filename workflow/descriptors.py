@@ -201,14 +201,27 @@ def available_memory() -> int | None:
     return None
 
 
+# A descriptor file holds about what it declares: float32 vectors barely compress (gzip gains ~10 %),
+# variable-length ids take more room in the file than in memory, fixed-length ids padded with zeros
+# compress a few times. Data declared beyond this many times the file's size (plus 1 MiB) is not there:
+# chunks never written (read as the fill value) or compressed zeros, a 12 KB file declaring 12 GiB.
+MAX_EXPANSION = 16
+
+
 def check_fits_in_memory(path: str, *datasets) -> None:
-    """Refuse datasets whose arrays would not fit in the memory available now, from their shapes alone: a
-    compressed file of a few KB can declare a 100 GB dataset of zeros, and reading it would make the
-    kernel kill this process (or another one)."""
+    """Refuse datasets whose arrays the file cannot plausibly hold (more than MAX_EXPANSION times its size)
+    or that would not fit in the memory available now, from their shapes alone: a compressed file of a
+    few KB can declare a 100 GB dataset of zeros, and reading it would make the kernel kill this process
+    (or another one)."""
     need = sum(d.size * (d.dtype.itemsize if d.dtype.kind != 'O' else 64) + variable_length_bytes(d) for d in datasets)
+    size = os.path.getsize(path)
+    shapes = ', '.join(f'{d.name.lstrip("/")} {d.shape}' for d in datasets)
+    if need > MAX_EXPANSION * size + 2**20:
+        raise DescriptorFileError(f'{path!r} declares {need / 2**30:.1f} GiB of data ({shapes}) in a file of '
+                                  f'{size:,} bytes: more than {MAX_EXPANSION} times its size, which no descriptor '
+                                  'file holds (data never written, or compressed zeros)')
     free = available_memory()
     if free is not None and need > free:
-        shapes = ', '.join(f'{d.name.lstrip("/")} {d.shape}' for d in datasets)
         raise DescriptorFileError(f'{path!r} declares {need / 2**30:.1f} GiB of data ({shapes}), more than the '
                                   f'{free / 2**30:.1f} GiB of memory available')
 

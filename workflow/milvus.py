@@ -33,6 +33,9 @@ MODEL = 'towhee_isc.model'  # collection property: the operator fingerprint of t
 # killed) leaves it, and search refuses the partial collection until `index` runs again.
 INCOMPLETE = 'towhee_isc.incomplete'
 MAX_ID_BYTES = 512  # the id field's max_length; checked before anything is written
+# An id indexed again is the same image when its new vector is this close to the stored one (the same model
+# on the same file gives the same vector, within 1e-5; ONNX and PyTorch within 1e-4).
+SAME_IMAGE = 0.999
 HNSW_M, HNSW_EF_CONSTRUCTION = 16, 200  # Milvus's usual starting point
 # Default search widths: on 100,000 random 256-d vectors these found >= 99 % of copies at rank 1
 # (benchmarks/milvus_index.py; at nlist/16 cells or ef 64, only 98 % and 84 %).
@@ -369,17 +372,20 @@ class MilvusIndex:
 
     def add(self, ids: Sequence[str], vectors: np.ndarray, batch: int = 1000, index_type: str | None = None,
             postprocessing: dict | None = None, model: dict | None = None,
-            paths: dict[str, str] | None = None, fields: Sequence[dict] | None = None) -> str:
+            paths: dict[str, str] | None = None, fields: Sequence[dict] | None = None, replace: bool = True) -> str:
         """Insert or update by id (``vectors`` float32 N x D), creating the collection on first use
         with an ``index_type`` index. Vectors post-processed otherwise than the collection's
         (``postprocessing``, None for raw) are refused, and so are those of another ``model`` (where both
-        record theirs). ``paths`` (id -> image path) are stored beside the vectors, for reports;
+        record theirs); without ``replace``, so are ids the collection holds for another image (see
+        ``check_same_images``). ``paths`` (id -> image path) are stored beside the vectors, for reports;
         ``fields`` (one dict per row) too (a video frame's video id and seconds). Returns the index type
         the collection has."""
         if self.dim() is not None:
             check_same_postprocessing({f'collection {self.collection!r}': self.postprocessing(),
                                        'the descriptors to add': postprocessing})
             check_same_model({f'collection {self.collection!r}': self.model(), 'the descriptors to add': model})
+            if not replace:
+                self.check_same_images(ids, vectors)
         for row, image in enumerate(ids):  # before anything is written, not at the row Milvus refuses
             if len(image.encode('utf-8')) > MAX_ID_BYTES:
                 raise ValueError(f'image id {image[:40]!r}... (row {row + 1}) is {len(image.encode())} bytes long, over '
@@ -414,6 +420,26 @@ class MilvusIndex:
             raise MilvusError(f'{e}; {written} of {len(ids)} rows were written, and collection {self.collection!r} '
                               'is marked incomplete: search refuses it until this index runs again') from e.__cause__
         return kind
+
+    def check_same_images(self, ids: Sequence[str], vectors: np.ndarray, batch: int = 1000) -> None:
+        """Refuse ids the collection already holds for another image: two phones' IMG_0001.jpg would
+        otherwise replace one reference by another without a word. The same image embedded again by the
+        same model gives the same vector (cosine above SAME_IMAGE); another image, even a re-saved copy
+        of it, a lower one. Nothing is written."""
+        self.load()
+        other: list[str] = []
+        with self._errors(f'reading vectors from {self.collection!r}'):
+            for start in range(0, len(ids), batch):
+                mine = dict(zip(ids[start:start + batch], vectors[start:start + batch]))
+                listed = ', '.join(json.dumps(i, ensure_ascii=False) for i in mine)
+                rows = self.client.query(self.collection, filter=f'id in [{listed}]', output_fields=['id', 'vector'],
+                                         consistency_level='Strong', timeout=self.timeout)
+                other += [row['id'] for row in rows
+                          if float(np.dot(np.asarray(row['vector'], np.float32), mine[row['id']])) < SAME_IMAGE]
+        if other:
+            raise ValueError(f'{len(other)} id(s) are in collection {self.collection!r} already for another image '
+                             f'({", ".join(map(repr, sorted(other)[:5]))}{", ..." if len(other) > 5 else ""}): '
+                             'nothing was written; rename those files, or give --replace to replace those references')
 
     def check_complete(self) -> None:
         """Refuse a collection that an ``index`` run left half-written (it failed or was killed)."""

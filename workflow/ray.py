@@ -381,13 +381,26 @@ def native_stderr_silenced() -> Iterator[None]:
         sys.stderr = python_stderr
 
 
+# Each actor (and each video task) is a process that loads the model (~1 GB with the published network):
+# at most 4 per CPU, as train's --workers, so that a fraction such as --cpus-per-actor 0.001 cannot start
+# thousands of them (Ray schedules fractions of a CPU).
+MIN_CPUS_PER_WORKER = 0.25
+
+
+def check_cpus_per_worker(cpus: float, option: str) -> None:
+    """Refuse ``option`` (--cpus-per-actor, --cpus-per-task) under MIN_CPUS_PER_WORKER."""
+    if not cpus >= MIN_CPUS_PER_WORKER:
+        raise ValueError(f'{option} must be at least {MIN_CPUS_PER_WORKER:g} (each one loads the model: at most '
+                         f'{1 / MIN_CPUS_PER_WORKER:g} per CPU), got {cpus:g}')
+
+
 def plan_actors(resources: dict[str, float], actors: int | None, cpus_per_actor: float,
                 gpus_per_actor: float) -> int:
     """The number of actors to start: ``actors``, or as many as the cluster holds. Refuses what the
     cluster cannot hold at once, which Ray would otherwise wait for without a word."""
-    if cpus_per_actor <= 0 or gpus_per_actor < 0 or (actors is not None and actors < 1):
-        raise ValueError(f'--actors must be at least 1, --cpus-per-actor above 0 and --gpus-per-actor at least 0; '
-                         f'got {actors}, {cpus_per_actor}, {gpus_per_actor}')
+    check_cpus_per_worker(cpus_per_actor, '--cpus-per-actor')
+    if gpus_per_actor < 0 or (actors is not None and actors < 1):
+        raise ValueError(f'--actors must be at least 1 and --gpus-per-actor at least 0; got {actors}, {gpus_per_actor}')
     cpus, gpus = resources.get('CPU', 0.0), resources.get('GPU', 0.0)
     fit = math.floor(cpus / cpus_per_actor + 1e-9)
     if gpus_per_actor:

@@ -10,12 +10,14 @@ Milvus collection, or a descriptor file searched exactly); references of another
 post-processing are refused at start-up. Requests arriving together are embedded as one batch
 (``serve.batch``); while a batch runs in a worker thread, the next one gathers. A bad upload is a
 4xx answer ``{"error": "..."}`` naming the problem, and the replica keeps serving. Uploads are
-bounded in size, in the time their body may take to arrive and in the bytes held at once, so slow
-or many clients cannot freeze the others.
+bounded in size, in the pace and time their body must arrive at, in number and in the bytes held at
+once (counted as they arrive, never as declared), so slow, idle or many clients cannot freeze the
+others, and ``/health`` always has room beyond the uploads.
 """
 # No ``from __future__ import annotations`` here: Ray ships the deployment class by value, without
 # this module's globals, so FastAPI must find real types (not strings) in the endpoints' signatures.
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -23,7 +25,7 @@ import signal
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
-from typing import Any, Optional, Union
+from typing import Any, AsyncIterator, Callable, Iterator, Optional, Union
 
 import numpy as np
 from fastapi import FastAPI, Query, Request
@@ -32,6 +34,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from ray import serve
 from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartParser
 
 from ..images import ImageError
 from .descriptors import check_same_postprocessing, read_descriptors, read_model, read_postprocessing
@@ -48,8 +51,14 @@ logger = logging.getLogger('towhee_isc.serve')
 LOOPBACK_ONLY = ('RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER', '0')
 MAX_BODY_BYTES = 32 * 2**20  # a 32 MB upload is already a very large photo
 UPLOAD_TIMEOUT_S = 30.0  # a whole body must arrive within this (a 32 MB photo at ~1 MB/s)
-MAX_ONGOING = 256  # requests a replica holds at once (reading, queued or embedding); Serve queues the rest
-HELD_BODIES = 16  # bytes a replica admits at once: this many largest uploads (declared lengths)
+# A body must also keep coming: its first bytes within UPLOAD_GRACE_S, then MIN_UPLOAD_RATE bytes a second on
+# average, so that a client declaring a body and sending nothing (or a byte now and then) frees its upload
+# slot within seconds, not the whole upload timeout.
+UPLOAD_GRACE_S = 2.0
+MIN_UPLOAD_RATE = 16 * 1024
+MAX_UPLOADS = 1024  # uploads a replica holds at once (arriving, queued or embedding); more are a 503 at once
+MAX_ONGOING = MAX_UPLOADS + 64  # requests a replica holds at once: room for /health beyond the uploads
+HELD_BODIES = 16  # upload bytes a replica holds at once (as they arrive): this many of the largest
 MILVUS_TIMEOUT_S = 30.0  # one call to Milvus while answering a request (TOWHEE_ISC_MILVUS_TIMEOUT may lower it)
 IMAGE_TYPE = re.compile(r"image/[a-z0-9][a-z0-9!#$&^_.+-]*")  # image/<subtype>, RFC 6838 characters
 
@@ -248,12 +257,38 @@ def check_upload(request: Request, limit: int) -> tuple[int, bool]:
     return int(length), multipart
 
 
-async def read_upload(request: Request, multipart: bool) -> bytes:
-    """The uploaded image's bytes: the raw body, or the one file of a multipart form."""
+async def arriving(request: Request, length: int, hold: Callable[[int], None], timeout_s: float) -> AsyncIterator[bytes]:
+    """The body's chunks as they arrive, each passed to ``hold`` (which may refuse it: a 503) and paced:
+    its first bytes within UPLOAD_GRACE_S, then MIN_UPLOAD_RATE bytes a second on average, all of it
+    within ``timeout_s``; else a 408. ``length`` is the declared length (for the message)."""
+    started, received = time.monotonic(), 0
+    grace = min(UPLOAD_GRACE_S, timeout_s)
+    chunks = request.stream()
+    while True:
+        due = started + min(timeout_s, grace + received / MIN_UPLOAD_RATE)  # the next bytes are due by then
+        try:
+            async with asyncio.timeout(max(0.0, due - time.monotonic())):
+                chunk = await anext(chunks)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise Refused(408, f'the body did not arrive in time: {received} of {length} bytes after '
+                               f'{time.monotonic() - started:.1f} s (an upload must send its first bytes within '
+                               f'{grace:g} s, then {MIN_UPLOAD_RATE // 1024} KB a second, all within {timeout_s:g} s)'
+                          ) from None
+        hold(len(chunk))
+        received += len(chunk)
+        yield chunk
+
+
+async def read_upload(request: Request, multipart: bool, body: AsyncIterator[bytes]) -> bytes:
+    """The uploaded image's bytes from the ``body`` chunks: the raw body, or the one file of a multipart form."""
     if not multipart:
-        return await request.body()
+        return b''.join([chunk async for chunk in body])
     try:
-        form = await request.form(max_files=1, max_fields=8)
+        form = await MultiPartParser(request.headers, body, max_files=1, max_fields=8).parse()
+    except Refused:
+        raise
     except Exception as e:  # Starlette's MultiPartException and the parser's own errors
         raise Refused(400, f'malformed multipart form data: {e}') from None
     files = [value for value in form.values() if isinstance(value, UploadFile)]
@@ -262,20 +297,35 @@ async def read_upload(request: Request, multipart: bool) -> bytes:
     return await files[0].read()
 
 
-class HeldBytes:
-    """The upload bytes a replica holds (declared lengths, from admission until embedded), bounded, so
-    that many large uploads at once cannot exhaust its memory; one over the bound is a 503 at once."""
+class Uploads:
+    """The uploads a replica holds (from their headers until embedded) and the body bytes of theirs that
+    have arrived, both bounded, so that many or large uploads at once cannot exhaust its memory or its
+    request slots: one over a bound is a 503 at once. Bytes count as they arrive, never as declared: a
+    client that declares 32 MB and sends nothing holds nothing but one upload slot, for UPLOAD_GRACE_S."""
 
-    def __init__(self, limit: int):
-        self.limit, self.held = limit, 0
+    def __init__(self, max_uploads: int, max_bytes: int):
+        self.max_uploads, self.max_bytes = max_uploads, max_bytes
+        self.count = self.bytes = 0
 
-    def admit(self, length: int) -> None:
-        if self.held + length > self.limit:
+    @contextlib.contextmanager
+    def one(self) -> Iterator[Callable[[int], None]]:
+        """Hold one upload; yields ``hold(n)``, to call as each n bytes arrive. All is freed at the end."""
+        if self.count >= self.max_uploads:
             raise Refused(503, 'too many uploads in progress: retry shortly')
-        self.held += length
+        self.count += 1
+        held = 0
 
-    def release(self, length: int) -> None:
-        self.held -= length
+        def hold(n: int) -> None:
+            nonlocal held
+            if self.bytes + n > self.max_bytes:
+                raise Refused(503, 'too many upload bytes in progress: retry shortly')
+            self.bytes += n
+            held += n
+        try:
+            yield hold
+        finally:
+            self.count -= 1
+            self.bytes -= held
 
 
 def _replica_grpc_on_loopback() -> None:
@@ -308,7 +358,7 @@ class IscService:
         self.images = Embedder(**settings.isc)  # the operator as towhee-isc search makes it (EXIF, post-processing)
         self.op = self.images.op
         self.references.check_fit(self.images)
-        self.held = HeldBytes(HELD_BODIES * settings.max_body_bytes)
+        self.uploads = Uploads(MAX_UPLOADS, HELD_BODIES * settings.max_body_bytes)
         self.batch_sizes: Counter[int] = Counter()
         self._embed_one.set_max_batch_size(settings.max_batch_size)
         self._embed_one.set_batch_wait_timeout_s(settings.batch_wait_s)
@@ -345,19 +395,14 @@ class IscService:
         return {'matches': [{'id': i, 'score': score, 'match': bool(meets(score, threshold))} for i, score in hits]}
 
     async def _vector(self, request: Request) -> np.ndarray:
-        """The upload's vector. Its bytes are held (bounded) from admission until embedded, and its body
-        must arrive whole within the upload timeout: a slow client gets a 408, never a slot for good."""
+        """The upload's vector. It holds an upload slot and its bytes as they arrive (bounded) until
+        embedded, and its body must keep arriving (``arriving``): a slow or idle client gets a 408 within
+        seconds, never a slot for good."""
         length, multipart = check_upload(request, self.settings.max_body_bytes)
-        self.held.admit(length)
-        try:
-            try:
-                async with asyncio.timeout(self.settings.upload_timeout_s):
-                    data = await read_upload(request, multipart)
-            except TimeoutError:
-                raise Refused(408, f'the body did not arrive within {self.settings.upload_timeout_s:g} s') from None
+        with self.uploads.one() as hold:
+            body = arriving(request, length, hold, self.settings.upload_timeout_s)
+            data = await read_upload(request, multipart, body)
             result = await self._embed_one(data)
-        finally:
-            self.held.release(length)
         if isinstance(result, ImageError):
             raise result
         return result
