@@ -332,3 +332,36 @@ def test_a_reference_shot_that_resembles_a_quarter_of_all_query_frames_is_no_cop
     centre = np.concatenate(queries + refs).mean(axis=0)
     (box, score), = align(centred(queries[1], centre) @ centred(refs[1], centre).T, 'dp', threshold=0.5)
     assert (box.query_first, box.ref_first) == (12, 0) and score > 1
+
+
+def test_a_video_descriptor_file_that_unpacks_to_far_more_than_it_holds_is_refused(tmp_path, monkeypatch):
+    """#14 round 6: a member named plain ``features`` (numpy hands its raw bytes over, decompressed whole),
+    honest zeros that deflate 1000:1, and frame times no video has (NaN, 1e300) are refused at load."""
+    import io
+    import zipfile
+    from towhee_isc.video import storage
+
+    def npz(path, arrays, raw=None):
+        with zipfile.ZipFile(path, 'w', zipfile.ZIP_DEFLATED) as archive:
+            for name, array in arrays.items():
+                buffer = io.BytesIO()
+                np.save(buffer, array)
+                archive.writestr(f'{name}.npy', buffer.getvalue())
+            if raw is not None:
+                archive.writestr('features', raw)
+
+    ids, times = np.array(['a', 'a']), np.array([[0, 1], [1, 2.0]])
+    npz(tmp_path / 'raw.npz', {'video_ids': ids, 'timestamps': times}, raw=bytes(2**20))
+    with pytest.raises(ValueError, match="its member 'features' is no .npy array"):
+        read_video_descriptors(tmp_path / 'raw.npz')
+    zeros = np.zeros((2, 2**17), np.float32)  # 1 MiB of zeros in ~1 KB
+    npz(tmp_path / 'zeros.npz', {'video_ids': ids, 'timestamps': times, 'features': zeros})
+    assert read_video_descriptors(tmp_path / 'zeros.npz').videos[0].features.shape == (2, 2**17)  # within the slack
+    monkeypatch.setattr(storage, 'EXPANSION_SLACK_BYTES', 0)
+    with pytest.raises(ValueError, match=r'MiB file: descriptors do not compress \d+:1'):
+        read_video_descriptors(tmp_path / 'zeros.npz')
+    for bad in (np.nan, 1e300, -1):
+        npz(tmp_path / 'times.npz', {'video_ids': ids, 'timestamps': np.array([[0, 1], [1, bad]]),
+                                     'features': np.eye(2, 4, dtype=np.float32)})
+        with pytest.raises(ValueError, match='timestamps must be seconds from 0 to 1e'):
+            read_video_descriptors(tmp_path / 'times.npz')
