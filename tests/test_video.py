@@ -365,3 +365,45 @@ def test_a_video_descriptor_file_that_unpacks_to_far_more_than_it_holds_is_refus
                                      'features': np.eye(2, 4, dtype=np.float32)})
         with pytest.raises(ValueError, match='timestamps must be seconds from 0 to 1e'):
             read_video_descriptors(tmp_path / 'times.npz')
+
+
+def test_a_video_descriptor_file_that_unpacks_to_far_more_than_it_holds_is_refused(tmp_path, monkeypatch):
+    """#14 round 6: a member named plain ``features`` (numpy hands its raw bytes over, decompressed whole),
+    honest zeros that deflate 1000:1, and frame times no video has (NaN, 1e300) are refused at load."""
+    import io
+    import zipfile
+    from towhee_isc.video import storage
+
+    def npz(path, arrays, raw=None):
+        with zipfile.ZipFile(path, 'w', zipfile.ZIP_DEFLATED) as archive:
+            for name, array in arrays.items():
+                buffer = io.BytesIO()
+                np.save(buffer, array)
+                archive.writestr(f'{name}.npy', buffer.getvalue())
+            if raw is not None:
+                archive.writestr('features', raw)
+
+    ids, times = np.array(['a', 'a']), np.array([[0, 1], [1, 2.0]])
+    npz(tmp_path / 'raw.npz', {'video_ids': ids, 'timestamps': times}, raw=bytes(2**20))
+    with pytest.raises(ValueError, match="its member 'features' is no .npy array"):
+        read_video_descriptors(tmp_path / 'raw.npz')
+    zeros = np.zeros((2, 2**17), np.float32)  # 1 MiB of zeros in ~1 KB
+    npz(tmp_path / 'zeros.npz', {'video_ids': ids, 'timestamps': times, 'features': zeros})
+    assert read_video_descriptors(tmp_path / 'zeros.npz').videos[0].features.shape == (2, 2**17)  # within the slack
+    monkeypatch.setattr(storage, 'EXPANSION_SLACK_BYTES', 0)
+    with pytest.raises(ValueError, match=r'MiB file: descriptors do not compress \d+:1'):
+        read_video_descriptors(tmp_path / 'zeros.npz')
+    for bad in (np.nan, 1e300, -1):
+        npz(tmp_path / 'times.npz', {'video_ids': ids, 'timestamps': np.array([[0, 1], [1, bad]]),
+                                     'features': np.eye(2, 4, dtype=np.float32)})
+        with pytest.raises(ValueError, match='timestamps must be seconds from 0 to 1e'):
+            read_video_descriptors(tmp_path / 'times.npz')
+
+
+def test_video_dedup_of_videos_has_video_embeds_duration_bound(videos, small_ckpt, capsys):
+    """#14 round 6: an 833-byte video whose frames lie 116 days apart was embedded by `video dedup` for weeks."""
+    from towhee_isc.workflow.cli import main
+    root = videos[0]
+    assert main(['video', 'dedup', str(root / 'bad' / 'days.mkv'), '--checkpoint', str(small_ckpt),
+                 '--device', 'cpu']) == 2
+    assert "days.mkv' lasts 10000001.0 s, over --max-duration 14400 s" in capsys.readouterr().err
