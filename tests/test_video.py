@@ -367,81 +367,6 @@ def test_a_video_descriptor_file_that_unpacks_to_far_more_than_it_holds_is_refus
             read_video_descriptors(tmp_path / 'times.npz')
 
 
-def test_a_video_descriptor_file_that_unpacks_to_far_more_than_it_holds_is_refused(tmp_path, monkeypatch):
-    """#14 round 6: a member named plain ``features`` (numpy hands its raw bytes over, decompressed whole),
-    honest zeros that deflate 1000:1, and frame times no video has (NaN, 1e300) are refused at load."""
-    import io
-    import zipfile
-    from towhee_isc.video import storage
-
-    def npz(path, arrays, raw=None):
-        with zipfile.ZipFile(path, 'w', zipfile.ZIP_DEFLATED) as archive:
-            for name, array in arrays.items():
-                buffer = io.BytesIO()
-                np.save(buffer, array)
-                archive.writestr(f'{name}.npy', buffer.getvalue())
-            if raw is not None:
-                archive.writestr('features', raw)
-
-    ids, times = np.array(['a', 'a']), np.array([[0, 1], [1, 2.0]])
-    npz(tmp_path / 'raw.npz', {'video_ids': ids, 'timestamps': times}, raw=bytes(2**20))
-    with pytest.raises(ValueError, match="its member 'features' is no .npy array"):
-        read_video_descriptors(tmp_path / 'raw.npz')
-    zeros = np.zeros((2, 2**17), np.float32)  # 1 MiB of zeros in ~1 KB
-    npz(tmp_path / 'zeros.npz', {'video_ids': ids, 'timestamps': times, 'features': zeros})
-    assert read_video_descriptors(tmp_path / 'zeros.npz').videos[0].features.shape == (2, 2**17)  # within the slack
-    monkeypatch.setattr(storage, 'EXPANSION_SLACK_BYTES', 0)
-    with pytest.raises(ValueError, match=r'MiB file: descriptors do not compress \d+:1'):
-        read_video_descriptors(tmp_path / 'zeros.npz')
-    for bad in (np.nan, 1e300, -1):
-        npz(tmp_path / 'times.npz', {'video_ids': ids, 'timestamps': np.array([[0, 1], [1, bad]]),
-                                     'features': np.eye(2, 4, dtype=np.float32)})
-        with pytest.raises(ValueError, match='timestamps must be seconds from 0 to 1e'):
-            read_video_descriptors(tmp_path / 'times.npz')
-
-
-def test_video_dedup_of_videos_has_video_embeds_duration_bound(videos, small_ckpt, capsys):
-    """#14 round 6: an 833-byte video whose frames lie 116 days apart was embedded by `video dedup` for weeks."""
-    from towhee_isc.workflow.cli import main
-    root = videos[0]
-    assert main(['video', 'dedup', str(root / 'bad' / 'days.mkv'), '--checkpoint', str(small_ckpt),
-                 '--device', 'cpu']) == 2
-    assert "days.mkv' lasts 10000001.0 s, over --max-duration 14400 s" in capsys.readouterr().err
-
-
-def test_a_video_descriptor_file_that_unpacks_to_far_more_than_it_holds_is_refused(tmp_path, monkeypatch):
-    """#14 round 6: a member named plain ``features`` (numpy hands its raw bytes over, decompressed whole),
-    honest zeros that deflate 1000:1, and frame times no video has (NaN, 1e300) are refused at load."""
-    import io
-    import zipfile
-    from towhee_isc.video import storage
-
-    def npz(path, arrays, raw=None):
-        with zipfile.ZipFile(path, 'w', zipfile.ZIP_DEFLATED) as archive:
-            for name, array in arrays.items():
-                buffer = io.BytesIO()
-                np.save(buffer, array)
-                archive.writestr(f'{name}.npy', buffer.getvalue())
-            if raw is not None:
-                archive.writestr('features', raw)
-
-    ids, times = np.array(['a', 'a']), np.array([[0, 1], [1, 2.0]])
-    npz(tmp_path / 'raw.npz', {'video_ids': ids, 'timestamps': times}, raw=bytes(2**20))
-    with pytest.raises(ValueError, match="its member 'features' is no .npy array"):
-        read_video_descriptors(tmp_path / 'raw.npz')
-    zeros = np.zeros((2, 2**17), np.float32)  # 1 MiB of zeros in ~1 KB
-    npz(tmp_path / 'zeros.npz', {'video_ids': ids, 'timestamps': times, 'features': zeros})
-    assert read_video_descriptors(tmp_path / 'zeros.npz').videos[0].features.shape == (2, 2**17)  # within the slack
-    monkeypatch.setattr(storage, 'EXPANSION_SLACK_BYTES', 0)
-    with pytest.raises(ValueError, match=r'MiB file: descriptors do not compress \d+:1'):
-        read_video_descriptors(tmp_path / 'zeros.npz')
-    for bad in (np.nan, 1e300, -1):
-        npz(tmp_path / 'times.npz', {'video_ids': ids, 'timestamps': np.array([[0, 1], [1, bad]]),
-                                     'features': np.eye(2, 4, dtype=np.float32)})
-        with pytest.raises(ValueError, match='timestamps must be seconds from 0 to 1e'):
-            read_video_descriptors(tmp_path / 'times.npz')
-
-
 def test_video_dedup_of_videos_has_video_embeds_duration_bound(videos, small_ckpt, capsys):
     """#14 round 6: an 833-byte video whose frames lie 116 days apart was embedded by `video dedup` for weeks."""
     from towhee_isc.workflow.cli import main
@@ -530,3 +455,43 @@ def test_a_video_whose_frames_grow_after_the_first_is_skipped_and_named_the_othe
         embed.embed_video(tmp_path / 'in' / 'b.mkv', op)
     with sole_writer(tmp_path / 'x.npz', 'test'), pytest.raises(Busy, match='another towhee-isc video embed is writing'):
         embed.embed_videos([tmp_path / 'in'], str(tmp_path / 'x.npz'), embedder, quiet=True)
+
+
+def test_a_long_querys_candidates_are_compared_one_pair_at_a_time_with_the_same_results(monkeypatch):
+    """#14 round 6: a query's frames x all its candidates' frames were one float64 matrix (a 4-hour film
+    x ten: 15 GiB). Over ``PRODUCT_CELLS``, each pair's matrix is made and aligned alone, the query
+    frames' backgrounds in blocks of rows: the same segments."""
+    import tracemalloc
+    from towhee_isc.video import localization
+    from towhee_isc.video.candidates import Candidate
+    from towhee_isc.video.storage import VideoSet
+    rng = np.random.default_rng(1)
+
+    def unit(x, dims):
+        x = x * (np.arange(48) // 16 == dims)  # query, references and the copy in their own dimensions: quick to align
+        return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+    def videos(prefix, frames):
+        return VideoSet([VideoFeatures(f'{prefix}{i}', f, np.c_[np.arange(len(f)), np.arange(1, len(f) + 1)])
+                         for i, f in enumerate(frames)])
+
+    refs = [unit(rng.normal(size=(150, 48)), 1) for _ in range(20)]  # D small: the matrix, not the frames, weighs
+    query = unit(rng.normal(size=(150, 48)), 0)
+    refs[2][5:25] = unit(rng.normal(size=(20, 48)), 2)
+    query[10:30] = unit(refs[2][5:25] + 0.2 * unit(rng.normal(size=(20, 48)), 2), 2)
+    pairs = [Candidate(0, i, 1.0) for i in range(len(refs))]
+
+    def segments():
+        return [(s.ref_id, s.query_start, s.ref_start, s.query_end, s.ref_end, round(s.score, 6))
+                for *_, s in localization.localize(videos('Q', [query]), videos('R', refs), pairs, 'dp', 0.5)]
+
+    whole = segments()
+    monkeypatch.setattr(localization, 'PRODUCT_CELLS', 30_000, raising=False)  # 10 query frames x 3,000 at a time
+    tracemalloc.start()
+    try:
+        alone = segments()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert alone == whole == [('R2', 10, 5, 30, 25, whole[0][-1])]
+    assert peak < 150 * 3000 * 8 / 2, f'{peak:,} bytes: the query x all candidates matrix is {150 * 3000 * 8:,}'
