@@ -332,3 +332,166 @@ def test_a_reference_shot_that_resembles_a_quarter_of_all_query_frames_is_no_cop
     centre = np.concatenate(queries + refs).mean(axis=0)
     (box, score), = align(centred(queries[1], centre) @ centred(refs[1], centre).T, 'dp', threshold=0.5)
     assert (box.query_first, box.ref_first) == (12, 0) and score > 1
+
+
+def test_a_video_descriptor_file_that_unpacks_to_far_more_than_it_holds_is_refused(tmp_path, monkeypatch):
+    """#14 round 6: a member named plain ``features`` (numpy hands its raw bytes over, decompressed whole),
+    honest zeros that deflate 1000:1, and frame times no video has (NaN, 1e300) are refused at load."""
+    import io
+    import zipfile
+    from towhee_isc.video import storage
+
+    def npz(path, arrays, raw=None):
+        with zipfile.ZipFile(path, 'w', zipfile.ZIP_DEFLATED) as archive:
+            for name, array in arrays.items():
+                buffer = io.BytesIO()
+                np.save(buffer, array)
+                archive.writestr(f'{name}.npy', buffer.getvalue())
+            if raw is not None:
+                archive.writestr('features', raw)
+
+    ids, times = np.array(['a', 'a']), np.array([[0, 1], [1, 2.0]])
+    npz(tmp_path / 'raw.npz', {'video_ids': ids, 'timestamps': times}, raw=bytes(2**20))
+    with pytest.raises(ValueError, match="its member 'features' is no .npy array"):
+        read_video_descriptors(tmp_path / 'raw.npz')
+    zeros = np.zeros((2, 2**17), np.float32)  # 1 MiB of zeros in ~1 KB
+    npz(tmp_path / 'zeros.npz', {'video_ids': ids, 'timestamps': times, 'features': zeros})
+    assert read_video_descriptors(tmp_path / 'zeros.npz').videos[0].features.shape == (2, 2**17)  # within the slack
+    monkeypatch.setattr(storage, 'EXPANSION_SLACK_BYTES', 0)
+    with pytest.raises(ValueError, match=r'MiB file: descriptors do not compress \d+:1'):
+        read_video_descriptors(tmp_path / 'zeros.npz')
+    for bad in (np.nan, 1e300, -1):
+        npz(tmp_path / 'times.npz', {'video_ids': ids, 'timestamps': np.array([[0, 1], [1, bad]]),
+                                     'features': np.eye(2, 4, dtype=np.float32)})
+        with pytest.raises(ValueError, match='timestamps must be seconds from 0 to 1e'):
+            read_video_descriptors(tmp_path / 'times.npz')
+
+
+def test_video_dedup_of_videos_has_video_embeds_duration_bound(videos, small_ckpt, capsys):
+    """#14 round 6: an 833-byte video whose frames lie 116 days apart was embedded by `video dedup` for weeks."""
+    from towhee_isc.workflow.cli import main
+    root = videos[0]
+    assert main(['video', 'dedup', str(root / 'bad' / 'days.mkv'), '--checkpoint', str(small_ckpt),
+                 '--device', 'cpu']) == 2
+    assert "days.mkv' lasts 10000001.0 s, over --max-duration 14400 s" in capsys.readouterr().err
+
+
+def test_decoding_runs_ahead_by_bytes_and_repeats_of_a_frame_share_one_array(tmp_path):
+    """#14 round 6: 96 decoded frames (32 waiting, 64 queued) of 81 MP each were 23 GB."""
+    import time
+    from towhee_isc.video.reader import in_background
+    produced = []
+
+    def frames():
+        for i in range(12):
+            produced.append(i)
+            yield np.zeros(1000, np.uint8)
+
+    ahead = []
+    for i, _ in enumerate(in_background(frames(), size=lambda a: a.nbytes, max_bytes=3000)):
+        time.sleep(0.02)  # the consumer is slower: the worker would fill its 64 places
+        ahead.append(len(produced) - i - 1)
+    assert len(ahead) == 12 and max(ahead) <= 4  # 3 queued (3,000 bytes) and the one waiting for room
+    frames_at_seconds(tmp_path / 'still.mkv', [0, 1, 30])
+    samples = list(sample_frames(tmp_path / 'still.mkv'))
+    assert len(samples) == 31 and len({id(rgb) for rgb, _, _ in samples}) == 3  # second 1's frame, 29 times
+
+
+class _FakeOp:
+    """An operator that refuses frames over 64 x 64 as the real one refuses images over its pixel limit."""
+    batch_size, fingerprint = 1, {'weights': 'fake'}
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, frames):
+        from towhee_isc.images import ImageError
+        self.calls.append(len(frames))
+        if any(f.shape[0] * f.shape[1] > 64 * 64 for f in frames):
+            raise ImageError('image array (list item 1) is over the pixel limit')
+        return [np.full(8, 8 ** -0.5, np.float32) for _ in frames]
+
+
+def _growing_video(path: Path, size: int) -> None:
+    """An MJPEG video whose header (its first frame) says 64 x 64, its frame at 1 s is ``size`` x ``size``."""
+    import fractions
+    import io
+    import av
+    with av.open(str(path), 'w') as container:
+        stream = container.add_stream('mjpeg', rate=1)
+        stream.width = stream.height = 64
+        stream.pix_fmt, stream.time_base = 'yuvj420p', fractions.Fraction(1, 1)
+        for second, side in ((0, 64), (1, size), (3, 64)):
+            jpeg = io.BytesIO()
+            Image.new('RGB', (side, side), (90, 90, 90)).save(jpeg, 'JPEG')
+            packet = av.Packet(jpeg.getvalue())
+            packet.stream, packet.pts, packet.dts, packet.time_base = stream, second, second, fractions.Fraction(1, 1)
+            container.mux(packet)
+
+
+def test_a_video_whose_frames_grow_after_the_first_is_skipped_and_named_the_others_embedded(tmp_path, monkeypatch):
+    """#14 round 6: a frame over the pixel limit after a small first one ended every `video embed` of the
+    folder, unnamed. Refused on the decoded frame's size (before it is converted); a frame the operator
+    refuses skips its video alike; calls stay under the byte bound; a second embed to one output is refused."""
+    from types import SimpleNamespace
+    from towhee_isc.atomic import Busy, sole_writer
+    from towhee_isc.video import embed
+    (tmp_path / 'in').mkdir()
+    for name in ('a', 'c'):
+        frames_at_seconds(tmp_path / 'in' / f'{name}.mkv', [0, 1, 2])
+    _growing_video(tmp_path / 'in' / 'b.mkv', 96)
+    op = _FakeOp()
+    embedder = SimpleNamespace(op=op, postprocessing=None, strict=False)
+    monkeypatch.setattr(embed, 'AHEAD_BYTES', 2 * 64 * 48 * 3)  # two frames
+    written, skipped, _, frames = embed.embed_videos([tmp_path / 'in'], str(tmp_path / 'v.npz'), embedder, quiet=True)
+    assert (written, frames) == (2, 6) and list(skipped) == [tmp_path / 'in' / 'b.mkv']
+    assert "b.mkv': image array (list item 1) is over the pixel limit" in skipped[tmp_path / 'in' / 'b.mkv']
+    assert max(op.calls) == 2 and read_video_descriptors(tmp_path / 'v.npz').ids == ['a', 'c']
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 80 * 80)
+    _, skipped, _, _ = embed.embed_videos([tmp_path / 'in'], str(tmp_path / 'w.npz'), embedder, quiet=True)
+    assert skipped[tmp_path / 'in' / 'b.mkv'].endswith("b.mkv': its frame at 1.0 s is 96x96 = 9,216 pixels, over "
+                                                       'the pixel limit of 6,400 (PIL.Image.MAX_IMAGE_PIXELS)')
+    with pytest.raises(VideoError, match='over the pixel limit of 6,400'):
+        embed.embed_video(tmp_path / 'in' / 'b.mkv', op)
+    with sole_writer(tmp_path / 'x.npz', 'test'), pytest.raises(Busy, match='another towhee-isc video embed is writing'):
+        embed.embed_videos([tmp_path / 'in'], str(tmp_path / 'x.npz'), embedder, quiet=True)
+
+
+def test_a_long_querys_candidates_are_compared_one_pair_at_a_time_with_the_same_results(monkeypatch):
+    """#14 round 6: a query's frames x all its candidates' frames were one float64 matrix (a 4-hour film
+    x ten: 15 GiB). Over ``PRODUCT_CELLS``, each pair's matrix is made and aligned alone, the query
+    frames' backgrounds in blocks of rows: the same segments."""
+    import tracemalloc
+    from towhee_isc.video import localization
+    from towhee_isc.video.candidates import Candidate
+    from towhee_isc.video.storage import VideoSet
+    rng = np.random.default_rng(1)
+
+    def unit(x, dims):
+        x = x * (np.arange(48) // 16 == dims)  # query, references and the copy in their own dimensions: quick to align
+        return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+    def videos(prefix, frames):
+        return VideoSet([VideoFeatures(f'{prefix}{i}', f, np.c_[np.arange(len(f)), np.arange(1, len(f) + 1)])
+                         for i, f in enumerate(frames)])
+
+    refs = [unit(rng.normal(size=(150, 48)), 1) for _ in range(20)]  # D small: the matrix, not the frames, weighs
+    query = unit(rng.normal(size=(150, 48)), 0)
+    refs[2][5:25] = unit(rng.normal(size=(20, 48)), 2)
+    query[10:30] = unit(refs[2][5:25] + 0.2 * unit(rng.normal(size=(20, 48)), 2), 2)
+    pairs = [Candidate(0, i, 1.0) for i in range(len(refs))]
+
+    def segments():
+        return [(s.ref_id, s.query_start, s.ref_start, s.query_end, s.ref_end, round(s.score, 6))
+                for *_, s in localization.localize(videos('Q', [query]), videos('R', refs), pairs, 'dp', 0.5)]
+
+    whole = segments()
+    monkeypatch.setattr(localization, 'PRODUCT_CELLS', 30_000, raising=False)  # 10 query frames x 3,000 at a time
+    tracemalloc.start()
+    try:
+        alone = segments()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert alone == whole == [('R2', 10, 5, 30, 25, whole[0][-1])]
+    assert peak < 150 * 3000 * 8 / 2, f'{peak:,} bytes: the query x all candidates matrix is {150 * 3000 * 8:,}'

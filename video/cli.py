@@ -25,9 +25,7 @@ def add_parser(commands, with_model: Callable[[argparse.ArgumentParser], argpars
     p.add_argument('videos', nargs='+', help='video files, folders (recursive), globs')
     p.add_argument('-o', '--output', required=True, help="descriptor file (.npz, VSC's format)")
     p.add_argument('--fps', type=positive_float, default=1.0, help='frames sampled per second (default 1, as VSC)')
-    p.add_argument('--max-duration', type=positive_float, metavar='SECONDS', default=MAX_DURATION_S,
-                   help='skip (or with --strict refuse) longer videos, before decoding them where the file says its '
-                        f'length (default {MAX_DURATION_S:g}: 4 hours)')
+    add_max_duration(p)
     p.add_argument('--quiet', action='store_true', help='no progress bar')
     group = p.add_argument_group("on a Ray cluster (pip install 'towhee-isc[ray]')")
     group.add_argument('--ray-address', help="one task per video on the Ray cluster at 'auto' or HOST:PORT; videos, "
@@ -64,6 +62,7 @@ def add_parser(commands, with_model: Callable[[argparse.ArgumentParser], argpars
     add_search_options(p, finite_float, positive_int)
     with_model(p)
     p.add_argument('--fps', type=positive_float, default=1.0, help='for videos: frames sampled per second')
+    add_max_duration(p)
     p.set_defaults(run=run)
 
     p = sub.add_parser('evaluate', help="VSC 2022's matching-track metrics for a match CSV")
@@ -73,6 +72,13 @@ def add_parser(commands, with_model: Callable[[argparse.ArgumentParser], argpars
                    help="also the descriptor track's micro-AP of these descriptor files (.npz)")
     p.add_argument('--json', action='store_true')
     p.set_defaults(run=run)
+
+
+def add_max_duration(p: argparse.ArgumentParser) -> None:
+    """The one bound on how long a video may be, for every command that embeds videos."""
+    p.add_argument('--max-duration', type=positive_float, metavar='SECONDS', default=MAX_DURATION_S,
+                   help='skip (or with --strict refuse) longer videos, before decoding them where the file says its '
+                        f'length (default {MAX_DURATION_S:g}: 4 hours)')
 
 
 def with_milvus(p: argparse.ArgumentParser, collection_default: str | None = 'isc_video') -> argparse.ArgumentParser:

@@ -14,7 +14,9 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..progress import shown
-from .reader import VideoError, find_videos, in_background, sample_frames
+from ..atomic import sole_writer
+from ..images import ImageError
+from .reader import AHEAD_BYTES, VideoError, find_videos, in_background, sample_frames
 from .storage import Parts, VideoFeatures, write_video_descriptors
 
 # Frames of one video handed to the operator in one call. It runs them in its own batches
@@ -29,6 +31,26 @@ def _chunk(op) -> int:
     """Frames per operator call: whole batches of the operator's, at least ``CHUNK`` frames."""
     batch = op.batch_size or 8
     return max(1, -(-CHUNK // batch)) * batch
+
+
+def _full(pending: list[np.ndarray], chunk: int) -> bool:
+    """Whether the frames waiting for the operator make a call: ``chunk`` frames, or fewer large ones
+    (``AHEAD_BYTES``: memory does not grow with the frames' size). The same rule in both embedding
+    functions, so a frame's batch, and its vector, is the same in both."""
+    return len(pending) >= chunk or sum(rgb.nbytes for rgb in pending) >= AHEAD_BYTES
+
+
+def _embedded(op, frames: list[np.ndarray], path) -> list[np.ndarray]:
+    """The operator's vectors of one video's frames; a frame it cannot use is that video's error."""
+    try:
+        return op(frames)
+    except ImageError as e:
+        raise VideoError(f'{str(path)!r}: {e}') from None
+
+
+def _frame_bytes(item: tuple) -> int:
+    rgb = item[1]
+    return rgb.nbytes if rgb is not None else 0
 
 
 def _frames_of(videos: Sequence[Path], todo: Sequence[int], fps: float, max_duration: float | None
@@ -63,14 +85,15 @@ def embed_video(path: str | Path, op, fps: float = 1.0, max_duration: float | No
     runs in a worker thread. A video that cannot be used raises ``VideoError``."""
     chunk = _chunk(op)
     vectors, intervals, pending = [], [], []
-    for rgb, start, end in in_background(sample_frames(path, fps, max_duration)):
+    for rgb, start, end in in_background(sample_frames(path, fps, max_duration), size=lambda item: item[0].nbytes,
+                                           max_bytes=AHEAD_BYTES):
         pending.append(rgb)
         intervals.append((start, end))
-        if len(pending) == chunk:
-            vectors.extend(op(pending))
+        if _full(pending, chunk):
+            vectors.extend(_embedded(op, pending, path))
             pending = []
     if pending:
-        vectors.extend(op(pending))
+        vectors.extend(_embedded(op, pending, path))
     if not vectors:
         raise VideoError(f'{path}: no frames')
     return np.stack(vectors).astype(np.float32), np.array(intervals, dtype=np.float64)
@@ -90,7 +113,15 @@ def embed_videos(inputs: Sequence[str], output: str, embedder, fps: float = 1.0,
 
     Returns (videos written, {skipped video: reason}, frames embedded per second, frames written).
     With ``embedder.strict`` an unreadable video is an error (raised at once); otherwise it is skipped.
+    A second embed into the same ``output`` while this one runs fails at once (``atomic.Busy``): the two
+    would share, then remove, its parts folder.
     """
+    with sole_writer(output, 'towhee-isc video embed'):
+        return _embed_videos(inputs, output, embedder, fps, max_duration, quiet, ray_address, cpus_per_task)
+
+
+def _embed_videos(inputs: Sequence[str], output: str, embedder, fps: float, max_duration: float | None,
+                  quiet: bool, ray_address: str | None, cpus_per_task: float) -> tuple[int, dict[Path, str], float, int]:
     videos = find_videos(inputs)
     ids = video_ids(videos)
     op = embedder.op  # a settings error stops here, before any output
@@ -109,11 +140,17 @@ def embed_videos(inputs: Sequence[str], output: str, embedder, fps: float = 1.0,
     vectors: list[np.ndarray] = []
     intervals: list[tuple[float, float]] = []
 
-    def flush():
+    def flush(n: int) -> str:
+        """Embed the frames waiting (of video ``n``): '' or why that video cannot be used."""
         nonlocal embedded
-        if pending:
-            vectors.extend(op(list(pending)))
-            embedded += len(pending)
+        try:
+            if pending:
+                vectors.extend(_embedded(op, list(pending), videos[n]))
+                embedded += len(pending)
+            return ''
+        except VideoError as e:
+            return str(e)
+        finally:
             pending.clear()
 
     def save(n: int, features: np.ndarray | None, frame_intervals: np.ndarray | None, failure: str) -> None:
@@ -136,18 +173,25 @@ def embed_videos(inputs: Sequence[str], output: str, embedder, fps: float = 1.0,
             embed_on_ray([(n, videos[n]) for n in todo], ray_address, embedder.isc_kwargs, fps, max_duration,
                          cpus_per_task, count)
             todo = []
-        for n, rgb, interval, failure in in_background(_frames_of(videos, todo, fps, max_duration)):
+        failed = ''  # why the video being read cannot be used, once its frames showed it: the rest are dropped
+        for n, rgb, interval, failure in in_background(_frames_of(videos, todo, fps, max_duration), size=_frame_bytes,
+                                                        max_bytes=AHEAD_BYTES):
             if rgb is not None:
-                pending.append(rgb)
-                intervals.append(interval)
-                if len(pending) >= chunk:
-                    flush()
-                    if bar:
-                        bar.set_postfix(frames=embedded, refresh=False)
+                if not failed:
+                    pending.append(rgb)
+                    intervals.append(interval)
+                    if _full(pending, chunk):
+                        failed = flush(n)
+                        if bar:
+                            bar.set_postfix(frames=embedded, refresh=False)
                 continue
-            flush()
+            if not (failed or failure):
+                failed = flush(n)
+            pending.clear()
+            failure = failed or failure
             save(n, np.stack(vectors) if vectors else np.zeros((0, 0), np.float32), np.array(intervals), failure)
             vectors.clear(), intervals.clear()
+            failed = ''
     finally:
         if bar:
             bar.close()

@@ -31,6 +31,8 @@ BACKGROUND_MARGIN = 0.1
 # copy's evidence. On benchmarks/video.py's seeds 0-11 (references of distinct photos) it raised segment AP
 # on seeds 1, 2, 3, 6, 9, 10 (seed 3: 0.560 -> 0.749), lowered none by over 0.001; the 0.9 quantile lost seeds 0, 1.
 COLUMN_QUANTILE, QUERY_SAMPLE = 0.75, 256
+# Similarities computed at once beyond one pair's (float64: 128 MiB): a query's candidates in one product up to this.
+PRODUCT_CELLS = 2**24
 
 
 def may_hold_a_copy(sims: np.ndarray, threshold: float) -> bool:
@@ -94,7 +96,10 @@ def localize(queries: VideoSet, refs: VideoSet, candidates: Iterable[Candidate],
     ``COLUMN_QUANTILE`` of similarity to them (computed once per reference video, for pairs that may hold a copy).
 
     One query's candidates are compared in one product (query frames x their references' frames: many
-    small products were 50 ms each on a busy machine, one larger one is not), then aligned one pair at a time."""
+    small products were 50 ms each on a busy machine, one larger one is not), then aligned one pair at a
+    time; where that product would exceed ``PRODUCT_CELLS`` (a 4-hour film x ten: 15 GiB), each pair's
+    matrix is made on its own, and each query frame's background (its median similarity to all its
+    candidates' frames) in blocks of query frames."""
     starts = np.r_[0, np.cumsum([len(v) for v in queries.videos])[:-1]]
     by_query: dict[int, list[Candidate]] = {}
     for candidate in candidates:
@@ -102,20 +107,32 @@ def localize(queries: VideoSet, refs: VideoSet, candidates: Iterable[Candidate],
     columns: dict[int, np.ndarray] = {}
     for query, pairs in by_query.items():
         q = queries.videos[query]
+        q_frames = centred(q.features, centre)
+        q_offsets = None if offsets is None else offsets[starts[query]:starts[query] + len(q), None]
         references = [refs.videos[c.ref] for c in pairs]
-        together = (centred(q.features, centre) @ centred(np.concatenate([r.features for r in references]), centre).T
-                    ).astype(np.float64)
-        if offsets is not None:
-            together -= offsets[starts[query]:starts[query] + len(q), None]
-        background = np.median(together, axis=1)  # each query frame against all its candidates' frames
-        bounds = np.cumsum([0] + [len(r) for r in references])
-        for candidate, r, a, b in zip(pairs, references, bounds[:-1], bounds[1:]):
-            sims = together[:, a:b]
+        r_frames = [centred(r.features, centre) for r in references]
+
+        def similarities(rows: slice, frames: np.ndarray) -> np.ndarray:
+            sims = (q_frames[rows] @ frames.T).astype(np.float64)
+            return sims if q_offsets is None else sims - q_offsets[rows]
+
+        everything = np.concatenate(r_frames)
+        if len(q) * len(everything) <= PRODUCT_CELLS:
+            together = similarities(slice(None), everything)
+            background = np.median(together, axis=1)
+            bounds = np.cumsum([0] + [len(f) for f in r_frames])
+            matrices = (together[:, a:b] for a, b in zip(bounds[:-1], bounds[1:]))
+        else:
+            step = max(1, PRODUCT_CELLS // len(everything))
+            background = np.concatenate([np.median(similarities(slice(a, a + step), everything), axis=1)
+                                         for a in range(0, len(q), step)])
+            matrices = (similarities(slice(None), frames) for frames in r_frames)
+        del everything
+        for candidate, r, frames, sims in zip(pairs, references, r_frames, matrices):
             column = None
             if query_sample is not None and may_hold_a_copy(sims, threshold):
                 if candidate.ref not in columns:
-                    columns[candidate.ref] = np.quantile(query_sample @ centred(r.features, centre).T,
-                                                         COLUMN_QUANTILE, axis=0)
+                    columns[candidate.ref] = np.quantile(query_sample @ frames.T, COLUMN_QUANTILE, axis=0)
                 column = columns[candidate.ref]
             for box, score in align(sims, method, threshold, background, column):
                 yield candidate, sims, box, Segment(

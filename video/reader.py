@@ -11,7 +11,7 @@ import queue
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 
@@ -20,6 +20,11 @@ from ..images import max_pixels, regular_file, ImageError
 # Camcorders write AVCHD (.mts, .m2ts), DVDs .vob, broadcast .mxf: a folder gives them all, and no output replaces one.
 VIDEO_SUFFIXES = {'.mp4', '.m4v', '.mov', '.mkv', '.webm', '.avi', '.mpg', '.mpeg', '.ts', '.flv', '.wmv', '.3gp',
                   '.ogv', '.gif', '.mts', '.m2ts', '.m2t', '.vob', '.mxf', '.dv', '.asf', '.f4v', '.3g2', '.mk3d'}
+
+
+# Decoded frames held ahead of the operator, at most (one frame always passes): 96 frames of 81 MP, as
+# the frame count alone allowed, were 23 GB; 4K frames (25 MB) still fill the operator's batches.
+AHEAD_BYTES = 256 * 2**20
 
 
 class VideoError(ValueError):
@@ -118,8 +123,15 @@ def sample_frames(path: str | os.PathLike, fps: float = 1.0, max_duration: float
                 t = frame.time - origin
                 if max_duration is not None and t > max_duration:
                     raise VideoError(f'{str(path)!r} lasts over --max-duration {max_duration:g} s')
+                # The header's size is the first frame's: intra codecs (MJPEG) may change it at any frame.
+                if limit is not None and frame.width * frame.height > limit:
+                    raise VideoError(f'{str(path)!r}: its frame at {t:.1f} s is {frame.width}x{frame.height} = '
+                                     f'{frame.width * frame.height:,} pixels, over the pixel limit of {limit:,} '
+                                     '(PIL.Image.MAX_IMAGE_PIXELS)')
+                rgb = None  # converted once, however many samples repeat it
                 while previous is not None and (k + 0.5) / fps < t:  # `previous` was on screen at the middle
-                    yield _rgb(previous), k / fps, (k + 1) / fps
+                    rgb = _rgb(previous) if rgb is None else rgb
+                    yield rgb, k / fps, (k + 1) / fps
                     k += 1
                 previous, last_time = frame, t
         except av.FFmpegError as e:
@@ -132,8 +144,9 @@ def sample_frames(path: str | os.PathLike, fps: float = 1.0, max_duration: float
         end = last_time + 1 / rate
         if info.duration > 2 and end < 0.9 * info.duration - 1:
             raise VideoError(f'{str(path)!r} is truncated: frames stop at {end:.1f} s of {info.duration:.1f} s')
+        rgb = _rgb(previous)
         while k == 0 or k / fps < end - 1e-6:
-            yield _rgb(previous), k / fps, min((k + 1) / fps, end)
+            yield rgb, k / fps, min((k + 1) / fps, end)
             k += 1
 
 
@@ -147,40 +160,56 @@ def _rgb(frame) -> np.ndarray:
 T = TypeVar('T')
 
 
-def in_background(items: Iterable[T], depth: int = 64) -> Iterator[T]:
+def in_background(items: Iterable[T], depth: int = 64, size: Callable[[T], int] | None = None,
+                  max_bytes: int | None = None) -> Iterator[T]:
     """Iterate ``items`` in a worker thread, ``depth`` ahead of the consumer (decoding overlaps
-    embedding); an exception in the worker is raised here. Stops the worker if the consumer stops."""
+    embedding), and no more than ``max_bytes`` ahead (as ``size`` counts an item; one item always
+    passes), so memory does not grow with the frames' size; an exception in the worker is raised
+    here. Stops the worker if the consumer stops. ``max_bytes`` defaults to ``AHEAD_BYTES``."""
+    max_bytes = AHEAD_BYTES if max_bytes is None else max_bytes
     box: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
     done = object()
+    room = threading.Condition()
+    held = 0  # bytes queued
 
     def work():
+        nonlocal held
         try:
             for item in items:
+                cost = size(item) if size else 0
+                with room:
+                    room.wait_for(lambda: stop.is_set() or not held or held + cost <= max_bytes)
+                    held += cost
                 while not stop.is_set():
                     try:
-                        box.put((item, None), timeout=0.1)
+                        box.put((item, None, cost), timeout=0.1)
                         break
                     except queue.Full:
                         continue
                 if stop.is_set():
                     return
-            box.put((done, None))
+            box.put((done, None, 0))
         except BaseException as e:  # noqa: BLE001 (handed to the consumer)
-            box.put((done, e))
+            box.put((done, e, 0))
 
     worker = threading.Thread(target=work, name='video-decode', daemon=True)
     worker.start()
     try:
         while True:
-            item, error = box.get()
+            item, error, cost = box.get()
+            with room:
+                held -= cost
+                room.notify()
             if item is done:
                 if error is not None:
                     raise error
                 return
             yield item
     finally:
-        stop.set()
+        with room:
+            stop.set()
+            room.notify()
 
 
 def find_videos(inputs: Iterable[str | os.PathLike]) -> list[Path]:

@@ -117,6 +117,10 @@ def read_video_descriptors(path: str | os.PathLike, dim: int | None = None) -> V
     if ids.shape != (len(features),) or timestamps.shape != (len(features), 2):
         raise VideoDescriptorError(f'{path!r}: {len(features)} features need as many video_ids and N x 2 timestamps, '
                                    f'got {ids.shape} and {timestamps.shape}')
+    if not np.issubdtype(timestamps.dtype, np.number) or not (
+            np.isfinite(timestamps).all() and (timestamps >= 0).all() and (timestamps <= MAX_TIMESTAMP_S).all()):
+        raise VideoDescriptorError(f'{path!r}: timestamps must be seconds from 0 to {MAX_TIMESTAMP_S:g} '
+                                   '(NaN, negative or larger ones would end up in the match CSV)')
     starts = np.r_[0, np.flatnonzero(ids[1:] != ids[:-1]) + 1, len(ids)]
     videos = [VideoFeatures(str(ids[a]), features[a:b].astype(np.float32), timestamps[a:b].astype(np.float64))
               for a, b in zip(starts[:-1], starts[1:])]
@@ -127,26 +131,43 @@ def read_video_descriptors(path: str | os.PathLike, dim: int | None = None) -> V
     return VideoSet(videos, model, postprocessing, paths)
 
 
+# Frame times beyond this (~32 years) are no video's: a crafted file's, kept out of the match CSV.
+MAX_TIMESTAMP_S = 1e9
+# What a descriptor npz may unpack to, at most, for each byte of the file: float vectors barely compress
+# (~1.1x with np.savez_compressed; np.savez stores them as they are), only a bomb of zeros packs 1000:1.
+# The slack lets small compressed files (a few frames, long repeated ids) through.
+MAX_EXPANSION, EXPANSION_SLACK_BYTES = 32, 64 * 2**20
+
+
 def _check_fits_in_memory(path: str) -> None:
-    """Refuse an npz whose arrays, as their headers declare them, would not fit in the memory available
-    now: deflate packs a gigabyte of zeros into a megabyte, and reading them would get the process killed."""
+    """Refuse an npz that would unpack to more than the memory available now, or to far more than a file of
+    its size honestly holds: deflate packs a gigabyte of zeros into a megabyte, and reading them would get
+    the process (or a neighbour) killed. Every member counts, by the larger of its zip size (what reading
+    it unpacks: zipfile stops there) and its ``.npy`` header's shape (what numpy allocates); a member
+    that is no ``.npy`` (numpy would hand its raw bytes over, unchecked) is refused."""
     from ..workflow.descriptors import available_memory
     if not zipfile.is_zipfile(path):
         return  # np.load says what it is not
     need = 0
     with zipfile.ZipFile(path) as archive:
         for member in archive.infolist():
-            if member.filename.endswith('.npy'):
-                with archive.open(member) as f:
-                    version = np.lib.format.read_magic(f)
-                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                                   else np.lib.format.read_array_header_2_0)
-                    shape, _, dtype = read_header(f)
-                need += math.prod(shape) * dtype.itemsize
+            if not member.filename.endswith('.npy'):
+                raise VideoDescriptorError(f'{path!r} is not a VSC video descriptor file: its member '
+                                           f'{member.filename!r} is no .npy array')
+            with archive.open(member) as f:
+                version = np.lib.format.read_magic(f)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read_header(f)
+            need += max(math.prod(shape) * dtype.itemsize, member.file_size)
     free = available_memory()
     if free is not None and need > free:
         raise VideoDescriptorError(f'{path!r} declares {need / 2**30:.1f} GiB of arrays, more than the '
                                    f'{free / 2**30:.1f} GiB of memory available')
+    size = os.path.getsize(path)
+    if need > MAX_EXPANSION * size + EXPANSION_SLACK_BYTES:
+        raise VideoDescriptorError(f'{path!r} declares {need / 2**20:,.0f} MiB of arrays in a {size / 2**20:,.1f} MiB '
+                                   f'file: descriptors do not compress {need / size:,.0f}:1 (a compression bomb?)')
 
 
 def _json(data, key: str, path: str):
