@@ -204,7 +204,7 @@ def test_video_search_through_a_milvus_collection_equals_the_exact_search(videos
 def test_video_dedup_groups_videos_that_share_segments(videos):
     root = videos[0]
     out = root / 'groups.json'
-    result = towhee_isc('video', 'dedup', root / 'refs.npz', root / 'queries.npz', '-o', out)
+    result = towhee_isc('video', 'dedup', root / 'refs.npz', root / 'queries.npz', '-o', out, '--no-whiten')
     assert result.returncode == 0, result.stderr
     groups = json.loads(out.read_text())
     assert [g['members'] for g in groups] == [['Q000001', 'R000001']]
@@ -260,6 +260,34 @@ def test_dp_compares_descriptors_less_what_all_frames_share():
     assert np.abs(sims[:6, :]).mean() < 0.3 and np.diagonal(sims[6:14, 4:12]).min() > 0.9
 
 
+def test_dp_whitens_the_frames_searched_so_a_brightened_copy_stands_out():
+    from towhee_isc.video.search import search_videos
+    from towhee_isc.video.storage import VideoSet
+    rng = np.random.default_rng(0)
+    tone = rng.normal(size=64)
+    tone /= np.linalg.norm(tone)
+
+    def shots(n):  # 4-frame shots, each with its own tone: weak descriptors vary most along such a direction
+        return np.repeat(rng.normal(0, 3, n // 4), 4)[:, None] * tone + _unit(rng.normal(size=(n, 64)))
+
+    refs, queries = [shots(20) for _ in range(3)], [shots(20) for _ in range(3)]
+    queries[0][8:16] = refs[1][4:12] + 2 * tone + 0.2 * _unit(rng.normal(size=(8, 64)))  # a brighter copy of R1's 4-12 s
+    q, r = (VideoSet([_video(f'{p}{i}', x) for i, x in enumerate(s)]) for p, s in (('Q', queries), ('R', refs)))
+    found, *_ = search_videos(q, r)
+    assert [(s.query_id, s.ref_id, s.query_start, s.query_end, s.ref_start, s.ref_end) for s in found if s.score > 0] \
+        == [('Q0', 'R1', 8, 16, 4, 12)]
+    found, *_ = search_videos(q, r, whiten=False)  # less the mean frame only: the tone decides every cosine
+    assert not [s for s in found if s.score > 0]
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _video(vid, frames):
+    return VideoFeatures(vid, frames.astype(np.float32), np.c_[np.arange(len(frames)), np.arange(1, len(frames) + 1)])
+
+
 def test_seconds_matched_with_two_references_rank_by_how_much_less_the_second_scores():
     from towhee_isc.video.localization import best_first
     from towhee_isc.video.metrics import Segment
@@ -306,7 +334,7 @@ def test_a_towhee_pipeline_embeds_a_videos_frames_and_windows_them_back(videos, 
 
 
 def test_a_reference_shot_that_resembles_a_quarter_of_all_query_frames_is_no_copy():
-    from towhee_isc.video.localization import centred
+    from towhee_isc.video.localization import FrameSpace
     from towhee_isc.video.search import search_videos
     from towhee_isc.video.storage import VideoSet
     rng = np.random.default_rng(0)
@@ -329,8 +357,8 @@ def test_a_reference_shot_that_resembles_a_quarter_of_all_query_frames_is_no_cop
     assert [(s.query_id, s.ref_id, s.query_start, s.query_end, s.ref_start, s.ref_end) for s in found if s.score > 0] \
         == [('Q0', 'R0', 2, 10, 4, 12)]
     # within one pair the plain shots are as alike as a copy: only all the queries together tell them apart
-    centre = np.concatenate(queries + refs).mean(axis=0)
-    (box, score), = align(centred(queries[1], centre) @ centred(refs[1], centre).T, 'dp', threshold=0.5)
+    centred = FrameSpace(np.concatenate(queries + refs).mean(axis=0), np.eye(64))
+    (box, score), = align(centred(queries[1]) @ centred(refs[1]).T, 'dp', threshold=0.5)
     assert (box.query_first, box.ref_first) == (12, 0) and score > 1
 
 

@@ -98,8 +98,10 @@ def add_search_options(p: argparse.ArgumentParser, finite_float, positive_int) -
                    help="dp: local alignment allowing speed changes (default); tn: VCSL's Temporal Network "
                         "with VSC's baseline settings")
     p.add_argument('--threshold', type=finite_float, default=None,
-                   help='frame similarity that counts as a copy (default: dp 0.5, on descriptors less the mean frame; '
-                        'tn 0.6; 0.1 with --score-norm)')
+                   help='frame similarity that counts as a copy (default: dp 0.1, on descriptors whitened on the frames '
+                        'searched; 0.5 with --no-whiten; tn 0.6; 0.1 with --score-norm)')
+    p.add_argument('--no-whiten', dest='whiten', action='store_false',
+                   help='dp: compare the descriptors less their mean frame only, not whitened on the frames searched')
     p.add_argument('-k', type=positive_int, default=10, help='nearest reference frames per query frame (10)')
     p.add_argument('--candidates', type=positive_int, default=10, help='reference videos aligned per query video (10)')
     p.add_argument('--score-norm', metavar='NOISE', help='descriptor file of unrelated videos: each query frame\'s '
@@ -164,7 +166,8 @@ def cmd_search(args) -> None:
         collection = MilvusIndex(args.milvus_uri, args.collection, args.token, existing=True)
     segments, engine, seconds = search_files(args.queries, args.references, args.output, args.align, args.threshold,
                                              args.k, args.candidates, args.score_norm, args.factor, args.exact,
-                                             args.report, collection, args.nprobe, args.ef, args.report_videos)
+                                             args.report, collection, args.nprobe, args.ef, args.report_videos,
+                                             args.whiten)
     from ..workflow.cli import plural
     print(f'frame search engine: {engine}')
     print(f'wrote {plural(len(segments), "match", "matches")} to {args.output} ({seconds:.2f} s)')

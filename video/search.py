@@ -9,25 +9,31 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from .candidates import frame_candidates, noise_offsets
-from .localization import QUERY_SAMPLE, best_first, centred, localize, mean_frame
+from .localization import QUERY_SAMPLE, best_first, localize, search_space
 from .metrics import Segment, write_segments
 from .storage import VideoSet, check_same_source, read_video_descriptors
 
 if TYPE_CHECKING:
     from ..workflow.milvus import MilvusIndex
 
-# Without --score-norm, ``dp`` compares centred descriptors (``localization.centred``), whose cosines
-# are lower: 0.5 there (benchmarks/video.py, seeds 0-5: segment AP 1.000, 0.956, 0.932, 0.873, 0.959,
-# 0.878; 0.45 and 0.55 each lost one seed below 0.85). ``tn`` keeps the plain cosine and 0.6 (before
-# centring, 0.6 ranked dp's copies best: 0.5 gave 0.89, 0.67, 0.43 on seeds 0-2 against 1.0, 0.95, 0.55).
+# Without --score-norm, ``dp`` compares whitened descriptors (``localization.search_space``), where
+# unrelated frames fall near 0: 0.1 there, so that a cell counts when it beats its frames' background
+# (``alignment.above_background``); on benchmarks/video.py's seeds 0-11, 0.0-0.15 gave the same mean segment AP
+# (0.949-0.950), 0.2 0.932, 0.3 0.826. Centred only (--no-whiten), 0.5 (seeds 0-5: 1.000, 0.956, 0.932,
+# 0.873, 0.959, 0.878; 0.45 and 0.55 each lost one seed below 0.85). ``tn`` keeps the plain cosine and 0.6
+# (before centring, 0.6 ranked dp's copies best: 0.5 gave 0.89, 0.67, 0.43 on seeds 0-2 against 1.0, 0.95, 0.55).
 DEFAULT_THRESHOLD, DEFAULT_CENTRED_THRESHOLD, DEFAULT_NORMALISED_THRESHOLD = 0.6, 0.5, 0.1
+DEFAULT_WHITENED_THRESHOLD = 0.1
 
 
 def search_videos(queries: VideoSet, refs: VideoSet | None, align: str = 'dp', threshold: float | None = None,
                   k: int = 10, candidates: int = 10, noise: VideoSet | None = None, factor: float = 1.0,
                   exact: bool = False, keep_matrices: bool = False, collection: MilvusIndex | None = None,
-                  nprobe: int | None = None, ef: int | None = None) -> tuple[list[Segment], str, list, VideoSet]:
-    """Copied segments between query and reference videos, best first.
+                  nprobe: int | None = None, ef: int | None = None, whiten: bool = True
+                  ) -> tuple[list[Segment], str, list, VideoSet]:
+    """Copied segments between query and reference videos, best first. ``dp`` without ``noise`` compares
+    the frames less their mean and, with ``whiten`` (and as many frames as dimensions), whitened
+    (``localization.search_space``).
 
     The references are ``refs``, or (``refs`` None) the videos of a Milvus ``collection`` filled by
     ``video index``: it finds the candidate frames (``nprobe``/``ef``: its search width) and gives
@@ -41,9 +47,6 @@ def search_videos(queries: VideoSet, refs: VideoSet | None, align: str = 'dp', t
         n_frames, _, _ = noise.frames()
         offsets = noise_offsets(q_frames, n_frames, choose_engine(len(q_frames), len(n_frames), exact), factor)
     centre_frames = align == 'dp' and offsets is None  # score normalisation already removes what is common
-    if threshold is None:
-        threshold = DEFAULT_NORMALISED_THRESHOLD if offsets is not None else \
-            DEFAULT_CENTRED_THRESHOLD if centre_frames else DEFAULT_THRESHOLD
     if collection is not None:
         from .collection import collection_candidates
         pairs, refs = collection_candidates(queries, collection, k, candidates, offsets, nprobe, ef)
@@ -52,12 +55,15 @@ def search_videos(queries: VideoSet, refs: VideoSet | None, align: str = 'dp', t
         engine = choose_engine(len(q_frames), sum(len(v) for v in refs.videos), exact)
         pairs = frame_candidates(queries, refs, engine, k, candidates, offsets)
         description = engine.description
-    centre = mean_frame(queries, refs, pairs) if centre_frames else None
+    space = search_space(queries, refs, pairs, whiten) if centre_frames else None
+    if threshold is None:
+        threshold = DEFAULT_NORMALISED_THRESHOLD if offsets is not None else DEFAULT_THRESHOLD if space is None \
+            else DEFAULT_WHITENED_THRESHOLD if space.whitened else DEFAULT_CENTRED_THRESHOLD
     found, kept = [], []
     sample = None  # query frames spread evenly over all queries: what a reference frame is compared with
-    if centre is not None:
-        sample = centred(q_frames[np.unique(np.linspace(0, len(q_frames) - 1, QUERY_SAMPLE).astype(int))], centre)
-    for item in localize(queries, refs, pairs, align, threshold, offsets, centre, sample):
+    if space is not None:
+        sample = space(q_frames[np.unique(np.linspace(0, len(q_frames) - 1, QUERY_SAMPLE).astype(int))])
+    for item in localize(queries, refs, pairs, align, threshold, offsets, space, sample):
         found.append(item[3])
         if keep_matrices:
             kept.append(item)
@@ -68,7 +74,7 @@ def search_files(queries: str, references: str | None, output: str, align: str =
                  k: int = 10, candidates: int = 10, score_norm: str | None = None, factor: float = 1.0,
                  exact: bool = False, report: str | None = None, collection: MilvusIndex | None = None,
                  nprobe: int | None = None, ef: int | None = None,
-                 report_videos: Sequence[str] = ()) -> tuple[list[Segment], str, float]:
+                 report_videos: Sequence[str] = (), whiten: bool = True) -> tuple[list[Segment], str, float]:
     """``video search``: read, check the files (or the collection) come from one model, search, write
     the CSV (and report). The references are the file ``references`` or the Milvus ``collection``.
     The report shows frames only of videos under the folders ``report_videos``."""
@@ -94,7 +100,7 @@ def search_files(queries: str, references: str | None, output: str, align: str =
                              'independent set (VSC rules)')
     check_same_source(sets)
     segments, engine, kept, r = search_videos(q, r, align, threshold, k, candidates, noise, factor, exact,
-                                              bool(report), collection, nprobe, ef)
+                                              bool(report), collection, nprobe, ef, whiten)
     write_segments(output, segments)
     if report:
         from ..workflow.reports import ImageFolders
@@ -128,7 +134,7 @@ def dedup(args) -> list[dict]:
     if len(set(ids)) != len(ids):
         raise ValueError('the inputs repeat a video id: every video needs its own id')
     segments, _, _, _ = search_videos(everything, everything, args.align, args.threshold, args.k + 1,
-                                   args.candidates + 1, exact=args.exact)
+                                   args.candidates + 1, exact=args.exact, whiten=args.whiten)
     segments = [s for s in segments if s.query_id != s.ref_id]
     return duplicate_groups(everything, segments, paths)
 
