@@ -522,4 +522,5 @@ def test_a_long_querys_candidates_are_compared_one_pair_at_a_time_with_the_same_
     finally:
         tracemalloc.stop()
     assert alone == whole == [('R2', 10, 5, 30, 25, whole[0][-1])]
-    assert peak < 150 * 3000 * 8 / 2, f'{peak:,} bytes: the query x all candidates matrix is {150 * 3000 * 8:,}'
+    frames = 3000 * 48 * 8  # the candidates' frames in float64, where they are compared: not the matrix
+    assert peak < frames + 150 * 3000 * 8 / 2, f'{peak:,} bytes: the query x all candidates matrix is {150 * 3000 * 8:,}'

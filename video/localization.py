@@ -153,18 +153,18 @@ def localize(queries: VideoSet, refs: VideoSet, candidates: Iterable[Candidate],
             sims = (q_frames[rows] @ frames.T).astype(np.float64)
             return sims if q_offsets is None else sims - q_offsets[rows]
 
-        everything = np.concatenate(r_frames)
-        if len(q) * len(everything) <= PRODUCT_CELLS:
-            together = similarities(slice(None), everything)
+        columns_in_all = sum(len(f) for f in r_frames)
+        if len(q) * columns_in_all <= PRODUCT_CELLS:
+            together = similarities(slice(None), np.concatenate(r_frames))
             background = np.median(together, axis=1)
             bounds = np.cumsum([0] + [len(f) for f in r_frames])
             matrices = (together[:, a:b] for a, b in zip(bounds[:-1], bounds[1:]))
-        else:
-            step = max(1, PRODUCT_CELLS // len(everything))
-            background = np.concatenate([np.median(similarities(slice(a, a + step), everything), axis=1)
-                                         for a in range(0, len(q), step)])
+        else:  # a block of query frames against every candidate frame at a time: no copy of all frames either
+            step = max(1, PRODUCT_CELLS // columns_in_all)
+            background = np.concatenate([
+                np.median(np.hstack([similarities(slice(a, a + step), frames) for frames in r_frames]), axis=1)
+                for a in range(0, len(q), step)])
             matrices = (similarities(slice(None), frames) for frames in r_frames)
-        del everything
         for candidate, r, frames, sims in zip(pairs, references, r_frames, matrices):
             column = None
             if query_sample is not None and may_hold_a_copy(sims, threshold):
