@@ -56,6 +56,9 @@ class MilvusServerProcess:
         for component in COMPONENTS:
             config.set(f'{component}.ip', LOOPBACK)
         config.set('authorization_enabled', self.authentication)
+        for key, (kind, _) in list(config.configurable_items.items()):
+            if key.endswith('_port') and kind is int:  # resolve() tries its defaults first (19530, 2379, ...):
+                config.set(key, free_port())       # two servers starting at once took the same ones
         config.resolve()  # picks free ports (tried on 127.0.0.1) and writes configs/milvus.yaml
         self.port = int(config.get('proxy_port'))
         etcd_port, peer_port, self.health_port = int(config.get('etcd_port')), free_port(), free_port()

@@ -32,7 +32,7 @@ from towhee_isc.workflow.engines import meets
 from towhee_isc.workflow.milvus import MilvusIndex
 
 MAX_BODY_MB = 1
-UPLOAD_TIMEOUT_S = 5
+UPLOAD_TIMEOUT_S = 15  # well above the 2 s an upload has to start: a service that waits for it is told apart on a busy machine
 COLLECTION = 'serve_refs'
 
 
@@ -344,7 +344,7 @@ def test_slow_and_idle_clients_get_a_408_and_never_hold_up_the_others(service, p
         photo = encoded(photos[2])
         status, answer = post(service.url + '/embed', photo)
         assert status == 200 and np.abs(np.asarray(answer['embedding'], np.float32) - small_op(photo)).max() <= 1e-5
-        assert time.monotonic() - held_from < 4, 'answered only once the slow clients were let go'
+        assert time.monotonic() - held_from < 10, 'answered only once the slow clients were let go'
         for client in slow:
             client.settimeout(60)
             reply = b''
