@@ -167,10 +167,14 @@ def cmd_dedup(args) -> None:
         check_top_k(args.k, itself=1)  # each image finds itself too
     postprocessing = same_postprocessing(args, images, inputs_postprocessing(args.inputs, images))
     read: set[str] = set()
-    ids, vectors, paths = load_descriptors(args.inputs, images, read=read)
-    if args.milvus_uri:  # collections too large for this machine: let Milvus find the neighbours
-        index = MilvusIndex(args.milvus_uri, args.collection, args.token)
-        index.add(ids, vectors, index_type=args.index_type, postprocessing=postprocessing, paths=paths)
+    index = MilvusIndex(args.milvus_uri, args.collection, args.token) if args.milvus_uri else None
+    models = {f'collection {args.collection!r}': index.model()} if index is not None and index.dim() else {}
+    ids, vectors, paths = load_descriptors(args.inputs, images, models, read=read)  # refuses another model's vectors
+    if index is not None:  # collections too large for this machine: let Milvus find the neighbours
+        # As index adds (often to the reference collection itself): the model recorded, and an id held for
+        # another image refused rather than that reference silently replaced.
+        index.add(ids, vectors, index_type=args.index_type, postprocessing=postprocessing, paths=paths,
+                  model=next((m for m in models.values() if m), None), replace=False)
         if index.count() > len(ids):  # others' neighbours can crowd ours out of the k looked at
             print(f'warning: collection {args.collection!r} also holds images not given here', file=sys.stderr)
         pairs = milvus_duplicate_pairs(index, ids, vectors, args.threshold, args.k, args.nprobe, args.ef)
