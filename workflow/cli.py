@@ -79,13 +79,24 @@ def cmd_index(args) -> None:
     index = MilvusIndex(args.milvus_uri, args.collection, args.token)
     postprocessing = same_postprocessing(args, images, inputs_postprocessing(args.inputs, images),
                                          {f'collection {args.collection!r}': index.postprocessing()} if index.dim() else {})
-    models = {f'collection {args.collection!r}': index.model()} if index.dim() else {}
+    models = collection_models(index)
     ids, vectors, paths = load_descriptors(args.inputs, images, models)  # refuses another model's vectors
-    model = next((m for m in models.values() if m), None)  # recorded, so search and serve can refuse others
-    kind = index.add(ids, vectors, index_type=args.index_type, postprocessing=postprocessing, model=model,
-                     paths=paths, replace=args.replace)
+    kind = index.add(ids, vectors, index_type=args.index_type, postprocessing=postprocessing,
+                     model=recorded_model(models), paths=paths, replace=args.replace)
     print(f'indexed {plural(len(ids), "descriptor")} into {args.collection!r} ({kind} index) at {args.milvus_uri} '
           f'({index.count()} in all)')
+
+
+def collection_models(index) -> dict[str, dict | None]:
+    """{'collection NAME': its recorded model} for ``load_descriptors`` to check inputs against ({} for a
+    collection not made yet)."""
+    return {f'collection {index.collection!r}': index.model()} if index.dim() else {}
+
+
+def recorded_model(models: dict[str, dict | None]) -> dict | None:
+    """The model to record with vectors added to a collection: the first known of ``models`` (the
+    collection's, else the inputs' that ``load_descriptors`` added), so search and serve can refuse others."""
+    return next((m for m in models.values() if m), None)
 
 
 def cmd_search(args) -> None:
@@ -168,13 +179,13 @@ def cmd_dedup(args) -> None:
     postprocessing = same_postprocessing(args, images, inputs_postprocessing(args.inputs, images))
     read: set[str] = set()
     index = MilvusIndex(args.milvus_uri, args.collection, args.token) if args.milvus_uri else None
-    models = {f'collection {args.collection!r}': index.model()} if index is not None and index.dim() else {}
+    models = collection_models(index) if index is not None else {}
     ids, vectors, paths = load_descriptors(args.inputs, images, models, read=read)  # refuses another model's vectors
     if index is not None:  # collections too large for this machine: let Milvus find the neighbours
         # As index adds (often to the reference collection itself): the model recorded, and an id held for
         # another image refused rather than that reference silently replaced.
         index.add(ids, vectors, index_type=args.index_type, postprocessing=postprocessing, paths=paths,
-                  model=next((m for m in models.values() if m), None), replace=False)
+                  model=recorded_model(models), replace=False)
         if index.count() > len(ids):  # others' neighbours can crowd ours out of the k looked at
             print(f'warning: collection {args.collection!r} also holds images not given here', file=sys.stderr)
         pairs = milvus_duplicate_pairs(index, ids, vectors, args.threshold, args.k, args.nprobe, args.ef)
@@ -519,7 +530,7 @@ def _files_read(named: Sequence[str]) -> Iterator[tuple[str, str]]:
     """(path, how it is reached) for every file the run reads: those named, those a ``.txt`` list names
     and those a glob matches, as ``descriptors.find_images`` expands them."""
     import glob
-    from .descriptors import _listed_paths
+    from .descriptors import _listed_paths, matched_files
     for item in named:
         yield item, ''
         if item.lower().endswith('.txt') and os.path.isfile(item):
@@ -528,7 +539,7 @@ def _files_read(named: Sequence[str]) -> Iterator[tuple[str, str]]:
             except (OSError, ValueError):  # not a list of paths: the run says so
                 pass
         elif not os.path.exists(item) and glob.has_magic(item):
-            yield from ((p, f', matched by {item!r}') for p in glob.glob(item, recursive=True))
+            yield from ((str(p), f', matched by {item!r}') for p in matched_files(item))
 
 
 def _listed(value) -> list:

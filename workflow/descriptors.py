@@ -42,8 +42,7 @@ def find_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
         elif path.exists() or path.is_symlink():  # a file, or a pipe or device that embedding will refuse
             found.append(path)
         elif glob.has_magic(item):
-            found += sorted(Path(p) for p in glob.glob(item, recursive=True)
-                            if Path(p).is_file() or (Path(p).is_symlink() and not Path(p).is_dir()))
+            found += matched_files(item)
         else:
             raise ValueError(f'no such file, folder or pattern: {item!r}')
     # The same file named twice (a folder and one of its files) once; the link itself is never followed.
@@ -52,6 +51,12 @@ def find_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     if not unique:
         raise ValueError(f'no images found in {list(map(str, inputs))}')
     return unique
+
+
+def matched_files(pattern: str) -> list[Path]:
+    """The files (and links that lead to no folder) a glob ``pattern`` matches (``**`` recursive), sorted."""
+    return sorted(Path(p) for p in glob.glob(pattern, recursive=True)
+                  if Path(p).is_file() or (Path(p).is_symlink() and not Path(p).is_dir()))
 
 
 def _images_in(folder: Path) -> list[Path]:
