@@ -403,5 +403,51 @@ def test_variable_length_strings_pointing_at_one_long_string_are_counted_as_read
     # The model attribute is one string: an array of strings (which could all point at one) is refused unread.
     with h5py.File(path, 'a') as f:
         f.attrs['model'] = np.array(['{}'] * 1000, dtype=h5py.string_dtype())
-    with pytest.raises(descriptors.DescriptorFileError, match=r"malformed 'model' attribute: an array of shape \(1000,\)"):
+    with pytest.raises(descriptors.DescriptorFileError, match=r"malformed 'model' attribute: object of shape \(1000,\)"):
         descriptors.read_model(path)
+
+
+def test_strings_hidden_in_a_compound_and_chunks_larger_than_their_data_are_refused_unread(tmp_path, capsys):
+    """Round 7, in-process (``cli.main``, what the commands run; the checks come before any work): image names
+    as a compound of one variable-length string, every one pointing at one 1 MB string (60,000 of them: 56 GiB
+    from 3.4 MB of file; the size check counted the compound's 16 bytes), and 2 x 8 vectors in one 32 MiB chunk
+    (inflated whole to read a row: 1000:1 at 512 MiB). A string array as the type of the ``model`` attribute
+    is one more route to the same strings. An honest file with h5py's own chunks is read."""
+    import h5py
+    from towhee_isc.workflow import descriptors
+    from towhee_isc.workflow.cli import main
+    count = 64
+    names = np.empty(count, dtype=[('s', h5py.string_dtype())])
+    names['s'] = ['x' * 2**20] + ['y'] * (count - 1)
+    with h5py.File(tmp_path / 'compound.h5', 'w') as f:
+        f.create_dataset('vectors', data=np.eye(count, 8, dtype=np.float32))
+        f.create_dataset('image_names', data=names)
+        offset = f['image_names'].id.get_offset()
+    data = bytearray((tmp_path / 'compound.h5').read_bytes())
+    data[offset:offset + 16 * count] = data[offset:offset + 16] * count  # every name: the 1 MB string
+    (tmp_path / 'compound.h5').write_bytes(bytes(data))
+    with h5py.File(tmp_path / 'chunk.h5', 'w') as f:
+        f.create_dataset('vectors', shape=(2, 8), maxshape=(None, 8), dtype='f4', chunks=(2**20, 8),
+                         compression='gzip', compression_opts=1)[:] = np.eye(2, 8, dtype=np.float32)
+        f.create_dataset('image_names', data=np.array(['a', 'b'], dtype=object), dtype=h5py.string_dtype())
+    cases = {'compound.h5': "'image_names' must be a list of strings, got [('s', 'O')] (64,)",
+             'chunk.h5': "'vectors' (2, 8) is stored in chunks of (1048576, 8): reading it would inflate 33,554,432 bytes"}
+    for name, message in cases.items():
+        assert main(['dedup', str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert err.count('\n') == 1 and message in err, err
+    with h5py.File(tmp_path / 'chunk.h5', 'a') as f:
+        f.create_dataset('sequences', shape=(2,), dtype=h5py.vlen_dtype('f4'))
+        with pytest.raises(descriptors.DescriptorFileError, match="'sequences' holds variable-length data"):
+            descriptors.check_fits_in_memory(str(tmp_path / 'chunk.h5'), f['sequences'])
+        string_array = h5py.h5t.py_create(np.dtype((h5py.string_dtype(), (1000,))), logical=True)
+        h5py.h5a.create(f.id, b'model', string_array, h5py.h5s.create(h5py.h5s.SCALAR))
+    with pytest.raises(descriptors.DescriptorFileError, match=r"malformed 'model' attribute: \('O', \(1000,\)\) of "
+                                                              r'shape \(\), not one JSON string'):
+        descriptors.read_model(tmp_path / 'chunk.h5')
+    honest = unit(np.random.default_rng(0).standard_normal((10, 8)))
+    with h5py.File(tmp_path / 'honest.h5', 'w') as f:
+        f.create_dataset('vectors', data=honest, maxshape=(None, 8), chunks=True, compression='gzip')
+        f.create_dataset('image_names', data=np.array([f'i{n}' for n in range(10)], dtype=object),
+                         dtype=h5py.string_dtype(), maxshape=(None,), chunks=True)
+    assert descriptors.read_descriptors(tmp_path / 'honest.h5')[0][-1] == 'i9'
