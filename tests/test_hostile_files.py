@@ -174,6 +174,7 @@ def test_outputs_never_replace_what_the_run_reads_nor_a_lock_of_the_users(photos
     """Round 6, in-process (``cli.main``, the command's entry point; these checks run before any work, and the
     test above shows them from a separate process): an input reached through a ``.txt`` list or a glob, a
     JPEG named ``.jfif``, a camcorder video given as ``-o`` of its own ``video embed`` (``.mts``, or any name),
+    a video or HEIC photo of a name no suffix list knows (``.MOD``, ``.HEIC``),
     and a ``--score-norm`` background of another model; ``embed`` leaves a ``<output>.lock`` of the user's."""
     from towhee_isc.atomic import sole_writer
     from towhee_isc.workflow.cli import main
@@ -184,6 +185,9 @@ def test_outputs_never_replace_what_the_run_reads_nor_a_lock_of_the_users(photos
     (tmp_path / 'lst' / 'list.txt').write_text('scan.raw\nscan.jfif\n')
     (tmp_path / 'holiday.mts').write_bytes(b'\x47' + bytes(187))  # an MPEG transport stream packet
     (tmp_path / 'clip').write_bytes(b'\x47' + bytes(187))
+    # Round 7: names no suffix list knows, told by content: a camcorder's MPEG program stream, an iPhone photo.
+    (tmp_path / 'MOV001.MOD').write_bytes(b'\x00\x00\x01\xba' + bytes(2044))
+    (tmp_path / 'IMG_0001.HEIC').write_bytes(b'\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic' + bytes(100))
     rng = np.random.default_rng(0)
     for name, weights in (('q.h5', 'A'), ('r.h5', 'A'), ('bgB.h5', 'B')):
         write_descriptors(tmp_path / name, [f'{name}{i}' for i in range(4)], unit(rng.standard_normal((4, 256))),
@@ -197,6 +201,8 @@ def test_outputs_never_replace_what_the_run_reads_nor_a_lock_of_the_users(photos
         (['search', 'lst/list.txt', *refs, '-o', 'lst/scan.jfif'], "output 'lst/scan.jfif' is an existing image"),
         (['video', 'embed', 'holiday.mts', '-o', 'holiday.mts'], "output 'holiday.mts' is an existing image or video"),
         (['video', 'embed', 'clip', '-o', './clip'], "output './clip' is also an input (clip)"),
+        (['dedup', 'r.h5', '-o', 'IMG_0001.HEIC'], "output 'IMG_0001.HEIC' is an existing image or video"),
+        (['search', 'q.h5', *refs, '-o', 'MOV001.MOD'], "output 'MOV001.MOD' is an existing image or video"),
         (['search', 'q.h5', *refs, '--score-norm', 'bgB.h5', '-o', 'sn.csv'],
          'the --score-norm background bgB.h5 and q.h5 were made by different models (weights B at 64 px vs A'),
     ]
