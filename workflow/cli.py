@@ -185,7 +185,9 @@ def cmd_dedup(args) -> None:
         # As index adds (often to the reference collection itself): the model recorded, and an id held for
         # another image refused rather than that reference silently replaced.
         index.add(ids, vectors, index_type=args.index_type, postprocessing=postprocessing, paths=paths,
-                  model=recorded_model(models), replace=False)
+                  model=recorded_model(models), replace=False,
+                  if_taken='rename those files, replace those references first (towhee-isc index ... --replace), '
+                           'or dedup into another --collection')
         if index.count() > len(ids):  # others' neighbours can crowd ours out of the k looked at
             print(f'warning: collection {args.collection!r} also holds images not given here', file=sys.stderr)
         pairs = milvus_duplicate_pairs(index, ids, vectors, args.threshold, args.k, args.nprobe, args.ef)
