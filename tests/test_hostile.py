@@ -9,6 +9,7 @@ import io
 import os
 import re
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -324,6 +325,29 @@ def test_a_dripping_server_is_given_up_on(hub_dir, small_ckpt, monkeypatch):
         Isc(device='cpu')
     assert time.monotonic() - started < 10 and not any(hub_dir.iterdir())
     server.httpd.shutdown()
+    # Nor a TLS handshake dripped a byte every 0.2 s: the socket was watched only once connect() returned,
+    # which for HTTPS (and a proxy's CONNECT) includes it.
+    listener = socket.create_server(('127.0.0.1', 0))
+
+    def drip_handshake():
+        client, _ = listener.accept()
+        with client:
+            client.recv(65536)  # the client's hello
+            client.sendall(b'\x16\x03\x03\x40\x00\x02\x00\x3f\xfc')  # a server hello of 16 KB, to come
+            for _ in range(150):  # 30 s at most: the test's server must end
+                time.sleep(0.2)
+                try:
+                    client.sendall(b'\x03')
+                except OSError:
+                    return
+    threading.Thread(target=drip_handshake, daemon=True).start()
+    monkeypatch.setattr(weights, 'STALL_SECONDS', 30.0)  # the socket timeout: only the watchdog may end it
+    monkeypatch.setenv('TOWHEE_ISC_WEIGHTS_URL', f'https://127.0.0.1:{listener.getsockname()[1]}/isc')
+    started = time.monotonic()
+    with pytest.raises(WeightsDownloadError, match='the server had not sent its response headers after 0.5 s'):
+        Isc(device='cpu')
+    assert time.monotonic() - started < 5 and not any(hub_dir.iterdir())
+    listener.close()
 
 
 def test_a_killed_download_leaves_nothing_that_lasts(hub_dir, effnet_ckpt, tmp_path):
