@@ -168,9 +168,9 @@ def check_jpeg(source: str | os.PathLike | io.BytesIO, what: str) -> None:
     after it) or of more than MAX_JPEG_SCANS scans; other files pass unread (Pillow takes any file starting
     ``FF D8 FF`` as a JPEG, whatever its name)."""
     if isinstance(source, io.BytesIO):
-        data = source.getvalue()
-        if data[:3] != b'\xff\xd8\xff':
+        if bytes(source.getbuffer()[:3]) != b'\xff\xd8\xff':  # not copying a large upload of another format
             return
+        data = source.getvalue()
     else:
         try:
             with open(source, 'rb') as f:
