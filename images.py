@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import stat
+import struct
 from pathlib import Path
-from typing import Any, Sequence
+from typing import IO, Any, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -31,6 +33,17 @@ class ImageError(ValueError):
 # 6000x6000, 3,000 scans: over a minute to decode). Raise it like PIL.Image.MAX_IMAGE_PIXELS if needed.
 MAX_JPEG_SCANS = 50
 
+# Pillow reads a JPEG's markers up to its first scan in Python, inside Image.open, so before any check that
+# needs the opened image: a loop turn for each segment and stray byte, some segments parsed byte by byte
+# (quantization tables, Photoshop's) and Exif segments joined with ``bytes +=``, quadratic (100,000 Exif
+# segments of 8 bytes, a 1.8 MB file, took 18 s to open); our count of scans walks every segment too.
+# Cameras write a few dozen segments (one Exif, XMP, ICC chunks, up to 4 tables, a few per scan); extended
+# XMP (a depth map) splits a few MB into 64 KB segments (256 for 16 MB). Beyond these bounds (segments in
+# the file, and before the first scan: segments Pillow parses, bytes) a JPEG is refused before Pillow opens it.
+MAX_JPEG_SEGMENTS = 4096
+MAX_JPEG_PARSED_SEGMENTS = 16
+MAX_JPEG_HEADER_BYTES = 16 * 2**20
+
 # The formats opened: those people give a copy detector (photos, screenshots, scans, web images), each
 # with a decoder whose work the checks below bound. Pillow recognises a file by its content, whatever its
 # name, and knows some forty formats: some wrap another image whose size and scans the outer header hides
@@ -46,10 +59,12 @@ TIFF_TILES_SLACK = 4
 TIFF_TILES_FLOOR = 2048 * 2048
 
 
-def open_image(source: Path | io.BytesIO) -> Image.Image:
+def open_image(source: str | os.PathLike | io.BytesIO, what: str = 'image') -> Image.Image:
     """``PIL.Image.open`` of an image in one of ``ACCEPTED_FORMATS``; anything else is refused
-    (``UnidentifiedImageError``) before any decoder sees it."""
+    (``UnidentifiedImageError``) before any decoder sees it, and so is a JPEG whose markers would make
+    opening or decoding it slow (``ImageError``, see ``check_jpeg``)."""
     Image.init()
+    check_jpeg(source, what)
     return Image.open(source, formats=[f for f in ACCEPTED_FORMATS if f in Image.OPEN])
 
 
@@ -99,50 +114,140 @@ def check_pixels(width: int, height: int, what: str) -> None:
 # (SOFn, DHT, DAC, SOS, DQT, DNL, DRI, APPn, COM); at any other marker libjpeg stops with an error.
 _PARAMETERLESS = {0x01, *range(0xD0, 0xD9)}
 _WITH_LENGTH = {*range(0xC0, 0xD0), *range(0xDA, 0xDE), *range(0xE0, 0xF0), 0xFE}
+# The next marker that is not parameterless: 0xFF followed by neither 0x00 (stuffing), 0xFF (fill) nor a
+# parameterless code. Searched in C: a Python step per 0xFF took 9 s for 32 MB of stuffed 0xFF bytes.
+_NEXT_MARKER = re.compile(rb'\xff[^\x00\x01\xd0-\xd8\xff]')
+# Pillow's reader before the first scan differs: JPG (C8), JPGn (F0-FD), SOI and EOI carry no length, and it
+# goes on after EOI.
+_PILLOW_PARAMETERLESS = {0xC8, *range(0xD0, 0xDA), *range(0xF0, 0xFE)}
 
 
-def jpeg_scans(data: bytes) -> int:
-    """The number of scans (SOS segments) libjpeg decodes in JPEG ``data``, found by reading its markers
-    as libjpeg does: after a segment (or a scan's entropy-coded data), the next 0xFF not followed by a
-    0x00 stuffing byte starts a marker; runs of 0xFF are fill. A marker without a length must not be
-    taken to have one (``FF 01`` then ``FF DA`` would hide the scans in the 65 KB it seems to skip)."""
-    i, scans = 2, 0
-    while True:
-        i = data.find(b'\xff', i)
-        if i < 0 or i + 1 >= len(data):
-            return scans
+def jpeg_segments(data: bytes) -> tuple[int, int]:
+    """(scans, segments): the scans (SOS segments) libjpeg decodes in JPEG ``data`` and the segments with a
+    length it reads, found by reading its markers as libjpeg does: after a segment (or a scan's
+    entropy-coded data), the next 0xFF not followed by a 0x00 stuffing byte starts a marker; runs of 0xFF
+    are fill. A marker without a length must not be taken to have one (``FF 01`` then ``FF DA`` would hide
+    the scans in the 65 KB it seems to skip). The walk stops past MAX_JPEG_SEGMENTS segments."""
+    i, scans, segments = 2, 0, 0
+    while segments <= MAX_JPEG_SEGMENTS and (found := _NEXT_MARKER.search(data, i)) is not None:
+        i = found.start()
         marker = data[i + 1]
-        if marker == 0xFF:  # fill byte: the marker is further on
-            i += 1
-        elif marker == 0x00 or marker in _PARAMETERLESS:  # stuffing inside a scan, or a marker without a length
-            i += 2
-        elif marker in _WITH_LENGTH:
-            scans += marker == 0xDA
+        if marker not in _WITH_LENGTH:  # EOI, or a marker libjpeg refuses: it decodes nothing further
+            break
+        scans, segments = scans + (marker == 0xDA), segments + 1
+        i += 2 + int.from_bytes(data[i + 2:i + 4], 'big')
+    return scans, segments
+
+
+def jpeg_header(data: bytes) -> tuple[int, int, int]:
+    """(segments, parsed segments, bytes) before the first scan of JPEG ``data``, walked as Pillow's reader
+    walks it: each fill, stuffing or stray byte counts as a segment (a loop turn each); parsed are those
+    Pillow decodes in Python (Exif, DQT, Photoshop). The walk stops once past a bound (see
+    MAX_JPEG_SEGMENTS), so its own cost is bounded too."""
+    i, segments, parsed = 2, 0, 0
+    while segments <= MAX_JPEG_SEGMENTS and i <= MAX_JPEG_HEADER_BYTES:
+        found = data.find(b'\xff', i)
+        if found < 0 or found + 1 >= len(data):
+            return segments + len(data) - i, parsed, len(data)
+        marker, segments, i = data[found + 1], segments + 1 + found - i, found
+        if marker in (0x00, 0xFF) or marker in _PILLOW_PARAMETERLESS:
+            i += 1 if marker == 0xFF else 2
+        elif marker == 0xDA:
+            break
+        elif marker >= 0xC0:
+            parsed += (marker == 0xDB or (marker == 0xE1 and data[i + 4:i + 10] == b'Exif\0\0')
+                       or (marker == 0xED and data[i + 4:i + 18] == b'Photoshop 3.0\0'))
             i += 2 + int.from_bytes(data[i + 2:i + 4], 'big')
-        else:  # EOI, or a marker libjpeg refuses: it decodes nothing further
-            return scans
+        else:  # Pillow refuses the file ("no marker found")
+            break
+    return segments, parsed, i
 
 
-def check_jpeg_scans(image: Image.Image, source: Path | io.BytesIO, what: str) -> None:
-    """Refuse a JPEG of more than ``MAX_JPEG_SCANS`` scans before it is decoded (see MAX_JPEG_SCANS)."""
-    if image.format not in ('JPEG', 'MPO') or MAX_JPEG_SCANS is None:
-        return
-    data = source.getvalue() if isinstance(source, io.BytesIO) else Path(source).read_bytes()
-    scans = jpeg_scans(data)
-    if scans > MAX_JPEG_SCANS:
+def check_jpeg(source: str | os.PathLike | io.BytesIO, what: str) -> None:
+    """Refuse, before Pillow opens it, a JPEG of more markers than the bounds (MAX_JPEG_SEGMENTS and the two
+    after it) or of more than MAX_JPEG_SCANS scans; other files pass unread (Pillow takes any file starting
+    ``FF D8 FF`` as a JPEG, whatever its name)."""
+    if isinstance(source, io.BytesIO):
+        if bytes(source.getbuffer()[:3]) != b'\xff\xd8\xff':  # not copying a large upload of another format
+            return
+        data = source.getvalue()
+    else:
+        try:
+            with open(source, 'rb') as f:
+                if f.read(3) != b'\xff\xd8\xff':
+                    return
+                data = b'\xff\xd8\xff' + f.read()
+        except OSError:
+            return  # Pillow reports it
+    scans, segments = jpeg_segments(data)
+    header_segments, parsed, size = jpeg_header(data)
+    segments = max(segments, header_segments)
+    if MAX_JPEG_SCANS is not None and scans > MAX_JPEG_SCANS:
         raise ImageError(f'{what} is a JPEG of {scans} scans, over the limit of {MAX_JPEG_SCANS} (encoders write '
                          'at most ~12; so many only make decoding slow: raise towhee_isc.images.MAX_JPEG_SCANS '
                          'to allow it)')
+    if segments > MAX_JPEG_SEGMENTS or parsed > MAX_JPEG_PARSED_SEGMENTS or size > MAX_JPEG_HEADER_BYTES:
+        raise ImageError(f'{what} is a JPEG of too many markers ({segments:,} segments and stray bytes; {parsed:,} Exif, DQT or '
+                         f'Photoshop segments and {size:,} bytes before its first scan; read so far; bounds {MAX_JPEG_SEGMENTS:,}, '
+                         f'{MAX_JPEG_PARSED_SEGMENTS} and {MAX_JPEG_HEADER_BYTES:,}): cameras write a few dozen '
+                         'segments; so many only make opening slow (raise towhee_isc.images.MAX_JPEG_SEGMENTS and '
+                         'the like to allow it)')
+
+
+# TIFF's integer types and their struct codes: libtiff takes any of them for a tile size, Pillow skips the
+# 64-bit ones (16-18), so it saw no tiles in a 16x16 TIFF that libtiff decoded in one 36000x36000 tile.
+_TIFF_INTEGERS = {1: 'B', 3: 'H', 4: 'L', 6: 'b', 8: 'h', 9: 'l', 13: 'L', 16: 'Q', 17: 'q', 18: 'Q'}
+
+
+def tiff_tiles(f: IO[bytes]) -> dict[int, int | None]:
+    """{tag: value} of TileWidth (322) and TileLength (323) in the first directory of the TIFF (classic or
+    BigTIFF) open as ``f``, read from its raw entries as libtiff reads them: the first entry of each tag, of
+    any integer type; None for an entry that is not one integer."""
+    f.seek(0)
+    head = f.read(16)
+    order = {b'II': '<', b'MM': '>'}.get(head[:2])
+    if order is None or len(head) < 16:
+        return {}
+    big = struct.unpack(order + 'H', head[2:4])[0] == 43
+    count_code, entry_code, pointer_code = ('Q', 'HHQ8s', 'Q') if big else ('H', 'HHL4s', 'L')
+    f.seek(struct.unpack(order + pointer_code, head[8:16] if big else head[4:8])[0])
+    count_bytes = f.read(struct.calcsize(order + count_code))
+    if len(count_bytes) < struct.calcsize(order + count_code):
+        return {}
+    entry_size = struct.calcsize(order + entry_code)
+    table = f.read(min(struct.unpack(order + count_code, count_bytes)[0], 2**16) * entry_size)
+    found: dict[int, int | None] = {}
+    for tag, kind, count, value in struct.iter_unpack(order + entry_code, table[:len(table) // entry_size * entry_size]):
+        if tag in (322, 323) and tag not in found:
+            code = _TIFF_INTEGERS.get(kind)
+            if code is None or count != 1:
+                found[tag] = None
+                continue
+            size = struct.calcsize(order + code)
+            if size > len(value):  # stored elsewhere: the field holds its offset
+                f.seek(struct.unpack(order + pointer_code, value)[0])
+                value = f.read(size)
+            found[tag] = struct.unpack(order + code, value[:size])[0] if len(value) >= size else None
+    return found
 
 
 def check_tiff_tiles(image: Image.Image, what: str) -> None:
-    """Refuse a TIFF whose tiles cover far more than the image before it is decoded (see TIFF_TILES_SLACK).
-    Strips need no check: libtiff decodes a strip no taller than the image."""
+    """Refuse a TIFF whose tiles cover far more than the image before it is decoded (see TIFF_TILES_SLACK),
+    with the tile size libtiff will use (see ``tiff_tiles``). Strips need no check: libtiff decodes a strip
+    no taller than the image."""
     if image.format != 'TIFF':
         return
-    tile_width, tile_height = image.tag_v2.get(322), image.tag_v2.get(323)  # TileWidth, TileLength
-    if not tile_width or not tile_height:
+    position = image.fp.tell()
+    try:
+        tiles = tiff_tiles(image.fp)
+    finally:
+        image.fp.seek(position)
+    if not tiles:
         return
+    tile_width, tile_height = tiles.get(322), tiles.get(323)  # TileWidth, TileLength
+    if not tile_width or not tile_height or tile_width < 0 or tile_height < 0:
+        raise ImageError(f'{what} is a TIFF with malformed tile tags (TileWidth {tile_width}, TileLength '
+                         f'{tile_height}): a crafted file')
     width, height = image.size
     covered = -(-width // tile_width) * tile_width * -(-height // tile_height) * tile_height
     if covered > max(TIFF_TILES_SLACK * width * height, TIFF_TILES_FLOOR):
@@ -203,9 +308,8 @@ def to_pil_rgb(item: Any, where: str = '', draft: tuple[int, int] | None = None,
 def image_size(source: Path | io.BytesIO, what: str) -> tuple[int, int]:
     """Width and height from the header alone (nothing decoded), checked against the pixel limit."""
     try:
-        with open_image(source) as image:
+        with open_image(source, what) as image:
             check_pixels(image.width, image.height, what)
-            check_jpeg_scans(image, source, what)
             check_tiff_tiles(image, what)
             return image.size
     except ImageError:
@@ -217,9 +321,8 @@ def image_size(source: Path | io.BytesIO, what: str) -> tuple[int, int]:
 def _decode(source: Path | io.BytesIO, what: str, draft: tuple[int, int] | None,
             exif_transpose: bool) -> Image.Image:
     try:
-        with open_image(source) as image:
+        with open_image(source, what) as image:
             check_pixels(image.width, image.height, what)
-            check_jpeg_scans(image, source, what)
             check_tiff_tiles(image, what)
             if draft is not None:
                 image.draft('RGB', draft)  # JPEG only; other formats ignore it

@@ -168,7 +168,8 @@ def download_timeout() -> float:
 
 class _Watchdog:
     """Cuts every connection of one download (redirects included) once a time limit passes, wherever the
-    download is waiting then: connecting, reading the headers or the body. ``expired`` says which limit."""
+    download is waiting then: a proxy's CONNECT, the TLS handshake, reading the headers or the body (the TCP
+    connect itself is bounded by the socket timeout). ``expired`` says which limit."""
 
     def __init__(self):
         self.sockets: list[socket.socket] = []
@@ -183,6 +184,7 @@ class _Watchdog:
         return timer
 
     def watch(self, sock: socket.socket) -> None:
+        """Cut ``sock``'s connection when a limit passes; the watchdog closes ``sock`` when stopped."""
         self.sockets.append(sock)
         if self.expired:  # the limit passed while it connected
             self._cut(self.expired)
@@ -198,6 +200,8 @@ class _Watchdog:
     def stop(self) -> None:
         for timer in self._timers:
             timer.cancel()
+        for sock in self.sockets:
+            sock.close()
 
     def opener(self):
         """urllib's opener (proxies, redirects as usual) whose HTTP(S) connections this watchdog can cut."""
@@ -207,9 +211,17 @@ class _Watchdog:
         class Watched:
             def do_open(self, http_class, req, **kwargs):
                 class Connection(http_class):
-                    def connect(self):
-                        super().connect()
-                        watchdog.watch(self.sock)
+                    def __init__(self, *args, **kwargs):
+                        super().__init__(*args, **kwargs)
+                        create = self._create_connection
+
+                        def created(*args, **kwargs) -> socket.socket:
+                            sock = create(*args, **kwargs)
+                            # Watched at once, as a duplicate: connect() goes on with a proxy's CONNECT and the
+                            # TLS handshake, on a TLS socket that takes this one's place (detaching it).
+                            watchdog.watch(sock.dup())
+                            return sock
+                        self._create_connection = created
                 return super().do_open(Connection, req, **kwargs)
 
         http = type('WatchedHTTPHandler', (Watched, urllib.request.HTTPHandler), {})

@@ -9,6 +9,7 @@ import io
 import os
 import re
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -121,11 +122,14 @@ def test_image_bytes_are_accepted_and_bad_bytes_refused(small_op, photos):
 def test_crafted_files_are_refused_before_decoding_and_every_accepted_format_decodes(photos, tmp_path):
     """Where every route decodes (``images.to_pil_rgb``, in-process: the service and the commands call it).
     Round 6: scans hidden behind TEM markers; a BLP texture named .jpg wrapping a many-scan or huge JPEG;
-    a 16x16 TIFF in one 2304x2304 tile (20000 px: 1.2 GB, 14 s)."""
-    from crafted_files import blp_holding, encoded, jpeg_with_hidden_scans, tiff_in_one_tile
-    from towhee_isc.images import jpeg_scans, to_pil_rgb
+    a 16x16 TIFF in one 2304x2304 tile (20000 px: 1.2 GB, 14 s). Round 7: 100,000 Exif segments (1.8 MB:
+    18 s inside Image.open); the tile's size typed as 64-bit integers, which Pillow skips and libtiff reads
+    (36000 px: 1.27 GB)."""
+    from crafted_files import (blp_holding, camera_jpeg, encoded, jpeg_with_exif_segments, jpeg_with_hidden_scans,
+                               tiff_in_one_tile)
+    from towhee_isc.images import jpeg_segments, to_pil_rgb
     hidden = jpeg_with_hidden_scans(300, 60)
-    assert jpeg_scans(hidden) == 69
+    assert jpeg_segments(hidden)[0] == 69
     with pytest.raises(ImageError, match='is a JPEG of 69 scans, over the limit of 50'):
         to_pil_rgb(hidden)
     (tmp_path / 'photo.jpg').write_bytes(blp_holding(encoded(photos[0]), *photos[0].size))
@@ -134,7 +138,18 @@ def test_crafted_files_are_refused_before_decoding_and_every_accepted_format_dec
     with pytest.raises(ImageError, match='is a 16x16 TIFF in tiles of 2304x2304: decoding it would inflate 5,308,416'):
         to_pil_rgb(tiff_in_one_tile(2304))
     assert to_pil_rgb(tiff_in_one_tile(256)).size == (16, 16)  # one usual tile for a small image is fine
+    for tile_type in (16, 17, 18):  # LONG8, and SLONG8 and IFD8, which Pillow skips
+        if tile_type > 16:
+            with pytest.raises(ImageError, match='is a 16x16 TIFF in tiles of 2304x2304'):
+                to_pil_rgb(tiff_in_one_tile(2304, tile_type=tile_type))
+        assert to_pil_rgb(tiff_in_one_tile(256, tile_type=tile_type)).size == (16, 16)
+    (tmp_path / 'exif.jpg').write_bytes(jpeg_with_exif_segments(20_000))
+    with pytest.raises(ImageError, match=r"'.*exif.jpg' is a JPEG of too many markers \(4,097 segments and stray "
+                                         r"bytes; 4,097 Exif, DQT or Photoshop segments"):
+        to_pil_rgb(tmp_path / 'exif.jpg')
     photo = photos[0].resize((96, 64))
+    # A phone's photo: Exif (turned upright), XMP, a 300 KB ICC profile, 5 MB of extended XMP in 80 segments.
+    assert to_pil_rgb(camera_jpeg(photo), exif_transpose=True).size == (64, 96)
     accepted = {fmt: encoded(photo, fmt) for fmt in ('JPEG', 'PNG', 'WEBP', 'GIF', 'BMP', 'TIFF')}
     accepted['MPO (a phone camera JPEG)'] = encoded(photo, 'MPO', save_all=True, append_images=[photo])
     for name, data in accepted.items():
@@ -292,8 +307,8 @@ def test_a_dripping_server_is_given_up_on(hub_dir, small_ckpt, monkeypatch):
         Isc(device='cpu')
     assert time.monotonic() - started < 10
     monkeypatch.setattr(weights, 'STALL_BYTES', 1)
-    monkeypatch.setenv('TOWHEE_ISC_DOWNLOAD_TIMEOUT', '1.5')
-    with pytest.raises(WeightsDownloadError, match='took over 1.5 s'):
+    monkeypatch.setenv('TOWHEE_ISC_DOWNLOAD_TIMEOUT', '1')
+    with pytest.raises(WeightsDownloadError, match='took over 1 s'):
         Isc(device='cpu')
     assert not any(hub_dir.iterdir())
     server.httpd.shutdown()
@@ -302,7 +317,7 @@ def test_a_dripping_server_is_given_up_on(hub_dir, small_ckpt, monkeypatch):
     server = DripServer(b'', step=1, pause=0.2, drip_headers=True)
     monkeypatch.setenv('TOWHEE_ISC_WEIGHTS_URL', server.url)
     started = time.monotonic()
-    with pytest.raises(WeightsDownloadError, match=r'was given up: it took over 1.5 s \(TOWHEE_ISC_DOWNLOAD_TIMEOUT\)'):
+    with pytest.raises(WeightsDownloadError, match=r'was given up: it took over 1 s \(TOWHEE_ISC_DOWNLOAD_TIMEOUT\)'):
         Isc(device='cpu')
     assert time.monotonic() - started < 5
     monkeypatch.setenv('TOWHEE_ISC_DOWNLOAD_TIMEOUT', '60')
@@ -311,6 +326,30 @@ def test_a_dripping_server_is_given_up_on(hub_dir, small_ckpt, monkeypatch):
         Isc(device='cpu')
     assert time.monotonic() - started < 10 and not any(hub_dir.iterdir())
     server.httpd.shutdown()
+    # Nor a TLS handshake dripped a byte every 0.2 s: the socket was watched only once connect() returned,
+    # which for HTTPS (and a proxy's CONNECT) includes it.
+    listener = socket.create_server(('127.0.0.1', 0))
+
+    def drip_handshake():
+        client, _ = listener.accept()
+        with client:
+            client.recv(65536)  # the client's hello
+            client.sendall(b'\x16\x03\x03\x40\x00\x02\x00\x3f\xfc')  # a server hello of 16 KB, to come
+            for _ in range(150):  # 30 s at most: the test's server must end
+                time.sleep(0.2)
+                try:
+                    client.sendall(b'\x03')
+                except OSError:
+                    return
+    threading.Thread(target=drip_handshake, daemon=True).start()
+    monkeypatch.setattr(weights, 'STALL_SECONDS', 30.0)  # the socket timeout: only the watchdog may end it
+    monkeypatch.setattr(weights, 'HEADERS_SECONDS', 0.2)
+    monkeypatch.setenv('TOWHEE_ISC_WEIGHTS_URL', f'https://127.0.0.1:{listener.getsockname()[1]}/isc')
+    started = time.monotonic()
+    with pytest.raises(WeightsDownloadError, match='the server had not sent its response headers after 0.2 s'):
+        Isc(device='cpu')
+    assert time.monotonic() - started < 5 and not any(hub_dir.iterdir())
+    listener.close()
 
 
 def test_a_killed_download_leaves_nothing_that_lasts(hub_dir, effnet_ckpt, tmp_path):

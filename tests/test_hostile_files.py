@@ -174,6 +174,7 @@ def test_outputs_never_replace_what_the_run_reads_nor_a_lock_of_the_users(photos
     """Round 6, in-process (``cli.main``, the command's entry point; these checks run before any work, and the
     test above shows them from a separate process): an input reached through a ``.txt`` list or a glob, a
     JPEG named ``.jfif``, a camcorder video given as ``-o`` of its own ``video embed`` (``.mts``, or any name),
+    a video or HEIC photo of a name no suffix list knows (``.MOD``, ``.HEIC``),
     and a ``--score-norm`` background of another model; ``embed`` leaves a ``<output>.lock`` of the user's."""
     from towhee_isc.atomic import sole_writer
     from towhee_isc.workflow.cli import main
@@ -184,6 +185,9 @@ def test_outputs_never_replace_what_the_run_reads_nor_a_lock_of_the_users(photos
     (tmp_path / 'lst' / 'list.txt').write_text('scan.raw\nscan.jfif\n')
     (tmp_path / 'holiday.mts').write_bytes(b'\x47' + bytes(187))  # an MPEG transport stream packet
     (tmp_path / 'clip').write_bytes(b'\x47' + bytes(187))
+    # Round 7: names no suffix list knows, told by content: a camcorder's MPEG program stream, an iPhone photo.
+    (tmp_path / 'MOV001.MOD').write_bytes(b'\x00\x00\x01\xba' + bytes(2044))
+    (tmp_path / 'IMG_0001.HEIC').write_bytes(b'\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic' + bytes(100))
     rng = np.random.default_rng(0)
     for name, weights in (('q.h5', 'A'), ('r.h5', 'A'), ('bgB.h5', 'B')):
         write_descriptors(tmp_path / name, [f'{name}{i}' for i in range(4)], unit(rng.standard_normal((4, 256))),
@@ -197,6 +201,8 @@ def test_outputs_never_replace_what_the_run_reads_nor_a_lock_of_the_users(photos
         (['search', 'lst/list.txt', *refs, '-o', 'lst/scan.jfif'], "output 'lst/scan.jfif' is an existing image"),
         (['video', 'embed', 'holiday.mts', '-o', 'holiday.mts'], "output 'holiday.mts' is an existing image or video"),
         (['video', 'embed', 'clip', '-o', './clip'], "output './clip' is also an input (clip)"),
+        (['dedup', 'r.h5', '-o', 'IMG_0001.HEIC'], "output 'IMG_0001.HEIC' is an existing image or video"),
+        (['search', 'q.h5', *refs, '-o', 'MOV001.MOD'], "output 'MOV001.MOD' is an existing image or video"),
         (['search', 'q.h5', *refs, '--score-norm', 'bgB.h5', '-o', 'sn.csv'],
          'the --score-norm background bgB.h5 and q.h5 were made by different models (weights B at 64 px vs A'),
     ]
@@ -403,5 +409,51 @@ def test_variable_length_strings_pointing_at_one_long_string_are_counted_as_read
     # The model attribute is one string: an array of strings (which could all point at one) is refused unread.
     with h5py.File(path, 'a') as f:
         f.attrs['model'] = np.array(['{}'] * 1000, dtype=h5py.string_dtype())
-    with pytest.raises(descriptors.DescriptorFileError, match=r"malformed 'model' attribute: an array of shape \(1000,\)"):
+    with pytest.raises(descriptors.DescriptorFileError, match=r"malformed 'model' attribute: object of shape \(1000,\)"):
         descriptors.read_model(path)
+
+
+def test_strings_hidden_in_a_compound_and_chunks_larger_than_their_data_are_refused_unread(tmp_path, capsys):
+    """Round 7, in-process (``cli.main``, what the commands run; the checks come before any work): image names
+    as a compound of one variable-length string, every one pointing at one 1 MB string (60,000 of them: 56 GiB
+    from 3.4 MB of file; the size check counted the compound's 16 bytes), and 2 x 8 vectors in one 16 MiB chunk
+    (inflated whole to read a row: 1000:1 at 512 MiB). A string array as the type of the ``model`` attribute
+    is one more route to the same strings. An honest file with h5py's own chunks is read."""
+    import h5py
+    from towhee_isc.workflow import descriptors
+    from towhee_isc.workflow.cli import main
+    count = 64
+    names = np.empty(count, dtype=[('s', h5py.string_dtype())])
+    names['s'] = ['x' * 2**20] + ['y'] * (count - 1)
+    with h5py.File(tmp_path / 'compound.h5', 'w') as f:
+        f.create_dataset('vectors', data=np.eye(count, 8, dtype=np.float32))
+        f.create_dataset('image_names', data=names)
+        offset = f['image_names'].id.get_offset()
+    data = bytearray((tmp_path / 'compound.h5').read_bytes())
+    data[offset:offset + 16 * count] = data[offset:offset + 16] * count  # every name: the 1 MB string
+    (tmp_path / 'compound.h5').write_bytes(bytes(data))
+    with h5py.File(tmp_path / 'chunk.h5', 'w') as f:
+        f.create_dataset('vectors', shape=(2, 8), maxshape=(None, 8), dtype='f4', chunks=(2**19 + 2**10, 8),
+                         compression='gzip', compression_opts=1)[:] = np.eye(2, 8, dtype=np.float32)
+        f.create_dataset('image_names', data=np.array(['a', 'b'], dtype=object), dtype=h5py.string_dtype())
+    cases = {'compound.h5': "'image_names' must be a list of strings, got [('s', 'O')] (64,)",
+             'chunk.h5': "'vectors' (2, 8) is stored in chunks of (525312, 8): reading it would inflate 16,809,984 bytes"}
+    for name, message in cases.items():
+        assert main(['dedup', str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert err.count('\n') == 1 and message in err, err
+    with h5py.File(tmp_path / 'chunk.h5', 'a') as f:
+        f.create_dataset('sequences', shape=(2,), dtype=h5py.vlen_dtype('f4'))
+        with pytest.raises(descriptors.DescriptorFileError, match="'sequences' holds variable-length data"):
+            descriptors.check_fits_in_memory(str(tmp_path / 'chunk.h5'), f['sequences'])
+        string_array = h5py.h5t.py_create(np.dtype((h5py.string_dtype(), (1000,))), logical=True)
+        h5py.h5a.create(f.id, b'model', string_array, h5py.h5s.create(h5py.h5s.SCALAR))
+    with pytest.raises(descriptors.DescriptorFileError, match=r"malformed 'model' attribute: \('O', \(1000,\)\) of "
+                                                              r'shape \(\), not one JSON string'):
+        descriptors.read_model(tmp_path / 'chunk.h5')
+    honest = unit(np.random.default_rng(0).standard_normal((10, 8)))
+    with h5py.File(tmp_path / 'honest.h5', 'w') as f:
+        f.create_dataset('vectors', data=honest, maxshape=(None, 8), chunks=True, compression='gzip')
+        f.create_dataset('image_names', data=np.array([f'i{n}' for n in range(10)], dtype=object),
+                         dtype=h5py.string_dtype(), maxshape=(None,), chunks=True)
+    assert descriptors.read_descriptors(tmp_path / 'honest.h5')[0][-1] == 'i9'

@@ -393,6 +393,11 @@ def test_a_video_descriptor_file_that_unpacks_to_far_more_than_it_holds_is_refus
                                      'features': np.eye(2, 4, dtype=np.float32)})
         with pytest.raises(ValueError, match='timestamps must be seconds from 0 to 1e'):
             read_video_descriptors(tmp_path / 'times.npz')
+    # Ids as a structured array (each id a tuple) were read; such types are refused from the .npy header.
+    npz(tmp_path / 'tuples.npz', {'video_ids': np.zeros(2, dtype=[('id', 'U8')]), 'timestamps': times,
+                                  'features': np.eye(2, 4, dtype=np.float32)})
+    with pytest.raises(ValueError, match=r"its 'video_ids' array is of type \[\('id', '<U8'\)\]"):
+        read_video_descriptors(tmp_path / 'tuples.npz')
 
 
 def test_video_dedup_of_videos_has_video_embeds_duration_bound(videos, small_ckpt, capsys):

@@ -357,7 +357,8 @@ def test_bad_inputs_are_one_line_errors(cmd, copy_set, tmp_path):
          'files, or give --replace'),
         # dedup adds to the collection as index does (often the references' own): never replacing a reference.
         (('dedup', tmp_path / 'phone_b.h5', '--milvus-uri', db, '--collection', 'refs'),
-         "1 id(s) are in collection 'refs' already for another image ('R000000'): nothing was written"),
+         "1 id(s) are in collection 'refs' already for another image ('R000000'): nothing was written; rename those "
+         'files, replace those references first (towhee-isc index ... --replace), or dedup into another --collection'),
         (('index', tmp_path / 'missing.h5', '--milvus-uri', db), 'descriptor file not found'),
         (('index', tmp_path / 'text.h5', '--milvus-uri', db), 'not a readable HDF5 file'),
         (('index', tmp_path / 'f64.h5', '--milvus-uri', db), "'vectors' must be float32"),

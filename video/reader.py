@@ -22,6 +22,27 @@ VIDEO_SUFFIXES = {'.mp4', '.m4v', '.mov', '.mkv', '.webm', '.avi', '.mpg', '.mpe
                   '.ogv', '.gif', '.mts', '.m2ts', '.m2t', '.vob', '.mxf', '.dv', '.asf', '.f4v', '.3g2', '.mk3d'}
 
 
+
+def is_media_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a regular file that starts as a video container does, whatever its name: ISO
+    media (MP4, MOV, 3GP, and HEIC/AVIF photos, which share their boxes), Matroska/WebM, RIFF (AVI), MPEG
+    program or transport streams (camcorders' .MOD/.TOD, AVCHD), FLV, ASF/WMV, Ogg."""
+    try:
+        if not os.path.isfile(path):
+            return False
+        with open(path, 'rb') as f:
+            head = f.read(200)
+        size = os.path.getsize(path)
+    except OSError:
+        return False
+    box = int.from_bytes(head[:4], 'big')  # an ISO media box's size: 0 (to the end), 1 (64-bit) or within the file
+    return ((head[4:8] in (b'ftyp', b'moov', b'mdat', b'wide', b'free', b'skip') and (box in (0, 1) or 8 <= box <= size))
+            or head.startswith((b'\x1a\x45\xdf\xa3', b'RIFF', b'\x00\x00\x01\xba', b'\x00\x00\x01\xb3', b'FLV',
+                                b'\x30\x26\xb2\x75', b'OggS'))
+            or head[0:1] == head[188:189] == b'\x47'  # transport stream packets (188 bytes)
+            or head[4:5] == head[196:197] == b'\x47')  # ... with a 4-byte time code (.m2ts)
+
+
 # Decoded frames held ahead of the operator, at most (one frame always passes): 96 frames of 81 MP, as
 # the frame count alone allowed, were 23 GB; 4K frames (25 MB) still fill the operator's batches.
 AHEAD_BYTES = 256 * 2**20

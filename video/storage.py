@@ -137,6 +137,10 @@ MAX_TIMESTAMP_S = 1e9
 # (~1.1x with np.savez_compressed; np.savez stores them as they are), only a bomb of zeros packs 1000:1.
 # The slack lets small compressed files (a few frames, long repeated ids) through.
 MAX_EXPANSION, EXPANSION_SLACK_BYTES = 32, 64 * 2**20
+# The dtype kinds the arrays are read as (VSC's files and ours), checked from their .npy headers before
+# anything is read: a structured array of ids was read, and its tuples became ids.
+MEMBER_KINDS = {'video_ids': 'US', 'video_paths': 'US', 'features': 'f', 'timestamps': 'fiu', 'model': 'US',
+                'postprocessing': 'US', 'fps': 'fiu'}
 
 
 def _check_fits_in_memory(path: str) -> None:
@@ -144,7 +148,8 @@ def _check_fits_in_memory(path: str) -> None:
     its size honestly holds: deflate packs a gigabyte of zeros into a megabyte, and reading them would get
     the process (or a neighbour) killed. Every member counts, by the larger of its zip size (what reading
     it unpacks: zipfile stops there) and its ``.npy`` header's shape (what numpy allocates); a member
-    that is no ``.npy`` (numpy would hand its raw bytes over, unchecked) is refused."""
+    that is no ``.npy`` (numpy would hand its raw bytes over, unchecked), holds Python objects or is not of
+    the kind read (MEMBER_KINDS) is refused."""
     from ..workflow.descriptors import available_memory
     if not zipfile.is_zipfile(path):
         return  # np.load says what it is not
@@ -159,6 +164,10 @@ def _check_fits_in_memory(path: str) -> None:
                 read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                                else np.lib.format.read_array_header_2_0)
                 shape, _, dtype = read_header(f)
+            name = member.filename[:-len('.npy')]
+            if dtype.hasobject or dtype.kind not in MEMBER_KINDS.get(name, dtype.kind):
+                raise VideoDescriptorError(f'{path!r} is not a VSC video descriptor file: its {name!r} array is of '
+                                           f'type {dtype}')
             need += max(math.prod(shape) * dtype.itemsize, member.file_size)
     free = available_memory()
     if free is not None and need > free:

@@ -185,7 +185,9 @@ def cmd_dedup(args) -> None:
         # As index adds (often to the reference collection itself): the model recorded, and an id held for
         # another image refused rather than that reference silently replaced.
         index.add(ids, vectors, index_type=args.index_type, postprocessing=postprocessing, paths=paths,
-                  model=recorded_model(models), replace=False)
+                  model=recorded_model(models), replace=False,
+                  if_taken='rename those files, replace those references first (towhee-isc index ... --replace), '
+                           'or dedup into another --collection')
         if index.count() > len(ids):  # others' neighbours can crowd ours out of the k looked at
             print(f'warning: collection {args.collection!r} also holds images not given here', file=sys.stderr)
         pairs = milvus_duplicate_pairs(index, ids, vectors, args.threshold, args.k, args.nprobe, args.ef)
@@ -497,11 +499,12 @@ def check_outputs(args: argparse.Namespace) -> None:
     """Each output can be written and replaces nothing the user keeps: it is none of the files the run reads
     (``search q.h5 -o q.h5`` would replace the queries with CSV; ``search list.txt -o scan.jfif`` a photo the
     list names), compared as files (a link, ``./``, another spelling: the same file), and no existing image
-    (by content, whatever its name) or file with an image's or video's suffix: ``embed -o photos/*.jpg``,
+    or video (by content, whatever its name: a camcorder's .MOD, an iPhone's .HEIC) or file with an image's
+    or video's suffix: ``embed -o photos/*.jpg``,
     expanded by the shell, or ``dedup photos -o photos/a.jpg`` would replace a photo that is no input, or
     one a folder gives (a folder gives only files with those suffixes)."""
     from ..images import is_image_file
-    from ..video.reader import VIDEO_SUFFIXES
+    from ..video.reader import VIDEO_SUFFIXES, is_media_file
     from .descriptors import IMAGE_SUFFIXES
     named = [str(p) for name in INPUTS for p in _listed(getattr(args, name, None))]
     for name, what in OUTPUTS.items():
@@ -512,7 +515,8 @@ def check_outputs(args: argparse.Namespace) -> None:
         if not os.path.isfile(target):  # nothing there to replace (check_writable refused folders and devices)
             continue
         suffix = os.path.splitext(str(target))[1].lower()
-        if name != 'plot' and (suffix in IMAGE_SUFFIXES | VIDEO_SUFFIXES or is_image_file(target)):
+        if is_media_file(target) or name != 'plot' and (suffix in IMAGE_SUFFIXES | VIDEO_SUFFIXES
+                                                          or is_image_file(target)):
             raise ValueError(f'{what} {str(target)!r} is an existing image or video: writing it would destroy it; '
                              'give another file name')
         written = os.stat(target)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import shutil
 import warnings
@@ -148,18 +149,17 @@ def read_descriptors(path: str | os.PathLike, dim: int | None = None) -> tuple[l
                 raise DescriptorFileError(f"{path!r} has no 'vectors' and 'image_names' datasets "
                                           f'(it has {sorted(f.keys())})')
             check_stored_inside(path, f, 'vectors', 'image_names')
+            # The types each is read as, checked before reading (a compound of strings hid 56 GiB of them).
+            if f['vectors'].ndim != 2 or f['vectors'].dtype != np.float32:
+                raise DescriptorFileError(f"{path!r}: 'vectors' must be float32 N x D, got "
+                                          f"{f['vectors'].dtype} {f['vectors'].shape}")
+            check_strings(path, f['image_names'])
             check_fits_in_memory(path, f['vectors'], f['image_names'])
             vectors, names = f['vectors'][()], f['image_names'][()]
     except DescriptorFileError:
         raise
     except (OSError, TypeError, ValueError, KeyError) as e:  # h5py's ways of saying the file is damaged
         raise DescriptorFileError(f'{path!r} is not a readable HDF5 file: {e}') from e
-    if not isinstance(vectors, np.ndarray) or vectors.ndim != 2 or vectors.dtype != np.float32:
-        raise DescriptorFileError(f"{path!r}: 'vectors' must be float32 N x D, got "
-                                  f'{getattr(vectors, "dtype", type(vectors).__name__)} {np.shape(vectors)}')
-    if not isinstance(names, np.ndarray) or names.ndim != 1 or names.dtype.kind not in 'OSU':
-        raise DescriptorFileError(f"{path!r}: 'image_names' must be a list of strings, got "
-                                  f'{getattr(names, "dtype", type(names).__name__)} {np.shape(names)}')
     try:
         ids = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
     except UnicodeDecodeError:
@@ -194,6 +194,14 @@ def check_stored_inside(path: str, f, *names: str) -> None:
                                       'or virtual dataset): descriptor files must hold their own data')
 
 
+def check_strings(path: str, dataset) -> None:
+    """Refuse a dataset that is not a 1-d list of strings (variable-length or fixed-length) before it is read."""
+    import h5py
+    if dataset.ndim != 1 or h5py.check_string_dtype(dataset.dtype) is None:
+        raise DescriptorFileError(f"{path!r}: {dataset.name.lstrip('/')!r} must be a list of strings, got "
+                                  f'{dataset.dtype} {dataset.shape}')
+
+
 def available_memory() -> int | None:
     """Bytes of memory the system can give without swapping (Linux's MemAvailable), or None if unknown."""
     try:
@@ -211,13 +219,27 @@ def available_memory() -> int | None:
 # compress a few times. Data declared beyond this many times the file's size (plus 1 MiB) is not there:
 # chunks never written (read as the fill value) or compressed zeros, a 12 KB file declaring 12 GiB.
 MAX_EXPANSION = 16
+# HDF5 inflates a compressed chunk whole to read any of it, and a chunk may be far larger than its dataset
+# when a dimension can grow: 2 x 8 vectors in one 512 MiB chunk (a 532 KB file) took 572 MB to read.
+# Honest chunks (h5py picks at most 1 MiB) cover a dataset with little padding: what the chunks cover is
+# bounded by this many times the dataset, or one chunk of this size for a small dataset.
+CHUNKS_SLACK, CHUNKS_FLOOR_BYTES = 4, 16 * 2**20
 
 
 def check_fits_in_memory(path: str, *datasets) -> None:
     """Refuse datasets whose arrays the file cannot plausibly hold (more than MAX_EXPANSION times its size)
     or that would not fit in the memory available now, from their shapes alone: a compressed file of a
     few KB can declare a 100 GB dataset of zeros, and reading it would make the kernel kill this process
-    (or another one)."""
+    (or another one). Variable-length data is counted for plain strings (see ``variable_length_bytes``); any
+    other (in a compound, an array, a sequence) is refused unread, and so are chunks far larger than the
+    dataset (see CHUNKS_SLACK)."""
+    import h5py
+    for d in datasets:
+        if d.dtype.hasobject and h5py.check_string_dtype(d.dtype) is None:
+            raise DescriptorFileError(f"{path!r}: {d.name.lstrip('/')!r} holds variable-length data of type "
+                                      f'{d.dtype} (in a compound, array or sequence), which a descriptor file never '
+                                      'holds: only numbers and plain strings are read')
+        check_chunks(path, d)
     need = sum(d.size * (d.dtype.itemsize if d.dtype.kind != 'O' else 64) + variable_length_bytes(d) for d in datasets)
     size = os.path.getsize(path)
     shapes = ', '.join(f'{d.name.lstrip("/")} {d.shape}' for d in datasets)
@@ -229,6 +251,17 @@ def check_fits_in_memory(path: str, *datasets) -> None:
     if free is not None and need > free:
         raise DescriptorFileError(f'{path!r} declares {need / 2**30:.1f} GiB of data ({shapes}), more than the '
                                   f'{free / 2**30:.1f} GiB of memory available')
+
+
+def check_chunks(path: str, dataset) -> None:
+    """Refuse a chunked dataset whose chunks cover far more than it holds (see CHUNKS_SLACK)."""
+    if not dataset.chunks:
+        return
+    covered = math.prod(-(-size // chunk) * chunk for size, chunk in zip(dataset.shape, dataset.chunks))
+    if covered * dataset.dtype.itemsize > max(CHUNKS_SLACK * dataset.size * dataset.dtype.itemsize, CHUNKS_FLOOR_BYTES):
+        raise DescriptorFileError(f"{path!r}: {dataset.name.lstrip('/')!r} {dataset.shape} is stored in chunks of "
+                                  f'{dataset.chunks}: reading it would inflate {covered * dataset.dtype.itemsize:,} '
+                                  'bytes, far more than it holds (a crafted file)')
 
 
 def variable_length_bytes(dataset) -> int:
@@ -292,10 +325,12 @@ def _json_attribute(path: str | os.PathLike, name: str) -> dict | None:
         raise DescriptorFileError(f'descriptor file not found: {str(path)!r}')
     try:
         with h5py.File(str(path), 'r') as f:
-            # One string: an array of them could point each at one long string (see variable_length_bytes).
-            if name in f.attrs and f.attrs.get_id(name).shape not in ((), (1,)):
-                raise DescriptorFileError(f'{str(path)!r}: malformed {name!r} attribute: an array of shape '
-                                          f'{f.attrs.get_id(name).shape}, not one JSON string')
+            # One string: an array of them (or a string array as its type) could point each at one long
+            # string (see variable_length_bytes).
+            stored = f.attrs.get_id(name) if name in f.attrs else None
+            if stored is not None and (stored.shape not in ((), (1,)) or h5py.check_string_dtype(stored.dtype) is None):
+                raise DescriptorFileError(f'{str(path)!r}: malformed {name!r} attribute: {stored.dtype} of shape '
+                                          f'{stored.shape}, not one JSON string')
             text = f.attrs.get(name)
     except OSError as e:
         raise DescriptorFileError(f'{str(path)!r} is not a readable HDF5 file: {e}') from e
@@ -340,6 +375,7 @@ def read_image_paths(path: str | os.PathLike) -> list[str] | None:
         if not isinstance(f.get('image_paths'), h5py.Dataset):
             return None
         check_stored_inside(str(path), f, 'image_paths')
+        check_strings(str(path), f['image_paths'])
         check_fits_in_memory(str(path), f['image_paths'])
         return [p.decode() if isinstance(p, bytes) else str(p) for p in f['image_paths'][()]]
 

@@ -145,6 +145,6 @@ def _keep_rank(path: str | None) -> tuple[int, int]:
     try:
         with open_image(path) as image:
             pixels = image.width * image.height
-    except OSError:
+    except (OSError, ValueError):  # not an image, or one refused unopened (ImageError): ranked last
         pixels = 0
     return (pixels, os.path.getsize(path))

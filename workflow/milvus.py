@@ -36,6 +36,8 @@ MAX_ID_BYTES = 512  # the id field's max_length; checked before anything is writ
 # An id indexed again is the same image when its new vector is this close to the stored one (the same model
 # on the same file gives the same vector, within 1e-5; ONNX and PyTorch within 1e-4).
 SAME_IMAGE = 0.999
+# What `index` can do about ids held for other images (check_same_images); other commands say their own.
+REPLACE_HINT = 'rename those files, or give --replace to replace those references'
 HNSW_M, HNSW_EF_CONSTRUCTION = 16, 200  # Milvus's usual starting point
 # Default search widths: on 100,000 random 256-d vectors these found >= 99 % of copies at rank 1
 # (benchmarks/milvus_index.py; at nlist/16 cells or ef 64, only 98 % and 84 %).
@@ -372,12 +374,13 @@ class MilvusIndex:
 
     def add(self, ids: Sequence[str], vectors: np.ndarray, batch: int = 1000, index_type: str | None = None,
             postprocessing: dict | None = None, model: dict | None = None,
-            paths: dict[str, str] | None = None, fields: Sequence[dict] | None = None, replace: bool = True) -> str:
+            paths: dict[str, str] | None = None, fields: Sequence[dict] | None = None, replace: bool = True,
+            if_taken: str = REPLACE_HINT) -> str:
         """Insert or update by id (``vectors`` float32 N x D), creating the collection on first use
         with an ``index_type`` index. Vectors post-processed otherwise than the collection's
         (``postprocessing``, None for raw) are refused, and so are those of another ``model`` (where both
         record theirs); without ``replace``, so are ids the collection holds for another image (see
-        ``check_same_images``). ``paths`` (id -> image path) are stored beside the vectors, for reports;
+        ``check_same_images``; ``if_taken`` says what the user can do then). ``paths`` (id -> image path) are stored beside the vectors, for reports;
         ``fields`` (one dict per row) too (a video frame's video id and seconds). Returns the index type
         the collection has."""
         if self.dim() is not None:
@@ -385,7 +388,7 @@ class MilvusIndex:
                                        'the descriptors to add': postprocessing})
             check_same_model({f'collection {self.collection!r}': self.model(), 'the descriptors to add': model})
             if not replace:
-                self.check_same_images(ids, vectors)
+                self.check_same_images(ids, vectors, if_taken)
         for row, image in enumerate(ids):  # before anything is written, not at the row Milvus refuses
             if len(image.encode('utf-8')) > MAX_ID_BYTES:
                 raise ValueError(f'image id {image[:40]!r}... (row {row + 1}) is {len(image.encode())} bytes long, over '
@@ -421,11 +424,12 @@ class MilvusIndex:
                               'is marked incomplete: search refuses it until this index runs again') from e.__cause__
         return kind
 
-    def check_same_images(self, ids: Sequence[str], vectors: np.ndarray, batch: int = 1000) -> None:
+    def check_same_images(self, ids: Sequence[str], vectors: np.ndarray, if_taken: str = REPLACE_HINT,
+                          batch: int = 1000) -> None:
         """Refuse ids the collection already holds for another image: two phones' IMG_0001.jpg would
         otherwise replace one reference by another without a word. The same image embedded again by the
         same model gives the same vector (cosine above SAME_IMAGE); another image, even a re-saved copy
-        of it, a lower one. Nothing is written."""
+        of it, a lower one. Nothing is written; the error ends with ``if_taken``, what the user can do."""
         self.load()
         other: list[str] = []
         with self._errors(f'reading vectors from {self.collection!r}'):
@@ -439,7 +443,7 @@ class MilvusIndex:
         if other:
             raise ValueError(f'{len(other)} id(s) are in collection {self.collection!r} already for another image '
                              f'({", ".join(map(repr, sorted(other)[:5]))}{", ..." if len(other) > 5 else ""}): '
-                             'nothing was written; rename those files, or give --replace to replace those references')
+                             f'nothing was written; {if_taken}')
 
     def check_complete(self) -> None:
         """Refuse a collection that an ``index`` run left half-written (it failed or was killed)."""
