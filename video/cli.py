@@ -63,6 +63,8 @@ def add_parser(commands, with_model: Callable[[argparse.ArgumentParser], argpars
     with_model(p)
     p.add_argument('--fps', type=positive_float, default=1.0, help='for videos: frames sampled per second')
     add_max_duration(p)
+    p.add_argument('--quiet', action='store_true', help="no progress bar while videos are embedded (it is drawn only "
+                                                        'on a terminal anyway)')
     p.set_defaults(run=run)
 
     p = sub.add_parser('evaluate', help="VSC 2022's matching-track metrics for a match CSV")

@@ -80,12 +80,14 @@ class FrameSpace:
     L2-normalised; the cosine there. With the identity as ``projection``, the mean is only removed."""
 
     mean: np.ndarray
-    projection: np.ndarray
+    projection: np.ndarray | None = None  # None: the identity (no D x D matrix made for it)
     whitened: bool = False
 
     def __call__(self, features: np.ndarray) -> np.ndarray:
         """``features`` (N, D) -> (N, D) float64 unit rows."""
-        x = (features.astype(np.float64) - self.mean) @ self.projection
+        x = features.astype(np.float64) - self.mean
+        if self.projection is not None:
+            x = x @ self.projection
         return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
@@ -106,17 +108,20 @@ def search_space(queries: VideoSet, refs: VideoSet, candidates: Iterable[Candida
     reference frame was its original (within 1 s) for 66 % of them against 60 % centred only, and ranking
     query frames by their best similarity found the copied ones with an AP of 0.91 against 0.78."""
     used = sorted({c.ref for c in candidates})
+    videos = [*queries.videos, *(refs.videos[i] for i in used)]
     dim = queries.videos[0].features.shape[1]
-    total, outer, count = np.zeros(dim), np.zeros((dim, dim)), 0
-    for v in [*queries.videos, *(refs.videos[i] for i in used)]:  # sums video by video: no copy of all frames
+    count = sum(len(v) for v in videos)
+    # fewer frames than dimensions: no covariance to whiten with (see above), and no D x D matrix made
+    whiten = whiten and count >= dim
+    total, outer = np.zeros(dim), np.zeros((dim, dim)) if whiten else None
+    for v in videos:  # sums video by video: no copy of all frames
         x = v.features.astype(np.float64)
         total += x.sum(axis=0)
         if whiten:
             outer += x.T @ x
-        count += len(x)
     mean = total / max(count, 1)
-    if not whiten or count < dim:  # fewer frames than dimensions: no covariance to whiten with (see above)
-        return FrameSpace(mean, np.eye(dim))
+    if not whiten:
+        return FrameSpace(mean)
     values, vectors = np.linalg.eigh(outer / max(count, 1) - np.outer(mean, mean))
     values = np.maximum(values, 0.0)
     values += SHRINKAGE * values.mean()
