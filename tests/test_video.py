@@ -395,6 +395,18 @@ def test_a_video_descriptor_file_that_unpacks_to_far_more_than_it_holds_is_refus
             read_video_descriptors(tmp_path / 'times.npz')
 
 
+def test_descriptors_of_more_dimensions_than_any_model_makes_are_refused(tmp_path, capsys):
+    """#14 round 7: a 321 KB file of 2 frames x 40,000 dimensions made search and dedup allocate 12 GiB (D x D)."""
+    from towhee_isc.video.storage import MAX_DIM
+    from towhee_isc.workflow.cli import main
+    wide = np.zeros((2, MAX_DIM + 1), np.float32)
+    wide[:, 0] = 1
+    write_video_descriptors(tmp_path / 'wide.npz', [VideoFeatures('a', wide, np.array([[0, 1], [1, 2.0]]))])
+    assert main(['video', 'dedup', str(tmp_path / 'wide.npz')]) == 2
+    assert capsys.readouterr().err.startswith(f"error: '{tmp_path / 'wide.npz'}' holds 4,097-d vectors: no descriptor "
+                                              'model makes over 4,096 dimensions')
+
+
 def test_video_dedup_of_videos_has_video_embeds_duration_bound_and_progress(videos, small_ckpt, capsys, monkeypatch):
     """#14 round 6: an 833-byte video whose frames lie 116 days apart was embedded by `video dedup` for weeks."""
     from towhee_isc.workflow.cli import main
