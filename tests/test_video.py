@@ -193,12 +193,32 @@ def test_video_search_through_a_milvus_collection_equals_the_exact_search(videos
     assert 'indexed 20 frames of 2 video(s)' in done.stdout and '(20 frames in all)' in done.stdout, done.stderr
     found = towhee_isc('video', 'search', root / 'queries.npz', *milvus, '-o', tmp_path / 'milvus.csv')
     assert found.returncode == 0 and found.stderr == '', found.stderr
-    exact = towhee_isc('video', 'search', root / 'queries.npz', '--references', refs, '-o', tmp_path / 'exact.csv')
-    assert exact.returncode == 0, exact.stderr
+    # (in-process: video search --references runs as a process in test_video_search_finds_the_copied_seconds...)
+    assert main(['video', 'search', str(root / 'queries.npz'), '--references', str(refs), '-o',
+                 str(tmp_path / 'exact.csv')]) == 0
     rows = (tmp_path / 'milvus.csv').read_text().splitlines()
     assert len(rows) > 1 and rows == (tmp_path / 'exact.csv').read_text().splitlines()
     assert main(['video', 'search', str(root / 'queries.npz'), '-o', str(tmp_path / 'x.csv')]) == 2
     assert 'error: give the references as --references FILE.npz or --collection NAME' in capsys.readouterr().err
+
+    # #14 round 7: another camera's R000001 (4 other frames) made one chimera with the first's frames 4-9, silently
+    from towhee_isc.video.collection import read_videos
+    from towhee_isc.workflow.milvus import MilvusIndex
+    ours = read_video_descriptors(refs)
+    theirs = np.random.default_rng(3).normal(size=(4, ours.videos[0].features.shape[1])).astype(np.float32)
+    theirs /= np.linalg.norm(theirs, axis=1, keepdims=True)
+    write_video_descriptors(tmp_path / 'camera_b.npz', [VideoFeatures('R000001', theirs, np.c_[0:4, 1:5].astype(float))],
+                            model=ours.model, postprocessing=ours.postprocessing)
+    milvus = [str(m) for m in milvus]
+    assert main(['video', 'index', str(refs), *milvus]) == 0  # the same videos again: updated, no question
+    assert main(['video', 'index', str(tmp_path / 'camera_b.npz'), *milvus]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 1 video id(s) are in collection 'frames' already for another video (R000001 (10 "
+                          'frames there, 4 here)): nothing was written; rename') and err.count('\n') == 1, err
+    assert main(['video', 'index', str(tmp_path / 'camera_b.npz'), *milvus, '--replace']) == 0
+    assert '(14 frames in all)' in capsys.readouterr().out  # R000002's 10 and the new R000001's 4
+    held = read_videos(MilvusIndex(milvus[1], 'frames', existing=True), ['R000001']).videos[0]
+    assert np.allclose(held.features, theirs)  # replaced whole: none of the old frames 4-9 left
 
 
 def test_video_dedup_groups_videos_that_share_segments(videos):
