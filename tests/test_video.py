@@ -561,3 +561,42 @@ def test_a_long_querys_candidates_are_compared_one_pair_at_a_time_with_the_same_
     assert alone == whole == [('R2', 10, 5, 30, 25, whole[0][-1])]
     frames = 3000 * 48 * 8  # the candidates' frames in float64, where they are compared: not the matrix
     assert peak < frames + 150 * 3000 * 8 / 2, f'{peak:,} bytes: the query x all candidates matrix is {150 * 3000 * 8:,}'
+
+
+def test_a_pair_too_large_to_hold_is_aligned_from_blocks_of_rows_with_the_same_results(monkeypatch):
+    """#14 round 7: one pair's matrix was made whole (a 4-hour film at 4 fps against itself: 57,600 x 57,600
+    frames, 25 GiB; a crafted 1.5 MB file of 30,000 frames: 6.7 GiB). Over ``PAIR_CELLS``, the pair is aligned
+    from blocks of rows made when needed: the same segments and scores (dp and tn), in a fraction of the
+    matrix's memory."""
+    import tracemalloc
+    from towhee_isc.video import localization
+    from towhee_isc.video.candidates import Candidate
+    from towhee_isc.video.storage import VideoSet
+    rng = np.random.default_rng(2)
+    n, dim = 400, 16
+    query, ref = rng.normal(size=(n, dim)), rng.normal(size=(n, dim))
+    query[100:160] = ref[200:320:2] + 0.3 * rng.normal(size=(60, dim))  # a copy played twice as fast
+    query[300:330] = ref[50:80] + 0.3 * rng.normal(size=(30, dim))
+    times = np.c_[np.arange(n), np.arange(1, n + 1)].astype(float)
+    unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
+    queries, refs = VideoSet([VideoFeatures('Q', unit(query), times)]), VideoSet([VideoFeatures('R', unit(ref), times)])
+    sample = queries.videos[0].features[::3].astype(np.float64)
+
+    def segments(method):
+        return [(s.query_start, s.query_end, s.ref_start, s.ref_end, round(s.score, 9)) for *_, s in
+                localization.localize(queries, refs, [Candidate(0, 0, 1.0)], method, 0.5, query_sample=sample)]
+
+    whole = {method: segments(method) for method in ('dp', 'tn')}
+    assert whole['dp'][0][:4] == (100, 160, 200, 319) and len(whole['tn']) >= 2
+    monkeypatch.setattr(localization, 'PRODUCT_CELLS', 2**12)  # the query frames' background too
+    monkeypatch.setattr(localization, 'PAIR_CELLS', 2**16)
+    monkeypatch.setattr(localization, 'BLOCK_CELLS', 2**12)  # 10 rows at a time
+    assert segments('tn') == whole['tn']
+    tracemalloc.start()
+    try:
+        assert segments('dp') == whole['dp']
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    matrix = n * n * 8  # made whole, dp holds ~5 of these
+    assert peak < matrix / 3, f'{peak:,} bytes for a {matrix:,}-byte matrix'

@@ -12,7 +12,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .alignment import MIN_SCORE, Box, above_background, dp_alignment, temporal_network
+from .alignment import (MIN_SCORE, Box, above_background, dp_alignment, dp_alignment_by_rows, gain_above, temporal_network,
+                        tn_nodes, tn_paths)
 from .candidates import Candidate
 from .metrics import Segment
 from .storage import VideoSet
@@ -34,6 +35,12 @@ BACKGROUND_MARGIN = 0.1
 COLUMN_QUANTILE, QUERY_SAMPLE = 0.75, 256
 # Similarities computed at once beyond one pair's (float64: 128 MiB): a query's candidates in one product up to this.
 PRODUCT_CELLS = 2**24
+# One pair's similarities held whole up to this (128 MiB; the alignment needs ~5 times as much); beyond, a pair
+# (a 4-hour film at 4 fps against itself: 57,600 x 57,600 frames, 25 GiB) is aligned from blocks of rows made
+# when needed (``LargePair``): the same boxes, in memory ~ the frames' and sqrt(Q) x R, however long the videos.
+PAIR_CELLS = 2**24
+# Similarities made at once of such a pair (8 MiB).
+BLOCK_CELLS = 2**20
 
 
 def may_hold_a_copy(sims: np.ndarray, threshold: float) -> bool:
@@ -66,6 +73,81 @@ def align(sims: np.ndarray, method: str = 'dp', threshold: float = 0.6,
     else:
         raise ValueError(f'unknown alignment {method!r}: choose one of {", ".join(ALIGNMENTS)}')
     return [(box, float(gain[box.path[:, 0], box.path[:, 1]].sum())) for box in boxes]
+
+
+@dataclass(frozen=True)
+class LargePair:
+    """A pair whose similarity matrix (``query`` (Q, D) x ``ref`` (R, D) frames, less ``offsets`` (Q, 1) where
+    given) is too large to hold: its rows, columns or cells made when asked, as ``localize`` makes the whole."""
+
+    query: np.ndarray
+    ref: np.ndarray
+    offsets: np.ndarray | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.query), len(self.ref)
+
+    def rows(self, a: int, b: int) -> np.ndarray:
+        """Rows a..b-1: float64 (b - a, R)."""
+        sims = (self.query[a:b] @ self.ref.T).astype(np.float64)
+        return sims if self.offsets is None else sims - self.offsets[a:b]
+
+    def blocks(self):
+        """(a, b) spans of rows of ``BLOCK_CELLS`` similarities."""
+        step = max(1, BLOCK_CELLS // max(len(self.ref), 1))
+        return ((a, min(a + step, len(self.query))) for a in range(0, len(self.query), step))
+
+    def cells(self, path: np.ndarray) -> np.ndarray:
+        """The similarities at ``path``'s (query, reference) frames (int (L, 2), query frames ascending)."""
+        values = np.empty(len(path))
+        for a, b in self.blocks():
+            inside = (path[:, 0] >= a) & (path[:, 0] < b)
+            if inside.any():
+                values[inside] = self.rows(a, b)[path[inside, 0] - a, path[inside, 1]]
+        return values
+
+    def column_median(self) -> np.ndarray:
+        """Each reference frame's median similarity to the query frames: float64 (R,)."""
+        step = max(1, BLOCK_CELLS // max(len(self.query), 1))
+        medians = []
+        for a in range(0, len(self.ref), step):
+            sims = (self.query @ self.ref[a:a + step].T).astype(np.float64)
+            medians.append(np.median(sims if self.offsets is None else sims - self.offsets, axis=0))
+        return np.concatenate(medians)
+
+    def may_hold_a_copy(self, threshold: float) -> bool:
+        """:func:`may_hold_a_copy` of the whole matrix."""
+        return bool(sum(np.maximum(self.rows(a, b) - threshold, 0).sum() for a, b in self.blocks()) >= MIN_SCORE)
+
+
+def align_large(pair: LargePair, method: str, threshold: float, row_background: np.ndarray,
+                column_background: np.ndarray | None = None) -> list[tuple[Box, float]]:
+    """:func:`align` of a pair too large to hold, the same boxes and scores, from blocks of its rows."""
+    if method == 'tn':
+        settings = {k: v for k, v in VSC_TN.items() if k != 'top_k'}
+        nodes = [tn_nodes(pair.rows(a, b), VSC_TN['top_k']) for a, b in pair.blocks()]
+        boxes = tn_paths(np.concatenate([n[0] for n in nodes]), np.concatenate([n[1] for n in nodes]), pair.cells,
+                         **settings)
+        return [(box, float((pair.cells(box.path) - threshold).sum())) for box in boxes]
+    if method != 'dp':
+        raise ValueError(f'unknown alignment {method!r}: choose one of {", ".join(ALIGNMENTS)}')
+    if not pair.may_hold_a_copy(threshold):
+        return []
+    median = pair.column_median()
+    row = np.asarray(row_background, dtype=np.float64)
+
+    def gain_rows(a: int, b: int) -> np.ndarray:
+        return gain_above(pair.rows(a, b), row[a:b, None], median, threshold, BACKGROUND_MARGIN, column_background)
+
+    boxes = dp_alignment_by_rows(gain_rows, *pair.shape, cells=BLOCK_CELLS)
+    out = []
+    for box in boxes:
+        q, r = box.path[:, 0], box.path[:, 1]
+        gain = gain_above(pair.cells(box.path), row[q], median[r], threshold, BACKGROUND_MARGIN,
+                          None if column_background is None else column_background[r])
+        out.append((box, float(gain.sum())))
+    return out
 
 
 # Whitening's shrinkage: the covariance's eigenvalues each plus SHRINKAGE times their mean (1: halfway to
@@ -169,18 +251,33 @@ def localize(queries: VideoSet, refs: VideoSet, candidates: Iterable[Candidate],
             background = np.concatenate([
                 np.median(np.hstack([similarities(slice(a, a + step), frames) for frames in r_frames]), axis=1)
                 for a in range(0, len(q), step)])
-            matrices = (similarities(slice(None), frames) for frames in r_frames)
+            matrices = (similarities(slice(None), frames) if len(q_frames) * len(frames) <= PAIR_CELLS
+                        else LargePair(q_frames, frames, q_offsets) for frames in r_frames)
         for candidate, r, frames, sims in zip(pairs, references, r_frames, matrices):
+            large = isinstance(sims, LargePair)
             column = None
-            if query_sample is not None and may_hold_a_copy(sims, threshold):
+            if query_sample is not None and method == 'dp' and (
+                    sims.may_hold_a_copy(threshold) if large else may_hold_a_copy(sims, threshold)):
                 if candidate.ref not in columns:
-                    columns[candidate.ref] = np.quantile(query_sample @ frames.T, COLUMN_QUANTILE, axis=0)
+                    columns[candidate.ref] = column_quantile(query_sample, frames)
                 column = columns[candidate.ref]
-            for box, score in align(sims, method, threshold, background, column):
-                yield candidate, sims, box, Segment(
+            found = align_large(sims, method, threshold, background, column) if large else \
+                align(sims, method, threshold, background, column)
+            for box, score in found:
+                yield candidate, None if large else sims, box, Segment(
                     q.video_id, r.video_id, float(q.timestamps[box.query_first, 0]),
                     float(q.timestamps[box.query_last, 1]), float(r.timestamps[box.ref_first, 0]),
                     float(r.timestamps[box.ref_last, 1]), score)
+
+
+def column_quantile(sample: np.ndarray, frames: np.ndarray) -> np.ndarray:
+    """Each of ``frames``' (R, D) ``COLUMN_QUANTILE`` of similarity to the ``sample`` (S, D) of query frames:
+    float64 (R,); ``PRODUCT_CELLS`` at a time for a film's frames."""
+    if len(sample) * len(frames) <= PRODUCT_CELLS:
+        return np.quantile(sample @ frames.T, COLUMN_QUANTILE, axis=0)
+    step = max(1, BLOCK_CELLS // max(len(sample), 1))
+    return np.concatenate([np.quantile(sample @ frames[a:a + step].T, COLUMN_QUANTILE, axis=0)
+                           for a in range(0, len(frames), step)])
 
 
 def best_first(segments: Iterable[Segment]) -> list[Segment]:
