@@ -82,9 +82,9 @@ def tn_paths(refs: np.ndarray, node_sims: np.ndarray, cells, max_step: int = 10,
     path's (query, reference) frames (int (L, 2)) -> float64 (L,)."""
     n_q, top = refs.shape
     # Node n >= 1 is (query frame (n-1) // top, reference frame refs[...]); node 0 is VCSL's source,
-    # which no edge reaches. Edges as arrays: source node, target node, weight (target's similarity).
+    # which no edge reaches. Edges as arrays: source node, target node, weight (target's similarity); kept
+    # as arrays, not lists of Python numbers (~36 bytes each: 3 M edges of a 30,000-frame pair were ~300 MB).
     sources, targets, weights = [], [], []
-    node = lambda q, k: 1 + q * top + k  # noqa: E731
     for q_i in range(n_q):
         between = np.empty(0, dtype=refs.dtype)  # reference frames already linked from q_i
         for q_j in range(q_i + 1, min(n_q, q_i + max_step)):                        # C1
@@ -96,25 +96,28 @@ def tn_paths(refs: np.ndarray, node_sims: np.ndarray, cells, max_step: int = 10,
                 ok &= ~inside.any(axis=2)
             ok &= (node_sims[q_j] >= min_sim)[:, None]                           # C4
             t, s = np.nonzero(ok)
-            sources += [node(q_i, k) for k in s]
-            targets += [node(q_j, k) for k in t]
-            weights += list(node_sims[q_j][t])
+            sources.append(1 + q_i * top + s)
+            targets.append(1 + q_j * top + t)
+            weights.append(node_sims[q_j][t])
             between = np.unique(np.concatenate([between, refs[q_j][t]]))
+    sources, targets = (np.concatenate([np.empty(0, np.int64), *x]).astype(np.int64) for x in (sources, targets))
+    weights = np.concatenate([np.empty(0), *weights]).astype(np.float64)
     # VCSL links every node that precedes its last node closely enough to it, with weight 0 (an edge
     # already there keeps its place and gets weight 0).
-    last = node(n_q - 1, top - 1)
-    pairs = {0: (-1, -1), **{node(q, k): (q, int(refs[q, k])) for q in range(n_q) for k in range(top)}}
-    existing = {(s, t): i for i, (s, t) in enumerate(zip(sources, targets)) if t == last}
-    lq, lr = pairs[last]
-    for n in range(last):
-        q, r = pairs[n]
-        if lq > q and lr > r and lq - q <= max_step and lr - r <= max_step:
-            if (n, last) in existing:
-                weights[existing[n, last]] = 0.0
-            else:
-                sources.append(n), targets.append(last), weights.append(0.0)
-    graph = _Dag(last + 1, np.array(sources, dtype=np.int64), np.array(targets, dtype=np.int64),
-                 np.array(weights, dtype=np.float64))
+    last = n_q * top
+
+    def frames_of(n: int) -> tuple[int, int]:
+        return (-1, -1) if n == 0 else ((n - 1) // top, int(refs.flat[n - 1]))
+
+    lq, lr = frames_of(last)
+    qs, rs = np.r_[-1, np.arange(last - 1) // top], np.r_[-1, refs.reshape(-1)[:last - 1]]
+    near = np.flatnonzero((lq > qs) & (lr > rs) & (lq - qs <= max_step) & (lr - rs <= max_step))
+    into_last = np.flatnonzero(targets == last)
+    existing = dict(zip(sources[into_last].tolist(), into_last.tolist()))
+    weights[[existing[n] for n in near.tolist() if n in existing]] = 0.0
+    added = np.array([n for n in near.tolist() if n not in existing], dtype=np.int64)
+    graph = _Dag(last + 1, np.r_[sources, added], np.r_[targets, np.full(len(added), last, np.int64)],
+                 np.r_[weights, np.zeros(len(added))])
 
     boxes: list[Box] = []
     for _ in range(max_path + 1):
@@ -123,7 +126,7 @@ def tn_paths(refs: np.ndarray, node_sims: np.ndarray, cells, max_step: int = 10,
         graph.weights[path_edges] = 0.0  # the path's edges are used up
         if not nodes:
             break
-        path = np.array([pairs[n] for n in nodes], dtype=np.int64)
+        path = np.array([frames_of(n) for n in nodes], dtype=np.int64)
         score = cells(path).sum()
         if score > 0:
             q0, q1, r0, r1 = path[:, 0].min(), path[:, 0].max(), path[:, 1].min(), path[:, 1].max()
