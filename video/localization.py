@@ -12,8 +12,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .alignment import (MIN_SCORE, Box, above_background, dp_alignment, dp_alignment_by_rows, gain_above, temporal_network,
-                        tn_nodes, tn_paths)
+from .alignment import (MIN_SCORE, Box, above_background, dp_alignment, dp_alignment_by_rows, gain_above,
+                        temporal_network, tn_nodes, tn_paths)
 from .candidates import Candidate
 from .metrics import Segment
 from .storage import VideoSet

@@ -93,9 +93,9 @@ def html_report(output: str, found: list, queries: VideoSet, refs: VideoSet,
             f'<td>{r_times[r].mean():.1f} s</td><td>{"" if sims is None else f"{sims[q, r]:.3f}"}</td></tr>'
             for q, r in steps.tolist())
         # None: a pair too large to hold (localization.LargePair), and to draw
+        corners = (box.query_first, box.ref_first, box.query_last, box.ref_last)
         matrix = '<p>(the similarity matrix is too large to draw)</p>' if sims is None else \
-            f'<img src="{_png(similarity_image(sims, box.path, (box.query_first, box.ref_first, box.query_last, box.ref_last)))}" ' \
-            'title="query frames down, reference frames across">'
+            f'<img src="{_png(similarity_image(sims, box.path, corners))}" title="query frames down, reference frames across">'
         parts.append(
             f'<h2>{n}. {html.escape(segment.query_id)} {segment.query_start:.1f}-{segment.query_end:.1f} s = '
             f'{html.escape(segment.ref_id)} {segment.ref_start:.1f}-{segment.ref_end:.1f} s (score {segment.score:.3f})</h2>'
