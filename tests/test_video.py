@@ -402,9 +402,10 @@ def test_a_video_descriptor_file_that_unpacks_to_far_more_than_it_holds_is_refus
     npz(tmp_path / 'raw.npz', {'video_ids': ids, 'timestamps': times}, raw=bytes(2**20))
     with pytest.raises(ValueError, match="its member 'features' is no .npy array"):
         read_video_descriptors(tmp_path / 'raw.npz')
-    zeros = np.zeros((2, 2**17), np.float32)  # 1 MiB of zeros in ~1 KB
-    npz(tmp_path / 'zeros.npz', {'video_ids': ids, 'timestamps': times, 'features': zeros})
-    assert read_video_descriptors(tmp_path / 'zeros.npz').videos[0].features.shape == (2, 2**17)  # within the slack
+    zeros = np.zeros((64, 2**12), np.float32)  # 1 MiB of zeros in ~1 KB
+    npz(tmp_path / 'zeros.npz', {'video_ids': np.full(64, 'a'), 'timestamps': np.c_[0:64, 1:65].astype(float),
+                                 'features': zeros})
+    assert read_video_descriptors(tmp_path / 'zeros.npz').videos[0].features.shape == (64, 2**12)  # within the slack
     monkeypatch.setattr(storage, 'EXPANSION_SLACK_BYTES', 0)
     with pytest.raises(ValueError, match=r'MiB file: descriptors do not compress \d+:1'):
         read_video_descriptors(tmp_path / 'zeros.npz')

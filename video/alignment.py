@@ -319,7 +319,8 @@ def dp_alignment_by_rows(gain_rows, n_q: int, n_r: int, gap: float = 0.1, min_le
         for row, gain in enumerate(rows(0, n_q, blocked)):
             if row % block == 0:
                 saved[row] = (above, two_above)
-            score, _ = _step(gain, above, two_above, gap)
+            # a row of an earlier segment: all -inf, and no path is traced through it
+            score = np.full(n_r, -np.inf) if blocked[row] else _step(gain, above, two_above, gap)[0]
             if score.max() > best:  # the first cell of the highest score in row order, as np.argmax
                 best, q, r = float(score.max()), row, int(np.argmax(score))
             above, two_above = score, above
