@@ -2,7 +2,8 @@
 
 Each candidate pair's frame-similarity matrix (query frames x reference frames, less the query
 frames' score-normalisation offsets) is made, aligned (``alignment``) and dropped: only one query's
-candidate matrices are held at a time, never those of all pairs.
+candidate matrices are held at a time, never those of all pairs; a pair too large to hold is aligned from
+blocks of its rows, with the same results.
 """
 from __future__ import annotations
 
@@ -222,7 +223,8 @@ def localize(queries: VideoSet, refs: VideoSet, candidates: Iterable[Candidate],
     small products were 50 ms each on a busy machine, one larger one is not), then aligned one pair at a
     time; where that product would exceed ``PRODUCT_CELLS`` (a 4-hour film x ten: 15 GiB), each pair's
     matrix is made on its own, and each query frame's background (its median similarity to all its
-    candidates' frames) in blocks of query frames."""
+    candidates' frames) in blocks of query frames; a pair over ``PAIR_CELLS`` is aligned from blocks of its
+    rows (``LargePair``, ``align_large``) and yielded with None for its matrix."""
     starts = np.r_[0, np.cumsum([len(v) for v in queries.videos])[:-1]]
     by_query: dict[int, list[Candidate]] = {}
     for candidate in candidates:
