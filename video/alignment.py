@@ -72,7 +72,8 @@ def temporal_network(sims: np.ndarray, max_step: int = 10, top_k: int = 5, max_p
 def tn_nodes(sims: np.ndarray, top_k: int = 5) -> tuple[np.ndarray, np.ndarray]:
     """Each query frame's ``top_k`` most similar reference frames (int (Q, top)) and their similarities
     (float64 (Q, top)): the Temporal Network's nodes. Row by row: blocks of rows give the same."""
-    refs = np.argsort(-sims, axis=1, kind='stable')[:, :min(top_k, sims.shape[1])]
+    # a copy, not a view: a view keeps the whole (Q, R) ordering alive (a pair's blocks all of it)
+    refs = np.argsort(-sims, axis=1, kind='stable')[:, :min(top_k, sims.shape[1])].copy()
     return refs, np.take_along_axis(sims, refs, axis=1)
 
 
