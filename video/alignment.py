@@ -15,6 +15,8 @@ similarities), and return boxes ``(query_first, ref_first, query_last, ref_last)
 - :func:`dp_alignment`: ours. A local alignment (Smith-Waterman) on ``sims - threshold`` whose steps
   are (1, 1), (1, 2) and (2, 1): a path may follow a copy played up to twice as fast or as slow. The
   best-scoring path is a copy; its query frames are then excluded and the next is looked for.
+- :func:`dp_alignment_by_rows` and :func:`tn_nodes` / :func:`tn_paths`: the same on a matrix too large to
+  hold, given a block of its rows at a time (``localization.LargePair``).
 - :func:`above_background`: what ``dp`` aligns: each similarity less a threshold raised, where a frame
   resembles most others (a low-information frame), above that frame's background (see there).
 """
