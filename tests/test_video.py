@@ -193,12 +193,32 @@ def test_video_search_through_a_milvus_collection_equals_the_exact_search(videos
     assert 'indexed 20 frames of 2 video(s)' in done.stdout and '(20 frames in all)' in done.stdout, done.stderr
     found = towhee_isc('video', 'search', root / 'queries.npz', *milvus, '-o', tmp_path / 'milvus.csv')
     assert found.returncode == 0 and found.stderr == '', found.stderr
-    exact = towhee_isc('video', 'search', root / 'queries.npz', '--references', refs, '-o', tmp_path / 'exact.csv')
-    assert exact.returncode == 0, exact.stderr
+    # (in-process: video search --references runs as a process in test_video_search_finds_the_copied_seconds...)
+    assert main(['video', 'search', str(root / 'queries.npz'), '--references', str(refs), '-o',
+                 str(tmp_path / 'exact.csv')]) == 0
     rows = (tmp_path / 'milvus.csv').read_text().splitlines()
     assert len(rows) > 1 and rows == (tmp_path / 'exact.csv').read_text().splitlines()
     assert main(['video', 'search', str(root / 'queries.npz'), '-o', str(tmp_path / 'x.csv')]) == 2
     assert 'error: give the references as --references FILE.npz or --collection NAME' in capsys.readouterr().err
+
+    # #14 round 7: another camera's R000001 (4 other frames) made one chimera with the first's frames 4-9, silently
+    from towhee_isc.video.collection import read_videos
+    from towhee_isc.workflow.milvus import MilvusIndex
+    ours = read_video_descriptors(refs)
+    theirs = np.random.default_rng(3).normal(size=(4, ours.videos[0].features.shape[1])).astype(np.float32)
+    theirs /= np.linalg.norm(theirs, axis=1, keepdims=True)
+    write_video_descriptors(tmp_path / 'camera_b.npz', [VideoFeatures('R000001', theirs, np.c_[0:4, 1:5].astype(float))],
+                            model=ours.model, postprocessing=ours.postprocessing)
+    milvus = [str(m) for m in milvus]
+    assert main(['video', 'index', str(refs), *milvus]) == 0  # the same videos again: updated, no question
+    assert main(['video', 'index', str(tmp_path / 'camera_b.npz'), *milvus]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 1 video id(s) are in collection 'frames' already for another video (R000001 (10 "
+                          'frames there, 4 here)): nothing was written; rename') and err.count('\n') == 1, err
+    assert main(['video', 'index', str(tmp_path / 'camera_b.npz'), *milvus, '--replace']) == 0
+    assert '(14 frames in all)' in capsys.readouterr().out  # R000002's 10 and the new R000001's 4
+    held = read_videos(MilvusIndex(milvus[1], 'frames', existing=True), ['R000001']).videos[0]
+    assert np.allclose(held.features, theirs)  # replaced whole: none of the old frames 4-9 left
 
 
 def test_video_dedup_groups_videos_that_share_segments(videos):
@@ -382,9 +402,10 @@ def test_a_video_descriptor_file_that_unpacks_to_far_more_than_it_holds_is_refus
     npz(tmp_path / 'raw.npz', {'video_ids': ids, 'timestamps': times}, raw=bytes(2**20))
     with pytest.raises(ValueError, match="its member 'features' is no .npy array"):
         read_video_descriptors(tmp_path / 'raw.npz')
-    zeros = np.zeros((2, 2**17), np.float32)  # 1 MiB of zeros in ~1 KB
-    npz(tmp_path / 'zeros.npz', {'video_ids': ids, 'timestamps': times, 'features': zeros})
-    assert read_video_descriptors(tmp_path / 'zeros.npz').videos[0].features.shape == (2, 2**17)  # within the slack
+    zeros = np.zeros((64, 2**12), np.float32)  # 1 MiB of zeros in ~1 KB
+    npz(tmp_path / 'zeros.npz', {'video_ids': np.full(64, 'a'), 'timestamps': np.c_[0:64, 1:65].astype(float),
+                                 'features': zeros})
+    assert read_video_descriptors(tmp_path / 'zeros.npz').videos[0].features.shape == (64, 2**12)  # within the slack
     monkeypatch.setattr(storage, 'EXPANSION_SLACK_BYTES', 0)
     with pytest.raises(ValueError, match=r'MiB file: descriptors do not compress \d+:1'):
         read_video_descriptors(tmp_path / 'zeros.npz')
@@ -400,13 +421,29 @@ def test_a_video_descriptor_file_that_unpacks_to_far_more_than_it_holds_is_refus
         read_video_descriptors(tmp_path / 'tuples.npz')
 
 
-def test_video_dedup_of_videos_has_video_embeds_duration_bound(videos, small_ckpt, capsys):
-    """#14 round 6: an 833-byte video whose frames lie 116 days apart was embedded by `video dedup` for weeks."""
+def test_descriptors_of_more_dimensions_than_any_model_makes_are_refused(tmp_path, capsys):
+    """#14 round 7: a 321 KB file of 2 frames x 40,000 dimensions made search and dedup allocate 12 GiB (D x D)."""
+    from towhee_isc.video.storage import MAX_DIM
+    from towhee_isc.workflow.cli import main
+    wide = np.zeros((2, MAX_DIM + 1), np.float32)
+    wide[:, 0] = 1
+    write_video_descriptors(tmp_path / 'wide.npz', [VideoFeatures('a', wide, np.array([[0, 1], [1, 2.0]]))])
+    assert main(['video', 'dedup', str(tmp_path / 'wide.npz')]) == 2
+    assert capsys.readouterr().err.startswith(f"error: '{tmp_path / 'wide.npz'}' holds 4,097-d vectors: no descriptor "
+                                              'model makes over 4,096 dimensions')
+
+
+def test_video_dedup_of_videos_has_video_embeds_duration_bound_and_progress(videos, small_ckpt, capsys, monkeypatch):
+    """#14 round 6: an 833-byte video whose frames lie 116 days apart was embedded by `video dedup` for weeks.
+    Round 7 M4: it embedded with no progress at all (hours for a film); now as video embed shows it."""
     from towhee_isc.workflow.cli import main
     root = videos[0]
-    assert main(['video', 'dedup', str(root / 'bad' / 'days.mkv'), '--checkpoint', str(small_ckpt),
-                 '--device', 'cpu']) == 2
-    assert "days.mkv' lasts 10000001.0 s, over --max-duration 14400 s" in capsys.readouterr().err
+    monkeypatch.setenv('TOWHEE_ISC_PROGRESS', '1')  # what a terminal shows
+    assert main(['video', 'dedup', str(root / 'bad' / 'days.mkv'), str(root / 'refs' / 'R000001.mp4'),
+                 '--checkpoint', str(small_ckpt), '--device', 'cpu']) == 0
+    err = capsys.readouterr().err
+    assert "days.mkv' lasts 10000001.0 s, over --max-duration 14400 s" in err
+    assert '2/2 [' in err  # the progress bar, in videos
 
 
 def test_decoding_runs_ahead_by_bytes_and_repeats_of_a_frame_share_one_array(tmp_path):
@@ -529,3 +566,42 @@ def test_a_long_querys_candidates_are_compared_one_pair_at_a_time_with_the_same_
     assert alone == whole == [('R2', 10, 5, 30, 25, whole[0][-1])]
     frames = 3000 * 48 * 8  # the candidates' frames in float64, where they are compared: not the matrix
     assert peak < frames + 150 * 3000 * 8 / 2, f'{peak:,} bytes: the query x all candidates matrix is {150 * 3000 * 8:,}'
+
+
+def test_a_pair_too_large_to_hold_is_aligned_from_blocks_of_rows_with_the_same_results(monkeypatch):
+    """#14 round 7: one pair's matrix was made whole (a 4-hour film at 4 fps against itself: 57,600 x 57,600
+    frames, 25 GiB; a crafted 1.5 MB file of 30,000 frames: 6.7 GiB). Over ``PAIR_CELLS``, the pair is aligned
+    from blocks of rows made when needed: the same segments and scores (dp and tn), in a fraction of the
+    matrix's memory."""
+    import tracemalloc
+    from towhee_isc.video import localization
+    from towhee_isc.video.candidates import Candidate
+    from towhee_isc.video.storage import VideoSet
+    rng = np.random.default_rng(2)
+    n, dim = 400, 16
+    query, ref = rng.normal(size=(n, dim)), rng.normal(size=(n, dim))
+    query[100:160] = ref[200:320:2] + 0.3 * rng.normal(size=(60, dim))  # a copy played twice as fast
+    query[300:330] = ref[50:80] + 0.3 * rng.normal(size=(30, dim))
+    times = np.c_[np.arange(n), np.arange(1, n + 1)].astype(float)
+    unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
+    queries, refs = VideoSet([VideoFeatures('Q', unit(query), times)]), VideoSet([VideoFeatures('R', unit(ref), times)])
+    sample = queries.videos[0].features[::3].astype(np.float64)
+
+    def segments(method):
+        return [(s.query_start, s.query_end, s.ref_start, s.ref_end, round(s.score, 9)) for *_, s in
+                localization.localize(queries, refs, [Candidate(0, 0, 1.0)], method, 0.5, query_sample=sample)]
+
+    whole = {method: segments(method) for method in ('dp', 'tn')}
+    assert whole['dp'][0][:4] == (100, 160, 200, 319) and len(whole['tn']) >= 2
+    monkeypatch.setattr(localization, 'PRODUCT_CELLS', 2**12)  # the query frames' background too
+    monkeypatch.setattr(localization, 'PAIR_CELLS', 2**16)
+    monkeypatch.setattr(localization, 'BLOCK_CELLS', 2**12)  # 10 rows at a time
+    assert segments('tn') == whole['tn']
+    tracemalloc.start()
+    try:
+        assert segments('dp') == whole['dp']
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    matrix = n * n * 8  # made whole, dp holds ~5 of these
+    assert peak < matrix / 3, f'{peak:,} bytes for a {matrix:,}-byte matrix'

@@ -15,6 +15,8 @@ similarities), and return boxes ``(query_first, ref_first, query_last, ref_last)
 - :func:`dp_alignment`: ours. A local alignment (Smith-Waterman) on ``sims - threshold`` whose steps
   are (1, 1), (1, 2) and (2, 1): a path may follow a copy played up to twice as fast or as slow. The
   best-scoring path is a copy; its query frames are then excluded and the next is looked for.
+- :func:`dp_alignment_by_rows` and :func:`tn_nodes` / :func:`tn_paths`: the same on a matrix too large to
+  hold, given a block of its rows at a time (``localization.LargePair``).
 - :func:`above_background`: what ``dp`` aligns: each similarity less a threshold raised, where a frame
   resembles most others (a low-information frame), above that frame's background (see there).
 """
@@ -62,16 +64,30 @@ def temporal_network(sims: np.ndarray, max_step: int = 10, top_k: int = 5, max_p
     """VCSL's Temporal Network on one similarity matrix (defaults: VCSL's; the VSC baseline uses
     ``max_step=5, min_length=4``). See the module docstring."""
     sims = _check(sims)
-    n_q, n_r = sims.shape
-    if n_q == 0 or n_r == 0:
+    if sims.shape[0] == 0 or sims.shape[1] == 0:
         return []
-    top = min(top_k, n_r)
-    refs = np.argsort(-sims, axis=1, kind='stable')[:, :top]        # (Q, top): each query frame's nodes
-    node_sims = np.take_along_axis(sims, refs, axis=1)
+    refs, node_sims = tn_nodes(sims, top_k)
+    return tn_paths(refs, node_sims, lambda path: sims[path[:, 0], path[:, 1]], max_step, max_path, min_sim,
+                    min_length, max_iou)
+
+
+def tn_nodes(sims: np.ndarray, top_k: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """Each query frame's ``top_k`` most similar reference frames (int (Q, top)) and their similarities
+    (float64 (Q, top)): the Temporal Network's nodes. Row by row: blocks of rows give the same."""
+    # a copy, not a view: a view keeps the whole (Q, R) ordering alive (a pair's blocks all of it)
+    refs = np.argsort(-sims, axis=1, kind='stable')[:, :min(top_k, sims.shape[1])].copy()
+    return refs, np.take_along_axis(sims, refs, axis=1)
+
+
+def tn_paths(refs: np.ndarray, node_sims: np.ndarray, cells, max_step: int = 10, max_path: int = 10,
+             min_sim: float = 0.2, min_length: int = 5, max_iou: float = 0.3) -> list[Box]:
+    """:func:`temporal_network` from its nodes (:func:`tn_nodes`); ``cells(path)``: the similarities of a
+    path's (query, reference) frames (int (L, 2)) -> float64 (L,)."""
+    n_q, top = refs.shape
     # Node n >= 1 is (query frame (n-1) // top, reference frame refs[...]); node 0 is VCSL's source,
-    # which no edge reaches. Edges as arrays: source node, target node, weight (target's similarity).
+    # which no edge reaches. Edges as arrays: source node, target node, weight (target's similarity); kept
+    # as arrays, not lists of Python numbers (~36 bytes each: 3 M edges of a 30,000-frame pair were ~300 MB).
     sources, targets, weights = [], [], []
-    node = lambda q, k: 1 + q * top + k  # noqa: E731
     for q_i in range(n_q):
         between = np.empty(0, dtype=refs.dtype)  # reference frames already linked from q_i
         for q_j in range(q_i + 1, min(n_q, q_i + max_step)):                        # C1
@@ -83,25 +99,28 @@ def temporal_network(sims: np.ndarray, max_step: int = 10, top_k: int = 5, max_p
                 ok &= ~inside.any(axis=2)
             ok &= (node_sims[q_j] >= min_sim)[:, None]                           # C4
             t, s = np.nonzero(ok)
-            sources += [node(q_i, k) for k in s]
-            targets += [node(q_j, k) for k in t]
-            weights += list(node_sims[q_j][t])
+            sources.append(1 + q_i * top + s)
+            targets.append(1 + q_j * top + t)
+            weights.append(node_sims[q_j][t])
             between = np.unique(np.concatenate([between, refs[q_j][t]]))
+    sources, targets = (np.concatenate([np.empty(0, np.int64), *x]).astype(np.int64) for x in (sources, targets))
+    weights = np.concatenate([np.empty(0), *weights]).astype(np.float64)
     # VCSL links every node that precedes its last node closely enough to it, with weight 0 (an edge
     # already there keeps its place and gets weight 0).
-    last = node(n_q - 1, top - 1)
-    pairs = {0: (-1, -1), **{node(q, k): (q, int(refs[q, k])) for q in range(n_q) for k in range(top)}}
-    existing = {(s, t): i for i, (s, t) in enumerate(zip(sources, targets)) if t == last}
-    lq, lr = pairs[last]
-    for n in range(last):
-        q, r = pairs[n]
-        if lq > q and lr > r and lq - q <= max_step and lr - r <= max_step:
-            if (n, last) in existing:
-                weights[existing[n, last]] = 0.0
-            else:
-                sources.append(n), targets.append(last), weights.append(0.0)
-    graph = _Dag(last + 1, np.array(sources, dtype=np.int64), np.array(targets, dtype=np.int64),
-                 np.array(weights, dtype=np.float64))
+    last = n_q * top
+
+    def frames_of(n: int) -> tuple[int, int]:
+        return (-1, -1) if n == 0 else ((n - 1) // top, int(refs.flat[n - 1]))
+
+    lq, lr = frames_of(last)
+    qs, rs = np.r_[-1, np.arange(last - 1) // top], np.r_[-1, refs.reshape(-1)[:last - 1]]
+    near = np.flatnonzero((lq > qs) & (lr > rs) & (lq - qs <= max_step) & (lr - rs <= max_step))
+    into_last = np.flatnonzero(targets == last)
+    existing = dict(zip(sources[into_last].tolist(), into_last.tolist()))
+    weights[[existing[n] for n in near.tolist() if n in existing]] = 0.0
+    added = np.array([n for n in near.tolist() if n not in existing], dtype=np.int64)
+    graph = _Dag(last + 1, np.r_[sources, added], np.r_[targets, np.full(len(added), last, np.int64)],
+                 np.r_[weights, np.zeros(len(added))])
 
     boxes: list[Box] = []
     for _ in range(max_path + 1):
@@ -110,8 +129,8 @@ def temporal_network(sims: np.ndarray, max_step: int = 10, top_k: int = 5, max_p
         graph.weights[path_edges] = 0.0  # the path's edges are used up
         if not nodes:
             break
-        path = np.array([pairs[n] for n in nodes], dtype=np.int64)
-        score = sims[path[:, 0], path[:, 1]].sum()
+        path = np.array([frames_of(n) for n in nodes], dtype=np.int64)
+        score = cells(path).sum()
         if score > 0:
             q0, q1, r0, r1 = path[:, 0].min(), path[:, 0].max(), path[:, 1].min(), path[:, 1].max()
         else:
@@ -196,9 +215,16 @@ def above_background(sims: np.ndarray, row_background: np.ndarray, threshold: fl
         raise ValueError(f'row_background has {row.shape[0]} values for {sims.shape[0]} query frames')
     if not sims.size:
         return sims
-    background = np.maximum(row, np.median(sims, axis=0, keepdims=True))
+    return gain_above(sims, row, np.median(sims, axis=0, keepdims=True), threshold, margin, column_background)
+
+
+def gain_above(sims: np.ndarray, row_background: np.ndarray, column_median: np.ndarray, threshold: float,
+               margin: float, column_background: np.ndarray | None = None) -> np.ndarray:
+    """:func:`above_background` of cells ``sims`` (any shape) given their rows' background, their columns'
+    median similarity and floor (each broadcast to ``sims``): also for blocks of a matrix too large to hold."""
+    background = np.maximum(row_background, column_median)
     if column_background is not None:  # (R,): a floor under the reference frames' background
-        background = np.maximum(background, np.asarray(column_background, dtype=np.float64).reshape(1, -1))
+        background = np.maximum(background, np.asarray(column_background, dtype=np.float64))
     return sims - np.maximum(threshold, background + margin)
 
 
@@ -248,14 +274,81 @@ def _local_alignment(gain: np.ndarray, gap: float) -> tuple[np.ndarray, np.ndarr
     score = np.full((n_q, n_r), -np.inf)
     back = np.zeros((n_q, n_r), dtype=np.int8)
     for q in range(n_q):
-        options = np.full((4, n_r), -np.inf)
-        options[0] = 0.0
-        if q >= 1:
-            options[1, 1:] = score[q - 1, :-1]
-            options[2, 2:] = score[q - 1, :-2] - gap
-        if q >= 2:
-            options[3, 1:] = score[q - 2, :-1] - gap
-        best = np.argmax(options, axis=0)
-        score[q] = gain[q] + options[best, np.arange(n_r)]
-        back[q] = best
+        score[q], back[q] = _step(gain[q], score[q - 1] if q >= 1 else None, score[q - 2] if q >= 2 else None, gap)
     return score, back
+
+
+def _step(gain: np.ndarray, above: np.ndarray | None, two_above: np.ndarray | None, gap: float
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """One row of :func:`_local_alignment`: its scores and back pointers from its ``gain`` (R,) and the
+    scores of the rows one and two above (None at the top)."""
+    n_r = len(gain)
+    options = np.full((4, n_r), -np.inf)
+    options[0] = 0.0
+    if above is not None:
+        options[1, 1:] = above[:-1]
+        options[2, 2:] = above[:-2] - gap
+    if two_above is not None:
+        options[3, 1:] = two_above[:-1] - gap
+    best = np.argmax(options, axis=0)
+    return gain + options[best, np.arange(n_r)], best.astype(np.int8)
+
+
+def dp_alignment_by_rows(gain_rows, n_q: int, n_r: int, gap: float = 0.1, min_length: int = 2,
+                         max_segments: int = 5, min_score: float = MIN_SCORE, cells: int = 2**20) -> list[Box]:
+    """:func:`dp_alignment` (at ``threshold`` 0) of a matrix too large to hold, the same boxes: ``gain_rows(a,
+    b)`` gives its rows a..b-1 (float64 (b - a, n_r)), made again at each pass, ``cells`` at a time. Each pass
+    keeps two rows of scores, and those above every ``block``-th row (``block`` ~ 4 sqrt(n_q)); the best path
+    is then traced back a block at a time, each block's back pointers made again from its saved rows (int8
+    (block, n_r)). Memory: ~2 sqrt(n_q) x n_r x 8 bytes (a 57,600-frame pair: 110 MB, not 25 GiB)."""
+    step_rows = max(1, cells // max(n_r, 1))
+
+    def rows(a: int, b: int, blocked: np.ndarray):
+        for start in range(a, b, step_rows):
+            gain = gain_rows(start, min(start + step_rows, b))
+            gain[blocked[start:start + len(gain)]] = -np.inf
+            yield from gain
+
+    total = sum(np.maximum(gain_rows(a, min(a + step_rows, n_q)), 0).sum() for a in range(0, n_q, step_rows))
+    boxes: list[Box] = []
+    if total < min_score or not n_r:
+        return boxes
+    block = max(2, int(4 * np.sqrt(n_q)))
+    blocked = np.zeros(n_q, dtype=bool)
+    while len(boxes) < max_segments:
+        saved: dict[int, tuple] = {}
+        above = two_above = None
+        best, q, r = -np.inf, 0, 0
+        for row, gain in enumerate(rows(0, n_q, blocked)):
+            if row % block == 0:
+                saved[row] = (above, two_above)
+            # a row of an earlier segment: all -inf, and no path is traced through it
+            score = np.full(n_r, -np.inf) if blocked[row] else _step(gain, above, two_above, gap)[0]
+            if score.max() > best:  # the first cell of the highest score in row order, as np.argmax
+                best, q, r = float(score.max()), row, int(np.argmax(score))
+            above, two_above = score, above
+        if not best >= min_score:
+            break
+        backs, first = None, None
+        path = [(q, r)]
+        while True:
+            if backs is None or q < first:
+                first = q // block * block
+                above, two_above = saved[first]
+                backs = []
+                for gain in rows(first, q + 1, blocked):
+                    score, back = _step(gain, above, two_above, gap)
+                    backs.append(back)
+                    above, two_above = score, above
+            move = backs[q - first][r]
+            if move == 0:
+                break
+            dq, dr = _STEPS[move - 1]
+            q, r = q - dq, r - dr
+            path.append((q, r))
+        path = np.array(path[::-1], dtype=np.int64)
+        blocked[path[0, 0]:path[-1, 0] + 1] = True
+        box = Box(int(path[0, 0]), int(path[0, 1]), int(path[-1, 0]), int(path[-1, 1]), path=path)
+        if min(box.query_last - box.query_first, box.ref_last - box.ref_first) + 1 >= min_length:
+            boxes.append(box)
+    return boxes

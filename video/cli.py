@@ -39,6 +39,9 @@ def add_parser(commands, with_model: Callable[[argparse.ArgumentParser], argpars
     p.add_argument('references', help='reference descriptor file (.npz, from video embed)')
     p.add_argument('--index-type', choices=INDEX_TYPES, type=str.upper,
                    help="a new collection's index: FLAT (exact, the default), IVF_FLAT or HNSW (approximate)")
+    p.add_argument('--replace', action='store_true',
+                   help='replace videos whose ids the collection holds already for another video, whole '
+                        '(refused otherwise)')
     p.set_defaults(run=run)
 
     p = with_milvus(sub.add_parser('search', help='query videos x reference videos -> copied segments (VSC match CSV)'),
@@ -63,6 +66,8 @@ def add_parser(commands, with_model: Callable[[argparse.ArgumentParser], argpars
     with_model(p)
     p.add_argument('--fps', type=positive_float, default=1.0, help='for videos: frames sampled per second')
     add_max_duration(p)
+    p.add_argument('--quiet', action='store_true', help="no progress bar while videos are embedded (it is drawn only "
+                                                        'on a terminal anyway)')
     p.set_defaults(run=run)
 
     p = sub.add_parser('evaluate', help="VSC 2022's matching-track metrics for a match CSV")
@@ -148,7 +153,7 @@ def cmd_index(args) -> None:
     from ..workflow.milvus import MilvusIndex
     from .collection import index_videos
     index = MilvusIndex(args.milvus_uri, args.collection, args.token)
-    videos, frames, kind = index_videos(args.references, index, args.index_type)
+    videos, frames, kind = index_videos(args.references, index, args.index_type, args.replace)
     print(f'indexed {frames} frames of {videos} video(s) into {args.collection!r} ({kind} index) at '
           f'{args.milvus_uri} ({index.count()} frames in all)')
 

@@ -29,9 +29,13 @@ def video_of(frame: str) -> str:
     return frame.rsplit('#', 1)[0]
 
 
-def index_videos(path: str, index: MilvusIndex, index_type: str | None = None) -> tuple[int, int, str]:
-    """Write every frame of a descriptor file into ``index`` (again: updated by id). Returns (videos,
-    frames, the collection's index type)."""
+def index_videos(path: str, index: MilvusIndex, index_type: str | None = None, replace: bool = False
+                 ) -> tuple[int, int, str]:
+    """Write every frame of a descriptor file into ``index``. A video the collection holds already must be
+    the same video (as many frames, each the same vector), or it is refused: two cameras' GOPR0001 would
+    otherwise make one chimera of both (frames 0..m-1 of one, the rest of the other). With ``replace``, such a
+    video is replaced whole: its old frames beyond the new length are deleted. Returns (videos, frames, the
+    collection's index type)."""
     refs = read_video_descriptors(path)
     ids, fields = [], []
     for v in refs.videos:
@@ -39,9 +43,34 @@ def index_videos(path: str, index: MilvusIndex, index_type: str | None = None) -
             ids.append(frame_id(v.video_id, n))
             fields.append({'video': v.video_id, 'frame': n, 'start': start, 'end': end})
     vectors = np.concatenate([v.features for v in refs.videos])
+    stale: list[str] = []
+    if index.dim() is not None:
+        index.create(vectors.shape[1], index_type)  # an existing one: refuses another vector size or index type
+        index.check_same_source(refs.postprocessing, refs.model)  # before comparing vectors of another model
+        held = {v.video_id: v for v in read_videos(index, refs.ids).videos}
+        if not replace:
+            check_same_videos(refs, held, index.collection)
+        new_length = {v.video_id: len(v) for v in refs.videos}
+        stale = [frame_id(v.video_id, n) for v in held.values() for n in range(new_length[v.video_id], len(v))]
     kind = index.add(ids, vectors, index_type=index_type, postprocessing=refs.postprocessing, model=refs.model,
-                     fields=fields)
+                     fields=fields, remove=stale)
     return len(refs.videos), len(ids), kind
+
+
+def check_same_videos(refs: VideoSet, held: dict[str, VideoFeatures], collection: str) -> None:
+    """Refuse videos whose id ``held`` (the collection's frames of that id) holds for another video: another
+    number of frames, or a frame whose vector is not the same (cosine below ``SAME_IMAGE``)."""
+    from ..workflow.milvus import SAME_IMAGE
+    other = []
+    for v in refs.videos:
+        there = held.get(v.video_id)
+        if there is not None and (len(there) != len(v) or
+                                  (np.einsum('ij,ij->i', there.features, v.features) < SAME_IMAGE).any()):
+            other.append(f'{v.video_id} ({len(there)} frames there, {len(v)} here)')
+    if other:
+        raise ValueError(f'{len(other)} video id(s) are in collection {collection!r} already for another video '
+                         f'({", ".join(other[:5])}{", ..." if len(other) > 5 else ""}): nothing was written; rename '
+                         'those files, or give --replace to replace those videos whole')
 
 
 def collection_candidates(queries: VideoSet, index: MilvusIndex, k: int = 10, per_query: int = 10,

@@ -2,7 +2,8 @@
 
 Each candidate pair's frame-similarity matrix (query frames x reference frames, less the query
 frames' score-normalisation offsets) is made, aligned (``alignment``) and dropped: only one query's
-candidate matrices are held at a time, never those of all pairs.
+candidate matrices are held at a time, never those of all pairs; a pair too large to hold is aligned from
+blocks of its rows, with the same results.
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .alignment import MIN_SCORE, Box, above_background, dp_alignment, temporal_network
+from .alignment import (MIN_SCORE, Box, above_background, dp_alignment, dp_alignment_by_rows, gain_above,
+                        temporal_network, tn_nodes, tn_paths)
 from .candidates import Candidate
 from .metrics import Segment
 from .storage import VideoSet
@@ -34,6 +36,12 @@ BACKGROUND_MARGIN = 0.1
 COLUMN_QUANTILE, QUERY_SAMPLE = 0.75, 256
 # Similarities computed at once beyond one pair's (float64: 128 MiB): a query's candidates in one product up to this.
 PRODUCT_CELLS = 2**24
+# One pair's similarities held whole up to this (128 MiB; the alignment needs ~5 times as much); beyond, a pair
+# (a 4-hour film at 4 fps against itself: 57,600 x 57,600 frames, 25 GiB) is aligned from blocks of rows made
+# when needed (``LargePair``): the same boxes, in memory ~ the frames' and sqrt(Q) x R, however long the videos.
+PAIR_CELLS = 2**24
+# Similarities made at once of such a pair (8 MiB).
+BLOCK_CELLS = 2**20
 
 
 def may_hold_a_copy(sims: np.ndarray, threshold: float) -> bool:
@@ -68,6 +76,81 @@ def align(sims: np.ndarray, method: str = 'dp', threshold: float = 0.6,
     return [(box, float(gain[box.path[:, 0], box.path[:, 1]].sum())) for box in boxes]
 
 
+@dataclass(frozen=True)
+class LargePair:
+    """A pair whose similarity matrix (``query`` (Q, D) x ``ref`` (R, D) frames, less ``offsets`` (Q, 1) where
+    given) is too large to hold: its rows, columns or cells made when asked, as ``localize`` makes the whole."""
+
+    query: np.ndarray
+    ref: np.ndarray
+    offsets: np.ndarray | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.query), len(self.ref)
+
+    def rows(self, a: int, b: int) -> np.ndarray:
+        """Rows a..b-1: float64 (b - a, R)."""
+        sims = (self.query[a:b] @ self.ref.T).astype(np.float64)
+        return sims if self.offsets is None else sims - self.offsets[a:b]
+
+    def blocks(self):
+        """(a, b) spans of rows of ``BLOCK_CELLS`` similarities."""
+        step = max(1, BLOCK_CELLS // max(len(self.ref), 1))
+        return ((a, min(a + step, len(self.query))) for a in range(0, len(self.query), step))
+
+    def cells(self, path: np.ndarray) -> np.ndarray:
+        """The similarities at ``path``'s (query, reference) frames (int (L, 2), query frames ascending)."""
+        values = np.empty(len(path))
+        for a, b in self.blocks():
+            inside = (path[:, 0] >= a) & (path[:, 0] < b)
+            if inside.any():
+                values[inside] = self.rows(a, b)[path[inside, 0] - a, path[inside, 1]]
+        return values
+
+    def column_median(self) -> np.ndarray:
+        """Each reference frame's median similarity to the query frames: float64 (R,)."""
+        step = max(1, BLOCK_CELLS // max(len(self.query), 1))
+        medians = []
+        for a in range(0, len(self.ref), step):
+            sims = (self.query @ self.ref[a:a + step].T).astype(np.float64)
+            medians.append(np.median(sims if self.offsets is None else sims - self.offsets, axis=0))
+        return np.concatenate(medians)
+
+    def may_hold_a_copy(self, threshold: float) -> bool:
+        """:func:`may_hold_a_copy` of the whole matrix."""
+        return bool(sum(np.maximum(self.rows(a, b) - threshold, 0).sum() for a, b in self.blocks()) >= MIN_SCORE)
+
+
+def align_large(pair: LargePair, method: str, threshold: float, row_background: np.ndarray,
+                column_background: np.ndarray | None = None) -> list[tuple[Box, float]]:
+    """:func:`align` of a pair too large to hold, the same boxes and scores, from blocks of its rows."""
+    if method == 'tn':
+        settings = {k: v for k, v in VSC_TN.items() if k != 'top_k'}
+        nodes = [tn_nodes(pair.rows(a, b), VSC_TN['top_k']) for a, b in pair.blocks()]
+        boxes = tn_paths(np.concatenate([n[0] for n in nodes]), np.concatenate([n[1] for n in nodes]), pair.cells,
+                         **settings)
+        return [(box, float((pair.cells(box.path) - threshold).sum())) for box in boxes]
+    if method != 'dp':
+        raise ValueError(f'unknown alignment {method!r}: choose one of {", ".join(ALIGNMENTS)}')
+    if not pair.may_hold_a_copy(threshold):
+        return []
+    median = pair.column_median()
+    row = np.asarray(row_background, dtype=np.float64)
+
+    def gain_rows(a: int, b: int) -> np.ndarray:
+        return gain_above(pair.rows(a, b), row[a:b, None], median, threshold, BACKGROUND_MARGIN, column_background)
+
+    boxes = dp_alignment_by_rows(gain_rows, *pair.shape, cells=BLOCK_CELLS)
+    out = []
+    for box in boxes:
+        q, r = box.path[:, 0], box.path[:, 1]
+        gain = gain_above(pair.cells(box.path), row[q], median[r], threshold, BACKGROUND_MARGIN,
+                          None if column_background is None else column_background[r])
+        out.append((box, float(gain.sum())))
+    return out
+
+
 # Whitening's shrinkage: the covariance's eigenvalues each plus SHRINKAGE times their mean (1: halfway to
 # the isotropic covariance of the same total variance). On benchmarks/video.py's seeds 0-11, 0.3, 1 and 3
 # gave a mean segment AP of 0.902, 0.949 and 0.938 (centring alone 0.877); on fresh seeds 12-15, 1 gave 0.968.
@@ -80,12 +163,14 @@ class FrameSpace:
     L2-normalised; the cosine there. With the identity as ``projection``, the mean is only removed."""
 
     mean: np.ndarray
-    projection: np.ndarray
+    projection: np.ndarray | None = None  # None: the identity (no D x D matrix made for it)
     whitened: bool = False
 
     def __call__(self, features: np.ndarray) -> np.ndarray:
         """``features`` (N, D) -> (N, D) float64 unit rows."""
-        x = (features.astype(np.float64) - self.mean) @ self.projection
+        x = features.astype(np.float64) - self.mean
+        if self.projection is not None:
+            x = x @ self.projection
         return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
@@ -106,17 +191,20 @@ def search_space(queries: VideoSet, refs: VideoSet, candidates: Iterable[Candida
     reference frame was its original (within 1 s) for 66 % of them against 60 % centred only, and ranking
     query frames by their best similarity found the copied ones with an AP of 0.91 against 0.78."""
     used = sorted({c.ref for c in candidates})
+    videos = [*queries.videos, *(refs.videos[i] for i in used)]
     dim = queries.videos[0].features.shape[1]
-    total, outer, count = np.zeros(dim), np.zeros((dim, dim)), 0
-    for v in [*queries.videos, *(refs.videos[i] for i in used)]:  # sums video by video: no copy of all frames
+    count = sum(len(v) for v in videos)
+    # fewer frames than dimensions: no covariance to whiten with (see above), and no D x D matrix made
+    whiten = whiten and count >= dim
+    total, outer = np.zeros(dim), np.zeros((dim, dim)) if whiten else None
+    for v in videos:  # sums video by video: no copy of all frames
         x = v.features.astype(np.float64)
         total += x.sum(axis=0)
         if whiten:
             outer += x.T @ x
-        count += len(x)
     mean = total / max(count, 1)
-    if not whiten or count < dim:  # fewer frames than dimensions: no covariance to whiten with (see above)
-        return FrameSpace(mean, np.eye(dim))
+    if not whiten:
+        return FrameSpace(mean)
     values, vectors = np.linalg.eigh(outer / max(count, 1) - np.outer(mean, mean))
     values = np.maximum(values, 0.0)
     values += SHRINKAGE * values.mean()
@@ -135,7 +223,8 @@ def localize(queries: VideoSet, refs: VideoSet, candidates: Iterable[Candidate],
     small products were 50 ms each on a busy machine, one larger one is not), then aligned one pair at a
     time; where that product would exceed ``PRODUCT_CELLS`` (a 4-hour film x ten: 15 GiB), each pair's
     matrix is made on its own, and each query frame's background (its median similarity to all its
-    candidates' frames) in blocks of query frames."""
+    candidates' frames) in blocks of query frames; a pair over ``PAIR_CELLS`` is aligned from blocks of its
+    rows (``LargePair``, ``align_large``) and yielded with None for its matrix."""
     starts = np.r_[0, np.cumsum([len(v) for v in queries.videos])[:-1]]
     by_query: dict[int, list[Candidate]] = {}
     for candidate in candidates:
@@ -164,18 +253,33 @@ def localize(queries: VideoSet, refs: VideoSet, candidates: Iterable[Candidate],
             background = np.concatenate([
                 np.median(np.hstack([similarities(slice(a, a + step), frames) for frames in r_frames]), axis=1)
                 for a in range(0, len(q), step)])
-            matrices = (similarities(slice(None), frames) for frames in r_frames)
+            matrices = (similarities(slice(None), frames) if len(q_frames) * len(frames) <= PAIR_CELLS
+                        else LargePair(q_frames, frames, q_offsets) for frames in r_frames)
         for candidate, r, frames, sims in zip(pairs, references, r_frames, matrices):
+            large = isinstance(sims, LargePair)
             column = None
-            if query_sample is not None and may_hold_a_copy(sims, threshold):
+            if query_sample is not None and method == 'dp' and (
+                    sims.may_hold_a_copy(threshold) if large else may_hold_a_copy(sims, threshold)):
                 if candidate.ref not in columns:
-                    columns[candidate.ref] = np.quantile(query_sample @ frames.T, COLUMN_QUANTILE, axis=0)
+                    columns[candidate.ref] = column_quantile(query_sample, frames)
                 column = columns[candidate.ref]
-            for box, score in align(sims, method, threshold, background, column):
-                yield candidate, sims, box, Segment(
+            found = align_large(sims, method, threshold, background, column) if large else \
+                align(sims, method, threshold, background, column)
+            for box, score in found:
+                yield candidate, None if large else sims, box, Segment(
                     q.video_id, r.video_id, float(q.timestamps[box.query_first, 0]),
                     float(q.timestamps[box.query_last, 1]), float(r.timestamps[box.ref_first, 0]),
                     float(r.timestamps[box.ref_last, 1]), score)
+
+
+def column_quantile(sample: np.ndarray, frames: np.ndarray) -> np.ndarray:
+    """Each of ``frames``' (R, D) ``COLUMN_QUANTILE`` of similarity to the ``sample`` (S, D) of query frames:
+    float64 (R,); ``PRODUCT_CELLS`` at a time for a film's frames."""
+    if len(sample) * len(frames) <= PRODUCT_CELLS:
+        return np.quantile(sample @ frames.T, COLUMN_QUANTILE, axis=0)
+    step = max(1, BLOCK_CELLS // max(len(sample), 1))
+    return np.concatenate([np.quantile(sample @ frames[a:a + step].T, COLUMN_QUANTILE, axis=0)
+                           for a in range(0, len(frames), step)])
 
 
 def best_first(segments: Iterable[Segment]) -> list[Segment]:

@@ -74,7 +74,7 @@ class _Thumbs:
 
 def html_report(output: str, found: list, queries: VideoSet, refs: VideoSet,
                 allowed: Callable[[str], bool]) -> None:
-    """Write the page for ``found`` ((candidate, similarity matrix, box, segment) per match); frames of
+    """Write the page for ``found`` ((candidate, similarity matrix or None, box, segment) per match); frames of
     the videos whose path ``allowed`` accepts (``workflow.reports.ImageFolders``)."""
     ranked = sorted(found, key=lambda item: -item[3].score)[:MATCHES_SHOWN]
     thumbs = _Thumbs(allowed)
@@ -90,14 +90,18 @@ def html_report(output: str, found: list, queries: VideoSet, refs: VideoSet,
             f'<tr><td>{q_times[q].mean():.1f} s</td>'
             f'<td><img src="{thumbs.get(q_paths.get(segment.query_id), q_times[q].mean())}"></td>'
             f'<td><img src="{thumbs.get(r_paths.get(segment.ref_id), r_times[r].mean())}"></td>'
-            f'<td>{r_times[r].mean():.1f} s</td><td>{sims[q, r]:.3f}</td></tr>' for q, r in steps.tolist())
-        matrix = similarity_image(sims, box.path, (box.query_first, box.ref_first, box.query_last, box.ref_last))
+            f'<td>{r_times[r].mean():.1f} s</td><td>{"" if sims is None else f"{sims[q, r]:.3f}"}</td></tr>'
+            for q, r in steps.tolist())
+        # None: a pair too large to hold (localization.LargePair), and to draw
+        corners = (box.query_first, box.ref_first, box.query_last, box.ref_last)
+        matrix = '<p>(the similarity matrix is too large to draw)</p>' if sims is None else \
+            f'<img src="{_png(similarity_image(sims, box.path, corners))}" title="query frames down, reference frames across">'
         parts.append(
             f'<h2>{n}. {html.escape(segment.query_id)} {segment.query_start:.1f}-{segment.query_end:.1f} s = '
             f'{html.escape(segment.ref_id)} {segment.ref_start:.1f}-{segment.ref_end:.1f} s (score {segment.score:.3f})</h2>'
             f'<table><tr><td><table class="pair"><tr><th>query at</th><th>query</th><th>reference</th>'
             f'<th>reference at</th><th>similarity</th></tr>{rows}</table></td>'
-            f'<td><img src="{_png(matrix)}" title="query frames down, reference frames across"></td></tr></table>')
+            f'<td>{matrix}</td></tr></table>')
     if thumbs.refused:
         parts.insert(2, f'<p>Frames of {thumbs.refused} video(s) {html.escape(NOT_ALLOWED)}.</p>')
     with atomic_write(output) as tmp:

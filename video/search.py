@@ -123,7 +123,8 @@ def dedup(args) -> list[dict]:
         from .reader import find_videos
         with tempfile.TemporaryDirectory() as folder:
             made = str(Path(folder) / 'videos.npz')
-            _, skipped, _, _ = embed_videos(videos, made, embedder(args), args.fps, args.max_duration, quiet=True)
+            _, skipped, _, _ = embed_videos(videos, made, embedder(args), args.fps, args.max_duration,
+                                          quiet=args.quiet)  # as video embed: hours for a film, shown
             from .cli import report_skipped
             report_skipped(skipped)
             sets['the videos embedded now'] = read_video_descriptors(made)

@@ -109,6 +109,9 @@ def read_video_descriptors(path: str | os.PathLike, dim: int | None = None) -> V
         raise VideoDescriptorError(f'{path!r}: features must be a non-empty N x D array, got shape {features.shape}')
     if not np.issubdtype(features.dtype, np.floating) or not np.isfinite(features).all():
         raise VideoDescriptorError(f'{path!r}: features must be finite floats')
+    if features.shape[1] > MAX_DIM:
+        raise VideoDescriptorError(f'{path!r} holds {features.shape[1]:,}-d vectors: no descriptor model makes over '
+                                   f'{MAX_DIM:,} dimensions (ISC and VSC descriptors have 256 to 512)')
     if dim is not None and features.shape[1] != dim:
         raise VideoDescriptorError(f'{path!r} holds {features.shape[1]}-d vectors, the other file {dim}-d: '
                                    'they cannot be compared')
@@ -131,6 +134,11 @@ def read_video_descriptors(path: str | os.PathLike, dim: int | None = None) -> V
     return VideoSet(videos, model, postprocessing, paths)
 
 
+# Descriptor sizes beyond this are no model's (ISC's are 256-d, VSC's baselines' 512-d): a crafted file's. Search
+# works in D x D (whitening: ``localization.search_space``), so a 321 KB file of 40,000-d frames asked for 12 GiB.
+# The files' model record (weights hash, input size) names no size to check D against: files are compared with
+# each other (``dim``), and a collection with its own.
+MAX_DIM = 4096
 # Frame times beyond this (~32 years) are no video's: a crafted file's, kept out of the match CSV.
 MAX_TIMESTAMP_S = 1e9
 # What a descriptor npz may unpack to, at most, for each byte of the file: float vectors barely compress

@@ -375,18 +375,17 @@ class MilvusIndex:
     def add(self, ids: Sequence[str], vectors: np.ndarray, batch: int = 1000, index_type: str | None = None,
             postprocessing: dict | None = None, model: dict | None = None,
             paths: dict[str, str] | None = None, fields: Sequence[dict] | None = None, replace: bool = True,
-            if_taken: str = REPLACE_HINT) -> str:
+            if_taken: str = REPLACE_HINT, remove: Sequence[str] = ()) -> str:
         """Insert or update by id (``vectors`` float32 N x D), creating the collection on first use
         with an ``index_type`` index. Vectors post-processed otherwise than the collection's
         (``postprocessing``, None for raw) are refused, and so are those of another ``model`` (where both
         record theirs); without ``replace``, so are ids the collection holds for another image (see
-        ``check_same_images``; ``if_taken`` says what the user can do then). ``paths`` (id -> image path) are stored beside the vectors, for reports;
-        ``fields`` (one dict per row) too (a video frame's video id and seconds). Returns the index type
-        the collection has."""
+        ``check_same_images``; ``if_taken`` says what the user can do then). ``paths`` (id -> image path) are
+        stored beside the vectors, for reports; ``fields`` (one dict per row) too (a video frame's video id and
+        seconds). The rows ``remove`` are deleted while the collection is marked as being written (a replaced
+        video's frames beyond its new length). Returns the index type the collection has."""
         if self.dim() is not None:
-            check_same_postprocessing({f'collection {self.collection!r}': self.postprocessing(),
-                                       'the descriptors to add': postprocessing})
-            check_same_model({f'collection {self.collection!r}': self.model(), 'the descriptors to add': model})
+            self.check_same_source(postprocessing, model)
             if not replace:
                 self.check_same_images(ids, vectors, if_taken)
         for row, image in enumerate(ids):  # before anything is written, not at the row Milvus refuses
@@ -413,6 +412,8 @@ class MilvusIndex:
                     self.client.upsert(self.collection, rows, timeout=self.timeout)
                     written += len(rows)
                     progress.advance(len(rows))
+                for start in range(0, len(remove), batch):
+                    self.client.delete(self.collection, ids=list(remove[start:start + batch]), timeout=self.timeout)
                 # Milvus Lite then builds the new segments' index in a background thread that it waits for when
                 # the process ends (searching them exactly until then); reloading here would race that thread.
                 self.client.flush(self.collection, timeout=self.timeout)
@@ -423,6 +424,12 @@ class MilvusIndex:
             raise MilvusError(f'{e}; {written} of {len(ids)} rows were written, and collection {self.collection!r} '
                               'is marked incomplete: search refuses it until this index runs again') from e.__cause__
         return kind
+
+    def check_same_source(self, postprocessing: dict | None, model: dict | None) -> None:
+        """Refuse vectors to add that were post-processed otherwise or made by another model than the collection's."""
+        check_same_postprocessing({f'collection {self.collection!r}': self.postprocessing(),
+                                   'the descriptors to add': postprocessing})
+        check_same_model({f'collection {self.collection!r}': self.model(), 'the descriptors to add': model})
 
     def check_same_images(self, ids: Sequence[str], vectors: np.ndarray, if_taken: str = REPLACE_HINT,
                           batch: int = 1000) -> None:
