@@ -219,6 +219,24 @@ def test_video_search_through_a_milvus_collection_equals_the_exact_search(videos
     assert '(14 frames in all)' in capsys.readouterr().out  # R000002's 10 and the new R000001's 4
     held = read_videos(MilvusIndex(milvus[1], 'frames', existing=True), ['R000001']).videos[0]
     assert np.allclose(held.features, theirs)  # replaced whole: none of the old frames 4-9 left
+    # #14 round 8: frames compared by a dot product let another camera's R000001 of norm-10 vectors (cosine ~0.6
+    # to the held ones) replace it, silently: video descriptor files need not hold unit vectors.
+    near = theirs + 0.8 * np.random.default_rng(4).normal(size=theirs.shape).astype(np.float32) / np.sqrt(theirs.shape[1])
+    write_video_descriptors(tmp_path / 'camera_c.npz', [VideoFeatures('R000001', 10 * near, np.c_[0:4, 1:5].astype(float))],
+                            model=ours.model, postprocessing=ours.postprocessing)
+    assert main(['video', 'index', str(tmp_path / 'camera_c.npz'), *milvus]) == 2
+    assert 'already for another video (R000001 (4 frames there, 4 here))' in capsys.readouterr().err
+    # #14 round 8: pymilvus's query_iterator pasted the last id unescaped into its expression, so a video named
+    # with a quote or a backslash broke every read of it; rows are now read in windows of frame numbers.
+    odd = 'Bob "live" a\\b'
+    write_video_descriptors(tmp_path / 'odd.npz', [VideoFeatures(odd, theirs[:3], np.c_[0:3, 1:4].astype(float))],
+                            model=ours.model, postprocessing=ours.postprocessing)
+    assert main(['video', 'index', str(tmp_path / 'odd.npz'), *milvus]) == 0
+    assert main(['video', 'index', str(tmp_path / 'odd.npz'), *milvus]) == 0  # read back to compare: the same video
+    index = MilvusIndex(milvus[1], 'frames', existing=True)
+    assert [len(v) for v in read_videos(index, [odd, 'R000002']).videos] == [3, 10]
+    rows = index.rows(f'video in ["R000002", {json.dumps(odd)}]', ['frame'], 'video', 'frame', 2, batch=4)
+    assert sorted((r['video'], r['frame']) for r in rows) == sorted([(odd, n) for n in range(3)] + [('R000002', n) for n in range(10)])
 
 
 def test_video_dedup_groups_videos_that_share_segments(videos):

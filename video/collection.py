@@ -64,13 +64,21 @@ def check_same_videos(refs: VideoSet, held: dict[str, VideoFeatures], collection
     other = []
     for v in refs.videos:
         there = held.get(v.video_id)
-        if there is not None and (len(there) != len(v) or
-                                  (np.einsum('ij,ij->i', there.features, v.features) < SAME_IMAGE).any()):
+        if there is not None and (len(there) != len(v) or (cosines(there.features, v.features) < SAME_IMAGE).any()):
             other.append(f'{v.video_id} ({len(there)} frames there, {len(v)} here)')
     if other:
         raise ValueError(f'{len(other)} video id(s) are in collection {collection!r} already for another video '
                          f'({", ".join(other[:5])}{", ..." if len(other) > 5 else ""}): nothing was written; rename '
                          'those files, or give --replace to replace those videos whole')
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row by row cosine of two (n, D) arrays: video descriptor files need not hold unit vectors, and a dot
+    product of vectors of norm 10 passes SAME_IMAGE at a cosine of 0.01."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    same_zero = (a == b).all(axis=1).astype(np.float64)  # a zero vector is the same only as itself
+    return np.where(norms > 0, np.einsum('ij,ij->i', a, b) / np.where(norms > 0, norms, 1), same_zero)
 
 
 def collection_candidates(queries: VideoSet, index: MilvusIndex, k: int = 10, per_query: int = 10,
@@ -97,8 +105,9 @@ def read_videos(index: MilvusIndex, video_ids: list[str], batch: int = 100) -> V
     """The frames of ``video_ids`` as the collection holds them, in that order."""
     frames: dict[str, list[dict]] = {v: [] for v in video_ids}
     for start in range(0, len(video_ids), batch):
-        listed = ', '.join(json.dumps(v, ensure_ascii=False) for v in video_ids[start:start + batch])
-        for row in index.rows(f'video in [{listed}]', ['vector', *FIELDS]):
+        some = video_ids[start:start + batch]
+        listed = ', '.join(json.dumps(v, ensure_ascii=False) for v in some)
+        for row in index.rows(f'video in [{listed}]', ['vector', *FIELDS], 'video', 'frame', len(some)):
             frames[row['video']].append(row)
     videos = []
     for video_id, rows in frames.items():

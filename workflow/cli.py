@@ -500,7 +500,7 @@ def check_outputs(args: argparse.Namespace) -> None:
     (``search q.h5 -o q.h5`` would replace the queries with CSV; ``search list.txt -o scan.jfif`` a photo the
     list names), compared as files (a link, ``./``, another spelling: the same file), and no existing image
     or video (by content, whatever its name: a camcorder's .MOD, an iPhone's .HEIC) or file with an image's
-    or video's suffix: ``embed -o photos/*.jpg``,
+    or video's suffix, nor a file of a kind no command writes (a camera's RAW): ``embed -o photos/*.jpg``,
     expanded by the shell, or ``dedup photos -o photos/a.jpg`` would replace a photo that is no input, or
     one a folder gives (a folder gives only files with those suffixes)."""
     from ..images import is_image_file
@@ -528,6 +528,31 @@ def check_outputs(args: argparse.Namespace) -> None:
             if same:
                 raise ValueError(f'{what} {str(target)!r} is also an input ({path}{how}): writing it would destroy '
                                  'it; give another file name')
+        if not is_of_a_kind_written(target, plot=name == 'plot'):
+            raise ValueError(f'{what} {str(target)!r} is an existing file of a kind no command writes (not text, '
+                             'HDF5, npz or PNG): writing it would destroy it; give another file name')
+
+
+# What the commands write: CSV, JSON and HTML (text), HDF5, npz (a zip) and --plot's PNG. An existing output
+# of any other kind is something else the user keeps, whatever its name: a camera's RAW (.RAF, .ORF, .RW2),
+# a Photoshop file; no list of their signatures is ever complete.
+_WRITTEN_SIGNATURES = (b'\x89HDF\r\n\x1a\n', b'PK\x03\x04', b'PK\x05\x06')
+
+
+def is_of_a_kind_written(path: str | os.PathLike, plot: bool = False) -> bool:
+    """Whether the file at ``path`` is empty or of a kind some command writes (see _WRITTEN_SIGNATURES):
+    HDF5, npz, PNG for a plot, or text (UTF-8 without NUL bytes in its first 4 KiB)."""
+    with open(path, 'rb') as f:
+        head = f.read(4096)
+    if not head or head.startswith(_WRITTEN_SIGNATURES) or plot and head.startswith(b'\x89PNG\r\n\x1a\n'):
+        return True
+    if b'\0' in head:
+        return False
+    try:
+        head.decode('utf-8')
+    except UnicodeDecodeError as e:
+        return e.start >= len(head) - 3 and e.reason == 'unexpected end of data'  # a character cut at 4 KiB
+    return True
 
 
 def _files_read(named: Sequence[str]) -> Iterator[tuple[str, str]]:

@@ -480,26 +480,27 @@ class MilvusIndex:
                 found.update((row['id'], row[PATH]) for row in rows if row.get(PATH))
         return found
 
-    def rows(self, filter: str, output_fields: Sequence[str], batch: int = 4096) -> list[dict]:
-        """Every row matching ``filter`` (a Milvus expression), with ``output_fields``, however many
-        (read ``batch`` at a time: a plain query returns at most 16,384)."""
+    def rows(self, filter: str, output_fields: Sequence[str], group: str, counter: str, groups: int,
+             batch: int = 4096) -> list[dict]:
+        """Every row matching ``filter`` (a Milvus expression), with ``output_fields``, however many: the
+        filter matches ``groups`` groups (rows of one value of the field ``group``: a video), each numbered
+        0, 1, 2, ... by the integer field ``counter`` (its frames). Read in windows of ``counter`` of at most
+        ``batch`` rows (a plain query returns at most 16,384), widened as groups end, until one finds none.
+        (pymilvus's ``query_iterator`` pages by id, pasting the last id unescaped into its expression: a
+        video named ``Bob "live".mp4`` broke every read of it.)"""
         self.load()
         found: list[dict] = []
-        # Milvus Lite gives the iterator no snapshot time: pymilvus warns and uses the client's clock,
-        # which reads the same rows here (every write was flushed). The warning is no news to a user.
-        quiet = logging.getLogger('pymilvus.client.iterator.query_iterator')
-        level, quiet.level = quiet.level, logging.ERROR
+        low, active = 0, max(1, groups)
         with self._errors(f'reading rows of {self.collection!r}'):
-            pages = self.client.query_iterator(self.collection, batch_size=batch, filter=filter,
-                                               output_fields=list(output_fields), consistency_level='Strong',
-                                               timeout=self.timeout)
-            try:
-                while page := pages.next():
-                    found += page
-            finally:
-                pages.close()
-                quiet.level = level
-        return found
+            while True:
+                step = max(1, batch // active)
+                page = self.client.query(self.collection, output_fields=list({*output_fields, group, counter}),
+                                         filter=f'({filter}) and {counter} >= {low} and {counter} < {low + step}',
+                                         consistency_level='Strong', timeout=self.timeout)
+                if not page:
+                    return found
+                found += page
+                low, active = low + step, len({row[group] for row in page})
 
     def load(self) -> None:
         """Load the collection for search and query if it is not (each new process finds it released)."""
