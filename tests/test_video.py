@@ -462,6 +462,7 @@ def test_video_dedup_of_videos_has_video_embeds_duration_bound_and_progress(vide
     err = capsys.readouterr().err
     assert "days.mkv' lasts 10000001.0 s, over --max-duration 14400 s" in err
     assert '2/2 [' in err  # the progress bar, in videos
+    assert 'aligning candidate pairs: 100%' in err  # round 8 M1: a film against itself aligned for minutes, silently
 
 
 def test_decoding_runs_ahead_by_bytes_and_repeats_of_a_frame_share_one_array(tmp_path):

@@ -8,6 +8,7 @@ blocks of its rows, with the same results.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -225,51 +226,57 @@ def localize(queries: VideoSet, refs: VideoSet, candidates: Iterable[Candidate],
     matrix is made on its own, and each query frame's background (its median similarity to all its
     candidates' frames) in blocks of query frames; a pair over ``PAIR_CELLS`` is aligned from blocks of its
     rows (``LargePair``, ``align_large``) and yielded with None for its matrix."""
+    from ..progress import Progress
     starts = np.r_[0, np.cumsum([len(v) for v in queries.videos])[:-1]]
     by_query: dict[int, list[Candidate]] = {}
     for candidate in candidates:
         by_query.setdefault(candidate.query, []).append(candidate)
     columns: dict[int, np.ndarray] = {}
-    for query, pairs in by_query.items():
-        q = queries.videos[query]
-        within = space or (lambda x: x.astype(np.float64))
-        q_frames = within(q.features)
-        q_offsets = None if offsets is None else offsets[starts[query]:starts[query] + len(q), None]
-        references = [refs.videos[c.ref] for c in pairs]
-        r_frames = [within(r.features) for r in references]
+    cells = sum(len(queries.videos[c.query]) * len(refs.videos[c.ref]) for c in itertools.chain(*by_query.values()))
+    # Alignment costs time in proportion to the pairs' cells: a 30,000-frame film against itself was minutes
+    # without a word. The line appears only once it has taken 2 s (progress.DELAY).
+    with Progress(cells, 'aligning candidate pairs', unit='cell', scale=True) as progress:
+        for query, pairs in by_query.items():
+            q = queries.videos[query]
+            within = space or (lambda x: x.astype(np.float64))
+            q_frames = within(q.features)
+            q_offsets = None if offsets is None else offsets[starts[query]:starts[query] + len(q), None]
+            references = [refs.videos[c.ref] for c in pairs]
+            r_frames = [within(r.features) for r in references]
 
-        def similarities(rows: slice, frames: np.ndarray) -> np.ndarray:
-            sims = (q_frames[rows] @ frames.T).astype(np.float64)
-            return sims if q_offsets is None else sims - q_offsets[rows]
+            def similarities(rows: slice, frames: np.ndarray) -> np.ndarray:
+                sims = (q_frames[rows] @ frames.T).astype(np.float64)
+                return sims if q_offsets is None else sims - q_offsets[rows]
 
-        columns_in_all = sum(len(f) for f in r_frames)
-        if len(q) * columns_in_all <= PRODUCT_CELLS:
-            together = similarities(slice(None), np.concatenate(r_frames))
-            background = np.median(together, axis=1)
-            bounds = np.cumsum([0] + [len(f) for f in r_frames])
-            matrices = (together[:, a:b] for a, b in zip(bounds[:-1], bounds[1:]))
-        else:  # a block of query frames against every candidate frame at a time: no copy of all frames either
-            step = max(1, PRODUCT_CELLS // columns_in_all)
-            background = np.concatenate([
-                np.median(np.hstack([similarities(slice(a, a + step), frames) for frames in r_frames]), axis=1)
-                for a in range(0, len(q), step)])
-            matrices = (similarities(slice(None), frames) if len(q_frames) * len(frames) <= PAIR_CELLS
-                        else LargePair(q_frames, frames, q_offsets) for frames in r_frames)
-        for candidate, r, frames, sims in zip(pairs, references, r_frames, matrices):
-            large = isinstance(sims, LargePair)
-            column = None
-            if query_sample is not None and method == 'dp' and (
-                    sims.may_hold_a_copy(threshold) if large else may_hold_a_copy(sims, threshold)):
-                if candidate.ref not in columns:
-                    columns[candidate.ref] = column_quantile(query_sample, frames)
-                column = columns[candidate.ref]
-            found = align_large(sims, method, threshold, background, column) if large else \
-                align(sims, method, threshold, background, column)
-            for box, score in found:
-                yield candidate, None if large else sims, box, Segment(
-                    q.video_id, r.video_id, float(q.timestamps[box.query_first, 0]),
-                    float(q.timestamps[box.query_last, 1]), float(r.timestamps[box.ref_first, 0]),
-                    float(r.timestamps[box.ref_last, 1]), score)
+            columns_in_all = sum(len(f) for f in r_frames)
+            if len(q) * columns_in_all <= PRODUCT_CELLS:
+                together = similarities(slice(None), np.concatenate(r_frames))
+                background = np.median(together, axis=1)
+                bounds = np.cumsum([0] + [len(f) for f in r_frames])
+                matrices = (together[:, a:b] for a, b in zip(bounds[:-1], bounds[1:]))
+            else:  # a block of query frames against every candidate frame at a time: no copy of all frames either
+                step = max(1, PRODUCT_CELLS // columns_in_all)
+                background = np.concatenate([
+                    np.median(np.hstack([similarities(slice(a, a + step), frames) for frames in r_frames]), axis=1)
+                    for a in range(0, len(q), step)])
+                matrices = (similarities(slice(None), frames) if len(q_frames) * len(frames) <= PAIR_CELLS
+                            else LargePair(q_frames, frames, q_offsets) for frames in r_frames)
+            for candidate, r, frames, sims in zip(pairs, references, r_frames, matrices):
+                large = isinstance(sims, LargePair)
+                column = None
+                if query_sample is not None and method == 'dp' and (
+                        sims.may_hold_a_copy(threshold) if large else may_hold_a_copy(sims, threshold)):
+                    if candidate.ref not in columns:
+                        columns[candidate.ref] = column_quantile(query_sample, frames)
+                    column = columns[candidate.ref]
+                found = align_large(sims, method, threshold, background, column) if large else \
+                    align(sims, method, threshold, background, column)
+                for box, score in found:
+                    yield candidate, None if large else sims, box, Segment(
+                        q.video_id, r.video_id, float(q.timestamps[box.query_first, 0]),
+                        float(q.timestamps[box.query_last, 1]), float(r.timestamps[box.ref_first, 0]),
+                        float(r.timestamps[box.ref_last, 1]), score)
+                progress.advance(len(q) * len(r))
 
 
 def column_quantile(sample: np.ndarray, frames: np.ndarray) -> np.ndarray:
