@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import IO, Any, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 # towhee.types.Image modes -> how to get RGB channels out of them.
 CHANNEL_ORDER = {'RGB': [0, 1, 2], 'RGBA': [0, 1, 2], 'BGR': [2, 1, 0], 'BGRA': [2, 1, 0]}
@@ -326,9 +326,9 @@ def _decode(source: Path | io.BytesIO, what: str, draft: tuple[int, int] | None,
             check_tiff_tiles(image, what)
             if draft is not None:
                 image.draft('RGB', draft)  # JPEG only; other formats ignore it
-            if exif_transpose:
-                image = ImageOps.exif_transpose(image)
             image.load()
+            if exif_transpose:
+                image = upright(image, what)
             return pil_to_rgb(image, what)
     except ImageError:
         raise
@@ -337,6 +337,35 @@ def _decode(source: Path | io.BytesIO, what: str, draft: tuple[int, int] | None,
         # anything on a crafted one (NotImplementedError: a DDS pixel format; AttributeError: a SPIDER
         # stack header): whatever happens while decoding is this image's problem, never its neighbours'.
         raise _image_error(e, what, source) from e
+
+
+# EXIF orientation -> the turn that makes the image upright (as ``ImageOps.exif_transpose``).
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
+
+# A JPEG's EXIF is one APP1 segment of at most 64 KB; a PNG's eXIf or a WebP's EXIF chunk may be the whole file,
+# and Pillow parses every tag of it in Python (``ImageOps.exif_transpose`` unpacked and re-packed a 33 MB one:
+# 53 CPU-s, 1.35 GB). Larger EXIF blocks than this are refused when turning an image upright.
+MAX_EXIF_BYTES = 4 * 64 * 2**10
+
+
+def upright(image: Image.Image, what: str) -> Image.Image:
+    """The loaded ``image`` turned upright by its EXIF orientation (a new image; the same pixels as
+    ``ImageOps.exif_transpose``), without re-writing its EXIF: only the Orientation tag is read, from an EXIF
+    block of at most MAX_EXIF_BYTES, and the EXIF is dropped (nothing downstream reads it)."""
+    exif = image.info.get('exif')
+    size = len(exif) if isinstance(exif, (bytes, bytearray)) else 0
+    raw = image.info.get('Raw profile type exif')  # PNG text chunk: the EXIF in hex
+    size = max(size, len(raw) // 2 if isinstance(raw, str) else 0)
+    if size > MAX_EXIF_BYTES:
+        raise ImageError(f'{what} has an EXIF block of {size:,} bytes, over the bound of {MAX_EXIF_BYTES:,} '
+                         '(cameras write at most 64 KB; so much only makes reading its orientation slow)')
+    method = _UPRIGHT.get(image.getexif().get(0x0112, 1))  # Orientation
+    turned = image.transpose(method) if method is not None else image.copy()
+    turned.info.pop('exif', None)
+    turned.info.pop('Raw profile type exif', None)
+    return turned
 
 
 def _known_format(source: Path | io.BytesIO) -> str | None:
