@@ -2,6 +2,7 @@
 the in-process decoder tests and the tests that give them to the commands and the service."""
 from __future__ import annotations
 
+import functools
 import io
 import struct
 import zlib
@@ -39,15 +40,20 @@ def blp_holding(jpeg: bytes, width: int, height: int) -> bytes:
     return header + struct.pack('<16I', *offsets) + struct.pack('<16I', *lengths) + struct.pack('<I', 0) + jpeg
 
 
+@functools.lru_cache(maxsize=4)
+def deflated_zeros(size: int) -> bytes:
+    """``size`` zero bytes deflated (made once per size: the tests make the same large tile several times)."""
+    packer, parts, block = zlib.compressobj(1), [], bytes(2**20)
+    for start in range(0, size, len(block)):
+        parts.append(packer.compress(block[:min(len(block), size - start)]))
+    return b''.join(parts) + packer.flush()
+
+
 def tiff_in_one_tile(tile: int, size: int = 16, tile_type: int = 4) -> bytes:
     """A ``size`` x ``size`` RGB TIFF stored as one deflated tile of ``tile`` x ``tile`` zero pixels
     (libtiff inflates the whole tile: 20000 px took 1.2 GB and 14 s for a 16x16 image). ``tile_type``: the
     TIFF type of TileWidth and TileLength; libtiff reads the 64-bit ones (16-18), Pillow skips them."""
-    packer, parts = zlib.compressobj(1), []
-    row = bytes(3 * tile * 256)
-    for start in range(0, tile, 256):
-        parts.append(packer.compress(row[:3 * tile * min(256, tile - start)]))
-    pixels = b''.join(parts) + packer.flush()
+    pixels = deflated_zeros(3 * tile * tile)
     tags = [(256, 3, 1, size), (257, 3, 1, size), (258, 3, 3, None), (259, 3, 1, 8), (262, 3, 1, 2),
             (277, 3, 1, 3), (284, 3, 1, 1), (322, tile_type, 1, tile), (323, tile_type, 1, tile), (324, 4, 1, None),
             (325, 4, 1, len(pixels))]
@@ -132,9 +138,9 @@ def png_with_exif(rationals: int, orientation: int = 6) -> bytes:
     return encoded(Image.new('RGB', (16, 8), (200, 10, 10)), 'PNG', exif=exif)
 
 
-def jpeg_with_sof_segments(count: int) -> bytes:
-    """A 64x64 JPEG behind ``count`` SOF0 segments padded to 64 KB (Pillow loops over every 3 bytes of each in
-    Python: 250 took 3 CPU-s and 523 MB)."""
-    segment = b'\xff\xc0' + struct.pack('>HBHHB', 65535, 8, 64, 64, 1) + bytes(65535 - 8)
+def jpeg_with_sof_segments(count: int, size: int = 65535) -> bytes:
+    """A 64x64 JPEG behind ``count`` SOF0 segments padded to ``size`` bytes (Pillow loops over every 3 bytes of
+    each in Python: 250 of 64 KB took 3 CPU-s and 523 MB)."""
+    segment = b'\xff\xc0' + struct.pack('>HBHHB', size, 8, 64, 64, 1) + bytes(size - 8)
     data = encoded(Image.new('RGB', (64, 64), (1, 2, 3)))
     return data[:2] + segment * count + data[2:]
