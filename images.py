@@ -5,6 +5,7 @@ so every entry point of the operator behaves the same.
 from __future__ import annotations
 
 import io
+import mmap
 import os
 import re
 import stat
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import IO, Any, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 # towhee.types.Image modes -> how to get RGB channels out of them.
 CHANNEL_ORDER = {'RGB': [0, 1, 2], 'RGBA': [0, 1, 2], 'BGR': [2, 1, 0], 'BGRA': [2, 1, 0]}
@@ -44,6 +45,14 @@ MAX_JPEG_SEGMENTS = 4096
 MAX_JPEG_PARSED_SEGMENTS = 16
 MAX_JPEG_HEADER_BYTES = 16 * 2**20
 
+# Pillow reads a PNG's chunks (every one, up to IEND) and a GIF's blocks before its first image in Python,
+# a loop turn each (2.8 M empty PNG chunks, a 33 MB file: 11 CPU-s; 6.7 M GIF comment blocks: 4.8 CPU-s and
+# 1.2 GB). Encoders write a few chunks plus image data in IDAT chunks of 8 KB or more (libpng's default; 4,096
+# of them for a 32 MB PNG), and a few GIF extensions (an ICC profile of 1 MB: 4,000 sub-blocks of 255
+# bytes); four times that still opens in milliseconds.
+MAX_PNG_CHUNKS = 16384
+MAX_GIF_BLOCKS = 16384
+
 # The formats opened: those people give a copy detector (photos, screenshots, scans, web images), each
 # with a decoder whose work the checks below bound. Pillow recognises a file by its content, whatever its
 # name, and knows some forty formats: some wrap another image whose size and scans the outer header hides
@@ -61,10 +70,10 @@ TIFF_TILES_FLOOR = 2048 * 2048
 
 def open_image(source: str | os.PathLike | io.BytesIO, what: str = 'image') -> Image.Image:
     """``PIL.Image.open`` of an image in one of ``ACCEPTED_FORMATS``; anything else is refused
-    (``UnidentifiedImageError``) before any decoder sees it, and so is a JPEG whose markers would make
-    opening or decoding it slow (``ImageError``, see ``check_jpeg``)."""
+    (``UnidentifiedImageError``) before any decoder sees it, and so is a file whose structure would make
+    opening or decoding it slow (``ImageError``, see ``check_container``)."""
     Image.init()
-    check_jpeg(source, what)
+    check_container(source, what)
     return Image.open(source, formats=[f for f in ACCEPTED_FORMATS if f in Image.OPEN])
 
 
@@ -120,6 +129,8 @@ _NEXT_MARKER = re.compile(rb'\xff[^\x00\x01\xd0-\xd8\xff]')
 # Pillow's reader before the first scan differs: JPG (C8), JPGn (F0-FD), SOI and EOI carry no length, and it
 # goes on after EOI.
 _PILLOW_PARAMETERLESS = {0xC8, *range(0xD0, 0xDA), *range(0xF0, 0xFE)}
+# Start of frame markers (SOF0-15 but DHT, JPG and DAC).
+_SOF = {*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC}
 
 
 def jpeg_segments(data: bytes) -> tuple[int, int]:
@@ -142,7 +153,8 @@ def jpeg_segments(data: bytes) -> tuple[int, int]:
 def jpeg_header(data: bytes) -> tuple[int, int, int]:
     """(segments, parsed segments, bytes) before the first scan of JPEG ``data``, walked as Pillow's reader
     walks it: each fill, stuffing or stray byte counts as a segment (a loop turn each); parsed are those
-    Pillow decodes in Python (Exif, DQT, Photoshop). The walk stops once past a bound (see
+    Pillow decodes in Python (Exif, DQT, Photoshop, and SOFn, whose every 3 bytes are a loop turn: 250 padded
+    SOF segments took 3 CPU-s and 523 MB). The walk stops once past a bound (see
     MAX_JPEG_SEGMENTS), so its own cost is bounded too."""
     i, segments, parsed = 2, 0, 0
     while segments <= MAX_JPEG_SEGMENTS and i <= MAX_JPEG_HEADER_BYTES:
@@ -155,7 +167,7 @@ def jpeg_header(data: bytes) -> tuple[int, int, int]:
         elif marker == 0xDA:
             break
         elif marker >= 0xC0:
-            parsed += (marker == 0xDB or (marker == 0xE1 and data[i + 4:i + 10] == b'Exif\0\0')
+            parsed += (marker in _SOF or marker == 0xDB or (marker == 0xE1 and data[i + 4:i + 10] == b'Exif\0\0')
                        or (marker == 0xED and data[i + 4:i + 18] == b'Photoshop 3.0\0'))
             i += 2 + int.from_bytes(data[i + 2:i + 4], 'big')
         else:  # Pillow refuses the file ("no marker found")
@@ -163,35 +175,120 @@ def jpeg_header(data: bytes) -> tuple[int, int, int]:
     return segments, parsed, i
 
 
-def check_jpeg(source: str | os.PathLike | io.BytesIO, what: str) -> None:
-    """Refuse, before Pillow opens it, a JPEG of more markers than the bounds (MAX_JPEG_SEGMENTS and the two
-    after it) or of more than MAX_JPEG_SCANS scans; other files pass unread (Pillow takes any file starting
-    ``FF D8 FF`` as a JPEG, whatever its name)."""
-    if isinstance(source, io.BytesIO):
-        if bytes(source.getbuffer()[:3]) != b'\xff\xd8\xff':  # not copying a large upload of another format
-            return
-        data = source.getvalue()
+def check_container(source: str | os.PathLike | io.BytesIO, what: str) -> None:
+    """Refuse, before Pillow opens it, a JPEG, PNG, GIF or TIFF whose structure would make Pillow's reader
+    loop in Python for long (see ``check_jpeg``, ``check_png``, ``check_gif``, ``check_tiff``); other files
+    pass unread. A file is told by its content, as Pillow tells it."""
+    try:
+        f = source if isinstance(source, io.BytesIO) else open(source, 'rb')
+    except (OSError, ValueError):
+        return  # Pillow reports it
+    position = f.tell()
+    try:
+        check = {'JPEG': check_jpeg, 'PNG': check_png, 'GIF': check_gif, 'TIFF': check_tiff}.get(
+            format_signature(f.read(16), ACCEPTED_FORMATS) or '')
+        if check is not None:
+            check(f, what)
+    except OSError:
+        return  # Pillow reports it
+    finally:
+        if f is source:
+            f.seek(position)
+        else:
+            f.close()
+
+
+def check_jpeg(f: IO[bytes], what: str) -> None:
+    """Refuse a JPEG (open as ``f``) of more markers than the bounds (MAX_JPEG_SEGMENTS and the two after it)
+    or of more than MAX_JPEG_SCANS scans. Pillow takes any file starting ``FF D8 FF`` as a JPEG, whatever its
+    name. A file is mapped, not read: the walks touch only the pages they pass (a 1.5 GB file was read twice)."""
+    if isinstance(f, io.BytesIO):
+        data: Any = f.getvalue()  # an upload, bounded by the caller; no copy while it is unchanged
     else:
         try:
-            with open(source, 'rb') as f:
-                if f.read(3) != b'\xff\xd8\xff':
-                    return
-                data = b'\xff\xd8\xff' + f.read()
-        except OSError:
-            return  # Pillow reports it
-    scans, segments = jpeg_segments(data)
-    header_segments, parsed, size = jpeg_header(data)
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):  # no address space for it, or a file that cannot be mapped
+            f.seek(0)
+            data = f.read()
+    try:
+        scans, segments = jpeg_segments(data)
+        header_segments, parsed, size = jpeg_header(data)
+    finally:
+        if isinstance(data, mmap.mmap):
+            data.close()
     segments = max(segments, header_segments)
     if MAX_JPEG_SCANS is not None and scans > MAX_JPEG_SCANS:
         raise ImageError(f'{what} is a JPEG of {scans} scans, over the limit of {MAX_JPEG_SCANS} (encoders write '
                          'at most ~12; so many only make decoding slow: raise towhee_isc.images.MAX_JPEG_SCANS '
                          'to allow it)')
     if segments > MAX_JPEG_SEGMENTS or parsed > MAX_JPEG_PARSED_SEGMENTS or size > MAX_JPEG_HEADER_BYTES:
-        raise ImageError(f'{what} is a JPEG of too many markers ({segments:,} segments and stray bytes; {parsed:,} Exif, DQT or '
+        raise ImageError(f'{what} is a JPEG of too many markers ({segments:,} segments and stray bytes; {parsed:,} Exif, DQT, SOF or '
                          f'Photoshop segments and {size:,} bytes before its first scan; read so far; bounds {MAX_JPEG_SEGMENTS:,}, '
                          f'{MAX_JPEG_PARSED_SEGMENTS} and {MAX_JPEG_HEADER_BYTES:,}): cameras write a few dozen '
                          'segments; so many only make opening slow (raise towhee_isc.images.MAX_JPEG_SEGMENTS and '
                          'the like to allow it)')
+
+
+def png_chunks(f: IO[bytes]) -> int:
+    """The chunks of the PNG open as ``f`` up to IEND, walked by their 8-byte headers (the data skipped); the
+    walk stops past MAX_PNG_CHUNKS."""
+    f.seek(8)
+    chunks = 0
+    while chunks <= MAX_PNG_CHUNKS:
+        head = f.read(8)
+        if len(head) < 8:
+            break
+        length, kind = struct.unpack('>I4s', head)
+        chunks += 1
+        if kind == b'IEND':
+            break
+        f.seek(length + 4, os.SEEK_CUR)  # the data and its CRC
+    return chunks
+
+
+def check_png(f: IO[bytes], what: str) -> None:
+    """Refuse a PNG of more than MAX_PNG_CHUNKS chunks."""
+    chunks = png_chunks(f)
+    if chunks > MAX_PNG_CHUNKS:
+        raise ImageError(f'{what} is a PNG of over {MAX_PNG_CHUNKS:,} chunks (encoders write a few, and image data in '
+                         'chunks of 8 KB or more); so many only make opening slow (a crafted file; raise '
+                         'towhee_isc.images.MAX_PNG_CHUNKS to allow it)')
+
+
+def gif_blocks(f: IO[bytes]) -> int:
+    """The extension blocks, their sub-blocks and the stray bytes before the first image of the GIF open as
+    ``f`` (Pillow's open reads these, a loop turn each); the walk stops past MAX_GIF_BLOCKS."""
+    f.seek(10)
+    flags = f.read(3)[:1]
+    if not flags:
+        return 0
+    if flags[0] & 0x80:  # the global colour table
+        f.seek(3 << ((flags[0] & 7) + 1), os.SEEK_CUR)
+    blocks = 0
+    while blocks <= MAX_GIF_BLOCKS:
+        introducer = f.read(1)
+        if introducer in (b'', b',', b';'):  # the first image, the end
+            break
+        blocks += 1
+        if introducer != b'!':  # a stray byte: Pillow skips it
+            continue
+        f.read(1)  # the extension's label
+        while blocks <= MAX_GIF_BLOCKS:
+            size = f.read(1)
+            if not size or not size[0]:
+                break
+            blocks += 1
+            f.seek(size[0], os.SEEK_CUR)
+    return blocks
+
+
+def check_gif(f: IO[bytes], what: str) -> None:
+    """Refuse a GIF of more than MAX_GIF_BLOCKS blocks before its first image."""
+    blocks = gif_blocks(f)
+    if blocks > MAX_GIF_BLOCKS:
+        raise ImageError(f'{what} is a GIF of over {MAX_GIF_BLOCKS:,} extension blocks before its first image '
+                         '(encoders write a few); so many only make opening slow (a crafted file; raise '
+                         'towhee_isc.images.MAX_GIF_BLOCKS to allow it)')
 
 
 # TIFF's integer types and their struct codes: libtiff takes any of them for a tile size, Pillow skips the
@@ -199,36 +296,85 @@ def check_jpeg(source: str | os.PathLike | io.BytesIO, what: str) -> None:
 _TIFF_INTEGERS = {1: 'B', 3: 'H', 4: 'L', 6: 'b', 8: 'h', 9: 'l', 13: 'L', 16: 'Q', 17: 'q', 18: 'Q'}
 
 
-def tiff_tiles(f: IO[bytes]) -> dict[int, int | None]:
-    """{tag: value} of TileWidth (322) and TileLength (323) in the first directory of the TIFF (classic or
-    BigTIFF) open as ``f``, read from its raw entries as libtiff reads them: the first entry of each tag, of
-    any integer type; None for an entry that is not one integer."""
+# Pillow reads these tags' values at open, in Python (an XResolution of 4.1 M rationals: 14.5 CPU-s, 724 MB),
+# and makes a tile for each strip or tile offset, decoded one by one (4.1 M strips for a 16x16 image: 40 CPU-s,
+# 1.15 GB). The TIFF specification gives each one value, or one per sample, or one per strip or tile; more
+# are refused. Strips and tiles: as many as the image needs (at least 64, for writers that round), and at
+# most MAX_TIFF_STRIPS (honest writers make strips of ~8 KB: 32,000 for the largest image under the pixel limit).
+_TIFF_ONE_VALUE = {256, 257, 259, 262, 277, 278, 282, 283, 284, 296, 317, 322, 323}
+_TIFF_PER_SAMPLE = {258, 338, 339}
+_TIFF_PER_STRIP = {273, 279, 324, 325}
+_TIFF_FIXED = {320: 3 * 2**16, 530: 2, 532: 6}  # ColorMap (3 x 2^bits), YCbCrSubSampling, ReferenceBlackWhite
+MAX_TIFF_STRIPS = 2**16
+MAX_TIFF_ENTRIES = 2**16 - 1  # a classic TIFF's most; Pillow reads every entry of the first directory
+
+
+def tiff_directory(f: IO[bytes]) -> tuple[int, list[tuple[int, int, int, int | None]]]:
+    """(entries declared, [(tag, type, count, value)]) of the first directory of the TIFF (classic or BigTIFF)
+    open as ``f``, read from its raw entries (at most MAX_TIFF_ENTRIES of them); value: the one integer of an
+    entry of one value of any integer type (libtiff takes them all), else None."""
     f.seek(0)
     head = f.read(16)
     order = {b'II': '<', b'MM': '>'}.get(head[:2])
     if order is None or len(head) < 16:
-        return {}
+        return 0, []
     big = struct.unpack(order + 'H', head[2:4])[0] == 43
     count_code, entry_code, pointer_code = ('Q', 'HHQ8s', 'Q') if big else ('H', 'HHL4s', 'L')
     f.seek(struct.unpack(order + pointer_code, head[8:16] if big else head[4:8])[0])
     count_bytes = f.read(struct.calcsize(order + count_code))
     if len(count_bytes) < struct.calcsize(order + count_code):
-        return {}
+        return 0, []
+    declared = struct.unpack(order + count_code, count_bytes)[0]
     entry_size = struct.calcsize(order + entry_code)
-    table = f.read(min(struct.unpack(order + count_code, count_bytes)[0], 2**16) * entry_size)
-    found: dict[int, int | None] = {}
-    for tag, kind, count, value in struct.iter_unpack(order + entry_code, table[:len(table) // entry_size * entry_size]):
-        if tag in (322, 323) and tag not in found:
-            code = _TIFF_INTEGERS.get(kind)
-            if code is None or count != 1:
-                found[tag] = None
-                continue
+    table = f.read(min(declared, MAX_TIFF_ENTRIES) * entry_size)
+    entries = []
+    for tag, kind, count, field in struct.iter_unpack(order + entry_code, table[:len(table) // entry_size * entry_size]):
+        code, value = _TIFF_INTEGERS.get(kind), None
+        if code is not None and count == 1:
             size = struct.calcsize(order + code)
-            if size > len(value):  # stored elsewhere: the field holds its offset
-                f.seek(struct.unpack(order + pointer_code, value)[0])
-                value = f.read(size)
-            found[tag] = struct.unpack(order + code, value[:size])[0] if len(value) >= size else None
+            if size > len(field):  # stored elsewhere: the field holds its offset
+                f.seek(struct.unpack(order + pointer_code, field)[0])
+                field = f.read(size)
+            value = struct.unpack(order + code, field[:size])[0] if len(field) >= size else None
+        entries.append((tag, kind, count, value))
+    return declared, entries
+
+
+def tiff_tiles(f: IO[bytes]) -> dict[int, int | None]:
+    """{tag: value} of TileWidth (322) and TileLength (323) in the first directory of the TIFF open as ``f``,
+    as libtiff reads them: the first entry of each tag (see ``tiff_directory``)."""
+    found: dict[int, int | None] = {}
+    for tag, _, _, value in tiff_directory(f)[1]:
+        if tag in (322, 323) and tag not in found:
+            found[tag] = value
     return found
+
+
+def check_tiff(f: IO[bytes], what: str) -> None:
+    """Refuse a TIFF whose first directory has more entries than MAX_TIFF_ENTRIES, or an entry Pillow reads at
+    open with more values than the specification gives it (see MAX_TIFF_STRIPS). Every entry of a tag counts:
+    libtiff takes the first, Pillow the last."""
+    declared, entries = tiff_directory(f)
+    if declared > MAX_TIFF_ENTRIES:
+        raise ImageError(f'{what} is a TIFF whose directory has {declared:,} entries, over the {MAX_TIFF_ENTRIES:,} '
+                         'a TIFF can hold (a crafted file)')
+
+    def values(tag: int) -> list[int]:
+        return [value for t, _, _, value in entries if t == tag and value is not None and value > 0]
+
+    height, samples = max(values(257), default=1), max(values(277), default=1)
+    planes = samples if 2 in values(284) else 1
+    if values(322) and values(323):  # tiles
+        pieces = -(-max(values(256), default=1) // min(values(322))) * -(-height // min(values(323)))
+    else:
+        pieces = -(-height // min(values(278), default=height))
+    per_strip = min(max(pieces * planes, 64), MAX_TIFF_STRIPS)
+    for tag, _, count, _ in entries:
+        bound = (1 if tag in _TIFF_ONE_VALUE else samples if tag in _TIFF_PER_SAMPLE
+                 else per_strip if tag in _TIFF_PER_STRIP else _TIFF_FIXED.get(tag))
+        if bound is not None and count > bound:
+            raise ImageError(f'{what} is a TIFF whose tag {tag} holds {count:,} values, over the {bound:,} it can '
+                             'need (a crafted file: so many only make opening slow)')
 
 
 def check_tiff_tiles(image: Image.Image, what: str) -> None:
@@ -326,9 +472,9 @@ def _decode(source: Path | io.BytesIO, what: str, draft: tuple[int, int] | None,
             check_tiff_tiles(image, what)
             if draft is not None:
                 image.draft('RGB', draft)  # JPEG only; other formats ignore it
-            if exif_transpose:
-                image = ImageOps.exif_transpose(image)
             image.load()
+            if exif_transpose:
+                image = upright(image, what)
             return pil_to_rgb(image, what)
     except ImageError:
         raise
@@ -337,6 +483,35 @@ def _decode(source: Path | io.BytesIO, what: str, draft: tuple[int, int] | None,
         # anything on a crafted one (NotImplementedError: a DDS pixel format; AttributeError: a SPIDER
         # stack header): whatever happens while decoding is this image's problem, never its neighbours'.
         raise _image_error(e, what, source) from e
+
+
+# EXIF orientation -> the turn that makes the image upright (as ``ImageOps.exif_transpose``).
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
+
+# A JPEG's EXIF is one APP1 segment of at most 64 KB; a PNG's eXIf or a WebP's EXIF chunk may be the whole file,
+# and Pillow parses every tag of it in Python (``ImageOps.exif_transpose`` unpacked and re-packed a 33 MB one:
+# 53 CPU-s, 1.35 GB). Larger EXIF blocks than this are refused when turning an image upright.
+MAX_EXIF_BYTES = 4 * 64 * 2**10
+
+
+def upright(image: Image.Image, what: str) -> Image.Image:
+    """The loaded ``image`` turned upright by its EXIF orientation (a new image; the same pixels as
+    ``ImageOps.exif_transpose``), without re-writing its EXIF: only the Orientation tag is read, from an EXIF
+    block of at most MAX_EXIF_BYTES, and the EXIF is dropped (nothing downstream reads it)."""
+    exif = image.info.get('exif')
+    size = len(exif) if isinstance(exif, (bytes, bytearray)) else 0
+    raw = image.info.get('Raw profile type exif')  # PNG text chunk: the EXIF in hex
+    size = max(size, len(raw) // 2 if isinstance(raw, str) else 0)
+    if size > MAX_EXIF_BYTES:
+        raise ImageError(f'{what} has an EXIF block of {size:,} bytes, over the bound of {MAX_EXIF_BYTES:,} '
+                         '(cameras write at most 64 KB; so much only makes reading its orientation slow)')
+    method = _UPRIGHT.get(image.getexif().get(0x0112, 1))  # Orientation
+    turned = image.transpose(method) if method is not None else image.copy()
+    turned.info.pop('exif', None)
+    turned.info.pop('Raw profile type exif', None)
+    return turned
 
 
 def _known_format(source: Path | io.BytesIO) -> str | None:

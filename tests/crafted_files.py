@@ -2,6 +2,7 @@
 the in-process decoder tests and the tests that give them to the commands and the service."""
 from __future__ import annotations
 
+import functools
 import io
 import struct
 import zlib
@@ -39,15 +40,20 @@ def blp_holding(jpeg: bytes, width: int, height: int) -> bytes:
     return header + struct.pack('<16I', *offsets) + struct.pack('<16I', *lengths) + struct.pack('<I', 0) + jpeg
 
 
+@functools.lru_cache(maxsize=4)
+def deflated_zeros(size: int) -> bytes:
+    """``size`` zero bytes deflated (made once per size: the tests make the same large tile several times)."""
+    packer, parts, block = zlib.compressobj(1), [], bytes(2**20)
+    for start in range(0, size, len(block)):
+        parts.append(packer.compress(block[:min(len(block), size - start)]))
+    return b''.join(parts) + packer.flush()
+
+
 def tiff_in_one_tile(tile: int, size: int = 16, tile_type: int = 4) -> bytes:
     """A ``size`` x ``size`` RGB TIFF stored as one deflated tile of ``tile`` x ``tile`` zero pixels
     (libtiff inflates the whole tile: 20000 px took 1.2 GB and 14 s for a 16x16 image). ``tile_type``: the
     TIFF type of TileWidth and TileLength; libtiff reads the 64-bit ones (16-18), Pillow skips them."""
-    packer, parts = zlib.compressobj(1), []
-    row = bytes(3 * tile * 256)
-    for start in range(0, tile, 256):
-        parts.append(packer.compress(row[:3 * tile * min(256, tile - start)]))
-    pixels = b''.join(parts) + packer.flush()
+    pixels = deflated_zeros(3 * tile * tile)
     tags = [(256, 3, 1, size), (257, 3, 1, size), (258, 3, 3, None), (259, 3, 1, 8), (262, 3, 1, 2),
             (277, 3, 1, 3), (284, 3, 1, 1), (322, tile_type, 1, tile), (323, tile_type, 1, tile), (324, 4, 1, None),
             (325, 4, 1, len(pixels))]
@@ -82,3 +88,59 @@ def camera_jpeg(photo: Image.Image) -> bytes:
     chunk = b'http://ns.adobe.com/xmp/extension/\0' + b'0' * 40 + b'x' * 65000
     extended = (b'\xff\xe1' + struct.pack('>H', 2 + len(chunk)) + chunk) * 80
     return data[:2] + extended + data[2:]
+
+
+def png_with_chunks(count: int, kind: bytes = b'prIv') -> bytes:
+    """A 16x16 PNG with ``count`` empty chunks of ``kind`` after its header (12 bytes each; Pillow reads each in a
+    Python loop turn: 2.8 M in a 33 MB file took 11 CPU-s; empty IDATs go the same way while decoding)."""
+    data = encoded(Image.new('RGB', (16, 16), (10, 20, 30)), 'PNG')
+    chunk = struct.pack('>I', 0) + kind + struct.pack('>I', zlib.crc32(kind))
+    return data[:33] + chunk * count + data[33:]  # after the signature and IHDR
+
+
+def gif_with_comments(count: int) -> bytes:
+    """A 16x16 GIF behind ``count`` comment extensions of one 1-byte sub-block (Pillow keeps each sub-block in a
+    list: 6.7 M in a 33 MB file took 4.8 CPU-s and 1.2 GB)."""
+    data = encoded(Image.new('P', (16, 16), 3), 'GIF')
+    image = data.index(b'\x2c')  # the image descriptor
+    return data[:image] + b'\x21\xfe\x01c\x00' * count + data[image:]
+
+
+def tiff_with_counts(strips: int = 1, resolutions: int = 1) -> bytes:
+    """A 16x16 grey TIFF listing ``strips`` strips (all the same 256 pixel bytes; Pillow decodes each listed one:
+    4.1 M took 40 CPU-s) and an XResolution of ``resolutions`` rationals (Pillow makes each a Python object at
+    open: 4.1 M took 14.5 CPU-s)."""
+    tags = [(256, 3, 1), (257, 3, 1), (258, 3, 1), (259, 3, 1), (262, 3, 1), (273, 4, strips), (277, 3, 1),
+            (278, 3, 1), (279, 4, strips), (282, 5, resolutions), (283, 5, 1), (296, 3, 1)]
+    pixels_at = 8 + 2 + 12 * len(tags) + 4
+    offsets_at = pixels_at + 256
+    listed = 4 * strips if strips > 1 else 0  # one strip's offset and size are held in their entries
+    counts_at = offsets_at + listed
+    rationals_at = counts_at + listed
+    inline = {256: 16, 257: 16, 258: 8, 259: 1, 262: 1, 277: 1, 278: 16 // min(strips, 16), 296: 2,
+              273: pixels_at if strips == 1 else offsets_at, 279: 256 // min(strips, 16) if strips == 1 else counts_at,
+              282: rationals_at, 283: rationals_at}
+    entries = b''.join(struct.pack('<HHI', tag, kind, count)
+                       + (struct.pack('<HH', inline[tag], 0) if kind == 3 else struct.pack('<I', inline[tag]))
+                       for tag, kind, count in tags)
+    per_strip = 256 // min(strips, 16)
+    return (b'II*\x00' + struct.pack('<IH', 8, len(tags)) + entries + bytes(4) + bytes(range(256))
+            + (struct.pack(f'<{strips}I', *[pixels_at + i % 16 * per_strip for i in range(strips)]) if strips > 1 else b'')
+            + (struct.pack(f'<{strips}I', *[per_strip] * strips) if strips > 1 else b'')
+            + struct.pack('<2I', 72, 1) * resolutions)
+
+
+def png_with_exif(rationals: int, orientation: int = 6) -> bytes:
+    """A 16x8 PNG whose eXIf chunk holds Orientation ``orientation`` and a tag of ``rationals`` RATIONAL values
+    (``ImageOps.exif_transpose`` re-packed all of them: 4.1 M, a 33 MB file, took 53 CPU-s and 1.35 GB)."""
+    exif = (b'II*\x00' + struct.pack('<IH', 8, 2) + struct.pack('<HHIHH', 0x0112, 3, 1, orientation, 0)
+            + struct.pack('<HHII', 65000, 5, rationals, 8 + 2 + 24 + 4) + bytes(4) + struct.pack('<2I', 1, 3) * rationals)
+    return encoded(Image.new('RGB', (16, 8), (200, 10, 10)), 'PNG', exif=exif)
+
+
+def jpeg_with_sof_segments(count: int, size: int = 65535) -> bytes:
+    """A 64x64 JPEG behind ``count`` SOF0 segments padded to ``size`` bytes (Pillow loops over every 3 bytes of
+    each in Python: 250 of 64 KB took 3 CPU-s and 523 MB)."""
+    segment = b'\xff\xc0' + struct.pack('>HBHHB', size, 8, 64, 64, 1) + bytes(size - 8)
+    data = encoded(Image.new('RGB', (64, 64), (1, 2, 3)))
+    return data[:2] + segment * count + data[2:]

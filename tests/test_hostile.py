@@ -124,9 +124,13 @@ def test_crafted_files_are_refused_before_decoding_and_every_accepted_format_dec
     Round 6: scans hidden behind TEM markers; a BLP texture named .jpg wrapping a many-scan or huge JPEG;
     a 16x16 TIFF in one 2304x2304 tile (20000 px: 1.2 GB, 14 s). Round 7: 100,000 Exif segments (1.8 MB:
     18 s inside Image.open); the tile's size typed as 64-bit integers, which Pillow skips and libtiff reads
-    (36000 px: 1.27 GB)."""
-    from crafted_files import (blp_holding, camera_jpeg, encoded, jpeg_with_exif_segments, jpeg_with_hidden_scans,
-                               tiff_in_one_tile)
+    (36000 px: 1.27 GB). Round 8: millions of PNG chunks or GIF comments (11 and 4.8 CPU-s), a TIFF listing
+    millions of strips or resolutions (40 and 14.5 CPU-s), a 33 MB PNG eXIf re-packed when turned upright
+    (53 CPU-s, 1.35 GB), SOF segments padded to 64 KB (3 CPU-s): refused just past their bounds."""
+    from crafted_files import (blp_holding, camera_jpeg, encoded, gif_with_comments, jpeg_with_exif_segments,
+                               jpeg_with_hidden_scans, jpeg_with_sof_segments, png_with_chunks, png_with_exif,
+                               tiff_in_one_tile, tiff_with_counts)
+    from PIL import ImageOps
     from towhee_isc.images import jpeg_segments, to_pil_rgb
     hidden = jpeg_with_hidden_scans(300, 60)
     assert jpeg_segments(hidden)[0] == 69
@@ -145,8 +149,29 @@ def test_crafted_files_are_refused_before_decoding_and_every_accepted_format_dec
         assert to_pil_rgb(tiff_in_one_tile(256, tile_type=tile_type)).size == (16, 16)
     (tmp_path / 'exif.jpg').write_bytes(jpeg_with_exif_segments(20_000))
     with pytest.raises(ImageError, match=r"'.*exif.jpg' is a JPEG of too many markers \(4,097 segments and stray "
-                                         r"bytes; 4,097 Exif, DQT or Photoshop segments"):
+                                         r"bytes; 4,097 Exif, DQT, SOF or Photoshop segments"):
         to_pil_rgb(tmp_path / 'exif.jpg')
+    with pytest.raises(ImageError, match=r'too many markers \(26 segments and stray bytes; 20 Exif, DQT, SOF'):
+        to_pil_rgb(jpeg_with_sof_segments(17, size=64))
+    for kind in (b'prIv', b'IDAT'):
+        assert to_pil_rgb(png_with_chunks(4_000, kind)).size == (16, 16)
+        with pytest.raises(ImageError, match='is a PNG of over 16,384 chunks'):
+            to_pil_rgb(png_with_chunks(16_400, kind))
+    assert to_pil_rgb(gif_with_comments(4_000)).size == (16, 16)  # 2 blocks each: the extension, its sub-block
+    with pytest.raises(ImageError, match='is a GIF of over 16,384 extension blocks before its first image'):
+        to_pil_rgb(gif_with_comments(8_200))
+    assert np.asarray(to_pil_rgb(tiff_with_counts(16)))[1, :3].tolist() == [[16] * 3, [17] * 3, [18] * 3]
+    with pytest.raises(ImageError, match='is a TIFF whose tag 273 holds 65 values, over the 64 it can need'):
+        to_pil_rgb(tiff_with_counts(65))
+    with pytest.raises(ImageError, match='is a TIFF whose tag 282 holds 2 values, over the 1 it can need'):
+        to_pil_rgb(tiff_with_counts(resolutions=2))
+    for orientation in range(1, 9):  # upright as Pillow's exif_transpose turns it, without re-writing the EXIF
+        data = png_with_exif(1, orientation)
+        expected = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert('RGB')
+        assert np.array_equal(np.asarray(to_pil_rgb(data, exif_transpose=True)), np.asarray(expected)), orientation
+    assert to_pil_rgb(png_with_exif(32_000), exif_transpose=True).size == (8, 16)  # 256 KB of EXIF
+    with pytest.raises(ImageError, match='has an EXIF block of 320,044 bytes, over the bound of 262,144'):
+        to_pil_rgb(png_with_exif(40_000), exif_transpose=True)
     photo = photos[0].resize((96, 64))
     # A phone's photo: Exif (turned upright), XMP, a 300 KB ICC profile, 5 MB of extended XMP in 80 segments.
     assert to_pil_rgb(camera_jpeg(photo), exif_transpose=True).size == (64, 96)
