@@ -306,7 +306,8 @@ def run_seed(copy_set: CopySet, args, seed: int) -> dict[str, dict[str, dict]]:
     with tempfile.TemporaryDirectory() as tmp:
         config = TrainConfig(output_dir=tmp, epochs=args.epochs, batch_size=args.batch_size, init_lr=args.lr,
                              weight_decay=args.weight_decay, ncrops=args.ncrops,
-                             hard_p_scale=args.hard_p_scale, memory_size=args.memory_size,
+                             hard_p_scale=args.hard_p_scale, hard_p=dict(args.hard_p or ()),
+                             colour_jitter=args.colour_jitter, warmup=args.warmup, memory_size=args.memory_size,
                              gem_p=args.train_gem_p, input_size=args.input_size, seed=seed, workers=args.workers,
                              device='cpu', quiet=True)
         losses: list[float] = []
@@ -344,6 +345,33 @@ def print_table(rows: dict[str, dict[str, dict]]) -> None:
             print(f'| {name + " " + label:28s} | {cells} |')
 
 
+def cached_copy_set(args) -> CopySet:
+    """The copy set of ``args``' data options, from ``args.copy_set`` when that file holds one built with
+    the same options (a pickle this script wrote: read only files you made), else built (and written there)."""
+    import pickle
+    options = {k: getattr(args, k) for k in ('distractors', 'dead_leaves', 'photo_crops', 'photo_leaves')}
+    path = Path(args.copy_set) if args.copy_set else None
+    if path is not None and path.is_file():
+        with open(path, 'rb') as f:
+            saved_options, copy_set = pickle.load(f)
+        if saved_options == options:
+            return copy_set
+        print(f'{path} holds a copy set built with {saved_options}, not {options}: building it again', flush=True)
+    copy_set = CopySet(args.distractors, args.dead_leaves, photo_crops_train=args.photo_crops,
+                       photo_leaves_train=args.photo_leaves)
+    if path is not None:
+        tmp = path.with_name(path.name + '.tmp')
+        with open(tmp, 'wb') as f:
+            pickle.dump((options, copy_set), f)
+        tmp.replace(path)
+    return copy_set
+
+
+def edit_probability(text: str) -> tuple[str, float]:
+    name, _, value = text.partition('=')
+    return name, float(value)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1])
@@ -356,6 +384,10 @@ def main() -> None:
     parser.add_argument('--weight-decay', type=float, default=1e-6)
     parser.add_argument('--ncrops', type=int, default=2)
     parser.add_argument('--hard-p-scale', type=float, default=1.0, help="times each hard-view edit's probability")
+    parser.add_argument('--hard-p', type=edit_probability, action='append', metavar='EDIT=P',
+                        help="one hard-view edit's probability set outright (repeatable; training.augment.HARD_EDITS)")
+    parser.add_argument('--colour-jitter', type=float, default=0.8, help="hard views' colour jitter strength")
+    parser.add_argument('--warmup', type=float, default=0.0, help='fraction of the steps the lr rises over first')
     parser.add_argument('--memory-size', type=int, default=1024)
     parser.add_argument('--train-gem-p', type=float, default=1.0)
     parser.add_argument('--eval-gem-p', type=float, default=1.0)
@@ -368,14 +400,17 @@ def main() -> None:
                         help='training budget in minutes of 2 cores (CPU time / 2); training stops there')
     parser.add_argument('--threads', type=int, default=1, help='torch threads (1: no OpenMP spinning on a busy machine)')
     parser.add_argument('--save', help='a folder to keep the trained checkpoints in')
+    parser.add_argument('--copy-set', metavar='PICKLE',
+                        help='read the copy set from this file when it was built with the same data options, '
+                             'else build it and write it there (skips the 2-minute build on later runs)')
     args = parser.parse_args()
+    args.hard_p = dict(args.hard_p or ())
 
     import torch
     torch.set_num_threads(args.threads)
     warnings.simplefilter('ignore')
     started = time.perf_counter()
-    copy_set = CopySet(args.distractors, args.dead_leaves, photo_crops_train=args.photo_crops,
-                       photo_leaves_train=args.photo_leaves)
+    copy_set = cached_copy_set(args)
     print(f'training images: {len(copy_set.train)}; references: {len(copy_set.references)} '
           f'({len(copy_set.references) - args.distractors} held-out tiles of {", ".join(copy_set.photos_held)}; '
           f'{args.distractors} distractors); queries: {len(copy_set.queries)} ({len(EDITS)} edits each); '
