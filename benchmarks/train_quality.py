@@ -12,7 +12,12 @@ The data is what this machine has, nothing downloaded:
   distractors and as overlay backgrounds (the distractors and backgrounds are always the same: no
   training option changes them);
 - for training only, more photo-like images made from the training half's photos: random crops at
-  several scales (--photo-crops) and dead leaves textured with patches of them (--photo-leaves).
+  several scales (--photo-crops) and dead leaves textured with patches of them (--photo-leaves);
+- for training only, real photos from elsewhere on the machine (--extra-photos). On the machine the README's
+  numbers come from, the other photos are a few: the Google Cloud SDK's Jetty demo picture
+  (``.../jetty-home/modules/demo.d/root/images/jetty-pic.png``, sky and a pier) and the Rust embedded book's
+  photo of a circuit board (``.../share/doc/rust/html/embedded-book/assets/f3.jpg``); skimage's
+  motorcycle_right is the other stereo view of the held-out motorcycle_left and is refused.
 References are the held-out tiles plus the distractors; queries are fixed-seed edits of every held-out
 tile, one query per kind of edit (crop, overlay onto another picture, text, colour, blur, rotation,
 JPEG, and all of them combined). Nothing of the held-out half is seen in training.
@@ -53,6 +58,18 @@ def photo_files() -> list[Path]:
     files = {p.stem: p for p in data.iterdir() if p.suffix in ('.png', '.jpg')}
     files['grace_hopper'] = Path(matplotlib.get_data_path()) / 'sample_data' / 'grace_hopper.jpg'
     return [files[name] for name in PHOTOS if name in files]
+
+
+def extra_photo(path: str, held: Sequence[Image.Image]) -> Image.Image:
+    """A training photo from elsewhere on the machine; refused when its perceptual hash is within 12 bits
+    of a held-out photo's (skimage's motorcycle_right, the other stereo view of the held-out
+    motorcycle_left, is 4 bits away; unrelated photos 20 or more)."""
+    image = Image.open(path).convert('RGB')
+    distance = min(int((phash(image) != phash(h)).sum()) for h in held)
+    if distance <= 12:
+        raise SystemExit(f'error: {path} looks like a held-out photo (perceptual hash {distance} bits away): '
+                         'it cannot train')
+    return image
 
 
 def tiles(image: Image.Image, grid: int) -> list[Image.Image]:
@@ -207,12 +224,13 @@ class CopySet:
     """Training images, references (held-out tiles + distractors) and queries (edits of the held-out tiles)."""
 
     def __init__(self, distractors: int = 300, dead_leaves_train: int = 1500, seed: int = 1234,
-                 photo_crops_train: int = 0, photo_leaves_train: int = 0):
+                 photo_crops_train: int = 0, photo_leaves_train: int = 0, extra_photos: Sequence[str] = ()):
         photos = [Image.open(p).convert('RGB') for p in photo_files()]
         order = random.Random(seed).sample(range(len(photos)), len(photos))
         held = sorted(order[:len(photos) // 2])
         rng = np.random.default_rng(seed)
         train_photos = [photos[i] for i in sorted(order[len(photos) // 2:])]
+        train_photos += [extra_photo(path, [photos[i] for i in held]) for path in extra_photos]
         self.train: list[Image.Image] = [t for photo in train_photos for t in tiles(photo, 3)]
         # The first DEAD_LEAVES_STREAM images of the stream, whatever --dead-leaves says, so that the
         # distractors and overlay backgrounds drawn after them (the evaluation set) never change.
@@ -349,7 +367,7 @@ def cached_copy_set(args) -> CopySet:
     """The copy set of ``args``' data options, from ``args.copy_set`` when that file holds one built with
     the same options (a pickle this script wrote: read only files you made), else built (and written there)."""
     import pickle
-    options = {k: getattr(args, k) for k in ('distractors', 'dead_leaves', 'photo_crops', 'photo_leaves')}
+    options = {k: getattr(args, k) for k in ('distractors', 'dead_leaves', 'photo_crops', 'photo_leaves', 'extra_photos')}
     path = Path(args.copy_set) if args.copy_set else None
     if path is not None and path.is_file():
         with open(path, 'rb') as f:
@@ -358,7 +376,7 @@ def cached_copy_set(args) -> CopySet:
             return copy_set
         print(f'{path} holds a copy set built with {saved_options}, not {options}: building it again', flush=True)
     copy_set = CopySet(args.distractors, args.dead_leaves, photo_crops_train=args.photo_crops,
-                       photo_leaves_train=args.photo_leaves)
+                       photo_leaves_train=args.photo_leaves, extra_photos=args.extra_photos)
     if path is not None:
         tmp = path.with_name(path.name + '.tmp')
         with open(tmp, 'wb') as f:
@@ -395,6 +413,9 @@ def main() -> None:
     parser.add_argument('--dead-leaves', type=int, default=1500, help='generated training images')
     parser.add_argument('--photo-crops', type=int, default=0, help='random crops of the training photos')
     parser.add_argument('--photo-leaves', type=int, default=0, help='dead-leaves images textured with training photos')
+    parser.add_argument('--extra-photos', nargs='+', default=[], metavar='FILE',
+                        help='more real photos for the training half (tiled, and texture for --photo-leaves/crops); '
+                             'one that looks like a held-out photo is refused')
     parser.add_argument('--distractors', type=int, default=300)
     parser.add_argument('--cpu-minutes', type=float, default=10.0,
                         help='training budget in minutes of 2 cores (CPU time / 2); training stops there')
