@@ -131,9 +131,10 @@ def test_hard_p_scale_multiplies_each_hard_edit_probability_only():
     assert [p if p in flips else p / 2 for p in p1] == p05 and erase05 == erase1 / 2 == 0.125
     assert p1[1] == 1.0 and sum(p1) > 2 * sum(p for p in p05 if p not in flips)  # the colour jitter was always on
     # hard_p sets named edits outright (the rest still scaled); colour_jitter sets the jitter's strength
-    named = augment.recipe(32, *mean_std, hard_p_scale=0.5, hard_p={'greyscale': 0.9, 'colour': 0.0},
+    named = augment.recipe(32, *mean_std, hard_p_scale=0.5, hard_p={'greyscale': 0.9, 'colour': 0.0, 'overlay': 0.4},
                            colour_jitter=0.4).hard.transforms
     p_named, erase_named = probabilities(named)
+    assert winner[1].overlay_p == gentle[1].overlay_p == 0.1 and named[1].overlay_p == 0.4
     assert p_named[1] == 0.0 and p_named[5] == 0.9 and p_named[:1] + p_named[2:5] + p_named[6:] == p05[:1] + p05[2:5] + p05[6:]
     assert erase_named == erase05
     jitter = named[2].augmentations[0].transform

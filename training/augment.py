@@ -263,8 +263,9 @@ class Views:
         return torch.stack([self.moderate(image)] + [self.hard(image) for _ in range(self.ncrops - 1)])
 
 
-# The winner's probability of each hard-view edit (exp/v98.py), by the name ``hard_p`` overrides it with.
-HARD_EDITS: dict[str, float] = {'rotate': 0.35, 'colour': 1.0, 'pixelize': 0.25, 'shuffle': 0.25, 'jpeg': 0.35,
+# The winner's probability of each hard-view edit (exp/v98.py), by the name ``hard_p`` overrides it with;
+# all but the overlay (which replaces the strong crop) are multiplied by ``hard_p_scale``.
+HARD_EDITS: dict[str, float] = {'overlay': 0.1, 'rotate': 0.35, 'colour': 1.0, 'pixelize': 0.25, 'shuffle': 0.25, 'jpeg': 0.35,
                                 'greyscale': 0.25, 'blur': 0.25, 'perspective': 0.35, 'text': 0.35, 'emoji': 0.35,
                                 'edge': 0.3, 'erase': 0.25}
 
@@ -284,7 +285,7 @@ def recipe(input_size: int, mean: Sequence[float], std: Sequence[float], ncrops:
         raise ValueError(f'unknown hard-view edits {unknown}: known are {list(HARD_EDITS)}')
 
     def p(name: str) -> float:
-        return hard_p[name] if name in hard_p else HARD_EDITS[name] * hard_p_scale
+        return hard_p[name] if name in hard_p else HARD_EDITS[name] * (1.0 if name == 'overlay' else hard_p_scale)
 
     c = colour_jitter
     moderate = transforms.Compose([
@@ -294,7 +295,7 @@ def recipe(input_size: int, mean: Sequence[float], std: Sequence[float], ncrops:
     ])
     hard = transforms.Compose([
         Rotate(p=p('rotate')),
-        OverlayImageOrCrop(pool, input_size, overlay_p=0.1),
+        OverlayImageOrCrop(pool, input_size, overlay_p=p('overlay')),
         Shuffled([
             Torchvision(transforms.ColorJitter(c, c, c, c / 4), p=p('colour')),
             Pixelize(p=p('pixelize')),

@@ -58,7 +58,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     run.add_argument('--hard-p-scale', type=finite_float, default=DEFAULTS.hard_p_scale,
                      help="times each hard-view edit's probability (1: the winner's; 0.5: gentler, for small networks)")
     run.add_argument('--hard-p', type=_edit_probability, action='append', metavar='EDIT=P',
-                     help="one hard-view edit's probability, set outright (repeatable): rotate, colour, pixelize, "
+                     help="one hard-view edit's probability, set outright (repeatable): overlay, rotate, colour, pixelize, "
                           'shuffle, jpeg, greyscale, blur, perspective, text, emoji, edge, erase')
     run.add_argument('--colour-jitter', type=finite_float, default=DEFAULTS.colour_jitter,
                      help="hard views' brightness/contrast/saturation jitter, hue a quarter of it (the winner's 0.8)")
