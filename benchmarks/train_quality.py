@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import random
 import resource
 import time
@@ -378,7 +379,7 @@ def cached_copy_set(args) -> CopySet:
     copy_set = CopySet(args.distractors, args.dead_leaves, photo_crops_train=args.photo_crops,
                        photo_leaves_train=args.photo_leaves, extra_photos=args.extra_photos)
     if path is not None:
-        tmp = path.with_name(path.name + '.tmp')
+        tmp = path.with_name(f'{path.name}.{os.getpid()}.tmp')  # two runs building at once each write their own
         with open(tmp, 'wb') as f:
             pickle.dump((options, copy_set), f)
         tmp.replace(path)
