@@ -12,7 +12,12 @@ The data is what this machine has, nothing downloaded:
   distractors and as overlay backgrounds (the distractors and backgrounds are always the same: no
   training option changes them);
 - for training only, more photo-like images made from the training half's photos: random crops at
-  several scales (--photo-crops) and dead leaves textured with patches of them (--photo-leaves).
+  several scales (--photo-crops) and dead leaves textured with patches of them (--photo-leaves);
+- for training only, real photos from elsewhere on the machine (--extra-photos). On the machine the README's
+  numbers come from, the other photos are a few: the Google Cloud SDK's Jetty demo picture
+  (``.../jetty-home/modules/demo.d/root/images/jetty-pic.png``, sky and a pier) and the Rust embedded book's
+  photo of a circuit board (``.../share/doc/rust/html/embedded-book/assets/f3.jpg``); skimage's
+  motorcycle_right is the other stereo view of the held-out motorcycle_left and is refused.
 References are the held-out tiles plus the distractors; queries are fixed-seed edits of every held-out
 tile, one query per kind of edit (crop, overlay onto another picture, text, colour, blur, rotation,
 JPEG, and all of them combined). Nothing of the held-out half is seen in training.
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import random
 import resource
 import time
@@ -53,6 +59,18 @@ def photo_files() -> list[Path]:
     files = {p.stem: p for p in data.iterdir() if p.suffix in ('.png', '.jpg')}
     files['grace_hopper'] = Path(matplotlib.get_data_path()) / 'sample_data' / 'grace_hopper.jpg'
     return [files[name] for name in PHOTOS if name in files]
+
+
+def extra_photo(path: str, held: Sequence[Image.Image]) -> Image.Image:
+    """A training photo from elsewhere on the machine; refused when its perceptual hash is within 12 bits
+    of a held-out photo's (skimage's motorcycle_right, the other stereo view of the held-out
+    motorcycle_left, is 4 bits away; unrelated photos 20 or more)."""
+    image = Image.open(path).convert('RGB')
+    distance = min(int((phash(image) != phash(h)).sum()) for h in held)
+    if distance <= 12:
+        raise SystemExit(f'error: {path} looks like a held-out photo (perceptual hash {distance} bits away): '
+                         'it cannot train')
+    return image
 
 
 def tiles(image: Image.Image, grid: int) -> list[Image.Image]:
@@ -207,12 +225,13 @@ class CopySet:
     """Training images, references (held-out tiles + distractors) and queries (edits of the held-out tiles)."""
 
     def __init__(self, distractors: int = 300, dead_leaves_train: int = 1500, seed: int = 1234,
-                 photo_crops_train: int = 0, photo_leaves_train: int = 0):
+                 photo_crops_train: int = 0, photo_leaves_train: int = 0, extra_photos: Sequence[str] = ()):
         photos = [Image.open(p).convert('RGB') for p in photo_files()]
         order = random.Random(seed).sample(range(len(photos)), len(photos))
         held = sorted(order[:len(photos) // 2])
         rng = np.random.default_rng(seed)
         train_photos = [photos[i] for i in sorted(order[len(photos) // 2:])]
+        train_photos += [extra_photo(path, [photos[i] for i in held]) for path in extra_photos]
         self.train: list[Image.Image] = [t for photo in train_photos for t in tiles(photo, 3)]
         # The first DEAD_LEAVES_STREAM images of the stream, whatever --dead-leaves says, so that the
         # distractors and overlay backgrounds drawn after them (the evaluation set) never change.
@@ -306,7 +325,8 @@ def run_seed(copy_set: CopySet, args, seed: int) -> dict[str, dict[str, dict]]:
     with tempfile.TemporaryDirectory() as tmp:
         config = TrainConfig(output_dir=tmp, epochs=args.epochs, batch_size=args.batch_size, init_lr=args.lr,
                              weight_decay=args.weight_decay, ncrops=args.ncrops,
-                             hard_p_scale=args.hard_p_scale, memory_size=args.memory_size,
+                             hard_p_scale=args.hard_p_scale, hard_p=dict(args.hard_p or ()),
+                             colour_jitter=args.colour_jitter, warmup=args.warmup, memory_size=args.memory_size,
                              gem_p=args.train_gem_p, input_size=args.input_size, seed=seed, workers=args.workers,
                              device='cpu', quiet=True)
         losses: list[float] = []
@@ -344,6 +364,33 @@ def print_table(rows: dict[str, dict[str, dict]]) -> None:
             print(f'| {name + " " + label:28s} | {cells} |')
 
 
+def cached_copy_set(args) -> CopySet:
+    """The copy set of ``args``' data options, from ``args.copy_set`` when that file holds one built with
+    the same options (a pickle this script wrote: read only files you made), else built (and written there)."""
+    import pickle
+    options = {k: getattr(args, k) for k in ('distractors', 'dead_leaves', 'photo_crops', 'photo_leaves', 'extra_photos')}
+    path = Path(args.copy_set) if args.copy_set else None
+    if path is not None and path.is_file():
+        with open(path, 'rb') as f:
+            saved_options, copy_set = pickle.load(f)
+        if saved_options == options:
+            return copy_set
+        print(f'{path} holds a copy set built with {saved_options}, not {options}: building it again', flush=True)
+    copy_set = CopySet(args.distractors, args.dead_leaves, photo_crops_train=args.photo_crops,
+                       photo_leaves_train=args.photo_leaves, extra_photos=args.extra_photos)
+    if path is not None:
+        tmp = path.with_name(f'{path.name}.{os.getpid()}.tmp')  # two runs building at once each write their own
+        with open(tmp, 'wb') as f:
+            pickle.dump((options, copy_set), f)
+        tmp.replace(path)
+    return copy_set
+
+
+def edit_probability(text: str) -> tuple[str, float]:
+    name, _, value = text.partition('=')
+    return name, float(value)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1])
@@ -356,6 +403,10 @@ def main() -> None:
     parser.add_argument('--weight-decay', type=float, default=1e-6)
     parser.add_argument('--ncrops', type=int, default=2)
     parser.add_argument('--hard-p-scale', type=float, default=1.0, help="times each hard-view edit's probability")
+    parser.add_argument('--hard-p', type=edit_probability, action='append', metavar='EDIT=P',
+                        help="one hard-view edit's probability set outright (repeatable; training.augment.HARD_EDITS)")
+    parser.add_argument('--colour-jitter', type=float, default=0.8, help="hard views' colour jitter strength")
+    parser.add_argument('--warmup', type=float, default=0.0, help='fraction of the steps the lr rises over first')
     parser.add_argument('--memory-size', type=int, default=1024)
     parser.add_argument('--train-gem-p', type=float, default=1.0)
     parser.add_argument('--eval-gem-p', type=float, default=1.0)
@@ -363,19 +414,25 @@ def main() -> None:
     parser.add_argument('--dead-leaves', type=int, default=1500, help='generated training images')
     parser.add_argument('--photo-crops', type=int, default=0, help='random crops of the training photos')
     parser.add_argument('--photo-leaves', type=int, default=0, help='dead-leaves images textured with training photos')
+    parser.add_argument('--extra-photos', nargs='+', default=[], metavar='FILE',
+                        help='more real photos for the training half (tiled, and texture for --photo-leaves/crops); '
+                             'one that looks like a held-out photo is refused')
     parser.add_argument('--distractors', type=int, default=300)
     parser.add_argument('--cpu-minutes', type=float, default=10.0,
                         help='training budget in minutes of 2 cores (CPU time / 2); training stops there')
     parser.add_argument('--threads', type=int, default=1, help='torch threads (1: no OpenMP spinning on a busy machine)')
     parser.add_argument('--save', help='a folder to keep the trained checkpoints in')
+    parser.add_argument('--copy-set', metavar='PICKLE',
+                        help='read the copy set from this file when it was built with the same data options, '
+                             'else build it and write it there (skips the 2-minute build on later runs)')
     args = parser.parse_args()
+    args.hard_p = dict(args.hard_p or ())
 
     import torch
     torch.set_num_threads(args.threads)
     warnings.simplefilter('ignore')
     started = time.perf_counter()
-    copy_set = CopySet(args.distractors, args.dead_leaves, photo_crops_train=args.photo_crops,
-                       photo_leaves_train=args.photo_leaves)
+    copy_set = cached_copy_set(args)
     print(f'training images: {len(copy_set.train)}; references: {len(copy_set.references)} '
           f'({len(copy_set.references) - args.distractors} held-out tiles of {", ".join(copy_set.photos_held)}; '
           f'{args.distractors} distractors); queries: {len(copy_set.queries)} ({len(EDITS)} edits each); '

@@ -130,6 +130,24 @@ def test_hard_p_scale_multiplies_each_hard_edit_probability_only():
     flips = {0.5, 0.1}  # horizontal and vertical flips are not edits a copy makes hard
     assert [p if p in flips else p / 2 for p in p1] == p05 and erase05 == erase1 / 2 == 0.125
     assert p1[1] == 1.0 and sum(p1) > 2 * sum(p for p in p05 if p not in flips)  # the colour jitter was always on
+    # hard_p sets named edits outright (the rest still scaled); colour_jitter sets the jitter's strength
+    named = augment.recipe(32, *mean_std, hard_p_scale=0.5, hard_p={'greyscale': 0.9, 'colour': 0.0, 'overlay': 0.4},
+                           colour_jitter=0.4).hard.transforms
+    p_named, erase_named = probabilities(named)
+    assert winner[1].overlay_p == gentle[1].overlay_p == 0.1 and named[1].overlay_p == 0.4
+    assert p_named[1] == 0.0 and p_named[5] == 0.9 and p_named[:1] + p_named[2:5] + p_named[6:] == p05[:1] + p05[2:5] + p05[6:]
+    assert erase_named == erase05
+    jitter = named[2].augmentations[0].transform
+    assert jitter.brightness == jitter.contrast == jitter.saturation == (0.6, 1.4) and jitter.hue == (-0.1, 0.1)
+    assert winner[2].augmentations[0].transform.hue == (-0.2, 0.2)  # the winner's 0.8/0.8/0.8/0.2 by default
+
+
+def test_warmup_raises_the_lr_linearly_then_decays_it_to_zero():
+    from towhee_isc.training.loop import linear_lr
+    plain = [linear_lr(0.1, e, s, 5, 2) for e in range(2) for s in range(5)]
+    assert plain[0] == 0.1 and plain == [linear_lr(0.1, e, s, 5, 2, 0.0) for e in range(2) for s in range(5)]
+    warm = [linear_lr(0.1, e, s, 5, 2, 0.2) for e in range(2) for s in range(5)]  # 2 of 10 steps
+    assert warm[:3] == pytest.approx([0.05, 0.1, 0.1]) and warm[3:] == pytest.approx([0.1 * (1 - k / 8) for k in range(1, 8)])
 
 
 def test_cross_batch_memory_is_the_contrastive_loss_over_memory_pairs():
@@ -269,6 +287,10 @@ def test_train_takes_towhee_config_and_dataset_and_checks_keys(tmp_path, tiny_ck
     ({'workers': 10**6}, 'workers=1000000 is more than 4 image loading processes per CPU core'),
     ({'batch_size': 16}, '8 readable training images are fewer than batch_size=16'),
     ({'hard_p_scale': 1.5}, 'hard_p_scale must be between 0 and 1'),
+    ({'hard_p': {'sepia': 0.5}}, "hard_p names an unknown edit 'sepia': known are"),
+    ({'hard_p': {'blur': 1.5}}, r"hard_p\['blur'\] must be a probability between 0 and 1"),
+    ({'colour_jitter': 1.5}, 'colour_jitter must be between 0 and 1'),
+    ({'warmup': 1.0}, 'warmup must be a fraction of the steps'),
 ])
 def test_bad_settings_are_one_clear_error_and_write_nothing(tmp_path, tiny_ckpt, images, settings, message):
     net, size = initial_net('', str(tiny_ckpt), None, None)
@@ -346,7 +368,8 @@ def test_train_command_progress_skipped_files_log_and_ctrl_c(tmp_path, tiny_ckpt
     out = tmp_path / 'out'
     process = subprocess.Popen([sys.executable, '-m', 'towhee_isc', 'train', str(images), str(tmp_path / 'broken.jpg'),
                                 '-o', str(out), '--checkpoint', str(tiny_ckpt), '--epochs', '50', '--batch-size', '4',
-                                '--lr', '0.05', '--device', 'cpu'],
+                                '--lr', '0.05', '--device', 'cpu', '--hard-p', 'greyscale=0.5', '--warmup', '0.1',
+                                '--colour-jitter', '0.4'],
                                env={**os.environ, **ONE_THREAD, 'TOWHEE_ISC_PROGRESS': '1'},  # the bar, into this pipe
                                stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
@@ -360,6 +383,8 @@ def test_train_command_progress_skipped_files_log_and_ctrl_c(tmp_path, tiny_ckpt
     saved = out / 'checkpoint_interrupted.pth.tar'
     assert saved.is_file() and f'--resume {saved} to continue' in stderr
     assert load(saved)['epoch'] >= 1 and 'optimizer' in load(saved) and 'memory' in load(saved)
+    settings = load(saved)['args']  # the recipe's options reach the run and are recorded
+    assert (settings.hard_p, settings.warmup, settings.colour_jitter) == ({'greyscale': 0.5}, 0.1, 0.4)
     log = [json.loads(line) for line in (out / 'train_log.jsonl').read_text().splitlines()]
     assert log[0]['epoch'] == 1 and math.isfinite(log[0]['loss']) and (out / 'checkpoint_epoch0001.pth.tar').is_file()
 

@@ -263,37 +263,53 @@ class Views:
         return torch.stack([self.moderate(image)] + [self.hard(image) for _ in range(self.ncrops - 1)])
 
 
+# The winner's probability of each hard-view edit (exp/v98.py), by the name ``hard_p`` overrides it with;
+# all but the overlay (which replaces the strong crop) are multiplied by ``hard_p_scale``.
+HARD_EDITS: dict[str, float] = {'overlay': 0.1, 'rotate': 0.35, 'colour': 1.0, 'pixelize': 0.25, 'shuffle': 0.25, 'jpeg': 0.35,
+                                'greyscale': 0.25, 'blur': 0.25, 'perspective': 0.35, 'text': 0.35, 'emoji': 0.35,
+                                'edge': 0.3, 'erase': 0.25}
+
+
 def recipe(input_size: int, mean: Sequence[float], std: Sequence[float], ncrops: int = 2,
-           pool: Sequence[Any] = (), hard_p_scale: float = 1.0) -> Views:
+           pool: Sequence[Any] = (), hard_p_scale: float = 1.0, hard_p: dict[str, float] | None = None,
+           colour_jitter: float = 0.8) -> Views:
     """The winner's moderate and hard views at ``input_size``; ``pool`` are the training images that
     hard views may be overlaid with. ``hard_p_scale`` (0-1) multiplies the probability of each of the
     hard view's edits (not its crop, overlay or flips): 1 is the winner's (about 4.4 edits a view), 0.5
-    gentler views that a small network learns from in fewer steps."""
-    def p(winner: float) -> float:
-        return winner * hard_p_scale
+    gentler views that a small network learns from in fewer steps. ``hard_p`` sets the probability of
+    named edits (keys of ``HARD_EDITS``) outright, instead of scaling the winner's. ``colour_jitter`` is
+    the jitter's brightness, contrast and saturation strength (hue a quarter of it; the winner's 0.8)."""
+    hard_p = hard_p or {}
+    unknown = sorted(set(hard_p) - set(HARD_EDITS))
+    if unknown:
+        raise ValueError(f'unknown hard-view edits {unknown}: known are {list(HARD_EDITS)}')
 
+    def p(name: str) -> float:
+        return hard_p[name] if name in hard_p else HARD_EDITS[name] * (1.0 if name == 'overlay' else hard_p_scale)
+
+    c = colour_jitter
     moderate = transforms.Compose([
         Torchvision(transforms.RandomResizedCrop(input_size, scale=(0.7, 1.0))),
         Torchvision(transforms.RandomHorizontalFlip()),
         ToNormalizedTensor(input_size, mean, std),
     ])
     hard = transforms.Compose([
-        Rotate(p=p(0.35)),
-        OverlayImageOrCrop(pool, input_size, overlay_p=0.1),
+        Rotate(p=p('rotate')),
+        OverlayImageOrCrop(pool, input_size, overlay_p=p('overlay')),
         Shuffled([
-            Torchvision(transforms.ColorJitter(0.8, 0.8, 0.8, 0.2), p=p(1.0)),
-            Pixelize(p=p(0.25)),
-            ShufflePixels(factor=0.1, p=p(0.25)),
-            JpegQuality(p=p(0.35)),
-            Torchvision(transforms.Grayscale(3), p=p(0.25)),
-            Blur(p=p(0.25)),
-            Torchvision(transforms.RandomPerspective(p=1.0), p=p(0.35)),
+            Torchvision(transforms.ColorJitter(c, c, c, c / 4), p=p('colour')),
+            Pixelize(p=p('pixelize')),
+            ShufflePixels(factor=0.1, p=p('shuffle')),
+            JpegQuality(p=p('jpeg')),
+            Torchvision(transforms.Grayscale(3), p=p('greyscale')),
+            Blur(p=p('blur')),
+            Torchvision(transforms.RandomPerspective(p=1.0), p=p('perspective')),
             Torchvision(transforms.RandomHorizontalFlip(p=1.0), p=0.5),
             Torchvision(transforms.RandomVerticalFlip(p=1.0), p=0.1),
-            OverlayText(p=p(0.35)),
-            OverlayEmoji(p=p(0.35)),
-            EdgeEnhance(p=p(0.3)),
+            OverlayText(p=p('text')),
+            OverlayEmoji(p=p('emoji')),
+            EdgeEnhance(p=p('edge')),
         ]),
-        ToNormalizedTensor(input_size, mean, std, erase_p=p(0.25)),
+        ToNormalizedTensor(input_size, mean, std, erase_p=p('erase')),
     ])
     return Views(moderate, hard, ncrops)

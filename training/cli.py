@@ -23,6 +23,16 @@ def _whole(low: int):
     return parse
 
 
+def _edit_probability(text: str) -> tuple[str, float]:
+    """'NAME=P' (--hard-p) -> (NAME, P); names and ranges are checked with the other settings."""
+    name, sep, value = text.partition('=')
+    try:
+        return name.strip(), finite_float(value)
+    except (argparse.ArgumentTypeError, ValueError):
+        pass
+    raise argparse.ArgumentTypeError(f'{text!r} is not NAME=PROBABILITY (e.g. greyscale=0.5)')
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser('train', help="fine-tune the network on your images (the winner's self-supervised recipe)",
                               description='Fine-tune the ISC network on unlabelled images: every image gives ncrops '
@@ -47,6 +57,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     run.add_argument('--ncrops', type=_whole(2), default=DEFAULTS.ncrops, help='views per image')
     run.add_argument('--hard-p-scale', type=finite_float, default=DEFAULTS.hard_p_scale,
                      help="times each hard-view edit's probability (1: the winner's; 0.5: gentler, for small networks)")
+    run.add_argument('--hard-p', type=_edit_probability, action='append', metavar='EDIT=P',
+                     help="one hard-view edit's probability, set outright (repeatable): overlay, rotate, colour, pixelize, "
+                          'shuffle, jpeg, greyscale, blur, perspective, text, emoji, edge, erase')
+    run.add_argument('--colour-jitter', type=finite_float, default=DEFAULTS.colour_jitter,
+                     help="hard views' brightness/contrast/saturation jitter, hue a quarter of it (the winner's 0.8)")
+    run.add_argument('--warmup', type=finite_float, default=DEFAULTS.warmup,
+                     help='fraction of the steps over which the lr rises to --lr before decaying (default 0)')
     run.add_argument('--gem-p', type=finite_float, default=DEFAULTS.gem_p, help='GeM power while training')
     run.add_argument('--input-size', type=_whole(32), help='training crop size (default: --img-size)')
     run.add_argument('--seed', type=_whole(0), default=DEFAULTS.seed)
@@ -67,7 +84,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run_command(args: argparse.Namespace) -> None:
     config = TrainConfig(output_dir=args.output_dir, epochs=args.epochs, batch_size=args.batch_size, init_lr=args.lr,
                          weight_decay=args.weight_decay, memory_size=args.memory_size, ncrops=args.ncrops,
-                         hard_p_scale=args.hard_p_scale,
+                         hard_p_scale=args.hard_p_scale, hard_p=dict(args.hard_p or ()),
+                         colour_jitter=args.colour_jitter, warmup=args.warmup,
                          gem_p=args.gem_p, input_size=args.input_size, seed=args.seed, workers=args.workers,
                          device=args.device, precision=args.precision, distributed=args.distributed,
                          resume=args.resume, quiet=args.quiet, pairs=args.pairs, negatives=args.negatives,

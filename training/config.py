@@ -21,10 +21,13 @@ class TrainConfig:
     start_epoch: int = 0                # epochs already done (the lr schedule continues from there)
     batch_size: int = 128               # images per step over all processes (each gives ncrops views)
     init_lr: float = 0.1                # SGD's lr at the first epoch, decayed linearly to 0
+    warmup: float = 0.0                 # fraction of all steps over which the lr first rises linearly to init_lr
     weight_decay: float = 1e-6          # on weights only; 1-d parameters (biases, norms) get none
     momentum: float = 0.9
     ncrops: int = 2                     # views per image: one moderate, ncrops-1 hard
     hard_p_scale: float = 1.0           # times each hard-view edit's probability (1: the winner's; 0.5 gentler)
+    hard_p: dict[str, float] = field(default_factory=dict)  # named edits' probabilities set outright (augment.HARD_EDITS)
+    colour_jitter: float = 0.8          # hard views' brightness/contrast/saturation jitter (hue: a quarter)
     memory_size: int = 1024             # embeddings of past steps compared with (cross-batch memory)
     pos_margin: float = 0.0             # ContrastiveLoss(pos_margin=0, neg_margin=1)
     neg_margin: float = 1.0
@@ -88,6 +91,13 @@ class TrainConfig:
         number('hard_p_scale', positive=False)
         if self.hard_p_scale > 1:
             raise ValueError(f'hard_p_scale must be between 0 and 1 (it multiplies probabilities), got {self.hard_p_scale!r}')
+        self._check_hard_p()
+        number('colour_jitter', positive=False)
+        if self.colour_jitter > 1:
+            raise ValueError(f'colour_jitter must be between 0 and 1, got {self.colour_jitter!r}')
+        number('warmup', positive=False)
+        if self.warmup >= 1:
+            raise ValueError(f'warmup must be a fraction of the steps, 0 <= warmup < 1, got {self.warmup!r}')
         if self.precision not in PRECISIONS:
             raise ValueError(f'precision must be one of {list(PRECISIONS)}, got {self.precision!r}')
         if not isinstance(self.output_dir, (str, os.PathLike)):
@@ -107,6 +117,17 @@ class TrainConfig:
                              f'{f" and {len(earlier) - 1} more" if len(earlier) > 1 else ""}): choose another '
                              'output_dir, delete them, or continue that run with --resume (resume=)')
         return self
+
+    def _check_hard_p(self) -> None:
+        from .augment import HARD_EDITS  # torchvision: only when a run is checked, not to build the parser
+        if not isinstance(self.hard_p, dict):
+            raise TypeError(f'hard_p must be a dict of edit name -> probability, got {type(self.hard_p).__name__}')
+        for name, p in self.hard_p.items():
+            if name not in HARD_EDITS:
+                raise ValueError(f'hard_p names an unknown edit {name!r}: known are {list(HARD_EDITS)}')
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+                raise ValueError(f'hard_p[{name!r}] must be a probability between 0 and 1, got {p!r}')
+        self.hard_p = {name: float(p) for name, p in self.hard_p.items()}
 
     def record(self) -> dict[str, Any]:
         """The settings as plain values (kept in every checkpoint's ``args`` and in train_log.jsonl)."""

@@ -51,9 +51,15 @@ def no_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{'params': flat, 'weight_decay': 0.0}, {'params': decay, 'weight_decay': weight_decay}]
 
 
-def linear_lr(init_lr: float, epoch: int, step: int, steps: int, epochs: int) -> float:
-    """lr decayed linearly from ``init_lr`` at the first step to 0 after the last."""
-    return init_lr * (1.0 - (epoch * steps + step) / (epochs * steps))
+def linear_lr(init_lr: float, epoch: int, step: int, steps: int, epochs: int, warmup: float = 0.0) -> float:
+    """lr decayed linearly from ``init_lr`` at the first step to 0 after the last; with ``warmup`` (a
+    fraction of all steps), first raised linearly from ``init_lr / warm`` to ``init_lr`` over those
+    ``warm`` steps and decayed from there."""
+    done, total = epoch * steps + step, epochs * steps
+    warm = int(warmup * total)
+    if done < warm:
+        return init_lr * (done + 1) / warm
+    return init_lr * (1.0 - (done - warm) / (total - warm))
 
 
 class CollapseDetector:
@@ -100,7 +106,7 @@ def fit(model: nn.Module, memory: CrossBatchMemory, optimizer: torch.optim.Optim
         batches: Callable[[int, int], Iterable[tuple[torch.Tensor, torch.Tensor]]], steps: int,
         epochs: int, init_lr: float, start_epoch: int = 0, start_step: int = 0,
         device: torch.device = torch.device('cpu'), precision: str = 'fp32', collapse_steps: int = 20,
-        on_step: Callable[[Step], None] | None = None,
+        warmup: float = 0.0, on_step: Callable[[Step], None] | None = None,
         on_epoch: Callable[[int, float, float], None] | None = None) -> None:
     """Train epochs ``start_epoch`` .. ``epochs - 1`` (0-based), from step ``start_step`` of the first.
 
@@ -111,6 +117,7 @@ def fit(model: nn.Module, memory: CrossBatchMemory, optimizer: torch.optim.Optim
         batches: ``batches(epoch, skip)`` gives this rank's (labels (B,), images (B, 3, S, S)) of the
             epoch, the first ``skip`` steps left out.
         steps: steps per epoch.
+        warmup: the fraction of all steps the lr rises over before its linear decay (``linear_lr``).
         on_step: told after every step (may raise KeyboardInterrupt to stop there, as Ctrl-C does).
         on_epoch: ``on_epoch(epoch, mean loss, last lr)`` after each epoch.
 
@@ -130,7 +137,7 @@ def fit(model: nn.Module, memory: CrossBatchMemory, optimizer: torch.optim.Optim
             step = start_step if epoch == start_epoch else 0
             for labels, images in batches(epoch, step):
                 started = time.perf_counter()
-                lr = linear_lr(init_lr, epoch, step, steps, epochs)
+                lr = linear_lr(init_lr, epoch, step, steps, epochs, warmup)
                 for group in optimizer.param_groups:
                     group['lr'] = lr
                 images, labels = images.to(device, non_blocking=True), labels.to(device)

@@ -222,7 +222,7 @@ def _run(items, net: IscNet, img_size: int, config: TrainConfig, resume: dict | 
         dataset = PairsDataset(*items, preprocess(net.arch, input_size), config.negatives, config.seed)
     else:
         dataset = ViewsDataset(items, recipe(input_size, mean_std.mean, mean_std.std, config.ncrops, items,
-                                                config.hard_p_scale), config.seed)
+                                             config.hard_p_scale, config.hard_p, config.colour_jitter), config.seed)
     steps = len(dataset) // config.batch_size
 
     def batches(epoch: int, skip: int):
@@ -260,7 +260,7 @@ def _run(items, net: IscNet, img_size: int, config: TrainConfig, resume: dict | 
                                                     ProgressBar(steps * (config.epochs - config.start_epoch) - start_step))
     try:
         fit(model, memory, optimizer, batches, steps, config.epochs, config.init_lr, config.start_epoch, start_step,
-            device, config.precision, config.collapse_steps, progress, on_epoch)
+            device, config.precision, config.collapse_steps, config.warmup, progress, on_epoch)
     except Interrupted as stop:
         path = out / INTERRUPTED if rank == 0 else None
         if path is not None:
@@ -273,8 +273,11 @@ def _run(items, net: IscNet, img_size: int, config: TrainConfig, resume: dict | 
 
 
 def _plain(record: dict) -> dict:
-    """Settings that unpickle with ``weights_only`` (str, numbers, bools, None)."""
-    return {k: v for k, v in record.items() if v is None or isinstance(v, (str, int, float, bool))}
+    """Settings that unpickle with ``weights_only`` (str, numbers, bools, None, and dicts of them such as hard_p)."""
+    def plain(v) -> bool:
+        return v is None or isinstance(v, (str, int, float, bool))
+    return {k: v for k, v in record.items()
+            if plain(v) or isinstance(v, dict) and all(isinstance(a, str) and plain(b) for a, b in v.items())}
 
 
 class ProgressBar:
