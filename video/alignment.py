@@ -231,6 +231,15 @@ def gain_above(sims: np.ndarray, row_background: np.ndarray, column_median: np.n
 MIN_SCORE = 1.0  # dp_alignment's least score of a segment
 
 
+def _keep_path(traced: list[tuple[int, int]], blocked: np.ndarray, boxes: list[Box], min_length: int) -> None:
+    """A path traced back from its end: block its query rows for later segments and keep its box if long enough."""
+    path = np.array(traced[::-1], dtype=np.int64)
+    blocked[path[0, 0]:path[-1, 0] + 1] = True
+    box = Box(int(path[0, 0]), int(path[0, 1]), int(path[-1, 0]), int(path[-1, 1]), path=path)
+    if min(box.query_last - box.query_first, box.ref_last - box.ref_first) + 1 >= min_length:
+        boxes.append(box)
+
+
 def dp_alignment(sims: np.ndarray, threshold: float = 0.5, gap: float = 0.1, min_length: int = 2,
                  max_segments: int = 5, min_score: float = MIN_SCORE) -> list[Box]:
     """Local alignment of the frames whose similarity beats ``threshold`` (see the module docstring).
@@ -256,11 +265,7 @@ def dp_alignment(sims: np.ndarray, threshold: float = 0.5, gap: float = 0.1, min
             dq, dr = _STEPS[back[q, r] - 1]
             q, r = q - dq, r - dr
             path.append((q, r))
-        path = np.array(path[::-1], dtype=np.int64)
-        blocked[path[0, 0]:path[-1, 0] + 1] = True
-        box = Box(int(path[0, 0]), int(path[0, 1]), int(path[-1, 0]), int(path[-1, 1]), path=path)
-        if min(box.query_last - box.query_first, box.ref_last - box.ref_first) + 1 >= min_length:
-            boxes.append(box)
+        _keep_path(path, blocked, boxes, min_length)
     return boxes
 
 
@@ -346,9 +351,5 @@ def dp_alignment_by_rows(gain_rows, n_q: int, n_r: int, gap: float = 0.1, min_le
             dq, dr = _STEPS[move - 1]
             q, r = q - dq, r - dr
             path.append((q, r))
-        path = np.array(path[::-1], dtype=np.int64)
-        blocked[path[0, 0]:path[-1, 0] + 1] = True
-        box = Box(int(path[0, 0]), int(path[0, 1]), int(path[-1, 0]), int(path[-1, 1]), path=path)
-        if min(box.query_last - box.query_first, box.ref_last - box.ref_first) + 1 >= min_length:
-            boxes.append(box)
+        _keep_path(path, blocked, boxes, min_length)
     return boxes
