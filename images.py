@@ -221,12 +221,14 @@ def check_jpeg(f: IO[bytes], what: str) -> None:
         raise ImageError(f'{what} is a JPEG of {scans} scans, over the limit of {MAX_JPEG_SCANS} (encoders write '
                          'at most ~12; so many only make decoding slow: raise towhee_isc.images.MAX_JPEG_SCANS '
                          'to allow it)')
-    if segments > MAX_JPEG_SEGMENTS or parsed > MAX_JPEG_PARSED_SEGMENTS or size > MAX_JPEG_HEADER_BYTES:
-        raise ImageError(f'{what} is a JPEG of too many markers ({segments:,} segments and stray bytes; {parsed:,} Exif, DQT, SOF or '
-                         f'Photoshop segments and {size:,} bytes before its first scan; read so far; bounds {MAX_JPEG_SEGMENTS:,}, '
-                         f'{MAX_JPEG_PARSED_SEGMENTS} and {MAX_JPEG_HEADER_BYTES:,}): cameras write a few dozen '
-                         'segments; so many only make opening slow (raise towhee_isc.images.MAX_JPEG_SEGMENTS and '
-                         'the like to allow it)')
+    over = [f'{count:,} {counted} (bound {bound:,})' for count, bound, counted in (
+        (segments, MAX_JPEG_SEGMENTS, 'segments and stray bytes'),
+        (parsed, MAX_JPEG_PARSED_SEGMENTS, 'Exif, DQT, SOF or Photoshop segments before its first scan'),
+        (size, MAX_JPEG_HEADER_BYTES, 'bytes before its first scan')) if count > bound]
+    if over:  # the counts as read so far: each walk stops once past its bound
+        raise ImageError(f'{what} is a JPEG of too many markers: {"; ".join(over)}. Cameras write a few dozen '
+                         'segments; so many only make opening slow (raise towhee_isc.images.MAX_JPEG_SEGMENTS, '
+                         'MAX_JPEG_PARSED_SEGMENTS or MAX_JPEG_HEADER_BYTES to allow it)')
 
 
 def png_chunks(f: IO[bytes]) -> int:
