@@ -185,7 +185,7 @@ def check_container(source: str | os.PathLike | io.BytesIO, what: str) -> None:
         return  # Pillow reports it
     position = f.tell()
     try:
-        check = {'JPEG': check_jpeg, 'PNG': check_png, 'GIF': check_gif, 'TIFF': check_tiff}.get(
+        check = {'JPEG': check_jpeg, 'PNG': check_png, 'GIF': check_gif, 'TIFF': check_tiff, 'BMP': check_bmp}.get(
             format_signature(f.read(16), ACCEPTED_FORMATS) or '')
         if check is not None:
             check(f, what)
@@ -308,6 +308,11 @@ _TIFF_PER_SAMPLE = {258, 338, 339}
 _TIFF_PER_STRIP = {273, 279, 324, 325}
 _TIFF_FIXED = {320: 3 * 2**16, 530: 2, 532: 6}  # ColorMap (3 x 2^bits), YCbCrSubSampling, ReferenceBlackWhite
 MAX_TIFF_STRIPS = 2**16
+# Other tags Pillow reads at open (XMP, ICC, Orientation, FillOrder, ...) are read whole, a Python object for
+# each number (4.1 M rationals in XMP: 15 CPU-s, in Orientation 30); bytes and text come as one string. The
+# numbers outside the strips, tiles and ColorMap are bounded in all (a GeoTIFF's tie points: a few hundred).
+_TIFF_BYTE_TYPES = {1, 2, 6, 7}
+MAX_TIFF_OTHER_VALUES = 2**16
 MAX_TIFF_ENTRIES = 2**16 - 1  # a classic TIFF's most; Pillow reads every entry of the first directory
 
 
@@ -377,6 +382,30 @@ def check_tiff(f: IO[bytes], what: str) -> None:
         if bound is not None and count > bound:
             raise ImageError(f'{what} is a TIFF whose tag {tag} holds {count:,} values, over the {bound:,} it can '
                              'need (a crafted file: so many only make opening slow)')
+    others = sum(count for tag, kind, count, _ in entries
+                 if kind not in _TIFF_BYTE_TYPES and tag not in _TIFF_PER_STRIP and tag not in _TIFF_FIXED)
+    if others > MAX_TIFF_OTHER_VALUES:
+        raise ImageError(f'{what} is a TIFF whose tags hold {others:,} numbers besides its strips, over the bound of '
+                         f'{MAX_TIFF_OTHER_VALUES:,} (a crafted file: so many only make opening slow; raise '
+                         'towhee_isc.images.MAX_TIFF_OTHER_VALUES to allow it)')
+
+
+# Pillow decodes run-length encoded BMPs (RLE8, RLE4) in Python, a loop turn per pixel: a 37 KB 9000x9000
+# file of one pixel a row took 20 CPU-s. Such files are small icons and scans; larger ones are refused.
+MAX_BMP_RLE_PIXELS = 2**21
+
+
+def check_bmp(f: IO[bytes], what: str) -> None:
+    """Refuse a run-length encoded BMP of more than MAX_BMP_RLE_PIXELS pixels."""
+    f.seek(14)
+    header = f.read(20)
+    if len(header) < 20 or struct.unpack('<I', header[:4])[0] < 40:  # OS/2 headers have no compression
+        return
+    width, height, _, _, compression = struct.unpack('<iiHHI', header[4:20])
+    if compression in (1, 2) and abs(width) * abs(height) > MAX_BMP_RLE_PIXELS:
+        raise ImageError(f'{what} is a run-length encoded BMP of {abs(width)}x{abs(height)} pixels, over the bound of '
+                         f'{MAX_BMP_RLE_PIXELS:,} (Pillow decodes it pixel by pixel in Python; raise '
+                         'towhee_isc.images.MAX_BMP_RLE_PIXELS to allow it)')
 
 
 def check_tiff_tiles(image: Image.Image, what: str) -> None:

@@ -127,7 +127,7 @@ def test_crafted_files_are_refused_before_decoding_and_every_accepted_format_dec
     (36000 px: 1.27 GB). Round 8: millions of PNG chunks or GIF comments (11 and 4.8 CPU-s), a TIFF listing
     millions of strips or resolutions (40 and 14.5 CPU-s), a 33 MB PNG eXIf re-packed when turned upright
     (53 CPU-s, 1.35 GB), SOF segments padded to 64 KB (3 CPU-s): refused just past their bounds."""
-    from crafted_files import (blp_holding, camera_jpeg, encoded, gif_with_comments, jpeg_with_exif_segments,
+    from crafted_files import (blp_holding, bmp_rle, camera_jpeg, encoded, gif_with_comments, jpeg_with_exif_segments,
                                jpeg_with_hidden_scans, jpeg_with_sof_segments, png_with_chunks, png_with_exif,
                                tiff_in_one_tile, tiff_with_counts)
     from PIL import ImageOps
@@ -167,6 +167,13 @@ def test_crafted_files_are_refused_before_decoding_and_every_accepted_format_dec
         to_pil_rgb(tiff_with_counts(65))
     with pytest.raises(ImageError, match='is a TIFF whose tag 282 holds 2 values, over the 1 it can need'):
         to_pil_rgb(tiff_with_counts(resolutions=2))
+    # Round 9: the numbers of tags the per-tag bounds do not name (XMP, ICC, Orientation typed as rationals:
+    # 4.1 M of them 15-30 CPU-s), bounded in all; an RLE BMP, decoded by Pillow pixel by pixel in Python.
+    with pytest.raises(ImageError, match='TIFF whose tags hold 65,545 numbers besides its strips, over the bound'):
+        to_pil_rgb(tiff_with_counts(resolutions=65_536, resolution_tag=274))
+    assert to_pil_rgb(bmp_rle(64, 64)).getpixel((0, 63)) == (7, 7, 7)  # row 0 of a bottom-up BMP: the last
+    with pytest.raises(ImageError, match='is a run-length encoded BMP of 2000x2000 pixels, over the bound'):
+        to_pil_rgb(bmp_rle(2000, 2000))
     for orientation in range(1, 9):  # upright as Pillow's exif_transpose turns it, without re-writing the EXIF
         data = png_with_exif(1, orientation)
         expected = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert('RGB')

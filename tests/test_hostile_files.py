@@ -191,6 +191,9 @@ def test_outputs_never_replace_what_the_run_reads_nor_a_lock_of_the_users(photos
     # Round 8: kinds no signature list names (a Fujifilm RAW, a Photoshop file): refused as no kind written.
     (tmp_path / 'DSCF0001.RAF').write_bytes(b'FUJIFILMCCD-RAW 0201FF383501' + bytes(range(256)) * 4)
     (tmp_path / 'design.psd').write_bytes(b'8BPS\x00\x01' + bytes(range(256)) * 4)
+    import zipfile  # round 9: any zip passed as an npz (an .xlsx is a zip)
+    with zipfile.ZipFile(tmp_path / 'budget.xlsx', 'w') as sheet:
+        sheet.writestr('[Content_Types].xml', '<Types/>')
     rng = np.random.default_rng(0)
     for name, weights in (('q.h5', 'A'), ('r.h5', 'A'), ('bgB.h5', 'B')):
         write_descriptors(tmp_path / name, [f'{name}{i}' for i in range(4)], unit(rng.standard_normal((4, 256))),
@@ -208,6 +211,7 @@ def test_outputs_never_replace_what_the_run_reads_nor_a_lock_of_the_users(photos
         (['search', 'q.h5', *refs, '-o', 'MOV001.MOD'], "output 'MOV001.MOD' is an existing image or video"),
         (['dedup', 'r.h5', '-o', 'DSCF0001.RAF'], "output 'DSCF0001.RAF' is an existing file of a kind no command writes"),
         (['dedup', 'r.h5', '--report', 'design.psd'], "--report 'design.psd' is an existing file of a kind no command"),
+        (['dedup', 'r.h5', '-o', 'budget.xlsx'], "output 'budget.xlsx' is an existing file of a kind no command writes"),
         (['search', 'q.h5', *refs, '--score-norm', 'bgB.h5', '-o', 'sn.csv'],
          'the --score-norm background bgB.h5 and q.h5 were made by different models (weights B at 64 px vs A'),
     ]

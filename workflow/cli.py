@@ -533,10 +533,10 @@ def check_outputs(args: argparse.Namespace) -> None:
                              'HDF5, npz or PNG): writing it would destroy it; give another file name')
 
 
-# What the commands write: CSV, JSON and HTML (text), HDF5, npz (a zip) and --plot's PNG. An existing output
-# of any other kind is something else the user keeps, whatever its name: a camera's RAW (.RAF, .ORF, .RW2),
-# a Photoshop file; no list of their signatures is ever complete.
-_WRITTEN_SIGNATURES = (b'\x89HDF\r\n\x1a\n', b'PK\x03\x04', b'PK\x05\x06')
+# What the commands write: CSV, JSON and HTML (text), HDF5, npz (a zip of .npy files) and --plot's PNG. An
+# existing output of any other kind is something else the user keeps, whatever its name: a camera's RAW
+# (.RAF, .ORF, .RW2), a Photoshop file, a spreadsheet; no list of their signatures is ever complete.
+_WRITTEN_SIGNATURES = (b'\x89HDF\r\n\x1a\n', b'PK\x05\x06')
 
 
 def is_of_a_kind_written(path: str | os.PathLike, plot: bool = False) -> bool:
@@ -546,6 +546,9 @@ def is_of_a_kind_written(path: str | os.PathLike, plot: bool = False) -> bool:
         head = f.read(4096)
     if not head or head.startswith(_WRITTEN_SIGNATURES) or plot and head.startswith(b'\x89PNG\r\n\x1a\n'):
         return True
+    if head.startswith(b'PK\x03\x04'):  # a zip: an npz's first member is an array; a .docx's or .xlsx's is not
+        name_length = int.from_bytes(head[26:28], 'little')
+        return head[30:30 + name_length].endswith(b'.npy')
     if b'\0' in head:
         return False
     try:
