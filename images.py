@@ -198,16 +198,25 @@ def check_container(source: str | os.PathLike | io.BytesIO, what: str) -> None:
             f.close()
 
 
+MAP_ABOVE_BYTES = 64 * 2**20  # JPEG files larger than this are mapped to be checked (see check_jpeg)
+
+
 def check_jpeg(f: IO[bytes], what: str) -> None:
     """Refuse a JPEG (open as ``f``) of more markers than the bounds (MAX_JPEG_SEGMENTS and the two after it)
     or of more than MAX_JPEG_SCANS scans. Pillow takes any file starting ``FF D8 FF`` as a JPEG, whatever its
-    name. A file is mapped, not read: the walks touch only the pages they pass (a 1.5 GB file was read twice)."""
+    name. A file over MAP_ABOVE_BYTES is mapped, not read: the walks touch only the pages they pass (a 1.5 GB
+    file was read twice); a smaller one is read, as a mapped file cut short while it is walked kills the
+    process (SIGBUS) where a read only comes back short."""
     if isinstance(f, io.BytesIO):
         data: Any = f.getvalue()  # an upload, bounded by the caller; no copy while it is unchanged
     else:
-        try:
-            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        except (OSError, ValueError):  # no address space for it, or a file that cannot be mapped
+        data = None
+        if os.fstat(f.fileno()).st_size > MAP_ABOVE_BYTES:
+            try:
+                data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except (OSError, ValueError):  # no address space for it, or a file that cannot be mapped
+                pass
+        if data is None:
             f.seek(0)
             data = f.read()
     try:
