@@ -320,7 +320,7 @@ MAX_TIFF_STRIPS = 2**16
 # Other tags Pillow reads at open (XMP, ICC, Orientation, FillOrder, ...) are read whole, a Python object for
 # each number (4.1 M rationals in XMP: 15 CPU-s, in Orientation 30); bytes and text come as one string. The
 # numbers outside the strips, tiles and ColorMap are bounded in all (a GeoTIFF's tie points: a few hundred).
-_TIFF_BYTE_TYPES = {1, 2, 6, 7}
+_TIFF_BYTE_TYPES = {1, 2, 7}  # BYTE, ASCII, UNDEFINED (SBYTE is unpacked into a Python int each)
 MAX_TIFF_OTHER_VALUES = 2**16
 MAX_TIFF_ENTRIES = 2**16 - 1  # a classic TIFF's most; Pillow reads every entry of the first directory
 
@@ -399,22 +399,30 @@ def check_tiff(f: IO[bytes], what: str) -> None:
                          'towhee_isc.images.MAX_TIFF_OTHER_VALUES to allow it)')
 
 
-# Pillow decodes run-length encoded BMPs (RLE8, RLE4) in Python, a loop turn per pixel: a 37 KB 9000x9000
-# file of one pixel a row took 20 CPU-s. Such files are small icons and scans; larger ones are refused.
+# Pillow decodes run-length encoded BMPs (RLE8, RLE4) in Python, a loop turn per pixel and per 2 bytes of
+# codes: a 37 KB 9000x9000 file of one pixel a row took 20 CPU-s, a 32 MB 16x16 one of padding codes 7.8.
+# Such files are small icons and scans: larger ones are refused, and so are codes longer than the pixels
+# need (at worst 2 bytes a pixel and 2 a row, plus slack).
 MAX_BMP_RLE_PIXELS = 2**21
 
 
 def check_bmp(f: IO[bytes], what: str) -> None:
-    """Refuse a run-length encoded BMP of more than MAX_BMP_RLE_PIXELS pixels."""
-    f.seek(14)
-    header = f.read(20)
-    if len(header) < 20 or struct.unpack('<I', header[:4])[0] < 40:  # OS/2 headers have no compression
+    """Refuse a run-length encoded BMP of more than MAX_BMP_RLE_PIXELS pixels or of more codes than its
+    pixels need."""
+    f.seek(10)
+    header = f.read(24)
+    if len(header) < 24 or struct.unpack('<I', header[4:8])[0] < 40:  # OS/2 headers have no compression
         return
-    width, height, _, _, compression = struct.unpack('<iiHHI', header[4:20])
-    if compression in (1, 2) and abs(width) * abs(height) > MAX_BMP_RLE_PIXELS:
-        raise ImageError(f'{what} is a run-length encoded BMP of {abs(width)}x{abs(height)} pixels, over the bound of '
-                         f'{MAX_BMP_RLE_PIXELS:,} (Pillow decodes it pixel by pixel in Python; raise '
-                         'towhee_isc.images.MAX_BMP_RLE_PIXELS to allow it)')
+    offset, _, width, height, _, _, compression = struct.unpack('<IIiiHHI', header)
+    if compression not in (1, 2):
+        return
+    pixels = abs(width) * abs(height)
+    codes = os.fstat(f.fileno()).st_size if not isinstance(f, io.BytesIO) else len(f.getbuffer())
+    codes -= offset
+    if pixels > MAX_BMP_RLE_PIXELS or codes > 2 * pixels + 2 * abs(height) + 4096:
+        raise ImageError(f'{what} is a run-length encoded BMP of {abs(width)}x{abs(height)} pixels in {codes:,} bytes '
+                         f'of codes, over the bounds of {MAX_BMP_RLE_PIXELS:,} pixels and 2 bytes a pixel (Pillow '
+                         'decodes it in Python; raise towhee_isc.images.MAX_BMP_RLE_PIXELS to allow a larger one)')
 
 
 def check_tiff_tiles(image: Image.Image, what: str) -> None:

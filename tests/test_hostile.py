@@ -172,8 +172,11 @@ def test_crafted_files_are_refused_before_decoding_and_every_accepted_format_dec
     with pytest.raises(ImageError, match='TIFF whose tags hold 65,545 numbers besides its strips, over the bound'):
         to_pil_rgb(tiff_with_counts(resolutions=65_536, resolution_tag=274))
     assert to_pil_rgb(bmp_rle(64, 64)).getpixel((0, 63)) == (7, 7, 7)  # row 0 of a bottom-up BMP: the last
-    with pytest.raises(ImageError, match='is a run-length encoded BMP of 2000x2000 pixels, over the bound'):
+    with pytest.raises(ImageError, match='is a run-length encoded BMP of 2000x2000 pixels in 8,002 bytes of codes'):
         to_pil_rgb(bmp_rle(2000, 2000))
+    padded = bmp_rle(16, 16) + b'\x00\x00' * 4000  # round 10: codes that add no pixel (32 MB: 7.8 CPU-s)
+    with pytest.raises(ImageError, match='is a run-length encoded BMP of 16x16 pixels in 8,066 bytes of codes'):
+        to_pil_rgb(padded)
     for orientation in range(1, 9):  # upright as Pillow's exif_transpose turns it, without re-writing the EXIF
         data = png_with_exif(1, orientation)
         expected = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert('RGB')
