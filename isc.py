@@ -18,7 +18,7 @@ with warnings.catch_warnings():  # Towhee's own imports warn about pkg_resources
     from towhee import register
     from towhee.operator import NNOperator
 
-from .backends import DEFAULT_BATCH, TRITON_BATCH, cached_onnx, cpu_count, export_onnx, resolve_backend
+from .backends import DEFAULT_BATCH, TRITON_BATCH, cached_onnx, cpu_count, export_onnx, padded_batch, resolve_backend
 from .images import ImageError, image_size, is_jpeg, to_pil_rgb
 from .model import IscNet, preprocess, save_checkpoint
 from .network import IscModel, ModelSpec, accelerated_model
@@ -325,7 +325,11 @@ class Isc(NNOperator):
     def _run(self, batch: torch.Tensor) -> np.ndarray:
         """The network on one batch: an IscModel here, or the ONNX model in Triton (a torch tensor either way)."""
         if isinstance(self.model, IscModel):
-            return self.model(batch).cpu().numpy()
+            n = len(batch)
+            rows = padded_batch(n, self.batch_size) if self.device.type == 'cuda' else n
+            if rows > n:  # rows of zeros, dropped after: each image's vector is its own (inference mode)
+                batch = torch.cat([batch, batch.new_zeros((rows - n, *batch.shape[1:]))])
+            return self.model(batch).cpu().numpy()[:n]
         # In Triton: the repository's ONNX model was exported on the build machine; with checkpoint_path=
         # the server describes the weights by its own file at that path, which must be the same file.
         fix = ('was the repository built with these settings? With checkpoint_path=, the server needs the '

@@ -120,18 +120,23 @@ def test_results_do_not_depend_on_batch_size(small_ckpt, photos, batch_size):
 
 
 def test_a_gpu_operator_decodes_a_batch_in_threads_in_order(small_ckpt, photos):
-    """On CUDA the images of a batch are decoded by a pool of threads: same vectors, same order, and an
-    error still names its own list item. (The pool is chosen by the operator's device; the network
-    stays on the CPU here, which has no GPU.)"""
+    """On CUDA the images of a batch are decoded by a pool of threads, and a short batch is padded to a
+    power of two: same vectors, same order, and an error still names its own list item. (Both are chosen
+    by the operator's device; the network stays on the CPU here, which has no GPU.)"""
     from towhee_isc import Isc
+    from towhee_isc.backends import padded_batch
     from towhee_isc.images import ImageError
     op = Isc(checkpoint_path=small_ckpt, device='cpu', batch_size=4)
-    want = np.stack(op(photos[:6]))
+    want = np.stack(op(photos[:7]))
     op.device = torch.device('cuda')
-    assert np.abs(np.stack(op(photos[:6])) - want).max() == 0
+    backend, rows = op.model.backend, []
+    op.model.backend = lambda batch: (rows.append(len(batch)), backend(batch))[1]
+    assert np.abs(np.stack(op(photos[:7])) - want).max() < 1e-5
+    assert rows == [4, 4]  # the last 3 padded to 4: one batch shape (cuDNN plans each shape anew)
+    assert [padded_batch(n, 32) for n in (1, 3, 17, 32, 40)] == [1, 4, 32, 32, 40]
     with pytest.raises(ImageError, match=r'list item 3\b'):
         op(photos[:3] + [b'not an image'] + photos[:2])
-    assert np.abs(np.stack(op(photos[:6])) - want).max() == 0  # usable afterwards
+    assert np.abs(np.stack(op(photos[:7])) - want).max() == 0  # usable afterwards
 
 def test_skip_preprocess_takes_chw_and_nchw(small_ckpt, small_op, photos):
     from towhee_isc import Isc
