@@ -12,6 +12,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -31,6 +32,21 @@ DEFAULT_BATCH = {('torch', 'cpu'): 1, ('onnxruntime', 'cpu'): 1, ('torch', 'cuda
 # groups the calls; for a list, the operator sends this many per request: Triton's default max_batch_size
 # for an ONNX model whose config does not say one (TritonGPUConfig(max_batch_size=...) raises it).
 TRITON_BATCH = 4
+
+
+def batches(items: Iterator[Any], batch_size: int, max_bytes: int | None = None) -> Iterator[list[Any]]:
+    """Lists of the next ``batch_size`` items of ``items``; with ``max_bytes``, a list also ends once its
+    arrays (``nbytes``) hold that much, so large video frames do not pile up (one item always passes)."""
+    while True:
+        batch, held = [], 0
+        for item in items:
+            batch.append(item)
+            held += getattr(item, 'nbytes', 0)
+            if len(batch) == batch_size or (max_bytes is not None and held >= max_bytes):
+                break
+        if not batch:
+            return
+        yield batch
 
 
 def padded_batch(n: int, batch_size: int) -> int:

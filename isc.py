@@ -7,7 +7,7 @@ import shutil
 import warnings
 from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -18,7 +18,8 @@ with warnings.catch_warnings():  # Towhee's own imports warn about pkg_resources
     from towhee import register
     from towhee.operator import NNOperator
 
-from .backends import DEFAULT_BATCH, TRITON_BATCH, cached_onnx, cpu_count, export_onnx, padded_batch, resolve_backend
+from .backends import (DEFAULT_BATCH, TRITON_BATCH, batches, cached_onnx, cpu_count, export_onnx, padded_batch,
+                       resolve_backend)
 from .images import ImageError, image_size, is_jpeg, to_pil_rgb
 from .model import IscNet, preprocess, save_checkpoint
 from .network import IscModel, ModelSpec, accelerated_model
@@ -287,40 +288,53 @@ class Isc(NNOperator):
     # -- inference ---------------------------------------------------------------------------------
 
     def _embed(self, items: list[Any], single: bool) -> np.ndarray:
-        """(N, D) float32 embeddings, ``batch_size`` images at a time. While the backend runs one
-        chunk, a worker thread decodes and resizes the next (PIL releases the GIL). On a GPU one
-        thread cannot keep up with the network (measured on an H200: 140 images/s, CPU-bound), so
-        there the images of a chunk are decoded by a pool of threads."""
-        decoders = ThreadPoolExecutor(max_workers=min(8, cpu_count())) if self.device.type == 'cuda' else None
+        """(N, D) float32 embeddings of a list."""
+        return np.concatenate(list(self._embed_batches(iter(items), single)))
 
-        def prepare(start: int) -> torch.Tensor:
-            chunk = items[start:start + self.batch_size]
+    def _embed_batches(self, items: Iterator[Any], single: bool, max_bytes: int | None = None
+                       ) -> Iterator[np.ndarray]:
+        """(n, D) float32 embeddings of ``items``, batch by batch (``backends.batches``). While the
+        backend runs one batch, a worker thread takes and decodes the next (PIL releases the GIL). On a
+        GPU one thread cannot keep up with the network (measured on an H200: 140 images/s, CPU-bound),
+        so there the images of a batch are decoded by a pool of threads."""
+        decoders = ThreadPoolExecutor(max_workers=min(8, cpu_count())) if self.device.type == 'cuda' else None
+        chunks = batches(items, self.batch_size, max_bytes)
+        taken = 0
+
+        def prepare() -> tuple[torch.Tensor, int] | None:
+            nonlocal taken
+            chunk = next(chunks, None)
+            if chunk is None:
+                return None
+            start, taken = taken, taken + len(chunk)
             indices = [None if single else start + i for i in range(len(chunk))]
             mapper = decoders.map if decoders is not None and len(chunk) > 1 else map
             tensors = list(mapper(self._prepare, chunk, indices))
             if self.decode_on_device:  # some may be on the device already, others on the CPU
                 tensors = [t.to(self.device) for t in tensors]
-            return torch.stack(tensors)
+            return torch.stack(tensors), start
 
         try:
-            return self._embed_chunks(items, prepare)
+            with ThreadPoolExecutor(max_workers=1) as ahead:
+                pending = ahead.submit(prepare)
+                while (prepared := pending.result()) is not None:
+                    pending = ahead.submit(prepare)
+                    yield self._checked(self._run(prepared[0]), prepared[1])
         finally:
             if decoders is not None:
                 decoders.shutdown(cancel_futures=True)
 
-    def _embed_chunks(self, items: list[Any], prepare) -> np.ndarray:
-        starts = range(0, len(items), self.batch_size)
-        if len(starts) == 1:
-            return self._checked(self._run(prepare(0)), 0)
-        out = []
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(prepare, 0)
-            for start in starts:
-                batch = pending.result()
-                if start + self.batch_size < len(items):
-                    pending = pool.submit(prepare, start + self.batch_size)
-                out.append(self._checked(self._run(batch), start))
-        return np.concatenate(out)
+    def embed_stream(self, items: Iterable[Any], max_batch_bytes: int | None = None) -> Iterator[np.ndarray]:
+        """The (D,) float32 vector of each of ``items``, in order, for a stream too long to hold at once
+        (a video's frames): ``batch_size`` at a time, the next batch decoded while the network runs this
+        one, as a list is, but never stopping between lists. With ``max_batch_bytes`` a batch of numpy
+        arrays also ends at that many bytes. An image that cannot be used raises ``ImageError`` naming
+        its place in the stream (``list item N``), after the vectors of the batches before its own."""
+        for vectors in self._embed_batches(iter(items), False, max_batch_bytes):
+            if self.nes is not None:  # row by row, so a batch at a time is the same as all at once
+                vectors = self.nes.subtract(vectors, self.postprocessing['k'], self.postprocessing['beta'],
+                                            self.postprocessing['iterations'])
+            yield from vectors
 
     def _run(self, batch: torch.Tensor) -> np.ndarray:
         """The network on one batch: an IscModel here, or the ONNX model in Triton (a torch tensor either way)."""

@@ -487,8 +487,9 @@ def test_decoding_runs_ahead_by_bytes_and_repeats_of_a_frame_share_one_array(tmp
 
 
 class _FakeOp:
-    """An operator that refuses frames over 64 x 64 as the real one refuses images over its pixel limit."""
-    batch_size, fingerprint = 1, {'weights': 'fake'}
+    """An operator that refuses frames over 64 x 64 as the real one refuses images over its pixel limit,
+    and takes a stream in the operator's batches."""
+    batch_size, fingerprint = 8, {'weights': 'fake'}
 
     def __init__(self):
         self.calls = []
@@ -499,6 +500,11 @@ class _FakeOp:
         if any(f.shape[0] * f.shape[1] > 64 * 64 for f in frames):
             raise ImageError('image array (list item 1) is over the pixel limit')
         return [np.full(8, 8 ** -0.5, np.float32) for _ in frames]
+
+    def embed_stream(self, items, max_batch_bytes=None):
+        from towhee_isc.backends import batches
+        for batch in batches(iter(items), self.batch_size, max_batch_bytes):
+            yield from self(batch)
 
 
 def _growing_video(path: Path, size: int) -> None:

@@ -1,13 +1,16 @@
 """``video embed``: videos -> frame descriptors in VSC's npz, resumably, one video at a time.
 
-A worker thread decodes and samples frames (``reader.in_background``) while the operator embeds the
-previous batch, so decoding is not the bottleneck; each finished video is saved at once as a part
-(``storage.Parts``), so an interrupted run redoes at most one video.
+A worker thread decodes and samples frames (``reader.in_background``); the operator takes them as one
+stream (``Isc.embed_stream``), in its batches across videos' ends, resizing the next batch while the
+network runs one, so neither decoding nor a video's end leaves the network waiting. Each video is saved
+as a part (``storage.Parts``) once its last frame has its vector, so an interrupted run redoes at most
+the videos of the batches in flight.
 """
 from __future__ import annotations
 
 import sys
 import time
+from collections import defaultdict, deque
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -19,28 +22,8 @@ from ..images import ImageError
 from .reader import AHEAD_BYTES, VideoError, find_videos, in_background, sample_frames
 from .storage import Parts, VideoFeatures, write_video_descriptors
 
-# Frames of one video handed to the operator in one call. It runs them in its own batches
-# (``batch_size``: 1 on the CPU) and, within one call, preprocesses the next batch in a thread while the
-# network runs the current one, as when it is given all the frames at once; called batch by batch it
-# cannot overlap them. (benchmarks/video.py's seeds 0-7's references on a loaded machine, per CPU-second:
-# a median of 85 % of the operator's rate batch by batch, 89 % in calls of up to 32 frames; README Videos.)
-CHUNK = 32
 
-
-def _chunk(op) -> int:
-    """Frames per operator call: whole batches of the operator's, at least ``CHUNK`` frames."""
-    batch = op.batch_size or 8
-    return max(1, -(-CHUNK // batch)) * batch
-
-
-def _full(pending: list[np.ndarray], chunk: int) -> bool:
-    """Whether the frames waiting for the operator make a call: ``chunk`` frames, or fewer large ones
-    (``AHEAD_BYTES``: memory does not grow with the frames' size). The same rule in both embedding
-    functions, so a frame's batch, and its vector, is the same in both."""
-    return len(pending) >= chunk or sum(rgb.nbytes for rgb in pending) >= AHEAD_BYTES
-
-
-def _embedded(op, frames: list[np.ndarray], path) -> list[np.ndarray]:
+def _vectors(op, frames: list[np.ndarray], path) -> list[np.ndarray]:
     """The operator's vectors of one video's frames; a frame it cannot use is that video's error."""
     try:
         return op(frames)
@@ -80,20 +63,20 @@ def video_ids(videos: Sequence[Path]) -> list[str]:
 
 def embed_video(path: str | Path, op, fps: float = 1.0, max_duration: float | None = None
                 ) -> tuple[np.ndarray, np.ndarray]:
-    """One video's frame vectors (float32 (n, D)) and intervals (float64 (n, 2)), embedded in batches of
-    the operator's batch size as :func:`embed_videos` embeds them (so the vectors are the same); decoding
-    runs in a worker thread. A video that cannot be used raises ``VideoError``."""
-    chunk = _chunk(op)
-    vectors, intervals, pending = [], [], []
-    for rgb, start, end in in_background(sample_frames(path, fps, max_duration), size=lambda item: item[0].nbytes,
-                                           max_bytes=AHEAD_BYTES):
-        pending.append(rgb)
-        intervals.append((start, end))
-        if _full(pending, chunk):
-            vectors.extend(_embedded(op, pending, path))
-            pending = []
-    if pending:
-        vectors.extend(_embedded(op, pending, path))
+    """One video's frame vectors (float32 (n, D)) and intervals (float64 (n, 2)), embedded as
+    :func:`embed_videos` embeds them (on a GPU a frame's batch can differ: the same to float rounding);
+    decoding runs in a worker thread. A video that cannot be used raises ``VideoError``."""
+    intervals = []
+
+    def frames() -> Iterator[np.ndarray]:
+        for rgb, start, end in in_background(sample_frames(path, fps, max_duration), size=lambda item: item[0].nbytes,
+                                               max_bytes=AHEAD_BYTES):
+            intervals.append((start, end))
+            yield rgb
+    try:
+        vectors = list(op.embed_stream(frames(), max_batch_bytes=AHEAD_BYTES))
+    except ImageError as e:
+        raise VideoError(f'{str(path)!r}: {e}') from None
     if not vectors:
         raise VideoError(f'{path}: no frames')
     return np.stack(vectors).astype(np.float32), np.array(intervals, dtype=np.float64)
@@ -130,37 +113,53 @@ def _embed_videos(inputs: Sequence[str], output: str, embedder, fps: float, max_
                            'model': model, 'postprocessing': postprocessing})
     done = parts.done()
     todo = [n for n in range(len(videos)) if n not in done]
-    chunk = _chunk(op)
     bar = None
     if shown(quiet):  # only where someone watches: a terminal, or TOWHEE_ISC_PROGRESS=1
         from tqdm import tqdm
         bar = tqdm(total=len(videos), initial=len(done), unit='video', file=sys.stderr, smoothing=0.1)
-    started, embedded, seconds_embedding = time.perf_counter(), 0, 0.0
-    pending: list[np.ndarray] = []
-    vectors: list[np.ndarray] = []
-    intervals: list[tuple[float, float]] = []
+    started, embedded = time.perf_counter(), 0
+    vectors: dict[int, list[np.ndarray]] = defaultdict(list)
+    intervals: dict[int, list[tuple[float, float]]] = defaultdict(list)
+    failures: dict[int, str] = {}  # why a video cannot be used, once known: its later frames are dropped
+    # What was handed to the operator, in order: (n, interval, frame) per frame until its vector comes
+    # back, (n, None, None) at video n's end. Appended by the operator's worker thread as it takes frames.
+    handed: deque[tuple[int, tuple[float, float] | None, np.ndarray | None]] = deque()
 
-    def flush(n: int) -> str:
-        """Embed the frames waiting (of video ``n``): '' or why that video cannot be used."""
-        nonlocal embedded
-        try:
-            if pending:
-                vectors.extend(_embedded(op, list(pending), videos[n]))
-                embedded += len(pending)
-            return ''
-        except VideoError as e:
-            return str(e)
-        finally:
-            pending.clear()
+    def frames() -> Iterator[np.ndarray]:
+        for n, rgb, interval, failure in in_background(_frames_of(videos, todo, fps, max_duration),
+                                                        size=_frame_bytes, max_bytes=AHEAD_BYTES):
+            if failure:
+                failures.setdefault(n, failure)
+            if rgb is None:
+                handed.append((n, None, None))
+            elif n not in failures:
+                handed.append((n, interval, rgb))
+                yield rgb
 
-    def save(n: int, features: np.ndarray | None, frame_intervals: np.ndarray | None, failure: str) -> None:
+    def save(n: int) -> None:
+        failure = failures.pop(n, '')
+        features, frame_intervals = vectors.pop(n, []), intervals.pop(n, [])
         if failure and embedder.strict:
             raise VideoError(failure)
-        parts.save(n, features if not failure else np.zeros((0, 0), np.float32),
-                   frame_intervals if not failure else np.zeros((0, 2)), failure)
+        if not failure and not features:
+            failure = f'{str(videos[n])!r}: no frames'
+        parts.save(n, np.stack(features) if not failure else np.zeros((0, 0), np.float32),
+                   np.array(frame_intervals) if not failure else np.zeros((0, 2)), failure)
         if bar:
             bar.update(1)
             bar.set_postfix(frames=embedded)
+
+    def keep(n: int, interval: tuple[float, float], vector: np.ndarray) -> None:
+        nonlocal embedded
+        if n not in failures:
+            vectors[n].append(vector)
+            intervals[n].append(interval)
+            embedded += 1
+
+    def settle() -> None:
+        """Save each video whose end was handed on and whose frames all have their vectors."""
+        while handed and handed[0][1] is None:
+            save(handed.popleft()[0])
 
     try:
         if ray_address is not None:
@@ -169,29 +168,41 @@ def _embed_videos(inputs: Sequence[str], output: str, embedder, fps: float, max_
             def count(n, features, frame_intervals, failure):
                 nonlocal embedded
                 embedded += 0 if failure else len(features)
-                save(n, features, frame_intervals, failure)
+                failures[n] = failure
+                vectors[n], intervals[n] = list(features), list(frame_intervals)
+                save(n)
             embed_on_ray([(n, videos[n]) for n in todo], ray_address, embedder.isc_kwargs, fps, max_duration,
                          cpus_per_task, count)
             todo = []
-        failed = ''  # why the video being read cannot be used, once its frames showed it: the rest are dropped
-        for n, rgb, interval, failure in in_background(_frames_of(videos, todo, fps, max_duration), size=_frame_bytes,
-                                                        max_bytes=AHEAD_BYTES):
-            if rgb is not None:
-                if not failed:
-                    pending.append(rgb)
-                    intervals.append(interval)
-                    if _full(pending, chunk):
-                        failed = flush(n)
-                        if bar:
-                            bar.set_postfix(frames=embedded, refresh=False)
-                continue
-            if not (failed or failure):
-                failed = flush(n)
-            pending.clear()
-            failure = failed or failure
-            save(n, np.stack(vectors) if vectors else np.zeros((0, 0), np.float32), np.array(intervals), failure)
-            vectors.clear(), intervals.clear()
-            failed = ''
+        source = frames()
+        while True:
+            try:
+                for vector in op.embed_stream(source, max_batch_bytes=AHEAD_BYTES):
+                    settle()
+                    n, interval, _ = handed.popleft()
+                    keep(n, interval, vector)
+                break
+            except ImageError:
+                # A frame of the batch taken last: what is still handed on is that batch (the vectors
+                # before it all came back). Each of its videos' frames run alone name the one at fault;
+                # then the stream goes on from the next frame.
+                settle()
+                while handed:
+                    n = handed[0][0]
+                    run = []
+                    while handed and handed[0][0] == n and handed[0][1] is not None:
+                        run.append(handed.popleft())
+                    try:
+                        for (_, interval, _), vector in zip(run, _vectors(op, [rgb for _, _, rgb in run], videos[n])):
+                            keep(n, interval, vector)
+                    except VideoError as e:
+                        failures.setdefault(n, str(e))
+                    settle()
+        settle()
+    except BaseException as e:
+        if not isinstance(e, VideoError):  # interrupted: keep the videos whose vectors all came back
+            settle()
+        raise
     finally:
         if bar:
             bar.close()
