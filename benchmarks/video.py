@@ -2,7 +2,7 @@
 `video evaluate`, beside VSC 2022's baseline recipe run on the same descriptors.
 
     .venv/bin/python benchmarks/video.py [--seeds 0 1 2] [--refs 8] [--queries 10] [--edits mild|hard]
-                                         [--checkpoint FILE]
+                                         [--checkpoint FILE] [--device cpu|cuda]
 
 Per seed: reference videos (20-30 s, 3-8 shots panning and zooming over ninths of one photo with a
 scene, its own: no photo is in two references), query videos (20-30 s) of photos no reference uses,
@@ -12,8 +12,8 @@ re-encode (x264 CRF 28-35), rescale 75-100 %, crop <= 10 %, brightness 0.8-1.2; 
 caption overlay and a speed change (0.75-1.5x). Without ``--checkpoint`` a synthetic checkpoint
 (``--arch`` resnet18 at ``--img-size`` 96 px, random weights) makes the descriptors.
 
-``--embed-rate`` (with ``--keep`` of an earlier run) instead times `video embed` on each seed's kept
-reference videos against the operator alone on the same decoded frames, per second of wall and CPU time.
+``--embed-rate`` instead times `video embed` on each seed's reference videos (kept by an earlier run's
+``--keep``, else made now) against the operator alone on the same decoded frames, per second of wall and CPU time.
 
 ``--search-scale QUERIES REFERENCES`` instead times `video search` alone (the real command, in a child
 process) on random 256-d descriptors of 60 s videos at 1 fps with planted copies (half the queries hold
@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from towhee_isc.backends import padded_batch
 from towhee_isc.video.alignment import temporal_network
 from towhee_isc.video.embed import embed_videos
 from towhee_isc.video.localization import VSC_TN
@@ -159,25 +160,30 @@ def boundary_errors(truth: list[Segment], found: list[Segment]) -> list[float]:
     return errors
 
 
+def warm(op, frames: list) -> None:
+    """Run each batch shape the operator will meet once (on CUDA, cuDNN plans each anew: ~2 s each)."""
+    batch = op.batch_size or 1
+    for rows in sorted({padded_batch(n, batch) for n in range(1, batch + 1)}):
+        op((frames * rows)[:rows])
+
+
 def operator_rate(op, video: Path) -> tuple[float, float]:
     """Images per second of wall time and per second of CPU time (all threads) of the operator alone on
     the decoded frames of one video (the same frames `video embed` embeds)."""
     frames = [f for f, _, _ in sample_frames(video)]
-    op(frames[:2])
+    warm(op, frames)
     start, cpu = time.perf_counter(), time.process_time()
     op(frames)
     return len(frames) / (time.perf_counter() - start), len(frames) / (time.process_time() - cpu)
 
 
 def embed_rates(work: Path, seeds: list[int], embedder) -> None:
-    """Per kept seed (``--keep`` of an earlier run): `video embed` on its refs/ and the operator alone on
-    the same decoded frames, one after the other, each per second of wall and of CPU time."""
+    """Per seed: `video embed` on its refs/ and the operator alone on the same decoded frames, one after
+    the other, each per second of wall and of CPU time."""
     for seed in seeds:
         folder = work / f'seed{seed}' / 'refs'
-        if not folder.is_dir():
-            raise SystemExit(f'error: {folder} is missing: make it first with --keep {work} --seeds {seed}')
         frames = [f for video in sorted(folder.iterdir()) for f, _, _ in sample_frames(video)]
-        embedder.op(frames[:2])
+        warm(embedder.op, frames)
         with tempfile.TemporaryDirectory() as out:
             start, cpu = time.perf_counter(), time.process_time()
             embed_videos([folder], str(Path(out) / 'refs.npz'), embedder, quiet=True)
@@ -257,10 +263,11 @@ def main() -> None:
     parser.add_argument('--arch', default='resnet18', help='the synthetic checkpoint\'s timm backbone')
     parser.add_argument('--img-size', type=int, default=96, help='the synthetic checkpoint\'s input size')
     parser.add_argument('--keep', help='keep the videos, descriptors and CSVs in this folder')
+    parser.add_argument('--device', default='cpu', help="the operator's device: cpu (default), cuda, cuda:N")
     parser.add_argument('--search-scale', type=int, nargs=2, metavar=('QUERIES', 'REFERENCES'),
                         help='only time video search on random descriptors of this many 60 s videos')
     parser.add_argument('--embed-rate', action='store_true',
-                        help="only time `video embed` against the operator on the refs of seeds kept in --keep")
+                        help="only time `video embed` against the operator on the refs of --seeds (made if not kept)")
     args = parser.parse_args()
     work = Path(args.keep or tempfile.mkdtemp(prefix='video-bench-'))
     work.mkdir(parents=True, exist_ok=True)
@@ -273,8 +280,12 @@ def main() -> None:
         checkpoint = str(work / f'synthetic_{args.arch}_{args.img_size}.pth.tar')
         if not Path(checkpoint).exists():
             make_synthetic_checkpoint(checkpoint, args.arch, args.img_size, sample_photos())
-    embedder = Embedder(checkpoint_path=checkpoint, device='cpu')
+    embedder = Embedder(checkpoint_path=checkpoint, device=args.device)
     if args.embed_rate:
+        for seed in args.seeds:  # made here (not embedded) when no earlier run kept them
+            if not (work / f'seed{seed}' / 'refs').is_dir():
+                write_segments(work / f'seed{seed}' / 'truth.csv',
+                               make_set(work / f'seed{seed}', seed, args.refs, args.queries, args.edits == 'hard'))
         embed_rates(work, args.seeds, embedder)
         return
     rows = []
