@@ -542,6 +542,11 @@ def test_a_video_whose_frames_grow_after_the_first_is_skipped_and_named_the_othe
     assert (written, frames) == (2, 6) and list(skipped) == [tmp_path / 'in' / 'b.mkv']
     assert "b.mkv': image array (list item 1) is over the pixel limit" in skipped[tmp_path / 'in' / 'b.mkv']
     assert max(op.calls) == 2 and read_video_descriptors(tmp_path / 'v.npz').ids == ['a', 'c']
+    monkeypatch.setattr(embed, '_decoders', lambda op: 3)  # as for a GPU: three videos decoded at once
+    assert embed.embed_videos([tmp_path / 'in'], str(tmp_path / 'v3.npz'), embedder, quiet=True)[1] == skipped
+    three, one = read_video_descriptors(tmp_path / 'v3.npz'), read_video_descriptors(tmp_path / 'v.npz')
+    assert three.ids == ['a', 'c'] and all(np.array_equal(x.timestamps, y.timestamps) and len(x) == 3
+                                           for x, y in zip(three.videos, one.videos))
     monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 80 * 80)
     _, skipped, _, _ = embed.embed_videos([tmp_path / 'in'], str(tmp_path / 'w.npz'), embedder, quiet=True)
     assert skipped[tmp_path / 'in' / 'b.mkv'].endswith("b.mkv': its frame at 1.0 s is 96x96 = 9,216 pixels, over "

@@ -1,10 +1,10 @@
 """``video embed``: videos -> frame descriptors in VSC's npz, resumably, one video at a time.
 
-A worker thread decodes and samples frames (``reader.in_background``); the operator takes them as one
-stream (``Isc.embed_stream``), in its batches across videos' ends, resizing the next batch while the
-network runs one, so neither decoding nor a video's end leaves the network waiting. Each video is saved
-as a part (``storage.Parts``) once its last frame has its vector, so an interrupted run redoes at most
-the videos of the batches in flight.
+Worker threads decode and sample frames (``reader.in_background``; for a GPU, several videos at once).
+The operator takes them as one stream (``Isc.embed_stream``) in its batches across videos' ends,
+resizing the next batch while the network runs one, so neither decoding nor a video's end leaves the
+network waiting. Each video is saved as a part (``storage.Parts``) once its last frame has its vector,
+so an interrupted run redoes at most the videos of the batches in flight.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import numpy as np
 
 from ..progress import shown
 from ..atomic import sole_writer
+from ..backends import cpu_count
 from ..images import ImageError
 from .reader import AHEAD_BYTES, VideoError, find_videos, in_background, sample_frames
 from .storage import Parts, VideoFeatures, write_video_descriptors
@@ -48,6 +49,37 @@ def _frames_of(videos: Sequence[Path], todo: Sequence[int], fps: float, max_dura
             yield n, None, None, str(e)
             continue
         yield n, None, None, ''
+
+
+def _decoded(videos: Sequence[Path], todo: Sequence[int], fps: float, max_duration: float | None,
+             decoders: int) -> Iterator[tuple[int, np.ndarray | None, tuple[float, float] | None, str]]:
+    """What ``_frames_of`` gives, in its order, from up to ``decoders`` videos decoded at once, each in its
+    own thread (FFmpeg releases the GIL), ``AHEAD_BYTES`` ahead in all. One thread decodes 140-340
+    frames/s of benchmarks/video.py's videos, what an H200 embeds: alone it would hold the GPU back."""
+    upcoming = iter(todo)
+    streams: deque[Iterator] = deque()
+
+    def start_next() -> None:
+        n = next(upcoming, None)
+        if n is not None:
+            streams.append(in_background(_frames_of(videos, [n], fps, max_duration), size=_frame_bytes,
+                                         max_bytes=AHEAD_BYTES // decoders))
+    try:
+        for _ in range(decoders):
+            start_next()
+        while streams:
+            yield from streams[0]
+            streams.popleft()
+            start_next()
+    finally:
+        for stream in streams:
+            stream.close()
+
+
+def _decoders(op) -> int:
+    """Videos decoded at once: several for a GPU, one where the network runs on the CPU (it is slower)."""
+    device = getattr(op, 'device', None)
+    return max(1, min(4, cpu_count() // 2)) if getattr(device, 'type', 'cpu') == 'cuda' else 1
 
 
 def video_ids(videos: Sequence[Path]) -> list[str]:
@@ -126,8 +158,7 @@ def _embed_videos(inputs: Sequence[str], output: str, embedder, fps: float, max_
     handed: deque[tuple[int, tuple[float, float] | None, np.ndarray | None]] = deque()
 
     def frames() -> Iterator[np.ndarray]:
-        for n, rgb, interval, failure in in_background(_frames_of(videos, todo, fps, max_duration),
-                                                        size=_frame_bytes, max_bytes=AHEAD_BYTES):
+        for n, rgb, interval, failure in _decoded(videos, todo, fps, max_duration, _decoders(op)):
             if failure:
                 failures.setdefault(n, failure)
             if rgb is None:

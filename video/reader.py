@@ -183,54 +183,64 @@ T = TypeVar('T')
 
 def in_background(items: Iterable[T], depth: int = 64, size: Callable[[T], int] | None = None,
                   max_bytes: int | None = None) -> Iterator[T]:
-    """Iterate ``items`` in a worker thread, ``depth`` ahead of the consumer (decoding overlaps
-    embedding), and no more than ``max_bytes`` ahead (as ``size`` counts an item; one item always
-    passes), so memory does not grow with the frames' size; an exception in the worker is raised
-    here. Stops the worker if the consumer stops. ``max_bytes`` defaults to ``AHEAD_BYTES``."""
-    max_bytes = AHEAD_BYTES if max_bytes is None else max_bytes
-    box: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    done = object()
-    room = threading.Condition()
-    held = 0  # bytes queued
+    """Iterate ``items`` in a worker thread, started at once (so several can decode ahead of their
+    consumer), ``depth`` ahead of the consumer (decoding overlaps embedding), and no more than
+    ``max_bytes`` ahead (as ``size`` counts an item; one item always passes), so memory does not grow
+    with the frames' size; an exception in the worker is raised here. The worker stops when the
+    iterator is closed or dropped. ``max_bytes`` defaults to ``AHEAD_BYTES``."""
+    return _Ahead(items, depth, size, AHEAD_BYTES if max_bytes is None else max_bytes)
 
-    def work():
-        nonlocal held
+
+class _Ahead(Iterator[T]):
+    _done = object()
+
+    def __init__(self, items: Iterable[T], depth: int, size: Callable[[T], int] | None, max_bytes: int):
+        self.box: queue.Queue = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+        self.room = threading.Condition()
+        self.held = 0  # bytes queued
+        threading.Thread(target=self._work, args=(items, size, max_bytes), name='video-decode', daemon=True).start()
+
+    def _work(self, items: Iterable[T], size: Callable[[T], int] | None, max_bytes: int) -> None:
         try:
             for item in items:
                 cost = size(item) if size else 0
-                with room:
-                    room.wait_for(lambda: stop.is_set() or not held or held + cost <= max_bytes)
-                    held += cost
-                while not stop.is_set():
+                with self.room:
+                    self.room.wait_for(lambda: self.stop.is_set() or not self.held or self.held + cost <= max_bytes)
+                    self.held += cost
+                while not self.stop.is_set():
                     try:
-                        box.put((item, None, cost), timeout=0.1)
+                        self.box.put((item, None, cost), timeout=0.1)
                         break
                     except queue.Full:
                         continue
-                if stop.is_set():
+                if self.stop.is_set():
                     return
-            box.put((done, None, 0))
+            self.box.put((self._done, None, 0))
         except BaseException as e:  # noqa: BLE001 (handed to the consumer)
-            box.put((done, e, 0))
+            self.box.put((self._done, e, 0))
 
-    worker = threading.Thread(target=work, name='video-decode', daemon=True)
-    worker.start()
-    try:
-        while True:
-            item, error, cost = box.get()
-            with room:
-                held -= cost
-                room.notify()
-            if item is done:
-                if error is not None:
-                    raise error
-                return
-            yield item
-    finally:
-        with room:
-            stop.set()
-            room.notify()
+    def __next__(self) -> T:
+        if self.stop.is_set():
+            raise StopIteration
+        item, error, cost = self.box.get()
+        with self.room:
+            self.held -= cost
+            self.room.notify()
+        if item is self._done:
+            self.close()
+            if error is not None:
+                raise error
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        with self.room:
+            self.stop.set()
+            self.room.notify()
+
+    def __del__(self) -> None:
+        self.close()
 
 
 def find_videos(inputs: Iterable[str | os.PathLike]) -> list[Path]:
