@@ -198,9 +198,11 @@ def _embed_videos(inputs: Sequence[str], output: str, embedder, fps: float, max_
 
             def count(n, features, frame_intervals, failure):
                 nonlocal embedded
-                embedded += 0 if failure else len(features)
-                failures[n] = failure
-                vectors[n], intervals[n] = list(features), list(frame_intervals)
+                if failure:
+                    failures[n] = failure
+                else:
+                    embedded += len(features)
+                    vectors[n], intervals[n] = list(features), list(frame_intervals)
                 save(n)
             embed_on_ray([(n, videos[n]) for n in todo], ray_address, embedder.isc_kwargs, fps, max_duration,
                          cpus_per_task, count)
