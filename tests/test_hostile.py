@@ -72,6 +72,12 @@ def test_decompression_bombs_are_image_errors_on_every_path(small_ckpt, small_op
     with pytest.raises(ImageError, match='over the pixel limit'):
         on_device(tmp_path / 'bomb.jpg')
     assert_unit(small_op(photos[0]))
+    # dedup's choice of the copy to keep opens each member's recorded file: a bomb is ranked last, not an abort.
+    from towhee_isc.workflow.matching import Components
+    photos[0].save(tmp_path / 'photo.png')
+    group = Components(2)
+    group.join(np.array([0]), np.array([1]))
+    assert group.groups(['bomb', 'photo'], [str(bomb), str(tmp_path / 'photo.png')])[0].keep == 'photo'
 
 
 def test_non_regular_files_are_refused_without_hanging(small_op, photos, tmp_path):
