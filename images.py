@@ -49,8 +49,11 @@ MAX_JPEG_HEADER_BYTES = 16 * 2**20
 # a loop turn each (2.8 M empty PNG chunks, a 33 MB file: 11 CPU-s; 6.7 M GIF comment blocks: 4.8 CPU-s and
 # 1.2 GB). Encoders write a few chunks plus image data in IDAT chunks of 8 KB or more (libpng's default; 4,096
 # of them for a 32 MB PNG), and a few GIF extensions (an ICC profile of 1 MB: 4,000 sub-blocks of 255
-# bytes); four times that still opens in milliseconds.
+# bytes); four times that still opens in milliseconds. A PNG may hold MAX_PNG_CHUNKS chunks and one more per
+# PNG_BYTES_PER_CHUNK of file besides: a 141 MB 16-bit scan in libpng's 8 KB IDATs has 17,243, and a chunk
+# of 8 KB costs its loop turn no more than its data costs to inflate; empty chunks gain an attacker nothing.
 MAX_PNG_CHUNKS = 16384
+PNG_BYTES_PER_CHUNK = 8192
 MAX_GIF_BLOCKS = 16384
 
 # The formats opened: those people give a copy detector (photos, screenshots, scans, web images), each
@@ -240,12 +243,17 @@ def check_jpeg(f: IO[bytes], what: str) -> None:
                          'MAX_JPEG_PARSED_SEGMENTS or MAX_JPEG_HEADER_BYTES to allow it)')
 
 
-def png_chunks(f: IO[bytes]) -> int:
+def png_chunk_bound(size: int) -> int:
+    """The chunks a PNG of ``size`` bytes may hold: MAX_PNG_CHUNKS, and one per PNG_BYTES_PER_CHUNK."""
+    return MAX_PNG_CHUNKS + size // PNG_BYTES_PER_CHUNK
+
+
+def png_chunks(f: IO[bytes], bound: int) -> int:
     """The chunks of the PNG open as ``f`` up to IEND, walked by their 8-byte headers (the data skipped); the
-    walk stops past MAX_PNG_CHUNKS."""
+    walk stops past ``bound``."""
     f.seek(8)
     chunks = 0
-    while chunks <= MAX_PNG_CHUNKS:
+    while chunks <= bound:
         head = f.read(8)
         if len(head) < 8:
             break
@@ -258,11 +266,13 @@ def png_chunks(f: IO[bytes]) -> int:
 
 
 def check_png(f: IO[bytes], what: str) -> None:
-    """Refuse a PNG of more than MAX_PNG_CHUNKS chunks."""
-    chunks = png_chunks(f)
-    if chunks > MAX_PNG_CHUNKS:
-        raise ImageError(f'{what} is a PNG of over {MAX_PNG_CHUNKS:,} chunks (encoders write a few, and image data in '
-                         'chunks of 8 KB or more); so many only make opening slow (a crafted file; raise '
+    """Refuse a PNG of more chunks than ``png_chunk_bound`` of its size."""
+    size = f.seek(0, os.SEEK_END)
+    bound = png_chunk_bound(size)
+    if png_chunks(f, bound) > bound:
+        raise ImageError(f'{what} is a PNG of over {bound:,} chunks in {size:,} bytes (encoders write a few, and image '
+                         f'data in chunks of 8 KB or more: {MAX_PNG_CHUNKS:,} and one per {PNG_BYTES_PER_CHUNK:,} bytes '
+                         'are allowed); so many only make opening slow (a crafted file; raise '
                          'towhee_isc.images.MAX_PNG_CHUNKS to allow it)')
 
 

@@ -161,10 +161,24 @@ def test_crafted_files_are_refused_before_decoding_and_every_accepted_format_dec
     with pytest.raises(ImageError, match=r'too many markers: 20 Exif, DQT, SOF or Photoshop segments before its '
                                          r'first scan \(bound 16\)\. Cameras'):
         to_pil_rgb(jpeg_with_sof_segments(17, size=64))
-    for kind in (b'prIv', b'IDAT'):
+    for kind in (b'prIv', b'IDAT'):  # 16,384 chunks and one per 8 KB: 16,408 for a file of 16,500 empty ones
         assert to_pil_rgb(png_with_chunks(4_000, kind)).size == (16, 16)
-        with pytest.raises(ImageError, match='is a PNG of over 16,384 chunks'):
-            to_pil_rgb(png_with_chunks(16_400, kind))
+        with pytest.raises(ImageError, match='is a PNG of over 16,408 chunks in 198,082 bytes'):
+            to_pil_rgb(png_with_chunks(16_500, kind))
+    # Round 9: honest encoders write image data in 8 KB chunks (libpng): a PNG over 134 MB has more than
+    # 16,384; the bound grows with the file (shown at 64 chunks, not 16,384: the same rule, 1/256 the bytes).
+    from towhee_isc import images
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(images, 'MAX_PNG_CHUNKS', 64)
+        noise = np.random.default_rng(0).integers(0, 256, (600, 600, 3), dtype=np.uint8)
+        raw = encoded(Image.fromarray(noise), 'PNG')
+        stream = zlib.compress(b''.join(b'\0' + row.tobytes() for row in noise))  # filter 0 on each row
+        pieces = [stream[i:i + 8192] for i in range(0, len(stream), 8192)]
+        libpng_like = raw[:33] + b''.join(struct.pack('>I', len(p)) + b'IDAT' + p  # signature and IHDR first
+                                          + struct.pack('>I', zlib.crc32(b'IDAT' + p)) for p in pieces) + raw[-12:]
+        assert len(pieces) > 64 and np.array_equal(np.asarray(to_pil_rgb(libpng_like)), noise)
+        with pytest.raises(ImageError, match='is a PNG of over 64 chunks'):
+            to_pil_rgb(png_with_chunks(100, b'IDAT'))
     assert to_pil_rgb(gif_with_comments(4_000)).size == (16, 16)  # 2 blocks each: the extension, its sub-block
     with pytest.raises(ImageError, match='is a GIF of over 16,384 extension blocks before its first image'):
         to_pil_rgb(gif_with_comments(8_200))
