@@ -11,7 +11,7 @@ import re
 import stat
 import struct
 from pathlib import Path
-from typing import IO, Any, Sequence
+from typing import IO, Any, Collection, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -335,35 +335,42 @@ MAX_TIFF_OTHER_VALUES = 2**16
 MAX_TIFF_ENTRIES = 2**16 - 1  # a classic TIFF's most; Pillow reads every entry of the first directory
 
 
-def tiff_directory(f: IO[bytes]) -> tuple[int, list[tuple[int, int, int, int | None]]]:
-    """(entries declared, [(tag, type, count, value)]) of the first directory of the TIFF (classic or BigTIFF)
-    open as ``f``, read from its raw entries (at most MAX_TIFF_ENTRIES of them); value: the one integer of an
-    entry of one value of any integer type (libtiff takes them all), else None."""
+def tiff_directory(f: IO[bytes], arrays: Collection[int] = ()) -> tuple[
+        int, list[tuple[int, int, int, int | None]], dict[int, tuple[int, ...]]]:
+    """(entries declared, [(tag, type, count, value)], {tag: values}) of the first directory of the TIFF (classic
+    or BigTIFF) open as ``f``, read from its raw entries (at most MAX_TIFF_ENTRIES of them); value: the one
+    integer of an entry of one value of any integer type (libtiff takes them all), else None; values: every
+    integer of the first entry of each tag in ``arrays`` (of at most MAX_TIFF_STRIPS)."""
     f.seek(0)
     head = f.read(16)
     order = {b'II': '<', b'MM': '>'}.get(head[:2])
     if order is None or len(head) < 16:
-        return 0, []
+        return 0, [], {}
     big = struct.unpack(order + 'H', head[2:4])[0] == 43
     count_code, entry_code, pointer_code = ('Q', 'HHQ8s', 'Q') if big else ('H', 'HHL4s', 'L')
     f.seek(struct.unpack(order + pointer_code, head[8:16] if big else head[4:8])[0])
     count_bytes = f.read(struct.calcsize(order + count_code))
     if len(count_bytes) < struct.calcsize(order + count_code):
-        return 0, []
+        return 0, [], {}
     declared = struct.unpack(order + count_code, count_bytes)[0]
     entry_size = struct.calcsize(order + entry_code)
     table = f.read(min(declared, MAX_TIFF_ENTRIES) * entry_size)
-    entries = []
+    entries, lists = [], {}
     for tag, kind, count, field in struct.iter_unpack(order + entry_code, table[:len(table) // entry_size * entry_size]):
         code, value = _TIFF_INTEGERS.get(kind), None
-        if code is not None and count == 1:
-            size = struct.calcsize(order + code)
+        listed = tag in arrays and tag not in lists and count <= MAX_TIFF_STRIPS
+        if code is not None and (count == 1 or listed):
+            size = struct.calcsize(order + code) * count
             if size > len(field):  # stored elsewhere: the field holds its offset
                 f.seek(struct.unpack(order + pointer_code, field)[0])
                 field = f.read(size)
-            value = struct.unpack(order + code, field[:size])[0] if len(field) >= size else None
+            if len(field) >= size:
+                numbers = struct.unpack(f'{order}{count}{code}', field[:size])
+                value = numbers[0] if count == 1 else None
+                if listed:
+                    lists[tag] = numbers
         entries.append((tag, kind, count, value))
-    return declared, entries
+    return declared, entries, lists
 
 
 def tiff_tiles(f: IO[bytes]) -> dict[int, int | None]:
@@ -380,7 +387,7 @@ def check_tiff(f: IO[bytes], what: str) -> None:
     """Refuse a TIFF whose first directory has more entries than MAX_TIFF_ENTRIES, or an entry Pillow reads at
     open with more values than the specification gives it (see MAX_TIFF_STRIPS). Every entry of a tag counts:
     libtiff takes the first, Pillow the last."""
-    declared, entries = tiff_directory(f)
+    declared, entries, lists = tiff_directory(f, _TIFF_PER_STRIP)
     if declared > MAX_TIFF_ENTRIES:
         raise ImageError(f'{what} is a TIFF whose directory has {declared:,} entries, over the {MAX_TIFF_ENTRIES:,} '
                          'a TIFF can hold (a crafted file)')
@@ -390,7 +397,8 @@ def check_tiff(f: IO[bytes], what: str) -> None:
 
     height, samples = max(values(257), default=1), max(values(277), default=1)
     planes = samples if 2 in values(284) else 1
-    if values(322) and values(323):  # tiles
+    tiled = bool(values(322) and values(323))
+    if tiled:
         pieces = -(-max(values(256), default=1) // min(values(322))) * -(-height // min(values(323)))
     else:
         pieces = -(-height // min(values(278), default=height))
@@ -407,6 +415,29 @@ def check_tiff(f: IO[bytes], what: str) -> None:
         raise ImageError(f'{what} is a TIFF whose tags hold {others:,} numbers besides its strips, over the bound of '
                          f'{MAX_TIFF_OTHER_VALUES:,} (a crafted file: so many only make opening slow; raise '
                          'towhee_isc.images.MAX_TIFF_OTHER_VALUES to allow it)')
+    if next((value for tag, _, _, value in entries if tag == 259), None) in (6, 7):  # Compression: JPEG
+        check_tiff_jpeg(f, what, lists.get(324 if tiled else 273, ()), lists.get(325 if tiled else 279, ()))
+
+
+def check_tiff_jpeg(f: IO[bytes], what: str, offsets: Sequence[int], counts: Sequence[int]) -> None:
+    """Refuse a JPEG-compressed TIFF one of whose strips or tiles (at ``offsets``, of ``counts`` bytes) is a
+    JPEG of more scans or segments than a .jpg file may hold (MAX_JPEG_SCANS, MAX_JPEG_SEGMENTS): libjpeg decodes
+    each through libtiff, which stops at 100 scans only (99 scans of 9000x9000 in a 961 KB file: 9.4 CPU-s,
+    729 MB). Each distinct strip is read once; strips that overlap, holding more bytes than the file, are
+    refused as crafted (so this walk reads the file once at most)."""
+    size = f.seek(0, os.SEEK_END)
+    pieces = sorted({(offset, max(0, min(count, size - offset))) for offset, count in zip(offsets, counts)})
+    if sum(count for _, count in pieces) > size:
+        raise ImageError(f'{what} is a TIFF whose JPEG strips overlap, holding more bytes than its {size:,} (a crafted '
+                         'file)')
+    for offset, count in pieces:
+        f.seek(offset)
+        scans, segments = jpeg_segments(f.read(count))
+        if MAX_JPEG_SCANS is not None and scans > MAX_JPEG_SCANS or segments > MAX_JPEG_SEGMENTS:
+            raise ImageError(f'{what} is a TIFF whose JPEG strip at byte {offset:,} holds {scans} scans and {segments} '
+                             f'segments, over the limits of {MAX_JPEG_SCANS} and {MAX_JPEG_SEGMENTS:,} (encoders '
+                             'write at most ~12 scans; so many only make decoding slow: raise '
+                             'towhee_isc.images.MAX_JPEG_SCANS to allow it)')
 
 
 # Pillow decodes run-length encoded BMPs (RLE8, RLE4) in Python, a loop turn per pixel and per 2 bytes of

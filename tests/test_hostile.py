@@ -135,7 +135,7 @@ def test_crafted_files_are_refused_before_decoding_and_every_accepted_format_dec
     (53 CPU-s, 1.35 GB), SOF segments padded to 64 KB (3 CPU-s): refused just past their bounds."""
     from crafted_files import (blp_holding, bmp_rle, camera_jpeg, encoded, gif_with_comments, jpeg_with_exif_segments,
                                jpeg_with_hidden_scans, jpeg_with_sof_segments, png_with_chunks, png_with_exif,
-                               tiff_in_one_tile, tiff_with_counts)
+                               tiff_in_one_tile, tiff_of_jpeg, tiff_with_counts)
     from PIL import ImageOps
     from towhee_isc.images import jpeg_segments, to_pil_rgb
     hidden = jpeg_with_hidden_scans(300, 60)
@@ -191,6 +191,15 @@ def test_crafted_files_are_refused_before_decoding_and_every_accepted_format_dec
     # 4.1 M of them 15-30 CPU-s), bounded in all; an RLE BMP, decoded by Pillow pixel by pixel in Python.
     with pytest.raises(ImageError, match='TIFF whose tags hold 65,545 numbers besides its strips, over the bound'):
         to_pil_rgb(tiff_with_counts(resolutions=65_536, resolution_tag=274))
+    # Round 10: a JPEG-compressed TIFF's strips are JPEGs, held to a .jpg file's scan bound (libtiff's is 99).
+    assert to_pil_rgb(tiff_of_jpeg(40)).getpixel((5, 5)) == to_pil_rgb(tiff_of_jpeg(0)).getpixel((5, 5))
+    with pytest.raises(ImageError, match='is a TIFF whose JPEG strip at byte 14 holds 51 scans and .* over the limits '
+                                         'of 50 and 4,096'):
+        to_pil_rgb(tiff_of_jpeg(41))
+    with pytest.raises(ImageError, match='is a TIFF whose JPEG strips overlap'):  # so the walk reads each byte once
+        to_pil_rgb(tiff_of_jpeg(0, listed=2))
+    noise = np.random.default_rng(1).integers(0, 256, (64, 48, 3), dtype=np.uint8)  # libtiff's JPEG, in 4 strips
+    assert to_pil_rgb(encoded(Image.fromarray(noise), 'TIFF', compression='jpeg', tiffinfo={278: 16})).size == (48, 64)
     assert to_pil_rgb(bmp_rle(64, 64)).getpixel((0, 63)) == (7, 7, 7)  # row 0 of a bottom-up BMP: the last
     with pytest.raises(ImageError, match='is a run-length encoded BMP of 2000x2000 pixels in 8,002 bytes of codes'):
         to_pil_rgb(bmp_rle(2000, 2000))
