@@ -5,7 +5,6 @@ so every entry point of the operator behaves the same.
 from __future__ import annotations
 
 import io
-import mmap
 import os
 import re
 import stat
@@ -136,20 +135,41 @@ _PILLOW_PARAMETERLESS = {0xC8, *range(0xD0, 0xDA), *range(0xF0, 0xFE)}
 _SOF = {*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC}
 
 
-def jpeg_segments(data: bytes) -> tuple[int, int]:
-    """(scans, segments): the scans (SOS segments) libjpeg decodes in JPEG ``data`` and the segments with a
-    length it reads, found by reading its markers as libjpeg does: after a segment (or a scan's
-    entropy-coded data), the next 0xFF not followed by a 0x00 stuffing byte starts a marker; runs of 0xFF
-    are fill. A marker without a length must not be taken to have one (``FF 01`` then ``FF DA`` would hide
-    the scans in the 65 KB it seems to skip). The walk stops past MAX_JPEG_SEGMENTS segments."""
+# The JPEG scan walk reads a file in windows of this many bytes: memory stays small whatever the file's size,
+# and a file cut short while walked only comes back short (a mapping of it killed the process with SIGBUS).
+JPEG_WALK_WINDOW = 2**20
+
+
+def jpeg_segments(source: bytes | IO[bytes]) -> tuple[int, int]:
+    """(scans, segments): the scans (SOS segments) libjpeg decodes in the JPEG ``source`` (its bytes, or a file
+    open on it, read window by window) and the segments with a length it reads, found by reading its markers
+    as libjpeg does: after a segment (or a scan's entropy-coded data), the next 0xFF not followed by a 0x00
+    stuffing byte starts a marker; runs of 0xFF are fill. A marker without a length must not be taken to
+    have one (``FF 01`` then ``FF DA`` would hide the scans in the 65 KB it seems to skip). The walk stops
+    past MAX_JPEG_SEGMENTS segments."""
+    in_memory = isinstance(source, (bytes, bytearray, memoryview))
+    window, start, whole = (source, 0, True) if in_memory else (b'', 0, False)  # window: the bytes from start on
     i, scans, segments = 2, 0, 0
-    while segments <= MAX_JPEG_SEGMENTS and (found := _NEXT_MARKER.search(data, i)) is not None:
-        i = found.start()
-        marker = data[i + 1]
+    while segments <= MAX_JPEG_SEGMENTS:
+        if not whole and i - start + 4 > len(window):  # fewer than a marker and its length held: read on from i
+            source.seek(i)
+            window, start = source.read(JPEG_WALK_WINDOW), i
+            whole = len(window) < JPEG_WALK_WINDOW  # the rest of the file
+        found = _NEXT_MARKER.search(window, i - start)
+        if found is None:
+            if whole:
+                break
+            i = start + len(window) - 1  # its last byte may be a marker's 0xFF
+            continue
+        at = found.start()
+        if at + 4 > len(window) and not whole:
+            i = start + at  # the marker's length is in the next window
+            continue
+        marker = window[at + 1]
         if marker not in _WITH_LENGTH:  # EOI, or a marker libjpeg refuses: it decodes nothing further
             break
         scans, segments = scans + (marker == 0xDA), segments + 1
-        i += 2 + int.from_bytes(data[i + 2:i + 4], 'big')
+        i = start + at + 2 + int.from_bytes(window[at + 2:at + 4], 'big')
     return scans, segments
 
 
@@ -201,33 +221,21 @@ def check_container(source: str | os.PathLike | io.BytesIO, what: str) -> None:
             f.close()
 
 
-MAP_ABOVE_BYTES = 64 * 2**20  # JPEG files larger than this are mapped to be checked (see check_jpeg)
-
-
 def check_jpeg(f: IO[bytes], what: str) -> None:
     """Refuse a JPEG (open as ``f``) of more markers than the bounds (MAX_JPEG_SEGMENTS and the two after it)
     or of more than MAX_JPEG_SCANS scans. Pillow takes any file starting ``FF D8 FF`` as a JPEG, whatever its
-    name. A file over MAP_ABOVE_BYTES is mapped, not read: the walks touch only the pages they pass (a 1.5 GB
-    file was read twice); a smaller one is read, as a mapped file cut short while it is walked kills the
-    process (SIGBUS) where a read only comes back short."""
+    name. A file is read in windows, never whole nor mapped (a 1.5 GB file was read twice; a mapped file cut
+    short while walked killed the process with SIGBUS): the header walk needs its first
+    MAX_JPEG_HEADER_BYTES and a segment beyond, the scan walk reads on window by window."""
     if isinstance(f, io.BytesIO):
         data: Any = f.getvalue()  # an upload, bounded by the caller; no copy while it is unchanged
+        whole = True
     else:
-        data = None
-        if os.fstat(f.fileno()).st_size > MAP_ABOVE_BYTES:
-            try:
-                data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            except (OSError, ValueError):  # no address space for it, or a file that cannot be mapped
-                pass
-        if data is None:
-            f.seek(0)
-            data = f.read()
-    try:
-        scans, segments = jpeg_segments(data)
-        header_segments, parsed, size = jpeg_header(data)
-    finally:
-        if isinstance(data, mmap.mmap):
-            data.close()
+        f.seek(0)
+        data = f.read(MAX_JPEG_HEADER_BYTES + 2**17)  # a walk past the bound, by one segment and stray bytes
+        whole = len(data) < MAX_JPEG_HEADER_BYTES + 2**17
+    scans, segments = jpeg_segments(data if whole else f)
+    header_segments, parsed, size = jpeg_header(data)
     segments = max(segments, header_segments)
     if MAX_JPEG_SCANS is not None and scans > MAX_JPEG_SCANS:
         raise ImageError(f'{what} is a JPEG of {scans} scans, over the limit of {MAX_JPEG_SCANS} (encoders write '

@@ -140,6 +140,14 @@ def test_crafted_files_are_refused_before_decoding_and_every_accepted_format_dec
     from towhee_isc.images import jpeg_segments, to_pil_rgb
     hidden = jpeg_with_hidden_scans(300, 60)
     assert jpeg_segments(hidden)[0] == 69
+    # Round 10: a file is walked window by window (never mapped: SIGBUS, see the test below), to the same counts.
+    from towhee_isc import images
+    walked = [hidden, jpeg_with_exif_segments(5_000), jpeg_with_sof_segments(17, size=64), camera_jpeg(photos[0]),
+              encoded(photos[1], progressive=True)]
+    with pytest.MonkeyPatch.context() as patch:
+        for window in (5, 6, 7, 64, 1000):  # markers and their lengths cut at every place by some window
+            patch.setattr(images, 'JPEG_WALK_WINDOW', window)
+            assert [jpeg_segments(io.BytesIO(data)) for data in walked] == [jpeg_segments(data) for data in walked]
     with pytest.raises(ImageError, match='is a JPEG of 69 scans, over the limit of 50'):
         to_pil_rgb(hidden)
     (tmp_path / 'photo.jpg').write_bytes(blp_holding(encoded(photos[0]), *photos[0].size))
@@ -220,6 +228,27 @@ def test_crafted_files_are_refused_before_decoding_and_every_accepted_format_dec
     accepted['MPO (a phone camera JPEG)'] = encoded(photo, 'MPO', save_all=True, append_images=[photo])
     for name, data in accepted.items():
         assert to_pil_rgb(data).size == (96, 64), name
+
+
+def test_a_jpeg_cut_short_while_walked_is_no_crash(tmp_path):
+    """Round 10: a JPEG over 64 MB was mapped to be walked, so another program cutting it short during the walk
+    (a sync client replacing it) killed the run with SIGBUS. It is cut here just before the scan walk, in a
+    separate process, as the crash would end this one."""
+    jpeg = tmp_path / 'grow.jpg'
+    Image.new('RGB', (64, 64), (1, 2, 3)).save(jpeg)
+    with open(jpeg, 'r+b') as f:
+        f.truncate(jpeg.stat().st_size - 2)  # no EOI: the scan walk reads on to the end
+        f.truncate(100 * 2**20)  # sparse: 100 MB of zeros
+    cut = ('import os, sys; from towhee_isc import images\n'
+           'walk = images.jpeg_segments\n'
+           'def cut_then_walk(source):\n'
+           '    os.truncate(sys.argv[1], 4096)\n'
+           '    return walk(source)\n'
+           'images.jpeg_segments = cut_then_walk\n'
+           'images.check_container(sys.argv[1], "grow.jpg")\n'
+           'print("walked")')
+    result = subprocess.run([sys.executable, '-c', cut, jpeg], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout == 'walked\n', (result.returncode, result.stderr[-500:])
 
 
 def test_a_tensor_that_requires_grad_is_fine(small_ckpt, small_op, photos):
