@@ -5,13 +5,12 @@ so every entry point of the operator behaves the same.
 from __future__ import annotations
 
 import io
-import mmap
 import os
 import re
 import stat
 import struct
 from pathlib import Path
-from typing import IO, Any, Sequence
+from typing import IO, Any, Collection, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -49,8 +48,11 @@ MAX_JPEG_HEADER_BYTES = 16 * 2**20
 # a loop turn each (2.8 M empty PNG chunks, a 33 MB file: 11 CPU-s; 6.7 M GIF comment blocks: 4.8 CPU-s and
 # 1.2 GB). Encoders write a few chunks plus image data in IDAT chunks of 8 KB or more (libpng's default; 4,096
 # of them for a 32 MB PNG), and a few GIF extensions (an ICC profile of 1 MB: 4,000 sub-blocks of 255
-# bytes); four times that still opens in milliseconds.
+# bytes); four times that still opens in milliseconds. A PNG may hold MAX_PNG_CHUNKS chunks and one more per
+# PNG_BYTES_PER_CHUNK of file besides: a 141 MB 16-bit scan in libpng's 8 KB IDATs has 17,243, and a chunk
+# of 8 KB costs its loop turn no more than its data costs to inflate; empty chunks gain an attacker nothing.
 MAX_PNG_CHUNKS = 16384
+PNG_BYTES_PER_CHUNK = 8192
 MAX_GIF_BLOCKS = 16384
 
 # The formats opened: those people give a copy detector (photos, screenshots, scans, web images), each
@@ -133,20 +135,41 @@ _PILLOW_PARAMETERLESS = {0xC8, *range(0xD0, 0xDA), *range(0xF0, 0xFE)}
 _SOF = {*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC}
 
 
-def jpeg_segments(data: bytes) -> tuple[int, int]:
-    """(scans, segments): the scans (SOS segments) libjpeg decodes in JPEG ``data`` and the segments with a
-    length it reads, found by reading its markers as libjpeg does: after a segment (or a scan's
-    entropy-coded data), the next 0xFF not followed by a 0x00 stuffing byte starts a marker; runs of 0xFF
-    are fill. A marker without a length must not be taken to have one (``FF 01`` then ``FF DA`` would hide
-    the scans in the 65 KB it seems to skip). The walk stops past MAX_JPEG_SEGMENTS segments."""
+# The JPEG scan walk reads a file in windows of this many bytes: memory stays small whatever the file's size,
+# and a file cut short while walked only comes back short (a mapping of it killed the process with SIGBUS).
+JPEG_WALK_WINDOW = 2**20
+
+
+def jpeg_segments(source: bytes | IO[bytes]) -> tuple[int, int]:
+    """(scans, segments): the scans (SOS segments) libjpeg decodes in the JPEG ``source`` (its bytes, or a file
+    open on it, read window by window) and the segments with a length it reads, found by reading its markers
+    as libjpeg does: after a segment (or a scan's entropy-coded data), the next 0xFF not followed by a 0x00
+    stuffing byte starts a marker; runs of 0xFF are fill. A marker without a length must not be taken to
+    have one (``FF 01`` then ``FF DA`` would hide the scans in the 65 KB it seems to skip). The walk stops
+    past MAX_JPEG_SEGMENTS segments."""
+    in_memory = isinstance(source, (bytes, bytearray, memoryview))
+    window, start, whole = (source, 0, True) if in_memory else (b'', 0, False)  # window: the bytes from start on
     i, scans, segments = 2, 0, 0
-    while segments <= MAX_JPEG_SEGMENTS and (found := _NEXT_MARKER.search(data, i)) is not None:
-        i = found.start()
-        marker = data[i + 1]
+    while segments <= MAX_JPEG_SEGMENTS:
+        if not whole and i - start + 4 > len(window):  # fewer than a marker and its length held: read on from i
+            source.seek(i)
+            window, start = source.read(JPEG_WALK_WINDOW), i
+            whole = len(window) < JPEG_WALK_WINDOW  # the rest of the file
+        found = _NEXT_MARKER.search(window, i - start)
+        if found is None:
+            if whole:
+                break
+            i = start + len(window) - 1  # its last byte may be a marker's 0xFF
+            continue
+        at = found.start()
+        if at + 4 > len(window) and not whole:
+            i = start + at  # the marker's length is in the next window
+            continue
+        marker = window[at + 1]
         if marker not in _WITH_LENGTH:  # EOI, or a marker libjpeg refuses: it decodes nothing further
             break
         scans, segments = scans + (marker == 0xDA), segments + 1
-        i += 2 + int.from_bytes(data[i + 2:i + 4], 'big')
+        i = start + at + 2 + int.from_bytes(window[at + 2:at + 4], 'big')
     return scans, segments
 
 
@@ -198,33 +221,21 @@ def check_container(source: str | os.PathLike | io.BytesIO, what: str) -> None:
             f.close()
 
 
-MAP_ABOVE_BYTES = 64 * 2**20  # JPEG files larger than this are mapped to be checked (see check_jpeg)
-
-
 def check_jpeg(f: IO[bytes], what: str) -> None:
     """Refuse a JPEG (open as ``f``) of more markers than the bounds (MAX_JPEG_SEGMENTS and the two after it)
     or of more than MAX_JPEG_SCANS scans. Pillow takes any file starting ``FF D8 FF`` as a JPEG, whatever its
-    name. A file over MAP_ABOVE_BYTES is mapped, not read: the walks touch only the pages they pass (a 1.5 GB
-    file was read twice); a smaller one is read, as a mapped file cut short while it is walked kills the
-    process (SIGBUS) where a read only comes back short."""
+    name. A file is read in windows, never whole nor mapped (a 1.5 GB file was read twice; a mapped file cut
+    short while walked killed the process with SIGBUS): the header walk needs its first
+    MAX_JPEG_HEADER_BYTES and a segment beyond, the scan walk reads on window by window."""
     if isinstance(f, io.BytesIO):
         data: Any = f.getvalue()  # an upload, bounded by the caller; no copy while it is unchanged
+        whole = True
     else:
-        data = None
-        if os.fstat(f.fileno()).st_size > MAP_ABOVE_BYTES:
-            try:
-                data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            except (OSError, ValueError):  # no address space for it, or a file that cannot be mapped
-                pass
-        if data is None:
-            f.seek(0)
-            data = f.read()
-    try:
-        scans, segments = jpeg_segments(data)
-        header_segments, parsed, size = jpeg_header(data)
-    finally:
-        if isinstance(data, mmap.mmap):
-            data.close()
+        f.seek(0)
+        data = f.read(MAX_JPEG_HEADER_BYTES + 2**17)  # a walk past the bound, by one segment and stray bytes
+        whole = len(data) < MAX_JPEG_HEADER_BYTES + 2**17
+    scans, segments = jpeg_segments(data if whole else f)
+    header_segments, parsed, size = jpeg_header(data)
     segments = max(segments, header_segments)
     if MAX_JPEG_SCANS is not None and scans > MAX_JPEG_SCANS:
         raise ImageError(f'{what} is a JPEG of {scans} scans, over the limit of {MAX_JPEG_SCANS} (encoders write '
@@ -240,12 +251,17 @@ def check_jpeg(f: IO[bytes], what: str) -> None:
                          'MAX_JPEG_PARSED_SEGMENTS or MAX_JPEG_HEADER_BYTES to allow it)')
 
 
-def png_chunks(f: IO[bytes]) -> int:
+def png_chunk_bound(size: int) -> int:
+    """The chunks a PNG of ``size`` bytes may hold: MAX_PNG_CHUNKS, and one per PNG_BYTES_PER_CHUNK."""
+    return MAX_PNG_CHUNKS + size // PNG_BYTES_PER_CHUNK
+
+
+def png_chunks(f: IO[bytes], bound: int) -> int:
     """The chunks of the PNG open as ``f`` up to IEND, walked by their 8-byte headers (the data skipped); the
-    walk stops past MAX_PNG_CHUNKS."""
+    walk stops past ``bound``."""
     f.seek(8)
     chunks = 0
-    while chunks <= MAX_PNG_CHUNKS:
+    while chunks <= bound:
         head = f.read(8)
         if len(head) < 8:
             break
@@ -258,11 +274,13 @@ def png_chunks(f: IO[bytes]) -> int:
 
 
 def check_png(f: IO[bytes], what: str) -> None:
-    """Refuse a PNG of more than MAX_PNG_CHUNKS chunks."""
-    chunks = png_chunks(f)
-    if chunks > MAX_PNG_CHUNKS:
-        raise ImageError(f'{what} is a PNG of over {MAX_PNG_CHUNKS:,} chunks (encoders write a few, and image data in '
-                         'chunks of 8 KB or more); so many only make opening slow (a crafted file; raise '
+    """Refuse a PNG of more chunks than ``png_chunk_bound`` of its size."""
+    size = f.seek(0, os.SEEK_END)
+    bound = png_chunk_bound(size)
+    if png_chunks(f, bound) > bound:
+        raise ImageError(f'{what} is a PNG of over {bound:,} chunks in {size:,} bytes (encoders write a few, and image '
+                         f'data in chunks of 8 KB or more: {MAX_PNG_CHUNKS:,} and one per {PNG_BYTES_PER_CHUNK:,} bytes '
+                         'are allowed); so many only make opening slow (a crafted file; raise '
                          'towhee_isc.images.MAX_PNG_CHUNKS to allow it)')
 
 
@@ -325,35 +343,42 @@ MAX_TIFF_OTHER_VALUES = 2**16
 MAX_TIFF_ENTRIES = 2**16 - 1  # a classic TIFF's most; Pillow reads every entry of the first directory
 
 
-def tiff_directory(f: IO[bytes]) -> tuple[int, list[tuple[int, int, int, int | None]]]:
-    """(entries declared, [(tag, type, count, value)]) of the first directory of the TIFF (classic or BigTIFF)
-    open as ``f``, read from its raw entries (at most MAX_TIFF_ENTRIES of them); value: the one integer of an
-    entry of one value of any integer type (libtiff takes them all), else None."""
+def tiff_directory(f: IO[bytes], arrays: Collection[int] = ()) -> tuple[
+        int, list[tuple[int, int, int, int | None]], dict[int, tuple[int, ...]]]:
+    """(entries declared, [(tag, type, count, value)], {tag: values}) of the first directory of the TIFF (classic
+    or BigTIFF) open as ``f``, read from its raw entries (at most MAX_TIFF_ENTRIES of them); value: the one
+    integer of an entry of one value of any integer type (libtiff takes them all), else None; values: every
+    integer of the first entry of each tag in ``arrays`` (of at most MAX_TIFF_STRIPS)."""
     f.seek(0)
     head = f.read(16)
     order = {b'II': '<', b'MM': '>'}.get(head[:2])
     if order is None or len(head) < 16:
-        return 0, []
+        return 0, [], {}
     big = struct.unpack(order + 'H', head[2:4])[0] == 43
     count_code, entry_code, pointer_code = ('Q', 'HHQ8s', 'Q') if big else ('H', 'HHL4s', 'L')
     f.seek(struct.unpack(order + pointer_code, head[8:16] if big else head[4:8])[0])
     count_bytes = f.read(struct.calcsize(order + count_code))
     if len(count_bytes) < struct.calcsize(order + count_code):
-        return 0, []
+        return 0, [], {}
     declared = struct.unpack(order + count_code, count_bytes)[0]
     entry_size = struct.calcsize(order + entry_code)
     table = f.read(min(declared, MAX_TIFF_ENTRIES) * entry_size)
-    entries = []
+    entries, lists = [], {}
     for tag, kind, count, field in struct.iter_unpack(order + entry_code, table[:len(table) // entry_size * entry_size]):
         code, value = _TIFF_INTEGERS.get(kind), None
-        if code is not None and count == 1:
-            size = struct.calcsize(order + code)
+        listed = tag in arrays and tag not in lists and count <= MAX_TIFF_STRIPS
+        if code is not None and (count == 1 or listed):
+            size = struct.calcsize(order + code) * count
             if size > len(field):  # stored elsewhere: the field holds its offset
                 f.seek(struct.unpack(order + pointer_code, field)[0])
                 field = f.read(size)
-            value = struct.unpack(order + code, field[:size])[0] if len(field) >= size else None
+            if len(field) >= size:
+                numbers = struct.unpack(f'{order}{count}{code}', field[:size])
+                value = numbers[0] if count == 1 else None
+                if listed:
+                    lists[tag] = numbers
         entries.append((tag, kind, count, value))
-    return declared, entries
+    return declared, entries, lists
 
 
 def tiff_tiles(f: IO[bytes]) -> dict[int, int | None]:
@@ -370,7 +395,7 @@ def check_tiff(f: IO[bytes], what: str) -> None:
     """Refuse a TIFF whose first directory has more entries than MAX_TIFF_ENTRIES, or an entry Pillow reads at
     open with more values than the specification gives it (see MAX_TIFF_STRIPS). Every entry of a tag counts:
     libtiff takes the first, Pillow the last."""
-    declared, entries = tiff_directory(f)
+    declared, entries, lists = tiff_directory(f, _TIFF_PER_STRIP)
     if declared > MAX_TIFF_ENTRIES:
         raise ImageError(f'{what} is a TIFF whose directory has {declared:,} entries, over the {MAX_TIFF_ENTRIES:,} '
                          'a TIFF can hold (a crafted file)')
@@ -380,7 +405,8 @@ def check_tiff(f: IO[bytes], what: str) -> None:
 
     height, samples = max(values(257), default=1), max(values(277), default=1)
     planes = samples if 2 in values(284) else 1
-    if values(322) and values(323):  # tiles
+    tiled = bool(values(322) and values(323))
+    if tiled:
         pieces = -(-max(values(256), default=1) // min(values(322))) * -(-height // min(values(323)))
     else:
         pieces = -(-height // min(values(278), default=height))
@@ -397,6 +423,29 @@ def check_tiff(f: IO[bytes], what: str) -> None:
         raise ImageError(f'{what} is a TIFF whose tags hold {others:,} numbers besides its strips, over the bound of '
                          f'{MAX_TIFF_OTHER_VALUES:,} (a crafted file: so many only make opening slow; raise '
                          'towhee_isc.images.MAX_TIFF_OTHER_VALUES to allow it)')
+    if next((value for tag, _, _, value in entries if tag == 259), None) in (6, 7):  # Compression: JPEG
+        check_tiff_jpeg(f, what, lists.get(324 if tiled else 273, ()), lists.get(325 if tiled else 279, ()))
+
+
+def check_tiff_jpeg(f: IO[bytes], what: str, offsets: Sequence[int], counts: Sequence[int]) -> None:
+    """Refuse a JPEG-compressed TIFF one of whose strips or tiles (at ``offsets``, of ``counts`` bytes) is a
+    JPEG of more scans or segments than a .jpg file may hold (MAX_JPEG_SCANS, MAX_JPEG_SEGMENTS): libjpeg decodes
+    each through libtiff, which stops at 100 scans only (99 scans of 9000x9000 in a 961 KB file: 9.4 CPU-s,
+    729 MB). Each distinct strip is read once; strips that overlap, holding more bytes than the file, are
+    refused as crafted (so this walk reads the file once at most)."""
+    size = f.seek(0, os.SEEK_END)
+    pieces = sorted({(offset, max(0, min(count, size - offset))) for offset, count in zip(offsets, counts)})
+    if sum(count for _, count in pieces) > size:
+        raise ImageError(f'{what} is a TIFF whose JPEG strips overlap, holding more bytes than its {size:,} (a crafted '
+                         'file)')
+    for offset, count in pieces:
+        f.seek(offset)
+        scans, segments = jpeg_segments(f.read(count))
+        if MAX_JPEG_SCANS is not None and scans > MAX_JPEG_SCANS or segments > MAX_JPEG_SEGMENTS:
+            raise ImageError(f'{what} is a TIFF whose JPEG strip at byte {offset:,} holds {scans} scans and {segments} '
+                             f'segments, over the limits of {MAX_JPEG_SCANS} and {MAX_JPEG_SEGMENTS:,} (encoders '
+                             'write at most ~12 scans; so many only make decoding slow: raise '
+                             'towhee_isc.images.MAX_JPEG_SCANS to allow it)')
 
 
 # Pillow decodes run-length encoded BMPs (RLE8, RLE4) in Python, a loop turn per pixel and per 2 bytes of
@@ -611,14 +660,21 @@ def pil_to_rgb(image: Image.Image, what: str) -> Image.Image:
         raise ImageError(f'cannot convert {what} of mode {image.mode!r} to RGB: {e}') from e
 
 
+# Pixels scaled at a time by _wide_to_uint8: float64 temporaries of the whole image took 2.2 GB for an 88 MP
+# 16-bit PNG (a 172 KB upload); a block of rows keeps them to a few MB.
+WIDE_BLOCK_PIXELS = 2**18
+
+
 def _wide_to_uint8(image: Image.Image, what: str) -> np.ndarray:
-    values = np.asarray(image, dtype=np.float64)
+    """An ``I;16*``, ``I`` or ``F`` image -> (H, W) uint8 at the scale ``pil_to_rgb`` states: rint(v / scale)
+    clipped to 0-255, computed in float64 one block of rows at a time (the image's own dtype held once)."""
+    values = np.asarray(image)
     if image.mode.startswith('I;16'):
         scale = 257.0
     else:
-        if not np.isfinite(values).all():
+        low, high = (values.min(), values.max()) if values.size else (0, 0)
+        if not (np.isfinite(low) and np.isfinite(high)):  # NaN spreads to min and max
             raise ImageError(f'{what} of mode {image.mode!r} holds NaN or infinite values')
-        low, high = (values.min(), values.max()) if values.size else (0.0, 0.0)
         if low < 0:
             raise ImageError(f'{what} of mode {image.mode!r} holds negative values ({low:g}): no known scale to 8 bits')
         if image.mode == 'F' and high <= 1.0:
@@ -630,7 +686,14 @@ def _wide_to_uint8(image: Image.Image, what: str) -> np.ndarray:
         else:
             raise ImageError(f'{what} of mode {image.mode!r} holds values up to {high:g}: no known scale to 8 bits '
                              '(convert it to 8 or 16 bits first)')
-    return np.clip(np.rint(values / scale), 0, 255).astype(np.uint8)
+    scaled = np.empty(values.shape, np.uint8)
+    rows = max(1, WIDE_BLOCK_PIXELS // max(1, values.shape[1] if values.ndim > 1 else 1))
+    for start in range(0, len(values), rows):
+        block = values[start:start + rows].astype(np.float64)
+        block /= scale
+        np.rint(block, out=block)
+        scaled[start:start + rows] = np.clip(block, 0, 255, out=block)
+    return scaled
 
 
 def _array_to_pil(array: np.ndarray, where: str) -> Image.Image:

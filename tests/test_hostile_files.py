@@ -194,6 +194,11 @@ def test_outputs_never_replace_what_the_run_reads_nor_a_lock_of_the_users(photos
     import zipfile  # round 9: any zip passed as an npz (an .xlsx is a zip)
     with zipfile.ZipFile(tmp_path / 'budget.xlsx', 'w') as sheet:
         sheet.writestr('[Content_Types].xml', '<Types/>')
+    with zipfile.ZipFile(tmp_path / 'arch.zip', 'w') as bundle:  # round 10: a zip whose first member is an array
+        bundle.writestr('frames.npy', b'')
+        bundle.writestr('notes.txt', 'my notes')
+    (tmp_path / 'notes.csv').write_text('query_id,reference_id,score\n')
+    (tmp_path / 'gt.csv').write_text('query_id,reference_id\n')
     rng = np.random.default_rng(0)
     for name, weights in (('q.h5', 'A'), ('r.h5', 'A'), ('bgB.h5', 'B')):
         write_descriptors(tmp_path / name, [f'{name}{i}' for i in range(4)], unit(rng.standard_normal((4, 256))),
@@ -209,9 +214,20 @@ def test_outputs_never_replace_what_the_run_reads_nor_a_lock_of_the_users(photos
         (['video', 'embed', 'clip', '-o', './clip'], "output './clip' is also an input (clip)"),
         (['dedup', 'r.h5', '-o', 'IMG_0001.HEIC'], "output 'IMG_0001.HEIC' is an existing image or video"),
         (['search', 'q.h5', *refs, '-o', 'MOV001.MOD'], "output 'MOV001.MOD' is an existing image or video"),
-        (['dedup', 'r.h5', '-o', 'DSCF0001.RAF'], "output 'DSCF0001.RAF' is an existing file of a kind no command writes"),
-        (['dedup', 'r.h5', '--report', 'design.psd'], "--report 'design.psd' is an existing file of a kind no command"),
-        (['dedup', 'r.h5', '-o', 'budget.xlsx'], "output 'budget.xlsx' is an existing file of a kind no command writes"),
+        (['dedup', 'r.h5', '-o', 'DSCF0001.RAF'], "output 'DSCF0001.RAF' is an existing file that is not text, the "
+                                                  'kind this command writes there'),
+        (['dedup', 'r.h5', '--report', 'design.psd'], "--report 'design.psd' is an existing file that is not text"),
+        (['dedup', 'r.h5', '-o', 'budget.xlsx'], "output 'budget.xlsx' is an existing file that is not text"),
+        # Round 10: only the kind *this* command writes there: descriptors of another run, or a zip holding
+        # arrays and notes, given as a CSV; a CSV given as descriptors; a CSV as a plot.
+        (['dedup', 'r.h5', '-o', 'q.h5'], "output 'q.h5' is an existing file that is not text"),
+        (['search', 'q.h5', *refs, '-o', 'arch.zip'], "output 'arch.zip' is an existing file that is not text"),
+        (['video', 'embed', 'holiday.mts', '-o', 'arch.zip'], "output 'arch.zip' is an existing file that is not npz"),
+        (['embed', 'lst', '-o', 'notes.csv'], "output 'notes.csv' is an existing file that is not HDF5"),
+        (['nes', 'q.h5', '--negatives', 'r.h5', '-o', 'notes.csv'], "output 'notes.csv' is an existing file that is "
+                                                                     'not HDF5'),
+        (['evaluate', 'notes.csv', 'notes.csv', '--plot', 'gt.csv'], "--plot 'gt.csv' is an existing file that is "
+                                                                      'not PNG'),
         (['search', 'q.h5', *refs, '--score-norm', 'bgB.h5', '-o', 'sn.csv'],
          'the --score-norm background bgB.h5 and q.h5 were made by different models (weights B at 64 px vs A'),
     ]
@@ -221,6 +237,10 @@ def test_outputs_never_replace_what_the_run_reads_nor_a_lock_of_the_users(photos
         err = capsys.readouterr().err
         assert err.count('\n') == 1 and err.startswith('error: ') and message in err, (args, err)
     assert {p: p.read_bytes() for p in tmp_path.rglob('*') if p.is_file()} == before
+    from towhee_isc.workflow.cli import is_of_kind  # what each command writes passes as its own kind
+    np.savez(tmp_path / 'frames.npz', features=np.zeros((2, 4), np.float32), ids=np.array(['a', 'b']))
+    assert is_of_kind(tmp_path / 'frames.npz', 'npz') and is_of_kind(tmp_path / 'r.h5', 'HDF5')
+    assert is_of_kind(tmp_path / 'notes.csv', 'text') and not is_of_kind(tmp_path / 'frames.npz', 'HDF5')
     (tmp_path / 'out.h5.lock').write_text('my notes on out.h5')
     for output in ('out.h5', 'other.h5'):
         with sole_writer(tmp_path / output, 'towhee-isc embed'):

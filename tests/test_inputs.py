@@ -79,6 +79,33 @@ def test_pixels_wider_than_8_bits_are_scaled_not_clipped(small_op, photos, tmp_p
     assert np.abs(small_op(tmp_path / 'sixteen.png') - want).max() < 1e-5
 
 
+def test_wide_pixels_are_scaled_in_blocks_to_the_same_values(monkeypatch):
+    """Round 9: a 16-bit image was scaled in float64 temporaries of the whole image (2.2 GB at 88 MP); in blocks
+    of rows the values are those of the whole-image formula, and the memory a few bytes a pixel."""
+    import tracemalloc
+    from towhee_isc import images
+    rng = np.random.default_rng(0)
+    wide = rng.integers(0, 65536, (37, 29)).astype(np.uint16)
+    wide[0, :6] = [0, 128, 129, 385, 65407, 65535]  # around the rounding points of v / 257, and the ends
+    cases = [Image.fromarray(wide), Image.fromarray(wide).convert('I').convert('I;16B'),
+             Image.fromarray(wide.astype(np.int32), 'I'), Image.fromarray((wide % 256).astype(np.int32), 'I'),
+             Image.fromarray(wide.astype(np.float32) / 65535, 'F'), Image.fromarray((wide % 256).astype(np.float32), 'F')]
+    monkeypatch.setattr(images, 'WIDE_BLOCK_PIXELS', 100)  # several blocks of rows, the last one short
+    for image in cases:
+        values = np.asarray(image, dtype=np.float64)
+        high = values.max()
+        scale = 257.0 if high > 255 else 1 / 255 if image.mode == 'F' and high <= 1 else 1.0
+        want = np.clip(np.rint(values / scale), 0, 255).astype(np.uint8)
+        assert np.array_equal(images._wide_to_uint8(image, 'test'), want), image.mode
+    monkeypatch.undo()
+    big = Image.fromarray(np.full((2000, 2000), 40000, np.uint16))  # 4 MP: 8 MB as it is, 32 MB in float64
+    tracemalloc.start()
+    scaled = images._wide_to_uint8(big, 'test')
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert (scaled == 156).all() and peak < 6 * 4_000_000, peak
+
+
 @pytest.mark.parametrize('values, message', [
     (np.full((8, 8), -3, np.int32), 'negative values'),
     (np.full((8, 8), 1 << 20, np.int32), 'no known scale'),

@@ -500,9 +500,10 @@ def check_outputs(args: argparse.Namespace) -> None:
     (``search q.h5 -o q.h5`` would replace the queries with CSV; ``search list.txt -o scan.jfif`` a photo the
     list names), compared as files (a link, ``./``, another spelling: the same file), and no existing image
     or video (by content, whatever its name: a camcorder's .MOD, an iPhone's .HEIC) or file with an image's
-    or video's suffix, nor a file of a kind no command writes (a camera's RAW): ``embed -o photos/*.jpg``,
-    expanded by the shell, or ``dedup photos -o photos/a.jpg`` would replace a photo that is no input, or
-    one a folder gives (a folder gives only files with those suffixes)."""
+    or video's suffix, nor a file of another kind than this output's (see output_kind: ``dedup -o refs.h5``,
+    a camera's RAW): ``embed -o photos/*.jpg``, expanded by the shell, or ``dedup photos -o photos/a.jpg``
+    would replace a photo that is no input, or one a folder gives (a folder gives only files with those
+    suffixes)."""
     from ..images import is_image_file
     from ..video.reader import VIDEO_SUFFIXES, is_media_file
     from .descriptors import IMAGE_SUFFIXES
@@ -528,27 +529,43 @@ def check_outputs(args: argparse.Namespace) -> None:
             if same:
                 raise ValueError(f'{what} {str(target)!r} is also an input ({path}{how}): writing it would destroy '
                                  'it; give another file name')
-        if not is_of_a_kind_written(target, plot=name == 'plot'):
-            raise ValueError(f'{what} {str(target)!r} is an existing file of a kind no command writes (not text, '
-                             'HDF5, npz or PNG): writing it would destroy it; give another file name')
+        kind = output_kind(args, name)
+        if not is_of_kind(target, kind):
+            raise ValueError(f'{what} {str(target)!r} is an existing file that is not {kind}, the kind this command '
+                             'writes there: writing it would destroy it; give another file name')
 
 
-# What the commands write: CSV, JSON and HTML (text), HDF5, npz (a zip of .npy files) and --plot's PNG. An
-# existing output of any other kind is something else the user keeps, whatever its name: a camera's RAW
-# (.RAF, .ORF, .RW2), a Photoshop file, a spreadsheet; no list of their signatures is ever complete.
-_WRITTEN_SIGNATURES = (b'\x89HDF\r\n\x1a\n', b'PK\x05\x06')
+# The kind of file each output is: text (CSV, JSON, HTML) unless named here. An existing output is replaced only
+# if it is empty or of that kind: anything else is something the user keeps, whatever its name (descriptors of
+# another run given as dedup's CSV, a spreadsheet, a camera's RAW); no list of other kinds is ever complete.
+_OUTPUT_KINDS = {('embed', 'output'): 'HDF5', ('nes', 'output'): 'HDF5', ('video embed', 'output'): 'npz',
+                 ('evaluate', 'plot'): 'PNG'}
 
 
-def is_of_a_kind_written(path: str | os.PathLike, plot: bool = False) -> bool:
-    """Whether the file at ``path`` is empty or of a kind some command writes (see _WRITTEN_SIGNATURES):
-    HDF5, npz, PNG for a plot, or text (UTF-8 without NUL bytes in its first 4 KiB)."""
+def output_kind(args: argparse.Namespace, name: str) -> str:
+    """'text', 'HDF5', 'npz' or 'PNG': what this command writes to its output argument ``name`` (see OUTPUTS)."""
+    command = ' '.join(c for c in (args.command, getattr(args, 'video_command', None)) if c)
+    return _OUTPUT_KINDS.get((command, name), 'text')
+
+
+def is_of_kind(path: str | os.PathLike, kind: str) -> bool:
+    """Whether the file at ``path`` is empty or of ``kind`` (see output_kind): HDF5 or PNG by signature, an npz
+    as a zip of .npy files only, text as UTF-8 without NUL bytes in its first 4 KiB."""
     with open(path, 'rb') as f:
         head = f.read(4096)
-    if not head or head.startswith(_WRITTEN_SIGNATURES) or plot and head.startswith(b'\x89PNG\r\n\x1a\n'):
+    if not head:
         return True
-    if head.startswith(b'PK\x03\x04'):  # a zip: an npz's first member is an array; a .docx's or .xlsx's is not
-        name_length = int.from_bytes(head[26:28], 'little')
-        return head[30:30 + name_length].endswith(b'.npy')
+    if kind == 'HDF5':
+        return head.startswith(b'\x89HDF\r\n\x1a\n')
+    if kind == 'PNG':
+        return head.startswith(b'\x89PNG\r\n\x1a\n')
+    if kind == 'npz':  # a user's zip of arrays and notes, or a .docx, is no npz of ours
+        import zipfile
+        try:
+            with zipfile.ZipFile(path) as archive:
+                return all(name.endswith('.npy') for name in archive.namelist())
+        except (zipfile.BadZipFile, OSError, ValueError):
+            return False
     if b'\0' in head:
         return False
     try:

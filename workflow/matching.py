@@ -6,6 +6,7 @@ import itertools
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -139,12 +140,14 @@ class Components:
 
 
 def _keep_rank(path: str | None) -> tuple[int, int]:
+    """(pixels, bytes) of the file at ``path``, the larger the better to keep; (0, bytes) for a file that is no
+    usable image (read from its header through ``image_size``, as embedding would check it)."""
     if path is None or not os.path.isfile(path):
         return (0, 0)
-    from ..images import open_image
+    from ..images import ImageError, image_size
     try:
-        with open_image(path) as image:
-            pixels = image.width * image.height
-    except (OSError, ValueError):  # not an image, or one refused unopened (ImageError): ranked last
+        width, height = image_size(Path(path), path)
+        pixels = width * height
+    except (ImageError, OSError):  # not an image, or one refused (damaged, crafted, over the pixel limit): last
         pixels = 0
     return (pixels, os.path.getsize(path))
