@@ -144,6 +144,7 @@ def test_results_do_not_depend_on_batch_size(small_ckpt, photos, batch_size):
     op = Isc(checkpoint_path=small_ckpt, device='cpu', batch_size=batch_size)
     base = Isc(checkpoint_path=small_ckpt, device='cpu', batch_size=1)
     assert np.abs(np.stack(op(photos)) - np.stack(base(photos))).max() < 1e-5
+    assert np.abs(np.stack(list(op.embed_stream(iter(photos)))) - np.stack(base(photos))).max() < 1e-5
 
 
 def test_a_gpu_operator_decodes_a_batch_in_threads_in_order(small_ckpt, photos):
@@ -164,6 +165,10 @@ def test_a_gpu_operator_decodes_a_batch_in_threads_in_order(small_ckpt, photos):
     with pytest.raises(ImageError, match=r'list item 3\b'):
         op(photos[:3] + [b'not an image'] + photos[:2])
     assert np.abs(np.stack(op(photos[:7])) - want).max() == 0  # usable afterwards
+    stream, got = op.embed_stream(iter(photos[:5] + [b'not an image'])), []
+    with pytest.raises(ImageError, match=r'list item 5\b'):  # after the vectors of the batch before its own
+        got.extend(stream)
+    assert len(got) == 4 and np.abs(np.stack(got) - want[:4]).max() == 0
 
 def test_skip_preprocess_takes_chw_and_nchw(small_ckpt, small_op, photos):
     from towhee_isc import Isc
