@@ -8,6 +8,7 @@ Only the k-NN results (query frames x k) are held, never a frame x frame matrix 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -29,13 +30,17 @@ def noise_offsets(queries: np.ndarray, noise: np.ndarray, engine, factor: float 
 
 
 def frame_candidates(queries: VideoSet, refs: VideoSet, engine, k: int = 10, per_query: int = 10,
-                     offsets: np.ndarray | None = None, min_score: float = -np.inf) -> list[Candidate]:
+                     offsets: np.ndarray | None = None, min_score: float = -np.inf,
+                     space: Callable[[np.ndarray], np.ndarray] | None = None) -> list[Candidate]:
     """Candidate pairs, best first within each query (see the module docstring).
 
-    ``offsets``: per query frame, subtracted from its similarities (:func:`noise_offsets`).
+    ``offsets``: per query frame, subtracted from its similarities (:func:`noise_offsets`). ``space``: where
+    frames are compared (``localization.FrameSpace``: (N, D) -> (N, D) unit rows); None: as stored.
     """
     q_features, q_video, _ = queries.frames()
     r_features, r_video, _ = refs.frames()
+    if space is not None:
+        q_features, r_features = within(space, q_features), within(space, r_features)
     indices, scores = engine.nearest(q_features, r_features, k)
     scores = scores.astype(np.float64)
     if offsets is not None:
@@ -43,6 +48,15 @@ def frame_candidates(queries: VideoSet, refs: VideoSet, engine, k: int = 10, per
     found = indices >= 0  # an approximate engine may leave a row short
     return vote(np.repeat(q_video, indices.shape[1])[found.ravel()], r_video[indices[found]], scores[found],
                 per_query, min_score)
+
+
+def within(space: Callable[[np.ndarray], np.ndarray], features: np.ndarray, rows: int = 2**16) -> np.ndarray:
+    """``features`` (N, D) in ``space``, as float32 (N, D), ``rows`` at a time (the space works in float64:
+    600,000 reference frames at once would be 1.2 GB more)."""
+    out = np.empty(features.shape, dtype=np.float32)
+    for a in range(0, len(features), rows):
+        out[a:a + rows] = space(features[a:a + rows])
+    return out
 
 
 def vote(pair_q: np.ndarray, pair_r: np.ndarray, pair_s: np.ndarray, per_query: int = 10,
