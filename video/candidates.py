@@ -8,7 +8,7 @@ Only the k-NN results (query frames x k) are held, never a frame x frame matrix 
 ``dp`` searches them in the space it aligns frames in (``localization.search_space``: less the mean, whitened),
 not by the stored vectors' cosine, where a few directions shared by all frames decide the nearest: on
 benchmarks/video.py's seeds 0-19 a query's first candidate was the reference it copies for 89 of 100 copies
-whitened against 75 (its first 3: 100 against 92), and fresh seed 18's copy had never been a candidate at all.
+whitened against 75 (its first 3: 99 against 92), and fresh seed 18's copy had never been a candidate at all.
 """
 from __future__ import annotations
 

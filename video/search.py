@@ -33,7 +33,7 @@ def search_videos(queries: VideoSet, refs: VideoSet | None, align: str = 'dp', t
                   ) -> tuple[list[Segment], str, list, VideoSet]:
     """Copied segments between query and reference videos, best first. ``dp`` without ``noise`` compares
     the frames less their mean and, with ``whiten`` (and as many frames as dimensions), whitened
-    (``localization.search_space``).
+    (``localization.search_space``), and with ``refs`` finds the candidate pairs' nearest frames there too.
 
     The references are ``refs``, or (``refs`` None) the videos of a Milvus ``collection`` filled by
     ``video index``: it finds the candidate frames (``nprobe``/``ef``: its search width) and gives
