@@ -317,6 +317,15 @@ def test_dp_whitens_the_frames_searched_so_a_brightened_copy_stands_out():
     found, *_ = search_videos(q, r, whiten=False)  # less the mean frame only: the tone decides every cosine
     assert not [s for s in found if s.score > 0]
 
+    # Candidates are searched in the whitened space too: with one candidate per query, the cosine of the
+    # vectors as stored picks R2 for Q0 (the tone again), and the copy would never be aligned.
+    from towhee_isc.video.candidates import frame_candidates
+    from towhee_isc.workflow.engines import Exact
+    assert [c.ref for c in frame_candidates(q, r, Exact(), 10, 1) if c.query == 0] == [2]
+    found, *_ = search_videos(q, r, candidates=1)
+    assert [(s.query_id, s.ref_id, s.query_start, s.query_end, s.ref_start, s.ref_end) for s in found if s.score > 0] \
+        == [('Q0', 'R1', 8, 16, 4, 12)]
+
 
 def _unit(x):
     return x / np.linalg.norm(x, axis=-1, keepdims=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -18,7 +18,7 @@ from .alignment import (MIN_SCORE, Box, above_background, dp_alignment, dp_align
                         temporal_network, tn_nodes, tn_paths)
 from .candidates import Candidate
 from .metrics import Segment
-from .storage import VideoSet
+from .storage import VideoFeatures, VideoSet
 
 ALIGNMENTS = ('dp', 'tn')
 # VSC 2022's baseline settings of VCSL's Temporal Network (vsc/baseline/sscd_baseline.py).
@@ -175,9 +175,9 @@ class FrameSpace:
         return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def search_space(queries: VideoSet, refs: VideoSet, candidates: Iterable[Candidate], whiten: bool = True) -> FrameSpace:
-    """The space of this search's frames (all query frames and the candidate references' frames, whichever
-    references were searched: a file or a collection): their mean removed and, with ``whiten``, their
+def search_space(queries: VideoSet, references: Sequence[VideoFeatures], whiten: bool = True) -> FrameSpace:
+    """The space of this search's frames (all query frames and the ``references``' frames: every reference
+    of a file, the candidates read back from a collection): their mean removed and, with ``whiten``, their
     shrunk covariance's PCA whitening (eigenvalues raised by ``SHRINKAGE`` x their mean, so directions
     the frames hardly vary in are not blown up), if there are at least as many frames as dimensions: from
     fewer, the covariance is singular and whitening drives all frames apart (n frames whitened in their
@@ -191,8 +191,7 @@ def search_space(queries: VideoSet, refs: VideoSet, candidates: Iterable[Candida
     data, no labels). On benchmarks/video.py's seeds 0-11 (random weights), a copied query frame's best
     reference frame was its original (within 1 s) for 66 % of them against 60 % centred only, and ranking
     query frames by their best similarity found the copied ones with an AP of 0.91 against 0.78."""
-    used = sorted({c.ref for c in candidates})
-    videos = [*queries.videos, *(refs.videos[i] for i in used)]
+    videos = [*queries.videos, *references]
     dim = queries.videos[0].features.shape[1]
     count = sum(len(v) for v in videos)
     # fewer frames than dimensions: no covariance to whiten with (see above), and no D x D matrix made

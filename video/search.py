@@ -33,7 +33,7 @@ def search_videos(queries: VideoSet, refs: VideoSet | None, align: str = 'dp', t
                   ) -> tuple[list[Segment], str, list, VideoSet]:
     """Copied segments between query and reference videos, best first. ``dp`` without ``noise`` compares
     the frames less their mean and, with ``whiten`` (and as many frames as dimensions), whitened
-    (``localization.search_space``).
+    (``localization.search_space``), and with ``refs`` finds the candidate pairs' nearest frames there too.
 
     The references are ``refs``, or (``refs`` None) the videos of a Milvus ``collection`` filled by
     ``video index``: it finds the candidate frames (``nprobe``/``ef``: its search width) and gives
@@ -47,15 +47,21 @@ def search_videos(queries: VideoSet, refs: VideoSet | None, align: str = 'dp', t
         n_frames, _, _ = noise.frames()
         offsets = noise_offsets(q_frames, n_frames, choose_engine(len(q_frames), len(n_frames), exact), factor)
     centre_frames = align == 'dp' and offsets is None  # score normalisation already removes what is common
+    space = None
     if collection is not None:
         from .collection import collection_candidates
+        # the collection holds the vectors as embedded: its k-NN is by their cosine, and the space is learned
+        # on the candidates' frames read back from it
         pairs, refs = collection_candidates(queries, collection, k, candidates, offsets, nprobe, ef)
         description = f'Milvus collection {collection.collection!r} at {collection.uri}'
+        if centre_frames:
+            space = search_space(queries, [refs.videos[i] for i in sorted({c.ref for c in pairs})], whiten)
     else:
+        # candidates are searched in the space their frames are aligned in (see ``frame_candidates``' note)
+        space = search_space(queries, refs.videos, whiten) if centre_frames else None
         engine = choose_engine(len(q_frames), sum(len(v) for v in refs.videos), exact)
-        pairs = frame_candidates(queries, refs, engine, k, candidates, offsets)
+        pairs = frame_candidates(queries, refs, engine, k, candidates, offsets, space=space)
         description = engine.description
-    space = search_space(queries, refs, pairs, whiten) if centre_frames else None
     if threshold is None:
         threshold = DEFAULT_NORMALISED_THRESHOLD if offsets is not None else DEFAULT_THRESHOLD if space is None \
             else DEFAULT_WHITENED_THRESHOLD if space.whitened else DEFAULT_CENTRED_THRESHOLD
