@@ -131,7 +131,6 @@ class Isc(NNOperator):
         self.spec = ModelSpec.resolve(model_name, checkpoint_path, timm_backbone, img_size)
         self.model_name = self.spec.name
         self.img_size: int = self.spec.img_size
-        self.transform = preprocess(self.spec.arch, self.img_size)
         self.skip_preprocess = skip_preprocess
         self.fast_decode = fast_decode
         self.decode_on_device = decode_on_device
@@ -143,6 +142,8 @@ class Isc(NNOperator):
         # The network and its weights: an IscModel, or inside a Triton repository built by
         # towhee.build_pipeline_model a client of its ONNX model (see network.py).
         self.model = accelerated_model(self.spec, self.device, backend, precision, num_threads)
+        # After the weights: published weights that cannot be downloaded are said before timm is imported.
+        self.transform = preprocess(self.spec.arch, self.img_size)
         default_batch = (DEFAULT_BATCH[(self.model.backend.name, self.device.type)]
                          if isinstance(self.model, IscModel) else TRITON_BATCH)
         self.batch_size: int = batch_size or default_batch

@@ -9,17 +9,20 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
-import timm
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import get_pretrained_cfg
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision import transforms
 
 from .weights import checkpoint_file_problem
+
+if TYPE_CHECKING:
+    from torchvision import transforms
+
+# timm (and torchvision, which timm imports) are imported where first needed: together ~5 CPU-s
+# on top of torch's ~4 in every fresh process, so a command that stops at a bad device or
+# checkpoint says so without them.
 
 # Names the published checkpoints use that current timm only knows under a new name.
 _TIMM_RENAMED = {'tf_efficientnetv2_m_in21ft1k': 'tf_efficientnetv2_m.in21k_ft_in1k'}
@@ -82,6 +85,9 @@ def preprocess(arch: str, input_size: int) -> transforms.Compose:
     Mean and std are the backbone's own, from its timm pretrained config, as in the reference code;
     read from timm's table, so no network is built for them.
     """
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    from timm.models import get_pretrained_cfg
+    from torchvision import transforms
     name = check_arch(arch)
     cfg = get_pretrained_cfg(name)
     mean, std = (cfg.mean, cfg.std) if cfg is not None else (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
@@ -101,6 +107,7 @@ def check_arch(arch: str) -> str:
     """The timm name of ``arch``; a ValueError when timm does not know it."""
     if not isinstance(arch, str):
         raise TypeError(f'a timm backbone is named by a str, got {type(arch).__name__} {arch!r}')
+    import timm
     name = timm_name(arch)
     if not timm.is_model(name):
         raise ValueError(f'unknown timm backbone {arch!r}: give a plain timm model name such as '
@@ -110,6 +117,7 @@ def check_arch(arch: str) -> str:
 
 def create_backbone(arch: str) -> nn.Module:
     """``timm.create_model(arch, features_only=True)`` without pretrained weights, with a clear error."""
+    import timm
     return timm.create_model(check_arch(arch), features_only=True, pretrained=False)
 
 

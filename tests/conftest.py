@@ -155,8 +155,10 @@ def reference():
 
 
 # The slowest files first (their order by the time they took on the 2-core CI machine). pytest-xdist
-# hands each worker whole files (--dist loadfile) in collection order, so a long file that started
-# last would leave the other worker idle at the end. Tests keep their order within a file.
+# hands each worker whole files (--dist loadfile) in collection order (--no-loadscope-reorder in
+# pyproject.toml: by default it orders files by their number of tests, which ran test_readme_flow.py,
+# two tests and ~100 s, last), so a long file that started last would leave the other worker idle at
+# the end. Tests keep their order within a file.
 SLOWEST_FIRST = ['test_readme_blocks.py', 'test_hostile.py', 'test_serve.py', 'test_ray.py', 'test_triton.py',
                  'test_readme_flow.py', 'test_milvus.py', 'test_towhee.py', 'test_video.py', 'test_training.py',
                  'test_engines.py', 'test_workflow.py', 'test_export.py', 'test_hostile_files.py']
