@@ -690,6 +690,25 @@ def test_csv_with_a_byte_order_mark_and_broken_files_name_the_file(tmp_path):
         assert name in result.stderr
 
 
+def test_a_csv_of_a_very_wide_header_is_refused_and_short_rows_are_not_padded(tmp_path):
+    """A 500 KB header of commas made csv.DictReader fill every short row with 500,000 columns (a 522 KB
+    ground truth: 48 CPU-s in evaluate; distinct names: 2.3 GB). Every CSV reader goes through read_csv."""
+    from towhee_isc.csvfiles import read_csv
+    from towhee_isc.training.pairs import read_pairs
+    from towhee_isc.video.metrics import read_segments
+    from towhee_isc.workflow.metrics import CsvFormatError, read_ground_truth
+    wide = tmp_path / 'wide.csv'
+    wide.write_text('query_id,reference_id,ref_id,query,reference' + ',' * 500_000 + '\nQ1,R1\n')
+    for read in (read_ground_truth, lambda p: read_segments(p, ground_truth=True), read_pairs):
+        with pytest.raises(ValueError, match=r"wide.csv' has 500,005 columns, over the bound of 256"):
+            read(wide)
+    (tmp_path / 'ok.csv').write_text('query_id,reference_id' + ''.join(f',c{i}' for i in range(250)) + '\nQ1,R1\n\nQ2\n')
+    header, rows = read_csv(tmp_path / 'ok.csv')
+    assert len(header) == 252 and rows == [{'query_id': 'Q1', 'reference_id': 'R1'}, {'query_id': 'Q2'}]
+    with pytest.raises(CsvFormatError, match=r"ok.csv' line 3: expected 2 columns"):
+        read_ground_truth(tmp_path / 'ok.csv')
+
+
 def test_ctrl_c_is_one_line_and_the_run_resumes(model_args, photos, tmp_path):
     many = tmp_path / 'many'
     many.mkdir()
