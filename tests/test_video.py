@@ -486,6 +486,42 @@ def test_decoding_runs_ahead_by_bytes_and_repeats_of_a_frame_share_one_array(tmp
     assert len(samples) == 31 and len({id(rgb) for rgb, _, _ in samples}) == 3  # second 1's frame, 29 times
 
 
+def _slow_avi(path: Path, seconds_a_frame: int, frames: int) -> None:
+    """An MJPEG AVI of ``frames`` 64 x 64 frames whose stream declares one frame every ``seconds_a_frame``
+    seconds, its frame counts zeroed (avih's total frames, strh's length) so that the container states no length."""
+    import fractions
+    import struct
+    import av
+    with av.open(str(path), 'w') as container:
+        stream = container.add_stream('mjpeg', rate=fractions.Fraction(1, seconds_a_frame))
+        stream.width = stream.height = 64
+        stream.pix_fmt = 'yuvj420p'
+        for n in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.full((64, 64, 3), 90 + n, np.uint8), format='rgb24')
+            frame.pts = n
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    data = bytearray(path.read_bytes())
+    struct.pack_into('<I', data, data.find(b'avih') + 24, 0)
+    struct.pack_into('<I', data, data.find(b'strh') + 40, 0)
+    path.write_bytes(bytes(data))
+
+
+def test_a_last_frame_lasts_no_longer_than_the_gap_before_it_nor_past_max_duration(tmp_path):
+    """Round 11: the last frame lasted one period of the stream's declared rate, after the --max-duration
+    checks: a 6 KB AVI of one frame declaring 1/10^6 frames a second gave 10^6 samples (each embedded)."""
+    import itertools
+    _slow_avi(tmp_path / 'one.avi', 10**6, 1)
+    samples = list(itertools.islice(sample_frames(tmp_path / 'one.avi', 1.0, 14400.0), 5))
+    assert [(start, end) for _, start, end in samples] == [(0.0, 1.0)]  # one sample, as for any one-frame video
+    _slow_avi(tmp_path / 'two.avi', 100, 2)  # frames at 0 and 100 s: the second lasts 100 s too, to 200 s
+    assert [end for _, _, end in sample_frames(tmp_path / 'two.avi', 0.1)][-1] == 200.0
+    with pytest.raises(VideoError, match=r"two.avi' lasts 200.0 s, over --max-duration 150 s"):
+        list(sample_frames(tmp_path / 'two.avi', 1.0, 150.0))
+
+
 class _FakeOp:
     """An operator that refuses frames over 64 x 64 as the real one refuses images over its pixel limit,
     and takes a stream in the operator's batches."""
