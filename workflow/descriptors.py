@@ -33,22 +33,32 @@ def find_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     and lists it under its own name. A folder that cannot be read, and a file whose name is not
     valid UTF-8 (ids and descriptor files hold UTF-8 text), are skipped with a warning naming them,
     before any work."""
+    # Each found file as its real folder / its own name, so that the same file named twice (a folder and
+    # one of its files) is kept once; the link itself is never followed. A folder is walked from its real
+    # path: the walk follows no link to a folder, so every folder it finds is real as found. Resolving
+    # each file's folder instead cost O(depth^2) a file (os.path.realpath lstats every prefix): 20 empty
+    # files 2,000 folders deep took 6.2 CPU-s. Other paths are resolved once per folder.
     found: list[Path] = []
+    real_folders: dict[Path, Path] = {}
+
+    def real(path: Path) -> Path:
+        if path.parent not in real_folders:
+            real_folders[path.parent] = Path(os.path.realpath(path.parent))
+        return real_folders[path.parent] / path.name
+
     for item in map(str, inputs):
         path = Path(item)
         if path.is_dir():
-            found += _images_in(path)
+            found += _images_in(Path(os.path.realpath(path)))
         elif path.is_file() and path.suffix.lower() == '.txt':
-            found += _listed_paths(path)
+            found += map(real, _listed_paths(path))
         elif path.exists() or path.is_symlink():  # a file, or a pipe or device that embedding will refuse
-            found.append(path)
+            found.append(real(path))
         elif glob.has_magic(item):
-            found += matched_files(item)
+            found += map(real, matched_files(item))
         else:
             raise ValueError(f'no such file, folder or pattern: {item!r}')
-    # The same file named twice (a folder and one of its files) once; the link itself is never followed.
-    unique = list(dict.fromkeys(Path(os.path.realpath(p.parent)) / p.name for p in found))
-    unique = [p for p in unique if _utf8_name(p)]
+    unique = [p for p in dict.fromkeys(found) if _utf8_name(p)]
     if not unique:
         raise ValueError(f'no images found in {list(map(str, inputs))}')
     return unique
