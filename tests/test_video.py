@@ -531,6 +531,7 @@ def test_a_last_frame_lasts_no_longer_than_the_gap_before_it_nor_past_max_durati
     assert [end for _, _, end in sample_frames(tmp_path / 'two.avi', 0.1)][-1] == 200.0
     with pytest.raises(VideoError, match=r"two.avi' lasts 200.0 s, over --max-duration 150 s"):
         list(sample_frames(tmp_path / 'two.avi', 1.0, 150.0))
+    assert [end for _, _, end in sample_frames(tmp_path / 'two.avi', 1.0, 199.5)][-1] == 199.5  # cut within a sample
 
 
 class _FakeOp:

@@ -166,8 +166,10 @@ def sample_frames(path: str | os.PathLike, fps: float = 1.0, max_duration: float
         # whose frames stop well before the length its container declares is cut short.
         rate = float(stream.average_rate or stream.guessed_rate or 0) or fps
         end = last_time + min(1 / rate, max(gap, info.duration - last_time, 1 / fps))
-        if max_duration is not None and end > max_duration + 1e-6:
-            raise VideoError(f'{str(path)!r} lasts {end:.1f} s, over --max-duration {max_duration:g} s')
+        if max_duration is not None and end > max_duration:
+            if end > max_duration + 1 / fps:  # within a sample of the bound: a rounding of the length, cut there
+                raise VideoError(f'{str(path)!r} lasts {end:.1f} s, over --max-duration {max_duration:g} s')
+            end = max_duration
         if info.duration > 2 and end < 0.9 * info.duration - 1:
             raise VideoError(f'{str(path)!r} is truncated: frames stop at {end:.1f} s of {info.duration:.1f} s')
         rgb = _rgb(previous)
