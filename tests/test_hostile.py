@@ -804,3 +804,20 @@ def test_a_deep_folder_is_resolved_once_not_per_file(tmp_path, monkeypatch):
     found = descriptors.find_images([tmp_path / 'link', deep / 'other.png', tmp_path / 'link' / 'd0' / 'I0.jpg'])
     assert len(found) == 41 and found[-1] == deep / 'other.png' and all(p.is_relative_to(tmp_path / 'real') for p in found)
     assert len(calls) == 3  # the folder, and each named file's folder: not one a file
+    monkeypatch.undo()
+    chain = [tmp_path / 'chain']
+    for _ in range(200):
+        chain.append(chain[-1] / 'c')
+        chain[-1].mkdir(parents=True)
+    (chain[-1] / 'I.jpg').touch()
+    assert descriptors.find_images([chain[0]]) == [chain[-1] / 'I.jpg']
+    # Python's glob recurses, a frame or two a folder: ** failed ~500 folders deep with RecursionError, unnamed
+    # (here with the stack bounded to 150 frames more than the test's, for the cost of a 200-deep tree).
+    import traceback
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(len(traceback.extract_stack()) + 150)
+    try:
+        with pytest.raises(ValueError, match=r"the pattern '.*chain/\*\*/\*.jpg' reaches folders nested deeper than"):
+            descriptors.find_images([f'{chain[0]}/**/*.jpg'])
+    finally:
+        sys.setrecursionlimit(limit)

@@ -66,8 +66,12 @@ def find_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
 
 def matched_files(pattern: str) -> list[Path]:
     """The files (and links that lead to no folder) a glob ``pattern`` matches (``**`` recursive), sorted."""
-    return sorted(Path(p) for p in glob.glob(pattern, recursive=True)
-                  if Path(p).is_file() or (Path(p).is_symlink() and not Path(p).is_dir()))
+    try:
+        matched = glob.glob(pattern, recursive=True)
+    except RecursionError:  # Python's glob recurses a frame or two a folder: ``**`` fails ~500 folders deep
+        raise ValueError(f'the pattern {pattern!r} reaches folders nested deeper than Python\'s glob can walk: '
+                         'name the folder instead (folders are walked however deep)') from None
+    return sorted(Path(p) for p in matched if Path(p).is_file() or (Path(p).is_symlink() and not Path(p).is_dir()))
 
 
 def _images_in(folder: Path) -> list[Path]:
