@@ -486,3 +486,26 @@ def test_strings_hidden_in_a_compound_and_chunks_larger_than_their_data_are_refu
         f.create_dataset('image_names', data=np.array([f'i{n}' for n in range(10)], dtype=object),
                          dtype=h5py.string_dtype(), maxshape=(None,), chunks=True)
     assert descriptors.read_descriptors(tmp_path / 'honest.h5')[0][-1] == 'i9'
+
+
+def test_chunks_of_a_float_each_or_never_written_are_refused_unread(tmp_path):
+    """Round 11: HDF5 spends ~10 us on each chunk a read touches and keeps ~4 KB for each chunk never written:
+    1,500 x 256 vectors in chunks of one float, never written (a 92 KB file), took 1.47 GB to read. Rows as
+    chunks (a writer appending 1 KB rows), written, are read; 4,200 of them, more than the floor of chunks."""
+    import h5py
+    from towhee_isc.workflow import descriptors
+    for name, rows, chunks, written in [('tiny.h5', 1500, (1, 1), 0), ('unwritten.h5', 4200, (1, 256), 100),
+                                        ('rows.h5', 4200, (1, 256), 4200)]:
+        with h5py.File(tmp_path / name, 'w') as f:
+            vectors = f.create_dataset('vectors', (rows, 256), np.float32, chunks=chunks, fillvalue=1 / 16)
+            vectors[:written] = unit(np.random.default_rng(0).standard_normal((written, 256)))
+            f.create_dataset('image_names', data=np.array([f'i{n}' for n in range(rows)], dtype=object),
+                             dtype=h5py.string_dtype(), maxshape=(None,), chunks=True)
+            f['padding'] = np.random.default_rng(1).integers(0, 255, 2**18, dtype=np.uint8)  # passes the size check
+    for name, message in [('tiny.h5', r"'vectors' \(1500, 256\) is stored in 384,000 chunks of \(1, 1\), over the "
+                                      r'4,096 allowed for its 1,536,000 bytes'),
+                          ('unwritten.h5', r"'vectors' \(4200, 256\) has 4,100 of its 4,200 chunks never written")]:
+        with pytest.raises(descriptors.DescriptorFileError, match=message):
+            descriptors.read_descriptors(tmp_path / name)
+    ids, vectors = descriptors.read_descriptors(tmp_path / 'rows.h5')
+    assert ids[-1] == 'i4199' and vectors.shape == (4200, 256)

@@ -446,6 +446,17 @@ def test_a_video_descriptor_file_that_unpacks_to_far_more_than_it_holds_is_refus
                                   'features': np.eye(2, 4, dtype=np.float32)})
     with pytest.raises(ValueError, match=r"its 'video_ids' array is of type \[\('id', '<U8'\)\]"):
         read_video_descriptors(tmp_path / 'tuples.npz')
+    # Round 11: one member listed 200,000 times (a 10.6 MB file) was opened 200,000 times: 21 CPU-s. The
+    # zip's directory is bounded from its end record, before zipfile parses it; a name listed twice is refused.
+    good = {'video_ids': ids, 'timestamps': times, 'features': np.eye(2, 4, dtype=np.float32)}
+    npz(tmp_path / 'many.npz', {**good, **{f'pad{n:05}': np.zeros(1) for n in range(1200)}})
+    with pytest.raises(ValueError, match=r'its zip directory is of 69,777 bytes, over the 65,536 of 64 arrays'):
+        read_video_descriptors(tmp_path / 'many.npz')
+    npz(tmp_path / 'twice.npz', good)
+    with zipfile.ZipFile(tmp_path / 'twice.npz', 'a') as archive, pytest.warns(UserWarning, match='Duplicate name'):
+        archive.writestr('timestamps.npy', archive.read('timestamps.npy'))
+    with pytest.raises(ValueError, match=r'its zip lists 4 members, 3 of them different \(at most 64 arrays, each once\)'):
+        read_video_descriptors(tmp_path / 'twice.npz')
 
 
 def test_descriptors_of_more_dimensions_than_any_model_makes_are_refused(tmp_path, capsys):
@@ -493,6 +504,43 @@ def test_decoding_runs_ahead_by_bytes_and_repeats_of_a_frame_share_one_array(tmp
     frames_at_seconds(tmp_path / 'still.mkv', [0, 1, 30])
     samples = list(sample_frames(tmp_path / 'still.mkv'))
     assert len(samples) == 31 and len({id(rgb) for rgb, _, _ in samples}) == 3  # second 1's frame, 29 times
+
+
+def _slow_avi(path: Path, seconds_a_frame: int, frames: int) -> None:
+    """An MJPEG AVI of ``frames`` 64 x 64 frames whose stream declares one frame every ``seconds_a_frame``
+    seconds, its frame counts zeroed (avih's total frames, strh's length) so that the container states no length."""
+    import fractions
+    import struct
+    import av
+    with av.open(str(path), 'w') as container:
+        stream = container.add_stream('mjpeg', rate=fractions.Fraction(1, seconds_a_frame))
+        stream.width = stream.height = 64
+        stream.pix_fmt = 'yuvj420p'
+        for n in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.full((64, 64, 3), 90 + n, np.uint8), format='rgb24')
+            frame.pts = n
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    data = bytearray(path.read_bytes())
+    struct.pack_into('<I', data, data.find(b'avih') + 24, 0)
+    struct.pack_into('<I', data, data.find(b'strh') + 40, 0)
+    path.write_bytes(bytes(data))
+
+
+def test_a_last_frame_lasts_no_longer_than_the_gap_before_it_nor_past_max_duration(tmp_path):
+    """Round 11: the last frame lasted one period of the stream's declared rate, after the --max-duration
+    checks: a 6 KB AVI of one frame declaring 1/10^6 frames a second gave 10^6 samples (each embedded)."""
+    import itertools
+    _slow_avi(tmp_path / 'one.avi', 10**6, 1)
+    samples = list(itertools.islice(sample_frames(tmp_path / 'one.avi', 1.0, 14400.0), 5))
+    assert [(start, end) for _, start, end in samples] == [(0.0, 1.0)]  # one sample, as for any one-frame video
+    _slow_avi(tmp_path / 'two.avi', 100, 2)  # frames at 0 and 100 s: the second lasts 100 s too, to 200 s
+    assert [end for _, _, end in sample_frames(tmp_path / 'two.avi', 0.1)][-1] == 200.0
+    with pytest.raises(VideoError, match=r"two.avi' lasts 200.0 s, over --max-duration 150 s"):
+        list(sample_frames(tmp_path / 'two.avi', 1.0, 150.0))
+    assert [end for _, _, end in sample_frames(tmp_path / 'two.avi', 1.0, 199.5)][-1] == 199.5  # cut within a sample
 
 
 class _FakeOp:

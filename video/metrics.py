@@ -77,12 +77,12 @@ def read_segments(path: str | os.PathLike, ground_truth: bool = False) -> list[S
         values = {}
         for column in needed[2:]:
             try:
-                values[column] = float(row[column])
+                values[column] = float(row.get(column))
             except (TypeError, ValueError):
-                raise CsvFormatError(f'{path!r} line {line}: {column} {row[column]!r} is not a number') from None
+                raise CsvFormatError(f'{path!r} line {line}: {column} {row.get(column)!r} is not a number') from None
             if not math.isfinite(values[column]):
-                raise CsvFormatError(f'{path!r} line {line}: {column} {row[column]!r} is not finite')
-        if not row['query_id'] or not row['ref_id']:
+                raise CsvFormatError(f'{path!r} line {line}: {column} {row.get(column)!r} is not finite')
+        if not row.get('query_id') or not row.get('ref_id'):
             raise CsvFormatError(f'{path!r} line {line}: empty query_id or ref_id')
         if values['query_end'] < values['query_start'] or values['ref_end'] < values['ref_start']:
             raise CsvFormatError(f'{path!r} line {line}: a segment ends before it starts')

@@ -135,7 +135,7 @@ def sample_frames(path: str | os.PathLike, fps: float = 1.0, max_duration: float
                              f'frame, over the pixel limit of {limit:,} (PIL.Image.MAX_IMAGE_PIXELS)')
         stream = container.streams.video[0]
         stream.thread_type = 'AUTO'  # FFmpeg's own threads decode (it releases the GIL)
-        origin, previous, k, last_time = None, None, 0, 0.0
+        origin, previous, k, last_time, gap = None, None, 0, 0.0, 0.0
         try:
             for frame in container.decode(stream):
                 if frame.time is None:
@@ -154,15 +154,22 @@ def sample_frames(path: str | os.PathLike, fps: float = 1.0, max_duration: float
                     rgb = _rgb(previous) if rgb is None else rgb
                     yield rgb, k / fps, (k + 1) / fps
                     k += 1
+                gap = t - last_time if previous is not None else 0.0
                 previous, last_time = frame, t
         except av.FFmpegError as e:
             raise VideoError(f'{str(path)!r} is damaged: decoding failed after {k} sample(s) ({_reason(e)})') from None
         if previous is None:
             raise VideoError(f'{str(path)!r} has no decodable frame')
-        # The last frame lasts one frame period (the stream's rate); a video whose frames stop well
-        # before the length its container declares is cut short.
+        # The last frame lasts one frame period (the stream's rate), but no longer than the gap before it,
+        # the rest of the length the container states, or one sample: an AVI declaring 1/10^6 frames a
+        # second and no length held its one frame for 11.6 days (10^6 samples, each embedded). A video
+        # whose frames stop well before the length its container declares is cut short.
         rate = float(stream.average_rate or stream.guessed_rate or 0) or fps
-        end = last_time + 1 / rate
+        end = last_time + min(1 / rate, max(gap, info.duration - last_time, 1 / fps))
+        if max_duration is not None and end > max_duration:
+            if end > max_duration + 1 / fps:  # within a sample of the bound: a rounding of the length, cut there
+                raise VideoError(f'{str(path)!r} lasts {end:.1f} s, over --max-duration {max_duration:g} s')
+            end = max_duration
         if info.duration > 2 and end < 0.9 * info.duration - 1:
             raise VideoError(f'{str(path)!r} is truncated: frames stop at {end:.1f} s of {info.duration:.1f} s')
         rgb = _rgb(previous)
