@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -441,13 +442,23 @@ def pairs_csv(tmp_path_factory, images) -> Path:
     return folder / 'pairs.csv'
 
 
-def test_pairs_items_are_query_reference_and_negatives_with_their_labels(images, pairs_csv):
+def test_pairs_items_are_query_reference_and_negatives_with_their_labels(images, pairs_csv, tmp_path):
     from towhee_isc.training.data import collate
     from towhee_isc.training.pairs import PairsDataset, negative_pool, read_pairs
     pairs = read_pairs(pairs_csv)
     assert [q.name for q, _ in pairs] == ['q0.png', 'q1.png', 'q2.png', 'q3.png'] and all(q.is_file() for q, _ in pairs)
-    pool = negative_pool(sorted(images.iterdir()), pairs)
+    resolved = []
+    real = os.path.realpath
+
+    def counted(path):
+        resolved.append(path)
+        return real(path)
+    (tmp_path / 'link.png').symlink_to(pairs[0][1])  # a link to a reference is that reference
+    with mock.patch('os.path.realpath', counted):
+        pool = negative_pool(sorted(images.iterdir()) + [tmp_path / 'link.png'], pairs)
     assert [p.name for p in pool] == [p.name for p in sorted(images.iterdir())[4:]]  # no copy is a negative
+    # each folder resolved once, not each file (#14 round 12: O(depth^2) a file, 2,000 folders deep)
+    assert len(resolved) <= 3, resolved
     dataset = PairsDataset(pairs, pool, lambda image: torch.zeros(3, 8, 8), negatives=3, seed=0)
     labels, views = collate([dataset[0], dataset[1]])
     assert views.shape == (10, 3, 8, 8)
