@@ -504,6 +504,14 @@ def test_decoding_runs_ahead_by_bytes_and_repeats_of_a_frame_share_one_array(tmp
     frames_at_seconds(tmp_path / 'still.mkv', [0, 1, 30])
     samples = list(sample_frames(tmp_path / 'still.mkv'))
     assert len(samples) == 31 and len({id(rgb) for rgb, _, _ in samples}) == 3  # second 1's frame, 29 times
+    # #14 round 12: each repeat was embedded again (a 9000 x 9000 frame held 100 s: 193 CPU-s); now its vector is reused
+    from types import SimpleNamespace
+    from towhee_isc.video import embed
+    op = _FakeOp()
+    assert len(embed.embed_video(tmp_path / 'still.mkv', op)[0]) == 31 and sum(op.calls) == 3
+    embedder = SimpleNamespace(op=op, postprocessing=None, strict=False)
+    embed.embed_videos([tmp_path / 'still.mkv'], str(tmp_path / 's.npz'), embedder, quiet=True)
+    assert sum(op.calls) == 6 and len(read_video_descriptors(tmp_path / 's.npz').videos[0]) == 31
 
 
 def _slow_avi(path: Path, seconds_a_frame: int, frames: int) -> None:

@@ -98,17 +98,24 @@ def embed_video(path: str | Path, op, fps: float = 1.0, max_duration: float | No
     """One video's frame vectors (float32 (n, D)) and intervals (float64 (n, 2)), embedded as
     :func:`embed_videos` embeds them (on a GPU a frame's batch can differ: the same to float rounding);
     decoding runs in a worker thread. A video that cannot be used raises ``VideoError``."""
-    intervals = []
+    intervals, repeats = [], []  # repeats[i]: sample i is sample i - 1's frame again (its vector is reused)
 
     def frames() -> Iterator[np.ndarray]:
+        last = None
         for rgb, start, end in in_background(sample_frames(path, fps, max_duration), size=lambda item: item[0].nbytes,
                                                max_bytes=AHEAD_BYTES):
             intervals.append((start, end))
-            yield rgb
+            repeats.append(rgb is last)
+            if rgb is not last:
+                last = rgb
+                yield rgb
     try:
-        vectors = list(op.embed_stream(frames(), max_batch_bytes=AHEAD_BYTES))
+        unique = iter(list(op.embed_stream(frames(), max_batch_bytes=AHEAD_BYTES)))
     except ImageError as e:
         raise VideoError(f'{str(path)!r}: {e}') from None
+    vectors: list[np.ndarray] = []
+    for again in repeats:
+        vectors.append(vectors[-1] if again else next(unique))
     if not vectors:
         raise VideoError(f'{path}: no frames')
     return np.stack(vectors).astype(np.float32), np.array(intervals, dtype=np.float64)
@@ -154,18 +161,24 @@ def _embed_videos(inputs: Sequence[str], output: str, embedder, fps: float, max_
     intervals: dict[int, list[tuple[float, float]]] = defaultdict(list)
     failures: dict[int, str] = {}  # why a video cannot be used, once known: its later frames are dropped
     # What was handed to the operator, in order: (n, interval, frame) per frame until its vector comes
-    # back, (n, None, None) at video n's end. Appended by the operator's worker thread as it takes frames.
+    # back, (n, interval, None) for a sample repeating the frame before (its vector is reused: a 9000 x
+    # 9000 frame held for 100 s was converted and resized 100 times, 193 CPU-s), (n, None, None) at video
+    # n's end. Appended by the operator's worker thread as it takes frames.
     handed: deque[tuple[int, tuple[float, float] | None, np.ndarray | None]] = deque()
 
     def frames() -> Iterator[np.ndarray]:
+        last = None  # a sample that is the frame before again (a still, a long frame) is not embedded again
         for n, rgb, interval, failure in _decoded(videos, todo, fps, max_duration, _decoders(op)):
             if failure:
                 failures.setdefault(n, failure)
             if rgb is None:
                 handed.append((n, None, None))
+                last = None
             elif n not in failures:
-                handed.append((n, interval, rgb))
-                yield rgb
+                handed.append((n, interval, None if rgb is last else rgb))
+                if rgb is not last:
+                    last = rgb
+                    yield rgb
 
     def save(n: int) -> None:
         failure = failures.pop(n, '')
@@ -188,9 +201,14 @@ def _embed_videos(inputs: Sequence[str], output: str, embedder, fps: float, max_
             embedded += 1
 
     def settle() -> None:
-        """Save each video whose end was handed on and whose frames all have their vectors."""
-        while handed and handed[0][1] is None:
-            save(handed.popleft()[0])
+        """Give repeated samples their frame's vector, and save each video whose end was handed on and
+        whose frames all have their vectors."""
+        while handed and handed[0][2] is None:
+            n, interval, _ = handed.popleft()
+            if interval is None:
+                save(n)
+            elif n not in failures and vectors[n]:
+                keep(n, interval, vectors[n][-1])
 
     try:
         if ray_address is not None:
@@ -223,7 +241,7 @@ def _embed_videos(inputs: Sequence[str], output: str, embedder, fps: float, max_
                 while handed:
                     n = handed[0][0]
                     run = []
-                    while handed and handed[0][0] == n and handed[0][1] is not None:
+                    while handed and handed[0][0] == n and handed[0][2] is not None:
                         run.append(handed.popleft())
                     try:
                         for (_, interval, _), vector in zip(run, _vectors(op, [rgb for _, _, rgb in run], videos[n])):

@@ -60,10 +60,11 @@ class _Thumbs:
             self.refused += 1
         if path not in self.cache:
             try:
-                frames = []
+                frames, last = [], None
                 for rgb, _, _ in sample_frames(path):
-                    image = Image.fromarray(rgb)
-                    image.thumbnail((THUMB, THUMB))
+                    if rgb is not last:  # a sample repeating the frame before shares its thumbnail
+                        image, last = Image.fromarray(rgb), rgb
+                        image.thumbnail((THUMB, THUMB))
                     frames.append(image)
                 self.cache[path] = frames
             except (VideoError, OSError, ImportError):
