@@ -512,6 +512,20 @@ def test_decoding_runs_ahead_by_bytes_and_repeats_of_a_frame_share_one_array(tmp
     embedder = SimpleNamespace(op=op, postprocessing=None, strict=False)
     embed.embed_videos([tmp_path / 'still.mkv'], str(tmp_path / 's.npz'), embedder, quiet=True)
     assert sum(op.calls) == 6 and len(read_video_descriptors(tmp_path / 's.npz').videos[0]) == 31
+    # The report's thumbnails: only the seconds shown are kept, decoding stops after the last one.
+    from unittest import mock
+    from towhee_isc.video import report
+    path, pulled = str(tmp_path / 'still.mkv'), []
+
+    def counted(video):
+        for sample in sample_frames(video):
+            pulled.append(sample)
+            yield sample
+    with mock.patch.object(report, 'sample_frames', counted):
+        thumbs = report._Thumbs(lambda path: True, {path: {1, 2}})
+        assert thumbs.get(path, 2.5).startswith('data:image/png') and thumbs.get(path, 0.5) == ''
+    assert sorted(thumbs.cache[path]) == [1, 2] and thumbs.cache[path][1] is thumbs.cache[path][2]
+    assert len(pulled) == 4  # seconds 0-3 of 31
 
 
 def _slow_avi(path: Path, seconds_a_frame: int, frames: int) -> None:

@@ -43,34 +43,43 @@ def similarity_image(sims: np.ndarray, path: np.ndarray, box: tuple[int, int, in
 
 
 class _Thumbs:
-    """Each video's sampled frames as thumbnails, decoded once; only of the paths ``allowed`` accepts."""
+    """The thumbnails of the frames a page shows, each video decoded once and only as far as its last frame
+    shown (a 4-hour video was decoded whole and each of its 14,400 samples kept, about 290 MB); only of
+    the paths ``allowed`` accepts. ``wanted``: video path -> the seconds shown (samples at 1 per second)."""
 
-    def __init__(self, allowed: Callable[[str], bool]):
-        self.cache: dict[str, list[Image.Image] | None] = {}
-        self.allowed = allowed
+    def __init__(self, allowed: Callable[[str], bool], wanted: dict[str, set[int]]):
+        self.cache: dict[str, dict[int, Image.Image] | None] = {}
+        self.allowed, self.wanted = allowed, wanted
         self.refused = 0  # paths not shown because they lie outside the allowed folders
 
     def get(self, path: str | None, seconds: float) -> str:
-        """The thumbnail of the frame on screen at ``seconds`` (frames sampled at 1 per second)."""
-        index = int(seconds)
+        """The thumbnail of the frame on screen at ``seconds``."""
         if path is None:
             return ''
         if path not in self.cache and not self.allowed(path):
             self.cache[path] = None
             self.refused += 1
         if path not in self.cache:
-            try:
-                frames, last = [], None
-                for rgb, _, _ in sample_frames(path):
+            self.cache[path] = self._decode(path, self.wanted.get(path, set()))
+        frames = self.cache[path]
+        return _png(frames[int(seconds)]) if frames and int(seconds) in frames else ''
+
+    @staticmethod
+    def _decode(path: str, wanted: set[int]) -> dict[int, Image.Image] | None:
+        frames: dict[int, Image.Image] = {}
+        last, image = None, None
+        try:
+            for index, (rgb, _, _) in enumerate(sample_frames(path)):
+                if index > max(wanted, default=-1):
+                    break
+                if index in wanted:
                     if rgb is not last:  # a sample repeating the frame before shares its thumbnail
                         image, last = Image.fromarray(rgb), rgb
                         image.thumbnail((THUMB, THUMB))
-                    frames.append(image)
-                self.cache[path] = frames
-            except (VideoError, OSError, ImportError):
-                self.cache[path] = None
-        frames = self.cache[path]
-        return _png(frames[index]) if frames and index < len(frames) else ''
+                    frames[index] = image
+        except (VideoError, OSError, ImportError):
+            return None
+        return frames
 
 
 def html_report(output: str, found: list, queries: VideoSet, refs: VideoSet,
@@ -78,15 +87,23 @@ def html_report(output: str, found: list, queries: VideoSet, refs: VideoSet,
     """Write the page for ``found`` ((candidate, similarity matrix or None, box, segment) per match); frames of
     the videos whose path ``allowed`` accepts (``workflow.reports.ImageFolders``)."""
     ranked = sorted(found, key=lambda item: -item[3].score)[:MATCHES_SHOWN]
-    thumbs = _Thumbs(allowed)
     q_paths, r_paths = queries.paths or {}, refs.paths or {}
+    q_videos, r_videos = {v.video_id: v for v in queries.videos}, {v.video_id: v for v in refs.videos}
+    shown = [(segment, sims, box, box.path[np.linspace(0, len(box.path) - 1, min(FRAMES_SHOWN, len(box.path)))
+                                           .round().astype(int)]) for _, sims, box, segment in ranked]
+    wanted: dict[str, set[int]] = {}
+    for segment, _, _, steps in shown:
+        for q, r in steps.tolist():
+            for path, times in ((q_paths.get(segment.query_id), q_videos[segment.query_id].timestamps[q]),
+                                (r_paths.get(segment.ref_id), r_videos[segment.ref_id].timestamps[r])):
+                if path is not None:
+                    wanted.setdefault(path, set()).add(int(times.mean()))
+    thumbs = _Thumbs(allowed, wanted)
     parts = ['<!doctype html><meta charset="utf-8"><title>video matches</title><style>body{font-family:sans-serif}'
              'td{vertical-align:top;padding:4px}img{image-rendering:pixelated}.pair img{margin:1px}</style>',
              f'<h1>{len(found)} matches (the best {len(ranked)} shown)</h1>']
-    q_videos, r_videos = {v.video_id: v for v in queries.videos}, {v.video_id: v for v in refs.videos}
-    for n, (_, sims, box, segment) in enumerate(ranked, start=1):
+    for n, (segment, sims, box, steps) in enumerate(shown, start=1):
         q_times, r_times = q_videos[segment.query_id].timestamps, r_videos[segment.ref_id].timestamps
-        steps = box.path[np.linspace(0, len(box.path) - 1, min(FRAMES_SHOWN, len(box.path))).round().astype(int)]
         rows = ''.join(
             f'<tr><td>{q_times[q].mean():.1f} s</td>'
             f'<td><img src="{thumbs.get(q_paths.get(segment.query_id), q_times[q].mean())}"></td>'
