@@ -69,9 +69,9 @@ def _resolver() -> Callable[[str | os.PathLike], str]:
 
     def real(path: str | os.PathLike) -> str:
         path = os.fspath(path)
-        if os.path.islink(path):
-            return os.path.realpath(path)
         folder, name = os.path.split(path)
+        if name in ('', '.', '..') or os.path.islink(path):
+            return os.path.realpath(path)
         if folder not in folders:
             folders[folder] = os.path.realpath(folder or '.')
         return os.path.join(folders[folder], name)
