@@ -799,6 +799,10 @@ def test_a_deep_folder_is_resolved_once_not_per_file(tmp_path, monkeypatch):
     found = descriptors.find_images([tmp_path / 'link', deep / 'other.png', tmp_path / 'link' / 'd0' / 'I0.jpg'])
     assert len(found) == 41 and found[-1] == deep / 'other.png' and all(p.is_relative_to(tmp_path / 'real') for p in found)
     assert len(calls) == 3  # the folder, and each named file's folder: not one a file
+    calls.clear()  # round 13: files named one by one, each in a folder of its own down a chain
+    named = [tmp_path / 'link' / Path(*[f'd{i}' for i in range(level + 1)]) / f'I{level}.jpg' for level in range(40)]
+    found = descriptors.find_images(named)
+    assert len(found) == 40 and all(p.is_relative_to(tmp_path / 'real') for p in found) and len(calls) <= 3, calls
     monkeypatch.undo()
     chain = [tmp_path / 'chain']
     for _ in range(200):

@@ -18,6 +18,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..csvfiles import read_csv
+from ..workflow.descriptors import folder_resolver
 from ..images import ImageError, image_size, regular_file, to_pil_rgb
 from .data import _seed
 
@@ -63,18 +64,17 @@ def negative_pool(items: Sequence[Any], pairs: Sequence[tuple[Path, Path]]) -> l
 
 
 def _resolver() -> Callable[[str | os.PathLike], str]:
-    """``os.path.realpath``, each folder resolved once: realpath costs O(depth^2) (it lstats every prefix),
-    so per file 20 images 2,000 folders deep took 5 CPU-s. A file that is itself a link is resolved whole."""
-    folders: dict[str, str] = {}
+    """``os.path.realpath``, each folder resolved once from its parent (``folder_resolver``): realpath
+    lstats every prefix, so per file 20 images 2,000 folders deep took 5 CPU-s. A file that is itself a
+    link is resolved whole."""
+    real_folder = folder_resolver()
 
     def real(path: str | os.PathLike) -> str:
         path = os.fspath(path)
         folder, name = os.path.split(path)
         if name in ('', '.', '..') or os.path.islink(path):
             return os.path.realpath(path)
-        if folder not in folders:
-            folders[folder] = os.path.realpath(folder or '.')
-        return os.path.join(folders[folder], name)
+        return os.path.join(real_folder(folder or '.'), name)
     return real
 
 
