@@ -290,14 +290,15 @@ class Isc(NNOperator):
 
     def _embed(self, items: list[Any], single: bool) -> np.ndarray:
         """(N, D) float32 embeddings of a list."""
-        return np.concatenate(list(self._embed_batches(iter(items), single)))
+        return np.concatenate(list(self._embed_batches(iter(items), single, ahead=len(items) > self.batch_size)))
 
-    def _embed_batches(self, items: Iterator[Any], single: bool, max_bytes: int | None = None
-                       ) -> Iterator[np.ndarray]:
+    def _embed_batches(self, items: Iterator[Any], single: bool, max_bytes: int | None = None,
+                       ahead: bool = True) -> Iterator[np.ndarray]:
         """(n, D) float32 embeddings of ``items``, batch by batch (``backends.batches``). While the
         backend runs one batch, a worker thread takes and decodes the next (PIL releases the GIL). On a
         GPU one thread cannot keep up with the network (measured on an H200: 140 images/s, CPU-bound),
-        so there the images of a batch are decoded by a pool of threads."""
+        so there the images of a batch are decoded by a pool of threads. ``ahead=False``: one batch (a
+        single image, a short list), run in this thread."""
         decoders = ThreadPoolExecutor(max_workers=min(8, cpu_count())) if self.device.type == 'cuda' else None
         chunks = batches(items, self.batch_size, max_bytes)
         taken = 0
@@ -316,10 +317,14 @@ class Isc(NNOperator):
             return torch.stack(tensors), start
 
         try:
-            with ThreadPoolExecutor(max_workers=1) as ahead:
-                pending = ahead.submit(prepare)
+            if not ahead:
+                batch, start = prepare()
+                yield self._checked(self._run(batch), start)
+                return
+            with ThreadPoolExecutor(max_workers=1) as worker:
+                pending = worker.submit(prepare)
                 while (prepared := pending.result()) is not None:
-                    pending = ahead.submit(prepare)
+                    pending = worker.submit(prepare)
                     yield self._checked(self._run(prepared[0]), prepared[1])
         finally:
             if decoders is not None:

@@ -18,7 +18,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..csvfiles import read_csv
-from ..workflow.descriptors import folder_resolver
+from ..workflow.descriptors import path_resolver
 from ..images import ImageError, image_size, regular_file, to_pil_rgb
 from .data import _seed
 
@@ -58,24 +58,9 @@ def read_pairs(path: str | os.PathLike) -> list[tuple[Path, Path]]:
 
 def negative_pool(items: Sequence[Any], pairs: Sequence[tuple[Path, Path]]) -> list[Any]:
     """The training images that are not in any pair (a copy must never be another pair's negative)."""
-    real = _resolver()
-    paired = {real(p) for pair in pairs for p in pair}
-    return [item for item in items if not (isinstance(item, (str, os.PathLike)) and real(item) in paired)]
-
-
-def _resolver() -> Callable[[str | os.PathLike], str]:
-    """``os.path.realpath``, each folder resolved once from its parent (``folder_resolver``): realpath
-    lstats every prefix, so per file 20 images 2,000 folders deep took 5 CPU-s. A file that is itself a
-    link is resolved whole."""
-    real_folder = folder_resolver()
-
-    def real(path: str | os.PathLike) -> str:
-        path = os.fspath(path)
-        folder, name = os.path.split(path)
-        if name in ('', '.', '..') or os.path.islink(path):
-            return os.path.realpath(path)
-        return os.path.join(real_folder(folder or '.'), name)
-    return real
+    real = path_resolver()  # realpath, each folder resolved once (it lstats every prefix: O(depth^2) a call)
+    paired = {real(os.fspath(p)) for pair in pairs for p in pair}
+    return [item for item in items if not (isinstance(item, (str, os.PathLike)) and real(os.fspath(item)) in paired)]
 
 
 class PairsDataset(Dataset):

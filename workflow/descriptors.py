@@ -39,10 +39,10 @@ def find_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     # each file's folder instead cost O(depth^2) a file (os.path.realpath lstats every prefix): 20 empty
     # files 2,000 folders deep took 6.2 CPU-s. Other paths are resolved once per folder.
     found: list[Path] = []
-    real_folder = folder_resolver()
+    real_path = path_resolver()
 
-    def real(path: Path) -> Path:
-        return Path(real_folder(str(path.parent))) / path.name
+    def real(path: Path) -> Path:  # the file's real folder and its own name: a link stays a link
+        return Path(real_path(str(path.parent))) / path.name
 
     for item in map(str, inputs):
         path = Path(item)
@@ -77,25 +77,25 @@ def _images_in(folder: Path) -> list[Path]:
     return files_under(folder, IMAGE_SUFFIXES)
 
 
-def folder_resolver() -> Callable[[str], str]:
-    """``os.path.realpath`` of folders, each made from its parent's, remembered: realpath lstats every
+def path_resolver() -> Callable[[str], str]:
+    """``os.path.realpath``, each path made from its parent's real path, remembered: realpath lstats every
     prefix of a path, so files each in a folder of its own down a 2,000-deep chain cost O(depth^3)
-    (158 CPU-s for 2,000 one-pixel PNGs); here a folder costs one lstat. A folder that is a link, or a
-    path ending in ``.`` or ``..``, is resolved by realpath itself."""
+    (158 CPU-s for 2,000 one-pixel PNGs); here a path costs one lstat. A link, or a path ending in ``.``
+    or ``..``, is resolved by realpath itself."""
     cache: dict[str, str] = {}
 
-    def real(folder: str) -> str:
+    def real(path: str) -> str:
         pending: list[tuple[str, str, str]] = []
-        while folder not in cache:
-            parent, name = os.path.split(folder)
+        while path not in cache:
+            parent, name = os.path.split(path)
             if not parent or name in ('', '.', '..'):
-                cache[folder] = os.path.realpath(folder or '.')
+                cache[path] = os.path.realpath(path or '.')
                 break
-            pending.append((folder, parent, name))
-            folder = parent
-        for path, parent, name in reversed(pending):
-            cache[path] = os.path.realpath(path) if os.path.islink(path) else os.path.join(cache[parent], name)
-        return cache[pending[0][0] if pending else folder]
+            pending.append((path, parent, name))
+            path = parent
+        for known, parent, name in reversed(pending):
+            cache[known] = os.path.realpath(known) if os.path.islink(known) else os.path.join(cache[parent], name)
+        return cache[pending[0][0] if pending else path]
     return real
 
 
