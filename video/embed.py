@@ -37,13 +37,21 @@ def _frame_bytes(item: tuple) -> int:
     return rgb.nbytes if rgb is not None else 0
 
 
-def _frames_of(videos: Sequence[Path], todo: Sequence[int], fps: float, max_duration: float | None
-               ) -> Iterator[tuple[int, np.ndarray | None, tuple[float, float] | None, str]]:
+def frame_side(op) -> int | None:
+    """The longest side a frame is decoded at for ``op`` (``sample_frames``'s ``max_side``): 4x its input
+    side, so the operator's own resize still averages several pixels into one, and an 81-MP frame costs
+    no more than a 4-MP one."""
+    size = getattr(op, 'img_size', None)
+    return 4 * size if isinstance(size, int) else None
+
+
+def _frames_of(videos: Sequence[Path], todo: Sequence[int], fps: float, max_duration: float | None,
+               max_side: int | None) -> Iterator[tuple[int, np.ndarray | None, tuple[float, float] | None, str]]:
     """(video number, frame, interval, '') for each sample, then (number, None, None, '') at each
     video's end, or (number, None, None, reason) when a video cannot be read."""
     for n in todo:
         try:
-            for rgb, start, end in sample_frames(videos[n], fps, max_duration):
+            for rgb, start, end in sample_frames(videos[n], fps, max_duration, max_side):
                 yield n, rgb, (start, end), ''
         except VideoError as e:
             yield n, None, None, str(e)
@@ -52,7 +60,7 @@ def _frames_of(videos: Sequence[Path], todo: Sequence[int], fps: float, max_dura
 
 
 def _decoded(videos: Sequence[Path], todo: Sequence[int], fps: float, max_duration: float | None,
-             decoders: int) -> Iterator[tuple[int, np.ndarray | None, tuple[float, float] | None, str]]:
+             max_side: int | None, decoders: int) -> Iterator[tuple[int, np.ndarray | None, tuple[float, float] | None, str]]:
     """What ``_frames_of`` gives, in its order, from up to ``decoders`` videos decoded at once, each in its
     own thread (FFmpeg releases the GIL), ``AHEAD_BYTES`` ahead in all. One thread decodes 140-340
     frames/s of benchmarks/video.py's videos, what an H200 embeds: alone it would hold the GPU back."""
@@ -62,7 +70,7 @@ def _decoded(videos: Sequence[Path], todo: Sequence[int], fps: float, max_durati
     def start_next() -> None:
         n = next(upcoming, None)
         if n is not None:
-            streams.append(in_background(_frames_of(videos, [n], fps, max_duration), size=_frame_bytes,
+            streams.append(in_background(_frames_of(videos, [n], fps, max_duration, max_side), size=_frame_bytes,
                                          max_bytes=AHEAD_BYTES // decoders))
     try:
         for _ in range(decoders):
@@ -102,8 +110,8 @@ def embed_video(path: str | Path, op, fps: float = 1.0, max_duration: float | No
 
     def frames() -> Iterator[np.ndarray]:
         last = None
-        for rgb, start, end in in_background(sample_frames(path, fps, max_duration), size=lambda item: item[0].nbytes,
-                                               max_bytes=AHEAD_BYTES):
+        samples = sample_frames(path, fps, max_duration, frame_side(op))
+        for rgb, start, end in in_background(samples, size=lambda item: item[0].nbytes, max_bytes=AHEAD_BYTES):
             intervals.append((start, end))
             repeats.append(rgb is last)
             if rgb is not last:
@@ -168,7 +176,7 @@ def _embed_videos(inputs: Sequence[str], output: str, embedder, fps: float, max_
 
     def frames() -> Iterator[np.ndarray]:
         last = None  # a sample that is the frame before again (a still, a long frame) is not embedded again
-        for n, rgb, interval, failure in _decoded(videos, todo, fps, max_duration, _decoders(op)):
+        for n, rgb, interval, failure in _decoded(videos, todo, fps, max_duration, frame_side(op), _decoders(op)):
             if failure:
                 failures.setdefault(n, failure)
             if rgb is None:

@@ -46,6 +46,8 @@ def is_media_file(path: str | os.PathLike) -> bool:
 # Decoded frames held ahead of the operator, at most (one frame always passes): 96 frames of 81 MP, as
 # the frame count alone allowed, were 23 GB; 4K frames (25 MB) still fill the operator's batches.
 AHEAD_BYTES = 256 * 2**20
+# What FFmpeg's decoding threads may hold in frames of their own, roughly (see _decode_threads).
+DECODER_BYTES = 256 * 2**20
 
 
 class VideoError(ValueError):
@@ -110,11 +112,17 @@ def _info(container) -> VideoInfo:
     return VideoInfo(duration, ctx.width or 0, ctx.height or 0)
 
 
-def sample_frames(path: str | os.PathLike, fps: float = 1.0, max_duration: float | None = None
-                  ) -> Iterator[tuple[np.ndarray, float, float]]:
+def sample_frames(path: str | os.PathLike, fps: float = 1.0, max_duration: float | None = None,
+                  max_side: int | None = None, keep_aspect: bool = False) -> Iterator[tuple[np.ndarray, float, float]]:
     """Yield ``(rgb, start, end)`` for each sample: sample k stands for seconds ``[k / fps, (k + 1) / fps]``
     (the last one ends with the video) and is the frame on screen at the middle of that interval,
     as an upright uint8 (H, W, 3) RGB array.
+
+    ``max_side`` bounds the arrays: FFmpeg scales a frame with a longer side down (area-averaged)
+    before any RGB array exists, each side to at most ``max_side`` (for the operator, which squashes
+    frames to a square anyway), or by one factor with ``keep_aspect``. Without it, an 81-MP frame is a
+    243 MB array, and 2 CPU-s to convert and resize, per sample: a 600 KB H.264 file of such frames
+    differing by a pixel cost 49 CPU-s for 20 samples. Frames within the bound are exact.
 
     Raises:
         VideoError: the file is missing or no video, longer than ``max_duration`` seconds (checked
@@ -123,6 +131,7 @@ def sample_frames(path: str | os.PathLike, fps: float = 1.0, max_duration: float
     """
     if not (fps > 0 and math.isfinite(fps)):
         raise ValueError(f'fps must be a positive number, got {fps!r}')
+    shrink = _shrinker(max_side, keep_aspect)
     av = _av()
     path = Path(path)
     with _open(path) as container:
@@ -135,6 +144,7 @@ def sample_frames(path: str | os.PathLike, fps: float = 1.0, max_duration: float
                              f'frame, over the pixel limit of {limit:,} (PIL.Image.MAX_IMAGE_PIXELS)')
         stream = container.streams.video[0]
         stream.thread_type = 'AUTO'  # FFmpeg's own threads decode (it releases the GIL)
+        stream.codec_context.thread_count = _decode_threads(info.width * info.height)
         origin, previous, k, last_time, gap = None, None, 0, 0.0, 0.0
         try:
             for frame in container.decode(stream):
@@ -151,7 +161,7 @@ def sample_frames(path: str | os.PathLike, fps: float = 1.0, max_duration: float
                                      '(PIL.Image.MAX_IMAGE_PIXELS)')
                 rgb = None  # converted once, however many samples repeat it
                 while previous is not None and (k + 0.5) / fps < t:  # `previous` was on screen at the middle
-                    rgb = _rgb(previous) if rgb is None else rgb
+                    rgb = _rgb(previous, shrink) if rgb is None else rgb
                     yield rgb, k / fps, (k + 1) / fps
                     k += 1
                 gap = t - last_time if previous is not None else 0.0
@@ -172,14 +182,37 @@ def sample_frames(path: str | os.PathLike, fps: float = 1.0, max_duration: float
             end = max_duration
         if info.duration > 2 and end < 0.9 * info.duration - 1:
             raise VideoError(f'{str(path)!r} is truncated: frames stop at {end:.1f} s of {info.duration:.1f} s')
-        rgb = _rgb(previous)
+        rgb = _rgb(previous, shrink)
         while k == 0 or k / fps < end - 1e-6:
             yield rgb, k / fps, min((k + 1) / fps, end)
             k += 1
 
 
-def _rgb(frame) -> np.ndarray:
-    """An upright RGB array of a decoded frame (its display matrix says how it is turned)."""
+def _decode_threads(pixels: int) -> int:
+    """FFmpeg's decoding threads (0: as many as it likes): each holds frames of its own, so 16 threads of
+    81-MP frames (122 MB each as YUV) would hold gigabytes; big frames get fewer."""
+    fit = DECODER_BYTES // max(1, pixels * 3 // 2)
+    return 0 if fit >= (os.cpu_count() or 1) else max(1, fit)
+
+
+def _shrinker(max_side: int | None, keep_aspect: bool) -> Callable[[int, int], tuple[int, int]] | None:
+    """(width, height) -> the size a frame is scaled to, for ``sample_frames``'s ``max_side``."""
+    if max_side is None:
+        return None
+    if max_side < 1:
+        raise ValueError(f'max_side must be a positive number of pixels, got {max_side!r}')
+    if keep_aspect:
+        return lambda w, h: ((w, h) if max(w, h) <= max_side else
+                             (max(1, round(w * max_side / max(w, h))), max(1, round(h * max_side / max(w, h)))))
+    return lambda w, h: (min(w, max_side), min(h, max_side))
+
+
+def _rgb(frame, shrink: Callable[[int, int], tuple[int, int]] | None = None) -> np.ndarray:
+    """An upright RGB array of a decoded frame (its display matrix says how it is turned), scaled by
+    FFmpeg to ``shrink(width, height)``."""
+    size = shrink(frame.width, frame.height) if shrink else (frame.width, frame.height)
+    if size != (frame.width, frame.height):
+        frame = frame.reformat(width=size[0], height=size[1], format='rgb24', interpolation='AREA')
     rgb = frame.to_ndarray(format='rgb24')
     rotation = int(round(getattr(frame, 'rotation', 0) or 0)) % 360
     return np.ascontiguousarray(np.rot90(rgb, k=rotation // 90)) if rotation % 90 == 0 and rotation else rgb

@@ -69,7 +69,7 @@ class _Thumbs:
         frames: dict[int, Image.Image] = {}
         last, image = None, None
         try:
-            for index, (rgb, _, _) in enumerate(sample_frames(path)):
+            for index, (rgb, _, _) in enumerate(sample_frames(path, max_side=2 * THUMB, keep_aspect=True)):
                 if index > max(wanted, default=-1):
                     break
                 if index in wanted:
