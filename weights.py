@@ -239,11 +239,13 @@ def _download(url: str, out, target: Path) -> None:
     received = window_bytes = 0
     watchdog = _Watchdog()
     watchdog.limit(deadline, f'it took over {deadline:g} s (TOWHEE_ISC_DOWNLOAD_TIMEOUT)')
-    headers = watchdog.limit(min(HEADERS_SECONDS, deadline),
-                             f'the server had not sent its response headers after {min(HEADERS_SECONDS, deadline):g} s')
+    # Where the whole download's limit comes first, it is the one to name (two timers of one length race).
+    headers = watchdog.limit(HEADERS_SECONDS, f'the server had not sent its response headers after '
+                                              f'{HEADERS_SECONDS:g} s') if HEADERS_SECONDS < deadline else None
     try:
         with watchdog.opener().open(url, timeout=STALL_SECONDS) as response:
-            headers.cancel()
+            if headers:
+                headers.cancel()
             expected = response.headers.get('Content-Length')
             if expected is not None and int(expected) > MAX_DOWNLOAD_BYTES:
                 raise WeightsDownloadError(f'{url} declares {int(expected)} bytes, more than the '
