@@ -264,8 +264,7 @@ class Isc(NNOperator):
         x = image.unsqueeze(0).float().div_(255)
         x = torch.nn.functional.interpolate(x, size=(self.img_size, self.img_size), mode='bilinear',
                                             antialias=True, align_corners=False)[0]
-        normalize = self.transform.transforms[-1]
-        return normalize(x)
+        return self.transform.normalise(x)
 
     def _check_preprocessed(self, item: Any, batch_ok: bool, index: int | None = None) -> torch.Tensor:
         size = (3, self.img_size, self.img_size)

@@ -7,22 +7,28 @@ names match that code (``backbone.*``, ``fc.weight``, ``bn.*``), so its checkpoi
 from __future__ import annotations
 
 import argparse
+import functools
+import json
+import math
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping
+from pathlib import Path
+from typing import Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
+from .atomic import atomic_write
 from .weights import checkpoint_file_problem
 
-if TYPE_CHECKING:
-    from torchvision import transforms
-
-# timm (and torchvision, which timm imports) are imported where first needed: together ~5 CPU-s
-# on top of torch's ~4 in every fresh process, so a command that stops at a bad device or
-# checkpoint says so without them.
+# timm (and torchvision, which timm imports, and which imports torch._dynamo) are imported only where
+# a network is built or a backbone name is first met: together ~5.5 CPU-s on top of torch's ~4 in every
+# fresh process. What the operator needs of timm otherwise (whether it knows a name, the backbone's
+# mean and std) is remembered per timm version (see ``_remembered``), so a start with a cached ONNX
+# export imports neither.
 
 # Names the published checkpoints use that current timm only knows under a new name.
 _TIMM_RENAMED = {'tf_efficientnetv2_m_in21ft1k': 'tf_efficientnetv2_m.in21k_ft_in1k'}
@@ -74,28 +80,45 @@ class IscNet(nn.Module):
         x = self.pool(self.backbone(x)[-1])
         return F.normalize(self.bn(self.fc(x)), dim=1)
 
-    def preprocess(self, input_size: int) -> transforms.Compose:
+    def preprocess(self, input_size: int) -> Preprocess:
         """The reference preprocessing for this network's backbone (see ``preprocess``)."""
         return preprocess(self.arch, input_size)
 
 
-def preprocess(arch: str, input_size: int) -> transforms.Compose:
-    """The reference preprocessing: PIL RGB -> square bilinear resize -> tensor -> normalise.
+@dataclass(frozen=True)
+class Preprocess:
+    """The reference preprocessing: an RGB ``PIL.Image`` -> a (3, S, S) float32 tensor: resized to S x S
+    (PIL's bilinear), scaled to [0, 1], then less ``mean`` and over ``std`` per channel.
+
+    The operations of torchvision's ``Resize((S, S))``, ``ToTensor()`` and ``Normalize(mean, std)``, the
+    reference code's, in the same order and dtypes, so equal bit for bit (tested); restated because
+    importing torchvision costs ~4 CPU-s (it imports ``torch._dynamo``) in every process that embeds.
+    """
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        resized = image.resize((self.size, self.size), Image.Resampling.BILINEAR)
+        pixels = torch.from_numpy(np.array(resized, np.uint8, copy=True))
+        x = pixels.view(self.size, self.size, -1).permute(2, 0, 1).contiguous().to(torch.float32).div(255)
+        return self.normalise(x)
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """(3, S, S) float in [0, 1] -> the network's input (a new tensor)."""
+        mean = torch.as_tensor(self.mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+        std = torch.as_tensor(self.std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+        return x.clone().sub_(mean).div_(std)
+
+
+def preprocess(arch: str, input_size: int) -> Preprocess:
+    """The reference preprocessing for backbone ``arch`` at ``input_size`` px (see ``Preprocess``).
 
     Mean and std are the backbone's own, from its timm pretrained config, as in the reference code;
-    read from timm's table, so no network is built for them.
+    read from timm's table (or remembered from it), so no network is built for them.
     """
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-    from timm.models import get_pretrained_cfg
-    from torchvision import transforms
-    name = check_arch(arch)
-    cfg = get_pretrained_cfg(name)
-    mean, std = (cfg.mean, cfg.std) if cfg is not None else (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
-    return transforms.Compose([
-        transforms.Resize((input_size, input_size)),
-        transforms.ToTensor(),
-        transforms.Normalize(mean=mean, std=std),
-    ])
+    mean, std = _remembered(check_arch(arch))
+    return Preprocess(input_size, mean, std)
 
 
 def timm_name(arch: str) -> str:
@@ -107,12 +130,70 @@ def check_arch(arch: str) -> str:
     """The timm name of ``arch``; a ValueError when timm does not know it."""
     if not isinstance(arch, str):
         raise TypeError(f'a timm backbone is named by a str, got {type(arch).__name__} {arch!r}')
-    import timm
     name = timm_name(arch)
+    if name in _timm_memo():
+        return name
+    import timm
     if not timm.is_model(name):
         raise ValueError(f'unknown timm backbone {arch!r}: give a plain timm model name such as '
                          f"'resnet50' or 'tf_efficientnetv2_m.in21k_ft_in1k' (see timm.list_models())")
+    _remember(name)
     return name
+
+
+Norm = tuple[tuple[float, float, float], tuple[float, float, float]]
+
+
+def _remembered(name: str) -> Norm:
+    """Mean and std of timm backbone ``name`` (known to timm: see ``check_arch``)."""
+    return _timm_memo().get(name) or _remember(name)
+
+
+def _remember(name: str) -> Norm:
+    """Ask timm for ``name``'s mean and std, and keep them in the memo file for the next process."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    from timm.models import get_pretrained_cfg
+    cfg = get_pretrained_cfg(name)
+    mean, std = (cfg.mean, cfg.std) if cfg is not None else (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    norm = (tuple(map(float, mean)), tuple(map(float, std)))
+    memo = {**_timm_memo(), name: norm}
+    try:
+        path = _timm_memo_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path) as tmp:
+            tmp.write_text(json.dumps({k: [list(m), list(s)] for k, (m, s) in memo.items()}))
+    except OSError:
+        pass  # only a saving of time: a cache folder that cannot be written costs the next process timm's import
+    return norm
+
+
+def _timm_memo_path() -> Path:
+    return Path(torch.hub.get_dir()) / 'towhee_isc' / f'timm-{_timm_version()}-backbones.json'
+
+
+@functools.cache
+def _timm_version() -> str:
+    from importlib.metadata import version
+    return version('timm')
+
+
+def _timm_memo() -> dict[str, Norm]:
+    """The backbones timm knows that this machine has met, with their mean and std (for this timm
+    version); entries that are not three finite numbers each, or a file that does not read, count as none."""
+    try:
+        with open(_timm_memo_path(), 'rb') as f:
+            data = json.loads(f.read(1 << 20))
+    except (OSError, ValueError):
+        return {}
+    memo = {}
+    for name, norm in (data.items() if isinstance(data, dict) else ()):
+        try:
+            mean, std = ([float(v) for v in values] for values in norm)
+        except (TypeError, ValueError):
+            continue
+        if len(mean) == len(std) == 3 and all(math.isfinite(v) for v in mean + std) and all(v > 0 for v in std):
+            memo[name] = (tuple(mean), tuple(std))
+    return memo
 
 
 def create_backbone(arch: str) -> nn.Module:

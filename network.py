@@ -27,7 +27,8 @@ with warnings.catch_warnings():  # Towhee's own imports warn about pkg_resources
         def accelerate(model):
             return model
 
-from .backends import OnnxRuntimeBackend, TorchBackend, onnx_backend, weights_key
+from .backends import (OnnxRuntimeBackend, TorchBackend, exported_onnx, file_sha256, onnx_backend, remember_key,
+                       remembered_key, weights_key)
 from .model import Checkpoint, CheckpointError, IscNet, architecture, build_model, check_arch, read_checkpoint
 from .weights import check_cached, get_weights, load_published
 
@@ -81,6 +82,11 @@ class ModelSpec:
         """The checkpoint, read in full (published weights downloaded once into torch hub's cache)."""
         return load_published(self.name) if self.checkpoint_path is None else read_checkpoint(self.checkpoint_path)
 
+    def weights_file(self) -> Path | None:
+        """The file the weights are read from, if it is there (published weights: once downloaded)."""
+        path = Path(self.checkpoint_path) if self.checkpoint_path is not None else get_weights(self.name).cache_path
+        return path if path.is_file() else None
+
 
 class IscModel:
     """The ISC network with its weights, run by one backend.
@@ -99,17 +105,23 @@ class IscModel:
 
     def __init__(self, spec: ModelSpec, device: torch.device, backend: str, precision: str,
                  num_threads: int | None):
-        self.net: IscNet = build_model(spec.load(), spec.timm_backbone)
-        # Published weights were checked against the table as they were read; a checkpoint file is
-        # described by its header, which can only disagree if the file changed in between.
-        if check_arch(self.net.arch) != spec.arch or self.net.embedding_dim != spec.embedding_dim:
-            raise CheckpointError(f'the weights of {spec.name!r} are a {self.net.arch} network giving '
-                                  f'{self.net.embedding_dim}-d vectors, not the {spec.arch} giving '
-                                  f'{spec.embedding_dim}-d vectors expected: {spec.checkpoint_path!r} changed '
-                                  'while the operator was built')
-        self.img_size = spec.img_size
+        self.spec, self.img_size = spec, spec.img_size
         self.device, self.precision, self.num_threads = device, precision, num_threads
         self.backend = self._make_backend(backend)
+
+    @functools.cached_property
+    def net(self) -> IscNet:
+        """The network with its weights, built when first needed: ONNX Runtime on a cached export runs
+        without it (see ``_exported``)."""
+        net = build_model(self.spec.load(), self.spec.timm_backbone)
+        # Published weights were checked against the table as they were read; a checkpoint file is
+        # described by its header, which can only disagree if the file changed in between.
+        if check_arch(net.arch) != self.spec.arch or net.embedding_dim != self.spec.embedding_dim:
+            raise CheckpointError(f'the weights of {self.spec.name!r} are a {net.arch} network giving '
+                                  f'{net.embedding_dim}-d vectors, not the {self.spec.arch} giving '
+                                  f'{self.spec.embedding_dim}-d vectors expected: {self.spec.checkpoint_path!r} '
+                                  'changed while the operator was built')
+        return net
 
     @functools.cached_property
     def weights_key(self) -> str:
@@ -119,16 +131,41 @@ class IscModel:
 
     def _make_backend(self, backend: str) -> TorchBackend | OnnxRuntimeBackend:
         if backend == 'onnxruntime':
+            digest, session = self._exported()
+            if session is not None:
+                return session
             session = onnx_backend(self.net, self.img_size, self.weights_key, self.num_threads)
             if session is not None:
+                # Remembered only if the file is still what was hashed before the network was read.
+                if digest is not None and self.spec.weights_file() and file_sha256(self.spec.weights_file()) == digest:
+                    remember_key(digest, self.spec.arch, self.img_size, self.weights_key, self.net.arch)
                 return session
         # asked for, or ONNX Runtime could not be set up (it warned why)
         return TorchBackend(self.net, self.device, self.precision)
+
+    def _exported(self) -> tuple[str | None, OnnxRuntimeBackend | None]:
+        """(the weights file's SHA-256, ONNX Runtime on the export made of it before, if it is cached):
+        a weights file met before is known by its content, so its network need not be built."""
+        path = self.spec.weights_file()
+        if path is None:
+            return None, None
+        digest = file_sha256(path)
+        known = remembered_key(digest, self.spec.arch, self.img_size)
+        onnx = known and exported_onnx(known[1], self.img_size, known[0])
+        if not onnx:
+            return digest, None
+        try:
+            session = OnnxRuntimeBackend(onnx, self.num_threads)
+        except Exception:  # noqa: BLE001 (a cached file ONNX Runtime refuses: build and export as if unknown)
+            return digest, None
+        self.__dict__['weights_key'] = known[0]
+        return digest, session
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.backend(batch))
 
     def __getstate__(self) -> dict[str, Any]:
+        self.net  # noqa: B018 (the weights travel with the pickle, as the unpickling machine may not have them)
         state = self.__dict__.copy()
         if isinstance(state['backend'], OnnxRuntimeBackend):
             state['backend'] = 'onnxruntime'

@@ -42,13 +42,56 @@ def test_onnx_export_is_cached_by_weights_content(small_ckpt, photos, tmp_path, 
     Isc(checkpoint_path=small_ckpt, device='cpu')
     assert len(exports) == 1
     cache = tmp_path / 'torch' / 'hub' / 'towhee_isc' / 'onnx'
-    assert sorted(p.suffix for p in cache.iterdir()) == ['.onnx', '.sha256']  # no temporary left
+    assert sorted(p.name.rsplit('-', 1)[-1].split('.')[-1] for p in cache.iterdir()) == ['json', 'onnx', 'sha256']  # no temporary
     from towhee_isc.testing import make_synthetic_checkpoint
     make_synthetic_checkpoint(tmp_path / 'other.pth.tar', 'resnet18', 96, photos, seed=1)
     Isc(checkpoint_path=tmp_path / 'other.pth.tar', device='cpu')
     assert len(exports) == 2 and len(list(cache.glob('*.onnx'))) == 2
     Isc(checkpoint_path=small_ckpt, img_size=64, device='cpu')  # same weights, other input size
     assert len(exports) == 3
+
+
+def test_a_weights_file_met_before_runs_its_cached_export_without_building_the_network(small_ckpt, photos, tmp_path,
+                                                                                      monkeypatch):
+    """A start builds the network (timm, torchvision: ~5.5 CPU-s of imports, then the weights) only for
+    weights it has not met: a file is known by its SHA-256, so the same path holding other weights is
+    built anew, and damaged memo files count as none. Vectors and fingerprint are the built network's."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    from towhee_isc.testing import make_synthetic_checkpoint
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
+    shutil.copy(small_ckpt, tmp_path / 'ck.pth.tar')
+    built = Isc(checkpoint_path=tmp_path / 'ck.pth.tar', device='cpu')
+    want, weights = np.stack(built(photos[:2])), built.fingerprint['weights']
+    assert 'net' in built.model.__dict__
+    known = Isc(checkpoint_path=tmp_path / 'ck.pth.tar', device='cpu')
+    assert 'net' not in known.model.__dict__ and isinstance(known.model.backend, OnnxRuntimeBackend)
+    assert np.array_equal(np.stack(known(photos[:2])), want) and known.fingerprint['weights'] == weights
+    # A fresh process imports neither timm nor torchvision.
+    script = ('import sys; from towhee_isc import Isc; op = Isc(checkpoint_path=sys.argv[1], device="cpu"); '
+              'v = op(sys.argv[2]); print(op.fingerprint["weights"], "timm" in sys.modules, "torchvision" in sys.modules)')
+    photos[0].save(tmp_path / 'p.png')
+    done = subprocess.run([sys.executable, '-c', script, str(tmp_path / 'ck.pth.tar'), str(tmp_path / 'p.png')],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.split() == [weights, 'False', 'False'], done.stderr[-2000:]
+    # Other weights at the same path: built, and their own vectors.
+    make_synthetic_checkpoint(tmp_path / 'ck.pth.tar', 'resnet18', 96, photos, seed=1)
+    other = Isc(checkpoint_path=tmp_path / 'ck.pth.tar', device='cpu')
+    assert 'net' in other.model.__dict__ and other.fingerprint['weights'] != weights
+    assert not np.allclose(np.stack(other(photos[:2])), want)
+    # Damaged memos are ignored (and rewritten).
+    shutil.copy(small_ckpt, tmp_path / 'ck.pth.tar')
+    memos = [tmp_path / 'torch' / 'hub' / 'towhee_isc' / 'onnx' / 'weights-keys.json',
+             *(tmp_path / 'torch' / 'hub' / 'towhee_isc').glob('timm-*-backbones.json')]
+    assert len(memos) == 2
+    for memo, junk in zip(memos, (b'{"x": 1, ', json.dumps({'resnet18': [[0.5, 'a', 1], [0, 0, 0]]}).encode())):
+        memo.write_bytes(junk)
+    again = Isc(checkpoint_path=tmp_path / 'ck.pth.tar', device='cpu')
+    assert 'net' in again.model.__dict__ and np.array_equal(np.stack(again(photos[:2])), want)
+    assert again.transform.mean == (0.485, 0.456, 0.406)
+    assert 'net' not in Isc(checkpoint_path=tmp_path / 'ck.pth.tar', device='cpu').model.__dict__
 
 
 def test_missing_onnxruntime(small_ckpt, monkeypatch):

@@ -28,7 +28,7 @@ def test_resnet50_backbone_matches_reference(tmp_path, photos, reference):
     make_synthetic_checkpoint(path, 'resnet50', 128, photos)
     op = Isc(checkpoint_path=path, timm_backbone='resnet50', device='cpu')
     assert op.net.backbone.feature_info[-1]['num_chs'] == 2048
-    assert op.transform.transforms[-1].mean == (0.485, 0.456, 0.406)  # resnet50's own mean/std
+    assert op.transform.mean == (0.485, 0.456, 0.406)  # resnet50's own mean/std
     assert np.abs(np.stack(op(photos[:4])) - reference(path, photos[:4])).max() < 1e-5
 
 
@@ -58,3 +58,17 @@ def test_state_dict_names_match_the_reference_checkpoint_layout(small_op):
     assert keys[-6:] == ['fc.weight', 'bn.weight', 'bn.bias', 'bn.running_mean', 'bn.running_var',
                          'bn.num_batches_tracked']
     assert all(k.startswith(('backbone.', 'fc.', 'bn.')) for k in keys)
+
+
+def test_the_preprocessing_equals_torchvisions_bit_for_bit(photos):
+    """model.Preprocess restates torchvision's Resize((S, S)), ToTensor, Normalize without importing it."""
+    from PIL import Image
+    from torchvision import transforms
+    from towhee_isc.model import preprocess
+    for arch, size in (('resnet18', 96), ('tf_efficientnetv2_m_in21ft1k', 512), ('resnet50', 33)):
+        ours = preprocess(arch, size)
+        theirs = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor(),
+                                     transforms.Normalize(ours.mean, ours.std)])
+        for image in photos + [Image.new('RGB', (1, 1), (3, 200, 7)), Image.new('RGB', (5000, 3), (1, 2, 3))]:
+            mine, reference = ours(image), theirs(image)
+            assert mine.dtype == reference.dtype == torch.float32 and torch.equal(mine, reference)

@@ -217,7 +217,7 @@ def _run(items, net: IscNet, img_size: int, config: TrainConfig, resume: dict | 
         start_step = resume['step']
 
     input_size = config.input_size or img_size
-    mean_std = preprocess(net.arch, input_size).transforms[-1]
+    mean_std = preprocess(net.arch, input_size)
     if config.pairs is not None:  # items = (pairs, negatives pool): exp/v107.py's second stage
         dataset = PairsDataset(*items, preprocess(net.arch, input_size), config.negatives, config.seed)
     else:
