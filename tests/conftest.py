@@ -94,6 +94,10 @@ def seed_onnx_cache(effnet_op, small_op):
     exports = sorted(onnx_cache_dir().glob('*.onnx'))
     assert len(exports) >= 2, exports
 
+    # ... and what a second run finds beside them: which weights file gave which export, and timm's
+    # facts about the backbones (so a process starting on them builds no network and imports no timm).
+    memos = [onnx_cache_dir() / 'weights-keys.json', *onnx_cache_dir().parent.glob('timm-*-backbones.json')]
+
     def seed(torch_home: Path) -> None:
         folder = Path(torch_home) / 'hub' / 'towhee_isc' / 'onnx'
         folder.mkdir(parents=True, exist_ok=True)
@@ -103,6 +107,9 @@ def seed_onnx_cache(effnet_op, small_op):
                     os.link(source, folder / source.name)
                 except OSError:  # another file system
                     shutil.copy(source, folder / source.name)
+        for memo in memos:
+            if memo.is_file():  # copied: the session's own may be rewritten while in use
+                shutil.copy(memo, folder.parent / memo.relative_to(onnx_cache_dir().parent))
     return seed
 
 

@@ -509,3 +509,23 @@ def test_chunks_of_a_float_each_or_never_written_are_refused_unread(tmp_path):
             descriptors.read_descriptors(tmp_path / name)
     ids, vectors = descriptors.read_descriptors(tmp_path / 'rows.h5')
     assert ids[-1] == 'i4199' and vectors.shape == (4200, 256)
+
+
+def test_a_report_shows_only_images_under_its_folders_whatever_links_or_dots_say(tmp_path):
+    """The test of what a report may show (``ImageFolders``), paths resolved one folder at a time: a link
+    out of a folder, ``..`` out of it, and a folder named like the allowed one's prefix are refused."""
+    from towhee_isc.workflow.reports import ImageFolders
+    (tmp_path / 'photos' / 'sub').mkdir(parents=True)
+    (tmp_path / 'secret').mkdir()
+    (tmp_path / 'photos-private').mkdir()
+    for path in ('photos/sub/a.jpg', 'secret/s.jpg', 'photos-private/p.jpg'):
+        (tmp_path / path).write_bytes(b'x')
+    (tmp_path / 'photos' / 'out').symlink_to(tmp_path / 'secret')
+    (tmp_path / 'photos' / 'in.jpg').symlink_to(tmp_path / 'photos' / 'sub' / 'a.jpg')
+    (tmp_path / 'elsewhere').symlink_to(tmp_path / 'photos' / 'sub')
+    allowed = ImageFolders([tmp_path / 'photos'], read=[str(tmp_path / 'secret' / 'read.jpg')])
+    for path, ok in (('photos/sub/a.jpg', True), ('photos/in.jpg', True), ('elsewhere/a.jpg', True),
+                     ('photos/out/s.jpg', False), ('photos/sub/../../secret/s.jpg', False),
+                     ('photos/../photos-private/p.jpg', False), ('photos-private/p.jpg', False),
+                     ('photos/sub/..', True), ('photos/out/..', False), ('secret/read.jpg', True)):
+        assert allowed(str(tmp_path / path)) is ok, path

@@ -72,13 +72,15 @@ class ImageFolders:
     compared after resolving symbolic links and ``..``, so neither leads out of a folder."""
 
     def __init__(self, folders: Iterable[str | os.PathLike] = (), read: Iterable[str | os.PathLike] = ()):
+        from .descriptors import path_resolver
         self.folders = [os.path.realpath(folder) for folder in folders]
         self.read = {str(path) for path in read}
+        self.real = path_resolver()  # realpath per shown path was O(depth^2) each down a deep chain
 
     def __call__(self, path: str) -> bool:
         if path in self.read:
             return True
-        real = os.path.realpath(path)
+        real = self.real(path)
         return any(real == folder or real.startswith(folder.rstrip(os.sep) + os.sep) for folder in self.folders)
 
 
