@@ -168,13 +168,19 @@ def _remember(name: str) -> Norm:
 
 
 def _timm_memo_path() -> Path:
+    if not _timm_version():
+        raise OSError('no timm version to key the memo by')  # then nothing is remembered
     return Path(torch.hub.get_dir()) / 'towhee_isc' / f'timm-{_timm_version()}-backbones.json'
 
 
 @functools.cache
 def _timm_version() -> str:
-    from importlib.metadata import version
-    return version('timm')
+    """timm's installed version, read from its metadata without importing it ('' where there is none)."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version('timm')
+    except PackageNotFoundError:
+        return ''
 
 
 def _timm_memo() -> dict[str, Norm]:
