@@ -748,3 +748,23 @@ def test_frames_larger_than_needed_are_scaled_by_ffmpeg_before_any_rgb_array_exi
     vectors, _ = embed_video(tmp_path / 'wide.mp4', op)
     whole = op([rgb for rgb, _, _ in sample_frames(tmp_path / 'wide.mp4')])
     assert vectors.shape == (2, 256) and min(float(v @ w) for v, w in zip(vectors, whole)) > 0.99
+
+
+def test_a_video_decoding_to_far_more_pixels_than_its_bytes_is_refused_as_it_decodes(videos, tmp_path, monkeypatch):
+    """Round 14 HIGH 1: every frame is decoded whole, sampled or not: a 23 KB GIF of 1,000 one-pixel frames on
+    a 9000 x 9000 canvas cost 71 CPU-s, 1,000 copies of a 49-byte H.264 skip frame 99 CPU-s. Here the same
+    shape, small, against a budget made small (the real one: 4 GP and 20,000 pixels a byte)."""
+    from towhee_isc.video import reader
+    frames = [Image.new('RGB', (1000, 1000), (9, 9, 9))]
+    frames += [frames[0].copy() for _ in range(60)]
+    for n, frame in enumerate(frames[1:]):
+        frame.putpixel((n, n), (250, 250, 250))  # each frame one pixel apart: a few bytes each
+    frames[0].save(tmp_path / 'bomb.gif', save_all=True, append_images=frames[1:], duration=100)
+    size = (tmp_path / 'bomb.gif').stat().st_size
+    assert size < 5000  # 61 MP from a few KB
+    monkeypatch.setattr(reader, 'FREE_PIXELS', 0)
+    monkeypatch.setattr(reader, 'PIXELS_PER_BYTE', 1000)
+    with pytest.raises(VideoError, match=rf"bomb.gif' decodes to more than {1000 * size:,} pixels \(1,000 "
+                                         rf"a byte of its {size:,} bytes, and 0 more\)"):
+        list(sample_frames(tmp_path / 'bomb.gif'))
+    assert len(list(sample_frames(videos[0] / 'refs' / 'R000001.mp4'))) == 10  # an ordinary video (~100 pixels a byte) is within it

@@ -46,6 +46,20 @@ def is_media_file(path: str | os.PathLike) -> bool:
 # Decoded frames held ahead of the operator, at most (one frame always passes): 96 frames of 81 MP, as
 # the frame count alone allowed, were 23 GB; 4K frames (25 MB) still fill the operator's batches.
 AHEAD_BYTES = 256 * 2**20
+# Decoding costs ~1 ns a pixel of every frame, sampled or not, and codecs compress a frame that repeats
+# the one before to tens of bytes: a 23 KB GIF of 1,000 one-pixel frames on a 9000x9000 canvas decoded to
+# 81 GP (71 CPU-s), 1,000 copies of a 49-byte H.264 skip frame to 83 GP (99 CPU-s). A video may decode to
+# FREE_PIXELS plus PIXELS_PER_BYTE a byte of its file: an ordinary one is ~100 pixels a byte (1080p at
+# 5 Mbit/s), a still picture with sound encoded as usual (a key frame every 250) ~5,000.
+FREE_PIXELS = 4 * 10**9
+PIXELS_PER_BYTE = 20_000
+
+
+def decode_budget(file_bytes: int) -> int:
+    """The pixels a video file of ``file_bytes`` may decode to, all its frames counted."""
+    return FREE_PIXELS + PIXELS_PER_BYTE * file_bytes
+
+
 # What FFmpeg's decoding threads may hold in frames of their own, roughly (see _decode_threads).
 DECODER_BYTES = 256 * 2**20
 
@@ -126,8 +140,8 @@ def sample_frames(path: str | os.PathLike, fps: float = 1.0, max_duration: float
 
     Raises:
         VideoError: the file is missing or no video, longer than ``max_duration`` seconds (checked
-            before decoding), over the pixel limit (``PIL.Image.MAX_IMAGE_PIXELS``), damaged, or
-            has no frame.
+            before decoding), over the pixel limit (``PIL.Image.MAX_IMAGE_PIXELS``), decoding to more
+            pixels than ``decode_budget`` allows its size, damaged, or has no frame.
     """
     if not (fps > 0 and math.isfinite(fps)):
         raise ValueError(f'fps must be a positive number, got {fps!r}')
@@ -146,8 +160,15 @@ def sample_frames(path: str | os.PathLike, fps: float = 1.0, max_duration: float
         stream.thread_type = 'AUTO'  # FFmpeg's own threads decode (it releases the GIL)
         stream.codec_context.thread_count = _decode_threads(info.width * info.height)
         origin, previous, k, last_time, gap = None, None, 0, 0.0, 0.0
+        size = path.stat().st_size
+        budget, decoded = decode_budget(size), 0
         try:
             for frame in container.decode(stream):
+                decoded += frame.width * frame.height
+                if decoded > budget:
+                    raise VideoError(f'{str(path)!r} decodes to more than {budget:,} pixels ({PIXELS_PER_BYTE:,} a '
+                                     f'byte of its {size:,} bytes, and {FREE_PIXELS:,} more): its frames are far '
+                                     'more compressed than a video\'s (a decompression bomb)')
                 if frame.time is None:
                     continue
                 origin = frame.time if origin is None else origin
