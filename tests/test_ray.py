@@ -1,6 +1,6 @@
-"""Embedding on Ray Data: the ``IscEmbedder`` API in a user's script, and ``towhee-isc embed
---ray-address``, against a cluster started apart (``ray start --head``) on loopback only, with two
-actors. Results must equal the single-process embed. One Ray per module: Ray starts slowly."""
+"""Embedding on Ray Data: the ``IscEmbedder`` API on an in-process Ray, and ``towhee-isc embed
+--ray-address`` against a cluster started apart (``ray start --head``), both on loopback only, with two
+actors. Results must equal the single-process embed. One Ray of each kind per module: Ray starts slowly."""
 import builtins
 import json
 import os
@@ -30,6 +30,7 @@ from towhee_isc.workflow.ray import RayClusterError, plan_actors
 # to ~/.ray; no usage statistics are sent. RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER is not set for the commands:
 # towhee-isc must keep a Ray on loopback there by itself. (README's `ray start` line sets it for the head.)
 RAY_ENV = {'RAY_AUTH_MODE': 'token', 'RAY_AUTH_TOKEN': secrets.token_hex(16), 'RAY_USAGE_STATS_ENABLED': '0'}
+LOOPBACK_ONLY = {'RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER': '0'}  # for a Ray that a test script starts itself
 README = Path(__file__).resolve().parents[1] / 'README.md'
 
 
@@ -133,8 +134,8 @@ import numpy as np
 import ray, ray.data
 from towhee_isc.workflow.ray import IscEmbedder
 
-images, checkpoint, address = sys.argv[1:4]
-ray.init(address=address, log_to_driver=False)
+images, checkpoint, temp = sys.argv[1:4]
+ray.init(address='local', num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp)
 try:
     ray.data.DataContext.get_current().execution_no_progress_timeout_s = 300  # fail, never hang
     settings = {'checkpoint_path': checkpoint, 'device': 'cpu'}
@@ -153,12 +154,11 @@ print(json.dumps([[{**row, 'vector': np.asarray(row['vector']).tolist()} for row
 """
 
 
-def test_isc_embedder_maps_ray_data_batches_of_bytes_or_paths(cluster, images, small_ckpt, single_process):
-    """A user's own Ray Data script, in its own process, on the running cluster (a Ray of its own would
-    cost another start): read files or paths, map_batches(IscEmbedder)."""
+def test_isc_embedder_maps_ray_data_batches_of_bytes_or_paths(ray_temp, images, small_ckpt, single_process):
+    """A user's own Ray Data script, in its own process: read files or paths, map_batches(IscEmbedder)."""
     ids, want = single_process
-    result = subprocess.run([sys.executable, '-c', RAY_DATA_SCRIPT, str(images), str(small_ckpt), cluster],
-                            env={**os.environ, **RAY_ENV}, capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, '-c', RAY_DATA_SCRIPT, str(images), str(small_ckpt), str(ray_temp / 'local')],
+                            env={**os.environ, **RAY_ENV, **LOOPBACK_ONLY}, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     for rows in json.loads(result.stdout.strip().splitlines()[-1]):
         assert sorted(rows[0]) == ['error', 'id', 'path', 'vector']  # image bytes are not carried along
