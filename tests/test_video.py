@@ -364,7 +364,7 @@ def test_descriptor_files_hold_vscs_three_arrays_and_ours(tmp_path):
         read_video_descriptors(tmp_path / 'bad.npz')
 
 
-def test_a_towhee_pipeline_embeds_a_videos_frames_and_windows_them_back(videos, small_ckpt):
+def test_a_towhee_pipeline_embeds_a_videos_frames_and_windows_them_back(videos, small_ckpt, tmp_path):
     import towhee_isc  # noqa: F401 (registers image-embedding/isc)
     from towhee import ops, pipe
     from towhee_isc.video.reader import towhee_frames
@@ -378,6 +378,18 @@ def test_a_towhee_pipeline_embeds_a_videos_frames_and_windows_them_back(videos, 
     embedded = read_video_descriptors(root / 'queries.npz').videos[0]  # what `video embed` wrote
     assert timestamps.tolist() == embedded.timestamps.tolist()
     assert np.abs(features - embedded.features).max() < 1e-4
+    # Round 14 HIGH 3: towhee_frames made a list of full-size frames, unbounded in time (a 2,320-byte GIF of a
+    # 9000 x 9000 canvas: 1,159 MB). Now rows come one at a time, sides within 2,048 px, as `video embed` bounds them.
+    from crafted_files import gif_of_dots
+    (tmp_path / 'wide.gif').write_bytes(gif_of_dots(4096, 16, 3))
+    rows = towhee_frames(tmp_path / 'wide.gif')
+    assert not isinstance(rows, list)
+    assert [(frame.shape, frame.timestamp, start, end) for frame, start, end in rows] == [
+        ((16, 2048, 3), 0, 0.0, 1.0), ((16, 2048, 3), 1000, 1.0, 2.0), ((16, 2048, 3), 2000, 2.0, 3.0)]
+    assert next(towhee_frames(tmp_path / 'wide.gif', max_side=None))[0].shape == (16, 4096, 3)
+    (tmp_path / 'long.gif').write_bytes(gif_of_dots(16, 16, 23, delay_cs=65535))  # 23 x 655 s: 549 bytes, 4.2 hours
+    with pytest.raises(VideoError, match=r'lasts 15073.0 s, over --max-duration 14400 s'):
+        next(towhee_frames(tmp_path / 'long.gif'))
 
 
 def test_a_reference_shot_that_resembles_a_quarter_of_all_query_frames_is_no_copy():
