@@ -49,6 +49,10 @@ def is_media_file(path: str | os.PathLike) -> bool:
 AHEAD_BYTES = 256 * 2**20
 # What FFmpeg's decoding threads may hold in frames of their own, roughly (see _decode_threads).
 DECODER_BYTES = 256 * 2**20
+# FFmpeg's decoding threads for one video, at most, whatever size the container reports: that size is the
+# first frame's, and a stream may grow after it (16x16 then 9000x9000: FFmpeg's own count, 16 threads on 16
+# CPUs, held 3,339 MB against 858 MB with 2). `video embed` decodes up to 4 videos at once for a GPU.
+MAX_DECODE_THREADS = 4
 
 
 class VideoError(ValueError):
@@ -190,10 +194,11 @@ def sample_frames(path: str | os.PathLike, fps: float = 1.0, max_duration: float
 
 
 def _decode_threads(pixels: int) -> int:
-    """FFmpeg's decoding threads (0: as many as it likes): each holds frames of its own, so 16 threads of
-    81-MP frames (122 MB each as YUV) would hold gigabytes; big frames get fewer."""
+    """FFmpeg's decoding threads for frames of ``pixels`` (the reported size): each holds frames of its own,
+    so 16 threads of 81-MP frames (122 MB each as YUV) would hold gigabytes. Never 0 (FFmpeg's choice: CPUs
+    + 1, up to 16), never over ``MAX_DECODE_THREADS`` nor the CPUs, and fewer for big frames; at least 1."""
     fit = DECODER_BYTES // max(1, pixels * 3 // 2)
-    return 0 if fit >= (os.cpu_count() or 1) else max(1, fit)
+    return max(1, min(fit, MAX_DECODE_THREADS, os.cpu_count() or 1))
 
 
 def _shrinker(max_side: int | None, keep_aspect: bool) -> Callable[[int, int], tuple[int, int]] | None:
