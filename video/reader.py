@@ -292,16 +292,16 @@ class _Ahead(Iterator[T]):
 def find_videos(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     """Video files from files, folders (recursive, by suffix) and globs, in order, each once.
     A named file is taken whatever its suffix (it is checked when read)."""
-    import glob
+    # As images are found: a pipe or a link loop in a folder is skipped and listed; a `**` pattern too deep
+    # for Python's glob is a clear error (it was a RecursionError), the folder named instead walked.
+    from ..workflow.descriptors import files_under, matched_files
     found: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            from ..workflow.descriptors import files_under  # a pipe or a link loop is then skipped and listed
             found += files_under(path, VIDEO_SUFFIXES)
         elif any(c in str(item) for c in '*?[') and not path.exists():
-            found += sorted(Path(p) for p in glob.glob(str(item), recursive=True)
-                            if Path(p).suffix.lower() in VIDEO_SUFFIXES)
+            found += [p for p in matched_files(str(item)) if p.suffix.lower() in VIDEO_SUFFIXES]
         else:
             found.append(path)
     seen, unique = set(), []
