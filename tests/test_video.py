@@ -502,8 +502,8 @@ def test_ffmpeg_decodes_with_a_few_threads_whatever_size_the_container_reports(m
     thread count (0: CPUs + 1, up to 16), each thread holding 81-MP frames: 3,339 MB against 858 MB with 2."""
     from towhee_isc.video import reader
     monkeypatch.setattr(os, 'cpu_count', lambda: 16)  # the project's GPU machine
-    assert [reader._decode_threads(w * h) for w, h in [(16, 16), (1920, 1080), (3840, 2160), (9000, 9000), (20000, 20000)]] == [
-        4, 4, 4, 2, 1]
+    sizes = [(16, 16), (1920, 1080), (3840, 2160), (9000, 9000), (20000, 20000)]
+    assert [reader._decode_threads(w * h) for w, h in sizes] == [4, 4, 4, 2, 1]
     monkeypatch.setattr(os, 'cpu_count', lambda: 2)
     assert reader._decode_threads(16 * 16) == 2
     monkeypatch.setattr(os, 'cpu_count', lambda: None)  # unknown

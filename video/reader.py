@@ -316,16 +316,17 @@ def find_videos(inputs: Iterable[str | os.PathLike]) -> list[Path]:
 
 
 def towhee_frames(path: str | os.PathLike, fps: float = 1.0, max_side: int | None = 2048,
-                  max_duration: float | None = MAX_DURATION_S, keep_aspect: bool = False) -> Iterator[tuple[object, float, float]]:
+                  max_duration: float | None = MAX_DURATION_S,
+                  keep_aspect: bool = False) -> Iterator[tuple[object, float, float]]:
     """Sampled frames as ``towhee.types.VideoFrame`` (mode 'RGB', uint8 (H, W, 3), timestamp in ms) with
     their start and end seconds: the rows a Towhee ``flat_map`` makes of one video (see README, "Videos").
 
     Bounded as ``video embed`` bounds them: each side at most ``max_side`` pixels (default 2,048, 4x the
     published model's 512 px input, what ``video embed`` decodes at for it; ``keep_aspect`` scales by one
     factor instead, for operators that do not squash frames), ``max_duration`` seconds (default
-    ``--max-duration``'s, 4 hours; None: unbounded). A generator: Towhee 1.1.3's ``flat_map`` takes each row as it comes
-    (its queues hold up to 1,000 rows), so frames are not all held at once; a list of a crafted 2,320-byte
-    GIF's full-size frames was 1,159 MB. Raises ``VideoError`` as ``sample_frames`` does.
+    ``--max-duration``'s, 4 hours; None: unbounded). A generator: Towhee 1.1.3's ``flat_map`` takes each
+    row as it comes (its queues hold up to 1,000 rows), so frames are not all held at once; a list of a
+    crafted 2,320-byte GIF's full-size frames was 1,159 MB. Raises ``VideoError`` as ``sample_frames`` does.
     """
     from towhee.types import VideoFrame
     for rgb, start, end in sample_frames(path, fps, max_duration, max_side, keep_aspect):
