@@ -809,7 +809,10 @@ def test_a_deep_folder_is_resolved_once_not_per_file(tmp_path, monkeypatch):
         chain.append(chain[-1] / 'c')
         chain[-1].mkdir(parents=True)
     (chain[-1] / 'I.jpg').touch()
+    (chain[-1] / 'V.mp4').touch()
     assert descriptors.find_images([chain[0]]) == [chain[-1] / 'I.jpg']
+    from towhee_isc.video.reader import find_videos
+    assert find_videos([chain[0]]) == find_videos([f'{chain[-2]}/*/*.mp4']) == [chain[-1] / 'V.mp4']
     # Python's glob recurses, a frame or two a folder: ** failed ~500 folders deep with RecursionError, unnamed
     # (here with the stack bounded to 150 frames more than the test's, for the cost of a 200-deep tree).
     import traceback
@@ -818,5 +821,7 @@ def test_a_deep_folder_is_resolved_once_not_per_file(tmp_path, monkeypatch):
     try:
         with pytest.raises(ValueError, match=r"the pattern '.*chain/\*\*/\*.jpg' reaches folders nested deeper than"):
             descriptors.find_images([f'{chain[0]}/**/*.jpg'])
+        with pytest.raises(ValueError, match=r"the pattern '.*chain/\*\*/\*.mp4' reaches folders nested deeper than"):
+            find_videos([f'{chain[0]}/**/*.mp4'])  # round 14 L1: `video embed` printed "error: RecursionError: ..."
     finally:
         sys.setrecursionlimit(limit)

@@ -364,7 +364,7 @@ def test_descriptor_files_hold_vscs_three_arrays_and_ours(tmp_path):
         read_video_descriptors(tmp_path / 'bad.npz')
 
 
-def test_a_towhee_pipeline_embeds_a_videos_frames_and_windows_them_back(videos, small_ckpt):
+def test_a_towhee_pipeline_embeds_a_videos_frames_and_windows_them_back(videos, small_ckpt, tmp_path):
     import towhee_isc  # noqa: F401 (registers image-embedding/isc)
     from towhee import ops, pipe
     from towhee_isc.video.reader import towhee_frames
@@ -378,6 +378,18 @@ def test_a_towhee_pipeline_embeds_a_videos_frames_and_windows_them_back(videos, 
     embedded = read_video_descriptors(root / 'queries.npz').videos[0]  # what `video embed` wrote
     assert timestamps.tolist() == embedded.timestamps.tolist()
     assert np.abs(features - embedded.features).max() < 1e-4
+    # Round 14 HIGH 3: towhee_frames made a list of full-size frames, unbounded in time (a 2,320-byte GIF of a
+    # 9000 x 9000 canvas: 1,159 MB). Now rows come one at a time, sides within 2,048 px, as `video embed` bounds them.
+    from crafted_files import gif_of_dots
+    (tmp_path / 'wide.gif').write_bytes(gif_of_dots(4096, 16, 3))
+    rows = towhee_frames(tmp_path / 'wide.gif')
+    assert not isinstance(rows, list)
+    assert [(frame.shape, frame.timestamp, start, end) for frame, start, end in rows] == [
+        ((16, 2048, 3), 0, 0.0, 1.0), ((16, 2048, 3), 1000, 1.0, 2.0), ((16, 2048, 3), 2000, 2.0, 3.0)]
+    assert next(towhee_frames(tmp_path / 'wide.gif', max_side=None))[0].shape == (16, 4096, 3)
+    (tmp_path / 'long.gif').write_bytes(gif_of_dots(16, 16, 23, delay_cs=65535))  # 23 x 655 s: 549 bytes, 4.2 hours
+    with pytest.raises(VideoError, match=r'lasts 15073.0 s, over --max-duration 14400 s'):
+        next(towhee_frames(tmp_path / 'long.gif'))
 
 
 def test_a_reference_shot_that_resembles_a_quarter_of_all_query_frames_is_no_copy():
@@ -483,6 +495,19 @@ def test_video_dedup_of_videos_has_video_embeds_duration_bound_and_progress(vide
     assert "days.mkv' lasts 10000001.0 s, over --max-duration 14400 s" in err
     assert '2/2 [' in err  # the progress bar, in videos
     assert 'aligning candidate pairs: 100%' in err  # round 8 M1: a film against itself aligned for minutes, silently
+
+
+def test_ffmpeg_decodes_with_a_few_threads_whatever_size_the_container_reports(monkeypatch):
+    """Round 14 M3: a stream reported 16x16 (its first frames) that grows to 9000x9000 was given FFmpeg's own
+    thread count (0: CPUs + 1, up to 16), each thread holding 81-MP frames: 3,339 MB against 858 MB with 2."""
+    from towhee_isc.video import reader
+    monkeypatch.setattr(os, 'cpu_count', lambda: 16)  # the project's GPU machine
+    sizes = [(16, 16), (1920, 1080), (3840, 2160), (9000, 9000), (20000, 20000)]
+    assert [reader._decode_threads(w * h) for w, h in sizes] == [4, 4, 4, 2, 1]
+    monkeypatch.setattr(os, 'cpu_count', lambda: 2)
+    assert reader._decode_threads(16 * 16) == 2
+    monkeypatch.setattr(os, 'cpu_count', lambda: None)  # unknown
+    assert reader._decode_threads(16 * 16) == 1
 
 
 def test_decoding_runs_ahead_by_bytes_and_repeats_of_a_frame_share_one_array(tmp_path):

@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 import numpy as np
 
 from ..images import max_pixels, regular_file, ImageError
+from .cli import MAX_DURATION_S  # argparse only: towhee_frames bounds a video as `video embed` does by default
 
 # Camcorders write AVCHD (.mts, .m2ts), DVDs .vob, broadcast .mxf: a folder gives them all, and no output replaces one.
 VIDEO_SUFFIXES = {'.mp4', '.m4v', '.mov', '.mkv', '.webm', '.avi', '.mpg', '.mpeg', '.ts', '.flv', '.wmv', '.3gp',
@@ -62,6 +63,10 @@ def decode_budget(file_bytes: int) -> int:
 
 # What FFmpeg's decoding threads may hold in frames of their own, roughly (see _decode_threads).
 DECODER_BYTES = 256 * 2**20
+# FFmpeg's decoding threads for one video, at most, whatever size the container reports: that size is the
+# first frame's, and a stream may grow after it (16x16 then 9000x9000: FFmpeg's own count, 16 threads on 16
+# CPUs, held 3,339 MB against 858 MB with 2). `video embed` decodes up to 4 videos at once for a GPU.
+MAX_DECODE_THREADS = 4
 
 
 class VideoError(ValueError):
@@ -210,10 +215,11 @@ def sample_frames(path: str | os.PathLike, fps: float = 1.0, max_duration: float
 
 
 def _decode_threads(pixels: int) -> int:
-    """FFmpeg's decoding threads (0: as many as it likes): each holds frames of its own, so 16 threads of
-    81-MP frames (122 MB each as YUV) would hold gigabytes; big frames get fewer."""
+    """FFmpeg's decoding threads for frames of ``pixels`` (the reported size): each holds frames of its own,
+    so 16 threads of 81-MP frames (122 MB each as YUV) would hold gigabytes. Never 0 (FFmpeg's choice: CPUs
+    + 1, up to 16), never over ``MAX_DECODE_THREADS`` nor the CPUs, and fewer for big frames; at least 1."""
     fit = DECODER_BYTES // max(1, pixels * 3 // 2)
-    return 0 if fit >= (os.cpu_count() or 1) else max(1, fit)
+    return max(1, min(fit, MAX_DECODE_THREADS, os.cpu_count() or 1))
 
 
 def _shrinker(max_side: int | None, keep_aspect: bool) -> Callable[[int, int], tuple[int, int]] | None:
@@ -307,16 +313,16 @@ class _Ahead(Iterator[T]):
 def find_videos(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     """Video files from files, folders (recursive, by suffix) and globs, in order, each once.
     A named file is taken whatever its suffix (it is checked when read)."""
-    import glob
+    # As images are found: a pipe or a link loop in a folder is skipped and listed; a `**` pattern too deep
+    # for Python's glob is a clear error (it was a RecursionError), the folder named instead walked.
+    from ..workflow.descriptors import files_under, matched_files
     found: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            from ..workflow.descriptors import files_under  # a pipe or a link loop is then skipped and listed
             found += files_under(path, VIDEO_SUFFIXES)
         elif any(c in str(item) for c in '*?[') and not path.exists():
-            found += sorted(Path(p) for p in glob.glob(str(item), recursive=True)
-                            if Path(p).suffix.lower() in VIDEO_SUFFIXES)
+            found += [p for p in matched_files(str(item)) if p.suffix.lower() in VIDEO_SUFFIXES]
         else:
             found.append(path)
     seen, unique = set(), []
@@ -330,9 +336,19 @@ def find_videos(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     return unique
 
 
-def towhee_frames(path: str | os.PathLike, fps: float = 1.0) -> list[tuple[object, float, float]]:
-    """Sampled frames as ``towhee.types.VideoFrame`` (mode 'RGB', timestamp in ms) with their start and
-    end seconds: the rows a Towhee ``flat_map`` makes of one video (see README, "Videos")."""
+def towhee_frames(path: str | os.PathLike, fps: float = 1.0, max_side: int | None = 2048,
+                  max_duration: float | None = MAX_DURATION_S,
+                  keep_aspect: bool = False) -> Iterator[tuple[object, float, float]]:
+    """Sampled frames as ``towhee.types.VideoFrame`` (mode 'RGB', uint8 (H, W, 3), timestamp in ms) with
+    their start and end seconds: the rows a Towhee ``flat_map`` makes of one video (see README, "Videos").
+
+    Bounded as ``video embed`` bounds them: each side at most ``max_side`` pixels (default 2,048, 4x the
+    published model's 512 px input, what ``video embed`` decodes at for it; ``keep_aspect`` scales by one
+    factor instead, for operators that do not squash frames), ``max_duration`` seconds (default
+    ``--max-duration``'s, 4 hours; None: unbounded). A generator: Towhee 1.1.3's ``flat_map`` takes each
+    row as it comes (its queues hold up to 1,000 rows), so frames are not all held at once; a list of a
+    crafted 2,320-byte GIF's full-size frames was 1,159 MB. Raises ``VideoError`` as ``sample_frames`` does.
+    """
     from towhee.types import VideoFrame
-    return [(VideoFrame(rgb, 'RGB', timestamp=round(start * 1000)), start, end)
-            for rgb, start, end in sample_frames(path, fps)]
+    for rgb, start, end in sample_frames(path, fps, max_duration, max_side, keep_aspect):
+        yield VideoFrame(rgb, 'RGB', timestamp=round(start * 1000)), start, end
