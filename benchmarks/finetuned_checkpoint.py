@@ -49,6 +49,9 @@ def main() -> None:
     parser.add_argument('--photos', nargs='+', help='training photos (default: see the module docstring)')
     parser.add_argument('--photo-crops', type=int, default=500)
     parser.add_argument('--photo-leaves', type=int, default=500)
+    parser.add_argument('--benchmark-photos', action='store_true',
+                        help="train on the benchmark's own photos instead: fitting to the test, only to see how far "
+                             'training could go at best')
     parser.add_argument('--arch', default='resnet18')
     parser.add_argument('--img-size', type=int, default=96, help='the checkpoint\'s input size (inference)')
     parser.add_argument('--seed', type=int, default=0)
@@ -57,8 +60,11 @@ def main() -> None:
     if (out / 'images').exists():
         raise SystemExit(f'error: {out / "images"} exists: choose a new --output')
     held = photos(PHOTOS + ('horse',))  # everything benchmarks/video.py renders from
-    names = args.photos or default_photos()
-    train = [extra_photo(p, held) for p in names]
+    if args.benchmark_photos:
+        names, train = list(PHOTOS + ('horse',)), held
+    else:
+        names = args.photos or default_photos()
+        train = [extra_photo(p, held) for p in names]
     rng = np.random.default_rng(args.seed)
     images = [t for photo in train for t in tiles(photo, 3)] + photo_crops(rng, train, args.photo_crops) + \
         [photo_leaves(rng, train) for _ in range(args.photo_leaves)]
