@@ -12,6 +12,9 @@ re-encode (x264 CRF 28-35), rescale 75-100 %, crop <= 10 %, brightness 0.8-1.2; 
 caption overlay and a speed change (0.75-1.5x). Without ``--checkpoint`` a synthetic checkpoint
 (``--arch`` resnet18 at ``--img-size`` 96 px, random weights) makes the descriptors.
 
+``--videos-from DIR`` (with ``--keep`` a new folder) embeds the videos an earlier ``--keep`` run made with
+another ``--checkpoint`` (a kept folder's own descriptors are reused as they are, whatever the checkpoint).
+
 ``--embed-rate`` instead times `video embed` on each seed's reference videos (kept by an earlier run's
 ``--keep``, else made now) against the operator alone on the same decoded frames, per second of wall and CPU time.
 
@@ -263,6 +266,9 @@ def main() -> None:
     parser.add_argument('--arch', default='resnet18', help='the synthetic checkpoint\'s timm backbone')
     parser.add_argument('--img-size', type=int, default=96, help='the synthetic checkpoint\'s input size')
     parser.add_argument('--keep', help='keep the videos, descriptors and CSVs in this folder')
+    parser.add_argument('--videos-from', metavar='DIR',
+                        help="an earlier --keep folder: each seed's videos and ground truth are linked from it, not "
+                             'made again, and embedded with this run\'s checkpoint (the embedding is kept in --keep)')
     parser.add_argument('--device', default='cpu', help="the operator's device: cpu (default), cuda, cuda:N")
     parser.add_argument('--search-scale', type=int, nargs=2, metavar=('QUERIES', 'REFERENCES'),
                         help='only time video search on random descriptors of this many 60 s videos')
@@ -291,12 +297,19 @@ def main() -> None:
     rows = []
     for seed in args.seeds:
         root = work / f'seed{seed}'
+        if args.videos_from and not (root / 'truth.csv').exists():
+            root.mkdir(parents=True, exist_ok=True)
+            for name in ('refs', 'queries', 'noise', 'truth.csv'):
+                (root / name).symlink_to((Path(args.videos_from) / f'seed{seed}' / name).resolve())
         if (root / 'rates.json').exists():  # made and embedded by an earlier run with --keep
             truth = read_segments(root / 'truth.csv', ground_truth=True)
             rates, op_rate, cpu_rate, op_cpu_rate = json.loads((root / 'rates.json').read_text())
         else:
-            truth = make_set(root, seed, args.refs, args.queries, args.edits == 'hard')
-            write_segments(root / 'truth.csv', truth)
+            if (root / 'truth.csv').exists():  # videos made earlier (--videos-from), not yet embedded
+                truth = read_segments(root / 'truth.csv', ground_truth=True)
+            else:
+                truth = make_set(root, seed, args.refs, args.queries, args.edits == 'hard')
+                write_segments(root / 'truth.csv', truth)
             rates = {}
             for name in ('refs', 'queries', 'noise'):
                 cpu = time.process_time()  # the process's CPU time: decoding thread and torch's threads
