@@ -115,10 +115,11 @@ def test_video_embed_writes_vscs_npz_and_lists_the_videos_it_skips(videos, small
     assert not (root / 'strict.npz').exists()
 
 
-def test_video_embed_resumes_where_it_stopped(videos, small_ckpt, monkeypatch):
+def test_video_embed_resumes_where_it_stopped(videos, small_ckpt, monkeypatch, tmp_path):
     from towhee_isc.video import embed
     from towhee_isc.workflow.embedding import Embedder
-    root = videos[0]
+    root = tmp_path
+    shutil.copytree(videos[0] / 'refs', root / 'refs')
     decoded, real = [], embed.sample_frames
 
     def interrupted(path, *args):
@@ -135,6 +136,19 @@ def test_video_embed_resumes_where_it_stopped(videos, small_ckpt, monkeypatch):
     assert not out.exists() and (root / 'resumed.npz.parts' / '0.npz').exists()
     written, skipped, _, frames = embed.embed_videos([root / 'refs'], str(out), embedder, quiet=True)
     assert decoded == ['R000001.mp4', 'R000002.mp4', 'R000002.mp4'] and (written, skipped, frames) == (2, {}, 20)
+    # A saved video replaced meanwhile (a re-encode, a repaired copy) is embedded again, never its old rows kept.
+    before = read_video_descriptors(out)
+    out.unlink()
+    decoded.clear()
+    with pytest.raises(KeyboardInterrupt):
+        embed.embed_videos([root / 'refs'], str(out), embedder, quiet=True)
+    shutil.copy(root / 'refs' / 'R000002.mp4', root / 'refs' / 'R000001.mp4')
+    with pytest.warns(UserWarning, match='1 input.s. changed since the interrupted run: embedded again'):
+        embed.embed_videos([root / 'refs'], str(out), embedder, quiet=True)
+    after = read_video_descriptors(out)
+    assert decoded == ['R000001.mp4', 'R000002.mp4', 'R000001.mp4', 'R000002.mp4']
+    assert np.allclose(after.videos[0].features, before.videos[1].features, atol=1e-5)
+    assert np.array_equal(after.videos[0].timestamps, before.videos[1].timestamps)
     with pytest.raises(ValueError, match='interrupted run over other videos'):
         embed.Parts(out, {'videos': []}).save(0, np.zeros((1, 2)), np.zeros((1, 2))) or \
             embed.embed_videos([root / 'refs' / 'R000001.mp4'], str(out), embedder, quiet=True)
