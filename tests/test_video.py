@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import threading
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -152,6 +155,21 @@ def test_video_embed_resumes_where_it_stopped(videos, small_ckpt, monkeypatch, t
     with pytest.raises(ValueError, match='interrupted run over other videos'):
         embed.Parts(out, {'videos': []}).save(0, np.zeros((1, 2)), np.zeros((1, 2))) or \
             embed.embed_videos([root / 'refs' / 'R000001.mp4'], str(out), embedder, quiet=True)
+    # Ctrl-C while the next batch waits on its stream (a decoder between two samples far apart) is
+    # taken at once, not when the stream moves on.
+    moved_on, release = [], threading.Event()
+
+    def far_apart() -> Iterator[np.ndarray]:
+        yield np.zeros((32, 32, 3), np.uint8)
+        os.kill(os.getpid(), signal.SIGINT)  # the user's Ctrl-C, while the next batch waits here
+        release.wait(30)
+        moved_on.append(True)
+        yield np.zeros((32, 32, 3), np.uint8)
+
+    with pytest.raises(KeyboardInterrupt):
+        list(embedder.op.embed_stream(far_apart()))
+    assert not moved_on
+    release.set()
 
 
 def test_video_search_finds_the_copied_seconds_and_evaluate_scores_them(videos):
