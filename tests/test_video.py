@@ -123,11 +123,12 @@ def test_video_embed_resumes_where_it_stopped(videos, small_ckpt, monkeypatch, t
     from towhee_isc.workflow.embedding import Embedder
     root = tmp_path
     shutil.copytree(videos[0] / 'refs', root / 'refs')
+    shutil.copy(root / 'refs' / 'R000002.mp4', root / 'refs' / 'R000003.mp4')
     decoded, real = [], embed.sample_frames
 
     def interrupted(path, *args):
         decoded.append(Path(path).name)
-        if len(decoded) == 2:
+        if len(decoded) == 3:
             raise KeyboardInterrupt
         return real(path, *args)
 
@@ -136,22 +137,16 @@ def test_video_embed_resumes_where_it_stopped(videos, small_ckpt, monkeypatch, t
     embedder = Embedder(checkpoint_path=small_ckpt, device='cpu')
     with pytest.raises(KeyboardInterrupt):
         embed.embed_videos([root / 'refs'], str(out), embedder, quiet=True)
-    assert not out.exists() and (root / 'resumed.npz.parts' / '0.npz').exists()
-    written, skipped, _, frames = embed.embed_videos([root / 'refs'], str(out), embedder, quiet=True)
-    assert decoded == ['R000001.mp4', 'R000002.mp4', 'R000002.mp4'] and (written, skipped, frames) == (2, {}, 20)
+    assert not out.exists() and (root / 'resumed.npz.parts' / '1.npz').exists()
     # A saved video replaced meanwhile (a re-encode, a repaired copy) is embedded again, never its old rows kept.
-    before = read_video_descriptors(out)
-    out.unlink()
-    decoded.clear()
-    with pytest.raises(KeyboardInterrupt):
-        embed.embed_videos([root / 'refs'], str(out), embedder, quiet=True)
-    shutil.copy(root / 'refs' / 'R000002.mp4', root / 'refs' / 'R000001.mp4')
+    shutil.copy(root / 'refs' / 'R000001.mp4', root / 'refs' / 'R000002.mp4')
     with pytest.warns(UserWarning, match='1 input.s. changed since the interrupted run: embedded again'):
-        embed.embed_videos([root / 'refs'], str(out), embedder, quiet=True)
-    after = read_video_descriptors(out)
-    assert decoded == ['R000001.mp4', 'R000002.mp4', 'R000001.mp4', 'R000002.mp4']
-    assert np.allclose(after.videos[0].features, before.videos[1].features, atol=1e-5)
-    assert np.array_equal(after.videos[0].timestamps, before.videos[1].timestamps)
+        written, skipped, _, frames = embed.embed_videos([root / 'refs'], str(out), embedder, quiet=True)
+    assert decoded == ['R000001.mp4', 'R000002.mp4', 'R000003.mp4', 'R000002.mp4', 'R000003.mp4']
+    assert (written, skipped, frames) == (3, {}, 30)
+    resumed = read_video_descriptors(out)
+    assert np.allclose(resumed.videos[1].features, resumed.videos[0].features, atol=1e-5)
+    assert np.array_equal(resumed.videos[1].timestamps, resumed.videos[0].timestamps)
     with pytest.raises(ValueError, match='interrupted run over other videos'):
         embed.Parts(out, {'videos': []}).save(0, np.zeros((1, 2)), np.zeros((1, 2))) or \
             embed.embed_videos([root / 'refs' / 'R000001.mp4'], str(out), embedder, quiet=True)
