@@ -13,7 +13,9 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+import threading
+from concurrent.futures import Future, TimeoutError as FutureTimeout
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -33,6 +35,31 @@ DEFAULT_BATCH = {('torch', 'cpu'): 1, ('onnxruntime', 'cpu'): 1, ('torch', 'cuda
 # groups the calls; for a list, the operator sends this many per request: Triton's default max_batch_size
 # for an ONNX model whose config does not say one (TritonGPUConfig(max_batch_size=...) raises it).
 TRITON_BATCH = 4
+
+
+def in_daemon_thread(work: Callable[[], Any]) -> Future:
+    """``work()`` run in a thread of its own that never holds the process up: a Ctrl-C leaves it
+    behind, where a ``ThreadPoolExecutor``'s thread is waited for, when its ``with`` ends and again at
+    exit (a decoder between two samples far apart kept the first Ctrl-C waiting 128 s)."""
+    future: Future = Future()
+
+    def run() -> None:
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(work())
+            except BaseException as e:  # noqa: BLE001 (handed to whoever waits)
+                future.set_exception(e)
+    threading.Thread(target=run, name='isc-prepare', daemon=True).start()
+    return future
+
+
+def result_of(future: Future) -> Any:
+    """``future.result()``, waited for in short steps, so a Ctrl-C is taken at once in the main thread."""
+    while True:
+        try:
+            return future.result(timeout=0.2)
+        except FutureTimeout:
+            continue
 
 
 def batches(items: Iterator[Any], batch_size: int, max_bytes: int | None = None) -> Iterator[list[Any]]:

@@ -6,7 +6,7 @@ import os
 import shutil
 import warnings
 from pathlib import Path
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -18,8 +18,8 @@ with warnings.catch_warnings():  # Towhee's own imports warn about pkg_resources
     from towhee import register
     from towhee.operator import NNOperator
 
-from .backends import (DEFAULT_BATCH, TRITON_BATCH, batches, cached_onnx, cpu_count, export_onnx, padded_batch,
-                       resolve_backend)
+from .backends import (DEFAULT_BATCH, TRITON_BATCH, batches, cached_onnx, cpu_count, export_onnx, in_daemon_thread,
+                       padded_batch, resolve_backend, result_of)
 from .images import ImageError, image_size, is_jpeg, to_pil_rgb
 from .model import IscNet, preprocess, save_checkpoint
 from .network import IscModel, ModelSpec, accelerated_model
@@ -320,11 +320,16 @@ class Isc(NNOperator):
                 batch, start = prepare()
                 yield self._checked(self._run(batch), start)
                 return
-            with ThreadPoolExecutor(max_workers=1) as worker:
-                pending = worker.submit(prepare)
-                while (prepared := pending.result()) is not None:
-                    pending = worker.submit(prepare)
+            pending = in_daemon_thread(prepare)
+            try:
+                while (prepared := result_of(pending)) is not None:
+                    pending = in_daemon_thread(prepare)
                     yield self._checked(self._run(prepared[0]), prepared[1])
+            except Exception:
+                wait([pending])  # it shares the stream with whoever goes on after this error
+                raise
+            # On Ctrl-C (or when the consumer stops), the batch being taken is left behind: it may wait
+            # long on its stream (a decoder between samples far apart).
         finally:
             if decoders is not None:
                 decoders.shutdown(cancel_futures=True)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import threading
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -115,15 +118,17 @@ def test_video_embed_writes_vscs_npz_and_lists_the_videos_it_skips(videos, small
     assert not (root / 'strict.npz').exists()
 
 
-def test_video_embed_resumes_where_it_stopped(videos, small_ckpt, monkeypatch):
+def test_video_embed_resumes_where_it_stopped(videos, small_ckpt, monkeypatch, tmp_path):
     from towhee_isc.video import embed
     from towhee_isc.workflow.embedding import Embedder
-    root = videos[0]
+    root = tmp_path
+    shutil.copytree(videos[0] / 'refs', root / 'refs')
+    shutil.copy(root / 'refs' / 'R000002.mp4', root / 'refs' / 'R000003.mp4')
     decoded, real = [], embed.sample_frames
 
     def interrupted(path, *args):
         decoded.append(Path(path).name)
-        if len(decoded) == 2:
+        if len(decoded) == 3:
             raise KeyboardInterrupt
         return real(path, *args)
 
@@ -132,12 +137,34 @@ def test_video_embed_resumes_where_it_stopped(videos, small_ckpt, monkeypatch):
     embedder = Embedder(checkpoint_path=small_ckpt, device='cpu')
     with pytest.raises(KeyboardInterrupt):
         embed.embed_videos([root / 'refs'], str(out), embedder, quiet=True)
-    assert not out.exists() and (root / 'resumed.npz.parts' / '0.npz').exists()
-    written, skipped, _, frames = embed.embed_videos([root / 'refs'], str(out), embedder, quiet=True)
-    assert decoded == ['R000001.mp4', 'R000002.mp4', 'R000002.mp4'] and (written, skipped, frames) == (2, {}, 20)
+    assert not out.exists() and (root / 'resumed.npz.parts' / '1.npz').exists()
+    # A saved video replaced meanwhile (a re-encode, a repaired copy) is embedded again, never its old rows kept.
+    shutil.copy(root / 'refs' / 'R000001.mp4', root / 'refs' / 'R000002.mp4')
+    with pytest.warns(UserWarning, match='1 input.s. changed since the interrupted run: embedded again'):
+        written, skipped, _, frames = embed.embed_videos([root / 'refs'], str(out), embedder, quiet=True)
+    assert decoded == ['R000001.mp4', 'R000002.mp4', 'R000003.mp4', 'R000002.mp4', 'R000003.mp4']
+    assert (written, skipped, frames) == (3, {}, 30)
+    resumed = read_video_descriptors(out)
+    assert np.allclose(resumed.videos[1].features, resumed.videos[0].features, atol=1e-5)
+    assert np.array_equal(resumed.videos[1].timestamps, resumed.videos[0].timestamps)
     with pytest.raises(ValueError, match='interrupted run over other videos'):
         embed.Parts(out, {'videos': []}).save(0, np.zeros((1, 2)), np.zeros((1, 2))) or \
             embed.embed_videos([root / 'refs' / 'R000001.mp4'], str(out), embedder, quiet=True)
+    # Ctrl-C while the next batch waits on its stream (a decoder between two samples far apart) is
+    # taken at once, not when the stream moves on.
+    moved_on, release = [], threading.Event()
+
+    def far_apart() -> Iterator[np.ndarray]:
+        yield np.zeros((32, 32, 3), np.uint8)
+        os.kill(os.getpid(), signal.SIGINT)  # the user's Ctrl-C, while the next batch waits here
+        release.wait(30)
+        moved_on.append(True)
+        yield np.zeros((32, 32, 3), np.uint8)
+
+    with pytest.raises(KeyboardInterrupt):
+        list(embedder.op.embed_stream(far_apart()))
+    assert not moved_on
+    release.set()
 
 
 def test_video_search_finds_the_copied_seconds_and_evaluate_scores_them(videos):

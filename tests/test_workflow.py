@@ -2,6 +2,7 @@
 (Milvus Lite, real) -> search -> evaluate, every figure checked against an independent computation."""
 import csv
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -328,11 +329,15 @@ def test_killed_embed_resumes_without_losing_or_duplicating_rows(small_ckpt, pho
     process.wait()
     saved = len(list(parts.glob('*.npz')))
     assert 3 <= saved < 20 and not (tmp_path / 'resumed.h5').exists()
+    # An image of a saved chunk replaced meanwhile (a re-download) is embedded again, never its old vector kept.
+    shutil.copy(folder / 'R000001.jpg', folder / 'R000000.jpg')
     again = subprocess.run(command + ['-o', str(tmp_path / 'resumed.h5')], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
+    assert '1 input(s) changed since the interrupted run: embedded again' in again.stderr
     ids, vectors = read_descriptors(tmp_path / 'resumed.h5')
     want_ids, want = read_descriptors(tmp_path / 'whole.h5')
-    assert ids == want_ids and len(ids) == 40 and np.array_equal(vectors, want)
+    assert ids == want_ids and len(ids) == 40 and np.array_equal(vectors[1:], want[1:])
+    assert np.allclose(vectors[0], want[1], atol=1e-5) and not np.allclose(vectors[0], want[0], atol=1e-2)
     assert not parts.exists()
 
 

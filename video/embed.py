@@ -20,8 +20,9 @@ from ..progress import shown
 from ..atomic import sole_writer
 from ..backends import cpu_count
 from ..images import ImageError
+from ..workflow.descriptors import file_stamp
 from .reader import AHEAD_BYTES, VideoError, find_videos, in_background, sample_frames
-from .storage import Parts, VideoFeatures, write_video_descriptors
+from .storage import Parts, write_frames
 
 
 def _vectors(op, frames: list[np.ndarray], path) -> list[np.ndarray]:
@@ -158,7 +159,9 @@ def _embed_videos(inputs: Sequence[str], output: str, embedder, fps: float, max_
     model, postprocessing = op.fingerprint, embedder.postprocessing
     parts = Parts(output, {'videos': [str(v) for v in videos], 'fps': fps, 'max_duration': max_duration,
                            'model': model, 'postprocessing': postprocessing})
-    done = parts.done()
+    # Taken before any video is decoded: a file changed after this is found changed by the next resume.
+    stamps = [file_stamp(v) for v in videos]
+    done = parts.done(stamps)
     todo = [n for n in range(len(videos)) if n not in done]
     bar = None
     if shown(quiet):  # only where someone watches: a terminal, or TOWHEE_ISC_PROGRESS=1
@@ -196,7 +199,7 @@ def _embed_videos(inputs: Sequence[str], output: str, embedder, fps: float, max_
         if not failure and not features:
             failure = f'{str(videos[n])!r}: no frames'
         parts.save(n, np.stack(features) if not failure else np.zeros((0, 0), np.float32),
-                   np.array(frame_intervals) if not failure else np.zeros((0, 2)), failure)
+                   np.array(frame_intervals) if not failure else np.zeros((0, 2)), failure, stamps[n])
         if bar:
             bar.update(1)
             bar.set_postfix(frames=embedded)
@@ -266,20 +269,22 @@ def _embed_videos(inputs: Sequence[str], output: str, embedder, fps: float, max_
         if bar:
             bar.close()
     seconds_embedding = time.perf_counter() - started
-    kept, kept_paths, skipped = [], [], {}
+    kept, times, kept_paths, skipped = [], [], [], {}  # the features stay in the parts until written
     for n, path in enumerate(videos):
-        features, timestamps, failure = parts.load(n)
+        timestamps, failure = parts.load_times(n)
         if failure:
             skipped[path] = failure
         else:
-            kept.append(VideoFeatures(ids[n], features, timestamps))
+            kept.append(n)
+            times.append(timestamps)
             kept_paths.append(str(path))
     if not kept:
         parts.remove()
         first = next(iter(skipped.items()))
         raise ValueError(f'none of the {len(videos)} videos could be read (the first, {first[0]}: {first[1]}); '
                          'nothing was written')
-    write_video_descriptors(output, kept, model, postprocessing, fps, kept_paths)
+    write_frames(output, [ids[n] for n in kept], times, lambda i: parts.features(kept[i]), model, postprocessing,
+                 fps, kept_paths)
     parts.remove()
-    frames = sum(len(v) for v in kept)
+    frames = sum(len(t) for t in times)
     return len(kept), skipped, embedded / seconds_embedding if seconds_embedding else 0.0, frames

@@ -12,11 +12,12 @@ import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from ..atomic import atomic_write
+from ..workflow.descriptors import warn_changed
 
 
 class VideoDescriptorError(ValueError):
@@ -65,22 +66,65 @@ def write_video_descriptors(path: str | os.PathLike, videos: Sequence[VideoFeatu
                             postprocessing: dict | None = None, fps: float | None = None,
                             paths: Sequence[str] | None = None) -> None:
     """Write videos to one npz in VSC's format, whole or not at all; ``paths``: each video's file."""
-    if not videos:
+    write_frames(path, [v.video_id for v in videos], [v.timestamps for v in videos], lambda i: videos[i].features,
+                 model, postprocessing, fps, paths)
+
+
+def write_frames(path: str | os.PathLike, ids: Sequence[str], timestamps: Sequence[np.ndarray],
+                 features: Callable[[int], np.ndarray], model: dict | None = None, postprocessing: dict | None = None,
+                 fps: float | None = None, paths: Sequence[str] | None = None) -> None:
+    """Write videos to one npz in VSC's format (what ``np.savez`` writes), whole or not at all, asking
+    ``features(i)`` for video i's vectors (float32 (n_i, D), n_i = len(timestamps[i])) one at a time as it
+    writes them: a collection's vectors are never all in memory at once (``video embed`` reads them
+    from its parts; concatenating them held ~3 times the output)."""
+    if not ids:
         raise ValueError('no video descriptors to write')
-    ids = [v.video_id for v in videos]
     if len(set(ids)) != len(ids):
         raise ValueError(f'two videos have the same id ({sorted(i for i in ids if ids.count(i) > 1)[0]!r}); '
                          'ids are file names without extension: rename one')
-    arrays = dict(video_ids=np.concatenate([np.full(len(v), v.video_id) for v in videos]),
-                  features=np.concatenate([v.features for v in videos]).astype(np.float32),
-                  timestamps=np.concatenate([v.timestamps for v in videos]).astype(np.float64),
-                  model=np.array(json.dumps(model)), postprocessing=np.array(json.dumps(postprocessing)))
-    if fps is not None:
-        arrays['fps'] = np.array(float(fps))
-    if paths is not None:
-        arrays['video_paths'] = np.array([str(p) for p in paths])
-    with atomic_write(path) as tmp, open(tmp, 'wb') as f:
-        np.savez(f, **arrays)
+    lengths = [len(t) for t in timestamps]
+    first = np.asarray(features(0))
+    if first.ndim != 2:
+        raise ValueError(f'features must be N x D arrays, got shape {first.shape}')
+    total, dim = sum(lengths), first.shape[1]
+
+    def vectors() -> Iterator[np.ndarray]:
+        for i in range(len(ids)):
+            block = first if i == 0 else np.asarray(features(i))
+            if block.shape != (lengths[i], dim):
+                raise ValueError(f'video {ids[i]!r} has {block.shape} features for {lengths[i]} timestamps '
+                                 f'of {dim}-d vectors')
+            yield block
+    with atomic_write(path) as tmp, zipfile.ZipFile(tmp, 'w', zipfile.ZIP_STORED, allowZip64=True) as archive:
+        id_type = np.dtype(f'<U{max(1, max(len(i) for i in ids))}')
+        _write_member(archive, 'video_ids', id_type, (total,),
+                      (np.full(n, i, id_type) for i, n in zip(ids, lengths)))
+        _write_member(archive, 'features', np.dtype('<f4'), (total, dim), vectors())
+        _write_member(archive, 'timestamps', np.dtype('<f8'), (total, 2), timestamps)
+        small = dict(model=np.array(json.dumps(model)), postprocessing=np.array(json.dumps(postprocessing)))
+        if fps is not None:
+            small['fps'] = np.array(float(fps))
+        if paths is not None:
+            small['video_paths'] = np.array([str(p) for p in paths])
+        for name, array in small.items():
+            _write_member(archive, name, array.dtype, array.shape, [array])
+
+
+def _write_member(archive: zipfile.ZipFile, name: str, dtype: np.dtype, shape: tuple[int, ...],
+                  pieces: Iterable[np.ndarray]) -> None:
+    """One ``.npy`` member of ``shape``, its rows given in ``pieces``, each written as it comes."""
+    with archive.open(f'{name}.npy', 'w', force_zip64=True) as f:
+        np.lib.format.write_array_header_1_0(f, {'descr': np.lib.format.dtype_to_descr(dtype),
+                                                 'fortran_order': False, 'shape': tuple(shape)})
+        rows = 0
+        for piece in pieces:
+            piece = np.ascontiguousarray(piece, dtype)  # a copy only where the type differs
+            if piece.shape[1:] != tuple(shape[1:]):
+                raise ValueError(f'{name}: a piece of shape {piece.shape} in an array of shape {shape}')
+            rows += len(piece) if piece.ndim else 1
+            f.write(piece.reshape(-1).view(np.uint8))
+        if rows != (shape[0] if shape else 1):
+            raise ValueError(f'{name}: {rows} rows written for a shape of {shape}')
 
 
 def read_video_descriptors(path: str | os.PathLike, dim: int | None = None) -> VideoSet:
@@ -223,8 +267,9 @@ def check_same_source(sets: dict[str, VideoSet]) -> None:
 
 class Parts:
     """The per-video pieces of an interrupted ``video embed``: ``<output>.parts/<n>.npz`` for the
-    n-th video (its frames, or why it was skipped), and a manifest of the videos and the model. A
-    rerun with the same plan takes the saved videos as done; another plan is refused."""
+    n-th video (its frames, or why it was skipped, and the ``file_stamp`` of the file it was made from),
+    and a manifest of the videos and the model. A rerun with the same plan takes the saved videos
+    whose files are unchanged as done; another plan is refused."""
 
     def __init__(self, output: str | os.PathLike, plan: dict):
         output = Path(output)
@@ -239,32 +284,49 @@ class Parts:
                 raise ValueError(f'{str(self.folder)!r} holds an interrupted run over other videos or with another '
                                  'model or settings: rerun with the same inputs and options, or delete that folder')
 
-    def done(self) -> set[int]:
-        found = set()
+    def done(self, stamps: Sequence[tuple[int, ...]]) -> set[int]:
+        """The videos saved by an interrupted run whose files are unchanged since (``stamps``: each
+        video's ``file_stamp`` now); a damaged part, or one of a changed video, is removed (embedded again)."""
+        found, changed = set(), 0
         for p in self.folder.glob('*.npz') if self.folder.exists() else []:
             try:
                 with np.load(p) as data:
                     ok = {'features', 'timestamps', 'skipped'} <= set(data.files)
+                    stamp = tuple(data['stamp'].tolist()) if 'stamp' in data.files else None
             except Exception:  # noqa: BLE001 (a damaged part is embedded again)
                 ok = False
-            if ok and p.stem.isdigit():
-                found.add(int(p.stem))
+            n = int(p.stem) if p.stem.isdigit() else -1
+            if ok and 0 <= n < len(stamps) and stamp == tuple(stamps[n]):
+                found.add(n)
             else:
+                changed += ok and 0 <= n < len(stamps)
                 p.unlink()
+        warn_changed(changed)
         return found
 
-    def save(self, n: int, features: np.ndarray, timestamps: np.ndarray, skipped: str = '') -> None:
+    def save(self, n: int, features: np.ndarray, timestamps: np.ndarray, skipped: str = '',
+             stamp: Sequence[int] = ()) -> None:
+        """Save video n; ``stamp``: its ``file_stamp`` taken before it was decoded."""
         if not self.folder.exists():
             self.folder.mkdir(parents=True)
             with atomic_write(self.folder / 'manifest.json') as tmp:
                 tmp.write_text(json.dumps(self.plan))
         with atomic_write(self.folder / f'{n}.npz') as tmp, open(tmp, 'wb') as f:
             np.savez(f, features=np.asarray(features, np.float32), timestamps=np.asarray(timestamps, np.float64),
-                     skipped=np.array(skipped))
+                     skipped=np.array(skipped), stamp=np.asarray(stamp, np.int64))
 
     def load(self, n: int) -> tuple[np.ndarray, np.ndarray, str]:
         with np.load(self.folder / f'{n}.npz') as data:
             return data['features'], data['timestamps'], str(data['skipped'])
+
+    def load_times(self, n: int) -> tuple[np.ndarray, str]:
+        """Video n's timestamps and why it was skipped ('' if not), without reading its features."""
+        with np.load(self.folder / f'{n}.npz') as data:
+            return data['timestamps'], str(data['skipped'])
+
+    def features(self, n: int) -> np.ndarray:
+        with np.load(self.folder / f'{n}.npz') as data:
+            return data['features']
 
     def remove(self) -> None:
         import shutil

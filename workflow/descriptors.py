@@ -444,7 +444,8 @@ def embed_resumable(images: Sequence[Path], output: str | os.PathLike,
 
     Each finished chunk is saved at once as ``<output>.parts/<first index>.npz`` (temporary file,
     then rename), so an interruption loses at most the chunk in flight and a rerun skips what is
-    saved. The parts folder's manifest records the images, the chunk size, ``model`` (what makes
+    saved, unless one of its images changed since (``file_stamp``): that chunk is embedded again,
+    with a warning. The parts folder's manifest records the images, the chunk size, ``model`` (what makes
     the vectors, e.g. ``Isc.fingerprint``) and ``postprocessing``: a rerun with other images, another
     model or other post-processing is refused, so different vectors never mix; both are recorded in
     the descriptor file. When all chunks are there, the descriptor file is written
@@ -457,11 +458,13 @@ def embed_resumable(images: Sequence[Path], output: str | os.PathLike,
     ids = image_ids(images)
     plan = {'images': [str(p) for p in images], 'chunk_size': chunk_size, 'model': model,
             'postprocessing': postprocessing}
-    done = _resume(parts, plan)
+    # Taken before any image is read: a file changed after this is found changed by the next resume.
+    stamps = np.array([file_stamp(p) for p in images], dtype=np.int64).reshape(len(images), len(STAMP_FIELDS))
+    done = _resume(parts, plan, stamps, chunk_size)
     for start in range(0, len(images), chunk_size):
         if start not in done:
             vectors, failed = embed(list(images[start:start + chunk_size]))
-            _save_part(parts, plan, start, vectors, failed)
+            _save_part(parts, plan, start, vectors, failed, stamps[start:start + chunk_size])
         if progress:
             progress(min(start + chunk_size, len(images)), start in done)
     kept_ids, kept_paths, vectors, skipped = [], [], [], {}
@@ -486,8 +489,30 @@ def embed_resumable(images: Sequence[Path], output: str | os.PathLike,
     return skipped
 
 
-def _resume(parts: Path, plan: dict) -> set[int]:
-    """The chunks an interrupted run with the same ``plan`` saved in ``parts``; another plan is refused."""
+# What says a file is the one a saved part was made from, without reading it: a file replaced or
+# rewritten at its path (a re-download, a repaired copy) differs in one of them. ctime too, because
+# ``cp -p``/``rsync -t``/``touch -r`` can set a new file's mtime back to the old one's (and its size
+# may be the same); only the kernel sets ctime.
+STAMP_FIELDS = ('st_size', 'st_mtime_ns', 'st_ctime_ns', 'st_ino')
+
+
+def file_stamp(path: str | os.PathLike) -> tuple[int, ...]:
+    """``STAMP_FIELDS`` of the file at ``path`` (links followed); all -1 where it cannot be stat'ed."""
+    try:
+        info = os.stat(path)
+    except (OSError, ValueError):
+        return (-1,) * len(STAMP_FIELDS)
+    return tuple(int(getattr(info, field)) for field in STAMP_FIELDS)
+
+
+def warn_changed(changed: int) -> None:
+    if changed:
+        warnings.warn(f'{changed} input(s) changed since the interrupted run: embedded again')
+
+
+def _resume(parts: Path, plan: dict, stamps: np.ndarray, chunk_size: int) -> set[int]:
+    """The chunks an interrupted run with the same ``plan`` saved in ``parts`` whose images are unchanged
+    (``stamps``: ``file_stamp`` of each image now); another plan is refused."""
     if not parts.exists():
         return set()
     manifest = parts / 'manifest.json'
@@ -506,7 +531,22 @@ def _resume(parts: Path, plan: dict) -> set[int]:
         raise ValueError(f'{str(parts)!r} holds an interrupted run with other post-processing '
                          f"({describe_postprocessing(saved.get('postprocessing'))}): rerun with the same --negatives "
                          'and settings, or delete that folder to start again')
-    return {int(p.stem) for p in parts.glob('*.npz') if p.stem.isdigit() and _readable_part(p)}
+    done, changed = set(), 0
+    for p in parts.glob('*.npz'):
+        if not (p.stem.isdigit() and _readable_part(p)):
+            continue
+        start = int(p.stem)
+        with np.load(p) as data:
+            saved_stamps = data['stamps'] if 'stamps' in data.files else None
+        now = stamps[start:start + chunk_size]
+        if saved_stamps is not None and saved_stamps.shape == now.shape and (saved_stamps == now).all():
+            done.add(start)
+        else:  # made from other files than those at its paths now (or by a version that did not record them)
+            changed += len(now) if saved_stamps is None or saved_stamps.shape != now.shape else \
+                int((saved_stamps != now).any(axis=1).sum())
+            p.unlink()
+    warn_changed(changed)
+    return done
 
 
 def _readable_part(part: Path) -> bool:
@@ -528,8 +568,9 @@ def _differences(before: dict | None, now: dict | None) -> str:
     return ', '.join(f'{k}: {before.get(k)!r} then, {now.get(k)!r} now' for k in keys) or 'unknown'
 
 
-def _save_part(parts: Path, plan: dict, start: int, vectors: Iterable[np.ndarray], failed: dict[int, str]) -> None:
-    """Save one chunk; the parts folder and its manifest appear with the first chunk, so a run that
+def _save_part(parts: Path, plan: dict, start: int, vectors: Iterable[np.ndarray], failed: dict[int, str],
+               stamps: np.ndarray) -> None:
+    """Save one chunk with ``stamps`` (its images' ``file_stamp``s before they were read); the parts folder and its manifest appear with the first chunk, so a run that
     fails before any image is embedded leaves nothing behind."""
     if not parts.exists():
         parts.mkdir(parents=True)
@@ -539,4 +580,4 @@ def _save_part(parts: Path, plan: dict, start: int, vectors: Iterable[np.ndarray
     array = np.stack(vectors).astype(np.float32) if vectors else np.zeros((0, 0), np.float32)
     with atomic_write(parts / f'{start}.npz') as tmp, open(tmp, 'wb') as f:
         np.savez(f, vectors=array, failed=np.asarray(list(failed), dtype=np.int64),
-                 reasons=np.asarray(list(failed.values()), dtype=str))
+                 reasons=np.asarray(list(failed.values()), dtype=str), stamps=stamps)
