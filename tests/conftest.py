@@ -96,7 +96,8 @@ def seed_onnx_cache(effnet_op, small_op):
 
     # ... and what a second run finds beside them: which weights file gave which export, and timm's
     # facts about the backbones (so a process starting on them builds no network and imports no timm).
-    memos = [onnx_cache_dir() / 'weights-keys.json', *onnx_cache_dir().parent.glob('timm-*-backbones.json')]
+    hub = onnx_cache_dir().parent  # this session's (a test may point TORCH_HOME elsewhere before seeding)
+    memos = [hub / 'onnx' / 'weights-keys.json', *hub.glob('timm-*-backbones.json')]
 
     def seed(torch_home: Path) -> None:
         folder = Path(torch_home) / 'hub' / 'towhee_isc' / 'onnx'
@@ -109,7 +110,7 @@ def seed_onnx_cache(effnet_op, small_op):
                     shutil.copy(source, folder / source.name)
         for memo in memos:
             if memo.is_file():  # copied: the session's own may be rewritten while in use
-                shutil.copy(memo, folder.parent / memo.relative_to(onnx_cache_dir().parent))
+                shutil.copy(memo, folder.parent / memo.relative_to(hub))
     return seed
 
 
