@@ -252,22 +252,26 @@ def _keys() -> dict[str, str]:
     return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(data, dict) else {}
 
 
+def _memo_entry(file_digest: str, arch: str, img_size: int) -> str:
+    return f'{file_digest}|{arch}|{img_size}'
+
+
 def remembered_key(file_digest: str, arch: str, img_size: int) -> tuple[str, str] | None:
     """(weights key, the network's own arch name) remembered for a weights file of SHA-256
     ``file_digest`` built as backbone ``arch`` at ``img_size`` px, or None."""
-    found = _keys().get(f'{file_digest}|{arch}|{img_size}', '')
-    key, _, net_arch = found.partition('|')
+    key, _, net_arch = _keys().get(_memo_entry(file_digest, arch, img_size), '').partition('|')
     return (key, net_arch) if key and net_arch else None
 
 
 def remember_key(file_digest: str, arch: str, img_size: int, key: str, net_arch: str) -> None:
     """Keep ``key`` for the next process (the newest ``KEYS_KEPT``); a folder that cannot be written
     only costs that process the network's build."""
+    entry = _memo_entry(file_digest, arch, img_size)
     try:
         with exclusive(onnx_cache_dir()):
             keys = _keys()
-            keys.pop(f'{file_digest}|{arch}|{img_size}', None)
-            keys[f'{file_digest}|{arch}|{img_size}'] = f'{key}|{net_arch}'
+            keys.pop(entry, None)  # re-inserted last: the newest are kept
+            keys[entry] = f'{key}|{net_arch}'
             with atomic_write(_keys_path()) as tmp:
                 tmp.write_text(json.dumps(dict(list(keys.items())[-KEYS_KEPT:])))
     except OSError:

@@ -137,7 +137,8 @@ class IscModel:
             session = onnx_backend(self.net, self.img_size, self.weights_key, self.num_threads)
             if session is not None:
                 # Remembered only if the file is still what was hashed before the network was read.
-                if digest is not None and self.spec.weights_file() and file_sha256(self.spec.weights_file()) == digest:
+                path = self.spec.weights_file()
+                if digest is not None and path is not None and file_sha256(path) == digest:
                     remember_key(digest, self.spec.arch, self.img_size, self.weights_key, self.net.arch)
                 return session
         # asked for, or ONNX Runtime could not be set up (it warned why)
