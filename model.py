@@ -99,13 +99,23 @@ class Preprocess:
     std: tuple[float, float, float]
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.to_input(self.pixels(image))
+
+    def pixels(self, image: Image.Image) -> torch.Tensor:
+        """The resize, PIL's work on the CPU: a (S, S, C) uint8 tensor."""
         resized = image.resize((self.size, self.size), Image.Resampling.BILINEAR)
-        pixels = torch.from_numpy(np.array(resized, np.uint8, copy=True))
-        x = pixels.view(self.size, self.size, -1).permute(2, 0, 1).contiguous().to(torch.float32).div(255)
-        return self.normalise(x)
+        return torch.from_numpy(np.array(resized, np.uint8, copy=True)).view(self.size, self.size, -1)
+
+    def to_input(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(S, S, C) or (N, S, S, C) uint8 pixels -> the network's (C, S, S) or (N, C, S, S) float32 input,
+        on the pixels' device: ToTensor's scaling, then ``normalise``. On CUDA as on the CPU bit for bit,
+        so a GPU can take uint8 (a quarter of the bytes) and do the float work itself; the divisor is a
+        tensor there, as CUDA divides by a Python number by multiplying with its reciprocal (1 bit off)."""
+        x = pixels.movedim(-1, -3).contiguous().to(torch.float32)
+        return self.normalise(x.div_(torch.tensor(255, dtype=torch.float32, device=x.device)))
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
-        """(3, S, S) float in [0, 1] -> the network's input (a new tensor)."""
+        """(3, S, S) or (N, 3, S, S) float in [0, 1] -> the network's input (a new tensor)."""
         mean = torch.as_tensor(self.mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
         std = torch.as_tensor(self.std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
         return x.clone().sub_(mean).div_(std)

@@ -72,3 +72,8 @@ def test_the_preprocessing_equals_torchvisions_bit_for_bit(photos):
         for image in photos + [Image.new('RGB', (1, 1), (3, 200, 7)), Image.new('RGB', (5000, 3), (1, 2, 3))]:
             mine, reference = ours(image), theirs(image)
             assert mine.dtype == reference.dtype == torch.float32 and torch.equal(mine, reference)
+        # The operator scales and normalises a whole batch of uint8 pixels at once (on a GPU, there):
+        # the same numbers as one image at a time.
+        batch = ours.to_input(torch.stack([ours.pixels(image) for image in photos]))
+        assert batch.shape == (len(photos), 3, size, size) and batch.is_contiguous()
+        assert torch.equal(batch, torch.stack([theirs(image) for image in photos]))
