@@ -15,8 +15,9 @@ caption overlay and a speed change (0.75-1.5x). Without ``--checkpoint`` a synth
 ``--videos-from DIR`` (with ``--keep`` a new folder) embeds the videos an earlier ``--keep`` run made with
 another ``--checkpoint`` (a kept folder's own descriptors are reused as they are, whatever the checkpoint).
 
-``--embed-rate`` instead times `video embed` on each seed's reference videos (kept by an earlier run's
-``--keep``, else made now) against the operator alone on the same decoded frames, per second of wall and CPU time.
+``--embed-rate`` instead times, per seed, one `video embed` run over all its videos (refs, queries and noise;
+kept by an earlier run's ``--keep``, else made now) against the operator alone on the same decoded frames,
+per second of wall and CPU time.
 
 ``--search-scale QUERIES REFERENCES`` instead times `video search` alone (the real command, in a child
 process) on random 256-d descriptors of 60 s videos at 1 fps with planted copies (half the queries hold
@@ -42,7 +43,7 @@ import numpy as np
 
 from towhee_isc.backends import padded_batch
 from towhee_isc.video.alignment import temporal_network
-from towhee_isc.video.embed import embed_videos
+from towhee_isc.video.embed import embed_videos, frame_side
 from towhee_isc.video.localization import VSC_TN
 from towhee_isc.video.metrics import (Segment, descriptor_candidates, evaluate_matching, read_segments,
                                       write_segments)
@@ -181,24 +182,28 @@ def operator_rate(op, video: Path) -> tuple[float, float]:
 
 
 def embed_rates(work: Path, seeds: list[int], embedder) -> None:
-    """Per seed: `video embed` on its refs/ and the operator alone on the same decoded frames, one after
-    the other, each per second of wall and of CPU time."""
+    """Per seed: one `video embed` run over all its videos (refs, queries and noise, as a user embeds a
+    collection: its fixed costs, such as threads starting and files written, count as in real use), then
+    the operator alone on the same decoded frames, each per second of wall and of CPU time."""
     for seed in seeds:
-        folder = work / f'seed{seed}' / 'refs'
-        frames = [f for video in sorted(folder.iterdir()) for f, _, _ in sample_frames(video)]
+        folders = [work / f'seed{seed}' / name for name in ('refs', 'queries', 'noise')]
+        videos = sorted(video for folder in folders for video in folder.iterdir())
+        frames = [f for video in videos for f, _, _ in sample_frames(video, max_side=frame_side(embedder.op))]
         warm(embedder.op, frames)
         with tempfile.TemporaryDirectory() as out:
             start, cpu = time.perf_counter(), time.process_time()
-            embed_videos([folder], str(Path(out) / 'refs.npz'), embedder, quiet=True)
+            embed_videos([str(f) for f in folders], str(Path(out) / 'all.npz'), embedder, quiet=True)
             wall, cpu = time.perf_counter() - start, time.process_time() - cpu
         start, op_cpu = time.perf_counter(), time.process_time()
         embedder.op(frames)
         op_wall, op_cpu = time.perf_counter() - start, time.process_time() - op_cpu
-        print(json.dumps({'seed': seed, 'frames': len(frames), 'embed_frames_per_s': round(len(frames) / wall, 1),
+        print(json.dumps({'seed': seed, 'videos': len(videos), 'frames': len(frames),
+                          'embed_frames_per_s': round(len(frames) / wall, 1),
                           'operator_images_per_s': round(len(frames) / op_wall, 1),
                           'embed_frames_per_cpu_s': round(len(frames) / cpu, 2),
                           'operator_images_per_cpu_s': round(len(frames) / op_cpu, 2),
-                          'ratio_per_cpu_s': round(op_cpu / cpu, 3), 'ratio_wall': round(op_wall / wall, 3)}), flush=True)
+                          'ratio_per_cpu_s': round(op_cpu / cpu, 3), 'ratio_wall': round(op_wall / wall, 3)}),
+              flush=True)
 
 
 def search_scale(work: Path, n_queries: int, n_refs: int, seconds: int = 60, dim: int = 256) -> None:
