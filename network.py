@@ -121,6 +121,13 @@ class IscModel:
                                   f'{net.embedding_dim}-d vectors, not the {self.spec.arch} giving '
                                   f'{self.spec.embedding_dim}-d vectors expected: {self.spec.checkpoint_path!r} '
                                   'changed while the operator was built')
+        # A fast start took its weights key from the memo of the file's hash (``_exported``): the
+        # network read now must be those weights, or the operator would embed with one set of weights
+        # and describe itself (fingerprint, a pickle's export) by another.
+        known = self.__dict__.get('weights_key')
+        if known is not None and weights_key(net, self.img_size) != known:
+            raise CheckpointError(f'{self.spec.checkpoint_path or self.spec.name!r} holds other weights than '
+                                  'when this operator started (it was replaced): make a new operator')
         return net
 
     @functools.cached_property
@@ -131,12 +138,17 @@ class IscModel:
 
     def _make_backend(self, backend: str) -> TorchBackend | OnnxRuntimeBackend:
         if backend == 'onnxruntime':
+            if 'net' in self.__dict__:  # unpickled: the network that came with it, whatever the file holds now
+                session = onnx_backend(self.net, self.img_size, self.weights_key, self.num_threads)
+                if session is not None:
+                    return session
+                return TorchBackend(self.net, self.device, self.precision)
             digest, session = self._exported()
             if session is not None:
                 return session
             session = onnx_backend(self.net, self.img_size, self.weights_key, self.num_threads)
             if session is not None:
-                # Remembered only if the file is still what was hashed before the network was read.
+                # Remembered only if the file is still what was hashed before the network was read from it.
                 path = self.spec.weights_file()
                 if digest is not None and path is not None and file_sha256(path) == digest:
                     remember_key(digest, self.spec.arch, self.img_size, self.weights_key, self.net.arch)

@@ -94,6 +94,37 @@ def test_a_weights_file_met_before_runs_its_cached_export_without_building_the_n
     assert 'net' not in Isc(checkpoint_path=tmp_path / 'ck.pth.tar', device='cpu').model.__dict__
 
 
+def test_an_operator_whose_weights_file_was_replaced_never_teaches_the_memo_a_wrong_key(small_ckpt, photos, tmp_path,
+                                                                                      monkeypatch):
+    """Hostile round 15: unpickling an operator after its file was replaced recorded the new file's hash
+    with the old weights' key, and every later start on the new file ran the old export. An unpickled
+    operator runs the network it carries and remembers nothing; a fast-started one whose file was
+    replaced refuses to build (pickle) the other weights under its old key."""
+    import pickle
+    import shutil
+    from towhee_isc.model import CheckpointError
+    from towhee_isc.testing import make_synthetic_checkpoint
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
+    path = tmp_path / 'model.pth.tar'
+    make_synthetic_checkpoint(tmp_path / 'b.pth.tar', 'resnet18', 96, photos, seed=1)
+    shutil.copy(small_ckpt, path)
+    a = Isc(checkpoint_path=path, device='cpu')
+    want_a = np.stack(a(photos[:2]))
+    shutil.copy(tmp_path / 'b.pth.tar', path)
+    worker = pickle.loads(pickle.dumps(a))
+    assert np.array_equal(np.stack(worker(photos[:2])), want_a) and worker.fingerprint == a.fingerprint
+    b = Isc(checkpoint_path=path, device='cpu')  # a fresh start on the new file: its own weights
+    want_b = np.stack(Isc(checkpoint_path=path, device='cpu', backend='torch')(photos[:2]))
+    assert b.fingerprint['weights'] != a.fingerprint['weights'] and np.abs(np.stack(b(photos[:2])) - want_b).max() < 1e-4
+    shutil.copy(small_ckpt, path)
+    fast = Isc(checkpoint_path=path, device='cpu')  # known: started from the cached export, no network
+    assert 'net' not in fast.model.__dict__ and fast.fingerprint == a.fingerprint
+    shutil.copy(tmp_path / 'b.pth.tar', path)
+    with pytest.raises(CheckpointError, match='holds other weights than when this operator started'):
+        pickle.dumps(fast)
+    assert np.array_equal(np.stack(fast(photos[:2])), want_a)  # still usable, with the weights it started with
+
+
 def test_missing_onnxruntime(small_ckpt, monkeypatch):
     real_import = builtins.__import__
 
