@@ -617,6 +617,33 @@ def test_a_last_frame_lasts_no_longer_than_the_gap_before_it_nor_past_max_durati
     assert [end for _, _, end in sample_frames(tmp_path / 'two.avi', 1.0, 199.5)][-1] == 199.5  # cut within a sample
 
 
+
+def test_a_last_frame_never_lasts_past_the_length_the_container_states(tmp_path):
+    """Hostile round 15: an MP4 slideshow (a slide every 600 s, 1,800.04 s as its container says) was
+    sampled to 2,250 s, its last slide held for a period of its average rate (4 frames in 1,800 s)."""
+    import fractions
+    import av
+    from towhee_isc.video.reader import probe
+    for ext in ('mp4', 'mkv'):
+        path = tmp_path / f'slides.{ext}'
+        with av.open(str(path), 'w') as container:
+            stream = container.add_stream('libx264', rate=25)
+            stream.width, stream.height, stream.pix_fmt = 64, 48, 'yuv420p'
+            stream.time_base = stream.codec_context.time_base = fractions.Fraction(1, 1000)
+            for i, seconds in enumerate((0, 600, 1200, 1800)):
+                frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 20 + 60 * i, np.uint8), format='rgb24')
+                frame.pts, frame.time_base = seconds * 1000, fractions.Fraction(1, 1000)
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+        stated = probe(path).duration
+        assert 1800 < stated < 1801
+        samples = list(sample_frames(path, 1.0))
+        assert len(samples) == 1801 and samples[-1][2] == pytest.approx(stated), ext
+        assert samples[1200][0].mean() == pytest.approx(140, abs=3)  # the third slide on screen from 1,200 s
+
+
 class _FakeOp:
     """An operator that refuses frames over 64 x 64 as the real one refuses images over its pixel limit,
     and takes a stream in the operator's batches."""

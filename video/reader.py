@@ -196,12 +196,14 @@ def sample_frames(path: str | os.PathLike, fps: float = 1.0, max_duration: float
             raise VideoError(f'{str(path)!r} is damaged: decoding failed after {k} sample(s) ({_reason(e)})') from None
         if previous is None:
             raise VideoError(f'{str(path)!r} has no decodable frame')
-        # The last frame lasts one frame period (the stream's rate), but no longer than the gap before it,
-        # the rest of the length the container states, or one sample: an AVI declaring 1/10^6 frames a
-        # second and no length held its one frame for 11.6 days (10^6 samples, each embedded). A video
-        # whose frames stop well before the length its container declares is cut short.
+        # The last frame lasts one frame period (the stream's rate), but never past the length the
+        # container states; where it states none beyond the last frame, no longer than the gap before it
+        # or one sample: an AVI declaring 1/10^6 frames a second and no length held its one frame for
+        # 11.6 days (10^6 samples, each embedded), and an MP4 slideshow's average rate (4 frames in 1,800 s)
+        # ran 450 s past its stated end. A video whose frames stop well before its stated length is cut short.
         rate = float(stream.average_rate or stream.guessed_rate or 0) or fps
-        end = last_time + min(1 / rate, max(gap, info.duration - last_time, 1 / fps))
+        rest = info.duration - last_time
+        end = last_time + min(1 / rate, rest if rest > 0 else max(gap, 1 / fps))
         if max_duration is not None and end > max_duration:
             if end > max_duration + 1 / fps:  # within a sample of the bound: a rounding of the length, cut there
                 raise VideoError(f'{str(path)!r} lasts {end:.1f} s, over --max-duration {max_duration:g} s')
