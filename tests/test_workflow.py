@@ -262,6 +262,14 @@ def test_reports_escape_ids_and_say_why_a_thumbnail_is_missing(photos, tmp_path)
                                         'copies that could go': '3', 'threshold': '0.9'}
 
 
+def test_a_stored_path_with_a_nul_byte_is_a_cell_that_says_so_not_the_end_of_the_report(tmp_path):
+    """Hostile round 15: a descriptor file's relative path holding a NUL byte ended `search --report`
+    with 'embedded null byte' and no page (os calls raise ValueError on such names)."""
+    from towhee_isc.workflow.reports import ImageFolders, Thumbnails
+    thumbnails = Thumbnails(ImageFolders([tmp_path]))
+    for path in ('x\0y.jpg', str(tmp_path / 'x\0y.jpg')):
+        assert 'holds a NUL byte' in thumbnails(path)
+
 def test_images_people_really_have(cmd, photos, tmp_path, small_op):
     """Mixed formats in nested folders, EXIF orientation, CMYK / palette / alpha, a GIF's first frame."""
     folder = tmp_path / 'phone'

@@ -100,8 +100,12 @@ class Thumbnails:
         if not path:
             return f'<div class="thumb"><i>{html.escape(missing)}</i></div>'
         if path not in self._made:
-            shown = (f'<i>{NOT_ALLOWED}</i>' if self.allowed is not None and not self.allowed(path)
-                     else self._image(path))
+            if '\0' in path:  # a crafted descriptor file's: no file can have such a name (os calls raise)
+                shown = '<i>not shown: the stored path holds a NUL byte, which no file name can</i>'
+            elif self.allowed is not None and not self.allowed(path):
+                shown = f'<i>{NOT_ALLOWED}</i>'
+            else:
+                shown = self._image(path)
             self._made[path] = f'<div class="thumb" title="{html.escape(path)}">{shown}</div>'
         return self._made[path]
 
