@@ -843,7 +843,34 @@ def test_a_video_decoding_to_far_more_pixels_than_its_bytes_is_refused_as_it_dec
     assert size < 5000  # 61 MP from a few KB
     monkeypatch.setattr(reader, 'FREE_PIXELS', 0)
     monkeypatch.setattr(reader, 'PIXELS_PER_BYTE', 1000)
+    monkeypatch.setattr(reader, 'PIXELS_PER_SAMPLED_SECOND', 0)
     with pytest.raises(VideoError, match=rf"bomb.gif' decodes to more than {1000 * size:,} pixels \(1,000 "
-                                         rf"a byte of its {size:,} bytes, and 0 more\)"):
+                                         rf"a byte of its {size:,} bytes, 0 a second sampled"):
         list(sample_frames(tmp_path / 'bomb.gif'))
     assert len(list(sample_frames(videos[0] / 'refs' / 'R000001.mp4'))) == 10  # an ordinary video (~100 pixels a byte) is within it
+
+
+def test_a_still_video_may_decode_what_its_sampled_seconds_pay_for_a_bomb_may_not(tmp_path, monkeypatch):
+    """Hostile round 15: a silent 4K slide (x264's skip frames, ~26,000 pixels a byte) was refused as a
+    bomb after 87 s. Each second sampled from a frame of its own (an embedding) may decode a 4K video's
+    second at 30 frames; here both shapes, small, against a budget made small: a still 64x48 video at
+    10 frames a second (30,720 pixels a second) passes on 40,000 a second sampled; the GIF, 1000x1000
+    at 10 frames a second, does not."""
+    from towhee_isc.video import reader
+    still = [np.full((48, 64, 3), 120, np.uint8)] * 300  # 30 s at 10 frames a second
+    write_video(tmp_path / 'still.mp4', still, fps=10)
+    frames = [Image.new('RGB', (1000, 1000), (9, 9, 9)) for _ in range(30)]
+    for n, frame in enumerate(frames):
+        frame.putpixel((n, n), (250, 250, 250))
+    frames[0].save(tmp_path / 'bomb.gif', save_all=True, append_images=frames[1:], duration=100)
+    monkeypatch.setattr(reader, 'FREE_PIXELS', 100_000)
+    monkeypatch.setattr(reader, 'PIXELS_PER_BYTE', 10)
+    size = (tmp_path / 'still.mp4').stat().st_size
+    assert 300 * 64 * 48 > 100_000 + 10 * size  # over the budget of bytes alone
+    monkeypatch.setattr(reader, 'PIXELS_PER_SAMPLED_SECOND', 40_000)
+    assert len(list(sample_frames(tmp_path / 'still.mp4'))) == 30
+    with pytest.raises(VideoError, match=r"bomb.gif' decodes to more than .* 40,000 a second sampled"):
+        list(sample_frames(tmp_path / 'bomb.gif'))
+    monkeypatch.setattr(reader, 'PIXELS_PER_SAMPLED_SECOND', 0)
+    with pytest.raises(VideoError, match=r"still.mp4' decodes to more than"):
+        list(sample_frames(tmp_path / 'still.mp4'))

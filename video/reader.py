@@ -50,15 +50,20 @@ AHEAD_BYTES = 256 * 2**20
 # Decoding costs ~1 ns a pixel of every frame, sampled or not, and codecs compress a frame that repeats
 # the one before to tens of bytes: a 23 KB GIF of 1,000 one-pixel frames on a 9000x9000 canvas decoded to
 # 81 GP (71 CPU-s), 1,000 copies of a 49-byte H.264 skip frame to 83 GP (99 CPU-s). A video may decode to
-# FREE_PIXELS plus PIXELS_PER_BYTE a byte of its file: an ordinary one is ~100 pixels a byte (1080p at
-# 5 Mbit/s), a still picture with sound encoded as usual (a key frame every 250) ~5,000.
+# FREE_PIXELS, plus PIXELS_PER_BYTE a byte of its file (an ordinary video is ~100 pixels a byte, 1080p at
+# 5 Mbit/s; a still picture with sound ~5,000), plus PIXELS_PER_SAMPLED_SECOND for each second that a
+# frame of its own is sampled for (and embedded: the decoding is then paid for by work a video of that
+# length costs anyway). The last is a 4K video's at 30 frames a second: a silent 4K slide, ~26,000 pixels
+# a byte, was refused after 87 s by the bytes alone. One frame shown for hours counts once.
 FREE_PIXELS = 4 * 10**9
 PIXELS_PER_BYTE = 20_000
+PIXELS_PER_SAMPLED_SECOND = 3840 * 2160 * 30
 
 
-def decode_budget(file_bytes: int) -> int:
-    """The pixels a video file of ``file_bytes`` may decode to, all its frames counted."""
-    return FREE_PIXELS + PIXELS_PER_BYTE * file_bytes
+def decode_budget(file_bytes: int, sampled_seconds: float = 0.0) -> int:
+    """The pixels a video file of ``file_bytes`` may decode to, all its frames counted, once frames of its
+    own were sampled for ``sampled_seconds`` (samples of distinct frames, each standing for 1/fps s)."""
+    return FREE_PIXELS + PIXELS_PER_BYTE * file_bytes + int(PIXELS_PER_SAMPLED_SECOND * sampled_seconds)
 
 
 # What FFmpeg's decoding threads may hold in frames of their own, roughly (see _decode_threads).
@@ -146,7 +151,7 @@ def sample_frames(path: str | os.PathLike, fps: float = 1.0, max_duration: float
     Raises:
         VideoError: the file is missing or no video, longer than ``max_duration`` seconds (checked
             before decoding), over the pixel limit (``PIL.Image.MAX_IMAGE_PIXELS``), decoding to more
-            pixels than ``decode_budget`` allows its size, damaged, or has no frame.
+            pixels than ``decode_budget`` allows, damaged, or has no frame.
     """
     if not (fps > 0 and math.isfinite(fps)):
         raise ValueError(f'fps must be a positive number, got {fps!r}')
@@ -166,14 +171,15 @@ def sample_frames(path: str | os.PathLike, fps: float = 1.0, max_duration: float
         stream.codec_context.thread_count = _decode_threads(info.width * info.height)
         origin, previous, k, last_time, gap = None, None, 0, 0.0, 0.0
         size = path.stat().st_size
-        budget, decoded = decode_budget(size), 0
+        decoded, distinct = 0, 0  # pixels decoded; samples of distinct frames (each a new embedding)
         try:
             for frame in container.decode(stream):
                 decoded += frame.width * frame.height
-                if decoded > budget:
+                if decoded > (budget := decode_budget(size, distinct / fps)):
                     raise VideoError(f'{str(path)!r} decodes to more than {budget:,} pixels ({PIXELS_PER_BYTE:,} a '
-                                     f'byte of its {size:,} bytes, and {FREE_PIXELS:,} more): its frames are far '
-                                     'more compressed than a video\'s (a decompression bomb)')
+                                     f'byte of its {size:,} bytes, {PIXELS_PER_SAMPLED_SECOND:,} a second sampled '
+                                     f'(4K at 30 frames a second) for {distinct / fps:g} s, and {FREE_PIXELS:,} '
+                                     'more): its frames are far more compressed than a video\'s (a decompression bomb)')
                 if frame.time is None:
                     continue
                 origin = frame.time if origin is None else origin
@@ -187,7 +193,8 @@ def sample_frames(path: str | os.PathLike, fps: float = 1.0, max_duration: float
                                      '(PIL.Image.MAX_IMAGE_PIXELS)')
                 rgb = None  # converted once, however many samples repeat it
                 while previous is not None and (k + 0.5) / fps < t:  # `previous` was on screen at the middle
-                    rgb = _rgb(previous, shrink) if rgb is None else rgb
+                    if rgb is None:
+                        rgb, distinct = _rgb(previous, shrink), distinct + 1
                     yield rgb, k / fps, (k + 1) / fps
                     k += 1
                 gap = t - last_time if previous is not None else 0.0
