@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from towhee_isc.postprocess import NegativeEmbeddings, _top_k_columns, nearest
+from towhee_isc.postprocess import NegativeEmbeddings, nearest
 from towhee_isc.workflow.descriptors import write_descriptors
 
 # Runs a command and reports its peak memory; a small wrapper starts it, so pages shared with this
