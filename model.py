@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .atomic import atomic_write
+from .atomic import atomic_write, exclusive
 from .weights import checkpoint_file_problem
 
 # timm (and torchvision, which timm imports, and which imports torch._dynamo) are imported only where
@@ -166,12 +166,12 @@ def _remember(name: str) -> Norm:
     cfg = get_pretrained_cfg(name)
     mean, std = (cfg.mean, cfg.std) if cfg is not None else (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
     norm = (tuple(map(float, mean)), tuple(map(float, std)))
-    memo = {**_timm_memo(), name: norm}
     try:
         path = _timm_memo_path()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(path) as tmp:
-            tmp.write_text(json.dumps({k: [list(m), list(s)] for k, (m, s) in memo.items()}))
+        with exclusive(path.parent):  # read, add, write: two processes at once would lose one's entry
+            memo = {**_timm_memo(), name: norm}
+            with atomic_write(path) as tmp:
+                tmp.write_text(json.dumps({k: [list(m), list(s)] for k, (m, s) in memo.items()}))
     except OSError:
         pass  # only a saving of time: a cache folder that cannot be written costs the next process timm's import
     return norm

@@ -116,3 +116,21 @@ def test_a_checkpoint_of_an_architecture_timm_does_not_know_is_named(small_ckpt,
     torch.save(raw, tmp_path / 'foo.pth')
     with pytest.raises(CheckpointError, match=r"foo.pth': unknown timm backbone 'foo_net'.*pass timm_backbone="):
         Isc(checkpoint_path=tmp_path / 'foo.pth', device='cpu')
+
+
+def test_the_timm_memo_is_read_and_written_under_a_lock(tmp_path, monkeypatch):
+    """Hostile round 15: processes meeting new backbones at once each read the memo, added their own and
+    wrote it, losing the others' entries (2 runs of 3 with 6 processes). Each now waits for the others."""
+    import threading
+    from towhee_isc import model
+    from towhee_isc.atomic import exclusive
+    memo = tmp_path / 'hub' / 'timm-backbones.json'
+    monkeypatch.setattr(model, '_timm_memo_path', lambda: memo)
+    with exclusive(memo.parent):
+        writer = threading.Thread(target=model._remember, args=('resnet18',))
+        writer.start()
+        writer.join(1.0)
+        assert writer.is_alive() and not memo.exists()  # waiting for the lock
+    writer.join(60)
+    model._remember('resnet34')
+    assert sorted(model._timm_memo()) == ['resnet18', 'resnet34']
