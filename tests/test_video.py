@@ -852,10 +852,11 @@ def test_a_video_decoding_to_far_more_pixels_than_its_bytes_is_refused_as_it_dec
 
 def test_a_still_video_may_decode_what_its_sampled_seconds_pay_for_a_bomb_may_not(tmp_path, monkeypatch):
     """Hostile round 15: a silent 4K slide (x264's skip frames, ~26,000 pixels a byte) was refused as a
-    bomb after 87 s. Each second sampled from a frame of its own (an embedding) may decode a 4K video's
-    second at 30 frames; here both shapes, small, against a budget made small: a still 64x48 video at
-    10 frames a second (30,720 pixels a second) passes on 40,000 a second sampled; the GIF, 1000x1000
-    at 10 frames a second, does not."""
+    bomb after 87 s. Each second sampled from a frame of its own may decode a 4K video's second at 30
+    frames, up to 200,000 pixels a byte (round 16: without that bound a GIF of 70 bytes a second bought
+    ~250 MP a second by its length alone). Here the shapes, small, against a budget made small: a still
+    64x48 video at 10 frames a second (30,720 pixels a second) passes on 40,000 a second sampled; a GIF of
+    1000x1000 frames at 10 a second does not, nor at 2 a second where only the bytes' bound stops it."""
     from towhee_isc.video import reader
     still = [np.full((48, 64, 3), 120, np.uint8)] * 300  # 30 s at 10 frames a second
     write_video(tmp_path / 'still.mp4', still, fps=10)
@@ -863,14 +864,20 @@ def test_a_still_video_may_decode_what_its_sampled_seconds_pay_for_a_bomb_may_no
     for n, frame in enumerate(frames):
         frame.putpixel((n, n), (250, 250, 250))
     frames[0].save(tmp_path / 'bomb.gif', save_all=True, append_images=frames[1:], duration=100)
+    frames[0].save(tmp_path / 'slow.gif', save_all=True, append_images=frames[1:], duration=500)
     monkeypatch.setattr(reader, 'FREE_PIXELS', 100_000)
     monkeypatch.setattr(reader, 'PIXELS_PER_BYTE', 10)
+    monkeypatch.setattr(reader, 'SAMPLED_PIXELS_PER_BYTE', 1000)
     size = (tmp_path / 'still.mp4').stat().st_size
     assert 300 * 64 * 48 > 100_000 + 10 * size  # over the budget of bytes alone
     monkeypatch.setattr(reader, 'PIXELS_PER_SAMPLED_SECOND', 40_000)
     assert len(list(sample_frames(tmp_path / 'still.mp4'))) == 30
     with pytest.raises(VideoError, match=r"bomb.gif' decodes to more than .* 40,000 a second sampled"):
         list(sample_frames(tmp_path / 'bomb.gif'))
+    monkeypatch.setattr(reader, 'PIXELS_PER_SAMPLED_SECOND', 10**7)  # 2 MP a second are within it
+    with pytest.raises(VideoError, match=r"slow.gif' decodes to more than .* up to 1,000 a byte"):
+        list(sample_frames(tmp_path / 'slow.gif'))
+    assert len(list(sample_frames(tmp_path / 'still.mp4'))) == 30
     monkeypatch.setattr(reader, 'PIXELS_PER_SAMPLED_SECOND', 0)
     with pytest.raises(VideoError, match=r"still.mp4' decodes to more than"):
         list(sample_frames(tmp_path / 'still.mp4'))

@@ -51,19 +51,22 @@ AHEAD_BYTES = 256 * 2**20
 # the one before to tens of bytes: a 23 KB GIF of 1,000 one-pixel frames on a 9000x9000 canvas decoded to
 # 81 GP (71 CPU-s), 1,000 copies of a 49-byte H.264 skip frame to 83 GP (99 CPU-s). A video may decode to
 # FREE_PIXELS, plus PIXELS_PER_BYTE a byte of its file (an ordinary video is ~100 pixels a byte, 1080p at
-# 5 Mbit/s; a still picture with sound ~5,000), plus PIXELS_PER_SAMPLED_SECOND for each second that a
-# frame of its own is sampled for (and embedded: the decoding is then paid for by work a video of that
-# length costs anyway). The last is a 4K video's at 30 frames a second: a silent 4K slide, ~26,000 pixels
-# a byte, was refused after 87 s by the bytes alone. One frame shown for hours counts once.
+# 5 Mbit/s; a still picture with sound ~5,000), plus PIXELS_PER_SAMPLED_SECOND (a 4K video's second at
+# 30 frames) for each second that a frame of its own is sampled for, up to SAMPLED_PIXELS_PER_BYTE a byte:
+# x264 stores a still 4K frame in ~320 bytes (~26,000 pixels a byte), and a silent 4K slide was refused
+# after 87 s by the bytes alone; a crafted GIF of 70 bytes a second, one new 81-MP frame every 0.33 s,
+# bought 29 GP with 8 KB by its length alone. One frame shown for hours counts once.
 FREE_PIXELS = 4 * 10**9
 PIXELS_PER_BYTE = 20_000
 PIXELS_PER_SAMPLED_SECOND = 3840 * 2160 * 30
+SAMPLED_PIXELS_PER_BYTE = 200_000
 
 
 def decode_budget(file_bytes: int, sampled_seconds: float = 0.0) -> int:
     """The pixels a video file of ``file_bytes`` may decode to, all its frames counted, once frames of its
     own were sampled for ``sampled_seconds`` (samples of distinct frames, each standing for 1/fps s)."""
-    return FREE_PIXELS + PIXELS_PER_BYTE * file_bytes + int(PIXELS_PER_SAMPLED_SECOND * sampled_seconds)
+    sampled = min(int(PIXELS_PER_SAMPLED_SECOND * sampled_seconds), SAMPLED_PIXELS_PER_BYTE * file_bytes)
+    return FREE_PIXELS + PIXELS_PER_BYTE * file_bytes + sampled
 
 
 # What FFmpeg's decoding threads may hold in frames of their own, roughly (see _decode_threads).
@@ -178,8 +181,9 @@ def sample_frames(path: str | os.PathLike, fps: float = 1.0, max_duration: float
                 if decoded > (budget := decode_budget(size, distinct / fps)):
                     raise VideoError(f'{str(path)!r} decodes to more than {budget:,} pixels ({PIXELS_PER_BYTE:,} a '
                                      f'byte of its {size:,} bytes, {PIXELS_PER_SAMPLED_SECOND:,} a second sampled '
-                                     f'(4K at 30 frames a second) for {distinct / fps:g} s, and {FREE_PIXELS:,} '
-                                     'more): its frames are far more compressed than a video\'s (a decompression bomb)')
+                                     f'(4K at 30 frames a second) for {distinct / fps:g} s up to '
+                                     f'{SAMPLED_PIXELS_PER_BYTE:,} a byte, and {FREE_PIXELS:,} more): its frames are '
+                                     'far more compressed than a video\'s (a decompression bomb)')
                 if frame.time is None:
                     continue
                 origin = frame.time if origin is None else origin

@@ -164,9 +164,10 @@ class References:
 class Refused(ValueError):
     """A request the service cannot answer, with the HTTP status that says why."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, close: bool = False):
         super().__init__(message)
         self.status = status
+        self.close = close or status == 408  # the rest of the body may never come: end the connection
 
 
 class EmbedAnswer(BaseModel):
@@ -206,15 +207,16 @@ _ERRORS = {code: {'model': ErrorAnswer, 'description': why} for code, why in [
     (400, 'not an image, empty, damaged, over the pixel limit, or a malformed form'),
     (408, 'the body did not arrive in time'), (411, 'no Content-Length'), (413, 'body too large'),
     (415, 'wrong Content-Type'), (422, 'bad query parameter'),
-    (503, 'busy (too many upload bytes at once) or the references cannot be searched now: retry later')]}
+    (503, 'busy (too many upload bytes at once, or no part of the body arrived within 2 s) or the references '
+          'cannot be searched now: retry later')]}
 
 app = FastAPI(title='towhee-isc', description='Image copy detection with the ISC21 descriptor.')
 
 
 @app.exception_handler(Refused)
 async def _upload_error(request: Request, e: Refused) -> JSONResponse:
-    # After a 408 the rest of the body may never come: close the connection, or the server would wait for it.
-    headers = {'Connection': 'close'} if e.status == 408 else None
+    # Where the rest of the body may never come, close the connection, or the server would wait for it.
+    headers = {'Connection': 'close'} if e.close else None
     return JSONResponse({'error': str(e)}, status_code=e.status, headers=headers)
 
 
@@ -272,6 +274,9 @@ async def arriving(request: Request, length: int, hold: Callable[[int], None], t
         except StopAsyncIteration:
             return
         except TimeoutError:
+            if not received:  # an idle client, or a body held up on its way (Serve's proxy, under load)
+                raise Refused(503, f'no part of the body arrived within {grace:g} s: the service may be busy, '
+                                   'retry', close=True) from None
             raise Refused(408, f'the body did not arrive in time: {received} of {length} bytes after '
                                f'{time.monotonic() - started:.1f} s (an upload must send its first bytes within '
                                f'{grace:g} s, then {MIN_UPLOAD_RATE // 1024} KB a second, all within {timeout_s:g} s)'
