@@ -324,6 +324,9 @@ def main() -> None:
             op_rate, op_cpu_rate = operator_rate(embedder.op, next((root / 'refs').iterdir()))
             (root / 'rates.json').write_text(json.dumps([rates, op_rate, cpu_rate, op_cpu_rate]))
         q, r, n = (read_video_descriptors(root / f'{name}.npz') for name in ('queries', 'refs', 'noise'))
+        if args.checkpoint and r.model != embedder.op.fingerprint:  # kept descriptors of another model
+            raise SystemExit(f'error: {root} holds descriptors of another checkpoint than {args.checkpoint}: '
+                             'embed its videos again with --videos-from and a new --keep folder')
         methods = {}
         for align in ('dp', 'tn'):
             start = time.perf_counter()
