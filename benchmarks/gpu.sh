@@ -4,6 +4,11 @@
 # against the operator alone on the same frames (synthetic EfficientNetV2-M at 512 px, the published shape).
 #     bash benchmarks/gpu.sh [OUT_DIR]        # at most 9 minutes (timeouts) on one H200
 # Each step's table goes to OUT_DIR (default: ./gpu-figures); a failing step does not stop the others.
+# On a GPU machine that has torch, timm, ONNX Runtime and Pillow but not the rest (no network), bring
+# wheels for its Python and install them with --target: towhee 1.1.3 (with pydantic, pydantic-core,
+# annotated-types, typing-inspection, typing-extensions, tenacity), av and faiss-cpu; then make the
+# checkout importable as towhee_isc: mkdir -p /tmp/pkg && ln -s "$PWD" /tmp/pkg/towhee_isc, and put
+# /tmp/pkg first on PYTHONPATH.
 set -u
 out=${1:-gpu-figures}
 mkdir -p "$out"
@@ -22,4 +27,4 @@ done
 video=${VIDEO_DIR:-/tmp/gpu-video}
 arch=(--arch tf_efficientnetv2_m_in21ft1k --img-size 512 --device cuda --keep "$video" --seeds 0 1)
 timeout 120 $py benchmarks/video.py "${arch[@]}" 2>&1 | tee "$out/video.log"
-timeout 50 $py benchmarks/video.py "${arch[@]}" --embed-rate 2>&1 | tee -a "$out/video.log"
+timeout 60 $py benchmarks/video.py "${arch[@]}" --embed-rate 2>&1 | tee -a "$out/video.log"
