@@ -109,8 +109,9 @@ class Preprocess:
     def to_input(self, pixels: torch.Tensor) -> torch.Tensor:
         """(S, S, C) or (N, S, S, C) uint8 pixels -> the network's (C, S, S) or (N, C, S, S) float32 input,
         on the pixels' device: ToTensor's scaling, then ``normalise``. On CUDA as on the CPU bit for bit,
-        so a GPU can take uint8 (a quarter of the bytes) and do the float work itself; the divisor is a
-        tensor there, as CUDA divides by a Python number by multiplying with its reciprocal (1 bit off)."""
+        so a GPU can take uint8 (a quarter of the bytes) and do the float work itself (checked on an H200).
+        The divisor is a tensor on that device: PyTorch's CUDA kernel divides by a CPU scalar by multiplying
+        with its reciprocal, which may differ in the last bit."""
         x = pixels.movedim(-1, -3).contiguous().to(torch.float32)
         return self.normalise(x.div_(torch.tensor(255, dtype=torch.float32, device=x.device)))
 
