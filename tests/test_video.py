@@ -373,6 +373,46 @@ def test_seconds_matched_with_two_references_rank_by_how_much_less_the_second_sc
         ('Q1', 'R1', 3.0), ('Q1', 'R3', 1.5), ('Q2', 'R2', 1.0), ('Q1', 'R2', -0.6)]
 
 
+def test_a_path_run_on_past_its_copy_into_a_faint_look_alike_keeps_only_the_copy_on_top():
+    """#17: seed 32's path ran 10 s past its copy into a look-alike shot at a gain of ~0.05 a cell (the copy's:
+    ~0.7). The faint end is split off and reported last; an evenly strong path stays whole."""
+    from towhee_isc.video.localization import align
+    sims = _diagonal(n_q=40, n_r=40, start=(5, 5), length=8, noise=0.05)
+    for i in range(13, 23):
+        sims[i, i] = 0.63  # the look-alike shot after the copy: just above the threshold of 0.6
+    (whole, _), = align(sims, 'dp', threshold=0.6)
+    assert whole.query_last >= 20  # the path runs on
+    last = []
+    (box, score), = align(sims, 'dp', threshold=0.6, ranked_last=last)
+    assert (box.query_first, box.query_last) == (5, 12) and score > 2  # scored as the whole path
+    assert [(b.query_first, b.query_last, b.ranked_last) for b, _ in last] == [(13, whole.query_last, True)]
+    last = []
+    align(_diagonal(n_q=40, n_r=40, start=(5, 5), length=16, noise=0.05), 'dp', threshold=0.6, ranked_last=last)
+    assert last == []
+
+
+def test_a_copy_of_a_reference_whose_shots_look_alike_is_also_reported_at_its_other_offset():
+    """#17: seeds 23 and 33 placed a copy at the wrong offset of its own reference, whose shots of one photo look
+    alike: the best path at another offset of the same query frames is reported too, last."""
+    from towhee_isc.video.localization import align
+    sims = _diagonal(n_q=30, n_r=40, start=(5, 2), length=8, noise=0.05)
+    for i in range(8):
+        sims[5 + i, 22 + i] = 0.85  # the same query seconds at another offset, nearly as similar
+    last = []
+    (box, _), = align(sims, 'dp', threshold=0.6, ranked_last=last)
+    (other, other_score), = last
+    assert (box.ref_first, other.ref_first, other.ref_last) == (2, 22, 29) and other.ranked_last and other_score > 1
+
+
+def test_fainter_readings_rank_below_every_segment_in_their_order():
+    from towhee_isc.video.localization import best_first
+    from towhee_isc.video.metrics import Segment
+    found = best_first([Segment('Q1', 'R1', 0, 8, 0, 8, 3.0), Segment('Q1', 'R2', 0, 8, 2, 10, 1.0)],
+                       [Segment('Q2', 'R1', 0, 4, 10, 14, 2.5), Segment('Q1', 'R1', 0, 8, 20, 28, 4.0)])
+    assert [(s.query_id, s.ref_id, s.ref_start, round(s.score, 6)) for s in found] == [
+        ('Q1', 'R1', 0, 3.0), ('Q1', 'R2', 2, -2.0), ('Q1', 'R1', 20, -3.0), ('Q2', 'R1', 10, -4.5)]
+
+
 def test_temporal_network_finds_a_copy_and_not_noise():
     # noise below min_sim (0.2): no edge reaches it (VCSL's TN extends a path through any frame above it)
     # and a path may start at any node (only the frames it enters are checked), up to max_step earlier

@@ -36,6 +36,14 @@ class Box:
     query_last: int
     ref_last: int
     path: np.ndarray  # int (L, 2): (query frame, reference frame) pairs, in order
+    # a fainter reading of a pair ``localization`` also reports, below every other segment of the search: a
+    # weak end split off a path (``split_weak_ends``) or another offset of its query frames (``other_offset``)
+    ranked_last: bool = False
+
+    @classmethod
+    def of(cls, path: np.ndarray) -> 'Box':
+        """The box of a path (int (L, 2), query frames ascending)."""
+        return cls(int(path[0, 0]), int(path[0, 1]), int(path[-1, 0]), int(path[-1, 1]), path=path)
 
 
 def _check(sims: np.ndarray) -> np.ndarray:
@@ -235,7 +243,7 @@ def _keep_path(traced: list[tuple[int, int]], blocked: np.ndarray, boxes: list[B
     """A path traced back from its end: block its query rows for later segments and keep its box if long enough."""
     path = np.array(traced[::-1], dtype=np.int64)
     blocked[path[0, 0]:path[-1, 0] + 1] = True
-    box = Box(int(path[0, 0]), int(path[0, 1]), int(path[-1, 0]), int(path[-1, 1]), path=path)
+    box = Box.of(path)
     if min(box.query_last - box.query_first, box.ref_last - box.ref_first) + 1 >= min_length:
         boxes.append(box)
 
@@ -353,3 +361,65 @@ def dp_alignment_by_rows(gain_rows, n_q: int, n_r: int, gap: float = 0.1, min_le
             path.append((q, r))
         _keep_path(path, blocked, boxes, min_length)
     return boxes
+
+
+# A path's end is split off (``split_weak_ends``) when it has at least WEAK_END_FRAMES cells and their mean gain
+# is below WEAK_END_RATIO x the core's; the core is the best-summing run of the path's gains less
+# CORE_FRACTION x their 90th percentile. On benchmarks/video.py's seeds 0-35 (benchmarks/video_variants.py):
+# only seed 32 moved (0.770 -> 0.903, a path run on 10 s past its copy into a look-alike shot; fresh seeds 36-43:
+# 36 0.584 -> 0.632); 0.25 in place of 0.15 also lowered seeds 3, 8, 11 (by 0.111, 0.011, 0.036), and splitting
+# every path at its core lowered 14 seeds.
+WEAK_END_RATIO, WEAK_END_FRAMES, CORE_FRACTION = 0.15, 4, 0.3
+
+
+def split_weak_ends(box: Box, gains: np.ndarray) -> tuple[Box, list[Box]]:
+    """``box`` less the ends of its path whose cells (``gains`` (L,), the path's gain) are much fainter than its
+    core (see ``WEAK_END_RATIO``): (the box kept, the ends split off). A copy's path may run on into a look-alike
+    shot at a small gain per cell; those cells are then no part of the copy's box, only a fainter box of their own."""
+    lifted = gains - CORE_FRACTION * np.quantile(gains, 0.9)
+    best, start, a, b, run = -np.inf, 0, 0, 0, 0.0
+    for i, value in enumerate(lifted.tolist()):  # the best-summing run (Kadane)
+        if run <= 0:
+            run, start = 0.0, i
+        run += value
+        if run > best:
+            best, a, b = run, start, i
+    if b == a:  # a core of one cell is no segment (dp_alignment's least length is 2): the box stays whole
+        return box, []
+    core = gains[a:b + 1].mean()
+    ends = [piece for piece in (slice(0, a), slice(b + 1, len(gains)))
+            if len(gains[piece]) >= WEAK_END_FRAMES and gains[piece].mean() < WEAK_END_RATIO * core]
+    if not ends:
+        return box, []
+    a = a if any(piece.start == 0 for piece in ends) else 0
+    b = b if any(piece.stop == len(gains) for piece in ends) else len(gains) - 1
+    return Box.of(box.path[a:b + 1]), [Box.of(box.path[piece]) for piece in ends]
+
+
+# Another reference offset of a box's query frames (``other_offset``) is kept when its path scores at least
+# OTHER_OFFSET_RATIO x the box's, away from the box's path by more than OTHER_OFFSET_BAND reference frames.
+OTHER_OFFSET_RATIO, OTHER_OFFSET_BAND = 0.5, 2
+
+
+def other_offset(rows, n_q: int, n_r: int, box: Box, path_gain, cells: int = 2**20) -> tuple[Box, float] | None:
+    """The best path over ``box``'s query frames (``OTHER_OFFSET_BAND`` more on each side) that keeps more than
+    ``OTHER_OFFSET_BAND`` reference frames away from ``box``'s path, with its score: where a reference's shots all
+    look alike, the copy may lie at another offset than the best path's. ``rows(a, b)``: the pair's gain on
+    query frames a..b-1 (float64 (b - a, ``n_r``)), asked ``cells`` at a time (``dp_alignment_by_rows``: a pair
+    too large to hold is never made whole); ``path_gain(path)``: the gain at a path's cells."""
+    q0, q1 = max(box.query_first - OTHER_OFFSET_BAND, 0), min(box.query_last + OTHER_OFFSET_BAND, n_q - 1)
+    near = dict(box.path.tolist())  # query frame -> its reference frame on the box's path
+    columns = np.arange(n_r)
+
+    def masked(a: int, b: int) -> np.ndarray:
+        gain = np.array(rows(q0 + a, q0 + b), dtype=np.float64)
+        for i in range(b - a):
+            if q0 + a + i in near:  # dp refuses infinities: a cell no path can afford
+                gain[i, np.abs(columns - near[q0 + a + i]) <= OTHER_OFFSET_BAND] = -1e9
+        return gain
+
+    found = dp_alignment_by_rows(masked, q1 - q0 + 1, n_r, max_segments=1, cells=cells)
+    if not found:
+        return None
+    path = found[0].path + [q0, 0]
+    return Box.of(path), float(np.sum(path_gain(path)))

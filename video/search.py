@@ -65,15 +65,15 @@ def search_videos(queries: VideoSet, refs: VideoSet | None, align: str = 'dp', t
     if threshold is None:
         threshold = DEFAULT_NORMALISED_THRESHOLD if offsets is not None else DEFAULT_THRESHOLD if space is None \
             else DEFAULT_WHITENED_THRESHOLD if space.whitened else DEFAULT_CENTRED_THRESHOLD
-    found, kept = [], []
+    found, last, kept = [], [], []
     sample = None  # query frames spread evenly over all queries: what a reference frame is compared with
     if space is not None:
         sample = space(q_frames[np.unique(np.linspace(0, len(q_frames) - 1, QUERY_SAMPLE).astype(int))])
     for item in localize(queries, refs, pairs, align, threshold, offsets, space, sample):
-        found.append(item[3])
+        (last if item[2].ranked_last else found).append(item[3])
         if keep_matrices:
             kept.append(item)
-    return best_first(found), description, kept, refs
+    return best_first(found, last), description, kept, refs
 
 
 def search_files(queries: str, references: str | None, output: str, align: str = 'dp', threshold: float | None = None,
