@@ -19,7 +19,7 @@ from towhee_isc.video.alignment import dp_alignment, temporal_network
 from towhee_isc.video.localization import align
 from towhee_isc.video.metrics import read_segments
 from towhee_isc.video.reader import VideoError, sample_frames
-from towhee_isc.video.storage import VideoFeatures, read_video_descriptors, write_video_descriptors
+from towhee_isc.video.storage import VideoFeatures, VideoSet, read_video_descriptors, write_video_descriptors
 from towhee_isc.video.synthetic import Shot, edit, photos, render, write_video
 
 FPS, SIZE = 10, (64, 64)
@@ -402,6 +402,28 @@ def test_a_copy_of_a_reference_whose_shots_look_alike_is_also_reported_at_its_ot
     (box, _), = align(sims, 'dp', threshold=0.6, ranked_last=last)
     (other, other_score), = last
     assert (box.ref_first, other.ref_first, other.ref_last) == (2, 22, 29) and other.ranked_last and other_score > 1
+
+
+def test_video_search_lists_another_offset_last_and_dedup_leaves_it_out():
+    """The copy's other offset in a reference with a look-alike shot is listed last by `video search`; `video
+    dedup` asks for none (``fainter=False``): another offset is no second that two videos share."""
+    from towhee_isc.video.search import search_videos
+    rng = np.random.default_rng(0)
+
+    def unit(x):
+        return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+    def video(name, frames):
+        return VideoFeatures(name, frames, np.c_[np.arange(len(frames)), np.arange(1, len(frames) + 1)].astype(float))
+    ref = unit(rng.normal(size=(40, 64)))
+    ref[22:30] = unit(ref[2:10] + 0.35 * unit(rng.normal(size=(8, 64))))  # a look-alike shot
+    query = unit(rng.normal(size=(30, 64)))
+    query[5:13] = unit(ref[2:10] + 0.2 * unit(rng.normal(size=(8, 64))))  # a copy of seconds 2-10
+    queries = VideoSet([video('Q0', query)] + [video(f'Q{i}', unit(rng.normal(size=(30, 64)))) for i in (1, 2, 3)])
+    refs = VideoSet([video('R0', ref)] + [video(f'R{i}', unit(rng.normal(size=(40, 64)))) for i in (1, 2, 3)])
+    spans = [[(s.query_id, s.ref_id, s.query_start, s.query_end, s.ref_start, s.ref_end)
+              for s in search_videos(queries, refs, 'dp', fainter=fainter)[0]] for fainter in (True, False)]
+    assert spans == [[('Q0', 'R0', 5, 13, 2, 10), ('Q0', 'R0', 5, 13, 22, 30)], [('Q0', 'R0', 5, 13, 2, 10)]]
 
 
 def test_fainter_readings_rank_below_every_segment_in_their_order():

@@ -29,7 +29,7 @@ DEFAULT_WHITENED_THRESHOLD = 0.1
 def search_videos(queries: VideoSet, refs: VideoSet | None, align: str = 'dp', threshold: float | None = None,
                   k: int = 10, candidates: int = 10, noise: VideoSet | None = None, factor: float = 1.0,
                   exact: bool = False, keep_matrices: bool = False, collection: MilvusIndex | None = None,
-                  nprobe: int | None = None, ef: int | None = None, whiten: bool = True
+                  nprobe: int | None = None, ef: int | None = None, whiten: bool = True, fainter: bool = True
                   ) -> tuple[list[Segment], str, list, VideoSet]:
     """Copied segments between query and reference videos, best first. ``dp`` without ``noise`` compares
     the frames less their mean and, with ``whiten`` (and as many frames as dimensions), whitened
@@ -39,7 +39,8 @@ def search_videos(queries: VideoSet, refs: VideoSet | None, align: str = 'dp', t
     ``video index``: it finds the candidate frames (``nprobe``/``ef``: its search width) and gives
     back the candidate videos' frames. Returns (segments, how frames were searched, with
     ``keep_matrices`` the (candidate, similarity matrix, box, segment) of each for a report, and the
-    reference videos: ``refs``, or those read from the collection)."""
+    reference videos: ``refs``, or those read from the collection). ``fainter``: also ``dp``'s fainter
+    readings of a pair, listed last (``localization.fainter_readings``)."""
     from ..workflow.engines import choose_engine
     q_frames, _, _ = queries.frames()
     offsets = None
@@ -73,7 +74,7 @@ def search_videos(queries: VideoSet, refs: VideoSet | None, align: str = 'dp', t
         (last if item[2].ranked_last else found).append(item[3])
         if keep_matrices:
             kept.append(item)
-    return best_first(found, last), description, kept, refs
+    return best_first(found, last if fainter else ()), description, kept, refs
 
 
 def search_files(queries: str, references: str | None, output: str, align: str = 'dp', threshold: float | None = None,
@@ -140,8 +141,9 @@ def dedup(args) -> list[dict]:
     ids = everything.ids
     if len(set(ids)) != len(ids):
         raise ValueError('the inputs repeat a video id: every video needs its own id')
+    # Without the fainter readings: another offset of a copy is no second of it that two videos share.
     segments, _, _, _ = search_videos(everything, everything, args.align, args.threshold, args.k + 1,
-                                   args.candidates + 1, exact=args.exact, whiten=args.whiten)
+                                   args.candidates + 1, exact=args.exact, whiten=args.whiten, fainter=False)
     segments = [s for s in segments if s.query_id != s.ref_id]
     return duplicate_groups(everything, segments, paths)
 
