@@ -479,6 +479,11 @@ def start_ray(ray_address: str | None) -> None:
     """``ray.init``: join the cluster at ``ray_address``, or start a local Ray, once more if its raylet
     did not register in time (the processes of the failed start are stopped first, by PID)."""
     import ray
+    if ray_address is None:
+        # Ray waits 30 s for a local GCS server to publish its port, then fails ("Timed out waiting for file
+        # .../gcs_server_port_..."): on a busy 2-core machine (the test suite beside other work) it took
+        # longer. The operator's own setting wins.
+        os.environ.setdefault('RAY_gcs_server_port_wait_time_s', '120')
     for attempt in (1, 2):
         began = _clock_ticks_since_boot()
         try:
