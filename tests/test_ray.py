@@ -29,7 +29,10 @@ from towhee_isc.workflow.ray import RayClusterError, plan_actors
 # Token authentication as Ray 2.60 turns on by default, with a token of our own, so nothing is written
 # to ~/.ray; no usage statistics are sent. RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER is not set for the commands:
 # towhee-isc must keep a Ray on loopback there by itself. (README's `ray start` line sets it for the head.)
-RAY_ENV = {'RAY_AUTH_MODE': 'token', 'RAY_AUTH_TOKEN': secrets.token_hex(16), 'RAY_USAGE_STATS_ENABLED': '0'}
+# Ray waits 30 s for its GCS server's port by default, which a loaded CI machine can exceed (towhee-isc's own
+# local Ray waits 120 s; a `ray start` cluster takes it from its environment).
+RAY_ENV = {'RAY_AUTH_MODE': 'token', 'RAY_AUTH_TOKEN': secrets.token_hex(16), 'RAY_USAGE_STATS_ENABLED': '0',
+           'RAY_gcs_server_port_wait_time_s': '120'}
 LOOPBACK_ONLY = {'RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER': '0'}  # for a Ray that a test script starts itself
 README = Path(__file__).resolve().parents[1] / 'README.md'
 
