@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import stat
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 
 @contextlib.contextmanager
@@ -76,6 +77,31 @@ def exclusive(folder: str | os.PathLike) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing releases the lock
+
+
+def read_memo(path: str | os.PathLike) -> dict:
+    """A JSON object kept to save time (at most 1 MiB read); a file that is missing, damaged or not an
+    object counts as empty: only time is lost."""
+    try:
+        with open(path, 'rb') as f:
+            data = json.loads(f.read(1 << 20))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def update_memo(path: str | os.PathLike, change: Callable[[dict], dict]) -> None:
+    """Write ``change(read_memo(path))`` to ``path``, atomically and under ``exclusive`` on its folder, so
+    processes updating it at once never lose each other's entries. A folder that cannot be written is
+    passed over: a memo only saves time."""
+    path = Path(path)
+    try:
+        with exclusive(path.parent):
+            memo = change(read_memo(path))
+            with atomic_write(path) as tmp:
+                tmp.write_text(json.dumps(memo))
+    except OSError:
+        pass
 
 
 def remove_partials(target: str | os.PathLike) -> None:

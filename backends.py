@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import os
 import sys
 import warnings
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .atomic import atomic_write, exclusive, remove_partials
+from .atomic import atomic_write, exclusive, read_memo, remove_partials, update_memo
 from .model import IscNet
 from .progress import shown
 
@@ -244,12 +243,7 @@ def _keys_path() -> Path:
 
 
 def _keys() -> dict[str, str]:
-    try:
-        with open(_keys_path(), 'rb') as f:
-            data = json.loads(f.read(1 << 20))
-    except (OSError, ValueError):
-        return {}
-    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(data, dict) else {}
+    return {k: v for k, v in read_memo(_keys_path()).items() if isinstance(v, str)}
 
 
 def _memo_entry(file_digest: str, arch: str, img_size: int) -> str:
@@ -267,15 +261,12 @@ def remember_key(file_digest: str, arch: str, img_size: int, key: str, net_arch:
     """Keep ``key`` for the next process (the newest ``KEYS_KEPT``); a folder that cannot be written
     only costs that process the network's build."""
     entry = _memo_entry(file_digest, arch, img_size)
-    try:
-        with exclusive(onnx_cache_dir()):
-            keys = _keys()
-            keys.pop(entry, None)  # re-inserted last: the newest are kept
-            keys[entry] = f'{key}|{net_arch}'
-            with atomic_write(_keys_path()) as tmp:
-                tmp.write_text(json.dumps(dict(list(keys.items())[-KEYS_KEPT:])))
-    except OSError:
-        pass
+
+    def add(keys: dict) -> dict:
+        keys.pop(entry, None)  # re-inserted last: the newest are kept
+        keys[entry] = f'{key}|{net_arch}'
+        return dict(list(keys.items())[-KEYS_KEPT:])
+    update_memo(_keys_path(), add)
 
 
 def _verified(path: Path, checksum: Path) -> bool:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .atomic import atomic_write, exclusive
+from .atomic import read_memo, update_memo
 from .weights import checkpoint_file_problem
 
 # timm (and torchvision, which timm imports, and which imports torch._dynamo) are imported only where
@@ -169,12 +168,9 @@ def _remember(name: str) -> Norm:
     norm = (tuple(map(float, mean)), tuple(map(float, std)))
     try:
         path = _timm_memo_path()
-        with exclusive(path.parent):  # read, add, write: two processes at once would lose one's entry
-            memo = {**_timm_memo(), name: norm}
-            with atomic_write(path) as tmp:
-                tmp.write_text(json.dumps({k: [list(m), list(s)] for k, (m, s) in memo.items()}))
     except OSError:
-        pass  # only a saving of time: a cache folder that cannot be written costs the next process timm's import
+        return norm  # no timm version to key it by: the next process asks timm again
+    update_memo(path, lambda memo: {**memo, name: [list(norm[0]), list(norm[1])]})
     return norm
 
 
@@ -198,12 +194,11 @@ def _timm_memo() -> dict[str, Norm]:
     """The backbones timm knows that this machine has met, with their mean and std (for this timm
     version); entries that are not three finite numbers each, or a file that does not read, count as none."""
     try:
-        with open(_timm_memo_path(), 'rb') as f:
-            data = json.loads(f.read(1 << 20))
-    except (OSError, ValueError):
+        data = read_memo(_timm_memo_path())
+    except OSError:  # no timm version to key it by
         return {}
     memo = {}
-    for name, norm in (data.items() if isinstance(data, dict) else ()):
+    for name, norm in data.items():
         try:
             mean, std = ([float(v) for v in values] for values in norm)
         except (TypeError, ValueError):

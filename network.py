@@ -138,20 +138,16 @@ class IscModel:
 
     def _make_backend(self, backend: str) -> TorchBackend | OnnxRuntimeBackend:
         if backend == 'onnxruntime':
-            if 'net' in self.__dict__:  # unpickled: the network that came with it, whatever the file holds now
+            # Unpickled, it runs the network that came with it, whatever the file holds now: nothing is
+            # looked up or remembered by the file's hash.
+            digest, session = (None, None) if 'net' in self.__dict__ else self._exported()
+            if session is None:
                 session = onnx_backend(self.net, self.img_size, self.weights_key, self.num_threads)
-                if session is not None:
-                    return session
-                return TorchBackend(self.net, self.device, self.precision)
-            digest, session = self._exported()
-            if session is not None:
-                return session
-            session = onnx_backend(self.net, self.img_size, self.weights_key, self.num_threads)
-            if session is not None:
                 # Remembered only if the file is still what was hashed before the network was read from it.
-                path = self.spec.weights_file()
-                if digest is not None and path is not None and file_sha256(path) == digest:
+                path = self.spec.weights_file() if session is not None and digest is not None else None
+                if path is not None and file_sha256(path) == digest:
                     remember_key(digest, self.spec.arch, self.img_size, self.weights_key, self.net.arch)
+            if session is not None:
                 return session
         # asked for, or ONNX Runtime could not be set up (it warned why)
         return TorchBackend(self.net, self.device, self.precision)

@@ -365,7 +365,7 @@ def dp_alignment_by_rows(gain_rows, n_q: int, n_r: int, gap: float = 0.1, min_le
 
 # A path's end is split off (``split_weak_ends``) when it has at least WEAK_END_FRAMES cells and their mean gain
 # is below WEAK_END_RATIO x the core's; the core is the best-summing run of the path's gains less
-# CORE_FRACTION x their 90th percentile. On benchmarks/video.py's seeds 0-35 (benchmarks/video_variants.py):
+# CORE_FRACTION x their 90th percentile. On benchmarks/video.py's seeds 0-35 (kept descriptors searched again):
 # only seed 32 moved (0.770 -> 0.903, a path run on 10 s past its copy into a look-alike shot; fresh seeds 36-43:
 # 36 0.584 -> 0.632); 0.25 in place of 0.15 also lowered seeds 3, 8, 11 (by 0.111, 0.011, 0.036), and splitting
 # every path at its core lowered 14 seeds.

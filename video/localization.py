@@ -59,7 +59,7 @@ def fainter_readings(box: Box, score: float, gains: np.ndarray, rows, shape: tup
     rows a..b-1, ``shape`` the pair's, ``path_gain(path)`` the gain at a path's cells). Returns the box kept.
 
     Ranked below every other segment (``best_first``), these only add recall at the end of the list (segment
-    AP cannot fall for it). On benchmarks/video.py's seeds 0-35 (benchmarks/video_variants.py) the other offset
+    AP cannot fall for it). On benchmarks/video.py's seeds 0-35 (`video search` run again on its kept descriptors) the other offset
     alone raised seeds 23 and 33 (a copy placed at the wrong offset of a reference whose shots look alike: 0.754
     -> 0.850, 0.801 -> 0.923), 26 (0.623 -> 0.680), 1, 7 and 27 a little; the weak ends seed 32 (0.770 -> 0.903)."""
     kept, ends = split_weak_ends(box, gains)
