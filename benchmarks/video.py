@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -64,10 +65,16 @@ SCENES = ('astronaut', 'coffee', 'immunohistochemistry', 'retina', 'logo', 'came
 OTHERS = tuple(p for p in PHOTOS if p not in SCENES)
 
 
+def fail(message: str) -> None:
+    """One line on stderr and exit status 2, as the package's commands end on bad settings."""
+    print(f'error: {message}', file=sys.stderr)
+    raise SystemExit(2)
+
+
 def make_set(root: Path, seed: int, n_refs: int, n_queries: int, hard: bool) -> list[Segment]:
     """Write refs/, queries/, noise/ under ``root``; return the ground truth."""
     if n_refs > len(SCENES):
-        raise SystemExit(f'error: --refs {n_refs}: at most {len(SCENES)} (one photo per reference)')
+        fail(f'--refs {n_refs}: at most {len(SCENES)} (one photo per reference)')
     rng = np.random.default_rng(seed)
     images = photos(SCENES + OTHERS)
     scenes = rng.permutation(len(SCENES))
@@ -209,7 +216,6 @@ def embed_rates(work: Path, seeds: list[int], embedder) -> None:
 def search_scale(work: Path, n_queries: int, n_refs: int, seconds: int = 60, dim: int = 256) -> None:
     """Time `video search` on random descriptors with planted copies (see the module docstring)."""
     import subprocess
-    import sys
     from towhee_isc.video.metrics import read_segments
     from towhee_isc.video.storage import write_video_descriptors
     rng = np.random.default_rng(0)
@@ -325,8 +331,8 @@ def main() -> None:
             (root / 'rates.json').write_text(json.dumps([rates, op_rate, cpu_rate, op_cpu_rate]))
         q, r, n = (read_video_descriptors(root / f'{name}.npz') for name in ('queries', 'refs', 'noise'))
         if args.checkpoint and r.model != embedder.op.fingerprint:  # kept descriptors of another model
-            raise SystemExit(f'error: {root} holds descriptors of another checkpoint than {args.checkpoint}: '
-                             'embed its videos again with --videos-from and a new --keep folder')
+            fail(f'{root} holds descriptors of another checkpoint than {args.checkpoint}: embed its videos '
+                 'again with --videos-from and a new --keep folder')
         methods = {}
         for align in ('dp', 'tn'):
             start = time.perf_counter()
