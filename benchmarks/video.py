@@ -73,8 +73,6 @@ def fail(message: str) -> None:
 
 def make_set(root: Path, seed: int, n_refs: int, n_queries: int, hard: bool) -> list[Segment]:
     """Write refs/, queries/, noise/ under ``root``; return the ground truth."""
-    if n_refs > len(SCENES):
-        fail(f'--refs {n_refs}: at most {len(SCENES)} (one photo per reference)')
     rng = np.random.default_rng(seed)
     images = photos(SCENES + OTHERS)
     scenes = rng.permutation(len(SCENES))
@@ -286,6 +284,8 @@ def main() -> None:
     parser.add_argument('--embed-rate', action='store_true',
                         help="only time `video embed` against the operator on the refs of --seeds (made if not kept)")
     args = parser.parse_args()
+    if args.refs > len(SCENES):  # before anything is written
+        fail(f'--refs {args.refs}: at most {len(SCENES)} (one photo per reference)')
     work = Path(args.keep or tempfile.mkdtemp(prefix='video-bench-'))
     work.mkdir(parents=True, exist_ok=True)
     if args.search_scale:
