@@ -435,6 +435,19 @@ def test_fainter_readings_rank_below_every_segment_in_their_order():
         ('Q1', 'R1', 0, 3.0), ('Q1', 'R2', 2, -2.0), ('Q1', 'R1', 20, -3.0), ('Q2', 'R1', 10, -4.5)]
 
 
+def test_a_copys_crop_cuts_each_side_by_its_own_fraction():
+    # left half black, right half white, 100 x 40: cutting the left half away leaves white only
+    frame = np.zeros((40, 100, 3), np.uint8)
+    frame[:, 50:] = 255
+    (only_right,) = edit([frame], crop=(0.5, 0.0, 0.0, 0.0))
+    assert only_right.shape == frame.shape and only_right.min() == 255
+    (only_left,) = edit([frame], crop=(0.0, 0.0, 0.5, 0.0))
+    assert only_left.max() == 0
+    # one number: that much of every side
+    assert np.array_equal(edit([frame], crop=0.2)[0], edit([frame], crop=(0.2, 0.2, 0.2, 0.2))[0])
+    assert not np.array_equal(edit([frame], crop=0.2)[0], frame)
+
+
 def test_temporal_network_finds_a_copy_and_not_noise():
     # noise below min_sim (0.2): no edge reaches it (VCSL's TN extends a path through any frame above it)
     # and a path may start at any node (only the frames it enters are checked), up to max_step earlier

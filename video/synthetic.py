@@ -83,17 +83,20 @@ def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: int 
         container.mux(stream.encode())
 
 
-def edit(frames: Sequence[np.ndarray], scale: float = 1.0, crop: float = 0.0, brightness: float = 1.0,
+def edit(frames: Sequence[np.ndarray], scale: float = 1.0,
+         crop: float | tuple[float, float, float, float] = 0.0, brightness: float = 1.0,
          overlay: bool = False, speed: float = 1.0, size: tuple[int, int] | None = None) -> list[np.ndarray]:
-    """A copy's edits: crop ``crop`` of each side away, change brightness, draw a caption box,
-    resample time by ``speed`` (2.0: twice as fast), rescale by ``scale`` (or to ``size``)."""
+    """A copy's edits: crop away ``crop`` (left, top, right, bottom fractions of the frame; one number:
+    that much of each side), change brightness, draw a caption box, resample time by ``speed`` (2.0:
+    twice as fast), rescale by ``scale`` (or to ``size``)."""
+    left, top, right, bottom = (crop,) * 4 if isinstance(crop, (int, float)) else crop
     picked = [frames[min(int(i * speed), len(frames) - 1)] for i in range(max(1, round(len(frames) / speed)))]
     out = []
     for rgb in picked:
         image = Image.fromarray(rgb)
         w, h = image.size
-        if crop:
-            image = image.crop((round(crop * w), round(crop * h), round((1 - crop) * w), round((1 - crop) * h)))
+        if left or top or right or bottom:
+            image = image.crop((round(left * w), round(top * h), round((1 - right) * w), round((1 - bottom) * h)))
         if brightness != 1.0:
             image = ImageEnhance.Brightness(image).enhance(brightness)
         if overlay:
