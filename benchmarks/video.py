@@ -8,7 +8,8 @@ Per seed: reference videos (20-30 s, 3-8 shots panning and zooming over ninths o
 scene, its own: no photo is in two references), query videos (20-30 s) of photos no reference uses,
 half of them with an edited copy of 6-12 s of a reference at a known offset, and noise videos (a
 third set of photos) for score normalisation. ``mild`` edits:
-re-encode (x264 CRF 28-35), rescale 75-100 %, crop <= 10 %, brightness 0.8-1.2; ``hard`` adds a
+re-encode (x264 CRF 28-35), rescale 75-100 %, crop <= 10 % (of the width and of the height, at random
+between the sides), brightness 0.8-1.2; ``hard`` adds a
 caption overlay and a speed change (0.75-1.5x). Without ``--checkpoint`` a synthetic checkpoint
 (``--arch`` resnet18 at ``--img-size`` 96 px, random weights) makes the descriptors.
 
@@ -109,7 +110,11 @@ def make_set(root: Path, seed: int, n_refs: int, n_queries: int, hard: bool) -> 
             start = float(rng.integers(0, int(len(refs[r]) / FPS - length) + 1))
             speed = float(rng.uniform(0.75, 1.5)) if hard else 1.0
             scale = float(rng.uniform(0.75, 1.0))
-            copy = edit(refs[r][int(start * FPS):int((start + length) * FPS)], crop=float(rng.uniform(0, 0.1)),
+            # crop <= 10 % (#17): up to a tenth of the width and of the height cut away, split at random
+            # between the two sides (by a generator of its own: the rest of the set is drawn as it was)
+            cut, (x, y) = float(rng.uniform(0, 0.1)), np.random.default_rng([seed, i]).uniform(size=2)
+            copy = edit(refs[r][int(start * FPS):int((start + length) * FPS)],
+                        crop=(cut * x, cut * y, cut * (1 - x), cut * (1 - y)),
                         brightness=float(rng.uniform(0.8, 1.2)), overlay=hard, speed=speed, size=SIZE)
             offset = float(rng.integers(0, int(len(frames) / FPS) + 1))
             at = int(offset * FPS)
