@@ -126,11 +126,11 @@ def test_video_embed_resumes_where_it_stopped(videos, small_ckpt, monkeypatch, t
     shutil.copy(root / 'refs' / 'R000002.mp4', root / 'refs' / 'R000003.mp4')
     decoded, real = [], embed.sample_frames
 
-    def interrupted(path, *args):
+    def interrupted(path, *args, **kwargs):
         decoded.append(Path(path).name)
         if len(decoded) == 3:
             raise KeyboardInterrupt
-        return real(path, *args)
+        return real(path, *args, **kwargs)
 
     monkeypatch.setattr(embed, 'sample_frames', interrupted)
     out = root / 'resumed.npz'
@@ -610,6 +610,27 @@ def test_ffmpeg_decodes_with_a_few_threads_whatever_size_the_container_reports(m
     assert reader._decode_threads(16 * 16) == 2
     monkeypatch.setattr(os, 'cpu_count', lambda: None)  # unknown
     assert reader._decode_threads(16 * 16) == 1
+    monkeypatch.setattr(os, 'cpu_count', lambda: 16)
+    assert [reader._decode_threads(w * h, cpus=2) for w, h in sizes] == [2, 2, 2, 2, 1]
+
+
+def test_videos_decoded_at_once_share_the_cpus_for_ffmpegs_threads(videos, monkeypatch):
+    """Each of 2 decoders asking for both of 2 cores cost 30 % more CPU time on small frames."""
+    from towhee_isc.video import embed
+    asked = []
+
+    def spy(*args, cpus=None, **kwargs):
+        asked.append(cpus)
+        return sample_frames(*args, cpus=cpus, **kwargs)
+
+    monkeypatch.setattr(embed, 'sample_frames', spy)
+    root, _, _ = videos
+    refs = sorted((root / 'refs').iterdir())
+    for cores, decoders, expected in ((2, 2, 1), (16, 4, 4), (1, 2, 1)):
+        monkeypatch.setattr(embed, 'cpu_count', lambda: cores)
+        asked.clear()
+        frames = [f for _, f, _, _ in embed._decoded(refs, [0, 1], 1.0, None, None, decoders) if f is not None]
+        assert asked == [expected, expected] and len(frames) == 20
 
 
 def test_decoding_runs_ahead_by_bytes_and_repeats_of_a_frame_share_one_array(tmp_path):
