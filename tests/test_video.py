@@ -614,8 +614,9 @@ def test_ffmpeg_decodes_with_a_few_threads_whatever_size_the_container_reports(m
     assert [reader._decode_threads(w * h, cpus=2) for w, h in sizes] == [2, 2, 2, 2, 1]
 
 
-def test_videos_decoded_at_once_share_the_cpus_for_ffmpegs_threads(videos, monkeypatch):
+def test_videos_decoded_at_once_share_the_cpus_for_ffmpegs_threads(videos, small_ckpt, monkeypatch):
     """Each of 2 decoders asking for both of 2 cores cost 30 % more CPU time on small frames."""
+    from towhee_isc import Isc
     from towhee_isc.video import embed
     asked = []
 
@@ -631,6 +632,9 @@ def test_videos_decoded_at_once_share_the_cpus_for_ffmpegs_threads(videos, monke
         asked.clear()
         frames = [f for _, f, _, _ in embed._decoded(refs, [0, 1], 1.0, None, None, decoders) if f is not None]
         assert asked == [expected, expected] and len(frames) == 20
+    asked.clear()  # one video, as a Ray task embeds it on the CPUs Ray reserved for it
+    embed.embed_video(refs[0], Isc(checkpoint_path=small_ckpt, device='cpu'), cpus=3)
+    assert asked == [3]
 
 
 def test_decoding_runs_ahead_by_bytes_and_repeats_of_a_frame_share_one_array(tmp_path):

@@ -109,16 +109,17 @@ def video_ids(videos: Sequence[Path]) -> list[str]:
     return list(seen)
 
 
-def embed_video(path: str | Path, op, fps: float = 1.0, max_duration: float | None = None
-                ) -> tuple[np.ndarray, np.ndarray]:
+def embed_video(path: str | Path, op, fps: float = 1.0, max_duration: float | None = None,
+                cpus: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """One video's frame vectors (float32 (n, D)) and intervals (float64 (n, 2)), embedded as
     :func:`embed_videos` embeds them (on a GPU a frame's batch can differ: the same to float rounding);
-    decoding runs in a worker thread. A video that cannot be used raises ``VideoError``."""
+    decoding runs in a worker thread, FFmpeg's threads up to ``cpus`` (default: the machine's CPUs). A
+    video that cannot be used raises ``VideoError``."""
     intervals, repeats = [], []  # repeats[i]: sample i is sample i - 1's frame again (its vector is reused)
 
     def frames() -> Iterator[np.ndarray]:
         last = None
-        samples = sample_frames(path, fps, max_duration, frame_side(op))
+        samples = sample_frames(path, fps, max_duration, frame_side(op), cpus=cpus)
         for rgb, start, end in in_background(samples, size=lambda item: item[0].nbytes, max_bytes=AHEAD_BYTES):
             intervals.append((start, end))
             repeats.append(rgb is last)

@@ -21,9 +21,10 @@ def embed_one(path: str, isc_kwargs: dict[str, Any], fps: float, max_duration: f
     from ..workflow.ray import reserved_cpus
     from .embed import embed_video
     from .reader import VideoError
-    op = Isc(**{**isc_kwargs, 'num_threads': isc_kwargs.get('num_threads') or reserved_cpus()})
+    cpus = reserved_cpus()  # the task's share of its node: for the network's threads and FFmpeg's
+    op = Isc(**{**isc_kwargs, 'num_threads': isc_kwargs.get('num_threads') or cpus})
     try:
-        features, intervals = embed_video(path, op, fps, max_duration)
+        features, intervals = embed_video(path, op, fps, max_duration, cpus)
     except VideoError as e:
         return None, None, str(e)
     return features, intervals, ''
