@@ -446,6 +446,10 @@ def test_a_copys_crop_cuts_each_side_by_its_own_fraction():
     # one number: that much of every side
     assert np.array_equal(edit([frame], crop=0.2)[0], edit([frame], crop=(0.2, 0.2, 0.2, 0.2))[0])
     assert not np.array_equal(edit([frame], crop=0.2)[0], frame)
+    assert np.array_equal(edit([frame], crop=np.float32(0.2))[0], edit([frame], crop=0.2)[0])
+    for nothing_left in ((0.6, 0.0, 0.6, 0.0), 0.5, (-0.1, 0.0, 0.0, 0.0)):
+        with pytest.raises(ValueError, match='left . right and top . bottom below 1'):
+            edit([frame], crop=nothing_left)
 
 
 def test_temporal_network_finds_a_copy_and_not_noise():

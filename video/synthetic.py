@@ -89,7 +89,9 @@ def edit(frames: Sequence[np.ndarray], scale: float = 1.0,
     """A copy's edits: crop away ``crop`` (left, top, right, bottom fractions of the frame; one number:
     that much of each side), change brightness, draw a caption box, resample time by ``speed`` (2.0:
     twice as fast), rescale by ``scale`` (or to ``size``)."""
-    left, top, right, bottom = (crop,) * 4 if isinstance(crop, (int, float)) else crop
+    left, top, right, bottom = (float(crop),) * 4 if np.ndim(crop) == 0 else map(float, crop)
+    if not (min(left, top, right, bottom) >= 0 and left + right < 1 and top + bottom < 1):
+        raise ValueError(f'crop {crop!r}: each fraction >= 0, and left + right and top + bottom below 1')
     picked = [frames[min(int(i * speed), len(frames) - 1)] for i in range(max(1, round(len(frames) / speed)))]
     out = []
     for rgb in picked:
