@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .atomic import atomic_write, exclusive, read_memo, remove_partials, update_memo
+from .defaults import cpu_count
 from .model import IscNet
 from .progress import shown
 
@@ -128,11 +129,6 @@ def import_onnxruntime():
     except ImportError as e:
         raise ImportError("backend='onnxruntime' needs ONNX Runtime: pip install onnxruntime onnx") from e
     return onnxruntime
-
-
-def cpu_count() -> int:
-    """Cores this process may use (a container's affinity, not the host's count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
 
 
 def resolve_backend(backend: str, device: torch.device, precision: str) -> str:

@@ -18,8 +18,9 @@ with warnings.catch_warnings():  # Towhee's own imports warn about pkg_resources
     from towhee import register
     from towhee.operator import NNOperator
 
-from .backends import (DEFAULT_BATCH, TRITON_BATCH, batches, cached_onnx, cpu_count, export_onnx, in_daemon_thread,
-                       padded_batch, resolve_backend, result_of)
+from .backends import (DEFAULT_BATCH, TRITON_BATCH, batches, cached_onnx, export_onnx, in_daemon_thread, padded_batch,
+                       resolve_backend, result_of)
+from .defaults import cpu_count
 from .images import ImageError, image_size, is_jpeg, to_pil_rgb
 from .model import IscNet, preprocess, save_checkpoint
 from .network import IscModel, ModelSpec, accelerated_model

@@ -607,15 +607,62 @@ def test_ffmpeg_decodes_with_a_few_threads_whatever_size_the_container_reports(m
     """Round 14 M3: a stream reported 16x16 (its first frames) that grows to 9000x9000 was given FFmpeg's own
     thread count (0: CPUs + 1, up to 16), each thread holding 81-MP frames: 3,339 MB against 858 MB with 2."""
     from towhee_isc.video import reader
-    monkeypatch.setattr(os, 'cpu_count', lambda: 16)  # the project's GPU machine
+    monkeypatch.setattr(reader, 'cpu_count', lambda: 16)  # the project's GPU machine
     sizes = [(16, 16), (1920, 1080), (3840, 2160), (9000, 9000), (20000, 20000)]
     assert [reader._decode_threads(w * h) for w, h in sizes] == [4, 4, 4, 2, 1]
-    monkeypatch.setattr(os, 'cpu_count', lambda: 2)
+    monkeypatch.setattr(reader, 'cpu_count', lambda: 2)
     assert reader._decode_threads(16 * 16) == 2
-    monkeypatch.setattr(os, 'cpu_count', lambda: None)  # unknown
-    assert reader._decode_threads(16 * 16) == 1
-    monkeypatch.setattr(os, 'cpu_count', lambda: 16)
+    monkeypatch.setattr(reader, 'cpu_count', lambda: 16)
     assert [reader._decode_threads(w * h, cpus=2) for w, h in sizes] == [2, 2, 2, 2, 1]
+
+
+def test_a_garbled_mpeg_ts_is_a_damaged_video_not_a_crash(tmp_path):
+    """Review 27: 300 random bytes after the first quarter of an MPEG-TS file made PyAV's demuxer raise
+    IndexError (a stream appearing mid-file), which ended the whole `video embed` run."""
+    import av
+    frames = [np.random.default_rng(i).integers(0, 255, (48, 64, 3), dtype=np.uint8) for i in range(100)]
+    with av.open(str(tmp_path / 'clean.ts'), 'w', format='mpegts') as out:
+        stream = out.add_stream('libx264', rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, 'yuv420p'
+        stream.options = {'threads': '1'}  # x264's output is then the same on every machine
+        for rgb in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format='rgb24')))
+        out.mux(stream.encode())
+    data, rng = bytearray((tmp_path / 'clean.ts').read_bytes()), np.random.default_rng(0)
+    for i in rng.integers(len(data) // 4, len(data), 300):
+        data[i] = rng.integers(256)
+    (tmp_path / 'garbled.ts').write_bytes(bytes(data))
+    with pytest.raises(VideoError, match=r"garbled.ts' is damaged: decoding failed after \d+ sample"):
+        list(sample_frames(tmp_path / 'garbled.ts'))
+
+
+def test_samples_are_pyavs_own_rgb_conversion_with_one_scaler_thread(tmp_path):
+    """A scaler kept for the video (5 times faster than ``to_ndarray``'s one a frame) gives PyAV's pixels,
+    plain and scaled down, in colour and grey; and it runs on one thread (a pool of one per CPU cost 4 times
+    the CPU time), so ``cpus=1`` starts at most FFmpeg's one decoding thread."""
+    import av
+    from towhee_isc.video import reader
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 255, (120, 200, 3), dtype=np.uint8) for _ in range(12)]
+    write_video(tmp_path / 'colour.mp4', frames, FPS)
+    with av.open(str(tmp_path / 'grey.mkv'), 'w') as out:
+        stream = out.add_stream('ffv1', rate=FPS)
+        stream.width, stream.height, stream.pix_fmt = 200, 120, 'gray'
+        for rgb in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(rgb[..., 0].copy(), format='gray')))
+        out.mux(stream.encode())
+    for name in ('colour.mp4', 'grey.mkv'):
+        convert = av.video.reformatter.VideoReformatter()
+        with av.open(str(tmp_path / name)) as container:
+            for frame in container.decode(video=0):
+                assert np.array_equal(reader._rgb(frame, None, convert), frame.to_ndarray(format='rgb24'))
+                scaled = frame.reformat(width=50, height=30, format='rgb24', interpolation='AREA').to_ndarray()
+                assert np.array_equal(reader._rgb(frame, lambda w, h: (50, 30), convert), scaled)
+    tasks = lambda: len(os.listdir('/proc/self/task'))  # the process's threads (Linux)
+    before, most = tasks(), 0
+    for _ in reader.sample_frames(tmp_path / 'colour.mp4', fps=FPS, max_side=100, cpus=1):
+        most = max(most, tasks())
+    assert most <= before + 1
 
 
 def test_videos_decoded_at_once_share_the_cpus_for_ffmpegs_threads(videos, small_ckpt, monkeypatch):

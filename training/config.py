@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..defaults import cpu_count
+
 PRECISIONS = ('fp32', 'bf16', 'fp16')
 
 
@@ -69,7 +71,7 @@ class TrainConfig:
         whole('memory_size', 0)
         whole('seed', 0)
         whole('workers', 0)
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+        cores = cpu_count()
         if self.workers > 4 * cores:  # each is a process: a mistyped 1000000 forked until the system's limit
             raise ValueError(f'workers={self.workers} is more than 4 image loading processes per CPU core '
                              f'({cores} here)')

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..progress import shown
 from ..atomic import sole_writer
-from ..backends import cpu_count
+from ..defaults import cpu_count
 from ..images import ImageError
 from ..workflow.descriptors import file_stamp
 from .reader import AHEAD_BYTES, VideoError, find_videos, in_background, sample_frames
@@ -113,7 +113,7 @@ def embed_video(path: str | Path, op, fps: float = 1.0, max_duration: float | No
                 cpus: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """One video's frame vectors (float32 (n, D)) and intervals (float64 (n, 2)), embedded as
     :func:`embed_videos` embeds them (on a GPU a frame's batch can differ: the same to float rounding);
-    decoding runs in a worker thread, FFmpeg's threads up to ``cpus`` (default: the machine's CPUs). A
+    decoding runs in a worker thread, FFmpeg's decoding threads up to ``cpus`` (default: all this process may use). A
     video that cannot be used raises ``VideoError``."""
     intervals, repeats = [], []  # repeats[i]: sample i is sample i - 1's frame again (its vector is reused)
 
