@@ -616,24 +616,54 @@ def test_ffmpeg_decodes_with_a_few_threads_whatever_size_the_container_reports(m
     assert [reader._decode_threads(w * h, cpus=2) for w, h in sizes] == [2, 2, 2, 2, 1]
 
 
-def test_a_garbled_mpeg_ts_is_a_damaged_video_not_a_crash(tmp_path):
+def test_a_garbled_mpeg_ts_is_a_damaged_video_not_a_crash(tmp_path, monkeypatch):
     """Review 27: 300 random bytes after the first quarter of an MPEG-TS file made PyAV's demuxer raise
-    IndexError (a stream appearing mid-file), which ended the whole `video embed` run."""
+    IndexError (a stream appearing mid-file), which ended the whole `video embed` run. Garbled files give
+    frames or a VideoError; PyAV's IndexError itself is made here, as whether garbling meets it varied
+    between runs of the suite."""
     import av
+    from towhee_isc.video import reader
     frames = [np.random.default_rng(i).integers(0, 255, (48, 64, 3), dtype=np.uint8) for i in range(100)]
     with av.open(str(tmp_path / 'clean.ts'), 'w', format='mpegts') as out:
         stream = out.add_stream('libx264', rate=10)
         stream.width, stream.height, stream.pix_fmt = 64, 48, 'yuv420p'
-        stream.options = {'threads': '1'}  # x264's output is then the same on every machine
         for rgb in frames:
             out.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format='rgb24')))
         out.mux(stream.encode())
-    data, rng = bytearray((tmp_path / 'clean.ts').read_bytes()), np.random.default_rng(0)
-    for i in rng.integers(len(data) // 4, len(data), 300):
-        data[i] = rng.integers(256)
-    (tmp_path / 'garbled.ts').write_bytes(bytes(data))
-    with pytest.raises(VideoError, match=r"garbled.ts' is damaged: decoding failed after \d+ sample"):
-        list(sample_frames(tmp_path / 'garbled.ts'))
+    clean = (tmp_path / 'clean.ts').read_bytes()
+    for seed in range(12):
+        data, rng = bytearray(clean), np.random.default_rng(seed)
+        for i in rng.integers(len(data) // 4, len(data), 300):
+            data[i] = rng.integers(256)
+        (tmp_path / 'garbled.ts').write_bytes(bytes(data))
+        try:
+            list(sample_frames(tmp_path / 'garbled.ts'))
+        except VideoError:
+            pass
+
+    class NewStreamMidFile:  # PyAV's container, its demuxer failing as it did on the garbled file
+        def __init__(self, container):
+            self.container = container
+
+        def __getattr__(self, name):
+            return getattr(self.container, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.container.__exit__(*exc)
+
+        def decode(self, stream):
+            for n, frame in enumerate(self.container.decode(stream)):
+                if n == 25:
+                    raise IndexError('list index out of range')
+                yield frame
+
+    opened = reader._open
+    monkeypatch.setattr(reader, '_open', lambda path: NewStreamMidFile(opened(path)))
+    with pytest.raises(VideoError, match=r"clean.ts' is damaged: decoding failed after 2 sample.*a stream appeared"):
+        list(sample_frames(tmp_path / 'clean.ts'))
 
 
 def test_samples_are_pyavs_own_rgb_conversion_with_one_scaler_thread(tmp_path):
