@@ -524,20 +524,22 @@ def test_a_replica_that_cannot_start_again_ends_the_service_with_one_line(servic
 
 def test_a_ray_start_that_timed_out_is_tried_once_more_after_stopping_its_processes(monkeypatch, capsys):
     """Ray's raylet has a fixed 30 s to register: on a busy machine the first local start may fail with
-    RAY_START_TIMED_OUT. ``serve`` starts Ray once more, after killing what the failed start left running
-    (here a stand-in process), and nothing that ran before; a second failure, or one joining a cluster, is final."""
+    RAY_START_TIMED_OUT, or its GCS server not publish its port in time. ``serve`` starts Ray once more, after
+    killing what the failed start left running (here a stand-in process), and nothing that ran before; a second
+    failure, another one, or one joining a cluster, is final."""
     import types
     from towhee_isc.workflow.ray import start_ray
     before = subprocess.Popen(['sleep', '60'])
     time.sleep(0.05)  # processes are told apart by their start, in clock ticks (10 ms)
     left, calls = [], []
+    failure = f'{RAY_START_TIMED_OUT}. This could happen because ...'
 
     def init(address, **settings):
         calls.append(address)
         if len(calls) == 1 or address != 'local' or fail_always:
             time.sleep(0.05)  # Ray starts its processes a while after the call (ticks of 10 ms tell them apart)
             left.append(subprocess.Popen(['sleep', '60']))  # what the failed start leaves: its raylet, say
-            raise Exception(f'{RAY_START_TIMED_OUT}. This could happen because ...')
+            raise Exception(failure)
     monkeypatch.setitem(sys.modules, 'ray', types.SimpleNamespace(init=init, shutdown=lambda: None))
     try:
         fail_always = False
@@ -549,6 +551,16 @@ def test_a_ray_start_that_timed_out_is_tried_once_more_after_stopping_its_proces
             with pytest.raises(Exception, match=RAY_START_TIMED_OUT):
                 start_ray(address)
             assert len(calls) == tries
+        # A GCS server that never published its port (its log folder empty) is a start that did not come up too.
+        failure, fail_always = 'Timed out waiting for file /tmp/ray/session_x/gcs_server_port_ab12', False
+        calls.clear()
+        start_ray(None)
+        assert calls == ['local', 'local']
+        failure = 'Timed out waiting for file /tmp/ray/session_x/node_ip_address.json'  # not that: final
+        calls.clear()
+        with pytest.raises(Exception, match='node_ip_address'):
+            start_ray(None)
+        assert calls == ['local']
     finally:
         for process in [before, *left]:
             process.kill()
