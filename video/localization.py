@@ -52,11 +52,13 @@ def may_hold_a_copy(sims: np.ndarray, threshold: float) -> bool:
 
 
 def fainter_readings(box: Box, score: float, gains: np.ndarray, rows, shape: tuple[int, int], path_gain,
-                     ranked_last: list[tuple[Box, float]]) -> Box:
+                     ranked_last: list[tuple[Box, float]], other_offsets: bool = True) -> Box:
     """``dp``'s box less its weak ends (``alignment.split_weak_ends``), which go to ``ranked_last`` with their
     own scores, as does the best path at another reference offset of the box's query frames where it scores
     at least ``OTHER_OFFSET_RATIO`` x ``score`` (``alignment.other_offset``: ``rows(a, b)`` the pair's gain on
-    rows a..b-1, ``shape`` the pair's, ``path_gain(path)`` the gain at a path's cells). Returns the box kept.
+    rows a..b-1, ``shape`` the pair's, ``path_gain(path)`` the gain at a path's cells; not looked for without
+    ``other_offsets``: a second alignment of the pair, whose result a caller that drops the fainter readings,
+    such as ``video dedup``, does not need). Returns the box kept.
 
     Ranked below every other segment (``best_first``), these only add recall at the end of the list (segment
     AP cannot fall for it). On benchmarks/video.py's seeds 0-35 (`video search` run again on its kept descriptors) the other offset
@@ -66,7 +68,7 @@ def fainter_readings(box: Box, score: float, gains: np.ndarray, rows, shape: tup
     for end in ends:
         ranked_last.append((dataclasses.replace(end, ranked_last=True),
                             float(gains[np.isin(box.path[:, 0], end.path[:, 0])].sum())))
-    other = other_offset(rows, *shape, kept, path_gain, cells=BLOCK_CELLS)
+    other = other_offset(rows, *shape, kept, path_gain, cells=BLOCK_CELLS) if other_offsets else None
     if other is not None and other[1] >= OTHER_OFFSET_RATIO * score:
         ranked_last.append((dataclasses.replace(other[0], ranked_last=True), other[1]))
     return kept
@@ -74,7 +76,8 @@ def fainter_readings(box: Box, score: float, gains: np.ndarray, rows, shape: tup
 
 def align(sims: np.ndarray, method: str = 'dp', threshold: float = 0.6,
           row_background: np.ndarray | None = None, column_background: np.ndarray | None = None,
-          ranked_last: list[tuple[Box, float]] | None = None) -> list[tuple[Box, float]]:
+          ranked_last: list[tuple[Box, float]] | None = None, other_offsets: bool = True
+          ) -> list[tuple[Box, float]]:
     """Boxes of one pair with their scores, the sum of each cell's gain along the box's path (what the
     DP maximises): long, clear copies rank above short or faint ones (the mean alone ranked short chance
     matches first: segment AP 0.57 against 0.89 on the benchmark's seed 0).
@@ -84,7 +87,8 @@ def align(sims: np.ndarray, method: str = 'dp', threshold: float = 0.6,
     each row's median; ``column_background`` (R,), optional, is a floor of the reference frames').
     ``tn``: VCSL's Temporal Network as VSC's baseline runs it; gain ``sims - threshold``.
 
-    With ``ranked_last`` (a list), ``dp``'s fainter readings of the pair go there (``fainter_readings``)."""
+    With ``ranked_last`` (a list), ``dp``'s fainter readings of the pair go there (``fainter_readings``, which
+    ``other_offsets`` is passed to)."""
     if method == 'tn':
         boxes = temporal_network(sims, **VSC_TN)
         gain = sims - threshold
@@ -103,7 +107,7 @@ def align(sims: np.ndarray, method: str = 'dp', threshold: float = 0.6,
         score = float(gains.sum())
         if method == 'dp' and ranked_last is not None:
             box = fainter_readings(box, score, gains, lambda a, b: gain[a:b], gain.shape,
-                                   lambda p: gain[p[:, 0], p[:, 1]], ranked_last)
+                                   lambda p: gain[p[:, 0], p[:, 1]], ranked_last, other_offsets)
         out.append((box, score))
     return out
 
@@ -155,8 +159,8 @@ class LargePair:
 
 
 def align_large(pair: LargePair, method: str, threshold: float, row_background: np.ndarray,
-                column_background: np.ndarray | None = None, ranked_last: list[tuple[Box, float]] | None = None
-                ) -> list[tuple[Box, float]]:
+                column_background: np.ndarray | None = None, ranked_last: list[tuple[Box, float]] | None = None,
+                other_offsets: bool = True) -> list[tuple[Box, float]]:
     """:func:`align` of a pair too large to hold, the same boxes and scores, from blocks of its rows."""
     if method == 'tn':
         settings = {k: v for k, v in VSC_TN.items() if k != 'top_k'}
@@ -185,7 +189,7 @@ def align_large(pair: LargePair, method: str, threshold: float, row_background: 
         gain = path_gain(box.path)
         score = float(gain.sum())
         if ranked_last is not None:
-            box = fainter_readings(box, score, gain, gain_rows, pair.shape, path_gain, ranked_last)
+            box = fainter_readings(box, score, gain, gain_rows, pair.shape, path_gain, ranked_last, other_offsets)
         out.append((box, score))
     return out
 
@@ -251,7 +255,8 @@ def search_space(queries: VideoSet, references: Sequence[VideoFeatures], whiten:
 
 def localize(queries: VideoSet, refs: VideoSet, candidates: Iterable[Candidate], method: str = 'dp',
              threshold: float = 0.6, offsets: np.ndarray | None = None, space: FrameSpace | None = None,
-             query_sample: np.ndarray | None = None) -> Iterator[tuple[Candidate, np.ndarray, Box, Segment]]:
+             query_sample: np.ndarray | None = None, other_offsets: bool = True
+             ) -> Iterator[tuple[Candidate, np.ndarray, Box, Segment]]:
     """For each candidate, each box found in it: (candidate, its similarity matrix, box, segment in seconds).
     ``space``: where frames are compared (:func:`search_space`; None: the plain cosine). ``query_sample``
     (S, D), query frames of the whole search in that space: ``dp``'s reference frames' background is also their
@@ -262,7 +267,8 @@ def localize(queries: VideoSet, refs: VideoSet, candidates: Iterable[Candidate],
     time; where that product would exceed ``PRODUCT_CELLS`` (a 4-hour film x ten: 15 GiB), each pair's
     matrix is made on its own, and each query frame's background (its median similarity to all its
     candidates' frames) in blocks of query frames; a pair over ``PAIR_CELLS`` is aligned from blocks of its
-    rows (``LargePair``, ``align_large``) and yielded with None for its matrix."""
+    rows (``LargePair``, ``align_large``) and yielded with None for its matrix. ``dp``'s fainter readings come
+    after each pair's boxes (``Box.ranked_last``; ``other_offsets``: ``fainter_readings``')."""
     from ..progress import Progress
     starts = np.r_[0, np.cumsum([len(v) for v in queries.videos])[:-1]]
     by_query: dict[int, list[Candidate]] = {}
@@ -307,8 +313,8 @@ def localize(queries: VideoSet, refs: VideoSet, candidates: Iterable[Candidate],
                         columns[candidate.ref] = column_quantile(query_sample, frames)
                     column = columns[candidate.ref]
                 last: list[tuple[Box, float]] = []
-                found = align_large(sims, method, threshold, background, column, last) if large else \
-                    align(sims, method, threshold, background, column, last)
+                found = align_large(sims, method, threshold, background, column, last, other_offsets) if large \
+                    else align(sims, method, threshold, background, column, last, other_offsets)
                 for box, score in found + last:
                     yield candidate, None if large else sims, box, Segment(
                         q.video_id, r.video_id, float(q.timestamps[box.query_first, 0]),

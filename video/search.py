@@ -70,7 +70,7 @@ def search_videos(queries: VideoSet, refs: VideoSet | None, align: str = 'dp', t
     sample = None  # query frames spread evenly over all queries: what a reference frame is compared with
     if space is not None:
         sample = space(q_frames[np.unique(np.linspace(0, len(q_frames) - 1, QUERY_SAMPLE).astype(int))])
-    for item in localize(queries, refs, pairs, align, threshold, offsets, space, sample):
+    for item in localize(queries, refs, pairs, align, threshold, offsets, space, sample, other_offsets=fainter):
         (last if item[2].ranked_last else found).append(item[3])
         if keep_matrices:
             kept.append(item)
