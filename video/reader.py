@@ -263,11 +263,8 @@ def _rgb(frame, shrink: Callable[[int, int], tuple[int, int]] | None, convert) -
     the time (0.35 against 0.07 ms a 160 x 120 frame; the same pixels). One thread: videos are decoded side
     by side, and a pool of a thread per CPU for each frame cost 4 times the CPU time (0.04 against 0.01 ms)."""
     size = shrink(frame.width, frame.height) if shrink else (frame.width, frame.height)
-    if size != (frame.width, frame.height):
-        rgb = convert.reformat(frame, width=size[0], height=size[1], format='rgb24', interpolation='AREA',
-                               threads=1).to_ndarray()
-    else:
-        rgb = convert.reformat(frame, format='rgb24', threads=1).to_ndarray()
+    scale = {} if size == (frame.width, frame.height) else dict(width=size[0], height=size[1], interpolation='AREA')
+    rgb = convert.reformat(frame, format='rgb24', threads=1, **scale).to_ndarray()
     rotation = int(round(getattr(frame, 'rotation', 0) or 0)) % 360
     return np.ascontiguousarray(np.rot90(rgb, k=rotation // 90)) if rotation % 90 == 0 and rotation else rgb
 
