@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import warnings
 from pathlib import Path
 
@@ -51,6 +52,17 @@ def private_torch_home(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv('TORCH_HOME', str(home))
         yield
+
+
+@pytest.fixture(scope='session', autouse=True)
+def ctrl_c_as_a_terminal_sends_it():
+    """Ctrl-C interrupts, as in a terminal, however the suite was started. A shell starts a background job
+    (``pytest &`` in a script) with SIGINT ignored, every process it starts inherits that, and Python then
+    leaves it ignored: the tests that press Ctrl-C on a command (or on this process) saw it run on to the
+    end. Python's handler here makes SIGINT caught, which a started command gets back as the default."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture(scope='session')
