@@ -13,8 +13,9 @@ similarities), and return boxes ``(query_first, ref_first, query_last, ref_last)
   kept if its mean similarity per frame of extent exceeds ``min_sim``, it spans more than
   ``min_length`` frames on both axes and overlaps no kept box by an IoU of ``max_iou`` or more.
 - :func:`dp_alignment`: ours. A local alignment (Smith-Waterman) on ``sims - threshold`` whose steps
-  are (1, 1), (1, 2) and (2, 1): a path may follow a copy played up to twice as fast or as slow. The
-  best-scoring path is a copy; its query frames are then excluded and the next is looked for.
+  are (1, 1), (1, 2) and (2, 1): a path may follow a copy played up to twice as fast or as slow (a side
+  step costs more where it turns the path than where it keeps its speed). The best-scoring path is a
+  copy; its query frames are then excluded and the next is looked for.
 - :func:`dp_alignment_by_rows` and :func:`tn_nodes` / :func:`tn_paths`: the same on a matrix too large to
   hold, given a block of its rows at a time (``localization.LargePair``).
 - :func:`above_background`: what ``dp`` aligns: each similarity less a threshold raised, where a frame
@@ -237,13 +238,17 @@ def gain_above(sims: np.ndarray, row_background: np.ndarray, column_median: np.n
 
 
 MIN_SCORE = 1.0  # dp_alignment's least score of a segment
-# What a (1, 2) or (2, 1) step costs a ``dp`` path. Where a reference shot hardly moves, its frames look alike and
-# a path may slip sideways onto neighbours at little loss; a copy at one speed is a straight path. On
-# benchmarks/video.py's mild seeds 0-63 (kept descriptors searched again), 0.2 in place of 0.1 raised the copies
-# with both ends within 1 s from 293 to 306 of 320 and the mean segment AP from 0.958 to 0.966 (the seeds not
-# looked at before, 44-63: 88 -> 95 of 100, 0.949 -> 0.962); on hard seeds 0-15 (speed 0.75-1.5x) 0.916 -> 0.915
-# and 66 -> 65 of 80. 0.25 put seed 43 below 0.85, and 0.3 found 3 fewer hard copies within 1 s.
-GAP = 0.2
+# What a (1, 2) or (2, 1) step costs a ``dp`` path: SIDE_STEP_TURN where it turns the path (after a step of
+# another kind), SIDE_STEP_STEADY where it keeps its speed (after one of its own kind: a copy played twice as fast
+# or slow is such steps all along). Where a reference shot hardly moves, its frames look alike, and at 0.1 a step
+# whatever its kind a path slipped onto them: a copy's start found 2-3 s early, or a path run on past its end. On
+# benchmarks/video.py's mild seeds 0-63 (kept descriptors searched again; 0.1 everywhere -> these): copies with
+# both ends within 1 s 293 -> 302 of 320, mean segment AP 0.958 -> 0.965, 0.85 on 60 -> 61 seeds (seeds 44-63,
+# made after the other settings: 88 -> 94 of 100); hard seeds 0-15 (speed 0.75-1.5x): 0.916 -> 0.918, 66 -> 65 of
+# 80; the mild copies resampled to 2x speed: 133 -> 122 within 1 s (AP 0.788 -> 0.777), to 0.5x: 40 -> 44.
+# 0.2 for every side step found 306 mild copies, but 82 at 2x and 20 at 0.5x (review 28); 0.2 then 0.05: 300
+# mild, 143 at 2x, 0.85 on 60 seeds; 0.25 then 0.1: 304, 60 seeds (seed 43 below).
+SIDE_STEP_TURN, SIDE_STEP_STEADY = 0.2, 0.1
 
 
 def _keep_path(traced: list[tuple[int, int]], blocked: np.ndarray, boxes: list[Box], min_length: int) -> None:
@@ -255,13 +260,15 @@ def _keep_path(traced: list[tuple[int, int]], blocked: np.ndarray, boxes: list[B
         boxes.append(box)
 
 
-def dp_alignment(sims: np.ndarray, threshold: float = 0.5, gap: float = GAP, min_length: int = 2,
-                 max_segments: int = 5, min_score: float = MIN_SCORE) -> list[Box]:
+def dp_alignment(sims: np.ndarray, threshold: float = 0.5, turn: float = SIDE_STEP_TURN,
+                 steady: float = SIDE_STEP_STEADY, min_length: int = 2, max_segments: int = 5,
+                 min_score: float = MIN_SCORE) -> list[Box]:
     """Local alignment of the frames whose similarity beats ``threshold`` (see the module docstring).
 
-    A path's score is the sum of ``sims - threshold`` over its cells, less ``gap`` for each (1, 2) or
-    (2, 1) step. Segments whose score reaches ``min_score`` and that span at least ``min_length``
-    frames on both axes are returned, best first; each query frame is in at most one.
+    A path's score is the sum of ``sims - threshold`` over its cells, less ``turn`` for each (1, 2) or
+    (2, 1) step that follows a step of another kind and ``steady`` for each that follows one of its own
+    kind (a copy at another speed all along). Segments whose score reaches ``min_score`` and that span at
+    least ``min_length`` frames on both axes are returned, best first; each query frame is in at most one.
     """
     sims = _check(sims)
     n_q, n_r = sims.shape
@@ -271,56 +278,85 @@ def dp_alignment(sims: np.ndarray, threshold: float = 0.5, gap: float = GAP, min
         return boxes
     blocked = np.zeros(n_q, dtype=bool)
     while len(boxes) < max_segments and n_q and n_r:
-        score, back = _local_alignment(np.where(blocked[:, None], -np.inf, gain), gap)
-        q, r = np.unravel_index(int(np.argmax(score)), score.shape)
-        if not score[q, r] >= min_score:
+        best, state, back = _local_alignment(np.where(blocked[:, None], -np.inf, gain), turn, steady)
+        q, r = np.unravel_index(int(np.argmax(best)), best.shape)
+        if not best[q, r] >= min_score:
             break
-        path = [(q, r)]
-        while back[q, r] > 0:
-            dq, dr = _STEPS[back[q, r] - 1]
-            q, r = q - dq, r - dr
-            path.append((q, r))
-        _keep_path(path, blocked, boxes, min_length)
+        _keep_path(_trace(q, r, int(state[q, r]), lambda row: back[row]), blocked, boxes, min_length)
     return boxes
 
 
+# A step of each kind, the kind also being the state a path is in after it: (1, 1) (or the path's first cell),
+# (1, 2) and (2, 1).
 _STEPS = ((1, 1), (1, 2), (2, 1))
 
 
-def _local_alignment(gain: np.ndarray, gap: float) -> tuple[np.ndarray, np.ndarray]:
-    """Score of the best path ending at each cell, and how it got there (0: it starts there;
-    i: from the cell ``_STEPS[i - 1]`` back). One row at a time, vectorised over columns."""
+def _trace(q: int, r: int, state: int, backs) -> list[tuple[int, int]]:
+    """The path that ends at cell (q, r) in ``state``, traced back from it (end first); ``backs(row)``: that
+    row's back pointers (``_step``)."""
+    path = [(q, r)]
+    while True:
+        before = (int(backs(q)[r]) >> 2 * state & 3) - (state == 0)
+        if before < 0:
+            return path
+        dq, dr = _STEPS[state]
+        q, r, state = q - dq, r - dr, before
+        path.append((q, r))
+
+
+def _local_alignment(gain: np.ndarray, turn: float, steady: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The score of the best path ending at each cell (float64 (Q, R)), the state it ends in (int8 (Q, R))
+    and its back pointers (int8 (Q, R); ``_step``). One row at a time, vectorised over columns."""
     n_q, n_r = gain.shape
-    score = np.full((n_q, n_r), -np.inf)
+    best = np.full((n_q, n_r), -np.inf)
+    state = np.zeros((n_q, n_r), dtype=np.int8)
     back = np.zeros((n_q, n_r), dtype=np.int8)
+    above = two_above = None
     for q in range(n_q):
-        score[q], back[q] = _step(gain[q], score[q - 1] if q >= 1 else None, score[q - 2] if q >= 2 else None, gap)
-    return score, back
+        scores, back[q] = _step(gain[q], above, two_above, turn, steady)
+        best[q], state[q] = scores.max(axis=0), scores.argmax(axis=0)
+        above, two_above = scores, above
+    return best, state, back
 
 
-def _step(gain: np.ndarray, above: np.ndarray | None, two_above: np.ndarray | None, gap: float
+def _step(gain: np.ndarray, above: np.ndarray | None, two_above: np.ndarray | None, turn: float, steady: float
           ) -> tuple[np.ndarray, np.ndarray]:
-    """One row of :func:`_local_alignment`: its scores and back pointers from its ``gain`` (R,) and the
-    scores of the rows one and two above (None at the top)."""
+    """One row of :func:`_local_alignment`: its scores by state (float64 (3, R): a path's best score at each
+    cell arriving by each kind of step) and back pointers, from its ``gain`` (R,) and the scores of the rows
+    one and two above (None at the top). A cell's back pointers are one int8, two bits a state: the state
+    before, plus 1 for state 0, where 0 means the path starts at the cell (as a byte a cell, not three)."""
     n_r = len(gain)
+    scores = np.full((3, n_r), -np.inf)
+    back = np.zeros((3, n_r), dtype=np.int8)
+    # (1, 1), or the path starts here (score 0 before the cell)
     options = np.full((4, n_r), -np.inf)
     options[0] = 0.0
     if above is not None:
-        options[1, 1:] = above[:-1]
-        options[2, 2:] = above[:-2] - gap
-    if two_above is not None:
-        options[3, 1:] = two_above[:-1] - gap
-    best = np.argmax(options, axis=0)
-    return gain + options[best, np.arange(n_r)], best.astype(np.int8)
+        options[1:, 1:] = above[:, :-1]
+    pick = np.argmax(options, axis=0)
+    scores[0] = gain + options[pick, np.arange(n_r)]
+    back[0] = pick
+    # (1, 2) from the row above, (2, 1) from the row two above: dearer after a step of another kind
+    for kind, source, shift in ((1, above, 2), (2, two_above, 1)):
+        if source is None or n_r <= shift:
+            continue
+        costs = np.full((3, 1), turn)
+        costs[kind] = steady
+        options = source[:, :-shift] - costs
+        pick = np.argmax(options, axis=0)
+        scores[kind, shift:] = gain[shift:] + options[pick, np.arange(n_r - shift)]
+        back[kind, shift:] = pick
+    return scores, back[0] | back[1] << 2 | back[2] << 4
 
 
-def dp_alignment_by_rows(gain_rows, n_q: int, n_r: int, gap: float = GAP, min_length: int = 2,
-                         max_segments: int = 5, min_score: float = MIN_SCORE, cells: int = 2**20) -> list[Box]:
+def dp_alignment_by_rows(gain_rows, n_q: int, n_r: int, turn: float = SIDE_STEP_TURN, steady: float = SIDE_STEP_STEADY,
+                         min_length: int = 2, max_segments: int = 5, min_score: float = MIN_SCORE,
+                         cells: int = 2**20) -> list[Box]:
     """:func:`dp_alignment` (at ``threshold`` 0) of a matrix too large to hold, the same boxes: ``gain_rows(a,
     b)`` gives its rows a..b-1 (float64 (b - a, n_r)), made again at each pass, ``cells`` at a time. Each pass
     keeps two rows of scores, and those above every ``block``-th row (``block`` ~ 4 sqrt(n_q)); the best path
     is then traced back a block at a time, each block's back pointers made again from its saved rows (int8
-    (block, n_r)). Memory: ~2 sqrt(n_q) x n_r x 8 bytes (a 57,600-frame pair: 110 MB, not 25 GiB)."""
+    (block, n_r)). Memory: ~2 sqrt(n_q) x n_r x 8 bytes (a 57,600-frame pair: 220 MB, not 25 GiB)."""
     step_rows = max(1, cells // max(n_r, 1))
 
     def rows(a: int, b: int, blocked: np.ndarray):
@@ -338,35 +374,32 @@ def dp_alignment_by_rows(gain_rows, n_q: int, n_r: int, gap: float = GAP, min_le
     while len(boxes) < max_segments:
         saved: dict[int, tuple] = {}
         above = two_above = None
-        best, q, r = -np.inf, 0, 0
+        best, q, r, state = -np.inf, 0, 0, 0
         for row, gain in enumerate(rows(0, n_q, blocked)):
             if row % block == 0:
                 saved[row] = (above, two_above)
             # a row of an earlier segment: all -inf, and no path is traced through it
-            score = np.full(n_r, -np.inf) if blocked[row] else _step(gain, above, two_above, gap)[0]
-            if score.max() > best:  # the first cell of the highest score in row order, as np.argmax
-                best, q, r = float(score.max()), row, int(np.argmax(score))
-            above, two_above = score, above
+            scores = np.full((3, n_r), -np.inf) if blocked[row] else _step(gain, above, two_above, turn, steady)[0]
+            top = scores.max(axis=0)
+            if top.max() > best:  # the first cell of the highest score in row order, as np.argmax
+                best, q, r = float(top.max()), row, int(np.argmax(top))
+                state = int(scores[:, r].argmax())
+            above, two_above = scores, above
         if not best >= min_score:
             break
-        backs, first = None, None
-        path = [(q, r)]
-        while True:
-            if backs is None or q < first:
-                first = q // block * block
+        backs: dict[int, np.ndarray] = {}
+
+        def back_of(row: int) -> np.ndarray:
+            if row not in backs:  # the block of rows holding ``row``, made again from its saved rows
+                first = row // block * block
                 above, two_above = saved[first]
-                backs = []
-                for gain in rows(first, q + 1, blocked):
-                    score, back = _step(gain, above, two_above, gap)
-                    backs.append(back)
-                    above, two_above = score, above
-            move = backs[q - first][r]
-            if move == 0:
-                break
-            dq, dr = _STEPS[move - 1]
-            q, r = q - dq, r - dr
-            path.append((q, r))
-        _keep_path(path, blocked, boxes, min_length)
+                backs.clear()
+                for i, gain in enumerate(rows(first, min(first + block, n_q), blocked)):
+                    scores, backs[first + i] = _step(gain, above, two_above, turn, steady)
+                    above, two_above = scores, above
+            return backs[row]
+
+        _keep_path(_trace(q, r, state, back_of), blocked, boxes, min_length)
     return boxes
 
 
