@@ -612,6 +612,36 @@ def test_descriptors_of_more_dimensions_than_any_model_makes_are_refused(tmp_pat
                                               'model makes over 4,096 dimensions')
 
 
+def test_timestamps_that_run_backwards_are_refused(tmp_path, capsys):
+    """Review 28: a file whose frames' times ran backwards was searched, and `video search` wrote a segment that
+    ends before it starts, which `video evaluate` then refused."""
+    from towhee_isc.workflow.cli import main
+    features = np.eye(3, 8, dtype=np.float32)
+    times = np.array([[0, 1], [1, 2], [2, 3.0]])
+    write_video_descriptors(tmp_path / 'ok.npz', [VideoFeatures('a', features, times)])
+    for name, bad in (('reversed', times[::-1]), ('inverted', times[:, ::-1])):
+        write_video_descriptors(tmp_path / f'{name}.npz', [VideoFeatures('a', features, bad)])
+        assert main(['video', 'search', str(tmp_path / f'{name}.npz'), '--references', str(tmp_path / 'ok.npz'),
+                     '-o', str(tmp_path / 'm.csv')]) == 2
+        err = capsys.readouterr().err
+        assert "video 'a''s timestamps run backwards at frame" in err and err.count('\n') == 1, err
+        assert not (tmp_path / 'm.csv').exists()
+    read_video_descriptors(tmp_path / 'ok.npz')  # and a still (equal times) is fine
+    write_video_descriptors(tmp_path / 'still.npz', [VideoFeatures('a', features, np.zeros((3, 2)))])
+    read_video_descriptors(tmp_path / 'still.npz')
+
+
+def test_video_index_of_a_file_it_cannot_read_makes_no_database(tmp_path, capsys, monkeypatch):
+    """Review 28: `video index missing.npz` failed on its input after it had made ./isc.db."""
+    from towhee_isc.workflow.cli import main
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'bad.npz').write_text('not an npz')
+    for name in ('missing.npz', 'bad.npz'):
+        assert main(['video', 'index', name, '--collection', 'isc_video']) == 2
+        assert capsys.readouterr().err.startswith('error: ')
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['bad.npz']
+
+
 def test_video_dedup_of_videos_has_video_embeds_duration_bound_and_progress(videos, small_ckpt, capsys, monkeypatch):
     """#14 round 6: an 833-byte video whose frames lie 116 days apart was embedded by `video dedup` for weeks.
     Round 7 M4: it embedded with no progress at all (hours for a film); now as video embed shows it."""

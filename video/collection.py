@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .candidates import Candidate, vote
-from .storage import VideoFeatures, VideoSet, read_video_descriptors
+from .storage import VideoFeatures, VideoSet
 
 if TYPE_CHECKING:
     from ..workflow.milvus import MilvusIndex
@@ -29,14 +29,13 @@ def video_of(frame: str) -> str:
     return frame.rsplit('#', 1)[0]
 
 
-def index_videos(path: str, index: MilvusIndex, index_type: str | None = None, replace: bool = False
+def index_videos(refs: VideoSet, index: MilvusIndex, index_type: str | None = None, replace: bool = False
                  ) -> tuple[int, int, str]:
-    """Write every frame of a descriptor file into ``index``. A video the collection holds already must be
+    """Write every frame of ``refs`` (a descriptor file, read) into ``index``. A video the collection holds already must be
     the same video (as many frames, each the same vector), or it is refused: two cameras' GOPR0001 would
     otherwise make one chimera of both (frames 0..m-1 of one, the rest of the other). With ``replace``, such a
     video is replaced whole: its old frames beyond the new length are deleted. Returns (videos, frames, the
     collection's index type)."""
-    refs = read_video_descriptors(path)
     ids, fields = [], []
     for v in refs.videos:
         for n, (start, end) in enumerate(v.timestamps.tolist()):

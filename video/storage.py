@@ -174,6 +174,13 @@ def read_video_descriptors(path: str | os.PathLike, dim: int | None = None) -> V
     seen = [v.video_id for v in videos]
     if len(set(seen)) != len(seen):
         raise VideoDescriptorError(f'{path!r}: the frames of one video are not contiguous')
+    for v in videos:  # alignment reads a video's frames in order: a copy found backwards ends before it starts
+        backwards = np.flatnonzero((v.timestamps[:, 1] < v.timestamps[:, 0]) |
+                                   np.r_[False, v.timestamps[1:, 0] < v.timestamps[:-1, 0]])
+        if len(backwards):
+            raise VideoDescriptorError(f'{path!r}: video {v.video_id!r}\'s timestamps run backwards at frame '
+                                       f'{backwards[0]} (each frame ends at or after its start, and starts at or '
+                                       'after the frame before)')
     paths = dict(zip(seen, files)) if files is not None and len(files) == len(seen) else None
     return VideoSet(videos, model, postprocessing, paths)
 
