@@ -77,6 +77,11 @@ def test_embed_index_search_evaluate_with_milvus_lite(cmd, copy_set, tmp_path):
     code, out, err = cmd('index', tmp_path / 'refs.h5', '--milvus-uri', db, '--collection', 'refs')
     assert code == 0, err
     assert cmd('index', tmp_path / 'refs.h5', '--milvus-uri', db, '--collection', 'refs')[1].endswith('(6 in all)\n')
+    # An index that fails on its input (review 28: a typo) leaves a database that was there as it was, and makes
+    # no new one: it had left a new, empty ./isc.db behind.
+    assert cmd('index', tmp_path / 'nope.h5', '--milvus-uri', db, '--collection', 'refs')[0] == 2
+    assert cmd('index', tmp_path / 'nope.h5', '--milvus-uri', tmp_path / 'new.db', '--collection', 'refs')[0] == 2
+    assert not (tmp_path / 'new.db').exists()
     code, out, err = cmd('search', tmp_path / 'queries.h5', '--milvus-uri', db, '--collection', 'refs', '-k', 3,
                          '-o', tmp_path / 'matches.csv', '--report', tmp_path / 'report.html', '--report-images', copy_set)
     assert code == 0, err

@@ -245,6 +245,21 @@ def close_milvus_lite() -> None:
     _LITE.release_all()
 
 
+@contextlib.contextmanager
+def new_database_removed_on_failure(uri: str) -> Iterator[None]:
+    """Around a command that writes into the Milvus Lite database ``uri``: where the database was not there
+    before and the command fails (bad input, Ctrl-C), what it made is removed again, so that a failed
+    command leaves no new ``./isc.db`` behind. A server's, or a database that was there, is left as it is."""
+    made = _is_lite(str(uri)) and not os.path.exists(uri)
+    try:
+        yield
+    except BaseException:
+        if made and os.path.isdir(uri):
+            _LITE.release(str(uri), force=True)  # its server holds the folder
+            shutil.rmtree(uri, ignore_errors=True)
+        raise
+
+
 class MilvusIndex:
     """A Milvus collection of descriptors: primary key = image id (indexing again updates), inner
     product on L2-normalised vectors. A ``.db`` URI is Milvus Lite (a folder); ``http://host:19530``
