@@ -24,6 +24,7 @@ similarities), and return boxes ``(query_first, ref_first, query_last, ref_last)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -239,15 +240,10 @@ def gain_above(sims: np.ndarray, row_background: np.ndarray, column_median: np.n
 
 MIN_SCORE = 1.0  # dp_alignment's least score of a segment
 # What a (1, 2) or (2, 1) step costs a ``dp`` path: SIDE_STEP_TURN where it turns the path (after a step of
-# another kind), SIDE_STEP_STEADY where it keeps its speed (after one of its own kind: a copy played twice as fast
-# or slow is such steps all along). Where a reference shot hardly moves, its frames look alike, and at 0.1 a step
-# whatever its kind a path slipped onto them: a copy's start found 2-3 s early, or a path run on past its end. On
-# benchmarks/video.py's mild seeds 0-63 (kept descriptors searched again; 0.1 everywhere -> these): copies with
-# both ends within 1 s 293 -> 302 of 320, mean segment AP 0.958 -> 0.965, 0.85 on 60 -> 61 seeds (seeds 44-63,
-# made after the other settings: 88 -> 94 of 100); hard seeds 0-15 (speed 0.75-1.5x): 0.916 -> 0.918, 66 -> 65 of
-# 80; the mild copies resampled to 2x speed: 133 -> 122 within 1 s (AP 0.788 -> 0.777), to 0.5x: 40 -> 44.
-# 0.2 for every side step found 306 mild copies, but 82 at 2x and 20 at 0.5x (review 28); 0.2 then 0.05: 300
-# mild, 143 at 2x, 0.85 on 60 seeds; 0.25 then 0.1: 304, 60 seeds (seed 43 below).
+# another kind, or at the path's first cell), SIDE_STEP_STEADY after one of its own kind (a copy at exactly 2x or
+# 0.5x). At 0.1 for every side step, paths slipped sideways in still shots, whose frames look alike. A trade,
+# measured in README's "Videos" ("A side step costs 0.2 ..."): on benchmarks/video.py's mild seeds 0-63, copies
+# with both ends within 1 s 293 -> 302 of 320; copies resampled to 1.5x 234 -> 216, to 2x 133 -> 122.
 SIDE_STEP_TURN, SIDE_STEP_STEADY = 0.2, 0.1
 
 
@@ -266,9 +262,10 @@ def dp_alignment(sims: np.ndarray, threshold: float = 0.5, turn: float = SIDE_ST
     """Local alignment of the frames whose similarity beats ``threshold`` (see the module docstring).
 
     A path's score is the sum of ``sims - threshold`` over its cells, less ``turn`` for each (1, 2) or
-    (2, 1) step that follows a step of another kind and ``steady`` for each that follows one of its own
-    kind (a copy at another speed all along). Segments whose score reaches ``min_score`` and that span at
-    least ``min_length`` frames on both axes are returned, best first; each query frame is in at most one.
+    (2, 1) step that follows a step of another kind (or the path's first cell) and ``steady`` for each that
+    follows one of its own kind (a copy at twice or half the speed all along). Segments whose score reaches
+    ``min_score`` and that span at least ``min_length`` frames on both axes are returned, best first; each query
+    frame is in at most one.
     """
     sims = _check(sims)
     n_q, n_r = sims.shape
@@ -291,12 +288,13 @@ def dp_alignment(sims: np.ndarray, threshold: float = 0.5, turn: float = SIDE_ST
 _STEPS = ((1, 1), (1, 2), (2, 1))
 
 
-def _trace(q: int, r: int, state: int, backs) -> list[tuple[int, int]]:
+def _trace(q: int, r: int, state: int, backs: Callable[[int], np.ndarray]) -> list[tuple[int, int]]:
     """The path that ends at cell (q, r) in ``state``, traced back from it (end first); ``backs(row)``: that
-    row's back pointers (``_step``)."""
+    row's back pointers (int8 (R,), ``_step``)."""
     path = [(q, r)]
     while True:
-        before = (int(backs(q)[r]) >> 2 * state & 3) - (state == 0)
+        code = int(backs(q)[r]) >> 2 * state & 3  # this state's two bits
+        before = code - 1 if state == 0 else code  # state 0 stores the state before plus 1 (0: the path starts)
         if before < 0:
             return path
         dq, dr = _STEPS[state]
@@ -349,9 +347,9 @@ def _step(gain: np.ndarray, above: np.ndarray | None, two_above: np.ndarray | No
     return scores, back[0] | back[1] << 2 | back[2] << 4
 
 
-def dp_alignment_by_rows(gain_rows, n_q: int, n_r: int, turn: float = SIDE_STEP_TURN, steady: float = SIDE_STEP_STEADY,
-                         min_length: int = 2, max_segments: int = 5, min_score: float = MIN_SCORE,
-                         cells: int = 2**20) -> list[Box]:
+def dp_alignment_by_rows(gain_rows, n_q: int, n_r: int, turn: float = SIDE_STEP_TURN,
+                         steady: float = SIDE_STEP_STEADY, min_length: int = 2, max_segments: int = 5,
+                         min_score: float = MIN_SCORE, cells: int = 2**20) -> list[Box]:
     """:func:`dp_alignment` (at ``threshold`` 0) of a matrix too large to hold, the same boxes: ``gain_rows(a,
     b)`` gives its rows a..b-1 (float64 (b - a, n_r)), made again at each pass, ``cells`` at a time. Each pass
     keeps two rows of scores, and those above every ``block``-th row (``block`` ~ 4 sqrt(n_q)); the best path
