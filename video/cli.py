@@ -150,13 +150,12 @@ def report_skipped(skipped: dict) -> None:
 
 
 def cmd_index(args) -> None:
-    from ..workflow.milvus import MilvusIndex, new_database_removed_on_failure
+    from ..workflow.milvus import MilvusIndex
     from .collection import index_videos
     from .storage import read_video_descriptors
-    refs = read_video_descriptors(args.references)  # before the collection is opened: no server started for nothing
-    with new_database_removed_on_failure(args.milvus_uri):
-        index = MilvusIndex(args.milvus_uri, args.collection, args.token)
-        videos, frames, kind = index_videos(refs, index, args.index_type, args.replace)
+    refs = read_video_descriptors(args.references)  # before the collection: a bad file leaves no new database
+    index = MilvusIndex(args.milvus_uri, args.collection, args.token)
+    videos, frames, kind = index_videos(refs, index, args.index_type, args.replace)
     print(f'indexed {frames} frames of {videos} video(s) into {args.collection!r} ({kind} index) at '
           f'{args.milvus_uri} ({index.count()} frames in all)')
 

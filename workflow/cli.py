@@ -76,14 +76,14 @@ def cmd_index(args) -> None:
     from .embedding import inputs_postprocessing, load_descriptors
     from .milvus import MilvusIndex, new_database_removed_on_failure
     images = embedder(args)
-    with new_database_removed_on_failure(args.milvus_uri):
+    with new_database_removed_on_failure(args.milvus_uri):  # until it writes: a failed write marks it incomplete
         index = MilvusIndex(args.milvus_uri, args.collection, args.token)
         postprocessing = same_postprocessing(args, images, inputs_postprocessing(args.inputs, images), {
             f'collection {args.collection!r}': index.postprocessing()} if index.dim() else {})
         models = collection_models(index)
         ids, vectors, paths = load_descriptors(args.inputs, images, models)  # refuses another model's vectors
-        kind = index.add(ids, vectors, index_type=args.index_type, postprocessing=postprocessing,
-                         model=recorded_model(models), paths=paths, replace=args.replace)
+    kind = index.add(ids, vectors, index_type=args.index_type, postprocessing=postprocessing,
+                     model=recorded_model(models), paths=paths, replace=args.replace)
     print(f'indexed {plural(len(ids), "descriptor")} into {args.collection!r} ({kind} index) at {args.milvus_uri} '
           f'({index.count()} in all)')
 

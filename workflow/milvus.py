@@ -247,9 +247,11 @@ def close_milvus_lite() -> None:
 
 @contextlib.contextmanager
 def new_database_removed_on_failure(uri: str) -> Iterator[None]:
-    """Around a command that writes into the Milvus Lite database ``uri``: where the database was not there
-    before and the command fails (bad input, Ctrl-C), what it made is removed again, so that a failed
-    command leaves no new ``./isc.db`` behind. A server's, or a database that was there, is left as it is."""
+    """Around what a command does before it writes into the Milvus Lite database ``uri`` (opening it, reading
+    and checking its inputs): where the database was not there before and this fails (bad input, Ctrl-C),
+    what it made is removed again, so that such a command leaves no new ``./isc.db`` behind. A server's, or a
+    database that was there, is left as it is; a write that fails part-way marks its collection incomplete
+    instead (``MilvusIndex.add``)."""
     made = _is_lite(str(uri)) and not os.path.exists(uri)
     try:
         yield
