@@ -31,8 +31,8 @@ def video_of(frame: str) -> str:
 
 def index_videos(refs: VideoSet, index: MilvusIndex, index_type: str | None = None, replace: bool = False
                  ) -> tuple[int, int, str]:
-    """Write every frame of ``refs`` (a descriptor file, read) into ``index``. A video the collection holds already must be
-    the same video (as many frames, each the same vector), or it is refused: two cameras' GOPR0001 would
+    """Write every frame of ``refs`` (a descriptor file, read) into ``index``. A video the collection holds
+    already must be the same video (as many frames, each the same vector), or it is refused: two cameras' GOPR0001 would
     otherwise make one chimera of both (frames 0..m-1 of one, the rest of the other). With ``replace``, such a
     video is replaced whole: its old frames beyond the new length are deleted. Returns (videos, frames, the
     collection's index type)."""
