@@ -388,11 +388,11 @@ def dp_alignment_by_rows(gain_rows, n_q: int, n_r: int, turn: float = SIDE_STEP_
         backs: dict[int, np.ndarray] = {}
 
         def back_of(row: int) -> np.ndarray:
-            if row not in backs:  # the block of rows holding ``row``, made again from its saved rows
+            if row not in backs:  # the block's rows up to ``row`` (the trace only goes up), made again
                 first = row // block * block
                 above, two_above = saved[first]
                 backs.clear()
-                for i, gain in enumerate(rows(first, min(first + block, n_q), blocked)):
+                for i, gain in enumerate(rows(first, row + 1, blocked)):
                     scores, backs[first + i] = _step(gain, above, two_above, turn, steady)
                     above, two_above = scores, above
             return backs[row]

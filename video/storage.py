@@ -169,18 +169,22 @@ def read_video_descriptors(path: str | os.PathLike, dim: int | None = None) -> V
         raise VideoDescriptorError(f'{path!r}: timestamps must be seconds from 0 to {MAX_TIMESTAMP_S:g} '
                                    '(NaN, negative or larger ones would end up in the match CSV)')
     starts = np.r_[0, np.flatnonzero(ids[1:] != ids[:-1]) + 1, len(ids)]
+    # alignment reads a video's frames in order: a copy found backwards ends before it starts
+    first = np.zeros(len(ids), dtype=bool)
+    first[starts[:-1]] = True
+    backwards = np.flatnonzero((timestamps[:, 1] < timestamps[:, 0]) |
+                               (np.r_[False, timestamps[1:, 0] < timestamps[:-1, 0]] & ~first))
+    if len(backwards):
+        at = int(backwards[0])
+        video = int(np.searchsorted(starts, at, side='right')) - 1
+        raise VideoDescriptorError(f'{path!r}: video {str(ids[at])!r}\'s timestamps run backwards at frame '
+                                   f'{at - starts[video]} (each frame ends at or after its start, and starts at or '
+                                   'after the frame before)')
     videos = [VideoFeatures(str(ids[a]), features[a:b].astype(np.float32), timestamps[a:b].astype(np.float64))
               for a, b in zip(starts[:-1], starts[1:])]
     seen = [v.video_id for v in videos]
     if len(set(seen)) != len(seen):
         raise VideoDescriptorError(f'{path!r}: the frames of one video are not contiguous')
-    for v in videos:  # alignment reads a video's frames in order: a copy found backwards ends before it starts
-        backwards = np.flatnonzero((v.timestamps[:, 1] < v.timestamps[:, 0]) |
-                                   np.r_[False, v.timestamps[1:, 0] < v.timestamps[:-1, 0]])
-        if len(backwards):
-            raise VideoDescriptorError(f'{path!r}: video {v.video_id!r}\'s timestamps run backwards at frame '
-                                       f'{backwards[0]} (each frame ends at or after its start, and starts at or '
-                                       'after the frame before)')
     paths = dict(zip(seen, files)) if files is not None and len(files) == len(seen) else None
     return VideoSet(videos, model, postprocessing, paths)
 

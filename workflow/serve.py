@@ -36,6 +36,7 @@ from ray import serve
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartParser
 
+from ..defaults import cpu_count
 from ..images import ImageError
 from .descriptors import check_same_postprocessing, read_descriptors, read_model, read_postprocessing
 from .embedding import Embedder, check_same_model
@@ -506,7 +507,7 @@ def run_service(settings: ServiceSettings, host: str = '127.0.0.1', port: int = 
         if os.environ.get(LOOPBACK_ONLY[0]) != LOOPBACK_ONLY[1]:
             raise RuntimeError(f'a local Ray must start with {LOOPBACK_ONLY[0]}={LOOPBACK_ONLY[1]} in the environment '
                                'before ray is imported (towhee-isc serve sets it)')
-        check_room(replicas, num_gpus, {'CPU': len(os.sched_getaffinity(0)), 'GPU': num_gpus and _local_gpus()},
+        check_room(replicas, num_gpus, {'CPU': cpu_count(), 'GPU': num_gpus and _local_gpus()},
                    'this machine')
     signal.signal(signal.SIGTERM, _stop)
     try:
