@@ -631,6 +631,46 @@ def test_timestamps_that_run_backwards_are_refused(tmp_path, capsys):
     read_video_descriptors(tmp_path / 'still.npz')
 
 
+def test_a_file_that_is_no_npz_is_refused_in_our_words(tmp_path, capsys):
+    """Review 28b: a pickle or a text file named .npz got numpy's advice to load it "unsafely", and an .npy
+    named .npz "'numpy.ndarray' object does not support the context manager protocol"."""
+    import pickle
+    from towhee_isc.workflow.cli import main
+    pickle.dump({'features': 1}, (tmp_path / 'pickle.npz').open('wb'))
+    (tmp_path / 'text.npz').write_text('video_ids,features\n')
+    np.save(tmp_path / 'array.npy', np.ones(3))
+    (tmp_path / 'array.npy').rename(tmp_path / 'array.npz')
+    for name in ('pickle', 'text', 'array'):
+        path = str(tmp_path / f'{name}.npz')
+        assert main(['video', 'search', path, '--references', path, '-o', str(tmp_path / 'm.csv')]) == 2
+        assert capsys.readouterr().err == (f"error: {path!r} is not a VSC video descriptor file: it is no npz "
+                                           '(a zip of .npy arrays)\n')
+
+
+@pytest.mark.parametrize('scale', [1e30, 1e-30])
+def test_frames_are_compared_by_cosine_whatever_the_scale_of_a_files_vectors(tmp_path, scale):
+    """Review 28b: VSC's format does not say its vectors are unit vectors. `tn` and score normalisation took
+    inner products (vectors scaled by 1e30 scored 1e61), and `dp` found nothing in vectors scaled by 1e-30."""
+    from towhee_isc.video.search import search_videos
+    rng = np.random.default_rng(0)
+
+    def unit(x):
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    def videos(*named):
+        return VideoSet([VideoFeatures(vid, frames.astype(np.float32), np.c_[0:len(frames), 1:len(frames) + 1])
+                         for vid, frames in named])
+
+    ref, noise = unit(rng.normal(size=(40, 64))), unit(rng.normal(size=(30, 64)))
+    query = unit(np.r_[rng.normal(size=(10, 64)), ref[10:30] + 0.05 * rng.normal(size=(20, 64))])
+    for align_with, noise_set in (('dp', None), ('tn', None), ('dp', videos(('N', noise)))):
+        found = [search_videos(videos(('Q', query * s)), videos(('R', ref * s)), align_with,
+                               noise=noise_set and videos(('N', noise * s)))[0] for s in (1, scale)]
+        assert found[0] and [(m.query_start, m.query_end, m.ref_start, m.ref_end) for m in found[1]] == \
+            [(m.query_start, m.query_end, m.ref_start, m.ref_end) for m in found[0]], align_with
+        np.testing.assert_allclose([m.score for m in found[1]], [m.score for m in found[0]], rtol=1e-6)
+
+
 def test_video_index_of_a_file_it_cannot_read_makes_no_database(tmp_path, capsys, monkeypatch):
     """Review 28: `video index missing.npz` failed on its input after it had made ./isc.db."""
     from towhee_isc.workflow.cli import main

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from .candidates import frame_candidates, noise_offsets
-from .localization import QUERY_SAMPLE, best_first, localize, search_space
+from .candidates import frame_candidates, noise_offsets, within
+from .localization import COSINE, QUERY_SAMPLE, best_first, localize, search_space
 from .metrics import Segment, write_segments
 from .storage import VideoSet, check_same_source, read_video_descriptors
 
@@ -44,9 +44,10 @@ def search_videos(queries: VideoSet, refs: VideoSet | None, align: str = 'dp', t
     from ..workflow.engines import choose_engine
     q_frames, _, _ = queries.frames()
     offsets = None
-    if noise is not None:
-        n_frames, _, _ = noise.frames()
-        offsets = noise_offsets(q_frames, n_frames, choose_engine(len(q_frames), len(n_frames), exact), factor)
+    if noise is not None:  # by the frames' cosine: frames() made these arrays, taken into it in place
+        n_frames = within(COSINE, noise.frames()[0])
+        offsets = noise_offsets(within(COSINE, queries.frames()[0]), n_frames,
+                                choose_engine(len(q_frames), len(n_frames), exact), factor)
     centre_frames = align == 'dp' and offsets is None  # score normalisation already removes what is common
     space = None
     if collection is not None:
@@ -61,7 +62,7 @@ def search_videos(queries: VideoSet, refs: VideoSet | None, align: str = 'dp', t
         # candidates are searched in the space their frames are aligned in (see ``frame_candidates``' note)
         space = search_space(queries, refs.videos, whiten) if centre_frames else None
         engine = choose_engine(len(q_frames), sum(len(v) for v in refs.videos), exact)
-        pairs = frame_candidates(queries, refs, engine, k, candidates, offsets, space=space)
+        pairs = frame_candidates(queries, refs, engine, k, candidates, offsets, space=space or COSINE)
         description = engine.description
     if threshold is None:
         threshold = DEFAULT_NORMALISED_THRESHOLD if offsets is not None else DEFAULT_THRESHOLD if space is None \

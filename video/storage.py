@@ -220,8 +220,8 @@ def _check_fits_in_memory(path: str) -> None:
     the kind read (MEMBER_KINDS) is refused, and so is a zip of many members or one member listed twice
     (MAX_MEMBERS)."""
     from ..workflow.descriptors import available_memory
-    if not zipfile.is_zipfile(path):
-        return  # np.load says what it is not
+    if not zipfile.is_zipfile(path):  # np.load would read a pickle or an .npy too, or advise loading it unsafely
+        raise VideoDescriptorError(f'{path!r} is not a VSC video descriptor file: it is no npz (a zip of .npy arrays)')
     with open(path, 'rb') as f:
         end = zipfile._EndRecData(f)  # zipfile's own reading of the end record: what ZipFile would parse
     if end and end[zipfile._ECD_SIZE] > MAX_DIRECTORY_BYTES:
