@@ -41,7 +41,7 @@ def index_videos(refs: VideoSet, index: MilvusIndex, index_type: str | None = No
         for n, (start, end) in enumerate(v.timestamps.tolist()):
             ids.append(frame_id(v.video_id, n))
             fields.append({'video': v.video_id, 'frame': n, 'start': start, 'end': end})
-    vectors = np.concatenate([v.features for v in refs.videos])
+    vectors = np.concatenate([v.features for v in refs.unit_vectors().videos])  # Milvus ranks by inner product
     stale: list[str] = []
     if index.dim() is not None:
         index.create(vectors.shape[1], index_type)  # an existing one: refuses another vector size or index type

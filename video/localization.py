@@ -210,18 +210,11 @@ class FrameSpace:
     whitened: bool = False
 
     def __call__(self, features: np.ndarray) -> np.ndarray:
-        """``features`` (N, D) -> (N, D) float64 unit rows (a row of zeros stays zeros)."""
+        """``features`` (N, D) -> (N, D) float64 unit rows."""
         x = features.astype(np.float64) - self.mean
         if self.projection is not None:
             x = x @ self.projection
-        norms = np.linalg.norm(x, axis=1, keepdims=True)
-        # divided by their own norm however small: descriptors scaled by 1e-30 are still the same descriptors
-        return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
-
-
-# Where ``tn`` and score normalisation compare frames: by their cosine, whatever scale a file's vectors have
-# (VSC's format does not say they are unit vectors; unscaled, a threshold of 0.6 means nothing).
-COSINE = FrameSpace(np.zeros(()))
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def search_space(queries: VideoSet, references: Sequence[VideoFeatures], whiten: bool = True) -> FrameSpace:
@@ -257,8 +250,7 @@ def search_space(queries: VideoSet, references: Sequence[VideoFeatures], whiten:
     values, vectors = np.linalg.eigh(outer / max(count, 1) - np.outer(mean, mean))
     values = np.maximum(values, 0.0)
     values += SHRINKAGE * values.mean()
-    # the floor only keeps frames that are all one vector (no variance at all) from a division by zero
-    return FrameSpace(mean, vectors / np.sqrt(np.maximum(values, np.finfo(np.float64).tiny)), whitened=True)
+    return FrameSpace(mean, vectors / np.sqrt(np.maximum(values, 1e-12)), whitened=True)
 
 
 def localize(queries: VideoSet, refs: VideoSet, candidates: Iterable[Candidate], method: str = 'dp',
@@ -289,7 +281,7 @@ def localize(queries: VideoSet, refs: VideoSet, candidates: Iterable[Candidate],
     with Progress(cells, 'aligning candidate pairs', unit='cell', scale=True) as progress:
         for query, pairs in by_query.items():
             q = queries.videos[query]
-            within = space or COSINE
+            within = space or (lambda x: x.astype(np.float64))
             q_frames = within(q.features)
             q_offsets = None if offsets is None else offsets[starts[query]:starts[query] + len(q), None]
             references = [refs.videos[c.ref] for c in pairs]

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from .candidates import frame_candidates, noise_offsets, within
-from .localization import COSINE, QUERY_SAMPLE, best_first, localize, search_space
+from .candidates import frame_candidates, noise_offsets
+from .localization import QUERY_SAMPLE, best_first, localize, search_space
 from .metrics import Segment, write_segments
 from .storage import VideoSet, check_same_source, read_video_descriptors
 
@@ -29,8 +29,8 @@ DEFAULT_WHITENED_THRESHOLD = 0.1
 def search_videos(queries: VideoSet, refs: VideoSet | None, align: str = 'dp', threshold: float | None = None,
                   k: int = 10, candidates: int = 10, noise: VideoSet | None = None, factor: float = 1.0,
                   exact: bool = False, keep_matrices: bool = False, collection: MilvusIndex | None = None,
-                  nprobe: int | None = None, ef: int | None = None, whiten: bool = True, fainter: bool = True
-                  ) -> tuple[list[Segment], str, list, VideoSet]:
+                  nprobe: int | None = None, ef: int | None = None, whiten: bool = True, fainter: bool = True,
+                  min_score: float | None = None) -> tuple[list[Segment], str, list, VideoSet]:
     """Copied segments between query and reference videos, best first. ``dp`` without ``noise`` compares
     the frames less their mean and, with ``whiten`` (and as many frames as dimensions), whitened
     (``localization.search_space``), and with ``refs`` finds the candidate pairs' nearest frames there too.
@@ -40,14 +40,19 @@ def search_videos(queries: VideoSet, refs: VideoSet | None, align: str = 'dp', t
     back the candidate videos' frames. Returns (segments, how frames were searched, with
     ``keep_matrices`` the (candidate, similarity matrix, box, segment) of each for a report, and the
     reference videos: ``refs``, or those read from the collection). ``fainter``: also ``dp``'s fainter
-    readings of a pair, listed last (``localization.fainter_readings``)."""
+    readings of a pair, listed last (``localization.fainter_readings``). ``min_score``: only segments whose
+    alignment scored above it (``tn`` keeps paths of a mean similarity over 0.2, which score below 0 at a
+    threshold of 0.6: listed last by a search, no copy to ``video dedup``)."""
     from ..workflow.engines import choose_engine
+    # inner products of unit vectors are cosines, whatever scale each file's vectors have (``unit_vectors``)
+    queries = queries.unit_vectors()
+    refs = None if refs is None else refs.unit_vectors()
+    noise = None if noise is None else noise.unit_vectors()
     q_frames, _, _ = queries.frames()
     offsets = None
-    if noise is not None:  # by the frames' cosine: frames() made these arrays, taken into it in place
-        n_frames = within(COSINE, noise.frames()[0])
-        offsets = noise_offsets(within(COSINE, queries.frames()[0]), n_frames,
-                                choose_engine(len(q_frames), len(n_frames), exact), factor)
+    if noise is not None:
+        n_frames, _, _ = noise.frames()
+        offsets = noise_offsets(q_frames, n_frames, choose_engine(len(q_frames), len(n_frames), exact), factor)
     centre_frames = align == 'dp' and offsets is None  # score normalisation already removes what is common
     space = None
     if collection is not None:
@@ -55,6 +60,7 @@ def search_videos(queries: VideoSet, refs: VideoSet | None, align: str = 'dp', t
         # the collection holds the vectors as embedded: its k-NN is by their cosine, and the space is learned
         # on the candidates' frames read back from it
         pairs, refs = collection_candidates(queries, collection, k, candidates, offsets, nprobe, ef)
+        refs = refs.unit_vectors()  # a collection indexed before `video index` stored unit vectors may hold others
         description = f'Milvus collection {collection.collection!r} at {collection.uri}'
         if centre_frames:
             space = search_space(queries, [refs.videos[i] for i in sorted({c.ref for c in pairs})], whiten)
@@ -62,7 +68,7 @@ def search_videos(queries: VideoSet, refs: VideoSet | None, align: str = 'dp', t
         # candidates are searched in the space their frames are aligned in (see ``frame_candidates``' note)
         space = search_space(queries, refs.videos, whiten) if centre_frames else None
         engine = choose_engine(len(q_frames), sum(len(v) for v in refs.videos), exact)
-        pairs = frame_candidates(queries, refs, engine, k, candidates, offsets, space=space or COSINE)
+        pairs = frame_candidates(queries, refs, engine, k, candidates, offsets, space=space)
         description = engine.description
     if threshold is None:
         threshold = DEFAULT_NORMALISED_THRESHOLD if offsets is not None else DEFAULT_THRESHOLD if space is None \
@@ -72,6 +78,8 @@ def search_videos(queries: VideoSet, refs: VideoSet | None, align: str = 'dp', t
     if space is not None:
         sample = space(q_frames[np.unique(np.linspace(0, len(q_frames) - 1, QUERY_SAMPLE).astype(int))])
     for item in localize(queries, refs, pairs, align, threshold, offsets, space, sample, other_offsets=fainter):
+        if min_score is not None and item[3].score <= min_score:
+            continue
         (last if item[2].ranked_last else found).append(item[3])
         if keep_matrices:
             kept.append(item)
@@ -144,7 +152,8 @@ def dedup(args) -> list[dict]:
         raise ValueError('the inputs repeat a video id: every video needs its own id')
     # Without the fainter readings: another offset of a copy is no second of it that two videos share.
     segments, _, _, _ = search_videos(everything, everything, args.align, args.threshold, args.k + 1,
-                                   args.candidates + 1, exact=args.exact, whiten=args.whiten, fainter=False)
+                                   args.candidates + 1, exact=args.exact, whiten=args.whiten, fainter=False,
+                                   min_score=0.0)
     segments = [s for s in segments if s.query_id != s.ref_id]
     return duplicate_groups(everything, segments, paths)
 

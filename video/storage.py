@@ -61,6 +61,22 @@ class VideoSet:
     def ids(self) -> list[str]:
         return [v.video_id for v in self.videos]
 
+    def unit_vectors(self) -> 'VideoSet':
+        """The same videos with every frame's vector scaled to norm 1 (a zero vector stays zero): what search
+        compares, and a collection holds. VSC's format does not say its vectors are unit vectors, and two files of
+        one model may differ in scale; inner products of unit vectors are cosines whatever the files' scales.
+        Returns this set itself where every vector is a unit vector already (ours are: no copy)."""
+        if all(np.allclose(np.linalg.norm(v.features.astype(np.float64), axis=1), 1, atol=UNIT_TOLERANCE)
+               for v in self.videos):
+            return self
+        videos = []
+        for v in self.videos:
+            x = v.features.astype(np.float64)  # float64: the squares of float32's 1e-30 or 1e30 are out of its range
+            norms = np.linalg.norm(x, axis=1, keepdims=True)
+            unit = np.divide(x, norms, out=np.zeros_like(x), where=norms > 0).astype(np.float32)
+            videos.append(VideoFeatures(v.video_id, unit, v.timestamps))
+        return VideoSet(videos, self.model, self.postprocessing, self.paths)
+
 
 def write_video_descriptors(path: str | os.PathLike, videos: Sequence[VideoFeatures], model: dict | None = None,
                             postprocessing: dict | None = None, fps: float | None = None,
@@ -132,10 +148,12 @@ def read_video_descriptors(path: str | os.PathLike, dim: int | None = None) -> V
     vector size required (to compare with another file). Files without our ``model`` record are
     taken on trust."""
     path = str(path)
+    if os.path.isdir(path):
+        raise VideoDescriptorError(f'{path!r} is a folder, not a video descriptor file')
     if not os.path.isfile(path):
         raise VideoDescriptorError(f'video descriptor file not found: {path!r}')
     try:
-        _check_fits_in_memory(path)
+        _check_archive(path)
         with np.load(path, allow_pickle=False) as data:
             missing = {'video_ids', 'features', 'timestamps'} - set(data.files)
             if missing:
@@ -153,6 +171,12 @@ def read_video_descriptors(path: str | os.PathLike, dim: int | None = None) -> V
         raise VideoDescriptorError(f'{path!r}: features must be a non-empty N x D array, got shape {features.shape}')
     if not np.issubdtype(features.dtype, np.floating) or not np.isfinite(features).all():
         raise VideoDescriptorError(f'{path!r}: features must be finite floats')
+    with np.errstate(over='ignore', under='ignore'):
+        as_float32 = features.astype(np.float32, copy=False)  # what VSC's descriptors are, and search reads
+    if not np.isfinite(as_float32).all() or ((as_float32 == 0).all(axis=1) & (features != 0).any(axis=1)).any():
+        raise VideoDescriptorError(f'{path!r}: features must fit float32, as VSC descriptors are: values over '
+                                   '3.4e38, or a frame whose values are all under 1e-45, are not descriptors')
+    features = as_float32
     if features.shape[1] > MAX_DIM:
         raise VideoDescriptorError(f'{path!r} holds {features.shape[1]:,}-d vectors: no descriptor model makes over '
                                    f'{MAX_DIM:,} dimensions (ISC and VSC descriptors have 256 to 512)')
@@ -180,7 +204,7 @@ def read_video_descriptors(path: str | os.PathLike, dim: int | None = None) -> V
         raise VideoDescriptorError(f'{path!r}: video {str(ids[at])!r}\'s timestamps run backwards at frame '
                                    f'{at - starts[video]} (each frame ends at or after its start, and starts at or '
                                    'after the frame before)')
-    videos = [VideoFeatures(str(ids[a]), features[a:b].astype(np.float32), timestamps[a:b].astype(np.float64))
+    videos = [VideoFeatures(str(ids[a]), features[a:b], timestamps[a:b].astype(np.float64))
               for a, b in zip(starts[:-1], starts[1:])]
     seen = [v.video_id for v in videos]
     if len(set(seen)) != len(seen):
@@ -189,6 +213,8 @@ def read_video_descriptors(path: str | os.PathLike, dim: int | None = None) -> V
     return VideoSet(videos, model, postprocessing, paths)
 
 
+# A vector's norm this close to 1 is taken as a unit vector's (the operator's are within float32 rounding).
+UNIT_TOLERANCE = 1e-4
 # Descriptor sizes beyond this are no model's (ISC's are 256-d, VSC's baselines' 512-d): a crafted file's. Search
 # works in D x D (whitening: ``localization.search_space``), so a 321 KB file of 40,000-d frames asked for 12 GiB.
 # The files' model record (weights hash, input size) names no size to check D against: files are compared with
@@ -211,17 +237,21 @@ MEMBER_KINDS = {'video_ids': 'US', 'video_paths': 'US', 'features': 'f', 'timest
 MAX_MEMBERS, MAX_DIRECTORY_BYTES = 64, 64 * 2**10
 
 
-def _check_fits_in_memory(path: str) -> None:
-    """Refuse an npz that would unpack to more than the memory available now, or to far more than a file of
-    its size honestly holds: deflate packs a gigabyte of zeros into a megabyte, and reading them would get
+def _check_archive(path: str) -> None:
+    """Refuse a file that is no zip (``np.load`` reads pickles and ``.npy`` files too), and an npz that would
+    unpack to more than the memory available now, or to far more than a file of its size honestly holds: deflate packs a gigabyte of zeros into a megabyte, and reading them would get
     the process (or a neighbour) killed. Every member counts, by the larger of its zip size (what reading
     it unpacks: zipfile stops there) and its ``.npy`` header's shape (what numpy allocates); a member
     that is no ``.npy`` (numpy would hand its raw bytes over, unchecked), holds Python objects or is not of
     the kind read (MEMBER_KINDS) is refused, and so is a zip of many members or one member listed twice
     (MAX_MEMBERS)."""
     from ..workflow.descriptors import available_memory
-    if not zipfile.is_zipfile(path):  # np.load would read a pickle or an .npy too, or advise loading it unsafely
-        raise VideoDescriptorError(f'{path!r} is not a VSC video descriptor file: it is no npz (a zip of .npy arrays)')
+    if not zipfile.is_zipfile(path):
+        with open(path, 'rb') as f:
+            begins_as_zip = f.read(4) == b'PK\x03\x04'
+        raise VideoDescriptorError(f'{path!r} is not a VSC video descriptor file: ' + (
+            'it begins as a zip but has no zip directory at its end (cut short?)' if begins_as_zip
+            else 'it is no npz (a zip of .npy arrays)'))
     with open(path, 'rb') as f:
         end = zipfile._EndRecData(f)  # zipfile's own reading of the end record: what ZipFile would parse
     if end and end[zipfile._ECD_SIZE] > MAX_DIRECTORY_BYTES:
