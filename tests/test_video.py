@@ -653,7 +653,7 @@ def test_a_file_that_is_no_npz_is_refused_in_our_words(tmp_path, capsys):
     named .npz "'numpy.ndarray' object does not support the context manager protocol"."""
     import pickle
     from towhee_isc.workflow.cli import main
-    pickle.dump({'features': 1}, (tmp_path / 'pickle.npz').open('wb'))
+    (tmp_path / 'pickle.npz').write_bytes(pickle.dumps({'features': 1}))
     (tmp_path / 'text.npz').write_text('video_ids,features\n')
     np.save(tmp_path / 'array.npy', np.ones(3))
     (tmp_path / 'array.npy').rename(tmp_path / 'array.npz')
@@ -735,6 +735,36 @@ def test_frames_are_compared_by_cosine_whatever_the_scale_of_each_files_vectors(
         through_collection[scale] = [found(*mode, q_scale=scale, n_scale=scale, collection=index) for mode in modes]
     assert [found[0][:2] for found in through_collection[1.0]] == [('Q', 'R0')] * 3
     assert through_collection[1e-30] == through_collection[1.0] == through_collection[1e30]
+    # Review 29b: a collection filled before `video index` stored unit vectors is ranked by raw inner products
+    # in Milvus (a reference at 1e3 took every query frame's neighbours): refused, with what to do.
+    old = MilvusIndex(str(tmp_path / 'old.db'), 'frames')
+    with pytest.MonkeyPatch.context() as patch:  # the earlier code stored the vectors as given
+        patch.setattr(VideoSet, 'unit_vectors', lambda videos: videos)
+        index_videos(frame_videos(*refs, scale=1e3), old)
+    with pytest.raises(ValueError, match="collection 'frames' holds vectors not scaled to norm 1, as towhee-isc "
+                                         'before 2026-12 stored them.*Fill it again with towhee-isc video index'):
+        found('dp', False, collection=old)
+
+
+def test_descriptor_track_scores_refuse_vectors_whose_products_overflow_float32(tmp_path):
+    """Review 29b: VSC's descriptor_eval takes the vectors' inner products as given, in float32; at norms of 1e20
+    they overflowed: a micro-AP of 0 with exit status 0, or "pair scores must be finite"."""
+    from towhee_isc.video.metrics import evaluate_files
+    query, refs, _ = copy_of_r0()
+    (tmp_path / 'truth.csv').write_text('query_id,ref_id,query_start,query_end,ref_start,ref_end\nQ,R0,10,30,10,30\n')
+    (tmp_path / 'matches.csv').write_text('query_id,ref_id,query_start,query_end,ref_start,ref_end,score\n'
+                                          'Q,R0,10,30,10,30,1\n')
+    for scale in (1.0, 1e20):
+        write_video_descriptors(tmp_path / 'q.npz', frame_videos(query, scale=scale).videos)
+        write_video_descriptors(tmp_path / 'r.npz', frame_videos(*refs, scale=scale).videos)
+        score = lambda: evaluate_files(str(tmp_path / 'matches.csv'), str(tmp_path / 'truth.csv'),  # noqa: E731
+                                       [str(tmp_path / 'q.npz'), str(tmp_path / 'r.npz')])['descriptor_micro_ap']
+        if scale == 1.0:
+            assert score() == 1.0
+        else:
+            with pytest.raises(ValueError, match=r"hold vectors of norms up to 1e\+20 and 1e\+20: their inner "
+                                                 "products overflow float32, in which VSC's descriptor_eval.py"):
+                score()
 
 
 def test_video_index_of_a_file_it_cannot_read_makes_no_database(tmp_path, capsys, monkeypatch):

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from .candidates import frame_candidates, noise_offsets
+from .alignment import MIN_SCORE
 from .localization import QUERY_SAMPLE, best_first, localize, search_space
 from .metrics import Segment, write_segments
 from .storage import VideoSet, check_same_source, read_video_descriptors
@@ -41,12 +42,15 @@ def search_videos(queries: VideoSet, refs: VideoSet | None, align: str = 'dp', t
     ``keep_matrices`` the (candidate, similarity matrix, box, segment) of each for a report, and the
     reference videos: ``refs``, or those read from the collection). ``fainter``: also ``dp``'s fainter
     readings of a pair, listed last (``localization.fainter_readings``). ``min_score``: only segments whose
-    alignment scored above it (``tn`` keeps paths of a mean similarity over 0.2, which score below 0 at a
-    threshold of 0.6: listed last by a search, no copy to ``video dedup``)."""
+    alignment scored at least this (``video dedup``: ``alignment.MIN_SCORE``, what ``dp`` asks of a segment; ``tn``
+    keeps paths of a mean similarity over 0.2, scoring 0.5 or less against true copies' 1.3-3.6 on
+    benchmarks/video.py's seed 0, or below 0 at a threshold of 0.6: listed last by a search, no copy to dedup)."""
     from ..workflow.engines import choose_engine
-    # inner products of unit vectors are cosines, whatever scale each file's vectors have (``unit_vectors``)
+    # inner products of unit vectors are cosines, whatever scale each file's vectors have (``unit_vectors``;
+    # ``search_files`` and ``dedup`` scale each file's set as they read it, so that no second copy is held)
+    same = refs is queries  # `video dedup`: every video against every other
     queries = queries.unit_vectors()
-    refs = None if refs is None else refs.unit_vectors()
+    refs = queries if same else None if refs is None else refs.unit_vectors()
     noise = None if noise is None else noise.unit_vectors()
     q_frames, _, _ = queries.frames()
     offsets = None
@@ -57,10 +61,13 @@ def search_videos(queries: VideoSet, refs: VideoSet | None, align: str = 'dp', t
     space = None
     if collection is not None:
         from .collection import collection_candidates
-        # the collection holds the vectors as embedded: its k-NN is by their cosine, and the space is learned
-        # on the candidates' frames read back from it
+        # the collection holds unit vectors (``index_videos``): its k-NN is by their cosine, and the space is
+        # learned on the candidates' frames read back from it
         pairs, refs = collection_candidates(queries, collection, k, candidates, offsets, nprobe, ef)
-        refs = refs.unit_vectors()  # a collection indexed before `video index` stored unit vectors may hold others
+        if not refs.holds_unit_vectors():  # filled before `video index` scaled them: Milvus ranked raw products
+            raise ValueError(f'collection {collection.collection!r} holds vectors not scaled to norm 1, as towhee-isc '
+                             'before 2026-12 stored them: its frame search is not by cosine. Fill it again with '
+                             'towhee-isc video index REFERENCES.npz')
         description = f'Milvus collection {collection.collection!r} at {collection.uri}'
         if centre_frames:
             space = search_space(queries, [refs.videos[i] for i in sorted({c.ref for c in pairs})], whiten)
@@ -78,7 +85,7 @@ def search_videos(queries: VideoSet, refs: VideoSet | None, align: str = 'dp', t
     if space is not None:
         sample = space(q_frames[np.unique(np.linspace(0, len(q_frames) - 1, QUERY_SAMPLE).astype(int))])
     for item in localize(queries, refs, pairs, align, threshold, offsets, space, sample, other_offsets=fainter):
-        if min_score is not None and item[3].score <= min_score:
+        if min_score is not None and item[3].score < min_score:
             continue
         (last if item[2].ranked_last else found).append(item[3])
         if keep_matrices:
@@ -95,7 +102,7 @@ def search_files(queries: str, references: str | None, output: str, align: str =
     the CSV (and report). The references are the file ``references`` or the Milvus ``collection``.
     The report shows frames only of videos under the folders ``report_videos``."""
     started = time.perf_counter()
-    q = read_video_descriptors(queries)
+    q = read_video_descriptors(queries).unit_vectors()
     dim = q.videos[0].features.shape[1]
     sets = {queries: q}
     r = None
@@ -105,11 +112,11 @@ def search_files(queries: str, references: str | None, output: str, align: str =
                              'fill it with towhee-isc video index REFERENCES.npz first')
         sets[f'collection {collection.collection!r}'] = VideoSet([], collection.model(), collection.postprocessing())
     else:
-        r = read_video_descriptors(references, dim=dim)
+        r = read_video_descriptors(references, dim=dim).unit_vectors()
         sets[references] = r
     noise = None
     if score_norm:
-        noise = read_video_descriptors(score_norm, dim=dim)
+        noise = read_video_descriptors(score_norm, dim=dim).unit_vectors()
         sets[score_norm] = noise
         if r is not None and set(noise.ids) & set(r.ids):
             raise ValueError(f'--score-norm {score_norm} shares videos with the references: normalise with an '
@@ -131,7 +138,7 @@ def dedup(args) -> list[dict]:
     import tempfile
     files = [i for i in args.inputs if str(i).lower().endswith('.npz')]
     videos = [i for i in args.inputs if not str(i).lower().endswith('.npz')]
-    sets = {f: read_video_descriptors(f) for f in files}
+    sets = {f: read_video_descriptors(f).unit_vectors() for f in files}
     paths: dict[str, Path] = {}
     if videos:
         from ..workflow.cli import embedder
@@ -153,7 +160,7 @@ def dedup(args) -> list[dict]:
     # Without the fainter readings: another offset of a copy is no second of it that two videos share.
     segments, _, _, _ = search_videos(everything, everything, args.align, args.threshold, args.k + 1,
                                    args.candidates + 1, exact=args.exact, whiten=args.whiten, fainter=False,
-                                   min_score=0.0)
+                                   min_score=MIN_SCORE)
     segments = [s for s in segments if s.query_id != s.ref_id]
     return duplicate_groups(everything, segments, paths)
 

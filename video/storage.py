@@ -65,9 +65,8 @@ class VideoSet:
         """The same videos with every frame's vector scaled to norm 1 (a zero vector stays zero): what search
         compares, and a collection holds. VSC's format does not say its vectors are unit vectors, and two files of
         one model may differ in scale; inner products of unit vectors are cosines whatever the files' scales.
-        Returns this set itself where every vector is a unit vector already (ours are: no copy)."""
-        if all(np.allclose(np.linalg.norm(v.features.astype(np.float64), axis=1), 1, atol=UNIT_TOLERANCE)
-               for v in self.videos):
+        Returns this set itself where every vector is a unit vector (or zero) already (ours are: no copy)."""
+        if self.holds_unit_vectors():
             return self
         videos = []
         for v in self.videos:
@@ -76,6 +75,14 @@ class VideoSet:
             unit = np.divide(x, norms, out=np.zeros_like(x), where=norms > 0).astype(np.float32)
             videos.append(VideoFeatures(v.video_id, unit, v.timestamps))
         return VideoSet(videos, self.model, self.postprocessing, self.paths)
+
+    def holds_unit_vectors(self) -> bool:
+        """Whether every frame's vector has norm 1 (within ``UNIT_TOLERANCE``) or is zero."""
+        for v in self.videos:
+            norms = np.sqrt(np.einsum('ij,ij->i', v.features, v.features, dtype=np.float64))
+            if not ((np.abs(norms - 1) <= UNIT_TOLERANCE) | (norms == 0)).all():
+                return False
+        return True
 
 
 def write_video_descriptors(path: str | os.PathLike, videos: Sequence[VideoFeatures], model: dict | None = None,
@@ -239,8 +246,9 @@ MAX_MEMBERS, MAX_DIRECTORY_BYTES = 64, 64 * 2**10
 
 def _check_archive(path: str) -> None:
     """Refuse a file that is no zip (``np.load`` reads pickles and ``.npy`` files too), and an npz that would
-    unpack to more than the memory available now, or to far more than a file of its size honestly holds: deflate packs a gigabyte of zeros into a megabyte, and reading them would get
-    the process (or a neighbour) killed. Every member counts, by the larger of its zip size (what reading
+    unpack to more than the memory available now, or to far more than a file of its size honestly holds:
+    deflate packs a gigabyte of zeros into a megabyte, and reading them would get the process (or a
+    neighbour) killed. Every member counts, by the larger of its zip size (what reading
     it unpacks: zipfile stops there) and its ``.npy`` header's shape (what numpy allocates); a member
     that is no ``.npy`` (numpy would hand its raw bytes over, unchecked), holds Python objects or is not of
     the kind read (MEMBER_KINDS) is refused, and so is a zip of many members or one member listed twice
