@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import threading
@@ -690,13 +691,19 @@ def test_vectors_that_do_not_fit_float32_are_refused(tmp_path):
 
 def test_video_dedup_with_tn_groups_copies_only(tmp_path):
     """Review 29: tn keeps paths of a mean similarity over 0.2, scored below 0 at its threshold of 0.6; dedup
-    counted every segment, whatever its score, and grouped 6 unrelated videos."""
+    counted every segment, whatever its score, and grouped 6 unrelated videos. It counts those scoring above 0."""
     from towhee_isc.workflow.cli import main
     query, refs, _ = copy_of_r0(refs=6)
     write_video_descriptors(tmp_path / 'unrelated.npz', frame_videos(*refs).videos)
     write_video_descriptors(tmp_path / 'with_a_copy.npz', frame_videos(query, *refs).videos)
-    for name, groups in (('unrelated', []), ('with_a_copy', [['Q', 'R0']])):
-        for method in ('tn', 'dp'):
+    # review 29c: a faint copy (6 frames) scores 0.65 with tn; a cut-off of 1 (dp's least score) lost it
+    rng = np.random.default_rng(1)
+    faint = _unit(np.r_[rng.normal(size=(10, 64)), refs[0][1][10:16] + 0.5 * _unit(rng.normal(size=(6, 64))),
+                        rng.normal(size=(10, 64))])
+    write_video_descriptors(tmp_path / 'with_a_faint_copy.npz', frame_videos(('Q', faint), *refs).videos)
+    for name, groups, methods in (('unrelated', [], ('tn', 'dp')), ('with_a_copy', [['Q', 'R0']], ('tn', 'dp')),
+                                  ('with_a_faint_copy', [['Q', 'R0']], ('tn',))):
+        for method in methods:
             assert main(['video', 'dedup', str(tmp_path / f'{name}.npz'), '--align', method, '-o',
                          str(tmp_path / 'groups.json')]) == 0
             assert [g['members'] for g in json.loads((tmp_path / 'groups.json').read_text())] == groups, (name, method)
@@ -741,20 +748,22 @@ def test_frames_are_compared_by_cosine_whatever_the_scale_of_each_files_vectors(
     with pytest.MonkeyPatch.context() as patch:  # the earlier code stored the vectors as given
         patch.setattr(VideoSet, 'unit_vectors', lambda videos: videos)
         index_videos(frame_videos(*refs, scale=1e3), old)
-    with pytest.raises(ValueError, match="collection 'frames' holds vectors not scaled to norm 1, as towhee-isc "
-                                         'before 2026-12 stored them.*Fill it again with towhee-isc video index'):
+    says = r"collection 'frames' holds vectors not scaled to norm 1 \(an earlier towhee-isc stored those of " \
+           r'descriptor files as given\).*Index all its reference files again with towhee-isc video index, or into'
+    with pytest.raises(ValueError, match=says):
         found('dp', False, collection=old)
 
 
-def test_descriptor_track_scores_refuse_vectors_whose_products_overflow_float32(tmp_path):
+def test_descriptor_track_scores_refuse_vectors_whose_products_overflow_or_vanish_in_float32(tmp_path):
     """Review 29b: VSC's descriptor_eval takes the vectors' inner products as given, in float32; at norms of 1e20
-    they overflowed: a micro-AP of 0 with exit status 0, or "pair scores must be finite"."""
+    they overflowed: a micro-AP of 0 with exit status 0, or "pair scores must be finite"; review 29c: at 1e-23 they
+    all vanished (a micro-AP of 0.08 for a found copy)."""
     from towhee_isc.video.metrics import evaluate_files
     query, refs, _ = copy_of_r0()
     (tmp_path / 'truth.csv').write_text('query_id,ref_id,query_start,query_end,ref_start,ref_end\nQ,R0,10,30,10,30\n')
     (tmp_path / 'matches.csv').write_text('query_id,ref_id,query_start,query_end,ref_start,ref_end,score\n'
                                           'Q,R0,10,30,10,30,1\n')
-    for scale in (1.0, 1e20):
+    for scale in (1.0, 1e20, 1e-23):
         write_video_descriptors(tmp_path / 'q.npz', frame_videos(query, scale=scale).videos)
         write_video_descriptors(tmp_path / 'r.npz', frame_videos(*refs, scale=scale).videos)
         score = lambda: evaluate_files(str(tmp_path / 'matches.csv'), str(tmp_path / 'truth.csv'),  # noqa: E731
@@ -762,8 +771,9 @@ def test_descriptor_track_scores_refuse_vectors_whose_products_overflow_float32(
         if scale == 1.0:
             assert score() == 1.0
         else:
-            with pytest.raises(ValueError, match=r"hold vectors of norms up to 1e\+20 and 1e\+20: their inner "
-                                                 "products overflow float32, in which VSC's descriptor_eval.py"):
+            says = f'hold vectors of norms {scale:.3g} to {scale:.3g} and {scale:.3g} to {scale:.3g}: their inner ' \
+                   "products overflow or vanish in float32, in which VSC's descriptor_eval.py scores them"
+            with pytest.raises(ValueError, match=re.escape(says)):
                 score()
 
 

@@ -296,10 +296,12 @@ def evaluate_files(matches: str, ground_truth: str, descriptors: Sequence[str] |
         r_ids = np.concatenate([np.full(len(v), v.video_id) for v in refs.videos])
         q = np.concatenate([v.features for v in queries.videos])
         r = np.concatenate([v.features for v in refs.videos])
-        largest = [float(np.sqrt(np.einsum('ij,ij->i', x, x, dtype=np.float64).max())) for x in (q, r)]
-        if largest[0] * largest[1] > float(np.finfo(np.float32).max):  # the products are taken as given, as VSC does
-            raise ValueError(f'{descriptors[0]!r} and {descriptors[1]!r} hold vectors of norms up to {largest[0]:.3g} '
-                             f'and {largest[1]:.3g}: their inner products overflow float32, in which VSC\'s '
-                             'descriptor_eval.py scores them')
+        # the products are taken as given, as VSC does, in float32: norms far from 1 overflow or vanish there
+        norms = [np.sqrt(np.einsum('ij,ij->i', x, x, dtype=np.float64)) for x in (q, r)]
+        low, high = ([float(f(n[n > 0])) if (n > 0).any() else 1.0 for n in norms] for f in (np.min, np.max))
+        if high[0] * high[1] > float(np.finfo(np.float32).max) or low[0] * low[1] < float(np.finfo(np.float32).tiny):
+            raise ValueError(f'{descriptors[0]!r} and {descriptors[1]!r} hold vectors of norms {low[0]:.3g} to '
+                             f'{high[0]:.3g} and {low[1]:.3g} to {high[1]:.3g}: their inner products overflow or '
+                             "vanish in float32, in which VSC's descriptor_eval.py scores them")
         result['descriptor_micro_ap'] = pairwise_micro_ap(pair_scores(truth), descriptor_candidates(q_ids, q, r_ids, r))
     return result

@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from .candidates import frame_candidates, noise_offsets
-from .alignment import MIN_SCORE
 from .localization import QUERY_SAMPLE, best_first, localize, search_space
 from .metrics import Segment, write_segments
 from .storage import VideoSet, check_same_source, read_video_descriptors
@@ -42,9 +41,8 @@ def search_videos(queries: VideoSet, refs: VideoSet | None, align: str = 'dp', t
     ``keep_matrices`` the (candidate, similarity matrix, box, segment) of each for a report, and the
     reference videos: ``refs``, or those read from the collection). ``fainter``: also ``dp``'s fainter
     readings of a pair, listed last (``localization.fainter_readings``). ``min_score``: only segments whose
-    alignment scored at least this (``video dedup``: ``alignment.MIN_SCORE``, what ``dp`` asks of a segment; ``tn``
-    keeps paths of a mean similarity over 0.2, scoring 0.5 or less against true copies' 1.3-3.6 on
-    benchmarks/video.py's seed 0, or below 0 at a threshold of 0.6: listed last by a search, no copy to dedup)."""
+    alignment scored above it (``video dedup``: 0, where a segment's cells are on average above the threshold;
+    ``tn`` also keeps paths whose mean similarity passes its own 0.2, which a search lists last)."""
     from ..workflow.engines import choose_engine
     # inner products of unit vectors are cosines, whatever scale each file's vectors have (``unit_vectors``;
     # ``search_files`` and ``dedup`` scale each file's set as they read it, so that no second copy is held)
@@ -64,10 +62,14 @@ def search_videos(queries: VideoSet, refs: VideoSet | None, align: str = 'dp', t
         # the collection holds unit vectors (``index_videos``): its k-NN is by their cosine, and the space is
         # learned on the candidates' frames read back from it
         pairs, refs = collection_candidates(queries, collection, k, candidates, offsets, nprobe, ef)
-        if not refs.holds_unit_vectors():  # filled before `video index` scaled them: Milvus ranked raw products
-            raise ValueError(f'collection {collection.collection!r} holds vectors not scaled to norm 1, as towhee-isc '
-                             'before 2026-12 stored them: its frame search is not by cosine. Fill it again with '
-                             'towhee-isc video index REFERENCES.npz')
+        # Filled by an earlier towhee-isc from files whose vectors were not unit vectors, it was stored as given and
+        # Milvus ranked raw inner products. Seen only where such a video is a candidate (a video of a smaller norm
+        # than the rest never is): README says so.
+        if not refs.holds_unit_vectors():
+            raise ValueError(f'collection {collection.collection!r} holds vectors not scaled to norm 1 (an earlier '
+                             'towhee-isc stored those of descriptor files as given): its frame search is not by '
+                             'cosine. Index all its reference files again with towhee-isc video index, or into a '
+                             'new --collection')
         description = f'Milvus collection {collection.collection!r} at {collection.uri}'
         if centre_frames:
             space = search_space(queries, [refs.videos[i] for i in sorted({c.ref for c in pairs})], whiten)
@@ -85,7 +87,7 @@ def search_videos(queries: VideoSet, refs: VideoSet | None, align: str = 'dp', t
     if space is not None:
         sample = space(q_frames[np.unique(np.linspace(0, len(q_frames) - 1, QUERY_SAMPLE).astype(int))])
     for item in localize(queries, refs, pairs, align, threshold, offsets, space, sample, other_offsets=fainter):
-        if min_score is not None and item[3].score < min_score:
+        if min_score is not None and item[3].score <= min_score:
             continue
         (last if item[2].ranked_last else found).append(item[3])
         if keep_matrices:
@@ -160,7 +162,7 @@ def dedup(args) -> list[dict]:
     # Without the fainter readings: another offset of a copy is no second of it that two videos share.
     segments, _, _, _ = search_videos(everything, everything, args.align, args.threshold, args.k + 1,
                                    args.candidates + 1, exact=args.exact, whiten=args.whiten, fainter=False,
-                                   min_score=MIN_SCORE)
+                                   min_score=0.0)
     segments = [s for s in segments if s.query_id != s.ref_id]
     return duplicate_groups(everything, segments, paths)
 
