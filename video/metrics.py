@@ -288,7 +288,7 @@ def evaluate_files(matches: str, ground_truth: str, descriptors: Sequence[str] |
     truth = read_segments(ground_truth, ground_truth=True)
     result = evaluate_matching(truth, read_segments(matches))
     if descriptors:
-        from .storage import check_same_source, read_video_descriptors
+        from .storage import check_same_source, frame_norms, read_video_descriptors
         queries = read_video_descriptors(descriptors[0])
         refs = read_video_descriptors(descriptors[1], dim=queries.videos[0].features.shape[1])
         check_same_source({descriptors[0]: queries, descriptors[1]: refs})
@@ -297,7 +297,7 @@ def evaluate_files(matches: str, ground_truth: str, descriptors: Sequence[str] |
         q = np.concatenate([v.features for v in queries.videos])
         r = np.concatenate([v.features for v in refs.videos])
         # the products are taken as given, as VSC does, in float32: norms far from 1 overflow or vanish there
-        norms = [np.sqrt(np.einsum('ij,ij->i', x, x, dtype=np.float64)) for x in (q, r)]
+        norms = [frame_norms(x) for x in (q, r)]
         low, high = ([float(f(n[n > 0])) if (n > 0).any() else 1.0 for n in norms] for f in (np.min, np.max))
         if high[0] * high[1] > float(np.finfo(np.float32).max) or low[0] * low[1] < float(np.finfo(np.float32).tiny):
             raise ValueError(f'{descriptors[0]!r} and {descriptors[1]!r} hold vectors of norms {low[0]:.3g} to '

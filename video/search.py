@@ -65,7 +65,7 @@ def search_videos(queries: VideoSet, refs: VideoSet | None, align: str = 'dp', t
         # Filled by an earlier towhee-isc from files whose vectors were not unit vectors, it was stored as given and
         # Milvus ranked raw inner products. Seen only where such a video is a candidate (a video of a smaller norm
         # than the rest never is): README says so.
-        if not refs.holds_unit_vectors():
+        if not refs.holds_unit_vectors:
             raise ValueError(f'collection {collection.collection!r} holds vectors not scaled to norm 1 (an earlier '
                              'towhee-isc stored those of descriptor files as given): its frame search is not by '
                              'cosine. Index all its reference files again with towhee-isc video index, or into a '

@@ -6,6 +6,7 @@ strings: what made the vectors, so files of two models are never compared) and `
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -66,23 +67,26 @@ class VideoSet:
         compares, and a collection holds. VSC's format does not say its vectors are unit vectors, and two files of
         one model may differ in scale; inner products of unit vectors are cosines whatever the files' scales.
         Returns this set itself where every vector is a unit vector (or zero) already (ours are: no copy)."""
-        if self.holds_unit_vectors():
+        if self.holds_unit_vectors:
             return self
         videos = []
         for v in self.videos:
-            x = v.features.astype(np.float64)  # float64: the squares of float32's 1e-30 or 1e30 are out of its range
-            norms = np.linalg.norm(x, axis=1, keepdims=True)
-            unit = np.divide(x, norms, out=np.zeros_like(x), where=norms > 0).astype(np.float32)
+            norms = frame_norms(v.features)[:, None]
+            unit = np.divide(v.features, norms, out=np.zeros(v.features.shape), where=norms > 0).astype(np.float32)
             videos.append(VideoFeatures(v.video_id, unit, v.timestamps))
         return VideoSet(videos, self.model, self.postprocessing, self.paths)
 
+    @functools.cached_property
     def holds_unit_vectors(self) -> bool:
-        """Whether every frame's vector has norm 1 (within ``UNIT_TOLERANCE``) or is zero."""
-        for v in self.videos:
-            norms = np.sqrt(np.einsum('ij,ij->i', v.features, v.features, dtype=np.float64))
-            if not ((np.abs(norms - 1) <= UNIT_TOLERANCE) | (norms == 0)).all():
-                return False
-        return True
+        """Whether every frame's vector has norm 1 (within ``UNIT_TOLERANCE``) or is zero (found once a set: a
+        file's set is checked where it is read and again where it is searched)."""
+        return all(((np.abs(norms - 1) <= UNIT_TOLERANCE) | (norms == 0)).all()
+                   for norms in (frame_norms(v.features) for v in self.videos))
+
+
+def frame_norms(features: np.ndarray) -> np.ndarray:
+    """Each row's norm, float64 (N,): float32's squares of 1e-30 or 1e30 are out of its range."""
+    return np.sqrt(np.einsum('ij,ij->i', features, features, dtype=np.float64))
 
 
 def write_video_descriptors(path: str | os.PathLike, videos: Sequence[VideoFeatures], model: dict | None = None,
@@ -176,11 +180,15 @@ def read_video_descriptors(path: str | os.PathLike, dim: int | None = None) -> V
         raise VideoDescriptorError(f'{path!r} is not a readable npz file: {e}') from None
     if features.ndim != 2 or not len(features) or features.shape[1] == 0:
         raise VideoDescriptorError(f'{path!r}: features must be a non-empty N x D array, got shape {features.shape}')
-    if not np.issubdtype(features.dtype, np.floating) or not np.isfinite(features).all():
+    if not np.issubdtype(features.dtype, np.floating):
         raise VideoDescriptorError(f'{path!r}: features must be finite floats')
     with np.errstate(over='ignore', under='ignore'):
         as_float32 = features.astype(np.float32, copy=False)  # what VSC's descriptors are, and search reads
-    if not np.isfinite(as_float32).all() or ((as_float32 == 0).all(axis=1) & (features != 0).any(axis=1)).any():
+    # one pass over float32 files (ours, VSC's); a wider type's frames may also vanish in float32
+    if not np.isfinite(as_float32).all() or as_float32 is not features and (
+            (as_float32 == 0).all(axis=1) & (features != 0).any(axis=1)).any():
+        if not np.isfinite(features).all():
+            raise VideoDescriptorError(f'{path!r}: features must be finite floats')
         raise VideoDescriptorError(f'{path!r}: features must fit float32, as VSC descriptors are: values over '
                                    '3.4e38, or a frame whose values are all under 1e-45, are not descriptors')
     features = as_float32
