@@ -4,12 +4,14 @@ queries/, ground_truth.csv, ~/Pictures). When README changes, this test runs the
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import html_pages
@@ -89,3 +91,83 @@ def test_readme_workflow_runs_as_written(workspace):
         elif command == 'dedup':
             assert 'group(s) of near-duplicates' in result.stdout
     assert milvus_matches is not None
+
+
+def readme_video_lines() -> list[str]:
+    """The command lines of README's Videos excerpt (the ```bash block that begins `towhee-isc video embed refs/`),
+    as written there, comments dropped."""
+    text = README.read_text()
+    start = text.index('```bash\ntowhee-isc video embed refs/') + len('```bash\n')
+    return [line.split('  #')[0].strip() for line in text[start:text.index('```', start)].splitlines() if line.strip()]
+
+
+def every_option(line: str) -> list[str]:
+    """``line`` with each optional ``[...]`` part given, once for each choice of a ``{a,b}``."""
+    line = re.sub(r'\[([^]]*)\]', r'\1', line)
+    choice = re.search(r'\{([^}]*)\}', line)
+    return [line[:choice.start()] + c + line[choice.end():] for c in choice.group(1).split(',')] if choice else [line]
+
+
+@pytest.fixture(scope='module')
+def video_workspace(tmp_path_factory, effnet_ckpt, seed_onnx_cache):
+    """The folders README's Videos excerpt names (refs/, queries/, noise/) and ground_truth.csv: Q000001 holds
+    R000001's seconds 1-7, rescaled and brightened, at its seconds 4-10; the 'published' weights in the torch hub
+    (synthetic: random weights of the published network, which hardly tell such small frames apart)."""
+    from towhee_isc.video.synthetic import Shot, edit, photos, render, write_video
+    root = tmp_path_factory.mktemp('readme_videos')
+    images = photos(['astronaut', 'coffee', 'rocket', 'retina', 'hubble_deep_field', 'immunohistochemistry',
+                     'colorwheel', 'brick'])
+    rng = np.random.default_rng(0)
+    fps, size = 10, (64, 64)
+    ref1 = render([Shot.random(rng, i, 2.5) for i in (0, 1, 2, 3)], images, fps, size)
+    other = render([Shot.random(rng, i, 3) for i in (4, 5)], images, fps, size)
+    for folder, name, frames in (('refs', 'R000001', ref1),
+                                 ('refs', 'R000002', render([Shot.random(rng, 6, 6)], images, fps, size)),
+                                 ('queries', 'Q000001', other[:40] + edit(ref1[10:70], scale=0.75, brightness=1.2)
+                                  + other[40:]),
+                                 ('noise', 'N000001', render([Shot.random(rng, 7, 5)], images, fps, size))):
+        (root / folder).mkdir(exist_ok=True)
+        write_video(root / folder / f'{name}.mp4', frames, fps)
+    (root / 'ground_truth.csv').write_text('query_id,ref_id,query_start,query_end,ref_start,ref_end\n'
+                                           'Q000001,R000001,4,10,1,7\n')
+    torch_home = root / 'torch'
+    (torch_home / 'hub' / 'checkpoints').mkdir(parents=True)
+    shutil.copy(effnet_ckpt, torch_home / 'hub' / 'checkpoints' / 'isc_ft_v107.pth.tar')
+    seed_onnx_cache(torch_home)
+    env = {**os.environ, 'HOME': str(root / 'home'), 'TORCH_HOME': str(torch_home),
+           'PATH': f'{BIN}{os.pathsep}{os.environ["PATH"]}', 'TOWHEE_ISC_WEIGHTS_URL': 'http://127.0.0.1:9/offline'}
+    return root, env
+
+
+def test_readme_videos_excerpt_runs_line_by_line(video_workspace):
+    """Each line of README's Videos excerpt in its own shell, in README's order, as a user pastes it: with its
+    optional parts left out, and with each given; a line pasted with its brackets gives one line and exit 2,
+    writing nothing. (The --ray-address line needs a cluster: tests/test_ray.py runs `video embed --ray-address` against one.)"""
+    root, env = video_workspace
+
+    def run(line: str) -> subprocess.CompletedProcess:
+        return subprocess.run(['bash', '-c', line], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+
+    lines = [line for line in readme_video_lines() if '--ray-address' not in line]
+    assert [line.split()[2] for line in lines] == ['embed', 'embed', 'embed', 'search', 'index', 'search',
+                                                   'evaluate', 'dedup']
+    for line in lines:
+        if '[' in line:
+            before = sorted(p.name for p in root.iterdir())
+            pasted = run(line)
+            errors = pasted.stderr.strip().splitlines()
+            assert pasted.returncode == 2 and len(errors) == 1 and errors[0].startswith('error: '), (line, pasted.stderr)
+            assert sorted(p.name for p in root.iterdir()) == before, line
+        for variant in [re.sub(r'\s\[[^]]*\]', '', line), *(every_option(line) if '[' in line else [])]:
+            result = run(variant)
+            assert result.returncode == 0 and 'Traceback' not in result.stderr, (variant, result.stderr[-3000:])
+            command = variant.split()[2]
+            if command == 'embed':
+                assert (root / re.search(r'-o (\S+)', variant).group(1)).is_file(), variant
+            elif command == 'search':  # (what it finds: tests/test_video.py, on weights that tell these frames apart)
+                assert (root / 'matches.csv').read_text().startswith(
+                    'query_id,ref_id,query_start,query_end,ref_start,ref_end,score\n'), variant
+            elif command == 'evaluate':
+                assert ('descriptor' in result.stdout) == ('--descriptors' in variant), result.stdout
+            elif command == 'dedup':
+                assert isinstance(json.loads((root / 'groups.json').read_text()), list), variant
