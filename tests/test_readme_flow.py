@@ -33,6 +33,17 @@ def readme_workflow_lines() -> list[str]:
     return [line for line in lines if line]
 
 
+def user_environment(root: Path, effnet_ckpt: Path, seed_onnx_cache) -> dict[str, str]:
+    """A user's shell in ``root``: HOME there, the commands on PATH, and the 'published' weights already in the
+    torch hub cache (synthetic weights of the published network under its file name: no network here)."""
+    torch_home = root / 'torch'
+    (torch_home / 'hub' / 'checkpoints').mkdir(parents=True)
+    shutil.copy(effnet_ckpt, torch_home / 'hub' / 'checkpoints' / 'isc_ft_v107.pth.tar')
+    seed_onnx_cache(torch_home)
+    return {**os.environ, 'HOME': str(root / 'home'), 'TORCH_HOME': str(torch_home),
+            'PATH': f'{BIN}{os.pathsep}{os.environ["PATH"]}', 'TOWHEE_ISC_WEIGHTS_URL': 'http://127.0.0.1:9/offline'}
+
+
 @pytest.fixture(scope='module')
 def workspace(tmp_path_factory, photos, effnet_ckpt, seed_onnx_cache):
     """The copy-detection set, a ~/Pictures with a few copies, and the 'published' weights already in
@@ -44,13 +55,7 @@ def workspace(tmp_path_factory, photos, effnet_ckpt, seed_onnx_cache):
         shutil.copy(root / 'references' / f'{name}.jpg', pictures / f'{name}.jpg')
     photos[0].resize((300, 240)).save(pictures / 'astronaut_small.jpg', quality=85)
     photos[1].crop((10, 10, 400, 300)).save(pictures / 'cat_crop.png')
-    torch_home = root / 'torch'
-    (torch_home / 'hub' / 'checkpoints').mkdir(parents=True)
-    shutil.copy(effnet_ckpt, torch_home / 'hub' / 'checkpoints' / 'isc_ft_v107.pth.tar')
-    seed_onnx_cache(torch_home)
-    env = {**os.environ, 'HOME': str(root / 'home'), 'TORCH_HOME': str(torch_home),
-           'PATH': f'{BIN}{os.pathsep}{os.environ["PATH"]}', 'TOWHEE_ISC_WEIGHTS_URL': 'http://127.0.0.1:9/offline'}
-    return root, env
+    return root, user_environment(root, effnet_ckpt, seed_onnx_cache)
 
 
 def test_readme_block_is_what_this_test_expects():
@@ -130,13 +135,7 @@ def video_workspace(tmp_path_factory, effnet_ckpt, seed_onnx_cache):
         write_video(root / folder / f'{name}.mp4', frames, fps)
     (root / 'ground_truth.csv').write_text('query_id,ref_id,query_start,query_end,ref_start,ref_end\n'
                                            'Q000001,R000001,4,10,1,7\n')
-    torch_home = root / 'torch'
-    (torch_home / 'hub' / 'checkpoints').mkdir(parents=True)
-    shutil.copy(effnet_ckpt, torch_home / 'hub' / 'checkpoints' / 'isc_ft_v107.pth.tar')
-    seed_onnx_cache(torch_home)
-    env = {**os.environ, 'HOME': str(root / 'home'), 'TORCH_HOME': str(torch_home),
-           'PATH': f'{BIN}{os.pathsep}{os.environ["PATH"]}', 'TOWHEE_ISC_WEIGHTS_URL': 'http://127.0.0.1:9/offline'}
-    return root, env
+    return root, user_environment(root, effnet_ckpt, seed_onnx_cache)
 
 
 def test_readme_videos_excerpt_runs_line_by_line(video_workspace):
